@@ -1,0 +1,160 @@
+//! Response bodies: one type for everything the proxy sends, and the bounded read that hashes
+//! a GET body while it arrives.
+//!
+//! A tagged body is kept as the chunks the upstream sent; they are hashed as they arrive and
+//! sent on as they are, never concatenated. A body longer than the route's limit stops being
+//! buffered at the limit and streams on untagged, so memory per request is bounded by it.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::etag::{ETag, TagHasher};
+
+/// The body of every response the proxy sends: buffered chunks, then maybe a live stream.
+#[derive(Debug, Default)]
+pub struct ProxyBody {
+    head: VecDeque<Bytes>,
+    tail: Option<Incoming>,
+}
+
+// === impl ProxyBody ===
+
+impl ProxyBody {
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    pub fn full(bytes: Bytes) -> Self {
+        Self {
+            head: VecDeque::from([bytes]),
+            tail: None,
+        }
+    }
+
+    /// The upstream's body, streamed through untouched.
+    pub fn stream(body: Incoming) -> Self {
+        Self {
+            head: VecDeque::new(),
+            tail: Some(body),
+        }
+    }
+
+    /// Chunks already read, followed by what is left of the stream.
+    pub fn chunks(head: VecDeque<Bytes>, tail: Option<Incoming>) -> Self {
+        Self { head, tail }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(chunk) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match self.tail.as_mut() {
+            Some(tail) => Pin::new(tail).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.tail.as_ref().is_none_or(|t| t.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self.head.iter().map(|b| b.len() as u64).sum();
+        let Some(tail) = &self.tail else {
+            return SizeHint::with_exact(buffered);
+        };
+        let t = tail.size_hint();
+        let mut hint = SizeHint::new();
+        // The upper bound first: `set_lower` asserts lower <= upper.
+        if let Some(upper) = t.upper() {
+            hint.set_upper(upper.saturating_add(buffered));
+        }
+        hint.set_lower(t.lower().saturating_add(buffered));
+        hint
+    }
+}
+
+/// The outcome of reading a body for tagging.
+#[derive(Debug)]
+pub enum Collected {
+    /// The whole body fit within the limit.
+    Whole { chunks: VecDeque<Bytes>, tag: ETag },
+    /// The body passed the limit: the chunks read so far and the rest, still streaming.
+    TooLarge {
+        chunks: VecDeque<Bytes>,
+        rest: Incoming,
+    },
+}
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// No chunk arrived for this long.
+    Stalled(Duration),
+    Failed(hyper::Error),
+}
+
+/// Reads `body` while hashing it, up to `limit` bytes; each chunk must arrive within `idle`.
+pub async fn read_tagged(
+    mut body: Incoming,
+    limit: u64,
+    idle: Duration,
+) -> Result<Collected, ReadError> {
+    use http_body_util::BodyExt;
+
+    let mut hasher = TagHasher::new();
+    let mut chunks = VecDeque::new();
+    let mut len = 0u64;
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| ReadError::Stalled(idle))?;
+        let Some(frame) = frame.transpose().map_err(ReadError::Failed)? else {
+            return Ok(Collected::Whole {
+                chunks,
+                tag: hasher.finish(),
+            });
+        };
+        // Trailers on a GET body are rare and carry nothing the tag depends on: dropped.
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        len += chunk.len() as u64;
+        hasher.update(&chunk);
+        chunks.push_back(chunk);
+        if len > limit {
+            return Ok(Collected::TooLarge { chunks, rest: body });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffered_bodies_report_their_exact_size() {
+        let b = ProxyBody::chunks(
+            VecDeque::from([Bytes::from("ab"), Bytes::from("cde")]),
+            None,
+        );
+        assert_eq!(b.size_hint().exact(), Some(5));
+        assert!(!b.is_end_stream());
+        assert_eq!(ProxyBody::empty().size_hint().exact(), Some(0));
+        assert!(ProxyBody::empty().is_end_stream());
+    }
+}

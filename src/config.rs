@@ -1,0 +1,636 @@
+//! The TOML config, read as plain serde data and validated once into [`Config`].
+//!
+//! Runtime code only sees the validated types: every address is parsed, every duration and
+//! size has its unit applied, every default is filled in. An error names the file, the line
+//! and the key; validation reports every problem it finds, not only the first.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: Server,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// Entries the tag cache holds at most.
+    pub tag_cache_entries: usize,
+    /// Time to open a TCP connection to an upstream.
+    pub connect_timeout: Duration,
+    /// How long in-flight requests may take to finish once shutdown starts.
+    pub shutdown_timeout: Duration,
+}
+
+/// How the proxy learns a resource's current tag before a conditional write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Validation {
+    /// Fetch the current representation from the upstream before every conditional write.
+    Revalidate,
+    /// Trust the tag remembered from the last GET; fetch only on a miss.
+    Cached,
+}
+
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Only requests for this host (the `Host` header or `:authority`, port ignored).
+    pub host: Option<String>,
+    pub prefix: String,
+    pub upstream: Upstream,
+    pub validation: Validation,
+    pub require_precondition: bool,
+    /// Time from sending a request to the upstream's response head.
+    pub upstream_timeout: Duration,
+    /// Longest GET body that is buffered and tagged; longer ones stream through untagged.
+    pub max_tag_body: u64,
+    /// Longest wait for a URL's write lock before a 503.
+    pub lock_timeout: Duration,
+    /// Send the client's `Host` to the upstream (true) or the upstream's own authority.
+    pub preserve_host: bool,
+}
+
+/// An upstream origin: scheme and authority, nothing else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// `scheme://authority`, the prefix of every cache and lock key of this upstream.
+    pub origin: String,
+}
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+/// One thing wrong with a config file, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file, self.line)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Invalid(p) => p,
+            Self::Read { .. } => &[],
+        }
+    }
+}
+
+// === the file as written ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigToml {
+    server: Spanned<ServerToml>,
+    #[serde(default)]
+    route: Vec<Spanned<RouteToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerToml {
+    listen: Spanned<String>,
+    tag_cache_entries: Option<Spanned<i64>>,
+    connect_timeout: Option<Spanned<String>>,
+    shutdown_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteToml {
+    host: Option<Spanned<String>>,
+    prefix: Spanned<String>,
+    upstream: Spanned<String>,
+    validation: Option<Spanned<Validation>>,
+    #[serde(default)]
+    require_precondition: bool,
+    upstream_timeout: Option<Spanned<String>>,
+    max_tag_body: Option<Spanned<toml::Value>>,
+    lock_timeout: Option<Spanned<String>>,
+    #[serde(default = "default_true")]
+    preserve_host: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+pub const DEFAULT_TAG_CACHE_ENTRIES: usize = 100_000;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_TAG_BODY: u64 = 8 * 1024 * 1024;
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Validates config text; `file` names it in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let mut v = Validator {
+            text,
+            file,
+            problems: Vec::new(),
+        };
+        let raw: ConfigToml = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map_or(1, |s| v.line_of(s.start));
+                let key = e.span().map(|s| v.key_at(s.start)).unwrap_or_default();
+                v.push_at_line(line, &key, e.message().trim_end().to_owned());
+                return Err(ConfigError::Invalid(v.problems));
+            }
+        };
+        let server = v.server(&raw.server);
+        if raw.route.is_empty() {
+            v.push_at_line(
+                v.line_of(raw.server.span().start),
+                "route",
+                "no [[route]] is defined; add at least one".into(),
+            );
+        }
+        let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
+        let mut routes = Vec::new();
+        for r in &raw.route {
+            let Some(route) = v.route(r) else { continue };
+            let line = v.line_of(r.span().start);
+            let id = (route.host.clone(), route.prefix.clone());
+            if let Some(first) = seen.insert(id, line) {
+                v.push(
+                    &r.get_ref().prefix,
+                    "prefix",
+                    format!(
+                        "duplicate route: prefix {:?}{} is already defined at line {first}",
+                        route.prefix,
+                        route
+                            .host
+                            .as_ref()
+                            .map(|h| format!(" for host {h:?}"))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+            routes.push(route);
+        }
+        match (server, v.problems.is_empty()) {
+            (Some(server), true) => Ok(Config { server, routes }),
+            _ => Err(ConfigError::Invalid(v.problems)),
+        }
+    }
+}
+
+/// Turns spans into lines and collects every problem.
+struct Validator<'a> {
+    text: &'a str,
+    file: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// The key written on the line holding `offset`, qualified by its table (`route.prefix`),
+    /// for serde's errors, which carry a span but no key.
+    fn key_at(&self, offset: usize) -> String {
+        let end = offset.min(self.text.len());
+        let start = self.text[..end].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[start..].lines().next().unwrap_or("");
+        let Some((key, _)) = line.split_once('=') else {
+            return String::new();
+        };
+        let table = self.text[..start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+        match table {
+            Some(t) => format!("{t}.{}", key.trim()),
+            None => key.trim().to_owned(),
+        }
+    }
+
+    fn push_at_line(&mut self, line: usize, key: &str, message: String) {
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            key: key.to_owned(),
+            message,
+        });
+    }
+
+    fn push<T>(&mut self, at: &Spanned<T>, key: &str, message: String) {
+        let line = self.line_of(at.span().start);
+        self.push_at_line(line, key, message);
+    }
+
+    fn server(&mut self, s: &Spanned<ServerToml>) -> Option<Server> {
+        let s = s.get_ref();
+        let listen = match s.listen.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    &s.listen,
+                    "server.listen",
+                    format!(
+                        "{:?} is not an address; expected IP:PORT such as \"127.0.0.1:8080\"",
+                        s.listen.get_ref()
+                    ),
+                );
+                None
+            }
+        };
+        let entries = match &s.tag_cache_entries {
+            None => Some(DEFAULT_TAG_CACHE_ENTRIES),
+            Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).ok(),
+            Some(n) => {
+                self.push(n, "server.tag_cache_entries", "must be at least 1".into());
+                None
+            }
+        };
+        let connect = self.duration(
+            &s.connect_timeout,
+            "server.connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let shutdown = self.duration(
+            &s.shutdown_timeout,
+            "server.shutdown_timeout",
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        );
+        Some(Server {
+            listen: listen?,
+            tag_cache_entries: entries?,
+            connect_timeout: connect?,
+            shutdown_timeout: shutdown?,
+        })
+    }
+
+    fn route(&mut self, r: &Spanned<RouteToml>) -> Option<Route> {
+        let r = r.get_ref();
+        let prefix = r.prefix.get_ref();
+        let prefix_ok = prefix.starts_with('/') && prefix.parse::<Uri>().is_ok();
+        if !prefix_ok {
+            self.push(
+                &r.prefix,
+                "route.prefix",
+                format!("{prefix:?} is not a path prefix; it must start with \"/\""),
+            );
+        }
+        let upstream = self.upstream(&r.upstream);
+        let host = match &r.host {
+            Some(h) if h.get_ref().parse::<Authority>().is_err() || h.get_ref().contains('/') => {
+                self.push(
+                    h,
+                    "route.host",
+                    format!("{:?} is not a host name", h.get_ref()),
+                );
+                return None;
+            }
+            Some(h) => Some(strip_port(h.get_ref()).to_ascii_lowercase()),
+            None => None,
+        };
+        let upstream_timeout = self.duration(
+            &r.upstream_timeout,
+            "route.upstream_timeout",
+            DEFAULT_UPSTREAM_TIMEOUT,
+        );
+        let lock_timeout =
+            self.duration(&r.lock_timeout, "route.lock_timeout", DEFAULT_LOCK_TIMEOUT);
+        let max_tag_body = self.size(&r.max_tag_body, "route.max_tag_body", DEFAULT_MAX_TAG_BODY);
+        Some(Route {
+            host,
+            prefix: prefix_ok.then(|| prefix.clone())?,
+            upstream: upstream?,
+            validation: r
+                .validation
+                .as_ref()
+                .map_or(Validation::Revalidate, |v| *v.get_ref()),
+            require_precondition: r.require_precondition,
+            upstream_timeout: upstream_timeout?,
+            max_tag_body: max_tag_body?,
+            lock_timeout: lock_timeout?,
+            preserve_host: r.preserve_host,
+        })
+    }
+
+    fn upstream(&mut self, s: &Spanned<String>) -> Option<Upstream> {
+        let text = s.get_ref();
+        let bad = |why: &str| format!("{text:?} is not an upstream URL: {why}");
+        let uri = match text.parse::<Uri>() {
+            Ok(u) => u,
+            Err(e) => {
+                self.push(s, "route.upstream", bad(&e.to_string()));
+                return None;
+            }
+        };
+        let problem = match (uri.scheme(), uri.authority()) {
+            (None, _) | (_, None) => Some("expected http://HOST:PORT".to_owned()),
+            (Some(scheme), _) if scheme != &Scheme::HTTP => {
+                Some(format!("the scheme {scheme} is not supported; use http://"))
+            }
+            (_, Some(a)) if a.as_str().contains('@') => {
+                Some("credentials in the URL are not supported".to_owned())
+            }
+            _ if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
+                Some("an upstream is an origin only; requests keep their own path".to_owned())
+            }
+            _ => None,
+        };
+        if let Some(why) = problem {
+            self.push(s, "route.upstream", bad(&why));
+            return None;
+        }
+        let scheme = uri.scheme().cloned()?;
+        let authority = uri.authority().cloned()?;
+        Some(Upstream {
+            origin: format!("{scheme}://{authority}"),
+            scheme,
+            authority,
+        })
+    }
+
+    fn duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Option<Duration> {
+        let Some(v) = v else { return Some(default) };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.push(v, key, "must be longer than zero".into());
+                None
+            }
+            Err(e) => {
+                self.push(
+                    v,
+                    key,
+                    format!(
+                        "{:?} is not a duration ({e}); write it like \"30s\" or \"500ms\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, v: &Option<Spanned<toml::Value>>, key: &str, default: u64) -> Option<u64> {
+        let Some(v) = v else { return Some(default) };
+        let parsed = match v.get_ref() {
+            toml::Value::Integer(n) => u64::try_from(*n).ok(),
+            toml::Value::String(s) => parse_size(s),
+            _ => None,
+        };
+        if parsed.is_none() {
+            self.push(
+                v,
+                key,
+                format!(
+                    "{} is not a size; write bytes (1048576) or a string like \"8MiB\"",
+                    v.get_ref()
+                ),
+            );
+        }
+        parsed
+    }
+}
+
+/// `"8MiB"`, `"512KiB"`, `"1GiB"`, `"100B"` or a plain number of bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" | "k" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// `example.com:8080` → `example.com`; IPv6 literals keep their brackets.
+pub(crate) fn strip_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[[route]]
+prefix = "/docs/"
+upstream = "http://127.0.0.1:9000"
+validation = "cached"
+require_precondition = true
+max_tag_body = "1MiB"
+upstream_timeout = "2s"
+
+[[route]]
+prefix = "/"
+upstream = "http://localhost:9001/"
+"#;
+
+    #[test]
+    fn a_good_file_validates_with_defaults_filled_in() {
+        let c = Config::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.tag_cache_entries, DEFAULT_TAG_CACHE_ENTRIES);
+        let docs = &c.routes[0];
+        assert_eq!(docs.validation, Validation::Cached);
+        assert!(docs.require_precondition);
+        assert_eq!(docs.max_tag_body, 1 << 20);
+        assert_eq!(docs.upstream_timeout, Duration::from_secs(2));
+        assert_eq!(docs.upstream.origin, "http://127.0.0.1:9000");
+        let root = &c.routes[1];
+        assert_eq!(root.validation, Validation::Revalidate);
+        assert!(!root.require_precondition);
+        assert_eq!(root.max_tag_body, DEFAULT_MAX_TAG_BODY);
+        assert_eq!(root.upstream.origin, "http://localhost:9001");
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::parse(text, "bad.toml")
+            .unwrap_err()
+            .problems()
+            .to_vec()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let cases: &[(&str, usize, &str, &str)] = &[
+            (
+                "[server]\nlisten = \"nope\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                2,
+                "server.listen",
+                "not an address",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"ftp://a:1\"\n",
+                5,
+                "route.upstream",
+                "not supported",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1/base\"\n",
+                5,
+                "route.upstream",
+                "origin only",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"docs\"\nupstream = \"http://a:1\"\n",
+                4,
+                "route.prefix",
+                "must start with",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nvalidation = \"sometimes\"\n",
+                6,
+                "route.validation",
+                "unknown variant",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nupstrem_timeout = \"1s\"\n",
+                6,
+                "route.upstrem_timeout",
+                "unknown field",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nlock_timeout = \"soon\"\n",
+                6,
+                "route.lock_timeout",
+                "not a duration",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"lots\"\n",
+                6,
+                "route.max_tag_body",
+                "not a size",
+            ),
+            ("[server]\nlisten = \"127.0.0.1:1\"\n", 1, "route", "no [[route]]"),
+            ("[server\nlisten = 1\n", 1, "", "unclosed table"),
+        ];
+        for (text, line, key, needle) in cases {
+            let p = problems(text);
+            assert_eq!(p.len(), 1, "{text}: {p:?}");
+            let p = &p[0];
+            assert_eq!((p.line, p.key.as_str()), (*line, *key), "{text}: {p}");
+            assert!(p.message.contains(needle), "{text}: {p}");
+            assert!(
+                p.to_string().starts_with(&format!("bad.toml:{line}: ")),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_prefixes_are_refused_naming_both_lines() {
+        let p = problems(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/a/\"\nupstream = \"http://a:1\"\n[[route]]\nprefix = \"/a/\"\nupstream = \"http://b:1\"\n",
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].line, 7);
+        assert!(
+            p[0].message.contains("already defined at line 3"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported() {
+        let p = problems(
+            "[server]\nlisten = \"x\"\n[[route]]\nprefix = \"a\"\nupstream = \"b\"\nlock_timeout = \"0s\"\n",
+        );
+        let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![2, 4, 5, 6], "{p:?}");
+    }
+
+    #[test]
+    fn sizes_and_hosts() {
+        assert_eq!(parse_size("8MiB"), Some(8 << 20));
+        assert_eq!(parse_size("512 KiB"), Some(512 << 10));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("1.5MiB"), None);
+        assert_eq!(strip_port("example.com:80"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

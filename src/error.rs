@@ -1,0 +1,182 @@
+//! The one error type of the request path, and the only place that turns an error into a
+//! response: an RFC 9457 `application/problem+json` body whose `detail` says what happened.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG, RETRY_AFTER};
+use http::{HeaderValue, Method, Response, StatusCode};
+
+use crate::body::ProxyBody;
+use crate::etag::ETag;
+use crate::precondition::HeaderError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no route matches {path}")]
+    NoRoute { path: String },
+
+    #[error(transparent)]
+    BadHeader(#[from] HeaderError),
+
+    #[error("{method} on this route requires If-Match, If-None-Match or If-Unmodified-Since; fetch the resource, then send its ETag in If-Match")]
+    PreconditionRequired { method: Method },
+
+    #[error("the precondition failed: the resource changed since the client read it; fetch it again and retry")]
+    PreconditionFailed { current: Option<ETag> },
+
+    #[error("another write to this URL held its lock for longer than {0:?}; retry later")]
+    LockTimeout(Duration),
+
+    #[error("cannot connect to upstream {upstream}: {reason}")]
+    UpstreamConnect { upstream: String, reason: String },
+
+    #[error("upstream {upstream} did not answer within {after:?}")]
+    UpstreamTimeout { upstream: String, after: Duration },
+
+    #[error("upstream {upstream} failed: {reason}")]
+    Upstream { upstream: String, reason: String },
+}
+
+/// Whose fault an error is: it picks the status class and the log level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+// === impl Error ===
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::PreconditionRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
+            Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Self::LockTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamConnect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            Self::NoRoute { .. }
+            | Self::BadHeader(_)
+            | Self::PreconditionRequired { .. }
+            | Self::PreconditionFailed { .. } => Blame::Client,
+            Self::UpstreamConnect { .. } | Self::UpstreamTimeout { .. } | Self::Upstream { .. } => {
+                Blame::Upstream
+            }
+            Self::LockTimeout(_) => Blame::Proxy,
+        }
+    }
+
+    /// A short name for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::NoRoute { .. } => "no_route",
+            Self::BadHeader(_) => "bad_header",
+            Self::PreconditionRequired { .. } => "precondition_required",
+            Self::PreconditionFailed { .. } => "precondition_failed",
+            Self::LockTimeout(_) => "lock_timeout",
+            Self::UpstreamConnect { .. } => "upstream_connect",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::Upstream { .. } => "upstream_error",
+        }
+    }
+
+    /// The problem+json response for this error.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let mut rsp = problem(status, &self.to_string());
+        let headers = rsp.headers_mut();
+        match &self {
+            Self::PreconditionFailed { current: Some(tag) } => {
+                headers.insert(ETAG, tag.to_header());
+            }
+            Self::LockTimeout(_) => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        rsp
+    }
+}
+
+/// A problem+json response (RFC 9457) with the status's reason as title.
+pub fn problem(status: StatusCode, detail: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut rsp = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *rsp.status_mut() = status;
+    let headers = rsp.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn precondition_failed_is_a_412_problem_with_the_current_etag() {
+        let tag = ETag::strong("abc").unwrap();
+        let rsp = Error::PreconditionFailed {
+            current: Some(tag.clone()),
+        }
+        .into_response();
+        assert_eq!(rsp.status(), StatusCode::PRECONDITION_FAILED);
+        assert_eq!(rsp.headers()[ETAG], tag.to_header());
+        assert_eq!(rsp.headers()[CONTENT_TYPE], "application/problem+json");
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["status"], 412);
+        assert_eq!(json["title"], "Precondition Failed");
+        assert!(json["detail"].as_str().unwrap().contains("changed"));
+    }
+
+    #[test]
+    fn statuses_by_error() {
+        let up = || "http://a:1".to_owned();
+        let cases = [
+            (Error::NoRoute { path: "/x".into() }, 404),
+            (
+                Error::PreconditionRequired {
+                    method: Method::PUT,
+                },
+                428,
+            ),
+            (Error::LockTimeout(Duration::from_secs(1)), 503),
+            (
+                Error::UpstreamConnect {
+                    upstream: up(),
+                    reason: "refused".into(),
+                },
+                502,
+            ),
+            (
+                Error::UpstreamTimeout {
+                    upstream: up(),
+                    after: Duration::from_secs(1),
+                },
+                504,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Entity tags (RFC 9110 §8.8.3) and the strong tag ifmatch derives from a body.
+//!
+//! A tag the proxy makes is `"` + base64url(SHA-256(body)) + `"`: the same bytes always give
+//! the same tag and any change of bytes gives another, so it is a strong validator (§8.8.1).
+//! The hash runs over the body chunks as they arrive; nothing is concatenated for it.
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+
+/// An entity tag: an opaque string, strong or weak.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ETag {
+    weak: bool,
+    /// The characters between the quotes (`etagc`: `!`, `#`..`~` and obs-text).
+    opaque: Box<[u8]>,
+}
+
+/// Why an entity tag could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ETagError {
+    #[error("an entity-tag must be a quoted string such as \"abc\" or W/\"abc\"")]
+    NotQuoted,
+    #[error("an entity-tag may not contain {0:?}")]
+    BadChar(char),
+}
+
+// === impl ETag ===
+
+impl ETag {
+    /// A strong tag with the given opaque value (the part between the quotes).
+    pub fn strong(opaque: impl AsRef<[u8]>) -> Result<Self, ETagError> {
+        Self::new(false, opaque.as_ref())
+    }
+
+    /// A weak tag with the given opaque value.
+    pub fn weak(opaque: impl AsRef<[u8]>) -> Result<Self, ETagError> {
+        Self::new(true, opaque.as_ref())
+    }
+
+    fn new(weak: bool, opaque: &[u8]) -> Result<Self, ETagError> {
+        if let Some(&b) = opaque.iter().find(|&&b| !is_etagc(b)) {
+            return Err(ETagError::BadChar(b as char));
+        }
+        Ok(Self {
+            weak,
+            opaque: opaque.into(),
+        })
+    }
+
+    /// Parses exactly one entity-tag, surrounding whitespace allowed.
+    pub fn parse(s: &[u8]) -> Result<Self, ETagError> {
+        let s = trim_ows(s);
+        let (weak, rest) = match s.strip_prefix(b"W/") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let inner = rest
+            .strip_prefix(b"\"")
+            .and_then(|r| r.strip_suffix(b"\""))
+            .ok_or(ETagError::NotQuoted)?;
+        Self::new(weak, inner)
+    }
+
+    pub fn is_weak(&self) -> bool {
+        self.weak
+    }
+
+    /// Strong comparison (§8.8.3.2): both strong and the same opaque string.
+    pub fn strong_eq(&self, other: &ETag) -> bool {
+        !self.weak && !other.weak && self.opaque == other.opaque
+    }
+
+    /// Weak comparison (§8.8.3.2): the same opaque string, weakness ignored.
+    pub fn weak_eq(&self, other: &ETag) -> bool {
+        self.opaque == other.opaque
+    }
+
+    /// The tag as an `ETag` header value.
+    pub fn to_header(&self) -> HeaderValue {
+        let mut v = Vec::with_capacity(self.opaque.len() + 4);
+        if self.weak {
+            v.extend_from_slice(b"W/");
+        }
+        v.push(b'"');
+        v.extend_from_slice(&self.opaque);
+        v.push(b'"');
+        HeaderValue::from_bytes(&v).expect("etagc bytes are valid header value bytes")
+    }
+}
+
+impl fmt::Display for ETag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weak {
+            f.write_str("W/")?;
+        }
+        write!(f, "\"{}\"", String::from_utf8_lossy(&self.opaque))
+    }
+}
+
+/// `etagc = %x21 / %x23-7E / obs-text`: any visible byte but `"`, and no whitespace.
+fn is_etagc(b: u8) -> bool {
+    b == 0x21 || (0x23..=0x7e).contains(&b) || b >= 0x80
+}
+
+pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// Streaming SHA-256 of a representation's bytes, finished into a strong [`ETag`].
+#[derive(Clone, Default)]
+pub struct TagHasher {
+    sha: Sha256,
+}
+
+// === impl TagHasher ===
+
+impl TagHasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.sha.update(chunk);
+    }
+
+    pub fn finish(self) -> ETag {
+        let digest = self.sha.finalize();
+        let mut opaque = [0u8; 43];
+        let n = URL_SAFE_NO_PAD
+            .encode_slice(digest, &mut opaque)
+            .expect("43 bytes hold 32 bytes in base64");
+        debug_assert_eq!(n, 43);
+        ETag {
+            weak: false,
+            opaque: opaque.into(),
+        }
+    }
+
+    /// The tag of a whole body held in one slice.
+    pub fn tag_of(body: &[u8]) -> ETag {
+        let mut h = Self::new();
+        h.update(body);
+        h.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_strong_and_weak_tags() {
+        let cases: &[(&str, bool, &str)] = &[
+            ("\"xyzzy\"", false, "xyzzy"),
+            ("W/\"xyzzy\"", true, "xyzzy"),
+            ("\"\"", false, ""),
+            ("  \"a#b\"\t", false, "a#b"),
+            ("W/\"\"", true, ""),
+        ];
+        for &(input, weak, opaque) in cases {
+            let tag = ETag::parse(input.as_bytes()).unwrap();
+            assert_eq!(tag.is_weak(), weak, "{input}");
+            assert_eq!(&*tag.opaque, opaque.as_bytes(), "{input}");
+            assert_eq!(tag.to_string(), input.trim(), "round trip of {input}");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_tags() {
+        for input in [
+            "xyzzy", "\"xyzzy", "xyzzy\"", "w/\"x\"", "W/x", "\"a\"b\"", "\"a b\"", "W/ \"x\"", "",
+            "\"",
+        ] {
+            assert!(ETag::parse(input.as_bytes()).is_err(), "{input:?} parsed");
+        }
+    }
+
+    #[test]
+    fn comparison_follows_the_rfc_table() {
+        // RFC 9110 §8.8.3.2, the four example rows.
+        let w1 = ETag::parse(b"W/\"1\"").unwrap();
+        let w2 = ETag::parse(b"W/\"2\"").unwrap();
+        let s1 = ETag::parse(b"\"1\"").unwrap();
+        assert!(!w1.strong_eq(&w1) && w1.weak_eq(&w1));
+        assert!(!w1.strong_eq(&w2) && !w1.weak_eq(&w2));
+        assert!(!w1.strong_eq(&s1) && w1.weak_eq(&s1));
+        assert!(s1.strong_eq(&s1) && s1.weak_eq(&s1));
+    }
+
+    #[test]
+    fn body_tags_are_strong_and_follow_the_bytes() {
+        let a = TagHasher::tag_of(b"hello world");
+        assert!(!a.is_weak());
+        assert_eq!(a, TagHasher::tag_of(b"hello world"));
+        assert_ne!(a, TagHasher::tag_of(b"hello worle"));
+        // Chunking does not matter: the tag is of the bytes, not of how they arrived.
+        let mut h = TagHasher::new();
+        h.update(b"hello ");
+        h.update(b"world");
+        assert_eq!(h.finish(), a);
+        // SHA-256("hello world"), base64url without padding.
+        assert_eq!(
+            a.to_string(),
+            "\"uU0nuZNNPgilLlLX2n2r-sSE7-N6U4DukIj3rOLvzek\""
+        );
+    }
+}

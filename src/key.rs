@@ -1,0 +1,148 @@
+//! The key that names one resource for the tag cache and the write locks.
+//!
+//! Key = upstream origin + normalised path + `?query`. The path is normalised by RFC 3986
+//! §6.2.2 (percent-encodings of unreserved characters decoded, the hex digits of the others
+//! upper-cased, dot-segments removed) and runs of `/` are merged, as nginx and most servers
+//! do. So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
+//! tag. The query is kept byte for byte: backends disagree on what it means. The request is
+//! still forwarded with the path the client sent; only routing and keys use the normal form.
+
+use std::sync::Arc;
+
+use crate::config::Upstream;
+
+/// The cache and lock key of one resource at one upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey(Arc<str>);
+
+// === impl ResourceKey ===
+
+impl ResourceKey {
+    /// The key of `normal_path` (already normalised) and `query` at `upstream`.
+    pub fn new(upstream: &Upstream, normal_path: &str, query: Option<&str>) -> Self {
+        let mut s = String::with_capacity(
+            upstream.origin.len() + normal_path.len() + 1 + query.map_or(0, str::len),
+        );
+        s.push_str(&upstream.origin);
+        s.push_str(normal_path);
+        if let Some(q) = query {
+            s.push('?');
+            s.push_str(q);
+        }
+        Self(s.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ResourceKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Normalises a request path (see the module doc). Always returns a path starting with `/`.
+pub fn normalize_path(path: &str) -> String {
+    let decoded = normalize_percent(path);
+    let mut out: Vec<&str> = Vec::new();
+    let trailing_slash = decoded.ends_with('/')
+        || decoded.ends_with("/.")
+        || decoded.ends_with("/..")
+        || decoded == "."
+        || decoded == "..";
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut s = String::with_capacity(decoded.len() + 1);
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty() || trailing_slash {
+        s.push('/');
+    }
+    s
+}
+
+/// Decodes `%XX` of unreserved characters and upper-cases the hex of the rest.
+fn normalize_percent(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = h << 4 | l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c as char);
+                } else {
+                    out.push('%');
+                    out.push(b[i + 1].to_ascii_uppercase() as char);
+                    out.push(b[i + 2].to_ascii_uppercase() as char);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Request paths are ASCII (hyper rejects other bytes), so this is one char.
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aliases_of_one_resource_normalise_alike() {
+        for alias in [
+            "/docs/42",
+            "/docs/./42",
+            "/docs/%34%32",
+            "/docs//42",
+            "/docs/x/../42",
+            "/docs/%2E/42",
+            "//docs/42",
+        ] {
+            assert_eq!(normalize_path(alias), "/docs/42", "{alias}");
+        }
+    }
+
+    #[test]
+    fn reserved_encodings_stay_encoded_with_upper_case_hex() {
+        assert_eq!(normalize_path("/a%2fb"), "/a%2Fb");
+        assert_eq!(normalize_path("/a%2Fb"), "/a%2Fb");
+        assert_eq!(normalize_path("/a%20b"), "/a%20b");
+        assert_eq!(normalize_path("/a%zz"), "/a%zz");
+        assert_eq!(normalize_path("/a%4"), "/a%4");
+    }
+
+    #[test]
+    fn dot_segments_cannot_climb_above_the_root_and_keep_directories() {
+        assert_eq!(normalize_path("/../../etc"), "/etc");
+        assert_eq!(normalize_path("/docs/"), "/docs/");
+        assert_eq!(normalize_path("/docs/a/.."), "/docs/");
+        assert_eq!(normalize_path("/docs/."), "/docs/");
+        assert_eq!(normalize_path(""), "/");
+        assert_eq!(normalize_path("/"), "/");
+    }
+}

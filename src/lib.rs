@@ -1,0 +1,33 @@
+//! ifmatch: a reverse proxy that gives an ETag-less HTTP backend strong ETags and race-free
+//! conditional writes.
+//!
+//! ```text
+//! client ─▶ server ─▶ proxy::handle
+//!                       ├─ router          which route (longest prefix)      → 404
+//!                       ├─ precondition    parse If-Match / If-None-Match …  → 400
+//!                       ├─ GET/HEAD ─▶ upstream ─▶ body::read_tagged ─▶ tags.record
+//!                       │                                   → 200 + ETag / 304 / 412
+//!                       └─ writes:  428? ─▶ lock.acquire(url) ─▶ current tag
+//!                                   (revalidate GET, or tags.get when cached)
+//!                                   ─▶ precondition::evaluate → 412, never forwarded
+//!                                   ─▶ upstream ─▶ tags.invalidate (unless 4xx)
+//! ```
+//!
+//! Every error of the request path is an [`error::Error`], turned into an RFC 9457 problem
+//! response in one place.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod etag;
+pub mod key;
+pub mod lock;
+pub mod precondition;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod tags;
+pub mod telemetry;
+pub mod upstream;

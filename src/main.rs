@@ -1,0 +1,129 @@
+//! The `ifmatch` binary: parses flags, starts logging, loads the config and runs the server
+//! until SIGTERM or SIGINT. It holds no logic of its own.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ifmatch::config::Config;
+use ifmatch::telemetry::{self, LogFormat};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "A reverse proxy that gives ETag-less HTTP services strong ETags and race-free conditional writes"
+)]
+struct Args {
+    /// The TOML config file.
+    #[arg(long, env = "IFMATCH_CONFIG", required_unless_present = "demo")]
+    config: Option<PathBuf>,
+
+    /// Validate the config file, print every problem found, and exit (0 when valid).
+    #[arg(long, requires = "config")]
+    check: bool,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Start a small legacy document store (no ETags) behind the proxy and print curl
+    /// commands to try. Needs no config file.
+    #[arg(long, conflicts_with_all = ["config", "check"])]
+    demo: bool,
+
+    /// Where the demo proxy listens.
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "demo")]
+    listen: SocketAddr,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.check {
+        return check(
+            args.config
+                .as_deref()
+                .expect("clap requires --config with --check"),
+        );
+    }
+    telemetry::init(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ifmatch: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &args.config {
+            Some(path) if !args.demo => run(path).await,
+            _ => ifmatch::demo::run_demo(args.listen, shutdown_signal()).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ifmatch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} route{})",
+                path.display(),
+                c.routes.len(),
+                if c.routes.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(path)?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    tracing::info!(
+        listen = %config.server.listen,
+        routes = config.routes.len(),
+        "ifmatch started"
+    );
+    ifmatch::server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,451 @@
+//! Conditional request headers (RFC 9110 §13.1) and their evaluation in the order of §13.2.2.
+//!
+//! Pure code: [`Preconditions::parse`] reads the headers, [`evaluate`] decides against the
+//! [`Resource`] the proxy believes current. A malformed `If-Match` or `If-None-Match` is an
+//! error (the proxy fails closed with 400); a date that is not a valid HTTP-date is ignored, as
+//! §13.1.3 and §13.1.4 require.
+
+use std::time::SystemTime;
+
+use http::header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE};
+use http::{HeaderMap, HeaderName};
+
+use crate::etag::{trim_ows, ETag, ETagError};
+
+/// The value of `If-Match` or `If-None-Match`: `*` or a list of entity-tags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    Any,
+    Tags(Vec<ETag>),
+}
+
+/// The conditional headers of one request, parsed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Preconditions {
+    pub if_match: Option<Condition>,
+    pub if_none_match: Option<Condition>,
+    pub if_unmodified_since: Option<SystemTime>,
+    pub if_modified_since: Option<SystemTime>,
+    /// `If-Range` carries an entity-tag (not a date). The proxy cannot let the backend judge
+    /// such a tag, so it drops `Range` and serves the whole representation (§14.2 allows it).
+    pub if_range_tag: bool,
+}
+
+/// A malformed conditional header.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {name} header: {reason}")]
+pub struct HeaderError {
+    pub name: HeaderName,
+    pub reason: String,
+}
+
+/// What the proxy knows of the target resource's current state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resource {
+    /// The resource has a current representation.
+    pub exists: bool,
+    /// Its strong tag, when one is known (a body over the tagging limit has none).
+    pub tag: Option<ETag>,
+    pub last_modified: Option<SystemTime>,
+}
+
+/// The outcome of evaluating the preconditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Perform the method.
+    Proceed,
+    /// 304: a GET or HEAD whose `If-None-Match` or `If-Modified-Since` is false.
+    NotModified,
+    /// 412: the request must not be performed.
+    PreconditionFailed,
+}
+
+// === impl Preconditions ===
+
+impl Preconditions {
+    /// Parses the conditional headers. Several field lines of one list header are one list.
+    pub fn parse(headers: &HeaderMap) -> Result<Self, HeaderError> {
+        Ok(Self {
+            if_match: parse_condition(headers, &IF_MATCH)?,
+            if_none_match: parse_condition(headers, &IF_NONE_MATCH)?,
+            if_unmodified_since: parse_date(headers, &IF_UNMODIFIED_SINCE),
+            if_modified_since: parse_date(headers, &IF_MODIFIED_SINCE),
+            if_range_tag: headers
+                .get(IF_RANGE)
+                .is_some_and(|v| matches!(trim_ows(v.as_bytes()), [b'"', ..] | [b'W', b'/', ..])),
+        })
+    }
+
+    /// The request carries a precondition that can stop a write (for 428, RFC 6585 §3).
+    pub fn guards_write(&self) -> bool {
+        self.if_match.is_some()
+            || self.if_none_match.is_some()
+            || self.if_unmodified_since.is_some()
+    }
+
+    /// Evaluating these preconditions needs the resource's current state.
+    pub fn needs_current(&self) -> bool {
+        self.guards_write() || self.if_modified_since.is_some()
+    }
+}
+
+fn parse_condition(
+    headers: &HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Condition>, HeaderError> {
+    let mut lines = headers.get_all(name).iter().peekable();
+    if lines.peek().is_none() {
+        return Ok(None);
+    }
+    let err = |reason: String| HeaderError {
+        name: name.clone(),
+        reason,
+    };
+    let mut any = false;
+    let mut tags = Vec::new();
+    for line in lines {
+        for member in split_list(line.as_bytes()).map_err(err)? {
+            if member == b"*" {
+                any = true;
+            } else {
+                let tag = ETag::parse(member).map_err(|e| match e {
+                    ETagError::NotQuoted => err(format!(
+                        "{:?} is not an entity-tag; expected \"tag\", W/\"tag\" or *",
+                        String::from_utf8_lossy(member)
+                    )),
+                    e => err(e.to_string()),
+                })?;
+                tags.push(tag);
+            }
+        }
+    }
+    match (any, tags.is_empty()) {
+        (true, true) => Ok(Some(Condition::Any)),
+        (true, false) => Err(err("* cannot be combined with entity-tags".into())),
+        (false, false) => Ok(Some(Condition::Tags(tags))),
+        (false, true) => Err(err("the header is empty".into())),
+    }
+}
+
+/// Splits `#entity-tag` into members. Commas inside quoted tags belong to the tag, and empty
+/// members are skipped as §5.6.1 requires of recipients.
+fn split_list(value: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut members = Vec::new();
+    let mut start = 0;
+    let mut quoted = false;
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                members.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quoted {
+        return Err("an entity-tag is missing its closing quote".into());
+    }
+    members.push(&value[start..]);
+    Ok(members
+        .into_iter()
+        .map(trim_ows)
+        .filter(|m| !m.is_empty())
+        .collect())
+}
+
+/// One valid HTTP-date, or `None`: an invalid or repeated date field is ignored (§13.1.3).
+fn parse_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    if lines.next().is_some() {
+        return None;
+    }
+    httpdate::parse_http_date(first.to_str().ok()?.trim()).ok()
+}
+
+// === evaluation ===
+
+/// Evaluates `pre` against `current` in the order of RFC 9110 §13.2.2.
+///
+/// `read` is true for GET and HEAD, where a false `If-None-Match` or `If-Modified-Since`
+/// means 304 rather than 412.
+pub fn evaluate(pre: &Preconditions, read: bool, current: &Resource) -> Decision {
+    // Step 1 and 2: If-Match, else If-Unmodified-Since.
+    if let Some(cond) = &pre.if_match {
+        if !if_match_holds(cond, current) {
+            return Decision::PreconditionFailed;
+        }
+    } else if let Some(since) = pre.if_unmodified_since {
+        // §13.1.4: ignored when the resource has no modification date.
+        if current.last_modified.is_some_and(|lm| lm > since) {
+            return Decision::PreconditionFailed;
+        }
+    }
+    // Step 3 and 4: If-None-Match, else If-Modified-Since (GET and HEAD only).
+    if let Some(cond) = &pre.if_none_match {
+        if !if_none_match_holds(cond, current) {
+            return if read {
+                Decision::NotModified
+            } else {
+                Decision::PreconditionFailed
+            };
+        }
+    } else if let (true, Some(since)) = (read, pre.if_modified_since) {
+        if current.exists && current.last_modified.is_some_and(|lm| lm <= since) {
+            return Decision::NotModified;
+        }
+    }
+    Decision::Proceed
+}
+
+/// §13.1.1: `*` holds when a current representation exists; a list holds when one member
+/// matches the current tag by the strong comparison.
+fn if_match_holds(cond: &Condition, current: &Resource) -> bool {
+    match cond {
+        Condition::Any => current.exists,
+        Condition::Tags(tags) => {
+            current.exists
+                && current
+                    .tag
+                    .as_ref()
+                    .is_some_and(|cur| tags.iter().any(|t| t.strong_eq(cur)))
+        }
+    }
+}
+
+/// §13.1.2: `*` is false when a current representation exists; a list is false when one
+/// member matches the current tag by the weak comparison.
+fn if_none_match_holds(cond: &Condition, current: &Resource) -> bool {
+    match cond {
+        Condition::Any => !current.exists,
+        Condition::Tags(tags) => {
+            !(current.exists
+                && current
+                    .tag
+                    .as_ref()
+                    .is_some_and(|cur| tags.iter().any(|t| t.weak_eq(cur))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        h
+    }
+
+    fn tag(s: &str) -> ETag {
+        ETag::parse(s.as_bytes()).unwrap()
+    }
+
+    fn existing(t: &str) -> Resource {
+        Resource {
+            exists: true,
+            tag: Some(tag(t)),
+            last_modified: None,
+        }
+    }
+
+    fn missing() -> Resource {
+        Resource::default()
+    }
+
+    #[test]
+    fn parses_lists_stars_and_multiple_lines() {
+        let p = Preconditions::parse(&headers(&[
+            (&IF_MATCH, "\"a\", W/\"b\""),
+            (&IF_MATCH, " ,\"c,d\" ,"),
+            (&IF_NONE_MATCH, "*"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.if_match,
+            Some(Condition::Tags(vec![
+                tag("\"a\""),
+                tag("W/\"b\""),
+                tag("\"c,d\"")
+            ]))
+        );
+        assert_eq!(p.if_none_match, Some(Condition::Any));
+        assert!(p.guards_write());
+    }
+
+    #[test]
+    fn malformed_tag_headers_are_errors_naming_the_header() {
+        for (name, value) in [
+            (&IF_MATCH, "abc"),
+            (&IF_MATCH, "\"abc"),
+            (&IF_MATCH, "*, \"a\""),
+            (&IF_MATCH, ""),
+            (&IF_MATCH, " , "),
+            (&IF_NONE_MATCH, "W/abc"),
+            (&IF_NONE_MATCH, "\"a\" \"b\""),
+            (&IF_NONE_MATCH, "**"),
+        ] {
+            let err = Preconditions::parse(&headers(&[(name, value)])).unwrap_err();
+            assert_eq!(&err.name, name, "{value:?}");
+            assert!(err.to_string().contains(name.as_str()), "{err}");
+        }
+    }
+
+    #[test]
+    fn invalid_or_repeated_dates_are_ignored() {
+        let p = Preconditions::parse(&headers(&[(&IF_UNMODIFIED_SINCE, "yesterday")])).unwrap();
+        assert_eq!(p.if_unmodified_since, None);
+        let d = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let p = Preconditions::parse(&headers(&[
+            (&IF_MODIFIED_SINCE, d),
+            (&IF_MODIFIED_SINCE, d),
+        ]))
+        .unwrap();
+        assert_eq!(p.if_modified_since, None);
+        let p = Preconditions::parse(&headers(&[(&IF_UNMODIFIED_SINCE, d)])).unwrap();
+        assert_eq!(
+            p.if_unmodified_since,
+            Some(UNIX_EPOCH + Duration::from_secs(784111777))
+        );
+    }
+
+    #[test]
+    fn if_range_with_a_tag_is_noticed() {
+        let p = Preconditions::parse(&headers(&[(&IF_RANGE, "\"a\"")])).unwrap();
+        assert!(p.if_range_tag);
+        let p = Preconditions::parse(&headers(&[(&IF_RANGE, "Sun, 06 Nov 1994 08:49:37 GMT")]))
+            .unwrap();
+        assert!(!p.if_range_tag);
+    }
+
+    fn pre(pairs: &[(&HeaderName, &str)]) -> Preconditions {
+        Preconditions::parse(&headers(pairs)).unwrap()
+    }
+
+    type Row<'a> = (
+        &'a [(&'a HeaderName, &'a str)],
+        bool,
+        &'a Resource,
+        Decision,
+    );
+
+    #[test]
+    fn decision_table() {
+        use Decision::*;
+        let a = existing("\"a\"");
+        let rows: &[Row] = &[
+            (&[], false, &a, Proceed),
+            // If-Match: strong comparison, * means "exists".
+            (&[(&IF_MATCH, "\"a\"")], false, &a, Proceed),
+            (&[(&IF_MATCH, "\"x\", \"a\"")], false, &a, Proceed),
+            (&[(&IF_MATCH, "W/\"a\"")], false, &a, PreconditionFailed),
+            (&[(&IF_MATCH, "\"b\"")], false, &a, PreconditionFailed),
+            (&[(&IF_MATCH, "*")], false, &a, Proceed),
+            (&[(&IF_MATCH, "*")], false, &missing(), PreconditionFailed),
+            (
+                &[(&IF_MATCH, "\"a\"")],
+                false,
+                &missing(),
+                PreconditionFailed,
+            ),
+            (&[(&IF_MATCH, "\"b\"")], true, &a, PreconditionFailed),
+            // If-None-Match: weak comparison, * means "does not exist".
+            (&[(&IF_NONE_MATCH, "\"a\"")], true, &a, NotModified),
+            (&[(&IF_NONE_MATCH, "W/\"a\"")], true, &a, NotModified),
+            (
+                &[(&IF_NONE_MATCH, "W/\"a\"")],
+                false,
+                &a,
+                PreconditionFailed,
+            ),
+            (&[(&IF_NONE_MATCH, "\"b\"")], false, &a, Proceed),
+            (&[(&IF_NONE_MATCH, "*")], false, &missing(), Proceed),
+            (&[(&IF_NONE_MATCH, "*")], false, &a, PreconditionFailed),
+            (&[(&IF_NONE_MATCH, "*")], true, &a, NotModified),
+            (&[(&IF_NONE_MATCH, "\"a\"")], false, &missing(), Proceed),
+            // §13.2.2 order: a false If-Match wins over a false If-None-Match on a GET.
+            (
+                &[(&IF_MATCH, "\"b\""), (&IF_NONE_MATCH, "\"a\"")],
+                true,
+                &a,
+                PreconditionFailed,
+            ),
+            (
+                &[(&IF_MATCH, "\"a\""), (&IF_NONE_MATCH, "\"a\"")],
+                true,
+                &a,
+                NotModified,
+            ),
+        ];
+        for (i, (h, read, cur, want)) in rows.iter().enumerate() {
+            assert_eq!(evaluate(&pre(h), *read, cur), *want, "row {i}: {h:?}");
+        }
+    }
+
+    #[test]
+    fn untagged_existing_resource_fails_tag_lists_but_not_star() {
+        let big = Resource {
+            exists: true,
+            tag: None,
+            last_modified: None,
+        };
+        let d = |h| evaluate(&pre(h), false, &big);
+        assert_eq!(d(&[(&IF_MATCH, "\"a\"")]), Decision::PreconditionFailed);
+        assert_eq!(d(&[(&IF_MATCH, "*")]), Decision::Proceed);
+        assert_eq!(d(&[(&IF_NONE_MATCH, "\"a\"")]), Decision::Proceed);
+        assert_eq!(d(&[(&IF_NONE_MATCH, "*")]), Decision::PreconditionFailed);
+    }
+
+    #[test]
+    fn dates_follow_the_precedence_of_13_2_2() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let date = |s: u64| httpdate::fmt_http_date(t(s));
+        let cur = Resource {
+            exists: true,
+            tag: Some(tag("\"a\"")),
+            last_modified: Some(t(2_000_000_000)),
+        };
+        let old = date(1_000_000_000);
+        let new = date(2_000_000_000);
+        let d = |h: &[(&HeaderName, &str)], read| evaluate(&pre(h), read, &cur);
+        // If-Unmodified-Since alone.
+        assert_eq!(
+            d(&[(&IF_UNMODIFIED_SINCE, &old)], false),
+            Decision::PreconditionFailed
+        );
+        assert_eq!(d(&[(&IF_UNMODIFIED_SINCE, &new)], false), Decision::Proceed);
+        // ... is ignored when If-Match is present.
+        assert_eq!(
+            d(&[(&IF_MATCH, "\"a\""), (&IF_UNMODIFIED_SINCE, &old)], false),
+            Decision::Proceed
+        );
+        // If-Modified-Since: only on reads, and ignored when If-None-Match is present.
+        assert_eq!(
+            d(&[(&IF_MODIFIED_SINCE, &new)], true),
+            Decision::NotModified
+        );
+        assert_eq!(d(&[(&IF_MODIFIED_SINCE, &old)], true), Decision::Proceed);
+        assert_eq!(d(&[(&IF_MODIFIED_SINCE, &new)], false), Decision::Proceed);
+        assert_eq!(
+            d(
+                &[(&IF_NONE_MATCH, "\"b\""), (&IF_MODIFIED_SINCE, &new)],
+                true
+            ),
+            Decision::Proceed
+        );
+        // A resource without a modification date ignores both.
+        let undated = existing("\"a\"");
+        assert_eq!(
+            evaluate(&pre(&[(&IF_UNMODIFIED_SINCE, &old)]), false, &undated),
+            Decision::Proceed
+        );
+    }
+}

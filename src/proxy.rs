@@ -1,0 +1,492 @@
+//! The per-request pipeline. It orchestrates the steps and decides nothing itself:
+//!
+//! 1. route the request (404 without a route);
+//! 2. parse its preconditions (400 when malformed);
+//! 3. GET/HEAD: forward, tag a 200 body as it streams, remember the tag, answer 304/412 if
+//!    the preconditions say so;
+//! 4. any other method: 428 if the route demands a precondition and none came; take the URL's
+//!    write lock; learn the current state (revalidate or cached); 412 if a precondition
+//!    fails; otherwise forward and pass the backend's answer (409 included) through.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderMap, ETAG};
+use http::request::Parts;
+use http::response;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tracing::{field, info_span, Instrument, Span};
+
+use crate::body::{read_tagged, Collected, ProxyBody, ReadError};
+use crate::config::{Config, Route, Validation};
+use crate::error::{Blame, Error};
+use crate::etag::ETag;
+use crate::key::{normalize_path, ResourceKey};
+use crate::lock::WriteLocks;
+use crate::precondition::{evaluate, Decision, Preconditions, Resource};
+use crate::router::Router;
+use crate::tags::{Known, TagStore};
+use crate::upstream::{self, Peer, UpstreamClient};
+
+/// Everything a request needs, shared by all connections.
+#[derive(Debug)]
+pub struct Proxy {
+    router: Router,
+    pub tags: TagStore,
+    pub locks: WriteLocks,
+    upstream: UpstreamClient,
+}
+
+/// What the proxy learnt of a resource before a write.
+enum Current {
+    Known(Resource),
+    /// The revalidation GET got an answer that is neither 2xx nor 404/410: the writer gets it.
+    Answer(Response<Incoming>),
+}
+
+/// What the access log and span report about one request.
+#[derive(Default)]
+struct Exchange {
+    route: Option<Arc<Route>>,
+    upstream_status: Option<StatusCode>,
+    outcome: &'static str,
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            router: Router::new(config.routes.iter().cloned()),
+            tags: TagStore::new(config.server.tag_cache_entries),
+            locks: WriteLocks::new(),
+            upstream: UpstreamClient::new(config.server.connect_timeout),
+        }
+    }
+
+    /// Answers one request. Never fails: errors become problem responses here.
+    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let span = info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            route = field::Empty,
+            status = field::Empty,
+            upstream_status = field::Empty,
+            outcome = field::Empty,
+        );
+        let mut ex = Exchange::default();
+        let rsp = match self
+            .dispatch(req, &peer, &mut ex)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                ex.outcome = e.outcome();
+                match e.blame() {
+                    Blame::Proxy => tracing::warn!(parent: &span, error = %e, "request failed"),
+                    _ => tracing::debug!(parent: &span, error = %e, "request refused"),
+                }
+                e.into_response()
+            }
+        };
+        access_log(&span, &ex, &rsp, start);
+        rsp
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let path = normalize_path(req.uri().path());
+        let route = self
+            .router
+            .route(request_host(&req), &path)
+            .ok_or_else(|| Error::NoRoute {
+                path: req.uri().path().to_owned(),
+            })?
+            .clone();
+        ex.route = Some(route.clone());
+        let pre = Preconditions::parse(req.headers())?;
+        let key = ResourceKey::new(&route.upstream, &path, req.uri().query());
+        let (mut parts, body) = req.into_parts();
+        upstream::prepare(&mut parts, &route, peer);
+        if matches!(parts.method, Method::GET | Method::HEAD) {
+            self.read(&route, &key, &pre, parts, body, ex).await
+        } else {
+            self.write(&route, &key, &pre, parts, body, ex).await
+        }
+    }
+
+    /// GET and HEAD: forward as a GET, tag a 200 body, then answer 200, 304 or 412.
+    async fn read(
+        &self,
+        route: &Route,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        mut parts: Parts,
+        body: Incoming,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        // HEAD is sent as a GET so that it gets the tag a GET would give.
+        let head = parts.method == Method::HEAD;
+        parts.method = Method::GET;
+        strip_evaluated(&mut parts.headers, pre);
+        let ticket = self.tags.ticket();
+        let rsp = self
+            .upstream
+            .send(route, Request::from_parts(parts, Either::Left(body)))
+            .await?;
+        ex.upstream_status = Some(rsp.status());
+        if rsp.status() != StatusCode::OK {
+            ex.outcome = "passthrough";
+            return Ok(pass(rsp, head));
+        }
+        let (mut rparts, rbody) = rsp.into_parts();
+        let (tag, body) = self.tag(route, &mut rparts, rbody).await?;
+        let current = Resource {
+            exists: true,
+            last_modified: last_modified(&rparts.headers),
+            tag,
+        };
+        if let Some(tag) = &current.tag {
+            let known = Known {
+                tag: tag.clone(),
+                last_modified: current.last_modified,
+            };
+            self.tags.record(key, known, ticket);
+        }
+        match evaluate(pre, true, &current) {
+            Decision::Proceed => {
+                ex.outcome = if current.tag.is_some() {
+                    "tagged"
+                } else {
+                    "untagged"
+                };
+                let body = if head { ProxyBody::empty() } else { body };
+                Ok(Response::from_parts(rparts, body))
+            }
+            Decision::NotModified => {
+                ex.outcome = "not_modified";
+                Ok(not_modified(&rparts))
+            }
+            Decision::PreconditionFailed => Err(Error::PreconditionFailed {
+                current: current.tag,
+            }),
+        }
+    }
+
+    /// Every other method: the guarded write path.
+    async fn write(
+        &self,
+        route: &Route,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        mut parts: Parts,
+        body: Incoming,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        if route.require_precondition && requires_precondition(&parts.method) && !pre.guards_write()
+        {
+            return Err(Error::PreconditionRequired {
+                method: parts.method.clone(),
+            });
+        }
+        let changes = changes_state(&parts.method);
+        // From here until the backend has answered, no other write to this URL runs.
+        let _guard = match changes {
+            true => Some(self.locks.acquire(key, route.lock_timeout).await?),
+            false => None,
+        };
+        if pre.guards_write() {
+            let current = match self.current(route, key, &parts, ex).await? {
+                Current::Known(resource) => resource,
+                Current::Answer(rsp) => {
+                    ex.upstream_status = Some(rsp.status());
+                    ex.outcome = "revalidation_refused";
+                    return Ok(pass(rsp, false));
+                }
+            };
+            if evaluate(pre, false, &current) != Decision::Proceed {
+                return Err(Error::PreconditionFailed {
+                    current: current.tag,
+                });
+            }
+        }
+        strip_evaluated(&mut parts.headers, pre);
+        let destination = destination_key(&parts, route);
+        let mut invalidation = changes.then(|| Invalidation {
+            tags: &self.tags,
+            keys: [Some(key.clone()), destination],
+        });
+        let rsp = self
+            .upstream
+            .send(route, Request::from_parts(parts, Either::Left(body)))
+            .await?;
+        ex.upstream_status = Some(rsp.status());
+        ex.outcome = "forwarded";
+        // A 4xx (409 Conflict among them) means the backend refused: the state is unchanged.
+        if rsp.status().is_client_error() {
+            if let Some(i) = invalidation.take() {
+                i.disarm();
+            }
+        }
+        Ok(pass(rsp, false))
+    }
+
+    /// The resource's current state, for evaluating a write's preconditions.
+    async fn current(
+        &self,
+        route: &Route,
+        key: &ResourceKey,
+        parts: &Parts,
+        ex: &mut Exchange,
+    ) -> Result<Current, Error> {
+        if route.validation == Validation::Cached {
+            if let Some(known) = self.tags.get(key) {
+                return Ok(Current::Known(Resource {
+                    exists: true,
+                    tag: Some(known.tag),
+                    last_modified: known.last_modified,
+                }));
+            }
+        }
+        self.revalidate(route, key, parts, ex).await
+    }
+
+    /// Fetches the current representation with the writer's own request head and tags it.
+    async fn revalidate(
+        &self,
+        route: &Route,
+        key: &ResourceKey,
+        parts: &Parts,
+        ex: &mut Exchange,
+    ) -> Result<Current, Error> {
+        let ticket = self.tags.ticket();
+        let rsp = self
+            .upstream
+            .send(route, upstream::revalidation_request(parts))
+            .await?;
+        ex.upstream_status = Some(rsp.status());
+        let status = rsp.status();
+        if matches!(status, StatusCode::NOT_FOUND | StatusCode::GONE) {
+            return Ok(Current::Known(Resource::default()));
+        }
+        if !status.is_success() {
+            return Ok(Current::Answer(rsp));
+        }
+        let (mut rparts, rbody) = rsp.into_parts();
+        let last_modified = last_modified(&rparts.headers);
+        let tag = match status {
+            StatusCode::OK => self.tag(route, &mut rparts, rbody).await?.0,
+            _ => None,
+        };
+        if let Some(tag) = &tag {
+            let known = Known {
+                tag: tag.clone(),
+                last_modified,
+            };
+            self.tags.record(key, known, ticket);
+        }
+        Ok(Current::Known(Resource {
+            exists: true,
+            tag,
+            last_modified,
+        }))
+    }
+
+    /// The strong tag of a 200 response: the upstream's own strong tag if it sent one, else
+    /// the hash of the body if it fits the route's limit. Sets the `ETag` header to it (or
+    /// removes a weak upstream tag that cannot stand for the proxy's validator).
+    async fn tag(
+        &self,
+        route: &Route,
+        rparts: &mut response::Parts,
+        body: Incoming,
+    ) -> Result<(Option<ETag>, ProxyBody), Error> {
+        if let Some(tag) = upstream_strong_tag(&rparts.headers) {
+            return Ok((Some(tag), ProxyBody::stream(body)));
+        }
+        rparts.headers.remove(ETAG);
+        if declared_length(&rparts.headers).is_some_and(|n| n > route.max_tag_body) {
+            return Ok((None, ProxyBody::stream(body)));
+        }
+        let upstream = || route.upstream.origin.clone();
+        match read_tagged(body, route.max_tag_body, route.upstream_timeout).await {
+            Ok(Collected::Whole { chunks, tag }) => {
+                rparts.headers.insert(ETAG, tag.to_header());
+                Ok((Some(tag), ProxyBody::chunks(chunks, None)))
+            }
+            Ok(Collected::TooLarge { chunks, rest }) => {
+                Ok((None, ProxyBody::chunks(chunks, Some(rest))))
+            }
+            Err(ReadError::Stalled(after)) => Err(Error::UpstreamTimeout {
+                upstream: upstream(),
+                after,
+            }),
+            Err(ReadError::Failed(e)) => Err(Error::Upstream {
+                upstream: upstream(),
+                reason: format!("the response body was cut short: {e}"),
+            }),
+        }
+    }
+}
+
+/// Drops the remembered tags of a write's targets when it ends, unless disarmed because the
+/// backend refused the write. Being a guard, it also fires when the write's future is dropped
+/// mid-way (client gone, timeout): the outcome is then unknown, so the tag must go.
+struct Invalidation<'a> {
+    tags: &'a TagStore,
+    keys: [Option<ResourceKey>; 2],
+}
+
+impl Invalidation<'_> {
+    fn disarm(mut self) {
+        self.keys = [None, None];
+    }
+}
+
+impl Drop for Invalidation<'_> {
+    fn drop(&mut self) {
+        for key in self.keys.iter().flatten() {
+            self.tags.invalidate(key);
+        }
+    }
+}
+
+/// Methods that never change state (RFC 9110 §9.2.1, RFC 4918 PROPFIND): no lock, no
+/// invalidation. Every other method, extension methods included, is treated as a write.
+fn changes_state(method: &Method) -> bool {
+    !matches!(
+        method.as_str(),
+        "OPTIONS" | "TRACE" | "PROPFIND" | "REPORT" | "SEARCH"
+    )
+}
+
+/// Methods a `require_precondition` route refuses without a precondition (RFC 6585 §3).
+fn requires_precondition(method: &Method) -> bool {
+    matches!(*method, Method::PUT | Method::PATCH | Method::DELETE)
+}
+
+/// Removes the conditions the proxy evaluated (the backend does not know its tags), and the
+/// date conditions that a tag condition takes precedence over (§13.2.2). A date condition
+/// without such a tag condition stays for the backend to judge as well.
+fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions) {
+    if pre.if_match.is_some() {
+        headers.remove(header::IF_MATCH);
+        headers.remove(header::IF_UNMODIFIED_SINCE);
+    }
+    if pre.if_none_match.is_some() {
+        headers.remove(header::IF_NONE_MATCH);
+        headers.remove(header::IF_MODIFIED_SINCE);
+    }
+    if pre.if_range_tag {
+        headers.remove(header::IF_RANGE);
+        headers.remove(header::RANGE);
+    }
+}
+
+/// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
+/// resource changes too, so its remembered tag must go as well.
+fn destination_key(parts: &Parts, route: &Route) -> Option<ResourceKey> {
+    if !matches!(parts.method.as_str(), "COPY" | "MOVE") {
+        return None;
+    }
+    let dest: http::Uri = parts
+        .headers
+        .get("destination")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(ResourceKey::new(
+        &route.upstream,
+        &normalize_path(dest.path()),
+        dest.query(),
+    ))
+}
+
+/// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .host()
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {
+    let tag = ETag::parse(headers.get(ETAG)?.as_bytes()).ok()?;
+    (!tag.is_weak()).then_some(tag)
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
+    httpdate::parse_http_date(headers.get(header::LAST_MODIFIED)?.to_str().ok()?).ok()
+}
+
+/// An upstream response passed through unchanged but for hop-by-hop headers.
+fn pass(rsp: Response<Incoming>, head: bool) -> Response<ProxyBody> {
+    let (mut parts, body) = rsp.into_parts();
+    upstream::strip_hop_by_hop(&mut parts.headers);
+    let body = if head {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::stream(body)
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A 304 built from the 200 it replaces, with the fields §15.4.5 asks for.
+fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
+    let mut rsp = Response::new(ProxyBody::empty());
+    *rsp.status_mut() = StatusCode::NOT_MODIFIED;
+    for name in [
+        header::CACHE_CONTROL,
+        header::CONTENT_LOCATION,
+        header::DATE,
+        ETAG,
+        header::EXPIRES,
+        header::VARY,
+        header::LAST_MODIFIED,
+    ] {
+        for value in rparts.headers.get_all(&name) {
+            rsp.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    rsp
+}
+
+fn access_log(span: &Span, ex: &Exchange, rsp: &Response<ProxyBody>, start: Instant) {
+    let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
+    span.record("route", route);
+    span.record("status", rsp.status().as_u16());
+    span.record("outcome", ex.outcome);
+    if let Some(s) = ex.upstream_status {
+        span.record("upstream_status", s.as_u16());
+    }
+    let bytes = http_body::Body::size_hint(rsp.body()).exact();
+    tracing::info!(
+        target: "ifmatch::access",
+        parent: span,
+        route,
+        status = rsp.status().as_u16(),
+        upstream_status = ex.upstream_status.map(|s| s.as_u16()),
+        outcome = ex.outcome,
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        bytes,
+        "access"
+    );
+}

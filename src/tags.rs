@@ -1,0 +1,239 @@
+//! `TagStore`: the tag last seen for each resource, in a bounded in-memory map.
+//!
+//! The rule that keeps `validation = "cached"` safe: a tag read from the upstream is only
+//! remembered if no write to that resource finished after the read began. Every read takes a
+//! ticket from one clock before it asks the upstream; every finished write leaves an
+//! `Invalidated` mark stamped from the same clock; `record` refuses a ticket older than the
+//! mark. So a slow GET that fetched the old body can never put the old tag back after a write.
+//!
+//! The map is bounded: past `capacity` entries the oldest inserted are evicted (FIFO). An
+//! evicted mark would let an old ticket through, so eviction raises a floor below which no
+//! ticket is accepted.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
+
+use crate::etag::ETag;
+use crate::key::ResourceKey;
+
+/// What is remembered of a resource's representation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Known {
+    pub tag: ETag,
+    pub last_modified: Option<SystemTime>,
+}
+
+/// A point on the store's clock, taken before reading from the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+#[derive(Debug)]
+enum Entry {
+    Known { known: Known, at: u64 },
+    Invalidated { at: u64 },
+}
+
+impl Entry {
+    fn at(&self) -> u64 {
+        match self {
+            Self::Known { at, .. } | Self::Invalidated { at } => *at,
+        }
+    }
+}
+
+/// Counters the metrics endpoint reads.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct TagStore {
+    map: DashMap<ResourceKey, Entry>,
+    /// Insertion order, for eviction.
+    order: Mutex<VecDeque<ResourceKey>>,
+    len: AtomicUsize,
+    capacity: usize,
+    clock: AtomicU64,
+    /// Tickets below this are refused: an entry that could have refused them was evicted.
+    floor: AtomicU64,
+    pub stats: CacheStats,
+}
+
+// === impl TagStore ===
+
+impl TagStore {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            len: AtomicUsize::new(0),
+            capacity: capacity.max(1),
+            clock: AtomicU64::new(1),
+            floor: AtomicU64::new(0),
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Take before sending the GET whose answer may be recorded.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.clock.fetch_add(1, Ordering::AcqRel))
+    }
+
+    /// The remembered tag, if any (counts a hit or a miss).
+    pub fn get(&self, key: &ResourceKey) -> Option<Known> {
+        let found = match self.map.get(key).as_deref() {
+            Some(Entry::Known { known, .. }) => Some(known.clone()),
+            _ => None,
+        };
+        let counter = if found.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Remembers `known` as read by the GET that took `ticket`, unless a write finished
+    /// since, or a newer read was already recorded.
+    pub fn record(&self, key: &ResourceKey, known: Known, ticket: Ticket) {
+        if ticket.0 < self.floor.load(Ordering::Acquire) {
+            return;
+        }
+        let entry = Entry::Known {
+            known,
+            at: ticket.0,
+        };
+        match self.map.entry(key.clone()) {
+            MapEntry::Occupied(mut o) => {
+                if o.get().at() < ticket.0 {
+                    o.insert(entry);
+                }
+            }
+            MapEntry::Vacant(v) => {
+                v.insert(entry);
+                self.inserted(key);
+            }
+        }
+    }
+
+    /// Forgets the tag of `key` after a write that may have changed it.
+    pub fn invalidate(&self, key: &ResourceKey) {
+        let at = self.clock.fetch_add(1, Ordering::AcqRel);
+        let entry = Entry::Invalidated { at };
+        match self.map.entry(key.clone()) {
+            MapEntry::Occupied(mut o) => {
+                o.insert(entry);
+            }
+            MapEntry::Vacant(v) => {
+                v.insert(entry);
+                self.inserted(key);
+            }
+        }
+    }
+
+    /// Entries held now (marks of invalidated tags included).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bookkeeping after a new key went in (no map guard may be held here).
+    fn inserted(&self, key: &ResourceKey) {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.push_back(key.clone());
+        let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
+        if len <= self.capacity {
+            return;
+        }
+        let Some(victim) = order.pop_front() else {
+            return;
+        };
+        drop(order);
+        if let Some((_, entry)) = self.map.remove(&victim) {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            self.floor.fetch_max(entry.at() + 1, Ordering::AcqRel);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Upstream;
+
+    fn key(path: &str) -> ResourceKey {
+        let up = Upstream {
+            scheme: http::uri::Scheme::HTTP,
+            authority: "a:1".parse().unwrap(),
+            origin: "http://a:1".into(),
+        };
+        ResourceKey::new(&up, path, None)
+    }
+
+    fn known(t: &str) -> Known {
+        Known {
+            tag: ETag::strong(t).unwrap(),
+            last_modified: None,
+        }
+    }
+
+    #[test]
+    fn records_and_returns_tags() {
+        let s = TagStore::new(10);
+        let t = s.ticket();
+        s.record(&key("/a"), known("1"), t);
+        assert_eq!(s.get(&key("/a")), Some(known("1")));
+        assert_eq!(s.get(&key("/b")), None);
+        assert_eq!(s.stats.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(s.stats.misses.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_read_older_than_a_write_is_not_recorded() {
+        let s = TagStore::new(10);
+        let k = key("/a");
+        let slow_read = s.ticket();
+        s.invalidate(&k); // a write finished while the read was in flight
+        s.record(&k, known("old"), slow_read);
+        assert_eq!(s.get(&k), None);
+        let fresh_read = s.ticket();
+        s.record(&k, known("new"), fresh_read);
+        assert_eq!(s.get(&k), Some(known("new")));
+        // An older read cannot overwrite a newer one either.
+        s.record(&k, known("old"), slow_read);
+        assert_eq!(s.get(&k), Some(known("new")));
+    }
+
+    #[test]
+    fn the_bound_holds_and_eviction_keeps_the_rule() {
+        let s = TagStore::new(3);
+        let stale = s.ticket();
+        s.invalidate(&key("/x"));
+        for i in 0..10 {
+            let t = s.ticket();
+            s.record(&key(&format!("/{i}")), known("t"), t);
+            assert!(s.len() <= 3);
+        }
+        assert_eq!(s.stats.evictions.load(Ordering::Relaxed), 8);
+        // /x's mark was evicted, yet the read that began before it is still refused.
+        s.record(&key("/x"), known("old"), stale);
+        assert_eq!(s.get(&key("/x")), None);
+    }
+}

@@ -1,0 +1,232 @@
+//! The client to the backends: a pooled hyper-util client, the rewriting of a client's request
+//! into the upstream's (URI, hop-by-hop headers, `X-Forwarded-*`), and timeouts.
+
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::Route;
+use crate::error::Error;
+
+/// A request body to the upstream: the client's own, or none (revalidation GETs).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// Who sent a request, as the proxy saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// `"http"` or `"https"`: the scheme of the listener, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, UpstreamBody>,
+    connect_timeout: Duration,
+}
+
+// === impl UpstreamClient ===
+
+impl UpstreamClient {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(http);
+        Self {
+            client,
+            connect_timeout,
+        }
+    }
+
+    /// Sends `req` and waits up to the route's `upstream_timeout` for the response head.
+    pub async fn send(
+        &self,
+        route: &Route,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, Error> {
+        let upstream = || route.upstream.origin.clone();
+        match tokio::time::timeout(route.upstream_timeout, self.client.request(req)).await {
+            Err(_) => Err(Error::UpstreamTimeout {
+                upstream: upstream(),
+                after: route.upstream_timeout,
+            }),
+            Ok(Ok(rsp)) => Ok(rsp),
+            Ok(Err(e)) => Err(classify(&e, upstream(), self.connect_timeout)),
+        }
+    }
+}
+
+/// Turns a client error into the proxy's error, keeping the innermost cause as the reason.
+fn classify(
+    e: &hyper_util::client::legacy::Error,
+    upstream: String,
+    connect_timeout: Duration,
+) -> Error {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
+                return Error::UpstreamTimeout {
+                    upstream,
+                    after: connect_timeout,
+                };
+            }
+        }
+        reason = s.to_string();
+        source = s.source();
+    }
+    if e.is_connect() {
+        Error::UpstreamConnect { upstream, reason }
+    } else {
+        Error::Upstream { upstream, reason }
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
+/// proxy-only ones: none of them is forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites a client's request head into the upstream's, in place.
+pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
+    let original_host = parts
+        .uri
+        .authority()
+        .map(|a| HeaderValue::from_str(a.as_str()))
+        .and_then(Result::ok)
+        .or_else(|| parts.headers.get(header::HOST).cloned());
+
+    let mut uri = Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone());
+    if let Some(pq) = parts.uri.path_and_query() {
+        uri = uri.path_and_query(pq.clone());
+    } else {
+        uri = uri.path_and_query("/");
+    }
+    parts.uri = uri
+        .build()
+        .expect("scheme, authority and path come from valid URIs");
+    parts.version = Version::HTTP_11;
+
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    // The proxy answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
+    // first read, i.e. only once the write passed its precondition).
+    h.remove(header::EXPECT);
+
+    match (&original_host, route.preserve_host) {
+        (Some(host), true) => {
+            h.insert(header::HOST, host.clone());
+        }
+        _ => {
+            h.insert(
+                header::HOST,
+                HeaderValue::from_str(route.upstream.authority.as_str())
+                    .expect("an authority is a valid header value"),
+            );
+        }
+    }
+
+    let ip = peer.addr.ip().to_string();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let forwarded_for = match h.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    h.insert(
+        xff,
+        HeaderValue::from_str(&forwarded_for).expect("IP addresses are valid header values"),
+    );
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(peer.scheme),
+    );
+    if let Some(host) = original_host {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+}
+
+/// The GET that fetches a resource's current representation for a writer: the writer's own
+/// head (its credentials, cookies and `Accept*` select the same representation it read),
+/// without its body or its conditions.
+pub fn revalidation_request(parts: &Parts) -> Request<UpstreamBody> {
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        let drop = n.starts_with("content-")
+            || n.starts_with("if-")
+            || matches!(
+                n,
+                "range" | "expect" | "transfer-encoding" | "trailer" | "destination" | "overwrite"
+            );
+        if !drop {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let mut req = Request::new(Either::Right(Empty::new()));
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, X-Secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+}
