@@ -1,0 +1,124 @@
+//! A real HTTP client (hyper-util's pooled client) with a small request builder.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A response, read whole.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    /// The `ETag` header; panics if there is none.
+    pub fn etag(&self) -> String {
+        self.header("etag")
+            .unwrap_or_else(|| panic!("no ETag in {self:?}"))
+            .to_owned()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON (problem details, for instance).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+
+    /// Asserts an RFC 9457 problem response with this status.
+    pub fn assert_problem(&self, status: u16) -> serde_json::Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+        let p = self.json();
+        assert_eq!(p["status"], status);
+        assert!(p["detail"].as_str().is_some_and(|d| !d.is_empty()), "{p}");
+        p
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    inner: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    pub fn new() -> Self {
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .build(HttpConnector::new());
+        Self { inner }
+    }
+
+    /// An HTTP/2 client using prior knowledge (h2c).
+    pub fn h2() -> Self {
+        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(HttpConnector::new());
+        Self { inner }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut req = Request::new(Full::new(body.into()));
+        *req.method_mut() = Method::from_bytes(method.as_bytes()).unwrap();
+        *req.uri_mut() = url.parse().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let rsp = self
+            .inner
+            .request(req)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+        let status = rsp.status().as_u16();
+        let (parts, body) = rsp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("GET", url, headers, Bytes::new()).await
+    }
+
+    pub async fn head(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("HEAD", url, headers, Bytes::new()).await
+    }
+
+    pub async fn put(&self, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+        self.send("PUT", url, headers, body).await
+    }
+
+    pub async fn delete(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("DELETE", url, headers, Bytes::new()).await
+    }
+}

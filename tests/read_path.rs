@@ -1,0 +1,266 @@
+//! GET and HEAD: strong ETags from the body's SHA-256, 304 on If-None-Match, the upstream's own
+//! tags, bodies over the tagging limit.
+
+mod common;
+
+use bytes::Bytes;
+use common::backend::respond;
+use common::proxy::route;
+use common::{Backend, Client, Proxy, ScriptedBackend};
+use ifmatch::etag::TagHasher;
+
+const DOC: &str = r#"{"title":"hello","body":"edit me"}"#;
+
+async fn setup(extra: &str) -> (Backend, Proxy) {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", DOC);
+    let proxy = Proxy::start(&route("/docs/", extra), &backend.origin()).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn get_gets_a_strong_etag_that_is_the_sha256_of_the_body() {
+    let (_b, proxy) = setup("").await;
+    let r = Client::new().get(&proxy.url("/docs/a"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, DOC.as_bytes());
+    let tag = r.etag();
+    assert!(
+        tag.starts_with('"') && tag.ends_with('"'),
+        "strong and quoted: {tag}"
+    );
+    assert_eq!(tag, TagHasher::tag_of(DOC.as_bytes()).to_string());
+}
+
+#[tokio::test]
+async fn identical_bytes_give_identical_tags_and_any_change_gives_a_new_one() {
+    let (backend, proxy) = setup("").await;
+    backend.store.put("/docs/b", DOC);
+    let c = Client::new();
+    let a = c.get(&proxy.url("/docs/a"), &[]).await.etag();
+    let b = c.get(&proxy.url("/docs/b"), &[]).await.etag();
+    assert_eq!(a, b, "same bytes at two URLs");
+    assert_eq!(a, c.get(&proxy.url("/docs/a"), &[]).await.etag(), "stable");
+    backend.store.put("/docs/a", DOC.replace("me", "Me"));
+    assert_ne!(a, c.get(&proxy.url("/docs/a"), &[]).await.etag());
+}
+
+#[tokio::test]
+async fn head_gets_the_etag_a_get_would_give_and_no_body() {
+    let (_b, proxy) = setup("").await;
+    let c = Client::new();
+    let get = c.get(&proxy.url("/docs/a"), &[]).await;
+    let head = c.head(&proxy.url("/docs/a"), &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.etag(), get.etag());
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), Some(&*DOC.len().to_string()));
+}
+
+#[tokio::test]
+async fn if_none_match_with_the_current_tag_gives_304_with_etag_and_validators() {
+    let (_b, proxy) = setup("").await;
+    let c = Client::new();
+    let tag = c.get(&proxy.url("/docs/a"), &[]).await.etag();
+    let weak = format!("W/{tag}");
+    for inm in [tag.as_str(), &weak, "*", &format!("\"other\", {tag}")] {
+        let r = c
+            .get(&proxy.url("/docs/a"), &[("if-none-match", inm)])
+            .await;
+        assert_eq!(r.status, 304, "If-None-Match: {inm}");
+        assert_eq!(r.etag(), tag);
+        assert!(r.body.is_empty());
+        assert!(r.header("date").is_some(), "§15.4.5 asks for Date");
+        assert!(r.header("last-modified").is_some());
+        assert!(
+            r.header("content-type").is_none(),
+            "no representation metadata"
+        );
+    }
+    let r = c
+        .head(&proxy.url("/docs/a"), &[("if-none-match", &tag)])
+        .await;
+    assert_eq!(r.status, 304, "HEAD too");
+}
+
+#[tokio::test]
+async fn if_none_match_with_another_tag_gives_the_full_200() {
+    let (_b, proxy) = setup("").await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/docs/a"),
+            &[("if-none-match", "\"old\", W/\"older\"")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, DOC.as_bytes());
+}
+
+#[tokio::test]
+async fn get_with_a_stale_if_match_gets_412_and_a_false_if_match_wins_over_304() {
+    let (_b, proxy) = setup("").await;
+    let c = Client::new();
+    let tag = c.get(&proxy.url("/docs/a"), &[]).await.etag();
+    let r = c
+        .get(&proxy.url("/docs/a"), &[("if-match", "\"stale\"")])
+        .await;
+    r.assert_problem(412);
+    assert_eq!(r.etag(), tag);
+    // §13.2.2: If-Match is evaluated before If-None-Match.
+    let r = c
+        .get(
+            &proxy.url("/docs/a"),
+            &[("if-match", "\"stale\""), ("if-none-match", &tag)],
+        )
+        .await;
+    assert_eq!(r.status, 412);
+    let r = c
+        .get(
+            &proxy.url("/docs/a"),
+            &[("if-match", &tag), ("if-none-match", &tag)],
+        )
+        .await;
+    assert_eq!(r.status, 304);
+}
+
+#[tokio::test]
+async fn if_modified_since_is_answered_from_last_modified() {
+    let (_b, proxy) = setup("").await;
+    let c = Client::new();
+    let first = c.get(&proxy.url("/docs/a"), &[]).await;
+    let lm = first.header("last-modified").unwrap().to_owned();
+    let r = c
+        .get(&proxy.url("/docs/a"), &[("if-modified-since", &lm)])
+        .await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.etag(), first.etag());
+    let r = c
+        .get(
+            &proxy.url("/docs/a"),
+            &[("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Ignored when If-None-Match is present (§13.1.3).
+    let r = c
+        .get(
+            &proxy.url("/docs/a"),
+            &[("if-modified-since", &lm), ("if-none-match", "\"other\"")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn non_200_answers_pass_through_untagged() {
+    let (_b, proxy) = setup("").await;
+    let c = Client::new();
+    let r = c.get(&proxy.url("/docs/missing"), &[]).await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("etag").is_none());
+    assert_eq!(
+        r.json()["error"],
+        "no such document",
+        "the backend's own body"
+    );
+    let r = c
+        .get(&proxy.url("/docs/missing"), &[("if-none-match", "*")])
+        .await;
+    assert_eq!(
+        r.status, 404,
+        "preconditions are ignored for a non-2xx answer (§13.2.1)"
+    );
+}
+
+#[tokio::test]
+async fn tags_are_remembered_per_url_including_the_query() {
+    let backend =
+        ScriptedBackend::start(|r| async move { respond(200, &[], format!("body for {}", r.uri)) })
+            .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let a = c.get(&proxy.url("/x?v=1"), &[]).await.etag();
+    let b = c.get(&proxy.url("/x?v=2"), &[]).await.etag();
+    assert_ne!(a, b);
+    assert_eq!(proxy.state.tags.len(), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_strong_etag_is_kept_and_a_weak_one_replaced() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.uri.path() {
+            "/strong" => respond(200, &[("etag", "\"v7\"")], "strong body"),
+            _ => respond(200, &[("etag", "W/\"v7\"")], "weak body"),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let r = c.get(&proxy.url("/strong"), &[]).await;
+    assert_eq!(r.etag(), "\"v7\"");
+    let r = c
+        .get(&proxy.url("/strong"), &[("if-none-match", "\"v7\"")])
+        .await;
+    assert_eq!(r.status, 304);
+    let r = c.get(&proxy.url("/weak"), &[]).await;
+    assert_eq!(r.etag(), TagHasher::tag_of(b"weak body").to_string());
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_streams_through_whole_and_untagged() {
+    let big = Bytes::from(vec![b'x'; 64 * 1024]);
+    let body = big.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let body = body.clone();
+        async move {
+            match r.uri.path() {
+                // No Content-Length: the limit is found while reading.
+                "/chunked" => {
+                    let mut rsp = respond(200, &[], body);
+                    rsp.headers_mut().remove("content-length");
+                    rsp
+                }
+                _ => respond(200, &[("content-length", "65536")], body),
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"16KiB\""), &backend.origin()).await;
+    let c = Client::new();
+    for path in ["/declared", "/chunked"] {
+        let r = c.get(&proxy.url(path), &[]).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.header("etag").is_none(), "{path} must not be tagged");
+        assert_eq!(r.body, big, "{path} arrives whole");
+        let r = c.head(&proxy.url(path), &[]).await;
+        assert!(r.header("etag").is_none(), "HEAD {path}");
+    }
+    assert!(proxy.state.tags.is_empty());
+}
+
+#[tokio::test]
+async fn if_range_with_a_tag_gets_the_whole_representation() {
+    // This backend honours Range, so a forwarded Range would show as a 206.
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.headers.get("range") {
+            Some(_) => respond(206, &[("content-range", "bytes 0-3/34")], &DOC[..4]),
+            None => respond(200, &[], DOC),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let r = c
+        .get(
+            &proxy.url("/a"),
+            &[("range", "bytes=0-3"), ("if-range", "\"some-tag\"")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, DOC.as_bytes());
+    assert!(backend.last().headers.get("range").is_none());
+    // A plain Range (or a date If-Range) is the backend's to judge.
+    let r = c.get(&proxy.url("/a"), &[("range", "bytes=0-3")]).await;
+    assert_eq!(r.status, 206);
+    assert!(r.header("etag").is_none(), "only 200s are tagged");
+}
