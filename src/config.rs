@@ -210,25 +210,24 @@ impl Config {
         let mut seen: HashMap<(Option<String>, String), usize> = HashMap::new();
         let mut routes = Vec::new();
         for r in &raw.route {
-            let Some(route) = v.route(r) else { continue };
+            // Duplicates are checked on the raw values, so that they are reported even when
+            // the same route has other problems.
             let line = v.line_of(r.span().start);
-            let id = (route.host.clone(), route.prefix.clone());
-            if let Some(first) = seen.insert(id, line) {
+            let raw_route = r.get_ref();
+            let host = raw_route
+                .host
+                .as_ref()
+                .map(|h| strip_port(h.get_ref()).to_ascii_lowercase());
+            let prefix = raw_route.prefix.get_ref().clone();
+            if let Some(first) = seen.insert((host.clone(), prefix.clone()), line) {
+                let for_host = host.map(|h| format!(" for host {h:?}")).unwrap_or_default();
                 v.push(
-                    &r.get_ref().prefix,
-                    "prefix",
-                    format!(
-                        "duplicate route: prefix {:?}{} is already defined at line {first}",
-                        route.prefix,
-                        route
-                            .host
-                            .as_ref()
-                            .map(|h| format!(" for host {h:?}"))
-                            .unwrap_or_default()
-                    ),
+                    &raw_route.prefix,
+                    "route.prefix",
+                    format!("duplicate route: prefix {prefix:?}{for_host} is already defined at line {first}"),
                 );
             }
-            routes.push(route);
+            routes.extend(v.route(r));
         }
         match (server, v.problems.is_empty()) {
             (Some(server), true) => Ok(Config { server, routes }),

@@ -437,10 +437,9 @@ fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
     httpdate::parse_http_date(headers.get(header::LAST_MODIFIED)?.to_str().ok()?).ok()
 }
 
-/// An upstream response passed through unchanged but for hop-by-hop headers.
+/// An upstream response passed through unchanged (`send` already dropped hop-by-hop headers).
 fn pass(rsp: Response<Incoming>, head: bool) -> Response<ProxyBody> {
-    let (mut parts, body) = rsp.into_parts();
-    upstream::strip_hop_by_hop(&mut parts.headers);
+    let (parts, body) = rsp.into_parts();
     let body = if head {
         ProxyBody::empty()
     } else {

@@ -54,7 +54,8 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `req` and waits up to the route's `upstream_timeout` for the response head.
+    /// Sends `req` and waits up to the route's `upstream_timeout` for the response head. The
+    /// response comes back without hop-by-hop headers, whichever path uses it.
     pub async fn send(
         &self,
         route: &Route,
@@ -66,7 +67,10 @@ impl UpstreamClient {
                 upstream: upstream(),
                 after: route.upstream_timeout,
             }),
-            Ok(Ok(rsp)) => Ok(rsp),
+            Ok(Ok(mut rsp)) => {
+                strip_hop_by_hop(rsp.headers_mut());
+                Ok(rsp)
+            }
             Ok(Err(e)) => Err(classify(&e, upstream(), self.connect_timeout)),
         }
     }

@@ -72,3 +72,14 @@ impl Drop for Proxy {
 pub fn route(prefix: &str, extra: &str) -> String {
     format!("[[route]]\nprefix = \"{prefix}\"\nupstream = \"{{upstream}}\"\n{extra}\n")
 }
+
+/// The tag-cache key the proxy uses for `path` (already normal) at `origin`.
+pub fn key(origin: &str, path: &str) -> ifmatch::key::ResourceKey {
+    let uri: http::Uri = origin.parse().unwrap();
+    let upstream = ifmatch::config::Upstream {
+        scheme: uri.scheme().unwrap().clone(),
+        authority: uri.authority().unwrap().clone(),
+        origin: origin.to_owned(),
+    };
+    ifmatch::key::ResourceKey::new(&upstream, path, None)
+}

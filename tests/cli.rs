@@ -1,0 +1,155 @@
+//! The binary's interface: `--check` on good and bad files, and the demo a newcomer runs first.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Client;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ifmatch");
+
+fn check(text: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "ifmatch-cli-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ifmatch.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap(), "--check"])
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[test]
+fn the_shipped_example_config_is_valid() {
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"),
+            "--check",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes)"));
+}
+
+#[test]
+fn check_refuses_a_bad_file_naming_file_line_and_key() {
+    let (ok, out) = check(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n\n[[route]]\nprefix = \"/docs/\"\nupstream = \"not a url\"\n",
+    );
+    assert!(!ok);
+    assert!(out.contains("ifmatch.toml:6: route.upstream:"), "{out}");
+}
+
+#[test]
+fn check_reports_every_problem_not_only_the_first() {
+    let (ok, out) = check(
+        "[server]\nlisten = \"nowhere\"\n[[route]]\nprefix = \"/a/\"\nupstream = \"http://127.0.0.1:1\"\n[[route]]\nprefix = \"/a/\"\nupstream = \"http://127.0.0.1:2\"\nlock_timeout = \"eventually\"\n",
+    );
+    assert!(!ok);
+    for needle in [
+        ":2: server.listen:",
+        ":7: route.prefix: duplicate route",
+        ":9: route.lock_timeout:",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    let (ok, out) = check(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\nrequire_preconditions = true\n",
+    );
+    assert!(!ok);
+    assert!(
+        out.contains(":6: route.require_preconditions: unknown field"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/ifmatch.toml", "--check"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot read config /nonexistent/ifmatch.toml"));
+}
+
+/// Kills the child on drop so a failing test leaves no process behind.
+struct Child(std::process::Child);
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
+    let mut child = Child(
+        Command::new(BIN)
+            .args(["--demo", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let base = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("demo banner");
+        if let Some(rest) = line.strip_prefix("ifmatch demo: proxy on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let c = Client::new();
+    let url = format!("{base}/docs/hello");
+    let r = c.get(&url, &[]).await;
+    assert_eq!(r.status, 200);
+    let tag = r.etag();
+    assert_eq!(c.get(&url, &[("if-none-match", &tag)]).await.status, 304);
+    assert_eq!(c.put(&url, &[("if-match", &tag)], "{}").await.status, 204);
+    assert_eq!(c.put(&url, &[("if-match", &tag)], "{}").await.status, 412);
+    assert_eq!(c.put(&url, &[], "{}").await.status, 428);
+    let r = c
+        .put(&format!("{base}/docs/archived"), &[("if-match", "*")], "{}")
+        .await;
+    assert_eq!(r.status, 409);
+}

@@ -1,0 +1,260 @@
+//! What the proxy forwards and what it passes back: methods, paths, headers, bodies, the
+//! backend's 409 byte for byte, and the problem responses it makes itself (404, 502, 504).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::backend::respond;
+use common::proxy::route;
+use common::{Backend, Client, Proxy, ScriptedBackend};
+
+#[tokio::test]
+async fn a_backend_409_reaches_the_client_byte_for_byte() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/old", "kept forever");
+    backend.store.archive("/docs/old");
+    let proxy = Proxy::start(&route("/docs/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let direct = c
+        .put(
+            &backend.url("/docs/old"),
+            &[("content-type", "text/plain")],
+            "x",
+        )
+        .await;
+    let tag = c.get(&proxy.url("/docs/old"), &[]).await.etag();
+    let via = c
+        .put(
+            &proxy.url("/docs/old"),
+            &[("content-type", "text/plain"), ("if-match", &tag)],
+            "x",
+        )
+        .await;
+    assert_eq!(via.status, 409);
+    assert_eq!(via.body, direct.body, "body bytes");
+    let strip_date = |h: &http::HeaderMap| {
+        let mut h = h.clone();
+        h.remove("date");
+        h
+    };
+    assert_eq!(
+        strip_date(&via.headers),
+        strip_date(&direct.headers),
+        "headers"
+    );
+}
+
+#[tokio::test]
+async fn every_other_status_passes_through_with_its_headers_and_body() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let status: u16 = r.uri.path()[1..].parse().unwrap();
+        respond(
+            status,
+            &[("x-backend", "yes"), ("content-type", "text/plain")],
+            format!("status {status}"),
+        )
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    for status in [201u16, 202, 301, 400, 401, 403, 409, 422, 500, 503] {
+        let r = c.put(&proxy.url(&format!("/{status}")), &[], "x").await;
+        assert_eq!(r.status, status);
+        assert_eq!(r.header("x-backend"), Some("yes"));
+        assert_eq!(r.text(), format!("status {status}"));
+    }
+}
+
+#[tokio::test]
+async fn method_path_query_headers_and_body_are_forwarded() {
+    let backend = ScriptedBackend::start(|_| async { respond(201, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let body = Bytes::from((0..5 << 20).map(|i| i as u8).collect::<Vec<u8>>());
+    for method in [
+        "PUT",
+        "POST",
+        "PATCH",
+        "MKCOL",
+        "COPY",
+        "MOVE",
+        "PROPPATCH",
+        "LOCK",
+    ] {
+        let r = c
+            .send(
+                method,
+                &proxy.url("/dav/a%20b/c?x=1&y=%2F"),
+                &[
+                    ("x-custom", "kept"),
+                    ("destination", "http://h/dav/z"),
+                    ("content-type", "application/octet-stream"),
+                ],
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{method}");
+        let seen = backend.last();
+        assert_eq!(seen.method, method);
+        assert_eq!(seen.uri.path_and_query().unwrap(), "/dav/a%20b/c?x=1&y=%2F");
+        assert_eq!(seen.headers["x-custom"], "kept");
+        assert_eq!(seen.headers["destination"], "http://h/dav/z");
+        assert_eq!(seen.body, body, "{method}: body bytes");
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_dropped_and_x_forwarded_headers_set() {
+    let backend = ScriptedBackend::start(|_| async {
+        respond(200, &[("keep-alive", "timeout=5"), ("x-ok", "1")], "body")
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/x"),
+            &[
+                ("connection", "x-private"),
+                ("x-private", "secret"),
+                ("te", "trailers"),
+                ("proxy-authorization", "Basic cHJveHk6cHc="),
+                ("upgrade", "websocket"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("host", "docs.example:8443"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("keep-alive").is_none(),
+        "response hop-by-hop dropped"
+    );
+    assert_eq!(r.header("x-ok"), Some("1"));
+    let seen = backend.last();
+    for h in [
+        "x-private",
+        "te",
+        "proxy-authorization",
+        "upgrade",
+        "keep-alive",
+    ] {
+        assert!(seen.headers.get(h).is_none(), "{h} reached the backend");
+    }
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-forwarded-host"], "docs.example:8443");
+    assert_eq!(
+        seen.headers["host"], "docs.example:8443",
+        "Host is preserved by default"
+    );
+}
+
+#[tokio::test]
+async fn preserve_host_false_sends_the_upstream_authority() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", "preserve_host = false"), &backend.origin()).await;
+    Client::new()
+        .get(&proxy.url("/x"), &[("host", "docs.example")])
+        .await;
+    let seen = backend.last();
+    assert_eq!(seen.headers["host"], backend.addr.to_string().as_str());
+    assert_eq!(seen.headers["x-forwarded-host"], "docs.example");
+}
+
+#[tokio::test]
+async fn a_request_no_route_matches_gets_a_404_problem() {
+    let backend = Backend::start().await;
+    let proxy = Proxy::start(&route("/docs/", ""), &backend.origin()).await;
+    let r = Client::new().get(&proxy.url("/elsewhere"), &[]).await;
+    let p = r.assert_problem(404);
+    assert!(p["detail"].as_str().unwrap().contains("/elsewhere"));
+    assert_eq!(backend.store.reads(), 0);
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gives_a_502_problem() {
+    // A port that was just free: nothing listens there.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = Proxy::start(&route("/", ""), &format!("http://{dead}")).await;
+    let c = Client::new();
+    for r in [
+        c.get(&proxy.url("/x"), &[]).await,
+        c.put(&proxy.url("/x"), &[("if-match", "\"t\"")], "x").await,
+        c.put(&proxy.url("/x"), &[], "x").await,
+    ] {
+        let p = r.assert_problem(502);
+        let detail = p["detail"].as_str().unwrap();
+        assert!(detail.contains(&dead.to_string()), "{detail}");
+        assert!(detail.to_lowercase().contains("refused"), "{detail}");
+    }
+    assert!(proxy.state.locks.is_empty());
+}
+
+#[tokio::test]
+async fn a_slow_upstream_gives_a_504_problem_in_bounded_time() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "a");
+    backend.store.set_delay(Duration::from_secs(5));
+    let proxy = Proxy::start(
+        &route("/docs/", "upstream_timeout = \"200ms\""),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let started = std::time::Instant::now();
+    let r = c.get(&proxy.url("/docs/a"), &[]).await;
+    r.assert_problem(504);
+    let r = c
+        .put(&proxy.url("/docs/a"), &[("if-match", "\"t\"")], "x")
+        .await;
+    r.assert_problem(504);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the timeout bounds the wait"
+    );
+    assert!(
+        proxy.state.locks.is_empty(),
+        "a timed-out write leaves no lock"
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_kept_alive() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "x") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    for i in 0..20 {
+        let r = if i % 2 == 0 {
+            c.get(&proxy.url("/x"), &[]).await
+        } else {
+            c.put(&proxy.url("/x"), &[], "y").await
+        };
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(
+        backend.connections(),
+        1,
+        "one kept-alive upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn aliases_of_one_path_share_one_tag() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/42", "answer");
+    let proxy = Proxy::start(
+        &route("/docs/", "validation = \"cached\""),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    for alias in ["/docs/42", "/docs/./42", "/docs/%34%32", "/docs//42"] {
+        c.get(&proxy.url(alias), &[]).await;
+    }
+    assert_eq!(proxy.state.tags.len(), 1, "one resource, one cache entry");
+}

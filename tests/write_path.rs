@@ -1,0 +1,446 @@
+//! Writes: 412 before forwarding, 428, malformed headers, the `*` forms, date conditions, the
+//! §13.2.2 order, revalidation with the writer's own headers, and what reaches the backend.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::backend::respond;
+use common::proxy::route;
+use common::{Backend, Client, Proxy, ScriptedBackend};
+use ifmatch::etag::TagHasher;
+
+const DOC: &str = r#"{"title":"hello"}"#;
+
+async fn setup(extra: &str) -> (Backend, Proxy) {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", DOC);
+    let proxy = Proxy::start(&route("/docs/", extra), &backend.origin()).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn a_stale_if_match_gets_412_with_the_current_etag_and_the_backend_sees_no_write() {
+    for validation in ["revalidate", "cached"] {
+        let (backend, proxy) = setup(&format!("validation = \"{validation}\"")).await;
+        let c = Client::new();
+        let url = proxy.url("/docs/a");
+        let tag = c.get(&url, &[]).await.etag();
+        assert_eq!(c.put(&url, &[("if-match", &tag)], "v2").await.status, 204);
+        let writes = backend.store.writes();
+        let r = c.put(&url, &[("if-match", &tag)], "v3").await;
+        r.assert_problem(412);
+        assert_eq!(
+            r.etag(),
+            TagHasher::tag_of(b"v2").to_string(),
+            "{validation}"
+        );
+        assert_eq!(
+            backend.store.writes(),
+            writes,
+            "{validation}: not forwarded"
+        );
+        assert_eq!(backend.store.get("/docs/a").unwrap(), "v2");
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_if_match_write_reaches_the_backend_for_every_unsafe_method() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    let r = c.send("PATCH", &url, &[("if-match", &tag)], "+more").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(backend.store.get("/docs/a").unwrap(), format!("{DOC}+more"));
+    let tag = c.get(&url, &[]).await.etag();
+    let r = c.delete(&url, &[("if-match", &tag)]).await;
+    assert_eq!(r.status, 204);
+    assert!(backend.store.get("/docs/a").is_none());
+    assert_eq!(backend.store.writes(), 2);
+}
+
+#[tokio::test]
+async fn a_weak_tag_in_if_match_never_matches() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    let r = c.put(&url, &[("if-match", &format!("W/{tag}"))], "x").await;
+    assert_eq!(r.status, 412);
+    assert_eq!(backend.store.writes(), 0);
+    // A list holding the right strong tag matches.
+    let r = c
+        .put(&url, &[("if-match", &format!("\"nope\", {tag}"))], "x")
+        .await;
+    assert_eq!(r.status, 204);
+}
+
+#[tokio::test]
+async fn if_match_star_holds_only_when_the_resource_exists() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let r = c
+        .put(&proxy.url("/docs/new"), &[("if-match", "*")], "x")
+        .await;
+    r.assert_problem(412);
+    assert!(
+        r.header("etag").is_none(),
+        "nothing exists, so no current tag"
+    );
+    assert_eq!(backend.store.writes(), 0);
+    let r = c
+        .put(&proxy.url("/docs/a"), &[("if-match", "*")], "x")
+        .await;
+    assert_eq!(r.status, 204);
+}
+
+#[tokio::test]
+async fn if_none_match_star_makes_a_create_only_put() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/fresh");
+    let r = c.put(&url, &[("if-none-match", "*")], "first").await;
+    assert_eq!(r.status, 201);
+    let r = c.put(&url, &[("if-none-match", "*")], "second").await;
+    r.assert_problem(412);
+    assert_eq!(r.etag(), TagHasher::tag_of(b"first").to_string());
+    assert_eq!(backend.store.get("/docs/fresh").unwrap(), "first");
+    assert_eq!(backend.store.writes(), 1);
+}
+
+#[tokio::test]
+async fn if_none_match_with_tags_on_a_write_uses_the_weak_comparison() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    let r = c
+        .put(&url, &[("if-none-match", &format!("W/{tag}"))], "x")
+        .await;
+    assert_eq!(r.status, 412, "a matching tag (weakly) fails If-None-Match");
+    assert_eq!(backend.store.writes(), 0);
+    let r = c.put(&url, &[("if-none-match", "\"other\"")], "x").await;
+    assert_eq!(r.status, 204);
+}
+
+#[tokio::test]
+async fn malformed_conditional_headers_get_400_and_are_not_forwarded() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    for (name, value) in [
+        ("if-match", "abc"),
+        ("if-match", "\"unterminated"),
+        ("if-match", "*, \"a\""),
+        ("if-none-match", "W/abc"),
+        ("if-none-match", "\"a\" \"b\""),
+    ] {
+        let r = c.put(&url, &[(name, value)], "x").await;
+        let p = r.assert_problem(400);
+        assert!(p["detail"].as_str().unwrap().contains(name), "{p}");
+        let r = c.get(&url, &[(name, value)]).await;
+        assert_eq!(r.status, 400, "GET {name}: {value}");
+    }
+    assert_eq!(backend.store.writes(), 0);
+    assert_eq!(backend.store.reads(), 0, "not even a revalidation GET");
+}
+
+#[tokio::test]
+async fn a_route_that_requires_preconditions_answers_428_to_blind_writes() {
+    let (backend, proxy) = setup("require_precondition = true").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    for method in ["PUT", "PATCH", "DELETE"] {
+        let r = c.send(method, &url, &[], "x").await;
+        r.assert_problem(428);
+    }
+    assert_eq!(backend.store.writes(), 0);
+    // Any one of the three conditions is enough.
+    let tag = c.get(&url, &[]).await.etag();
+    assert_eq!(c.put(&url, &[("if-match", &tag)], "x").await.status, 204);
+    let r = c
+        .put(
+            &proxy.url("/docs/b"),
+            &[("if-unmodified-since", "Fri, 01 Jan 2100 00:00:00 GMT")],
+            "y",
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        c.put(&proxy.url("/docs/c"), &[("if-none-match", "*")], "z")
+            .await
+            .status,
+        201
+    );
+    // POST creates new resources and is not refused.
+    assert_eq!(
+        c.send("POST", &proxy.url("/docs/"), &[], "new")
+            .await
+            .status,
+        201
+    );
+}
+
+#[tokio::test]
+async fn if_unmodified_since_is_evaluated_unless_if_match_is_present() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let past = "Sun, 06 Nov 1994 08:49:37 GMT";
+    let r = c.put(&url, &[("if-unmodified-since", past)], "x").await;
+    r.assert_problem(412);
+    assert_eq!(backend.store.writes(), 0);
+    // An If-Match takes precedence (§13.2.2 step 1): the date is ignored.
+    let tag = c.get(&url, &[]).await.etag();
+    let r = c
+        .put(
+            &url,
+            &[("if-match", &tag), ("if-unmodified-since", past)],
+            "x",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    // A future date holds; an invalid date is ignored (§13.1.4).
+    let future = "Fri, 01 Jan 2100 00:00:00 GMT";
+    assert_eq!(
+        c.put(&url, &[("if-unmodified-since", future)], "y")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        c.put(&url, &[("if-unmodified-since", "someday")], "z")
+            .await
+            .status,
+        204
+    );
+}
+
+#[tokio::test]
+async fn evaluated_tag_conditions_are_not_forwarded_and_dates_follow_precedence() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.method.as_str() {
+            "GET" => respond(200, &[], "current"),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let tag = TagHasher::tag_of(b"current").to_string();
+    let date = "Fri, 01 Jan 2100 00:00:00 GMT";
+
+    let r = c
+        .put(
+            &proxy.url("/a"),
+            &[("if-match", &tag), ("if-unmodified-since", date)],
+            "x",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let seen = backend.last();
+    assert_eq!(seen.method, "PUT");
+    assert!(seen.headers.get("if-match").is_none());
+    assert!(
+        seen.headers.get("if-unmodified-since").is_none(),
+        "If-Match took precedence"
+    );
+
+    let r = c
+        .put(
+            &proxy.url("/a"),
+            &[
+                ("if-none-match", "\"other\""),
+                ("if-unmodified-since", date),
+            ],
+            "x",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let seen = backend.last();
+    assert!(seen.headers.get("if-none-match").is_none());
+    assert_eq!(
+        seen.headers["if-unmodified-since"], date,
+        "no If-Match: the date is left for the backend to judge too"
+    );
+
+    let r = c
+        .get(&proxy.url("/a"), &[("if-none-match", "\"other\"")])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(backend.last().headers.get("if-none-match").is_none());
+}
+
+#[tokio::test]
+async fn a_change_behind_the_proxys_back_makes_an_old_tag_fail_under_revalidate() {
+    let (backend, proxy) = setup("validation = \"revalidate\"").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    backend
+        .store
+        .put("/docs/a", "changed directly at the backend");
+    let r = c.put(&url, &[("if-match", &tag)], "mine").await;
+    assert_eq!(r.status, 412);
+    assert_eq!(
+        r.etag(),
+        TagHasher::tag_of(b"changed directly at the backend").to_string()
+    );
+    assert_eq!(backend.store.writes(), 0);
+}
+
+#[tokio::test]
+async fn cached_validation_trusts_the_remembered_tag_and_revalidates_on_a_miss() {
+    let (backend, proxy) = setup("validation = \"cached\"").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    let reads = backend.store.reads();
+    // A hit: no revalidation GET reaches the backend.
+    assert_eq!(c.put(&url, &[("if-match", &tag)], "v2").await.status, 204);
+    assert_eq!(backend.store.reads(), reads);
+    // A miss (never read through the proxy): the proxy fetches the current state.
+    backend.store.put("/docs/b", "b");
+    let b_tag = TagHasher::tag_of(b"b").to_string();
+    let r = c
+        .put(&proxy.url("/docs/b"), &[("if-match", &b_tag)], "b2")
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(backend.store.reads(), reads + 1);
+}
+
+#[tokio::test]
+async fn the_remembered_tag_is_dropped_after_a_write_and_kept_after_a_409() {
+    let (backend, proxy) = setup("validation = \"cached\"").await;
+    backend.store.put("/docs/old", "archived doc");
+    backend.store.archive("/docs/old");
+    let c = Client::new();
+    let key = |p: &str| common::proxy::key(&backend.origin(), p);
+    let old_tag = c.get(&proxy.url("/docs/old"), &[]).await.etag();
+    let r = c
+        .put(&proxy.url("/docs/old"), &[("if-match", &old_tag)], "x")
+        .await;
+    assert_eq!(r.status, 409);
+    assert!(
+        proxy.state.tags.get(&key("/docs/old")).is_some(),
+        "a 4xx changes nothing"
+    );
+
+    let tag = c.get(&proxy.url("/docs/a"), &[]).await.etag();
+    assert!(proxy.state.tags.get(&key("/docs/a")).is_some());
+    assert_eq!(
+        c.put(&proxy.url("/docs/a"), &[("if-match", &tag)], "v2")
+            .await
+            .status,
+        204
+    );
+    assert!(
+        proxy.state.tags.get(&key("/docs/a")).is_none(),
+        "a 2xx drops it"
+    );
+}
+
+#[tokio::test]
+async fn revalidation_uses_the_writers_credentials_and_a_refusal_reaches_the_writer() {
+    // A backend that only lets Alice read, and that varies the document by Accept-Language.
+    let backend = ScriptedBackend::start(|r| async move {
+        let authorized = r
+            .headers
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer alice");
+        match (r.method.as_str(), authorized) {
+            (_, false) => respond(401, &[("www-authenticate", "Bearer")], "who are you?"),
+            ("GET", true) => {
+                let lang = r
+                    .headers
+                    .get("accept-language")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                respond(200, &[], format!("doc in {}", lang.unwrap_or_default()))
+            }
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let alice = [("authorization", "Bearer alice"), ("accept-language", "fr")];
+    let tag = c.get(&url, &alice).await.etag();
+
+    let r = c
+        .put(
+            &url,
+            &[
+                ("authorization", "Bearer alice"),
+                ("accept-language", "fr"),
+                ("if-match", &tag),
+                ("content-type", "text/plain"),
+            ],
+            "x",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let reval = &backend.requests()[1];
+    assert_eq!(reval.method, "GET");
+    assert_eq!(reval.headers["authorization"], "Bearer alice");
+    assert_eq!(reval.headers["accept-language"], "fr");
+    assert!(reval.headers.get("if-match").is_none());
+    assert!(reval.headers.get("content-type").is_none());
+    assert!(reval.body.is_empty());
+
+    let before = backend.requests().len();
+    let r = c.put(&url, &[("if-match", &tag)], "x").await;
+    assert_eq!(
+        r.status, 401,
+        "the revalidation GET's refusal is the answer"
+    );
+    assert_eq!(r.text(), "who are you?");
+    assert!(r.header("etag").is_none(), "and it reveals no tag");
+    let after = backend.requests();
+    assert_eq!(
+        after.len(),
+        before + 1,
+        "only the GET, the PUT was not forwarded"
+    );
+    assert_eq!(after[before].method, "GET");
+}
+
+/// Raw socket: a client that sends only the head of an `Expect: 100-continue` write.
+#[tokio::test]
+async fn a_failing_write_with_expect_100_continue_is_answered_412_without_reading_the_body() {
+    let (backend, proxy) = setup("").await;
+    let addr = proxy.addr;
+    let head = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(
+            b"PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: \"stale\"\r\nExpect: 100-continue\r\nContent-Length: 1000000\r\n\r\n",
+        )
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 412"),
+        "no 100 Continue first: {head}"
+    );
+    assert_eq!(backend.store.writes(), 0);
+}
+
+#[tokio::test]
+async fn writes_to_a_missing_resource_with_if_match_fail_but_without_conditions_pass() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let r = c
+        .delete(&proxy.url("/docs/ghost"), &[("if-match", "\"x\"")])
+        .await;
+    assert_eq!(r.status, 412);
+    let r = c.delete(&proxy.url("/docs/ghost"), &[]).await;
+    assert_eq!(r.status, 404, "the backend's own answer");
+    assert_eq!(backend.store.writes(), 1);
+}
