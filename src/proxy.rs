@@ -137,7 +137,7 @@ impl Proxy {
         // HEAD is sent as a GET so that it gets the tag a GET would give.
         let head = parts.method == Method::HEAD;
         parts.method = Method::GET;
-        strip_evaluated(&mut parts.headers, pre);
+        strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
         let rsp = self
             .upstream
@@ -219,7 +219,7 @@ impl Proxy {
                 });
             }
         }
-        strip_evaluated(&mut parts.headers, pre);
+        strip_evaluated(&mut parts.headers, pre, false);
         let destination = destination_key(&parts, route);
         let mut invalidation = changes.then(|| Invalidation {
             tags: &self.tags,
@@ -376,13 +376,15 @@ fn requires_precondition(method: &Method) -> bool {
 
 /// Removes the conditions the proxy evaluated (the backend does not know its tags), and the
 /// date conditions that a tag condition takes precedence over (§13.2.2). A date condition
-/// without such a tag condition stays for the backend to judge as well.
-fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions) {
+/// without such a tag condition stays for the backend to judge as well, with one exception:
+/// on a read the proxy answers `If-Modified-Since` itself from the 200's `Last-Modified`,
+/// because a 304 from the backend would not carry the proxy's ETag (§15.4.5).
+fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
     if pre.if_match.is_some() {
         headers.remove(header::IF_MATCH);
         headers.remove(header::IF_UNMODIFIED_SINCE);
     }
-    if pre.if_none_match.is_some() {
+    if pre.if_none_match.is_some() || read {
         headers.remove(header::IF_NONE_MATCH);
         headers.remove(header::IF_MODIFIED_SINCE);
     }

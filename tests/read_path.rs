@@ -264,3 +264,26 @@ async fn if_range_with_a_tag_gets_the_whole_representation() {
     assert_eq!(r.status, 206);
     assert!(r.header("etag").is_none(), "only 200s are tagged");
 }
+
+#[tokio::test]
+async fn if_modified_since_is_answered_by_the_proxy_so_its_304_carries_the_etag() {
+    // A backend that would answer If-Modified-Since itself, without an ETag.
+    let backend = ScriptedBackend::start(|r| async move {
+        let lm = "Sun, 06 Nov 1994 08:49:37 GMT";
+        match r.headers.get("if-modified-since") {
+            Some(_) => respond(304, &[("last-modified", lm)], ""),
+            None => respond(200, &[("last-modified", lm)], "doc"),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/a"),
+            &[("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")],
+        )
+        .await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.etag(), TagHasher::tag_of(b"doc").to_string());
+    assert!(backend.last().headers.get("if-modified-since").is_none());
+}

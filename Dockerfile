@@ -1,0 +1,28 @@
+# ifmatch container image: build with the Rust toolchain, run on a small Debian base as a
+# non-root user. The config is read from /etc/ifmatch/ifmatch.toml (mount your own).
+#
+#   docker build -t ifmatch .
+#   docker run --rm -p 8080:8080 -v $PWD/config/example.toml:/etc/ifmatch/ifmatch.toml:ro ifmatch
+
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+# Dependencies first, so that source edits do not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src
+COPY src ./src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin ifmatch
+COPY --from=build /src/target/release/ifmatch /usr/local/bin/ifmatch
+COPY config/example.toml /etc/ifmatch/ifmatch.toml
+USER 10001:10001
+ENV IFMATCH_CONFIG=/etc/ifmatch/ifmatch.toml
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/ifmatch"]
+CMD ["--config", "/etc/ifmatch/ifmatch.toml"]

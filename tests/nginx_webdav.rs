@@ -1,0 +1,240 @@
+//! Interop with a stock web server: nginx with WebDAV PUT/DELETE/MKCOL/COPY/MOVE and ETags
+//! off, the kind of legacy backend ifmatch is for. Ignored by a plain `cargo test` because it
+//! needs an nginx binary; `.ci/run` installs nginx and runs it.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::proxy::route;
+use common::{Client, Proxy};
+
+/// nginx on 127.0.0.1 with a WebDAV location, stopped (and its files removed) on drop.
+struct Nginx {
+    child: std::process::Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Nginx {
+    async fn start() -> Self {
+        let nginx = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("nginx is not installed: run .ci/run, which installs it");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("ifmatch-nginx-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["root/dav", "tmp"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        // nginx's workers may run as another user: let them write.
+        Command::new("chmod")
+            .args(["-R", "0777"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        let d = dir.display();
+        let conf = format!(
+            r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    etag off;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        root {d}/root;
+        location /dav/ {{
+            dav_methods PUT DELETE MKCOL COPY MOVE;
+            create_full_put_path off;
+        }}
+    }}
+}}
+"#
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new(nginx)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start; see {d}/error.log"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, dir, port }
+    }
+
+    fn origin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn file(&self, path: &str) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("root").join(path.trim_start_matches('/'))).ok()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; .ci/run installs it and runs this"]
+async fn conditional_writes_in_front_of_nginx_webdav() {
+    let nginx = Nginx::start().await;
+    let proxy = Proxy::start(&route("/", ""), &nginx.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/dav/doc.txt");
+
+    // Create-only PUT: the second one is refused before nginx sees it.
+    assert_eq!(
+        c.put(&url, &[("if-none-match", "*")], "one").await.status,
+        201
+    );
+    assert_eq!(
+        c.put(&url, &[("if-none-match", "*")], "two").await.status,
+        412
+    );
+    assert_eq!(nginx.file("/dav/doc.txt").as_deref(), Some("one"));
+
+    // Read, write with the fresh tag, then the same tag again is stale.
+    let tag = c.get(&url, &[]).await.etag();
+    assert_eq!(c.get(&url, &[("if-none-match", &tag)]).await.status, 304);
+    assert_eq!(
+        c.put(&url, &[("if-match", &tag)], "three").await.status,
+        204
+    );
+    let r = c.put(&url, &[("if-match", &tag)], "four").await;
+    r.assert_problem(412);
+    assert_eq!(nginx.file("/dav/doc.txt").as_deref(), Some("three"));
+
+    // A change behind the proxy's back is seen (revalidate).
+    let tag = c.get(&url, &[]).await.etag();
+    std::fs::write(nginx.dir.join("root/dav/doc.txt"), "edited on disk").unwrap();
+    assert_eq!(c.put(&url, &[("if-match", &tag)], "five").await.status, 412);
+
+    // Dates: nginx sends Last-Modified, so If-Unmodified-Since can be judged.
+    let r = c
+        .put(
+            &url,
+            &[("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT")],
+            "six",
+        )
+        .await;
+    assert_eq!(r.status, 412);
+    let lm = c
+        .get(&url, &[])
+        .await
+        .header("last-modified")
+        .unwrap()
+        .to_owned();
+    let r = c.get(&url, &[("if-modified-since", &lm)]).await;
+    assert_eq!(r.status, 304);
+    assert!(
+        r.header("etag").is_some(),
+        "the 304 carries the proxy's ETag"
+    );
+
+    // DELETE: stale refused, fresh forwarded.
+    let tag = c.get(&url, &[]).await.etag();
+    assert_eq!(
+        c.delete(&url, &[("if-match", "\"stale\"")]).await.status,
+        412
+    );
+    assert!(nginx.file("/dav/doc.txt").is_some());
+    assert_eq!(c.delete(&url, &[("if-match", &tag)]).await.status, 204);
+    assert!(nginx.file("/dav/doc.txt").is_none());
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; .ci/run installs it and runs this"]
+async fn nginx_409_passes_through_byte_for_byte() {
+    let nginx = Nginx::start().await;
+    let proxy = Proxy::start(&route("/", ""), &nginx.origin()).await;
+    let c = Client::new();
+    // MKCOL under a missing parent is a 409 Conflict in WebDAV (RFC 4918 §9.3.1).
+    let direct = c
+        .send(
+            "MKCOL",
+            &format!("{}/dav/missing/sub/", nginx.origin()),
+            &[],
+            "",
+        )
+        .await;
+    let via = c
+        .send("MKCOL", &proxy.url("/dav/missing/sub/"), &[], "")
+        .await;
+    assert_eq!(direct.status, 409);
+    assert_eq!(via.status, 409);
+    assert_eq!(via.body, direct.body);
+    let strip = |h: &http::HeaderMap| {
+        let mut h = h.clone();
+        h.remove("date");
+        h.remove("connection"); // hop-by-hop: never forwarded
+        h
+    };
+    assert_eq!(strip(&via.headers), strip(&direct.headers));
+}
+
+#[tokio::test]
+#[ignore = "needs nginx; .ci/run installs it and runs this"]
+async fn thirty_two_writers_in_front_of_nginx_one_wins() {
+    let nginx = Nginx::start().await;
+    let proxy = Proxy::start(&route("/", ""), &nginx.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/dav/race.txt");
+    assert_eq!(c.put(&url, &[], "v0").await.status, 201);
+    for round in 0..10 {
+        let tag = c.get(&url, &[]).await.etag();
+        let tasks: Vec<_> = (0..32)
+            .map(|w| {
+                let (c, url, tag) = (c.clone(), url.clone(), tag.clone());
+                tokio::spawn(async move {
+                    c.put(&url, &[("if-match", &tag)], format!("r{round}w{w}"))
+                        .await
+                        .status
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        assert_eq!(
+            statuses.iter().filter(|&&s| s == 204).count(),
+            1,
+            "round {round}: {statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|&&s| s == 412).count(),
+            31,
+            "round {round}"
+        );
+    }
+}
