@@ -23,6 +23,7 @@ pub mod demo;
 pub mod error;
 pub mod etag;
 pub mod key;
+pub mod lifecycle;
 pub mod lock;
 pub mod precondition;
 pub mod proxy;

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::sync::Arc;
+
 use ifmatch::config::Config;
+use ifmatch::lifecycle::{self, shutdown_signal};
+use ifmatch::proxy::Proxy;
 use ifmatch::telemetry::{self, LogFormat};
 use tokio::net::TcpListener;
 
@@ -101,29 +105,19 @@ async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         routes = config.routes.len(),
         "ifmatch started"
     );
-    ifmatch::server::run(listener, config, shutdown_signal()).await?;
+    let proxy = Arc::new(Proxy::new(&config));
+    tokio::spawn(lifecycle::reload_on_sighup(
+        path.to_owned(),
+        proxy.clone(),
+        config.clone(),
+    ));
+    ifmatch::server::serve(
+        listener,
+        proxy,
+        config.server.shutdown_timeout,
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stopped");
     Ok(())
-}
-
-/// Completes on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -9,6 +9,8 @@
 //!    fails; otherwise forward and pass the backend's answer (409 included) through.
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderMap, ETAG};
@@ -33,10 +35,27 @@ use crate::upstream::{self, Peer, UpstreamClient};
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
 pub struct Proxy {
-    router: Router,
+    /// Swapped whole on reload: a request keeps the snapshot it started with.
+    routing: ArcSwap<Routing>,
+    /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
     pub tags: TagStore,
     pub locks: WriteLocks,
+}
+
+/// The part of the proxy that a config reload replaces.
+#[derive(Debug)]
+struct Routing {
+    router: Router,
     upstream: UpstreamClient,
+}
+
+impl Routing {
+    fn new(config: &Config) -> Self {
+        Self {
+            router: Router::new(config.routes.iter().cloned()),
+            upstream: UpstreamClient::new(config.server.connect_timeout),
+        }
+    }
 }
 
 /// What the proxy learnt of a resource before a write.
@@ -59,11 +78,17 @@ struct Exchange {
 impl Proxy {
     pub fn new(config: &Config) -> Self {
         Self {
-            router: Router::new(config.routes.iter().cloned()),
+            routing: ArcSwap::from_pointee(Routing::new(config)),
             tags: TagStore::new(config.server.tag_cache_entries),
             locks: WriteLocks::new(),
-            upstream: UpstreamClient::new(config.server.connect_timeout),
         }
+    }
+
+    /// Swaps in a new config's routes and upstream settings atomically. Requests in flight
+    /// finish under the old ones. The tag cache and locks are kept (the cache's size is not
+    /// changed by a reload).
+    pub fn reload(&self, config: &Config) {
+        self.routing.store(Arc::new(Routing::new(config)));
     }
 
     /// Answers one request. Never fails: errors become problem responses here.
@@ -104,8 +129,10 @@ impl Proxy {
         peer: &Peer,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
+        let routing = self.routing.load_full();
+        let up = &routing.upstream;
         let path = normalize_path(req.uri().path());
-        let route = self
+        let route = routing
             .router
             .route(request_host(&req), &path)
             .ok_or_else(|| Error::NoRoute {
@@ -118,15 +145,17 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         upstream::prepare(&mut parts, &route, peer);
         if matches!(parts.method, Method::GET | Method::HEAD) {
-            self.read(&route, &key, &pre, parts, body, ex).await
+            self.read(up, &route, &key, &pre, parts, body, ex).await
         } else {
-            self.write(&route, &key, &pre, parts, body, ex).await
+            self.write(up, &route, &key, &pre, parts, body, ex).await
         }
     }
 
     /// GET and HEAD: forward as a GET, tag a 200 body, then answer 200, 304 or 412.
+    #[allow(clippy::too_many_arguments)]
     async fn read(
         &self,
+        up: &UpstreamClient,
         route: &Route,
         key: &ResourceKey,
         pre: &Preconditions,
@@ -139,8 +168,7 @@ impl Proxy {
         parts.method = Method::GET;
         strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
-        let rsp = self
-            .upstream
+        let rsp = up
             .send(route, Request::from_parts(parts, Either::Left(body)))
             .await?;
         ex.upstream_status = Some(rsp.status());
@@ -183,8 +211,10 @@ impl Proxy {
     }
 
     /// Every other method: the guarded write path.
+    #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
+        up: &UpstreamClient,
         route: &Route,
         key: &ResourceKey,
         pre: &Preconditions,
@@ -205,7 +235,7 @@ impl Proxy {
             false => None,
         };
         if pre.guards_write() {
-            let current = match self.current(route, key, &parts, ex).await? {
+            let current = match self.current(up, route, key, &parts, ex).await? {
                 Current::Known(resource) => resource,
                 Current::Answer(rsp) => {
                     ex.upstream_status = Some(rsp.status());
@@ -225,8 +255,7 @@ impl Proxy {
             tags: &self.tags,
             keys: [Some(key.clone()), destination],
         });
-        let rsp = self
-            .upstream
+        let rsp = up
             .send(route, Request::from_parts(parts, Either::Left(body)))
             .await?;
         ex.upstream_status = Some(rsp.status());
@@ -243,6 +272,7 @@ impl Proxy {
     /// The resource's current state, for evaluating a write's preconditions.
     async fn current(
         &self,
+        up: &UpstreamClient,
         route: &Route,
         key: &ResourceKey,
         parts: &Parts,
@@ -257,20 +287,20 @@ impl Proxy {
                 }));
             }
         }
-        self.revalidate(route, key, parts, ex).await
+        self.revalidate(up, route, key, parts, ex).await
     }
 
     /// Fetches the current representation with the writer's own request head and tags it.
     async fn revalidate(
         &self,
+        up: &UpstreamClient,
         route: &Route,
         key: &ResourceKey,
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Current, Error> {
         let ticket = self.tags.ticket();
-        let rsp = self
-            .upstream
+        let rsp = up
             .send(route, upstream::revalidation_request(parts))
             .await?;
         ex.upstream_status = Some(rsp.status());

@@ -2,6 +2,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod backend;
+pub mod binary;
 pub mod client;
 pub mod proxy;
 

@@ -1,0 +1,136 @@
+//! The process lifecycle, on the real binary with real signals: graceful shutdown on SIGTERM
+//! and SIGINT, and config reload on SIGHUP.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::backend::respond;
+use common::binary::Binary;
+use common::{Backend, Client, ScriptedBackend};
+
+fn config(routes: &[(&str, &str, &str)]) -> String {
+    let mut s = String::from("[server]\nlisten = \"{listen}\"\nshutdown_timeout = \"10s\"\n");
+    for (prefix, upstream, extra) in routes {
+        s.push_str(&format!(
+            "[[route]]\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\n{extra}\n"
+        ));
+    }
+    s
+}
+
+async fn slow_backend() -> ScriptedBackend {
+    ScriptedBackend::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        respond(200, &[], "slow but sure")
+    })
+    .await
+}
+
+async fn refused_within(addr: std::net::SocketAddr, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+async fn graceful_stop_on(sig: &str) {
+    let backend = slow_backend().await;
+    let mut bin = Binary::start(&config(&[("/", &backend.origin(), "")]), &[]).await;
+    let in_flight = {
+        let url = bin.url("/doc");
+        tokio::spawn(async move { Client::new().get(&url, &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bin.signal(sig);
+    assert!(
+        refused_within(bin.addr, Duration::from_secs(2)).await,
+        "new connections are refused"
+    );
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200, "the in-flight request completed");
+    assert_eq!(r.text(), "slow but sure");
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
+    graceful_stop_on("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_stops_gracefully_too() {
+    graceful_stop_on("INT").await;
+}
+
+#[tokio::test]
+async fn sighup_swaps_in_a_valid_config_keeping_in_flight_requests_and_the_tag_cache() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "doc a");
+    let slow = slow_backend().await;
+    let old = config(&[
+        ("/docs/", &store.origin(), "validation = \"cached\""),
+        ("/slow/", &slow.origin(), ""),
+    ]);
+    let bin = Binary::start(&old, &[]).await;
+    let c = Client::new();
+    let tag = c.get(&bin.url("/docs/a"), &[]).await.etag();
+
+    // A request in flight on a route the new config removes.
+    let in_flight = {
+        let url = bin.url("/slow/x");
+        tokio::spawn(async move { Client::new().get(&url, &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bin.write_config(&config(&[
+        ("/docs/", &store.origin(), "validation = \"cached\""),
+        ("/new/", &store.origin(), ""),
+    ]));
+    bin.signal("HUP");
+    bin.wait_for_log("config reloaded", Duration::from_secs(5))
+        .await;
+
+    assert_eq!(
+        in_flight.await.unwrap().status,
+        200,
+        "finished under the old config"
+    );
+    let r = c.get(&bin.url("/slow/x"), &[]).await;
+    r.assert_problem(404);
+    let r = c.get(&bin.url("/new/none"), &[]).await;
+    assert_eq!(
+        r.json()["error"],
+        "no such document",
+        "the new route reaches the backend"
+    );
+    // The remembered tag survived: a cached-route write needs no revalidation GET.
+    let reads = store.store.reads();
+    let r = c
+        .put(&bin.url("/docs/a"), &[("if-match", &tag)], "v2")
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        store.store.reads(),
+        reads,
+        "no revalidation: the tag cache survived the reload"
+    );
+}
+
+#[tokio::test]
+async fn sighup_with_an_invalid_file_keeps_the_old_config_and_logs_why() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "doc a");
+    let bin = Binary::start(&config(&[("/docs/", &store.origin(), "")]), &[]).await;
+    bin.write_config("[server]\nlisten = \"{listen}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"not a url\"\n");
+    bin.signal("HUP");
+    let line = bin
+        .wait_for_log("config reload refused", Duration::from_secs(5))
+        .await;
+    assert!(line.contains("route.upstream"), "the log says why: {line}");
+    let r = Client::new().get(&bin.url("/docs/a"), &[]).await;
+    assert_eq!(r.status, 200, "the old config keeps serving");
+}
