@@ -6,6 +6,7 @@
 //! buffered at the limit and streams on untagged, so memory per request is bounded by it.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 use crate::etag::{ETag, TagHasher};
 
@@ -20,8 +22,26 @@ use crate::etag::{ETag, TagHasher};
 #[derive(Debug, Default)]
 pub struct ProxyBody {
     head: VecDeque<Bytes>,
-    tail: Option<Incoming>,
+    tail: Option<Tail>,
 }
+
+/// What is left of an upstream body, with a timer: a stream that stalls for longer than
+/// `idle` between chunks ends in an error, which aborts the response to the client cleanly
+/// (HTTP/1.1 closes the connection, HTTP/2 resets the stream) instead of hanging it.
+#[derive(Debug)]
+struct Tail {
+    body: Incoming,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+/// A body error: the upstream's, or a stall.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The upstream body sent no chunk for this long.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream body stalled for {0:?}")]
+pub struct Stalled(pub Duration);
 
 // === impl ProxyBody ===
 
@@ -37,39 +57,55 @@ impl ProxyBody {
         }
     }
 
-    /// The upstream's body, streamed through untouched.
-    pub fn stream(body: Incoming) -> Self {
-        Self {
-            head: VecDeque::new(),
-            tail: Some(body),
-        }
+    /// The upstream's body, streamed through untouched; each chunk must come within `idle`.
+    pub fn stream(body: Incoming, idle: Duration) -> Self {
+        Self::chunks(VecDeque::new(), Some(body), idle)
     }
 
     /// Chunks already read, followed by what is left of the stream.
-    pub fn chunks(head: VecDeque<Bytes>, tail: Option<Incoming>) -> Self {
+    pub fn chunks(head: VecDeque<Bytes>, rest: Option<Incoming>, idle: Duration) -> Self {
+        let tail = rest.filter(|b| !b.is_end_stream()).map(|body| Tail {
+            body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        });
         Self { head, tail }
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if let Some(chunk) = self.head.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
-        match self.tail.as_mut() {
-            Some(tail) => Pin::new(tail).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(tail) = self.tail.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(&mut tail.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + tail.idle;
+                tail.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
+            }
+            Poll::Pending => match tail.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let idle = tail.idle;
+                    self.tail = None;
+                    Poll::Ready(Some(Err(Stalled(idle).into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.tail.as_ref().is_none_or(|t| t.is_end_stream())
+        self.head.is_empty() && self.tail.as_ref().is_none_or(|t| t.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -77,7 +113,7 @@ impl Body for ProxyBody {
         let Some(tail) = &self.tail else {
             return SizeHint::with_exact(buffered);
         };
-        let t = tail.size_hint();
+        let t = tail.body.size_hint();
         let mut hint = SizeHint::new();
         // The upper bound first: `set_lower` asserts lower <= upper.
         if let Some(upper) = t.upper() {
@@ -151,6 +187,7 @@ mod tests {
         let b = ProxyBody::chunks(
             VecDeque::from([Bytes::from("ab"), Bytes::from("cde")]),
             None,
+            Duration::from_secs(1),
         );
         assert_eq!(b.size_hint().exact(), Some(5));
         assert!(!b.is_end_stream());

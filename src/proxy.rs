@@ -174,7 +174,7 @@ impl Proxy {
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK {
             ex.outcome = "passthrough";
-            return Ok(pass(rsp, head));
+            return Ok(pass(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
         let (tag, body) = self.tag(route, &mut rparts, rbody).await?;
@@ -240,7 +240,7 @@ impl Proxy {
                 Current::Answer(rsp) => {
                     ex.upstream_status = Some(rsp.status());
                     ex.outcome = "revalidation_refused";
-                    return Ok(pass(rsp, false));
+                    return Ok(pass(rsp, false, route));
                 }
             };
             if evaluate(pre, false, &current) != Decision::Proceed {
@@ -266,7 +266,7 @@ impl Proxy {
                 i.disarm();
             }
         }
-        Ok(pass(rsp, false))
+        Ok(pass(rsp, false, route))
     }
 
     /// The resource's current state, for evaluating a write's preconditions.
@@ -341,21 +341,25 @@ impl Proxy {
         body: Incoming,
     ) -> Result<(Option<ETag>, ProxyBody), Error> {
         if let Some(tag) = upstream_strong_tag(&rparts.headers) {
-            return Ok((Some(tag), ProxyBody::stream(body)));
+            return Ok((Some(tag), ProxyBody::stream(body, route.upstream_timeout)));
         }
         rparts.headers.remove(ETAG);
         if declared_length(&rparts.headers).is_some_and(|n| n > route.max_tag_body) {
-            return Ok((None, ProxyBody::stream(body)));
+            return Ok((None, ProxyBody::stream(body, route.upstream_timeout)));
         }
         let upstream = || route.upstream.origin.clone();
         match read_tagged(body, route.max_tag_body, route.upstream_timeout).await {
             Ok(Collected::Whole { chunks, tag }) => {
                 rparts.headers.insert(ETAG, tag.to_header());
-                Ok((Some(tag), ProxyBody::chunks(chunks, None)))
+                Ok((
+                    Some(tag),
+                    ProxyBody::chunks(chunks, None, route.upstream_timeout),
+                ))
             }
-            Ok(Collected::TooLarge { chunks, rest }) => {
-                Ok((None, ProxyBody::chunks(chunks, Some(rest))))
-            }
+            Ok(Collected::TooLarge { chunks, rest }) => Ok((
+                None,
+                ProxyBody::chunks(chunks, Some(rest), route.upstream_timeout),
+            )),
             Err(ReadError::Stalled(after)) => Err(Error::UpstreamTimeout {
                 upstream: upstream(),
                 after,
@@ -470,12 +474,12 @@ fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
 }
 
 /// An upstream response passed through unchanged (`send` already dropped hop-by-hop headers).
-fn pass(rsp: Response<Incoming>, head: bool) -> Response<ProxyBody> {
+fn pass(rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
     let (parts, body) = rsp.into_parts();
     let body = if head {
         ProxyBody::empty()
     } else {
-        ProxyBody::stream(body)
+        ProxyBody::stream(body, route.upstream_timeout)
     };
     Response::from_parts(parts, body)
 }

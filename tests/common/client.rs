@@ -82,6 +82,19 @@ impl Client {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Reply {
+        self.try_send(method, url, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    }
+
+    /// Like `send`, but a failed exchange (no response, or a body cut off) is an `Err`.
+    pub async fn try_send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, String> {
         let mut req = Request::new(Full::new(body.into()));
         *req.method_mut() = Method::from_bytes(method.as_bytes()).unwrap();
         *req.uri_mut() = url.parse().unwrap();
@@ -95,15 +108,19 @@ impl Client {
             .inner
             .request(req)
             .await
-            .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+            .map_err(|e| format!("{e:?}"))?;
         let status = rsp.status().as_u16();
         let (parts, body) = rsp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
-        Reply {
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("status {status}, body cut off: {e:?}"))?
+            .to_bytes();
+        Ok(Reply {
             status,
             headers: parts.headers,
             body,
-        }
+        })
     }
 
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {

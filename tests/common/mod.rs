@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod binary;
 pub mod client;
+pub mod faults;
 pub mod proxy;
 
 pub use backend::{Backend, Recorded, ScriptedBackend};

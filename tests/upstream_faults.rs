@@ -1,0 +1,214 @@
+//! A backend that fails in every way a network peer can: the client gets a 502/504 problem
+//! (or, once a response has started, a cleanly aborted one) within the configured timeouts,
+//! a cut-short body is never tagged, and no fault leaves a URL's write lock held.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::backend::respond;
+use common::faults::{Fault, FaultyBackend};
+use common::proxy::route;
+use common::{Client, Proxy, ScriptedBackend};
+
+const ROUTE: &str = "upstream_timeout = \"300ms\"\nlock_timeout = \"100ms\"";
+
+/// Every request kind against one fault: (status or aborted) and the state left behind.
+async fn check(fault: Fault, want: u16) {
+    let backend = FaultyBackend::start(fault).await;
+    let proxy = Proxy::start(&route("/", ROUTE), &backend.origin()).await;
+    let c = Client::new();
+    let started = Instant::now();
+    let cases: [(&str, &[(&str, &str)]); 4] = [
+        ("GET", &[]),
+        ("HEAD", &[]),
+        ("PUT", &[]),                        // forwarded straight away
+        ("PUT", &[("if-match", "\"tag\"")]), // the revalidation GET meets the fault
+    ];
+    for (method, headers) in cases {
+        let r = c
+            .try_send(method, &proxy.url("/doc"), headers, "body")
+            .await;
+        let streamed = method == "PUT" && headers.is_empty();
+        let body_fault = matches!(
+            fault,
+            Fault::ResetMidBody | Fault::CutShort | Fault::StallBody
+        );
+        if streamed && body_fault {
+            // A forwarded write's answer streams through: its head is already on its way
+            // when the body fails, so the response is aborted, visibly.
+            assert!(
+                r.is_err(),
+                "{fault:?} {method}: expected an aborted response, got {r:?}"
+            );
+        } else {
+            let r = r.unwrap_or_else(|e| panic!("{fault:?} {method}: {e}"));
+            if method == "HEAD" {
+                // A HEAD answer has no body, even a problem one.
+                assert_eq!(r.status, want, "{fault:?} HEAD");
+                assert_eq!(r.header("content-type"), Some("application/problem+json"));
+            } else {
+                let p = r.assert_problem(want);
+                let detail = p["detail"].as_str().unwrap();
+                assert!(
+                    detail.contains(&backend.addr.to_string()),
+                    "{fault:?} {method}: {p}"
+                );
+            }
+        }
+        assert!(
+            proxy.state.locks.is_empty(),
+            "{fault:?} {method}: lock left held"
+        );
+    }
+    let key = common::proxy::key(&backend.origin(), "/doc");
+    assert!(
+        proxy.state.tags.get(&key).is_none(),
+        "{fault:?}: nothing was tagged"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{fault:?}: bounded by the timeouts"
+    );
+}
+
+#[tokio::test]
+async fn a_reset_before_the_response_head_is_a_502() {
+    check(Fault::ResetBeforeHead, 502).await;
+}
+
+#[tokio::test]
+async fn a_reset_in_the_middle_of_a_body_being_tagged_is_a_502() {
+    check(Fault::ResetMidBody, 502).await;
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_a_502_and_never_tagged() {
+    check(Fault::CutShort, 502).await;
+}
+
+#[tokio::test]
+async fn headers_that_never_come_are_a_504() {
+    check(Fault::NoHeaders, 504).await;
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_while_being_tagged_is_a_504() {
+    check(Fault::StallBody, 504).await;
+}
+
+#[tokio::test]
+async fn an_answer_that_is_not_http_is_a_502() {
+    check(Fault::NotHttp, 502).await;
+}
+
+/// Over the tagging limit the head is already on its way to the client when the fault hits:
+/// the response must end in an error the client can see, not hang and not look complete.
+#[tokio::test]
+async fn a_streamed_body_that_fails_aborts_the_response_cleanly() {
+    for fault in [Fault::ResetMidBody, Fault::CutShort, Fault::StallBody] {
+        let backend = FaultyBackend::start(fault).await;
+        let proxy = Proxy::start(
+            &route("/", "upstream_timeout = \"300ms\"\nmax_tag_body = \"100B\""),
+            &backend.origin(),
+        )
+        .await;
+        let started = Instant::now();
+        let r = Client::new()
+            .try_send("GET", &proxy.url("/big"), &[], "")
+            .await;
+        assert!(
+            r.is_err(),
+            "{fault:?}: the client must see the abort, got {r:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{fault:?}: no hang"
+        );
+        assert!(proxy.state.tags.is_empty(), "{fault:?}: nothing recorded");
+    }
+}
+
+/// A backend whose GETs or writes take `delay`; it counts the writes it receives.
+async fn slow(get_delay: Duration, write_delay: Duration) -> (ScriptedBackend, Arc<AtomicUsize>) {
+    let writes = Arc::new(AtomicUsize::new(0));
+    let w = writes.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let w = w.clone();
+        async move {
+            if r.method == "GET" {
+                tokio::time::sleep(get_delay).await;
+                respond(200, &[], "doc")
+            } else {
+                w.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(write_delay).await;
+                respond(204, &[], "")
+            }
+        }
+    })
+    .await;
+    (backend, writes)
+}
+
+/// Sends a request and gives up (drops the connection) after `after`.
+async fn abandon(url: String, headers: Vec<(&'static str, String)>, after: Duration) {
+    let c = Client::new();
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = tokio::time::timeout(after, c.try_send("PUT", &url, &h, "abandoned")).await;
+    assert!(r.is_err(), "the request should still have been running");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_waiting_for_the_lock_leaves_nothing_behind() {
+    let (backend, writes) = slow(Duration::ZERO, Duration::from_millis(600)).await;
+    let proxy = Proxy::start(&route("/", "lock_timeout = \"5s\""), &backend.origin()).await;
+    let url = proxy.url("/doc");
+    let holder = {
+        let url = url.clone();
+        tokio::spawn(async move { Client::new().put(&url, &[], "first").await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    abandon(url.clone(), vec![], Duration::from_millis(100)).await;
+    assert_eq!(holder.await.unwrap(), 204);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        1,
+        "the abandoned write was never forwarded"
+    );
+    assert!(proxy.state.locks.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_revalidation_frees_the_lock_at_once() {
+    let (backend, writes) = slow(Duration::from_millis(1500), Duration::ZERO).await;
+    let proxy = Proxy::start(&route("/", "lock_timeout = \"200ms\""), &backend.origin()).await;
+    let url = proxy.url("/doc");
+    abandon(
+        url.clone(),
+        vec![("if-match", "\"t\"".into())],
+        Duration::from_millis(100),
+    )
+    .await;
+    // The next write must not wait for the abandoned one's revalidation GET.
+    let r = Client::new().put(&url, &[], "next").await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+    assert!(proxy.state.locks.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_the_backend_answers_frees_the_lock() {
+    let (backend, writes) = slow(Duration::ZERO, Duration::from_millis(1500)).await;
+    let proxy = Proxy::start(&route("/", "lock_timeout = \"200ms\""), &backend.origin()).await;
+    let url = proxy.url("/doc");
+    abandon(url.clone(), vec![], Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        proxy.state.locks.is_empty(),
+        "the abandoned write's lock is gone"
+    );
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+}
