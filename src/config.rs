@@ -31,6 +31,15 @@ pub struct Server {
     pub connect_timeout: Duration,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_timeout: Duration,
+    /// Client connections served at once; more get a 503 and are closed.
+    pub max_connections: usize,
+    /// Longest request head (request line and headers) accepted; longer gets 431.
+    pub max_header_bytes: u64,
+    /// Largest request body forwarded; larger gets 413.
+    pub max_request_body: u64,
+    /// Time a client has to send a request head, also the longest a keep-alive connection
+    /// may sit idle between requests.
+    pub header_read_timeout: Duration,
 }
 
 /// How the proxy learns a resource's current tag before a conditional write.
@@ -142,6 +151,10 @@ struct ServerToml {
     tag_cache_entries: Option<Spanned<i64>>,
     connect_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    max_header_bytes: Option<Spanned<toml::Value>>,
+    max_request_body: Option<Spanned<toml::Value>>,
+    header_read_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +183,10 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_TAG_BODY: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 // === impl Config ===
 
@@ -304,14 +321,16 @@ impl Validator<'_> {
                 None
             }
         };
-        let entries = match &s.tag_cache_entries {
-            None => Some(DEFAULT_TAG_CACHE_ENTRIES),
-            Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).ok(),
-            Some(n) => {
-                self.push(n, "server.tag_cache_entries", "must be at least 1".into());
-                None
-            }
-        };
+        let entries = self.count(
+            &s.tag_cache_entries,
+            "server.tag_cache_entries",
+            DEFAULT_TAG_CACHE_ENTRIES,
+        );
+        let connections = self.count(
+            &s.max_connections,
+            "server.max_connections",
+            DEFAULT_MAX_CONNECTIONS,
+        );
         let connect = self.duration(
             &s.connect_timeout,
             "server.connect_timeout",
@@ -322,12 +341,43 @@ impl Validator<'_> {
             "server.shutdown_timeout",
             DEFAULT_SHUTDOWN_TIMEOUT,
         );
+        let header_read = self.duration(
+            &s.header_read_timeout,
+            "server.header_read_timeout",
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        let header_bytes = self.size(
+            &s.max_header_bytes,
+            "server.max_header_bytes",
+            DEFAULT_MAX_HEADER_BYTES,
+        );
+        let request_body = self.size(
+            &s.max_request_body,
+            "server.max_request_body",
+            DEFAULT_MAX_REQUEST_BODY,
+        );
         Some(Server {
             listen: listen?,
             tag_cache_entries: entries?,
             connect_timeout: connect?,
             shutdown_timeout: shutdown?,
+            max_connections: connections?,
+            max_header_bytes: header_bytes?,
+            max_request_body: request_body?,
+            header_read_timeout: header_read?,
         })
+    }
+
+    /// A count that must be at least 1.
+    fn count(&mut self, v: &Option<Spanned<i64>>, key: &str, default: usize) -> Option<usize> {
+        let Some(n) = v else { return Some(default) };
+        match usize::try_from(*n.get_ref()) {
+            Ok(c) if c >= 1 => Some(c),
+            _ => {
+                self.push(n, key, "must be at least 1".into());
+                None
+            }
+        }
     }
 
     fn route(&mut self, r: &Spanned<RouteToml>) -> Option<Route> {

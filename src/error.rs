@@ -9,6 +9,7 @@ use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::body::ProxyBody;
 use crate::etag::ETag;
+use crate::framing::FramingError;
 use crate::precondition::HeaderError;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,15 @@ pub enum Error {
 
     #[error(transparent)]
     BadHeader(#[from] HeaderError),
+
+    #[error(transparent)]
+    BadFraming(#[from] FramingError),
+
+    #[error("the request head is larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: u64 },
+
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
 
     #[error("{method} on this route requires If-Match, If-None-Match or If-Unmodified-Since; fetch the resource, then send its ETag in If-Match")]
     PreconditionRequired { method: Method },
@@ -53,6 +63,10 @@ impl Error {
         match self {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::BadFraming(FramingError::UnsupportedEncoding(_)) => StatusCode::NOT_IMPLEMENTED,
+            Self::BadFraming(_) => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::PreconditionRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::LockTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -65,6 +79,9 @@ impl Error {
         match self {
             Self::NoRoute { .. }
             | Self::BadHeader(_)
+            | Self::BadFraming(_)
+            | Self::HeadersTooLarge { .. }
+            | Self::BodyTooLarge { .. }
             | Self::PreconditionRequired { .. }
             | Self::PreconditionFailed { .. } => Blame::Client,
             Self::UpstreamConnect { .. } | Self::UpstreamTimeout { .. } | Self::Upstream { .. } => {
@@ -79,6 +96,9 @@ impl Error {
         match self {
             Self::NoRoute { .. } => "no_route",
             Self::BadHeader(_) => "bad_header",
+            Self::BadFraming(_) => "bad_framing",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::BodyTooLarge { .. } => "body_too_large",
             Self::PreconditionRequired { .. } => "precondition_required",
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::LockTimeout(_) => "lock_timeout",

@@ -22,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod etag;
+pub mod framing;
 pub mod key;
 pub mod lifecycle;
 pub mod lock;

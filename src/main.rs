@@ -111,13 +111,7 @@ async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         proxy.clone(),
         config.clone(),
     ));
-    ifmatch::server::serve(
-        listener,
-        proxy,
-        config.server.shutdown_timeout,
-        shutdown_signal(),
-    )
-    .await?;
+    ifmatch::server::serve(listener, proxy, &config.server, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -17,7 +17,6 @@ use http::header::{self, HeaderMap, ETAG};
 use http::request::Parts;
 use http::response;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use tracing::{field, info_span, Instrument, Span};
 
@@ -47,15 +46,46 @@ pub struct Proxy {
 struct Routing {
     router: Router,
     upstream: UpstreamClient,
+    max_header_bytes: u64,
+    max_request_body: u64,
 }
 
 impl Routing {
     fn new(config: &Config) -> Self {
+        let s = &config.server;
         Self {
             router: Router::new(config.routes.iter().cloned()),
-            upstream: UpstreamClient::new(config.server.connect_timeout),
+            upstream: UpstreamClient::new(s.connect_timeout, s.max_request_body),
+            max_header_bytes: s.max_header_bytes,
+            max_request_body: s.max_request_body,
         }
     }
+
+    /// Refuses a request over the size limits before any work is done for it.
+    fn check_limits<B>(&self, req: &Request<B>) -> Result<(), Error> {
+        if head_size(req) > self.max_header_bytes {
+            return Err(Error::HeadersTooLarge {
+                limit: self.max_header_bytes,
+            });
+        }
+        if declared_length(req.headers()).is_some_and(|n| n > self.max_request_body) {
+            return Err(Error::BodyTooLarge {
+                limit: self.max_request_body,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The size of a request head as sent: request line and header lines.
+fn head_size<B>(req: &Request<B>) -> u64 {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    (line + fields) as u64
 }
 
 /// What the proxy learnt of a resource before a write.
@@ -129,7 +159,9 @@ impl Proxy {
         peer: &Peer,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
+        crate::framing::check_codings(req.headers())?;
         let routing = self.routing.load_full();
+        routing.check_limits(&req)?;
         let up = &routing.upstream;
         let path = normalize_path(req.uri().path());
         let route = routing
@@ -169,7 +201,7 @@ impl Proxy {
         strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
         let rsp = up
-            .send(route, Request::from_parts(parts, Either::Left(body)))
+            .send(route, Request::from_parts(parts, up.limit(body)))
             .await?;
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK {
@@ -256,7 +288,7 @@ impl Proxy {
             keys: [Some(key.clone()), destination],
         });
         let rsp = up
-            .send(route, Request::from_parts(parts, Either::Left(body)))
+            .send(route, Request::from_parts(parts, up.limit(body)))
             .await?;
         ex.upstream_status = Some(rsp.status());
         ex.outcome = "forwarded";

@@ -11,14 +11,19 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use http::{HeaderValue, Request, Response, Version};
+use hyper::body::Incoming;
+
+use crate::body::ProxyBody;
+use crate::config::{Config, Server};
+use crate::error::Error;
+use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::proxy::Proxy;
 use crate::upstream::Peer;
-
-/// Time a client has to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `config` on `listener` until `shutdown` completes, then lets in-flight requests
 /// finish for up to `server.shutdown_timeout`.
@@ -28,23 +33,39 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let proxy = Arc::new(Proxy::new(&config));
-    serve(listener, proxy, config.server.shutdown_timeout, shutdown).await
+    serve(listener, proxy, &config.server, shutdown).await
 }
 
 /// Like [`run`], with a proxy built by the caller (tests inspect its state).
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
-    shutdown_timeout: Duration,
+    limits: &Server,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper answers a head over its buffer with a bare 431; the proxy's own limit sits below
+    // it, so that heads between the two get a problem response that says what happened.
+    let buffer = usize::try_from(limits.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(16 * 1024)
+        .max(16 * 1024);
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // hyper runs this timer whenever it waits for a head, so it also closes keep-alive
+        // connections that sit idle for that long.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(buffer)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let shutdown_timeout = limits.shutdown_timeout;
 
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -62,14 +83,32 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
         let peer = Peer {
             addr,
             scheme: "http",
         };
         let proxy = proxy.clone();
-        let service = service_fn(move |req| {
+        let verdicts = Verdicts::default();
+        let stream = Inspected::new(stream, verdicts.clone());
+        let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let verdict = match req.version() {
+                Version::HTTP_2 => None,
+                _ => verdicts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front(),
+            };
+            async move {
+                Ok::<_, Infallible>(match verdict {
+                    Some(Err(e)) => refuse_framing(e),
+                    _ => proxy.handle(req, peer).await,
+                })
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -79,6 +118,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, client = %addr, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -93,4 +133,36 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// A 400 for a request whose framing is ambiguous; the connection is closed after it, since
+/// where the next request would begin cannot be known.
+fn refuse_framing(e: FramingError) -> Response<ProxyBody> {
+    tracing::info!(error = %e, "request refused: ambiguous framing");
+    let mut rsp = Error::BadFraming(e).into_response();
+    rsp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    rsp
+}
+
+/// Over `max_connections`: a 503 problem in plain HTTP/1.1, then close, rather than leaving
+/// the client in the accept backlog with no answer.
+async fn refuse_connection(mut stream: TcpStream) {
+    tracing::warn!("max_connections reached: connection refused with 503");
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "the proxy is serving its maximum number of connections; retry later",
+    })
+    .to_string();
+    let rsp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(rsp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Empty, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -18,8 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config::Route;
 use crate::error::Error;
 
-/// A request body to the upstream: the client's own, or none (revalidation GETs).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// A request body to the upstream: the client's own (cut off at the size limit), or none
+/// (revalidation GETs).
+pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
 
 /// Who sent a request, as the proxy saw it.
 #[derive(Clone, Copy, Debug)]
@@ -33,12 +34,13 @@ pub struct Peer {
 pub struct UpstreamClient {
     client: Client<HttpConnector, UpstreamBody>,
     connect_timeout: Duration,
+    max_request_body: u64,
 }
 
 // === impl UpstreamClient ===
 
 impl UpstreamClient {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, max_request_body: u64) -> Self {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
@@ -51,7 +53,15 @@ impl UpstreamClient {
         Self {
             client,
             connect_timeout,
+            max_request_body,
         }
+    }
+
+    /// The client's body, cut off past `server.max_request_body` (the send then fails with
+    /// a 413).
+    pub fn limit(&self, body: Incoming) -> UpstreamBody {
+        let limit = usize::try_from(self.max_request_body).unwrap_or(usize::MAX);
+        Either::Left(Limited::new(body, limit))
     }
 
     /// Sends `req` and waits up to the route's `upstream_timeout` for the response head. The
@@ -71,35 +81,38 @@ impl UpstreamClient {
                 strip_hop_by_hop(rsp.headers_mut());
                 Ok(rsp)
             }
-            Ok(Err(e)) => Err(classify(&e, upstream(), self.connect_timeout)),
+            Ok(Err(e)) => Err(self.classify(&e, upstream())),
         }
     }
 }
 
-/// Turns a client error into the proxy's error, keeping the innermost cause as the reason.
-fn classify(
-    e: &hyper_util::client::legacy::Error,
-    upstream: String,
-    connect_timeout: Duration,
-) -> Error {
-    let mut reason = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
-                return Error::UpstreamTimeout {
-                    upstream,
-                    after: connect_timeout,
+impl UpstreamClient {
+    /// Turns a client error into the proxy's error, keeping the innermost cause as the reason.
+    fn classify(&self, e: &hyper_util::client::legacy::Error, upstream: String) -> Error {
+        let mut reason = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            if s.is::<LengthLimitError>() {
+                return Error::BodyTooLarge {
+                    limit: self.max_request_body,
                 };
             }
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
+                    return Error::UpstreamTimeout {
+                        upstream,
+                        after: self.connect_timeout,
+                    };
+                }
+            }
+            reason = s.to_string();
+            source = s.source();
         }
-        reason = s.to_string();
-        source = s.source();
-    }
-    if e.is_connect() {
-        Error::UpstreamConnect { upstream, reason }
-    } else {
-        Error::Upstream { upstream, reason }
+        if e.is_connect() {
+            Error::UpstreamConnect { upstream, reason }
+        } else {
+            Error::Upstream { upstream, reason }
+        }
     }
 }
 

@@ -33,14 +33,15 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(ifmatch::proxy::Proxy::new(&config));
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(ifmatch::server::serve(
-            listener,
-            state.clone(),
-            Duration::from_secs(5),
-            async {
+        let mut limits = config.server.clone();
+        limits.shutdown_timeout = Duration::from_secs(5);
+        let state2 = state.clone();
+        let task = tokio::spawn(async move {
+            ifmatch::server::serve(listener, state2, &limits, async {
                 let _ = stopped.await;
-            },
-        ));
+            })
+            .await
+        });
         Self {
             addr,
             state,

@@ -1,0 +1,397 @@
+//! Request framing (RFC 9112 §2.2, §5.2, §6): a request whose head or length could be read
+//! two ways is refused before anything is forwarded, so that no backend can disagree with
+//! the proxy on where one request ends and the next begins (request smuggling).
+//!
+//! hyper refuses differing `Content-Length`s, lists in it and obsolete line folding, but it
+//! quietly normalises some ambiguous heads: it merges equal duplicate `Content-Length`s,
+//! drops `Content-Length` when `Transfer-Encoding` is present, and takes a bare LF as a line
+//! end. Those are only visible in the raw bytes, so [`Inspected`] watches the bytes hyper
+//! reads (never changing them): it follows each request's framing (head, then a
+//! `Content-Length` or chunked body) and queues one [`Verdict`] per request head, which the
+//! connection's service checks before the request goes further. HTTP/2 connections (the
+//! preface `PRI * HTTP/2.0`) are not HTTP/1 framed and are left alone.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use http::header::TRANSFER_ENCODING;
+use http::HeaderMap;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Why a request's framing was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    #[error("the request head ends a line with a bare LF; lines end with CRLF")]
+    BareLf,
+    #[error("the request has {0} Content-Length fields; send exactly one")]
+    RepeatedContentLength(usize),
+    #[error("the request has both Transfer-Encoding and Content-Length; send one of them")]
+    LengthAndEncoding,
+    #[error("Transfer-Encoding {0:?} is not supported; only \"chunked\" is")]
+    UnsupportedEncoding(String),
+}
+
+/// The outcome of inspecting one request head, in arrival order.
+pub type Verdict = Result<(), FramingError>;
+
+/// Verdicts shared between a connection's reader and its service.
+pub type Verdicts = Arc<Mutex<VecDeque<Verdict>>>;
+
+/// Refuses transfer codings other than a single `chunked`: the proxy would forward such a
+/// body still encoded, as if it were the content.
+pub fn check_codings(headers: &HeaderMap) -> Result<(), FramingError> {
+    let mut codings = Vec::new();
+    for v in headers.get_all(TRANSFER_ENCODING) {
+        for c in String::from_utf8_lossy(v.as_bytes()).split(',') {
+            let c = c.trim().to_ascii_lowercase();
+            if !c.is_empty() {
+                codings.push(c);
+            }
+        }
+    }
+    match codings.as_slice() {
+        [] => Ok(()),
+        [only] if only == "chunked" => Ok(()),
+        _ => Err(FramingError::UnsupportedEncoding(codings.join(", "))),
+    }
+}
+
+/// Longest head the tracker buffers; hyper refuses longer ones itself (431).
+const MAX_HEAD: usize = 1 << 20;
+
+#[derive(Debug)]
+enum State {
+    /// Reading a request head; `line` holds the current line, `lines` the finished ones.
+    Head {
+        line: Vec<u8>,
+        lines: Vec<Vec<u8>>,
+        bare_lf: bool,
+        size: usize,
+    },
+    /// Skipping a `Content-Length` body.
+    Body(u64),
+    /// A chunked body: the chunk-size line.
+    ChunkSize(Vec<u8>),
+    /// Chunk data, then its CRLF.
+    ChunkData(u64),
+    ChunkEnd,
+    /// Trailer lines after the last chunk, until an empty line.
+    Trailer(Vec<u8>),
+    /// Not HTTP/1 framed (HTTP/2), or lost: stop inspecting.
+    Off,
+}
+
+impl State {
+    fn head() -> Self {
+        Self::Head {
+            line: Vec::new(),
+            lines: Vec::new(),
+            bare_lf: false,
+            size: 0,
+        }
+    }
+}
+
+/// Follows HTTP/1 request framing over a byte stream and judges each head.
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    verdicts: Verdicts,
+}
+
+impl Tracker {
+    pub fn new(verdicts: Verdicts) -> Self {
+        Self {
+            state: State::head(),
+            verdicts,
+        }
+    }
+
+    /// Consumes bytes as they were read from the client.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Off => return,
+                State::Body(n) | State::ChunkData(n) => {
+                    let take = (*n).min(bytes.len() as u64);
+                    *n -= take;
+                    bytes = &bytes[take as usize..];
+                    if *n == 0 {
+                        self.state = match self.state {
+                            State::Body(_) => State::head(),
+                            _ => State::ChunkEnd,
+                        };
+                    }
+                }
+                State::ChunkEnd => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    if b == b'\n' {
+                        self.state = State::ChunkSize(Vec::new());
+                    }
+                }
+                State::ChunkSize(line) | State::Trailer(line) => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    if b != b'\n' {
+                        if line.len() < 4096 {
+                            line.push(b);
+                        }
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(line).trim().to_owned();
+                    self.state = match &self.state {
+                        State::Trailer(_) if text.is_empty() => State::head(),
+                        State::Trailer(_) => State::Trailer(Vec::new()),
+                        _ => {
+                            let hex = text.split(';').next().unwrap_or("").trim();
+                            match u64::from_str_radix(hex, 16) {
+                                Ok(0) => State::Trailer(Vec::new()),
+                                Ok(n) => State::ChunkData(n),
+                                Err(_) => State::Off,
+                            }
+                        }
+                    };
+                }
+                State::Head {
+                    line,
+                    lines,
+                    bare_lf,
+                    size,
+                } => {
+                    let b = bytes[0];
+                    bytes = &bytes[1..];
+                    *size += 1;
+                    if *size > MAX_HEAD {
+                        self.state = State::Off;
+                        continue;
+                    }
+                    if b != b'\n' {
+                        line.push(b);
+                        continue;
+                    }
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    } else {
+                        *bare_lf = true;
+                    }
+                    let done = std::mem::take(line);
+                    if !done.is_empty() {
+                        lines.push(done);
+                    } else if !lines.is_empty() {
+                        let (lines, bare_lf) = (std::mem::take(lines), *bare_lf);
+                        self.end_of_head(&lines, bare_lf);
+                    } else {
+                        // Empty lines before a request line are skipped (RFC 9112 §2.2).
+                        *bare_lf = false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_of_head(&mut self, lines: &[Vec<u8>], bare_lf: bool) {
+        if lines[0].starts_with(b"PRI * HTTP/2.0") {
+            self.state = State::Off;
+            return;
+        }
+        let mut lengths = Vec::new();
+        let mut chunked = false;
+        let mut encoded = false;
+        for l in &lines[1..] {
+            let Some(colon) = l.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&l[..colon]).to_ascii_lowercase();
+            let value = String::from_utf8_lossy(&l[colon + 1..])
+                .trim()
+                .to_ascii_lowercase();
+            match name.as_str() {
+                "content-length" => lengths.push(value),
+                "transfer-encoding" => {
+                    encoded = true;
+                    chunked = value
+                        .rsplit(',')
+                        .next()
+                        .is_some_and(|c| c.trim() == "chunked");
+                }
+                _ => {}
+            }
+        }
+        let verdict = if bare_lf {
+            Err(FramingError::BareLf)
+        } else if lengths.len() > 1 {
+            Err(FramingError::RepeatedContentLength(lengths.len()))
+        } else if encoded && !lengths.is_empty() {
+            Err(FramingError::LengthAndEncoding)
+        } else {
+            Ok(())
+        };
+        let refused = verdict.is_err();
+        self.verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(verdict);
+        self.state = if refused {
+            // The proxy answers 400 and closes: where this request ends is unknowable.
+            State::Off
+        } else if chunked {
+            State::ChunkSize(Vec::new())
+        } else if let Some(n) = lengths.first() {
+            match n.parse::<u64>() {
+                Ok(0) => State::head(),
+                Ok(n) => State::Body(n),
+                Err(_) => State::Off,
+            }
+        } else if encoded {
+            State::Off
+        } else {
+            State::head()
+        };
+    }
+}
+
+/// A client connection whose incoming bytes go through a [`Tracker`] on their way to hyper.
+#[derive(Debug)]
+pub struct Inspected<IO> {
+    io: IO,
+    tracker: Tracker,
+}
+
+impl<IO> Inspected<IO> {
+    pub fn new(io: IO, verdicts: Verdicts) -> Self {
+        Self {
+            io,
+            tracker: Tracker::new(verdicts),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Inspected<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let new = &buf.filled()[before..];
+            self.tracker.feed(new);
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Inspected<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts_of(chunks: &[&[u8]]) -> Vec<Verdict> {
+        let v: Verdicts = Arc::default();
+        let mut t = Tracker::new(v.clone());
+        for c in chunks {
+            t.feed(c);
+        }
+        let out = v.lock().unwrap().drain(..).collect();
+        out
+    }
+
+    fn one_byte_at_a_time(stream: &[u8]) -> Vec<Verdict> {
+        let chunks: Vec<&[u8]> = stream.chunks(1).collect();
+        verdicts_of(&chunks)
+    }
+
+    #[test]
+    fn well_framed_pipelined_requests_each_get_an_ok() {
+        let stream = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+PUT /b HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\nbody\nwith\nLF\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\na\nb\n\r\n0\r\nX-Trailer: 1\r\n\r\n\
+DELETE /d HTTP/1.1\r\nHost: x\r\n\r\n";
+        let want = vec![Ok(()), Ok(()), Ok(()), Ok(())];
+        assert_eq!(verdicts_of(&[stream]), want);
+        assert_eq!(
+            one_byte_at_a_time(stream),
+            want,
+            "split reads do not matter"
+        );
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused() {
+        let cases: &[(&[u8], FramingError)] = &[
+            (b"PUT / HTTP/1.1\nHost: x\nContent-Length: 1\n\nx", FramingError::BareLf),
+            (b"PUT / HTTP/1.1\r\nHost: x\nContent-Length: 1\r\n\r\nx", FramingError::BareLf),
+            (b"PUT / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", FramingError::RepeatedContentLength(2)),
+            (b"PUT / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", FramingError::LengthAndEncoding),
+        ];
+        for (stream, want) in cases {
+            assert_eq!(
+                verdicts_of(&[stream]),
+                vec![Err(want.clone())],
+                "{}",
+                String::from_utf8_lossy(stream)
+            );
+        }
+    }
+
+    #[test]
+    fn http2_is_left_alone() {
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        stream.extend_from_slice(&[0, 0, 0x0a, 4, 0, 0, 0, 0, 0, b'\n', b'\n']);
+        assert_eq!(verdicts_of(&[&stream]), vec![]);
+    }
+
+    #[test]
+    fn leading_empty_lines_are_skipped() {
+        assert_eq!(
+            verdicts_of(&[b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"]),
+            vec![Ok(())]
+        );
+    }
+
+    #[test]
+    fn only_single_chunked_coding_is_supported() {
+        let h = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(TRANSFER_ENCODING, v.parse().unwrap());
+            h
+        };
+        assert_eq!(check_codings(&h("chunked")), Ok(()));
+        assert!(check_codings(&h("gzip, chunked")).is_err());
+        assert_eq!(check_codings(&HeaderMap::new()), Ok(()));
+    }
+}

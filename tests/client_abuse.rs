@@ -1,0 +1,210 @@
+//! Hostile clients, over raw sockets where a well-behaved HTTP client would refuse to send
+//! the bytes: size limits, slow and idle connections, too many connections, and requests whose
+//! framing could be read two ways (smuggling). None of them reaches the backend.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::backend::respond;
+use common::proxy::route;
+use common::{Client, Proxy, ScriptedBackend};
+
+async fn backend() -> ScriptedBackend {
+    ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await
+}
+
+/// Sends `bytes` and reads until the proxy closes or `wait` passes.
+async fn raw(addr: SocketAddr, bytes: Vec<u8>, wait: Duration) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+fn status_line(rsp: &str) -> &str {
+    rsp.lines().next().unwrap_or("(closed without a response)")
+}
+
+#[tokio::test]
+async fn smuggling_shaped_requests_are_refused_and_never_forwarded() {
+    let backend = backend().await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let cases: &[(&str, &[u8], &str)] = &[
+        ("repeated Content-Length", b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", "400"),
+        ("different Content-Lengths", b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde", "400"),
+        ("Transfer-Encoding and Content-Length", b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "400"),
+        ("a coding before chunked", b"PUT /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "501"),
+        ("chunked not last", b"PUT /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "400"),
+        ("obsolete line folding", b"PUT /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\nContent-Length: 3\r\n\r\nabc", "400"),
+        ("bare LF", b"PUT /x HTTP/1.1\nHost: a\nContent-Length: 3\n\nabc", "400"),
+        ("one bare LF among CRLFs", b"PUT /x HTTP/1.1\r\nHost: a\nContent-Length: 3\r\n\r\nabc", "400"),
+        ("a second, smuggled request after a good one", b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nPUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", "400"),
+    ];
+    for (name, bytes, want) in cases {
+        let before = backend.requests().len();
+        let rsp = raw(proxy.addr, bytes.to_vec(), Duration::from_secs(2)).await;
+        // The refusal may follow a good response on the same connection.
+        assert!(rsp.contains(&format!("HTTP/1.1 {want} ")), "{name}: {rsp}");
+        let forwarded: Vec<_> = backend.requests()[before..]
+            .iter()
+            .map(|r| r.uri.path().to_owned())
+            .collect();
+        assert!(
+            !forwarded.contains(&"/x".to_owned()),
+            "{name}: forwarded {forwarded:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_head_over_the_limit_gets_a_431_problem() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "max_header_bytes = \"4KiB\"",
+    )
+    .await;
+    let big = "a".repeat(6000);
+    let c = Client::new();
+    let r = c.get(&proxy.url("/x"), &[("x-big", &big)]).await;
+    r.assert_problem(431);
+    // Far over the limit hyper itself answers 431, before any parsing.
+    let huge = format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\nX-Huge: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let rsp = raw(proxy.addr, huge.into_bytes(), Duration::from_secs(2)).await;
+    assert!(status_line(&rsp).contains("431"), "{rsp}");
+    assert!(backend.requests().is_empty());
+    assert_eq!(
+        c.get(&proxy.url("/x"), &[]).await.status,
+        200,
+        "normal heads still pass"
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_a_413_problem_declared_or_streamed() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "max_request_body = \"1KiB\"",
+    )
+    .await;
+    let c = Client::new();
+    let r = c.put(&proxy.url("/x"), &[], vec![b'x'; 4096]).await;
+    r.assert_problem(413);
+    assert!(
+        backend.requests().is_empty(),
+        "a declared length over the limit is refused up front"
+    );
+
+    // Chunked, so the size is only known while streaming.
+    let mut chunked = b"PUT /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&[b'y'; 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let rsp = raw(proxy.addr, chunked, Duration::from_secs(3)).await;
+    assert!(status_line(&rsp).contains("413"), "{rsp}");
+    assert!(
+        backend.requests().iter().all(|r| r.body.len() <= 1024),
+        "the backend never got the whole oversized body"
+    );
+    assert!(proxy.state.locks.is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_head_too_slowly_is_cut_off() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "header_read_timeout = \"300ms\"",
+    )
+    .await;
+    let started = Instant::now();
+    // Half a head, then silence (slowloris).
+    let rsp = raw(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\n".to_vec(),
+        Duration::from_secs(5),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "closed after the header timeout, took {took:?}"
+    );
+    assert!(!rsp.contains("200 OK"), "{rsp}");
+    assert!(backend.requests().is_empty());
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "header_read_timeout = \"300ms\"",
+    )
+    .await;
+    let started = Instant::now();
+    let rsp = raw(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(status_line(&rsp).contains("200"), "{rsp}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the idle connection was closed"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_a_503_problem() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), "max_connections = 2").await;
+    let addr = proxy.addr;
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rsp = raw(
+        addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(status_line(&rsp).contains("503"), "{rsp}");
+    assert!(
+        rsp.contains("application/problem+json") && rsp.contains("\"status\":503"),
+        "{rsp}"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        Client::new().get(&proxy.url("/x"), &[]).await.status,
+        200,
+        "a freed slot serves again"
+    );
+}
