@@ -144,15 +144,16 @@ pub enum ReadError {
     Failed(hyper::Error),
 }
 
-/// Reads `body` while hashing it, up to `limit` bytes; each chunk must arrive within `idle`.
+/// Reads `body` while feeding it to `hasher`, up to `limit` bytes; each chunk must arrive
+/// within `idle`.
 pub async fn read_tagged(
     mut body: Incoming,
+    mut hasher: TagHasher,
     limit: u64,
     idle: Duration,
 ) -> Result<Collected, ReadError> {
     use http_body_util::BodyExt;
 
-    let mut hasher = TagHasher::new();
     let mut chunks = VecDeque::new();
     let mut len = 0u64;
     loop {

@@ -15,6 +15,8 @@ use http::Uri;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::etag::TagKey;
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -40,6 +42,8 @@ pub struct Server {
     /// Time a client has to send a request head, also the longest a keep-alive connection
     /// may sit idle between requests.
     pub header_read_timeout: Duration,
+    /// The key of every tag; `None`: a random key made at start (tags change on restart).
+    pub tag_key: Option<TagKey>,
 }
 
 /// How the proxy learns a resource's current tag before a conditional write.
@@ -68,6 +72,9 @@ pub struct Route {
     pub lock_timeout: Duration,
     /// Send the client's `Host` to the upstream (true) or the upstream's own authority.
     pub preserve_host: bool,
+    /// Representations differ by user: never trust a remembered tag, always revalidate
+    /// with the writer's own credentials (for `validation = "cached"`).
+    pub per_user: bool,
 }
 
 /// An upstream origin: scheme and authority, nothing else.
@@ -155,6 +162,8 @@ struct ServerToml {
     max_header_bytes: Option<Spanned<toml::Value>>,
     max_request_body: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<String>>,
+    tag_key: Option<Spanned<String>>,
+    tag_key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +180,8 @@ struct RouteToml {
     lock_timeout: Option<Spanned<String>>,
     #[serde(default = "default_true")]
     preserve_host: bool,
+    #[serde(default)]
+    per_user: bool,
 }
 
 fn default_true() -> bool {
@@ -205,6 +216,10 @@ impl Config {
         let mut v = Validator {
             text,
             file,
+            base: Path::new(file)
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
             problems: Vec::new(),
         };
         let raw: ConfigToml = match toml::from_str(text) {
@@ -257,6 +272,8 @@ impl Config {
 struct Validator<'a> {
     text: &'a str,
     file: &'a str,
+    /// The config file's directory: relative paths in the file start there.
+    base: PathBuf,
     problems: Vec<Problem>,
 }
 
@@ -356,7 +373,9 @@ impl Validator<'_> {
             "server.max_request_body",
             DEFAULT_MAX_REQUEST_BODY,
         );
+        let tag_key = self.tag_key(s);
         Some(Server {
+            tag_key: tag_key?,
             listen: listen?,
             tag_cache_entries: entries?,
             connect_timeout: connect?,
@@ -366,6 +385,44 @@ impl Validator<'_> {
             max_request_body: request_body?,
             header_read_timeout: header_read?,
         })
+    }
+
+    /// `tag_key` (inline) or `tag_key_file` (raw bytes of a file; a relative path is taken
+    /// from the config file's directory), at least `TagKey::MIN_LEN` bytes.
+    fn tag_key(&mut self, s: &ServerToml) -> Option<Option<TagKey>> {
+        let (secret, at, key) = match (&s.tag_key, &s.tag_key_file) {
+            (None, None) => return Some(None),
+            (Some(_), Some(f)) => {
+                self.push(
+                    f,
+                    "server.tag_key_file",
+                    "set tag_key or tag_key_file, not both".into(),
+                );
+                return None;
+            }
+            (Some(k), None) => (k.get_ref().trim().as_bytes().to_vec(), k, "server.tag_key"),
+            (None, Some(f)) => {
+                let path = self.base.join(f.get_ref());
+                match std::fs::read(&path) {
+                    Ok(bytes) => (trim_ascii(&bytes).to_vec(), f, "server.tag_key_file"),
+                    Err(e) => {
+                        let msg = format!("cannot read {}: {e}", path.display());
+                        self.push(f, "server.tag_key_file", msg);
+                        return None;
+                    }
+                }
+            }
+        };
+        if secret.len() < TagKey::MIN_LEN {
+            let msg = format!(
+                "the key is {} bytes; use at least {} random bytes (e.g. `openssl rand -hex 32`)",
+                secret.len(),
+                TagKey::MIN_LEN
+            );
+            self.push(at, key, msg);
+            return None;
+        }
+        Some(Some(TagKey::new(&secret)))
     }
 
     /// A count that must be at least 1.
@@ -425,6 +482,7 @@ impl Validator<'_> {
             max_tag_body: max_tag_body?,
             lock_timeout: lock_timeout?,
             preserve_host: r.preserve_host,
+            per_user: r.per_user,
         })
     }
 
@@ -510,6 +568,18 @@ impl Validator<'_> {
         }
         parsed
     }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &b[start..end]
 }
 
 /// `"8MiB"`, `"512KiB"`, `"1GiB"`, `"100B"` or a plain number of bytes.
@@ -670,6 +740,39 @@ upstream = "http://localhost:9001/"
         );
         let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
         assert_eq!(lines, vec![2, 4, 5, 6], "{p:?}");
+    }
+
+    #[test]
+    fn tag_keys_are_read_inline_or_from_a_file_and_must_be_long() {
+        let base = "[server]\nlisten = \"127.0.0.1:1\"\n";
+        let route = "[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n";
+        let key = "k".repeat(32);
+        let c = Config::parse(&format!("{base}tag_key = \"{key}\"\n{route}"), "t.toml").unwrap();
+        assert_eq!(c.server.tag_key, Some(TagKey::new(key.as_bytes())));
+        let p = problems(&format!("{base}tag_key = \"short\"\n{route}"));
+        assert_eq!(
+            (p[0].line, p[0].key.as_str()),
+            (3, "server.tag_key"),
+            "{p:?}"
+        );
+        let dir = std::env::temp_dir().join(format!("ifmatch-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tag.key"), format!("{key}\n")).unwrap();
+        let file = dir.join("ifmatch.toml");
+        let text = format!("{base}tag_key_file = \"tag.key\"\n{route}");
+        let c = Config::parse(&text, file.to_str().unwrap()).unwrap();
+        assert_eq!(
+            c.server.tag_key,
+            Some(TagKey::new(key.as_bytes())),
+            "relative to the file"
+        );
+        let text = format!("{base}tag_key_file = \"missing.key\"\n{route}");
+        let e = Config::parse(&text, file.to_str().unwrap()).unwrap_err();
+        assert!(
+            e.to_string().contains("server.tag_key_file: cannot read"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

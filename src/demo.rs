@@ -252,10 +252,15 @@ pub async fn run_demo(
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e} (pick another with --listen)"))?;
     let listen = proxy.local_addr()?;
+    // A key of its own, written into the config, so that the tags printed below are right.
+    let mut secret = [0u8; 16];
+    getrandom::fill(&mut secret).map_err(|e| format!("no random source: {e}"))?;
+    let tag_key: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     let toml = format!(
         r#"
 [server]
 listen = "{listen}"
+tag_key = "{tag_key}"
 
 [[route]]
 prefix = "/docs/"
@@ -265,7 +270,7 @@ require_precondition = true
 "#
     );
     let config = crate::config::Config::parse(&toml, "demo")?;
-    let tag = crate::etag::TagHasher::tag_of(hello.as_bytes());
+    let tag = crate::etag::TagKey::new(tag_key.as_bytes()).tag_of(hello.as_bytes());
     let u = format!("http://{listen}/docs/hello");
     println!(
         r#"ifmatch demo: proxy on http://{listen}  ->  legacy store on http://{backend_addr} (no ETags)

@@ -1,13 +1,17 @@
 //! Entity tags (RFC 9110 §8.8.3) and the strong tag ifmatch derives from a body.
 //!
-//! A tag the proxy makes is `"` + base64url(SHA-256(body)) + `"`: the same bytes always give
-//! the same tag and any change of bytes gives another, so it is a strong validator (§8.8.1).
-//! The hash runs over the body chunks as they arrive; nothing is concatenated for it.
+//! A tag the proxy makes is `"` + base64url(HMAC-SHA256(key, body)) + `"`: the same bytes
+//! always give the same tag and any change of bytes gives another, so it is a strong
+//! validator (§8.8.1). The key keeps the tag from becoming an oracle: with a plain hash,
+//! anyone who can guess a small body (`{"balance":100}`) could confirm the guess by sending
+//! `If-Match` and watching 412 versus a forwarded write. The hash runs over the body chunks
+//! as they arrive; nothing is concatenated for it.
 
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
 
@@ -116,25 +120,84 @@ pub(crate) fn trim_ows(mut s: &[u8]) -> &[u8] {
     s
 }
 
-/// Streaming SHA-256 of a representation's bytes, finished into a strong [`ETag`].
-#[derive(Clone, Default)]
+/// The secret that keys every tag. Replicas of one deployment must share it; tags made under
+/// another key never match (clients then get 412, re-fetch and retry).
+#[derive(Clone)]
+pub struct TagKey {
+    /// HMAC state with the key already absorbed: cloning it is cheaper than re-keying.
+    mac: Hmac<Sha256>,
+    /// A short public fingerprint of the key, for logs (never the key itself).
+    fingerprint: String,
+}
+
+impl fmt::Debug for TagKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TagKey({})", self.fingerprint)
+    }
+}
+
+impl PartialEq for TagKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint == other.fingerprint
+    }
+}
+
+// === impl TagKey ===
+
+impl TagKey {
+    /// Shortest key accepted, in bytes.
+    pub const MIN_LEN: usize = 32;
+
+    pub fn new(secret: &[u8]) -> Self {
+        let mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        let digest = Sha256::digest([b"ifmatch tag key fingerprint:".as_slice(), secret].concat());
+        Self {
+            mac,
+            fingerprint: URL_SAFE_NO_PAD.encode(&digest[..6]),
+        }
+    }
+
+    /// A fresh random key, for a process that was given none.
+    pub fn random() -> Self {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).expect("the OS random source is available");
+        Self::new(&secret)
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Starts hashing a representation.
+    pub fn hasher(&self) -> TagHasher {
+        TagHasher {
+            mac: self.mac.clone(),
+        }
+    }
+
+    /// The tag of a whole body held in one slice.
+    pub fn tag_of(&self, body: &[u8]) -> ETag {
+        let mut h = self.hasher();
+        h.update(body);
+        h.finish()
+    }
+}
+
+/// Streaming HMAC-SHA256 of a representation's bytes, finished into a strong [`ETag`].
+#[derive(Clone)]
 pub struct TagHasher {
-    sha: Sha256,
+    mac: Hmac<Sha256>,
 }
 
 // === impl TagHasher ===
 
 impl TagHasher {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     pub fn update(&mut self, chunk: &[u8]) {
-        self.sha.update(chunk);
+        self.mac.update(chunk);
     }
 
     pub fn finish(self) -> ETag {
-        let digest = self.sha.finalize();
+        let digest = self.mac.finalize().into_bytes();
         let mut opaque = [0u8; 43];
         let n = URL_SAFE_NO_PAD
             .encode_slice(digest, &mut opaque)
@@ -144,13 +207,6 @@ impl TagHasher {
             weak: false,
             opaque: opaque.into(),
         }
-    }
-
-    /// The tag of a whole body held in one slice.
-    pub fn tag_of(body: &[u8]) -> ETag {
-        let mut h = Self::new();
-        h.update(body);
-        h.finish()
     }
 }
 
@@ -199,19 +255,32 @@ mod tests {
 
     #[test]
     fn body_tags_are_strong_and_follow_the_bytes() {
-        let a = TagHasher::tag_of(b"hello world");
+        let key = TagKey::new(b"0123456789abcdef0123456789abcdef");
+        let a = key.tag_of(b"hello world");
         assert!(!a.is_weak());
-        assert_eq!(a, TagHasher::tag_of(b"hello world"));
-        assert_ne!(a, TagHasher::tag_of(b"hello worle"));
+        assert_eq!(a, key.tag_of(b"hello world"));
+        assert_ne!(a, key.tag_of(b"hello worle"));
         // Chunking does not matter: the tag is of the bytes, not of how they arrived.
-        let mut h = TagHasher::new();
+        let mut h = key.hasher();
         h.update(b"hello ");
         h.update(b"world");
         assert_eq!(h.finish(), a);
-        // SHA-256("hello world"), base64url without padding.
+        // HMAC-SHA256(key, "hello world"), base64url without padding (checked with openssl).
         assert_eq!(
             a.to_string(),
-            "\"uU0nuZNNPgilLlLX2n2r-sSE7-N6U4DukIj3rOLvzek\""
+            "\"YKCxmyvY3S_u1V9Ezm_cXaIg0LKpHIaD9G7qvOOQmmY\""
         );
+    }
+
+    #[test]
+    fn another_key_gives_other_tags() {
+        let a = TagKey::new(b"0123456789abcdef0123456789abcdef");
+        let b = TagKey::new(b"fedcba9876543210fedcba9876543210");
+        assert_ne!(
+            a.tag_of(b"{\"balance\":100}"),
+            b.tag_of(b"{\"balance\":100}")
+        );
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_ne!(TagKey::random().tag_of(b"x"), TagKey::random().tag_of(b"x"));
     }
 }

@@ -23,7 +23,7 @@ use tracing::{field, info_span, Instrument, Span};
 use crate::body::{read_tagged, Collected, ProxyBody, ReadError};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
-use crate::etag::ETag;
+use crate::etag::{ETag, TagKey};
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::WriteLocks;
 use crate::precondition::{evaluate, Decision, Preconditions, Resource};
@@ -36,6 +36,8 @@ use crate::upstream::{self, Peer, UpstreamClient};
 pub struct Proxy {
     /// Swapped whole on reload: a request keeps the snapshot it started with.
     routing: ArcSwap<Routing>,
+    /// The key used when the config names none: made once, so reloads keep it.
+    random_key: TagKey,
     /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
     pub tags: TagStore,
     pub locks: WriteLocks,
@@ -46,15 +48,17 @@ pub struct Proxy {
 struct Routing {
     router: Router,
     upstream: UpstreamClient,
+    tag_key: TagKey,
     max_header_bytes: u64,
     max_request_body: u64,
 }
 
 impl Routing {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config, random_key: &TagKey) -> Self {
         let s = &config.server;
         Self {
             router: Router::new(config.routes.iter().cloned()),
+            tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
             upstream: UpstreamClient::new(s.connect_timeout, s.max_request_body),
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
@@ -107,18 +111,40 @@ struct Exchange {
 
 impl Proxy {
     pub fn new(config: &Config) -> Self {
+        let random_key = TagKey::random();
+        if config.server.tag_key.is_none() {
+            tracing::warn!(
+                "no server.tag_key_file: tags use a random key, so they change on restart and \
+                 differ between replicas; set a shared key in production"
+            );
+        }
         Self {
-            routing: ArcSwap::from_pointee(Routing::new(config)),
+            routing: ArcSwap::from_pointee(Routing::new(config, &random_key)),
+            random_key,
             tags: TagStore::new(config.server.tag_cache_entries),
             locks: WriteLocks::new(),
         }
+    }
+
+    /// The key tags are made with now (tests compute expected tags with it).
+    pub fn tag_key(&self) -> TagKey {
+        self.routing.load().tag_key.clone()
     }
 
     /// Swaps in a new config's routes and upstream settings atomically. Requests in flight
     /// finish under the old ones. The tag cache and locks are kept (the cache's size is not
     /// changed by a reload).
     pub fn reload(&self, config: &Config) {
-        self.routing.store(Arc::new(Routing::new(config)));
+        let new = Arc::new(Routing::new(config, &self.random_key));
+        let old = self.routing.swap(new.clone());
+        if old.tag_key != new.tag_key {
+            // Remembered tags were made with the old key; clients holding them get 412.
+            self.tags.clear();
+            tracing::info!(
+                key = new.tag_key.fingerprint(),
+                "tag key changed: tag cache cleared"
+            );
+        }
     }
 
     /// Answers one request. Never fails: errors become problem responses here.
@@ -162,7 +188,7 @@ impl Proxy {
         crate::framing::check_codings(req.headers())?;
         let routing = self.routing.load_full();
         routing.check_limits(&req)?;
-        let up = &routing.upstream;
+        let rt = &*routing;
         let path = normalize_path(req.uri().path());
         let route = routing
             .router
@@ -177,9 +203,9 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         upstream::prepare(&mut parts, &route, peer);
         if matches!(parts.method, Method::GET | Method::HEAD) {
-            self.read(up, &route, &key, &pre, parts, body, ex).await
+            self.read(rt, &route, &key, &pre, parts, body, ex).await
         } else {
-            self.write(up, &route, &key, &pre, parts, body, ex).await
+            self.write(rt, &route, &key, &pre, parts, body, ex).await
         }
     }
 
@@ -187,7 +213,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn read(
         &self,
-        up: &UpstreamClient,
+        rt: &Routing,
         route: &Route,
         key: &ResourceKey,
         pre: &Preconditions,
@@ -200,8 +226,9 @@ impl Proxy {
         parts.method = Method::GET;
         strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
-        let rsp = up
-            .send(route, Request::from_parts(parts, up.limit(body)))
+        let rsp = rt
+            .upstream
+            .send(route, Request::from_parts(parts, rt.upstream.limit(body)))
             .await?;
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK {
@@ -209,13 +236,17 @@ impl Proxy {
             return Ok(pass(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let (tag, body) = self.tag(route, &mut rparts, rbody).await?;
+        let (tag, body) = self.tag(rt, route, &mut rparts, rbody).await?;
         let current = Resource {
             exists: true,
             last_modified: last_modified(&rparts.headers),
             tag,
         };
-        if let Some(tag) = &current.tag {
+        if let Some(tag) = current
+            .tag
+            .as_ref()
+            .filter(|_| cacheable(route, &rparts.headers))
+        {
             let known = Known {
                 tag: tag.clone(),
                 last_modified: current.last_modified,
@@ -246,7 +277,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
-        up: &UpstreamClient,
+        rt: &Routing,
         route: &Route,
         key: &ResourceKey,
         pre: &Preconditions,
@@ -267,7 +298,7 @@ impl Proxy {
             false => None,
         };
         if pre.guards_write() {
-            let current = match self.current(up, route, key, &parts, ex).await? {
+            let current = match self.current(rt, route, key, &parts, ex).await? {
                 Current::Known(resource) => resource,
                 Current::Answer(rsp) => {
                     ex.upstream_status = Some(rsp.status());
@@ -287,8 +318,9 @@ impl Proxy {
             tags: &self.tags,
             keys: [Some(key.clone()), destination],
         });
-        let rsp = up
-            .send(route, Request::from_parts(parts, up.limit(body)))
+        let rsp = rt
+            .upstream
+            .send(route, Request::from_parts(parts, rt.upstream.limit(body)))
             .await?;
         ex.upstream_status = Some(rsp.status());
         ex.outcome = "forwarded";
@@ -304,13 +336,13 @@ impl Proxy {
     /// The resource's current state, for evaluating a write's preconditions.
     async fn current(
         &self,
-        up: &UpstreamClient,
+        rt: &Routing,
         route: &Route,
         key: &ResourceKey,
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Current, Error> {
-        if route.validation == Validation::Cached {
+        if route.validation == Validation::Cached && !route.per_user {
             if let Some(known) = self.tags.get(key) {
                 return Ok(Current::Known(Resource {
                     exists: true,
@@ -319,20 +351,21 @@ impl Proxy {
                 }));
             }
         }
-        self.revalidate(up, route, key, parts, ex).await
+        self.revalidate(rt, route, key, parts, ex).await
     }
 
     /// Fetches the current representation with the writer's own request head and tags it.
     async fn revalidate(
         &self,
-        up: &UpstreamClient,
+        rt: &Routing,
         route: &Route,
         key: &ResourceKey,
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Current, Error> {
         let ticket = self.tags.ticket();
-        let rsp = up
+        let rsp = rt
+            .upstream
             .send(route, upstream::revalidation_request(parts))
             .await?;
         ex.upstream_status = Some(rsp.status());
@@ -346,10 +379,10 @@ impl Proxy {
         let (mut rparts, rbody) = rsp.into_parts();
         let last_modified = last_modified(&rparts.headers);
         let tag = match status {
-            StatusCode::OK => self.tag(route, &mut rparts, rbody).await?.0,
+            StatusCode::OK => self.tag(rt, route, &mut rparts, rbody).await?.0,
             _ => None,
         };
-        if let Some(tag) = &tag {
+        if let Some(tag) = tag.as_ref().filter(|_| cacheable(route, &rparts.headers)) {
             let known = Known {
                 tag: tag.clone(),
                 last_modified,
@@ -368,6 +401,7 @@ impl Proxy {
     /// removes a weak upstream tag that cannot stand for the proxy's validator).
     async fn tag(
         &self,
+        rt: &Routing,
         route: &Route,
         rparts: &mut response::Parts,
         body: Incoming,
@@ -380,7 +414,8 @@ impl Proxy {
             return Ok((None, ProxyBody::stream(body, route.upstream_timeout)));
         }
         let upstream = || route.upstream.origin.clone();
-        match read_tagged(body, route.max_tag_body, route.upstream_timeout).await {
+        let hasher = rt.tag_key.hasher();
+        match read_tagged(body, hasher, route.max_tag_body, route.upstream_timeout).await {
             Ok(Collected::Whole { chunks, tag }) => {
                 rparts.headers.insert(ETAG, tag.to_header());
                 Ok((
@@ -424,6 +459,23 @@ impl Drop for Invalidation<'_> {
             self.tags.invalidate(key);
         }
     }
+}
+
+/// Whether a tag may be remembered and later trusted for any writer. A representation that
+/// varies by user (`Vary: Authorization`, `Cookie` or `*`, or a `per_user` route) is not: a
+/// 412 would show one user's tag to another, so such writes always revalidate with the
+/// writer's own credentials.
+fn cacheable(route: &Route, headers: &HeaderMap) -> bool {
+    let varies_by_user = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|f| {
+            let f = f.trim();
+            f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
+        });
+    !route.per_user && !varies_by_user
 }
 
 /// Methods that never change state (RFC 9110 §9.2.1, RFC 4918 PROPFIND): no lock, no

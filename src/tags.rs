@@ -140,6 +140,16 @@ impl TagStore {
         }
     }
 
+    /// Forgets every tag, and refuses every read that began before.
+    pub fn clear(&self) {
+        let now = self.clock.fetch_add(1, Ordering::AcqRel);
+        self.floor.fetch_max(now + 1, Ordering::AcqRel);
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        self.map.clear();
+        order.clear();
+        self.len.store(0, Ordering::Release);
+    }
+
     /// Entries held now (marks of invalidated tags included).
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)

@@ -84,3 +84,10 @@ pub fn key(origin: &str, path: &str) -> ifmatch::key::ResourceKey {
     };
     ifmatch::key::ResourceKey::new(&upstream, path, None)
 }
+
+impl Proxy {
+    /// The tag this proxy gives `body` (with its key).
+    pub fn tag_of(&self, body: impl AsRef<[u8]>) -> String {
+        self.state.tag_key().tag_of(body.as_ref()).to_string()
+    }
+}

@@ -1,0 +1,170 @@
+//! The tag must not become an oracle: tags are keyed (HMAC-SHA256), replicas sharing a key
+//! agree, and a 412 only ever shows a tag to a client that could read the resource.
+
+mod common;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use common::backend::respond;
+use common::proxy::route;
+use common::{Backend, Client, Proxy, ScriptedBackend};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+const KEY: &str = "7f3c9a1e5b2d8f4a6c0e1b3d5f7a9c2e";
+const BALANCE: &str = r#"{"balance":100}"#;
+
+fn keyed(extra: &str) -> String {
+    format!("tag_key = \"{KEY}\"\n{extra}")
+}
+
+#[tokio::test]
+async fn tags_are_hmac_sha256_under_the_configured_key_not_a_plain_hash() {
+    let backend = Backend::start().await;
+    backend.store.put("/acct/1", BALANCE);
+    let proxy = Proxy::start_with(&route("/acct/", ""), &backend.origin(), &keyed("")).await;
+    let c = Client::new();
+    let tag = c.get(&proxy.url("/acct/1"), &[]).await.etag();
+
+    let mut mac = Hmac::<Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+    mac.update(BALANCE.as_bytes());
+    let want = format!(
+        "\"{}\"",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(tag, want);
+
+    // Someone who guesses the body cannot confirm the guess with a plain hash.
+    let guess = format!(
+        "\"{}\"",
+        URL_SAFE_NO_PAD.encode(Sha256::digest(BALANCE.as_bytes()))
+    );
+    let r = c
+        .put(&proxy.url("/acct/1"), &[("if-match", &guess)], "x")
+        .await;
+    assert_eq!(r.status, 412);
+    assert_eq!(backend.store.writes(), 0);
+}
+
+#[tokio::test]
+async fn replicas_sharing_a_key_accept_each_others_tags() {
+    let backend = Backend::start().await;
+    backend.store.put("/acct/1", BALANCE);
+    let a = Proxy::start_with(&route("/acct/", ""), &backend.origin(), &keyed("")).await;
+    let b = Proxy::start_with(&route("/acct/", ""), &backend.origin(), &keyed("")).await;
+    let c = Client::new();
+    let tag = c.get(&a.url("/acct/1"), &[]).await.etag();
+    assert_eq!(c.get(&b.url("/acct/1"), &[]).await.etag(), tag);
+    assert_eq!(
+        c.put(&b.url("/acct/1"), &[("if-match", &tag)], "v2")
+            .await
+            .status,
+        204
+    );
+}
+
+#[tokio::test]
+async fn without_a_configured_key_each_process_has_its_own() {
+    let backend = Backend::start().await;
+    backend.store.put("/acct/1", BALANCE);
+    let a = Proxy::start(&route("/acct/", ""), &backend.origin()).await;
+    let b = Proxy::start(&route("/acct/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let ta = c.get(&a.url("/acct/1"), &[]).await.etag();
+    assert_ne!(ta, c.get(&b.url("/acct/1"), &[]).await.etag());
+    assert_eq!(
+        c.put(&b.url("/acct/1"), &[("if-match", &ta)], "x")
+            .await
+            .status,
+        412
+    );
+}
+
+#[tokio::test]
+async fn a_key_change_on_reload_makes_outstanding_tags_stale() {
+    let backend = Backend::start().await;
+    backend.store.put("/acct/1", BALANCE);
+    let routes = route("/acct/", "validation = \"cached\"");
+    let proxy = Proxy::start_with(&routes, &backend.origin(), &keyed("")).await;
+    let c = Client::new();
+    let old = c.get(&proxy.url("/acct/1"), &[]).await.etag();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntag_key = \"{}\"\n{}",
+        "n".repeat(32),
+        routes.replace("{upstream}", &backend.origin())
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    assert!(
+        proxy.state.tags.is_empty(),
+        "tags made under the old key are forgotten"
+    );
+    let r = c
+        .put(&proxy.url("/acct/1"), &[("if-match", &old)], "x")
+        .await;
+    assert_eq!(r.status, 412, "an old-key tag never matches");
+    assert_eq!(r.etag(), proxy.tag_of(BALANCE));
+}
+
+/// A backend that serves each user their own document and refuses strangers.
+async fn per_user_backend(vary: bool) -> ScriptedBackend {
+    ScriptedBackend::start(move |r| async move {
+        let who = r
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let vary: &[(&str, &str)] = if vary {
+            &[("vary", "Authorization")]
+        } else {
+            &[]
+        };
+        match (r.method.as_str(), who.as_deref()) {
+            (_, None) => respond(401, &[("www-authenticate", "Bearer")], "log in"),
+            ("GET", Some(user)) => respond(200, vary, format!("{user}'s balance: 100")),
+            (_, Some(_)) => respond(204, &[], ""),
+        }
+    })
+    .await
+}
+
+async fn stranger_learns_nothing(routes: &str, vary: bool) {
+    let backend = per_user_backend(vary).await;
+    let proxy = Proxy::start(routes, &backend.origin()).await;
+    let c = Client::new();
+    let alice = [("authorization", "Bearer alice")];
+    let tag = c.get(&proxy.url("/acct"), &alice).await.etag();
+    assert!(
+        proxy.state.tags.is_empty(),
+        "a per-user representation is not remembered"
+    );
+    // A stranger guessing with Alice's tag gets the backend's 401, not 412 + Alice's tag.
+    let r = c.put(&proxy.url("/acct"), &[("if-match", &tag)], "x").await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("etag").is_none());
+    // Bob's tag differs and is checked against Bob's own representation.
+    let bob = [("authorization", "Bearer bob")];
+    let r = c
+        .put(&proxy.url("/acct"), &[bob[0], ("if-match", &tag)], "x")
+        .await;
+    assert_eq!(r.status, 412);
+    assert_eq!(r.etag(), proxy.tag_of("Bearer bob's balance: 100"));
+    let r = c
+        .put(&proxy.url("/acct"), &[alice[0], ("if-match", &tag)], "x")
+        .await;
+    assert_eq!(r.status, 204);
+}
+
+#[tokio::test]
+async fn under_cached_validation_a_vary_authorization_response_falls_back_to_revalidation() {
+    stranger_learns_nothing(&route("/", "validation = \"cached\""), true).await;
+}
+
+#[tokio::test]
+async fn under_cached_validation_a_per_user_route_falls_back_to_revalidation() {
+    stranger_learns_nothing(
+        &route("/", "validation = \"cached\"\nper_user = true"),
+        false,
+    )
+    .await;
+}
