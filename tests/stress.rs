@@ -70,7 +70,10 @@ async fn a_thousand_rounds_of_racing_writers_lose_no_update() {
                 let client = client.clone();
                 tokio::spawn(async move {
                     let body = format!("base={version}");
-                    (w % URLS, client.put(&url, &[("if-match", &tag)], body).await.status)
+                    (
+                        w % URLS,
+                        client.put(&url, &[("if-match", &tag)], body).await.status,
+                    )
                 })
             })
             .collect();
@@ -78,7 +81,10 @@ async fn a_thousand_rounds_of_racing_writers_lose_no_update() {
         for t in tasks {
             let (u, status) = t.await.unwrap();
             *statuses.entry(status).or_default() += 1;
-            assert!(status == 204 || status == 412, "round {round}: status {status}");
+            assert!(
+                status == 204 || status == 412,
+                "round {round}: status {status}"
+            );
             if status == 204 {
                 wins[u] += 1;
             }
