@@ -21,7 +21,14 @@ use crate::etag::TagKey;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub server: Server,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`), if configured.
+    pub admin: Option<Admin>,
     pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub listen: SocketAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -147,8 +154,15 @@ impl ConfigError {
 #[serde(deny_unknown_fields)]
 struct ConfigToml {
     server: Spanned<ServerToml>,
+    admin: Option<Spanned<AdminToml>>,
     #[serde(default)]
     route: Vec<Spanned<RouteToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminToml {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +246,10 @@ impl Config {
             }
         };
         let server = v.server(&raw.server);
+        let admin = raw.admin.as_ref().map(|a| {
+            v.address(&a.get_ref().listen, "admin.listen")
+                .map(|listen| Admin { listen })
+        });
         if raw.route.is_empty() {
             v.push_at_line(
                 v.line_of(raw.server.span().start),
@@ -262,7 +280,11 @@ impl Config {
             routes.extend(v.route(r));
         }
         match (server, v.problems.is_empty()) {
-            (Some(server), true) => Ok(Config { server, routes }),
+            (Some(server), true) => Ok(Config {
+                server,
+                admin: admin.flatten(),
+                routes,
+            }),
             _ => Err(ConfigError::Invalid(v.problems)),
         }
     }
@@ -324,20 +346,7 @@ impl Validator<'_> {
 
     fn server(&mut self, s: &Spanned<ServerToml>) -> Option<Server> {
         let s = s.get_ref();
-        let listen = match s.listen.get_ref().parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.push(
-                    &s.listen,
-                    "server.listen",
-                    format!(
-                        "{:?} is not an address; expected IP:PORT such as \"127.0.0.1:8080\"",
-                        s.listen.get_ref()
-                    ),
-                );
-                None
-            }
-        };
+        let listen = self.address(&s.listen, "server.listen");
         let entries = self.count(
             &s.tag_cache_entries,
             "server.tag_cache_entries",
@@ -423,6 +432,20 @@ impl Validator<'_> {
             return None;
         }
         Some(Some(TagKey::new(&secret)))
+    }
+
+    fn address(&mut self, v: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let msg = format!(
+                    "{:?} is not an address; expected IP:PORT such as \"127.0.0.1:8080\"",
+                    v.get_ref()
+                );
+                self.push(v, key, msg);
+                None
+            }
+        }
     }
 
     /// A count that must be at least 1.

@@ -17,6 +17,7 @@
 //! response in one place.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod demo;
@@ -26,6 +27,7 @@ pub mod framing;
 pub mod key;
 pub mod lifecycle;
 pub mod lock;
+pub mod metrics;
 pub mod precondition;
 pub mod proxy;
 pub mod router;

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use ifmatch::admin::Ready;
 use ifmatch::config::Config;
 use ifmatch::lifecycle::{self, shutdown_signal};
 use ifmatch::proxy::Proxy;
@@ -100,18 +102,51 @@ async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
-    tracing::info!(
-        listen = %config.server.listen,
-        routes = config.routes.len(),
-        "ifmatch started"
-    );
     let proxy = Arc::new(Proxy::new(&config));
+    // One shutdown signal, watched by the proxy and the admin listener alike.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let ready = Ready::default();
+    // The admin listener outlives the drain, so that /readyz can say 503 meanwhile.
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin) = &config.admin {
+        let admin_listener = TcpListener::bind(admin.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {} (admin): {e}", admin.listen))?;
+        tracing::info!(listen = %admin.listen, "admin endpoints: /healthz /readyz /metrics");
+        tokio::spawn(ifmatch::admin::serve(
+            admin_listener,
+            proxy.clone(),
+            ready.clone(),
+            async {
+                let _ = admin_stopped.await;
+            },
+        ));
+    }
     tokio::spawn(lifecycle::reload_on_sighup(
         path.to_owned(),
         proxy.clone(),
         config.clone(),
     ));
-    ifmatch::server::serve(listener, proxy, &config.server, shutdown_signal()).await?;
+    let not_ready = ready.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        not_ready.store(false, Ordering::Release);
+        let _ = stop_tx.send(true);
+    });
+    tracing::info!(
+        listen = %config.server.listen,
+        routes = config.routes.len(),
+        "ifmatch started"
+    );
+    ready.store(true, Ordering::Release);
+    ifmatch::server::serve(listener, proxy, &config.server, stopped()).await?;
+    let _ = admin_stop.send(());
     tracing::info!("stopped");
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::error::{Blame, Error};
 use crate::etag::{ETag, TagKey};
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::WriteLocks;
+use crate::metrics::Metrics;
 use crate::precondition::{evaluate, Decision, Preconditions, Resource};
 use crate::router::Router;
 use crate::tags::{Known, TagStore};
@@ -41,6 +42,7 @@ pub struct Proxy {
     /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
     pub tags: TagStore,
     pub locks: WriteLocks,
+    pub metrics: Metrics,
 }
 
 /// The part of the proxy that a config reload replaces.
@@ -105,6 +107,8 @@ struct Exchange {
     route: Option<Arc<Route>>,
     upstream_status: Option<StatusCode>,
     outcome: &'static str,
+    /// The proxy made the response itself (an error, a 304), rather than pass one on.
+    by_proxy: bool,
 }
 
 // === impl Proxy ===
@@ -123,6 +127,7 @@ impl Proxy {
             random_key,
             tags: TagStore::new(config.server.tag_cache_entries),
             locks: WriteLocks::new(),
+            metrics: Metrics::default(),
         }
     }
 
@@ -150,6 +155,8 @@ impl Proxy {
     /// Answers one request. Never fails: errors become problem responses here.
     pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
         let span = info_span!(
             "request",
             method = %req.method(),
@@ -168,6 +175,7 @@ impl Proxy {
             Ok(rsp) => rsp,
             Err(e) => {
                 ex.outcome = e.outcome();
+                ex.by_proxy = true;
                 match e.blame() {
                     Blame::Proxy => tracing::warn!(parent: &span, error = %e, "request failed"),
                     _ => tracing::debug!(parent: &span, error = %e, "request refused"),
@@ -175,7 +183,10 @@ impl Proxy {
                 e.into_response()
             }
         };
-        access_log(&span, &ex, &rsp, start);
+        let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
+        self.metrics
+            .request(route, &method, rsp.status().as_u16(), ex.by_proxy);
+        access_log(&span, &ex, &method, &path, &rsp, start);
         rsp
     }
 
@@ -226,10 +237,8 @@ impl Proxy {
         parts.method = Method::GET;
         strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
-        let rsp = rt
-            .upstream
-            .send(route, Request::from_parts(parts, rt.upstream.limit(body)))
-            .await?;
+        let req = Request::from_parts(parts, rt.upstream.limit(body));
+        let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK {
             ex.outcome = "passthrough";
@@ -265,6 +274,7 @@ impl Proxy {
             }
             Decision::NotModified => {
                 ex.outcome = "not_modified";
+                ex.by_proxy = true;
                 Ok(not_modified(&rparts))
             }
             Decision::PreconditionFailed => Err(Error::PreconditionFailed {
@@ -293,10 +303,14 @@ impl Proxy {
         }
         let changes = changes_state(&parts.method);
         // From here until the backend has answered, no other write to this URL runs.
+        let waited = Instant::now();
         let _guard = match changes {
             true => Some(self.locks.acquire(key, route.lock_timeout).await?),
             false => None,
         };
+        if changes {
+            self.metrics.lock_wait(waited.elapsed());
+        }
         if pre.guards_write() {
             let current = match self.current(rt, route, key, &parts, ex).await? {
                 Current::Known(resource) => resource,
@@ -318,10 +332,8 @@ impl Proxy {
             tags: &self.tags,
             keys: [Some(key.clone()), destination],
         });
-        let rsp = rt
-            .upstream
-            .send(route, Request::from_parts(parts, rt.upstream.limit(body)))
-            .await?;
+        let req = Request::from_parts(parts, rt.upstream.limit(body));
+        let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         ex.outcome = "forwarded";
         // A 4xx (409 Conflict among them) means the backend refused: the state is unchanged.
@@ -331,6 +343,20 @@ impl Proxy {
             }
         }
         Ok(pass(rsp, false, route))
+    }
+
+    /// Sends a request upstream, timing it to the response head.
+    async fn send(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        req: Request<upstream::UpstreamBody>,
+    ) -> Result<Response<Incoming>, Error> {
+        let start = Instant::now();
+        let rsp = rt.upstream.send(route, req).await?;
+        self.metrics
+            .upstream_latency(&route.prefix, start.elapsed());
+        Ok(rsp)
     }
 
     /// The resource's current state, for evaluating a write's preconditions.
@@ -364,9 +390,9 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Current, Error> {
         let ticket = self.tags.ticket();
-        let rsp = rt
-            .upstream
-            .send(route, upstream::revalidation_request(parts))
+        self.metrics.revalidation(&route.prefix);
+        let rsp = self
+            .send(rt, route, upstream::revalidation_request(parts))
             .await?;
         ex.upstream_status = Some(rsp.status());
         let status = rsp.status();
@@ -411,6 +437,7 @@ impl Proxy {
         }
         rparts.headers.remove(ETAG);
         if declared_length(&rparts.headers).is_some_and(|n| n > route.max_tag_body) {
+            self.metrics.untagged_large_body(&route.prefix);
             return Ok((None, ProxyBody::stream(body, route.upstream_timeout)));
         }
         let upstream = || route.upstream.origin.clone();
@@ -588,7 +615,14 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
     rsp
 }
 
-fn access_log(span: &Span, ex: &Exchange, rsp: &Response<ProxyBody>, start: Instant) {
+fn access_log(
+    span: &Span,
+    ex: &Exchange,
+    method: &Method,
+    path: &str,
+    rsp: &Response<ProxyBody>,
+    start: Instant,
+) {
     let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
     span.record("route", route);
     span.record("status", rsp.status().as_u16());
@@ -596,11 +630,15 @@ fn access_log(span: &Span, ex: &Exchange, rsp: &Response<ProxyBody>, start: Inst
     if let Some(s) = ex.upstream_status {
         span.record("upstream_status", s.as_u16());
     }
+    // Bytes of the body as sent when its length is known up front (buffered bodies and
+    // upstream bodies with a Content-Length); absent for a chunked stream.
     let bytes = http_body::Body::size_hint(rsp.body()).exact();
     tracing::info!(
         target: "ifmatch::access",
         parent: span,
         route,
+        method = %method,
+        path,
         status = rsp.status().as_u16(),
         upstream_status = ex.upstream_status.map(|s| s.as_u16()),
         outcome = ex.outcome,

@@ -1,0 +1,286 @@
+//! Metrics, kept as atomics and written in the Prometheus text format by the admin server.
+//!
+//! Label sets are bounded: routes come from the config (`none` when nothing matched),
+//! methods outside the common set are `OTHER`, statuses are three digits.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use http::Method;
+
+use crate::tags::TagStore;
+
+/// Upper bounds of the latency histograms, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Counters<(String, &'static str, u16)>,
+    proxy_responses: Counters<(String, u16)>,
+    revalidations: Counters<String>,
+    untagged_large: Counters<String>,
+    upstream_latency: DashMap<String, Histogram>,
+    lock_wait: Histogram,
+}
+
+type Counters<K> = DashMap<K, AtomicU64>;
+
+fn inc<K: std::hash::Hash + Eq + Clone>(map: &Counters<K>, key: K) {
+    if let Some(c) = map.get(&key) {
+        c.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    map.entry(key).or_default().fetch_add(1, Ordering::Relaxed);
+}
+
+/// A fixed-bucket histogram.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let n = self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+    }
+}
+
+/// The method as a bounded label.
+fn method_label(m: &Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "POST" => "POST",
+        "OPTIONS" => "OPTIONS",
+        "MKCOL" => "MKCOL",
+        "COPY" => "COPY",
+        "MOVE" => "MOVE",
+        "PROPFIND" => "PROPFIND",
+        "PROPPATCH" => "PROPPATCH",
+        "LOCK" => "LOCK",
+        "UNLOCK" => "UNLOCK",
+        _ => "OTHER",
+    }
+}
+
+/// Escapes a label value (route prefixes are paths, but a config may hold anything).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// One finished request; `by_proxy` when the proxy made the response itself.
+    pub fn request(&self, route: &str, method: &Method, status: u16, by_proxy: bool) {
+        inc(
+            &self.requests,
+            (route.to_owned(), method_label(method), status),
+        );
+        if by_proxy {
+            inc(&self.proxy_responses, (route.to_owned(), status));
+        }
+    }
+
+    pub fn revalidation(&self, route: &str) {
+        inc(&self.revalidations, route.to_owned());
+    }
+
+    pub fn untagged_large_body(&self, route: &str) {
+        inc(&self.untagged_large, route.to_owned());
+    }
+
+    pub fn upstream_latency(&self, route: &str, d: Duration) {
+        if let Some(h) = self.upstream_latency.get(route) {
+            return h.observe(d);
+        }
+        self.upstream_latency
+            .entry(route.to_owned())
+            .or_default()
+            .observe(d);
+    }
+
+    pub fn lock_wait(&self, d: Duration) {
+        self.lock_wait.observe(d);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4), cache figures read from `tags`.
+    pub fn render(&self, tags: &TagStore) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let mut rows = rows;
+            rows.sort();
+            for (labels, n) in rows {
+                let _ = writeln!(out, "{name}{labels} {n}");
+            }
+        };
+        counter(
+            "ifmatch_requests_total",
+            "Requests answered, by route, method and status.",
+            self.requests
+                .iter()
+                .map(|e| {
+                    let (r, m, s) = e.key();
+                    let labels = format!("{{route=\"{}\",method=\"{m}\",status=\"{s}\"}}", esc(r));
+                    (labels, e.value().load(Ordering::Relaxed))
+                })
+                .collect(),
+        );
+        counter(
+            "ifmatch_proxy_responses_total",
+            "Responses the proxy made itself (304, 400, 412, 428, 502, 503, 504, ...), by route and status.",
+            self.proxy_responses
+                .iter()
+                .map(|e| {
+                    let (r, s) = e.key();
+                    (format!("{{route=\"{}\",status=\"{s}\"}}", esc(r)), e.value().load(Ordering::Relaxed))
+                })
+                .collect(),
+        );
+        counter(
+            "ifmatch_revalidations_total",
+            "GETs sent upstream to learn a resource's current tag before a write, by route.",
+            self.revalidations
+                .iter()
+                .map(|e| {
+                    (
+                        format!("{{route=\"{}\"}}", esc(e.key())),
+                        e.value().load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+        );
+        counter(
+            "ifmatch_untagged_large_bodies_total",
+            "GET bodies over max_tag_body, streamed through untagged, by route.",
+            self.untagged_large
+                .iter()
+                .map(|e| {
+                    (
+                        format!("{{route=\"{}\"}}", esc(e.key())),
+                        e.value().load(Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+        );
+        let s = &tags.stats;
+        counter(
+            "ifmatch_tag_cache_hits_total",
+            "Tag cache lookups that found a tag.",
+            vec![(String::new(), s.hits.load(Ordering::Relaxed))],
+        );
+        counter(
+            "ifmatch_tag_cache_misses_total",
+            "Tag cache lookups that found none.",
+            vec![(String::new(), s.misses.load(Ordering::Relaxed))],
+        );
+        counter(
+            "ifmatch_tag_cache_evictions_total",
+            "Entries evicted from the tag cache to keep it within tag_cache_entries.",
+            vec![(String::new(), s.evictions.load(Ordering::Relaxed))],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_tag_cache_entries Entries in the tag cache now.\n# TYPE ifmatch_tag_cache_entries gauge\nifmatch_tag_cache_entries {}",
+            tags.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_lock_wait_seconds Time writes waited for their URL's lock.\n# TYPE ifmatch_lock_wait_seconds histogram"
+        );
+        self.lock_wait
+            .write(&mut out, "ifmatch_lock_wait_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_upstream_latency_seconds Time from sending a request upstream to its response head, by route.\n# TYPE ifmatch_upstream_latency_seconds histogram"
+        );
+        let mut routes: Vec<String> = self
+            .upstream_latency
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        routes.sort();
+        for r in routes {
+            if let Some(h) = self.upstream_latency.get(&r) {
+                h.write(
+                    &mut out,
+                    "ifmatch_upstream_latency_seconds",
+                    &format!("route=\"{}\"", esc(&r)),
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms_in_the_text_format() {
+        let m = Metrics::default();
+        m.request("/docs/", &Method::PUT, 412, true);
+        m.request("/docs/", &Method::PUT, 412, true);
+        m.request("/docs/", &Method::from_bytes(b"BREW").unwrap(), 200, false);
+        m.lock_wait(Duration::from_millis(3));
+        m.upstream_latency("/docs/", Duration::from_millis(20));
+        let text = m.render(&TagStore::new(10));
+        for line in [
+            "ifmatch_requests_total{route=\"/docs/\",method=\"PUT\",status=\"412\"} 2",
+            "ifmatch_requests_total{route=\"/docs/\",method=\"OTHER\",status=\"200\"} 1",
+            "ifmatch_proxy_responses_total{route=\"/docs/\",status=\"412\"} 2",
+            "ifmatch_lock_wait_seconds_bucket{le=\"0.0025\"} 0",
+            "ifmatch_lock_wait_seconds_bucket{le=\"0.005\"} 1",
+            "ifmatch_lock_wait_seconds_count 1",
+            "ifmatch_upstream_latency_seconds_bucket{route=\"/docs/\",le=\"0.025\"} 1",
+            "ifmatch_upstream_latency_seconds_count{route=\"/docs/\"} 1",
+            "ifmatch_tag_cache_entries 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}

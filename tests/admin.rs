@@ -1,0 +1,145 @@
+//! The admin listener on the real binary: health, readiness (including during a drain), and
+//! metrics whose exact counts follow a known sequence of requests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::backend::respond;
+use common::binary::{free_port, Binary};
+use common::{Backend, Client, ScriptedBackend};
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_a_known_sequence_exactly() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "v1");
+    store.store.put("/big/x", "a body longer than ten bytes");
+    let dead = free_port();
+    let admin = free_port();
+    let o = store.origin();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+         [[route]]\nprefix = \"/docs/\"\nupstream = \"{o}\"\nvalidation = \"cached\"\n\
+         [[route]]\nprefix = \"/strict/\"\nupstream = \"{o}\"\nrequire_precondition = true\n\
+         [[route]]\nprefix = \"/dead/\"\nupstream = \"http://127.0.0.1:{dead}\"\n\
+         [[route]]\nprefix = \"/big/\"\nupstream = \"{o}\"\nmax_tag_body = \"10B\"\n"
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let c = Client::new();
+    let a = bin.url("/docs/a");
+    let t1 = c.get(&a, &[]).await.etag();
+    assert_eq!(c.get(&a, &[]).await.status, 200);
+    assert_eq!(c.get(&a, &[("if-none-match", &t1)]).await.status, 304);
+    assert_eq!(
+        c.put(&a, &[("if-match", "\"stale\"")], "x").await.status,
+        412
+    ); // cache hit
+    assert_eq!(c.put(&a, &[("if-match", &t1)], "v2").await.status, 204); // cache hit
+    let t2 = c.get(&a, &[]).await.etag();
+    store.store.put("/docs/a", "v2"); // same bytes, written behind the proxy's back
+    assert_eq!(c.put(&a, &[("if-match", &t2)], "v3").await.status, 204); // hit again
+    assert_eq!(c.put(&a, &[("if-match", &t2)], "v4").await.status, 412); // miss: revalidates
+    assert_eq!(c.put(&bin.url("/strict/a"), &[], "x").await.status, 428);
+    assert_eq!(c.put(&a, &[("if-match", "abc")], "x").await.status, 400);
+    assert_eq!(c.get(&bin.url("/dead/x"), &[]).await.status, 502);
+    assert_eq!(c.get(&bin.url("/nowhere"), &[]).await.status, 404);
+    let big = c.get(&bin.url("/big/x"), &[]).await;
+    assert!(big.header("etag").is_none());
+
+    let m = c
+        .get(&format!("http://127.0.0.1:{admin}/metrics"), &[])
+        .await;
+    assert_eq!(m.status, 200);
+    assert!(m
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let t = m.text();
+    let r = |labels: &str| metric(&t, &format!("ifmatch_requests_total{{{labels}}}"));
+    assert_eq!(r("route=\"/docs/\",method=\"GET\",status=\"200\""), 3);
+    assert_eq!(r("route=\"/docs/\",method=\"GET\",status=\"304\""), 1);
+    assert_eq!(r("route=\"/docs/\",method=\"PUT\",status=\"412\""), 2);
+    assert_eq!(r("route=\"/docs/\",method=\"PUT\",status=\"204\""), 2);
+    assert_eq!(r("route=\"/docs/\",method=\"PUT\",status=\"400\""), 1);
+    assert_eq!(r("route=\"/strict/\",method=\"PUT\",status=\"428\""), 1);
+    assert_eq!(r("route=\"/dead/\",method=\"GET\",status=\"502\""), 1);
+    assert_eq!(r("route=\"none\",method=\"GET\",status=\"404\""), 1);
+    assert_eq!(r("route=\"/big/\",method=\"GET\",status=\"200\""), 1);
+    let p = |labels: &str| metric(&t, &format!("ifmatch_proxy_responses_total{{{labels}}}"));
+    assert_eq!(p("route=\"/docs/\",status=\"304\""), 1);
+    assert_eq!(p("route=\"/docs/\",status=\"412\""), 2);
+    assert_eq!(p("route=\"/docs/\",status=\"400\""), 1);
+    assert_eq!(p("route=\"/strict/\",status=\"428\""), 1);
+    assert_eq!(p("route=\"/dead/\",status=\"502\""), 1);
+    assert_eq!(p("route=\"none\",status=\"404\""), 1);
+    assert!(
+        !t.contains("ifmatch_proxy_responses_total{route=\"/docs/\",status=\"204\"}"),
+        "204s came from the backend"
+    );
+    assert_eq!(
+        metric(&t, "ifmatch_revalidations_total{route=\"/docs/\"}"),
+        1
+    );
+    assert_eq!(metric(&t, "ifmatch_tag_cache_hits_total"), 3);
+    assert_eq!(metric(&t, "ifmatch_tag_cache_misses_total"), 1);
+    assert_eq!(metric(&t, "ifmatch_tag_cache_evictions_total"), 0);
+    assert_eq!(
+        metric(&t, "ifmatch_tag_cache_entries"),
+        1,
+        "/docs/a (a revalidated tag)"
+    );
+    assert_eq!(
+        metric(&t, "ifmatch_lock_wait_seconds_count"),
+        4,
+        "the four writes that took the lock"
+    );
+    assert_eq!(
+        metric(&t, "ifmatch_untagged_large_bodies_total{route=\"/big/\"}"),
+        1
+    );
+    // GET x4 (the 304 too: it is answered from a fetched 200), PUT x2, revalidation GET x1.
+    assert_eq!(
+        metric(
+            &t,
+            "ifmatch_upstream_latency_seconds_count{route=\"/docs/\"}"
+        ),
+        7
+    );
+}
+
+#[tokio::test]
+async fn health_and_readiness_including_during_a_drain() {
+    let slow = ScriptedBackend::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        respond(200, &[], "slow")
+    })
+    .await;
+    let admin = free_port();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        slow.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let c = Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{admin}{p}");
+    assert_eq!(c.get(&url("/healthz"), &[]).await.status, 200);
+    assert_eq!(c.get(&url("/readyz"), &[]).await.status, 200);
+    let in_flight = {
+        let u = bin.url("/x");
+        tokio::spawn(async move { Client::new().get(&u, &[]).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bin.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: still alive, no longer ready.
+    let fresh = Client::new();
+    assert_eq!(fresh.get(&url("/readyz"), &[]).await.status, 503);
+    assert_eq!(fresh.get(&url("/healthz"), &[]).await.status, 200);
+    assert_eq!(in_flight.await.unwrap(), 200);
+}

@@ -1,0 +1,84 @@
+//! Logs on the real binary: one JSON access line per request with the fields an operator
+//! needs, and never a body, an Authorization or a Cookie value.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::Binary;
+use common::{Backend, Client};
+
+#[tokio::test]
+async fn json_access_lines_carry_the_fields_and_no_secret() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "SECRET-DOC-BODY");
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{}\"\n",
+        store.origin()
+    );
+    let bin = Binary::start(&config, &["--log-format", "json"]).await;
+    let c = Client::new();
+    let secrets = [
+        ("authorization", "Bearer SECRET-TOKEN"),
+        ("cookie", "session=SECRET-COOKIE"),
+    ];
+    let tag = c.get(&bin.url("/docs/a"), &secrets).await.etag();
+    let r = c
+        .put(
+            &bin.url("/docs/a"),
+            &[secrets[0], secrets[1], ("if-match", &tag)],
+            "SECRET-BODY",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let r = c
+        .put(
+            &bin.url("/docs/a"),
+            &[secrets[0], ("if-match", &tag)],
+            "SECRET-BODY-2",
+        )
+        .await;
+    assert_eq!(r.status, 412);
+    bin.wait_for_log("\"status\":412", Duration::from_secs(5))
+        .await;
+
+    let log = bin.log();
+    for secret in [
+        "SECRET-TOKEN",
+        "SECRET-COOKIE",
+        "SECRET-BODY",
+        "SECRET-DOC-BODY",
+    ] {
+        assert!(
+            !log.iter().any(|l| l.contains(secret)),
+            "{secret} leaked into the log"
+        );
+    }
+    let access: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|v| v["target"] == "ifmatch::access")
+        .collect();
+    assert_eq!(access.len(), 3, "one access line per request: {access:#?}");
+    let want = [
+        ("GET", 200, "tagged"),
+        ("PUT", 204, "forwarded"),
+        ("PUT", 412, "precondition_failed"),
+    ];
+    for (line, (method, status, outcome)) in access.iter().zip(want) {
+        assert_eq!(line["method"], method, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["outcome"], outcome, "{line}");
+        assert_eq!(line["route"], "/docs/");
+        assert_eq!(line["path"], "/docs/a");
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+        assert!(line.get("bytes").is_some(), "{line}");
+    }
+    assert_eq!(access[0]["upstream_status"], 200);
+    assert_eq!(access[0]["bytes"], "SECRET-DOC-BODY".len());
+    assert_eq!(access[1]["upstream_status"], 204);
+    assert_eq!(access[2]["upstream_status"], 200, "the revalidation GET");
+}
