@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -51,6 +52,8 @@ pub struct Server {
     pub header_read_timeout: Duration,
     /// The key of every tag; `None`: a random key made at start (tags change on restart).
     pub tag_key: Option<TagKey>,
+    /// The listener's TLS config (`[server.tls]`), built and checked at load.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// How the proxy learns a resource's current tag before a conditional write.
@@ -82,6 +85,10 @@ pub struct Route {
     /// Representations differ by user: never trust a remembered tag, always revalidate
     /// with the writer's own credentials (for `validation = "cached"`).
     pub per_user: bool,
+    /// For an `https://` upstream: the CA file to trust instead of the platform's roots,
+    /// and the client config built from it at load.
+    pub ca_file: Option<PathBuf>,
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// An upstream origin: scheme and authority, nothing else.
@@ -178,6 +185,14 @@ struct ServerToml {
     header_read_timeout: Option<Spanned<String>>,
     tag_key: Option<Spanned<String>>,
     tag_key_file: Option<Spanned<String>>,
+    tls: Option<Spanned<TlsToml>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsToml {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +211,7 @@ struct RouteToml {
     preserve_host: bool,
     #[serde(default)]
     per_user: bool,
+    ca_file: Option<Spanned<String>>,
 }
 
 fn default_true() -> bool {
@@ -383,7 +399,25 @@ impl Validator<'_> {
             DEFAULT_MAX_REQUEST_BODY,
         );
         let tag_key = self.tag_key(s);
+        let tls = match &s.tls {
+            None => Some(None),
+            Some(t) => {
+                let t = t.get_ref();
+                let (cert, key) = (
+                    self.base.join(t.cert.get_ref()),
+                    self.base.join(t.key.get_ref()),
+                );
+                match crate::tls::server_config(&cert, &key) {
+                    Ok(c) => Some(Some(c)),
+                    Err(e) => {
+                        self.push(&t.cert, "server.tls", e);
+                        None
+                    }
+                }
+            }
+        };
         Some(Server {
+            tls: tls?,
             tag_key: tag_key?,
             listen: listen?,
             tag_cache_entries: entries?,
@@ -492,6 +526,26 @@ impl Validator<'_> {
         let lock_timeout =
             self.duration(&r.lock_timeout, "route.lock_timeout", DEFAULT_LOCK_TIMEOUT);
         let max_tag_body = self.size(&r.max_tag_body, "route.max_tag_body", DEFAULT_MAX_TAG_BODY);
+        let ca_file = r.ca_file.as_ref().map(|f| self.base.join(f.get_ref()));
+        let https = upstream.as_ref().is_some_and(|u| u.scheme == Scheme::HTTPS);
+        let upstream_tls = match (&r.ca_file, https) {
+            (Some(f), false) => {
+                self.push(
+                    f,
+                    "route.ca_file",
+                    "ca_file is for https:// upstreams".into(),
+                );
+                None
+            }
+            (Some(f), true) => match crate::tls::client_config(ca_file.as_deref()) {
+                Ok(c) => Some(Some(c)),
+                Err(e) => {
+                    self.push(f, "route.ca_file", e);
+                    None
+                }
+            },
+            (None, _) => Some(None),
+        };
         Some(Route {
             host,
             prefix: prefix_ok.then(|| prefix.clone())?,
@@ -506,6 +560,8 @@ impl Validator<'_> {
             lock_timeout: lock_timeout?,
             preserve_host: r.preserve_host,
             per_user: r.per_user,
+            ca_file,
+            upstream_tls: upstream_tls?,
         })
     }
 
@@ -520,10 +576,12 @@ impl Validator<'_> {
             }
         };
         let problem = match (uri.scheme(), uri.authority()) {
-            (None, _) | (_, None) => Some("expected http://HOST:PORT".to_owned()),
-            (Some(scheme), _) if scheme != &Scheme::HTTP => {
-                Some(format!("the scheme {scheme} is not supported; use http://"))
+            (None, _) | (_, None) => {
+                Some("expected http://HOST:PORT or https://HOST:PORT".to_owned())
             }
+            (Some(scheme), _) if scheme != &Scheme::HTTP && scheme != &Scheme::HTTPS => Some(
+                format!("the scheme {scheme} is not supported; use http:// or https://"),
+            ),
             (_, Some(a)) if a.as_str().contains('@') => {
                 Some("credentials in the URL are not supported".to_owned())
             }

@@ -41,6 +41,9 @@ pub enum Error {
     #[error("cannot connect to upstream {upstream}: {reason}")]
     UpstreamConnect { upstream: String, reason: String },
 
+    #[error("TLS with upstream {upstream} failed: {reason}; if it uses a private CA, set the route's ca_file")]
+    UpstreamTls { upstream: String, reason: String },
+
     #[error("upstream {upstream} did not answer within {after:?}")]
     UpstreamTimeout { upstream: String, after: Duration },
 
@@ -70,7 +73,9 @@ impl Error {
             Self::PreconditionRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::LockTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamConnect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamConnect { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -84,9 +89,10 @@ impl Error {
             | Self::BodyTooLarge { .. }
             | Self::PreconditionRequired { .. }
             | Self::PreconditionFailed { .. } => Blame::Client,
-            Self::UpstreamConnect { .. } | Self::UpstreamTimeout { .. } | Self::Upstream { .. } => {
-                Blame::Upstream
-            }
+            Self::UpstreamConnect { .. }
+            | Self::UpstreamTls { .. }
+            | Self::UpstreamTimeout { .. }
+            | Self::Upstream { .. } => Blame::Upstream,
             Self::LockTimeout(_) => Blame::Proxy,
         }
     }
@@ -103,6 +109,7 @@ impl Error {
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::LockTimeout(_) => "lock_timeout",
             Self::UpstreamConnect { .. } => "upstream_connect",
+            Self::UpstreamTls { .. } => "upstream_tls",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Upstream { .. } => "upstream_error",
         }

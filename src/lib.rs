@@ -34,4 +34,5 @@ pub mod router;
 pub mod server;
 pub mod tags;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

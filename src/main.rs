@@ -99,20 +99,10 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(path)?;
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     let proxy = Arc::new(Proxy::new(&config));
-    // One shutdown signal, watched by the proxy and the admin listener alike.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
-    };
     let ready = Ready::default();
-    // The admin listener outlives the drain, so that /readyz can say 503 meanwhile.
+    // The admin listener is bound first (a bound proxy port then implies a bound admin
+    // port) and outlives the drain, so that /readyz can say 503 meanwhile.
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(admin) = &config.admin {
         let admin_listener = TcpListener::bind(admin.listen)
@@ -128,11 +118,16 @@ async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
             },
         ));
     }
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     tokio::spawn(lifecycle::reload_on_sighup(
         path.to_owned(),
         proxy.clone(),
         config.clone(),
     ));
+    // One shutdown signal: readiness drops first, then the listener stops accepting.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let not_ready = ready.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -141,11 +136,15 @@ async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     });
     tracing::info!(
         listen = %config.server.listen,
+        tls = config.server.tls.is_some(),
         routes = config.routes.len(),
         "ifmatch started"
     );
     ready.store(true, Ordering::Release);
-    ifmatch::server::serve(listener, proxy, &config.server, stopped()).await?;
+    let stopped = async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    };
+    ifmatch::server::serve(listener, proxy, &config.server, stopped).await?;
     let _ = admin_stop.send(());
     tracing::info!("stopped");
     Ok(())

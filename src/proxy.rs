@@ -51,6 +51,8 @@ struct Routing {
     router: Router,
     upstream: UpstreamClient,
     tag_key: TagKey,
+    /// The listener's TLS config: swapped by a reload like the rest (new certificates).
+    tls: Option<Arc<rustls::ServerConfig>>,
     max_header_bytes: u64,
     max_request_body: u64,
 }
@@ -61,7 +63,8 @@ impl Routing {
         Self {
             router: Router::new(config.routes.iter().cloned()),
             tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
-            upstream: UpstreamClient::new(s.connect_timeout, s.max_request_body),
+            upstream: UpstreamClient::new(config),
+            tls: s.tls.clone(),
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
         }
@@ -129,6 +132,11 @@ impl Proxy {
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
         }
+    }
+
+    /// The TLS config for the next connection, when the listener is TLS.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.routing.load().tls.clone()
     }
 
     /// The key tags are made with now (tests compute expected tags with it).

@@ -10,10 +10,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::AsyncWriteExt;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
@@ -87,36 +90,23 @@ pub async fn serve(
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        let peer = Peer {
-            addr,
-            scheme: "http",
-        };
-        let proxy = proxy.clone();
-        let verdicts = Verdicts::default();
-        let stream = Inspected::new(stream, verdicts.clone());
-        let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let verdict = match req.version() {
-                Version::HTTP_2 => None,
-                _ => verdicts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop_front(),
-            };
-            async move {
-                Ok::<_, Infallible>(match verdict {
-                    Some(Err(e)) => refuse_framing(e),
-                    _ => proxy.handle(req, peer).await,
-                })
-            }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let (proxy, builder, watcher) = (proxy.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, client = %addr, "connection ended with an error");
+            match proxy.tls() {
+                None => serve_connection(stream, addr, "http", proxy, builder, watcher).await,
+                Some(tls) => {
+                    // In the connection's own task: a stalled handshake holds nothing else.
+                    let accept = TlsAcceptor::from(tls).accept(stream);
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(tls, addr, "https", proxy, builder, watcher).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, client = %addr, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -165,4 +155,44 @@ async fn refuse_connection(mut stream: TcpStream) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+/// Time a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one client connection (plain or TLS) with HTTP/1.1 or HTTP/2, its bytes watched by
+/// the framing inspector, until it closes or a graceful shutdown ends it.
+async fn serve_connection<IO>(
+    io: IO,
+    addr: SocketAddr,
+    scheme: &'static str,
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = Peer { addr, scheme };
+    let verdicts = Verdicts::default();
+    let io = Inspected::new(io, verdicts.clone());
+    let service = service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let verdict = match req.version() {
+            Version::HTTP_2 => None,
+            _ => verdicts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front(),
+        };
+        async move {
+            Ok::<_, Infallible>(match verdict {
+                Some(Err(e)) => refuse_framing(e),
+                _ => proxy.handle(req, peer).await,
+            })
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(error = %e, client = %addr, "connection ended with an error");
+    }
 }

@@ -1,8 +1,11 @@
 //! The client to the backends: a pooled hyper-util client, the rewriting of a client's request
 //! into the upstream's (URI, hop-by-hop headers, `X-Forwarded-*`), and timeouts.
 
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,11 +14,13 @@ use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Empty, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::ClientConfig;
 
-use crate::config::Route;
+use crate::config::{Config, Route};
 use crate::error::Error;
 
 /// A request body to the upstream: the client's own (cut off at the size limit), or none
@@ -30,30 +35,64 @@ pub struct Peer {
     pub scheme: &'static str,
 }
 
+type Connector = HttpsConnector<HttpConnector>;
+
+/// Pooled clients to the upstreams: one that trusts the platform's roots, and one per
+/// `ca_file` a route names. All speak `http://` and `https://` (HTTP/1.1, SNI from the host).
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<Connector, UpstreamBody>,
+    by_ca_file: HashMap<PathBuf, Client<Connector, UpstreamBody>>,
     connect_timeout: Duration,
     max_request_body: u64,
+}
+
+fn build(tls: &ClientConfig, connect_timeout: Duration) -> Client<Connector, UpstreamBody> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(https)
 }
 
 // === impl UpstreamClient ===
 
 impl UpstreamClient {
-    pub fn new(connect_timeout: Duration, max_request_body: u64) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(http);
+    pub fn new(config: &Config) -> Self {
+        let s = &config.server;
+        let platform = crate::tls::client_config(None).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no platform roots; https upstreams need ca_file");
+            Arc::new(
+                ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+        });
+        let by_ca_file = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.ca_file.clone()?, r.upstream_tls.as_ref()?)))
+            .map(|(path, tls)| (path, build(tls, s.connect_timeout)))
+            .collect();
         Self {
-            client,
-            connect_timeout,
-            max_request_body,
+            client: build(&platform, s.connect_timeout),
+            by_ca_file,
+            connect_timeout: s.connect_timeout,
+            max_request_body: s.max_request_body,
         }
     }
 
@@ -72,7 +111,12 @@ impl UpstreamClient {
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, Error> {
         let upstream = || route.upstream.origin.clone();
-        match tokio::time::timeout(route.upstream_timeout, self.client.request(req)).await {
+        let client = route
+            .ca_file
+            .as_ref()
+            .and_then(|p| self.by_ca_file.get(p))
+            .unwrap_or(&self.client);
+        match tokio::time::timeout(route.upstream_timeout, client.request(req)).await {
             Err(_) => Err(Error::UpstreamTimeout {
                 upstream: upstream(),
                 after: route.upstream_timeout,
@@ -97,6 +141,12 @@ impl UpstreamClient {
                     limit: self.max_request_body,
                 };
             }
+            if let Some(tls) = find_tls_error(s) {
+                return Error::UpstreamTls {
+                    upstream,
+                    reason: tls.to_string(),
+                };
+            }
             if let Some(io) = s.downcast_ref::<std::io::Error>() {
                 if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
                     return Error::UpstreamTimeout {
@@ -114,6 +164,16 @@ impl UpstreamClient {
             Error::Upstream { upstream, reason }
         }
     }
+}
+
+/// The rustls error inside `e`, looking through I/O errors: they wrap their cause without
+/// showing it as `source()` (the TLS connector nests two of them).
+fn find_tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    find_tls_error(inner)
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the

@@ -10,6 +10,7 @@ use hyper_util::rt::TokioExecutor;
 #[derive(Clone, Debug)]
 pub struct Reply {
     pub status: u16,
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -49,9 +50,11 @@ impl Reply {
     }
 }
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 #[derive(Clone)]
 pub struct Client {
-    inner: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    inner: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
 }
 
 impl Default for Client {
@@ -60,10 +63,28 @@ impl Default for Client {
     }
 }
 
+/// A connector for plain `http://` (the https type, so that one client type serves all).
+fn plain() -> Connector {
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http)
+}
+
 impl Client {
     pub fn new() -> Self {
-        let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build(HttpConnector::new());
+        let inner =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(plain());
         Self { inner }
     }
 
@@ -71,7 +92,11 @@ impl Client {
     pub fn h2() -> Self {
         let inner = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .build(HttpConnector::new());
+            .build(plain());
+        Self { inner }
+    }
+
+    pub fn from_inner(inner: hyper_util::client::legacy::Client<Connector, Full<Bytes>>) -> Self {
         Self { inner }
     }
 
@@ -110,6 +135,7 @@ impl Client {
             .await
             .map_err(|e| format!("{e:?}"))?;
         let status = rsp.status().as_u16();
+        let version = rsp.version();
         let (parts, body) = rsp.into_parts();
         let body = body
             .collect()
@@ -118,6 +144,7 @@ impl Client {
             .to_bytes();
         Ok(Reply {
             status,
+            version,
             headers: parts.headers,
             body,
         })

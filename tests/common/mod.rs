@@ -6,6 +6,7 @@ pub mod binary;
 pub mod client;
 pub mod faults;
 pub mod proxy;
+pub mod tls;
 
 pub use backend::{Backend, Recorded, ScriptedBackend};
 pub use client::{Client, Reply};

@@ -54,6 +54,11 @@ impl Proxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The URL by name, for a TLS listener whose certificate names `localhost`.
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
     /// Stops accepting and waits for in-flight requests to drain.
     pub async fn shutdown(mut self) {
         let _ = self.stop.take().map(|s| s.send(()));

@@ -1,0 +1,168 @@
+//! TLS: the listener's certificates (RSA, ECDSA, Ed25519; TLS 1.2 and 1.3; refused at load
+//! when broken; swapped by SIGHUP) and https:// upstreams (a private CA through ca_file, and
+//! a 502 that says "certificate" when the upstream's is not trusted).
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::Binary;
+use common::proxy::route;
+use common::tls::{client_tls, HttpsBackend, KeyType, Pki};
+use common::{Backend, Client, Proxy};
+use ifmatch::config::Config;
+
+#[tokio::test]
+async fn rsa_ecdsa_and_ed25519_keys_all_serve() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    for kt in [KeyType::Rsa, KeyType::EcdsaP256, KeyType::Ed25519] {
+        let pki = Pki::new(&format!("{kt:?}"), kt);
+        let proxy =
+            Proxy::start_with(&route("/docs/", ""), &backend.origin(), &pki.server_toml()).await;
+        let r = Client::tls(&pki.ca_pem, false)
+            .get(&proxy.https_url("/docs/a"), &[])
+            .await;
+        assert_eq!(r.status, 200, "{kt:?}");
+        assert_eq!(r.etag(), proxy.tag_of("v1"), "{kt:?}");
+    }
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_both_handshake() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let pki = Pki::new("versions", KeyType::EcdsaP256);
+    let proxy =
+        Proxy::start_with(&route("/docs/", ""), &backend.origin(), &pki.server_toml()).await;
+    for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let c = Client::tls_with(client_tls(&pki.ca_pem, &[v]), false);
+        assert_eq!(
+            c.get(&proxy.https_url("/docs/a"), &[]).await.status,
+            200,
+            "{v:?}"
+        );
+    }
+}
+
+fn with_tls(cert: &str, key: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
+    )
+}
+
+#[test]
+fn broken_certificates_are_refused_at_load_naming_key_and_line() {
+    let a = Pki::new("load-a", KeyType::EcdsaP256);
+    let b = Pki::new("load-b", KeyType::EcdsaP256);
+    let cases = [
+        (
+            with_tls(a.cert().to_str().unwrap(), b.key().to_str().unwrap()),
+            "does not fit",
+        ),
+        (
+            with_tls("/nonexistent/cert.pem", a.key().to_str().unwrap()),
+            "cannot read /nonexistent/cert.pem",
+        ),
+        (
+            with_tls(a.key().to_str().unwrap(), a.key().to_str().unwrap()),
+            "holds no PEM certificate",
+        ),
+        (
+            with_tls(a.cert().to_str().unwrap(), a.cert().to_str().unwrap()),
+            "no usable private key",
+        ),
+    ];
+    for (text, needle) in cases {
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:4: server.tls: "), "{e}");
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+    }
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_a_private_ca_works_and_without_it_is_a_502_about_the_certificate() {
+    let pki = Pki::new("upstream", KeyType::EcdsaP256);
+    let backend = HttpsBackend::start(pki.server_config()).await;
+    let trusted = format!("ca_file = \"{}\"", pki.ca().display());
+    let proxy = Proxy::start(&route("/", &trusted), &backend.origin()).await;
+    let c = Client::new();
+    let r = c.get(&proxy.url("/doc"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.etag(), proxy.tag_of("doc"));
+    assert_eq!(
+        c.put(&proxy.url("/doc"), &[("if-match", "\"stale\"")], "x")
+            .await
+            .status,
+        412
+    );
+    assert_eq!(
+        c.put(&proxy.url("/doc"), &[("if-match", &r.etag())], "x")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(backend.writes.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let untrusted = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let r = c.get(&untrusted.url("/doc"), &[]).await;
+    let p = r.assert_problem(502);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("certificate") && detail.contains("ca_file"),
+        "{detail}"
+    );
+}
+
+#[test]
+fn ca_file_is_refused_on_a_plain_http_route() {
+    let text = "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nca_file = \"ca.pem\"\n";
+    let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+    assert!(
+        e.contains("t.toml:6: route.ca_file: ca_file is for https:// upstreams"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_swaps_in_a_new_certificate() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let old = Pki::new("reload-old", KeyType::EcdsaP256);
+    let new = Pki::new("reload-new", KeyType::EcdsaP256);
+    let dir = std::env::temp_dir().join(format!("ifmatch-reload-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::copy(old.cert(), &cert).unwrap();
+    std::fs::copy(old.key(), &key).unwrap();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        backend.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let url = format!("https://localhost:{}/docs/a", bin.addr.port());
+    let trusts_new = Client::tls(&new.ca_pem, false);
+    assert_eq!(
+        Client::tls(&old.ca_pem, false).get(&url, &[]).await.status,
+        200
+    );
+    assert!(
+        trusts_new.try_send("GET", &url, &[], "").await.is_err(),
+        "the old certificate is served"
+    );
+
+    std::fs::copy(new.cert(), &cert).unwrap();
+    std::fs::copy(new.key(), &key).unwrap();
+    bin.signal("HUP");
+    bin.wait_for_log("config reloaded", Duration::from_secs(5))
+        .await;
+    let fresh = Client::tls(&new.ca_pem, false);
+    assert_eq!(
+        fresh.get(&url, &[]).await.status,
+        200,
+        "new connections get the new certificate"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
