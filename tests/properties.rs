@@ -1,0 +1,295 @@
+//! Property tests for the pure parts: entity-tag parsing and comparison, conditional header
+//! lists, §13.2.2 precedence against a reference model written from the RFC, and path
+//! normalisation.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_UNMODIFIED_SINCE};
+use http::{HeaderMap, HeaderValue};
+use ifmatch::etag::ETag;
+use ifmatch::key::normalize_path;
+use ifmatch::precondition::{evaluate, Condition, Decision, Preconditions, Resource};
+use proptest::prelude::*;
+
+/// Opaque tag strings: any `etagc` byte (`!`, `#`..`~`, obs-text).
+fn opaque() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![8 => prop_oneof![Just(0x21u8), 0x23u8..=0x7e], 1 => 0x80u8..=0xff],
+        0..24,
+    )
+}
+
+/// Tags whose header form is ASCII (obs-text cannot be written as a `&str`).
+fn ascii_tag() -> impl Strategy<Value = ETag> {
+    tag().prop_filter("ASCII header form", |t| t.to_header().to_str().is_ok())
+}
+
+fn tag() -> impl Strategy<Value = ETag> {
+    (any::<bool>(), opaque()).prop_map(|(weak, o)| {
+        if weak {
+            ETag::weak(o).unwrap()
+        } else {
+            ETag::strong(o).unwrap()
+        }
+    })
+}
+
+/// Tags from a small pool, so that matches are frequent.
+fn pooled_tag() -> impl Strategy<Value = ETag> {
+    (any::<bool>(), 0u8..4).prop_map(|(weak, i)| {
+        let o = format!("t{i}");
+        if weak {
+            ETag::weak(o).unwrap()
+        } else {
+            ETag::strong(o).unwrap()
+        }
+    })
+}
+
+fn ows() -> impl Strategy<Value = &'static str> {
+    prop_oneof![Just(""), Just(" "), Just("\t"), Just("  ")]
+}
+
+proptest! {
+    #[test]
+    fn a_tag_round_trips_through_its_header_form(t in tag()) {
+        let header = t.to_header();
+        prop_assert_eq!(ETag::parse(header.as_bytes()).unwrap(), t);
+    }
+
+    #[test]
+    fn bytes_outside_etagc_are_refused(o in opaque(), bad in prop_oneof![Just(b'"'), Just(b' '), Just(b'\t'), 0u8..0x20, Just(0x7f)], at in 0usize..24) {
+        let mut o = o;
+        let at = at.min(o.len());
+        o.insert(at, bad);
+        let mut quoted = b"\"".to_vec();
+        quoted.extend_from_slice(&o);
+        quoted.push(b'"');
+        prop_assert!(ETag::parse(&quoted).is_err());
+        // And unquoted text is never a tag.
+        prop_assert!(ETag::parse(&o).is_err() || o.is_empty());
+    }
+
+    #[test]
+    fn comparison_laws(a in pooled_tag(), b in pooled_tag(), c in pooled_tag()) {
+        // Strong implies weak; strong is symmetric and never holds for a weak side.
+        if a.strong_eq(&b) { prop_assert!(a.weak_eq(&b)); }
+        prop_assert_eq!(a.strong_eq(&b), b.strong_eq(&a));
+        if a.is_weak() || b.is_weak() { prop_assert!(!a.strong_eq(&b)); }
+        // Weak comparison is an equivalence.
+        prop_assert!(a.weak_eq(&a));
+        prop_assert_eq!(a.weak_eq(&b), b.weak_eq(&a));
+        if a.weak_eq(&b) && b.weak_eq(&c) { prop_assert!(a.weak_eq(&c)); }
+    }
+
+    #[test]
+    fn a_list_parses_back_to_its_tags_in_order_however_it_is_split(
+        tags in prop::collection::vec(ascii_tag(), 1..6),
+        seps in prop::collection::vec((ows(), any::<bool>(), ows()), 6),
+        split in 0usize..6,
+    ) {
+        // Join with commas, optional whitespace and empty elements (§5.6.1).
+        let mut members: Vec<String> = Vec::new();
+        for (i, t) in tags.iter().enumerate() {
+            let (l, empty, r) = seps[i];
+            let extra = if empty { "," } else { "" };
+            members.push(format!("{l}{}{r}{extra}", t.to_header().to_str().unwrap_or("")));
+        }
+        let one_line = members.join(",");
+        let mut h = HeaderMap::new();
+        h.insert(IF_MATCH, HeaderValue::from_str(&one_line).unwrap());
+        let want = Some(Condition::Tags(tags.clone()));
+        prop_assert_eq!(Preconditions::parse(&h).unwrap().if_match, want.clone());
+        // The same list over two field lines.
+        let split = split.min(members.len());
+        if split > 0 && split < members.len() {
+            let mut h = HeaderMap::new();
+            h.append(IF_NONE_MATCH, HeaderValue::from_str(&members[..split].join(",")).unwrap());
+            h.append(IF_NONE_MATCH, HeaderValue::from_str(&members[split..].join(",")).unwrap());
+            prop_assert_eq!(Preconditions::parse(&h).unwrap().if_none_match, want);
+        }
+    }
+
+    #[test]
+    fn star_alone_is_any_and_star_with_tags_is_an_error(tags in prop::collection::vec(pooled_tag(), 0..3)) {
+        let mut h = HeaderMap::new();
+        let list: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+        let value = if list.is_empty() { "*".to_owned() } else { format!("*, {}", list.join(", ")) };
+        h.insert(IF_MATCH, HeaderValue::from_str(&value).unwrap());
+        let parsed = Preconditions::parse(&h);
+        if tags.is_empty() {
+            prop_assert_eq!(parsed.unwrap().if_match, Some(Condition::Any));
+        } else {
+            prop_assert!(parsed.is_err());
+        }
+    }
+}
+
+// === §13.2.2 against a reference model ===
+
+/// Dates from a small pool of whole seconds, so that comparisons go both ways.
+fn date() -> impl Strategy<Value = SystemTime> {
+    (0u64..4).prop_map(|i| UNIX_EPOCH + Duration::from_secs(1_000_000_000 + i * 60))
+}
+
+fn condition() -> impl Strategy<Value = Option<Condition>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(Condition::Any)),
+        prop::collection::vec(pooled_tag(), 1..3).prop_map(|t| Some(Condition::Tags(t))),
+    ]
+}
+
+fn preconditions() -> impl Strategy<Value = Preconditions> {
+    (
+        condition(),
+        condition(),
+        prop::option::of(date()),
+        prop::option::of(date()),
+    )
+        .prop_map(
+            |(if_match, if_none_match, if_unmodified_since, if_modified_since)| Preconditions {
+                if_match,
+                if_none_match,
+                if_unmodified_since,
+                if_modified_since,
+                if_range_tag: false,
+            },
+        )
+}
+
+fn resource() -> impl Strategy<Value = Resource> {
+    (
+        any::<bool>(),
+        prop::option::of(pooled_tag()),
+        prop::option::of(date()),
+    )
+        .prop_map(|(exists, tag, last_modified)| Resource {
+            exists,
+            // A missing resource has neither tag nor date.
+            tag: tag.filter(|_| exists),
+            last_modified: last_modified.filter(|_| exists),
+        })
+}
+
+/// RFC 9110 §13.2.2, transcribed step by step, with §13.1.1–§13.1.4 inlined.
+fn model(p: &Preconditions, get_or_head: bool, r: &Resource) -> Decision {
+    // 1. If-Match: true if "*" and a current representation exists, or if any listed tag
+    //    matches the current one by the strong comparison.
+    if let Some(c) = &p.if_match {
+        let holds = match c {
+            Condition::Any => r.exists,
+            Condition::Tags(ts) => ts.iter().any(|t| {
+                r.tag.as_ref().is_some_and(|cur| {
+                    !t.is_weak() && !cur.is_weak() && t.to_string() == cur.to_string()
+                })
+            }),
+        };
+        if !holds {
+            return Decision::PreconditionFailed;
+        }
+    }
+    // 2. Else If-Unmodified-Since: false if the last modification is after the date;
+    //    ignored without a modification date.
+    if p.if_match.is_none() {
+        if let (Some(since), Some(lm)) = (p.if_unmodified_since, r.last_modified) {
+            if lm > since {
+                return Decision::PreconditionFailed;
+            }
+        }
+    }
+    // 3. If-None-Match: false if "*" and a representation exists, or if any listed tag
+    //    matches by the weak comparison (opaque strings equal). False: 304 for GET/HEAD.
+    if let Some(c) = &p.if_none_match {
+        let matches = match c {
+            Condition::Any => r.exists,
+            Condition::Tags(ts) => ts.iter().any(|t| {
+                r.tag.as_ref().is_some_and(|cur| {
+                    t.to_string().trim_start_matches("W/")
+                        == cur.to_string().trim_start_matches("W/")
+                })
+            }),
+        };
+        if matches {
+            return if get_or_head {
+                Decision::NotModified
+            } else {
+                Decision::PreconditionFailed
+            };
+        }
+    }
+    // 4. Else, GET/HEAD with If-Modified-Since: false (304) if not modified since the date.
+    if p.if_none_match.is_none() && get_or_head {
+        if let (Some(since), Some(lm)) = (p.if_modified_since, r.last_modified) {
+            if lm <= since {
+                return Decision::NotModified;
+            }
+        }
+    }
+    Decision::Proceed
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    #[test]
+    fn evaluation_follows_the_rfc_order(p in preconditions(), read in any::<bool>(), r in resource()) {
+        prop_assert_eq!(evaluate(&p, read, &r), model(&p, read, &r), "{:?} read={} {:?}", p, read, r);
+    }
+
+    #[test]
+    fn parsed_dates_are_evaluated_like_the_model(ius in prop::option::of(date()), ims in prop::option::of(date()), r in resource()) {
+        let mut h = HeaderMap::new();
+        if let Some(d) = ius { h.insert(IF_UNMODIFIED_SINCE, HeaderValue::from_str(&httpdate::fmt_http_date(d)).unwrap()); }
+        if let Some(d) = ims { h.insert(IF_MODIFIED_SINCE, HeaderValue::from_str(&httpdate::fmt_http_date(d)).unwrap()); }
+        let p = Preconditions::parse(&h).unwrap();
+        prop_assert_eq!(p.if_unmodified_since, ius);
+        prop_assert_eq!(evaluate(&p, true, &r), model(&p, true, &r));
+    }
+}
+
+// === path normalisation ===
+
+fn path() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("".to_owned()),
+            Just(".".to_owned()),
+            Just("..".to_owned()),
+            Just("%2E".to_owned()),
+            Just("%61".to_owned()),
+            Just("%2f".to_owned()),
+            Just("x%20y".to_owned()),
+        ],
+        0..8,
+    )
+    .prop_map(|segs| format!("/{}", segs.join("/")))
+}
+
+proptest! {
+    #[test]
+    fn normalisation_is_idempotent_and_leaves_no_dot_or_empty_segments(p in path()) {
+        let n = normalize_path(&p);
+        prop_assert_eq!(normalize_path(&n), n.clone());
+        prop_assert!(n.starts_with('/'));
+        prop_assert!(!n.contains("//"), "{}", n);
+        prop_assert!(!n.split('/').any(|s| s == "." || s == ".."), "{}", n);
+        prop_assert!(!n.contains("%61") && !n.contains("%2E"), "unreserved stays decoded: {}", n);
+    }
+
+    #[test]
+    fn dot_segments_and_doubled_slashes_do_not_change_the_key(p in path(), at in 0usize..8, how in 0u8..3) {
+        let segs: Vec<&str> = p.split('/').collect();
+        // Before the last segment: a trailing "." or ".." makes a directory ("/a/." is "/a/").
+        let at = 1 + at % (segs.len() - 1);
+        let mut v: Vec<&str> = segs.clone();
+        match how {
+            0 => v.insert(at, "."),
+            1 => v.insert(at, ""),
+            _ => { v.insert(at, ".."); v.insert(at, "zz"); }
+        }
+        prop_assert_eq!(normalize_path(&v.join("/")), normalize_path(&p));
+    }
+}
