@@ -1,5 +1,7 @@
 # ifmatch container image: build with the Rust toolchain, run on a small Debian base as a
-# non-root user. The config is read from /etc/ifmatch/ifmatch.toml (mount your own).
+# non-root user. The config is read from /etc/ifmatch/ifmatch.toml (mount your own; the
+# default is config/example.toml). No health-check tool is baked in: probe the admin port
+# (/healthz, /readyz) from the orchestrator, as config/kubernetes/pod.yaml does.
 #
 #   docker build -t ifmatch .
 #   docker run --rm -p 8080:8080 -v $PWD/config/example.toml:/etc/ifmatch/ifmatch.toml:ro ifmatch
@@ -23,6 +25,7 @@ COPY --from=build /src/target/release/ifmatch /usr/local/bin/ifmatch
 COPY config/example.toml /etc/ifmatch/ifmatch.toml
 USER 10001:10001
 ENV IFMATCH_CONFIG=/etc/ifmatch/ifmatch.toml
-EXPOSE 8080
+# 8080: the proxy; 9901: the admin listener (/healthz, /readyz, /metrics) for probes.
+EXPOSE 8080 9901
 ENTRYPOINT ["/usr/local/bin/ifmatch"]
 CMD ["--config", "/etc/ifmatch/ifmatch.toml"]
