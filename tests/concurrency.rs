@@ -27,30 +27,7 @@ async fn race(validation: &str) {
     for round in 0..ROUNDS {
         let tag = client.get(&url, &[]).await.etag();
         let writes_before = backend.store.writes();
-        let tasks: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let (client, url, tag) = (client.clone(), url.clone(), tag.clone());
-                tokio::spawn(async move {
-                    client
-                        .put(
-                            &url,
-                            &[("if-match", &tag)],
-                            format!("round {round} writer {w}"),
-                        )
-                        .await
-                        .status
-                })
-            })
-            .collect();
-        let mut won = 0;
-        let mut lost = 0;
-        for t in tasks {
-            match t.await.unwrap() {
-                204 => won += 1,
-                412 => lost += 1,
-                other => panic!("round {round}: unexpected status {other}"),
-            }
-        }
+        let (won, lost) = common::client::race(&client, &url, &tag, WRITERS, round).await;
         assert_eq!((won, lost), (1, WRITERS - 1), "{validation} round {round}");
         assert_eq!(
             backend.store.writes(),

@@ -212,29 +212,7 @@ async fn thirty_two_writers_in_front_of_nginx_one_wins() {
     assert_eq!(c.put(&url, &[], "v0").await.status, 201);
     for round in 0..10 {
         let tag = c.get(&url, &[]).await.etag();
-        let tasks: Vec<_> = (0..32)
-            .map(|w| {
-                let (c, url, tag) = (c.clone(), url.clone(), tag.clone());
-                tokio::spawn(async move {
-                    c.put(&url, &[("if-match", &tag)], format!("r{round}w{w}"))
-                        .await
-                        .status
-                })
-            })
-            .collect();
-        let mut statuses = Vec::new();
-        for t in tasks {
-            statuses.push(t.await.unwrap());
-        }
-        assert_eq!(
-            statuses.iter().filter(|&&s| s == 204).count(),
-            1,
-            "round {round}: {statuses:?}"
-        );
-        assert_eq!(
-            statuses.iter().filter(|&&s| s == 412).count(),
-            31,
-            "round {round}"
-        );
+        let (won, lost) = common::client::race(&c, &url, &tag, 32, round).await;
+        assert_eq!((won, lost), (1, 31), "round {round}");
     }
 }

@@ -87,24 +87,8 @@ async fn the_core_cases_behave_alike_on_every_protocol() {
 
         let tag = c.get(&url("/docs/a"), &[]).await.etag();
         let before = backend.store.writes();
-        let tasks: Vec<_> = (0..32)
-            .map(|i| {
-                let (c, u, t) = (c.clone(), url("/docs/a"), tag.clone());
-                tokio::spawn(
-                    async move { c.put(&u, &[("if-match", &t)], format!("w{i}")).await.status },
-                )
-            })
-            .collect();
-        let mut statuses = Vec::new();
-        for t in tasks {
-            statuses.push(t.await.unwrap());
-        }
-        assert_eq!(
-            statuses.iter().filter(|&&s| s == 204).count(),
-            1,
-            "{n}: {statuses:?}"
-        );
-        assert_eq!(statuses.iter().filter(|&&s| s == 412).count(), 31, "{n}");
+        let (won, lost) = common::client::race(c, &url("/docs/a"), &tag, 32, 0).await;
+        assert_eq!((won, lost), (1, 31), "{n}");
         assert_eq!(backend.store.writes(), before + 1, "{n}");
     }
 }

@@ -166,3 +166,34 @@ impl Client {
         self.send("DELETE", url, headers, Bytes::new()).await
     }
 }
+
+/// `writers` concurrent PUTs to `url`, all with `If-Match: tag`; returns how many got 204
+/// and how many 412, and panics on any other status. Each body is unique (`round`, writer):
+/// a write of the very bytes already there would leave the tag valid for the next writer.
+pub async fn race(
+    client: &Client,
+    url: &str,
+    tag: &str,
+    writers: usize,
+    round: usize,
+) -> (usize, usize) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (c, url, tag) = (client.clone(), url.to_owned(), tag.to_owned());
+            tokio::spawn(async move {
+                c.put(&url, &[("if-match", &tag)], format!("round {round} writer {w}"))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let (mut won, mut lost) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            204 => won += 1,
+            412 => lost += 1,
+            other => panic!("unexpected status {other} in a race on {url}"),
+        }
+    }
+    (won, lost)
+}
