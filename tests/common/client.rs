@@ -181,9 +181,13 @@ pub async fn race(
         .map(|w| {
             let (c, url, tag) = (client.clone(), url.to_owned(), tag.to_owned());
             tokio::spawn(async move {
-                c.put(&url, &[("if-match", &tag)], format!("round {round} writer {w}"))
-                    .await
-                    .status
+                c.put(
+                    &url,
+                    &[("if-match", &tag)],
+                    format!("round {round} writer {w}"),
+                )
+                .await
+                .status
             })
         })
         .collect();
