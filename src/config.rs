@@ -54,6 +54,8 @@ pub struct Server {
     pub tag_key: Option<TagKey>,
     /// The listener's TLS config (`[server.tls]`), built and checked at load.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Runtime worker threads; `None`: one per CPU the process may use.
+    pub workers: Option<usize>,
 }
 
 /// How the proxy learns a resource's current tag before a conditional write.
@@ -186,6 +188,7 @@ struct ServerToml {
     tag_key: Option<Spanned<String>>,
     tag_key_file: Option<Spanned<String>>,
     tls: Option<Spanned<TlsToml>>,
+    workers: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -416,7 +419,12 @@ impl Validator<'_> {
                 }
             }
         };
+        let workers = match &s.workers {
+            None => Some(None),
+            Some(_) => self.count(&s.workers, "server.workers", 1).map(Some),
+        };
         Some(Server {
+            workers: workers?,
             tls: tls?,
             tag_key: tag_key?,
             listen: listen?,
@@ -854,6 +862,20 @@ upstream = "http://localhost:9001/"
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn workers_default_to_the_cpu_count_and_must_be_positive() {
+        let route = "[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n";
+        let c =
+            Config::parse(&format!("[server]\nlisten = \"127.0.0.1:1\"\n{route}"), "t").unwrap();
+        assert_eq!(c.server.workers, None);
+        let text = format!("[server]\nlisten = \"127.0.0.1:1\"\nworkers = 1\n{route}");
+        assert_eq!(Config::parse(&text, "t").unwrap().server.workers, Some(1));
+        let p = problems(&format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 0\n{route}"
+        ));
+        assert_eq!((p[0].line, p[0].key.as_str()), (3, "server.workers"));
     }
 
     #[test]
