@@ -255,12 +255,10 @@ impl Config {
                 .unwrap_or_default(),
             problems: Vec::new(),
         };
-        let raw: ConfigToml = match toml::from_str(text) {
-            Ok(raw) => raw,
-            Err(e) => {
-                let line = e.span().map_or(1, |s| v.line_of(s.start));
-                let key = e.span().map(|s| v.key_at(s.start)).unwrap_or_default();
-                v.push_at_line(line, &key, e.message().trim_end().to_owned());
+        let raw = match schema_pass(&mut v) {
+            Some(raw) => raw,
+            None => {
+                v.problems.sort_by_key(|p| p.line);
                 return Err(ConfigError::Invalid(v.problems));
             }
         };
@@ -298,6 +296,7 @@ impl Config {
             }
             routes.extend(v.route(r));
         }
+        v.problems.sort_by_key(|p| p.line);
         match (server, v.problems.is_empty()) {
             (Some(server), true) => Ok(Config {
                 server,
@@ -307,6 +306,60 @@ impl Config {
             _ => Err(ConfigError::Invalid(v.problems)),
         }
     }
+}
+
+/// Deserialises the file into its schema, reporting every schema problem rather than only
+/// the first: serde stops at one error, so each error's line is recorded, blanked out, and
+/// the text parsed again (at most 50 times). A field reported missing only because its line
+/// was blanked is not reported again. `None` when any schema problem was found.
+fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
+    let mut text = v.text.to_owned();
+    let mut blanked_keys: Vec<String> = Vec::new();
+    for pass in 0..50 {
+        // A syntax error ends the search: what follows it cannot be read reliably. (Blanking
+        // a line could break a multi-line value, so later passes stop quietly instead.)
+        if let Err(e) = text.parse::<toml::Table>() {
+            if pass == 0 {
+                let line = e.span().map_or(1, |s| v.line_of(s.start));
+                v.push_at_line(line, "", e.message().trim_end().to_owned());
+            }
+            return None;
+        }
+        let e = match toml::from_str::<ConfigToml>(&text) {
+            Ok(raw) if v.problems.is_empty() => return Some(raw),
+            Ok(_) => return None,
+            Err(e) => e,
+        };
+        let message = e.message().trim_end().to_owned();
+        let consequence = blanked_keys
+            .iter()
+            .any(|k| message == format!("missing field `{k}`"));
+        let Some(span) = e.span() else {
+            if !consequence {
+                v.push_at_line(1, "", message);
+            }
+            return None;
+        };
+        let line = v.line_of(span.start);
+        let key = v.key_at(span.start);
+        if !consequence {
+            v.push_at_line(line, &key, message);
+        }
+        // Blank the offending line (keeping offsets) and look for the next problem.
+        let start = text[..span.start.min(text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        if start == end || text[start..end].trim().is_empty() {
+            return None;
+        }
+        if let Some(k) = key.rsplit('.').next().filter(|k| !k.is_empty()) {
+            blanked_keys.push(k.to_owned());
+        }
+        let blank = " ".repeat(end - start);
+        text.replace_range(start..end, &blank);
+    }
+    None
 }
 
 /// Turns spans into lines and collects every problem.
@@ -819,6 +872,23 @@ upstream = "http://localhost:9001/"
             p[0].message.contains("already defined at line 3"),
             "{}",
             p[0]
+        );
+    }
+
+    #[test]
+    fn every_schema_problem_is_reported_not_only_the_first() {
+        let p = problems(
+            "[server]\nlisten = \"127.0.0.1:1\"\nlistne = 1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nvalidation = \"never\"\nretries = 3\n",
+        );
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, "server.listne"),
+                (7, "route.validation"),
+                (8, "route.retries")
+            ],
+            "{p:?}"
         );
     }
 

@@ -153,3 +153,36 @@ async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
         .await;
     assert_eq!(r.status, 409);
 }
+
+#[test]
+fn check_reports_every_schema_problem_too() {
+    let (ok, out) = check(
+        "[server]\nlisten = \"127.0.0.1:8080\"\nlistne = 1\n[[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\nvalidation = \"never\"\nretries = 3\n",
+    );
+    assert!(!ok);
+    for needle in [
+        ":3: server.listne: unknown field",
+        ":7: route.validation: unknown variant",
+        ":8: route.retries: unknown field",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn the_config_path_can_come_from_ifmatch_config() {
+    let out = Command::new(BIN)
+        .arg("--check")
+        .env(
+            "IFMATCH_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("example.toml: ok"));
+}
