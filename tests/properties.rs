@@ -262,6 +262,8 @@ fn path() -> impl Strategy<Value = String> {
             Just("%61".to_owned()),
             Just("%2f".to_owned()),
             Just("x%20y".to_owned()),
+            // Bare and broken escapes next to real ones (a fuzz find: "%3%32").
+            "[%23]{1,6}",
         ],
         0..8,
     )
