@@ -54,10 +54,19 @@ fn main() -> ExitCode {
         );
     }
     telemetry::init(args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The config is loaded before the runtime exists: it says how many workers to start.
+    let config = match args.config.as_deref().filter(|_| !args.demo) {
+        Some(path) => match Config::load(path) {
+            Ok(c) => Some((path.to_owned(), c)),
+            Err(e) => {
+                eprintln!("ifmatch: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let workers = config.as_ref().and_then(|(_, c)| c.server.workers);
+    let runtime = match runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ifmatch: cannot start the runtime: {e}");
@@ -65,9 +74,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match &args.config {
-            Some(path) if !args.demo => run(path).await,
-            _ => ifmatch::demo::run_demo(args.listen, shutdown_signal()).await,
+        match config {
+            Some((path, config)) => run(path, config).await,
+            None => ifmatch::demo::run_demo(args.listen, shutdown_signal()).await,
         }
     });
     match result {
@@ -76,6 +85,24 @@ fn main() -> ExitCode {
             eprintln!("ifmatch: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One worker: a current-thread runtime, where a request, its upstream connection's task and
+/// the timers all run on one thread with no cross-thread wake-ups. More: a work-stealing
+/// runtime with that many workers (default: one per CPU the process may use).
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     }
 }
 
@@ -97,8 +124,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(path)?;
+async fn run(path: PathBuf, config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let proxy = Arc::new(Proxy::new(&config));
     let ready = Ready::default();
     // The admin listener is bound first (a bound proxy port then implies a bound admin
@@ -122,7 +148,7 @@ async fn run(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     tokio::spawn(lifecycle::reload_on_sighup(
-        path.to_owned(),
+        path,
         proxy.clone(),
         config.clone(),
     ));

@@ -38,14 +38,22 @@ async fn refused_within(addr: std::net::SocketAddr, within: Duration) -> bool {
     false
 }
 
-async fn graceful_stop_on(sig: &str) {
+/// Stops the binary with `sig` while a request is in flight; `threads` is how many threads
+/// the process must run meanwhile (main thread plus runtime workers).
+async fn graceful_stop_on(sig: &str, server_extra: &str, threads: usize) {
     let backend = slow_backend().await;
-    let mut bin = Binary::start(&config(&[("/", &backend.origin(), "")]), &[]).await;
+    let text = config(&[("/", &backend.origin(), "")]).replacen(
+        "[server]\n",
+        &format!("[server]\n{server_extra}\n"),
+        1,
+    );
+    let mut bin = Binary::start(&text, &[]).await;
     let in_flight = {
         let url = bin.url("/doc");
         tokio::spawn(async move { Client::new().get(&url, &[]).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(bin.threads(), threads, "threads with {server_extra:?}");
     bin.signal(sig);
     assert!(
         refused_within(bin.addr, Duration::from_secs(2)).await,
@@ -59,12 +67,18 @@ async fn graceful_stop_on(sig: &str) {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
-    graceful_stop_on("TERM").await;
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    graceful_stop_on("TERM", "", 1 + cpus).await;
+}
+
+#[tokio::test]
+async fn one_worker_runs_on_a_current_thread_runtime_and_still_drains_on_sigterm() {
+    graceful_stop_on("TERM", "workers = 1", 1).await;
 }
 
 #[tokio::test]
 async fn sigint_stops_gracefully_too() {
-    graceful_stop_on("INT").await;
+    graceful_stop_on("INT", "workers = 2", 3).await;
 }
 
 #[tokio::test]

@@ -81,6 +81,14 @@ impl Binary {
         me
     }
 
+    /// The process's threads now (Linux `/proc`).
+    #[allow(dead_code)]
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
