@@ -19,17 +19,27 @@ const BUCKETS: [f64; 12] = [
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: Counters<(String, &'static str, u16)>,
-    proxy_responses: Counters<(String, u16)>,
-    revalidations: Counters<String>,
-    untagged_large: Counters<String>,
-    upstream_latency: DashMap<String, Histogram>,
+    /// Keyed by route prefix; looked up by `&str`, so a request allocates nothing here.
+    routes: DashMap<String, RouteMetrics>,
     lock_wait: Histogram,
+}
+
+/// One route's figures.
+#[derive(Debug, Default)]
+struct RouteMetrics {
+    requests: Counters<(&'static str, u16)>,
+    proxy_responses: Counters<u16>,
+    revalidations: AtomicU64,
+    untagged_large: AtomicU64,
+    upstream_latency: Histogram,
 }
 
 type Counters<K> = DashMap<K, AtomicU64>;
 
-fn inc<K: std::hash::Hash + Eq + Clone>(map: &Counters<K>, key: K) {
+/// Exposition rows: a label set and its value.
+type Rows = Vec<(String, u64)>;
+
+fn inc<K: std::hash::Hash + Eq + Copy>(map: &Counters<K>, key: K) {
     if let Some(c) = map.get(&key) {
         c.fetch_add(1, Ordering::Relaxed);
         return;
@@ -112,31 +122,32 @@ fn esc(v: &str) -> String {
 impl Metrics {
     /// One finished request; `by_proxy` when the proxy made the response itself.
     pub fn request(&self, route: &str, method: &Method, status: u16, by_proxy: bool) {
-        inc(
-            &self.requests,
-            (route.to_owned(), method_label(method), status),
-        );
-        if by_proxy {
-            inc(&self.proxy_responses, (route.to_owned(), status));
-        }
+        self.route(route, |m| {
+            inc(&m.requests, (method_label(method), status));
+            if by_proxy {
+                inc(&m.proxy_responses, status);
+            }
+        });
     }
 
     pub fn revalidation(&self, route: &str) {
-        inc(&self.revalidations, route.to_owned());
+        self.route(route, |m| m.revalidations.fetch_add(1, Ordering::Relaxed));
     }
 
     pub fn untagged_large_body(&self, route: &str) {
-        inc(&self.untagged_large, route.to_owned());
+        self.route(route, |m| m.untagged_large.fetch_add(1, Ordering::Relaxed));
     }
 
     pub fn upstream_latency(&self, route: &str, d: Duration) {
-        if let Some(h) = self.upstream_latency.get(route) {
-            return h.observe(d);
+        self.route(route, |m| m.upstream_latency.observe(d));
+    }
+
+    /// Runs `f` on the route's figures, creating them on the route's first request.
+    fn route<T>(&self, route: &str, f: impl FnOnce(&RouteMetrics) -> T) -> T {
+        if let Some(m) = self.routes.get(route) {
+            return f(&m);
         }
-        self.upstream_latency
-            .entry(route.to_owned())
-            .or_default()
-            .observe(d);
+        f(&self.routes.entry(route.to_owned()).or_default())
     }
 
     pub fn lock_wait(&self, d: Duration) {
@@ -146,7 +157,7 @@ impl Metrics {
     /// The Prometheus text exposition (format 0.0.4), cache figures read from `tags`.
     pub fn render(&self, tags: &TagStore) -> String {
         let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, rows: Vec<(String, u64)>| {
+        let mut counter = |name: &str, help: &str, rows: Rows| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             let mut rows = rows;
             rows.sort();
@@ -154,54 +165,48 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {n}");
             }
         };
+        // Rows of one figure across routes, each with its label set.
+        let rows = |f: &dyn Fn(&str, &RouteMetrics) -> Rows| -> Rows {
+            self.routes
+                .iter()
+                .flat_map(|e| f(&esc(e.key()), e.value()))
+                .collect()
+        };
+        let value = |n: &AtomicU64| n.load(Ordering::Relaxed);
         counter(
             "ifmatch_requests_total",
             "Requests answered, by route, method and status.",
-            self.requests
-                .iter()
-                .map(|e| {
-                    let (r, m, s) = e.key();
-                    let labels = format!("{{route=\"{}\",method=\"{m}\",status=\"{s}\"}}", esc(r));
-                    (labels, e.value().load(Ordering::Relaxed))
-                })
-                .collect(),
+            rows(&|r, m| {
+                m.requests
+                    .iter()
+                    .map(|e| {
+                        let (method, status) = e.key();
+                        let labels =
+                            format!("{{route=\"{r}\",method=\"{method}\",status=\"{status}\"}}");
+                        (labels, value(e.value()))
+                    })
+                    .collect()
+            }),
         );
         counter(
             "ifmatch_proxy_responses_total",
             "Responses the proxy made itself (304, 400, 412, 428, 502, 503, 504, ...), by route and status.",
-            self.proxy_responses
-                .iter()
-                .map(|e| {
-                    let (r, s) = e.key();
-                    (format!("{{route=\"{}\",status=\"{s}\"}}", esc(r)), e.value().load(Ordering::Relaxed))
-                })
-                .collect(),
+            rows(&|r, m| {
+                m.proxy_responses
+                    .iter()
+                    .map(|e| (format!("{{route=\"{r}\",status=\"{}\"}}", e.key()), value(e.value())))
+                    .collect()
+            }),
         );
         counter(
             "ifmatch_revalidations_total",
             "GETs sent upstream to learn a resource's current tag before a write, by route.",
-            self.revalidations
-                .iter()
-                .map(|e| {
-                    (
-                        format!("{{route=\"{}\"}}", esc(e.key())),
-                        e.value().load(Ordering::Relaxed),
-                    )
-                })
-                .collect(),
+            rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.revalidations))]),
         );
         counter(
             "ifmatch_untagged_large_bodies_total",
             "GET bodies over max_tag_body, streamed through untagged, by route.",
-            self.untagged_large
-                .iter()
-                .map(|e| {
-                    (
-                        format!("{{route=\"{}\"}}", esc(e.key())),
-                        e.value().load(Ordering::Relaxed),
-                    )
-                })
-                .collect(),
+            rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.untagged_large))]),
         );
         let s = &tags.stats;
         counter(
@@ -234,15 +239,16 @@ impl Metrics {
             out,
             "# HELP ifmatch_upstream_latency_seconds Time from sending a request upstream to its response head, by route.\n# TYPE ifmatch_upstream_latency_seconds histogram"
         );
-        let mut routes: Vec<String> = self
-            .upstream_latency
-            .iter()
-            .map(|e| e.key().clone())
-            .collect();
+        let mut routes: Vec<String> = self.routes.iter().map(|e| e.key().clone()).collect();
         routes.sort();
         for r in routes {
-            if let Some(h) = self.upstream_latency.get(&r) {
-                h.write(
+            // Only routes that have sent something upstream (not `none`, say).
+            if let Some(m) = self
+                .routes
+                .get(&r)
+                .filter(|m| value(&m.upstream_latency.count) > 0)
+            {
+                m.upstream_latency.write(
                     &mut out,
                     "ifmatch_upstream_latency_seconds",
                     &format!("route=\"{}\"", esc(&r)),
