@@ -64,13 +64,8 @@ const MAX_HEAD: usize = 1 << 20;
 
 #[derive(Debug)]
 enum State {
-    /// Reading a request head; `line` holds the current line, `lines` the finished ones.
-    Head {
-        line: Vec<u8>,
-        lines: Vec<Vec<u8>>,
-        bare_lf: bool,
-        size: usize,
-    },
+    /// Reading a request head, a line at a time.
+    Head(Head),
     /// Skipping a `Content-Length` body.
     Body(u64),
     /// A chunked body: the chunk-size line.
@@ -86,11 +81,48 @@ enum State {
 
 impl State {
     fn head() -> Self {
-        Self::Head {
-            line: Vec::new(),
-            lines: Vec::new(),
-            bare_lf: false,
-            size: 0,
+        Self::Head(Head::default())
+    }
+}
+
+/// What a head has shown so far. Each line is judged as it ends, so a head costs one
+/// reused line buffer, not an allocation per field.
+#[derive(Debug, Default)]
+struct Head {
+    /// The current line.
+    line: Vec<u8>,
+    /// Bytes of the head so far.
+    size: usize,
+    /// The request line has been read (empty lines before it are skipped).
+    started: bool,
+    bare_lf: bool,
+    /// `Content-Length` fields seen, and the first one's value.
+    lengths: usize,
+    length: Option<u64>,
+    /// A `Transfer-Encoding` field was seen; its last coding is `chunked`.
+    encoded: bool,
+    chunked: bool,
+}
+
+impl Head {
+    /// Takes in one header field line (without its line end).
+    fn field(&mut self, line: &[u8]) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.lengths += 1;
+            if self.lengths == 1 {
+                // Unparseable: `None`, and the tracker stops following this connection.
+                self.length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.encoded = true;
+            self.chunked = value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         }
     }
 }
@@ -156,76 +188,69 @@ impl Tracker {
                         }
                     };
                 }
-                State::Head {
-                    line,
-                    lines,
-                    bare_lf,
-                    size,
-                } => {
-                    let b = bytes[0];
-                    bytes = &bytes[1..];
-                    *size += 1;
-                    if *size > MAX_HEAD {
+                State::Head(head) => {
+                    // A line at a time, not a byte at a time: this runs on every request.
+                    let end = bytes.iter().position(|&b| b == b'\n');
+                    let take = end.map_or(bytes.len(), |i| i + 1);
+                    head.size += take;
+                    if head.size > MAX_HEAD {
                         self.state = State::Off;
                         continue;
                     }
-                    if b != b'\n' {
-                        line.push(b);
-                        continue;
-                    }
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
+                    let Some(end) = end else {
+                        head.line.extend_from_slice(bytes);
+                        return;
+                    };
+                    head.line.extend_from_slice(&bytes[..end]);
+                    bytes = &bytes[end + 1..];
+                    if head.line.last() == Some(&b'\r') {
+                        head.line.pop();
                     } else {
-                        *bare_lf = true;
+                        head.bare_lf = true;
                     }
-                    let done = std::mem::take(line);
-                    if !done.is_empty() {
-                        lines.push(done);
-                    } else if !lines.is_empty() {
-                        let (lines, bare_lf) = (std::mem::take(lines), *bare_lf);
-                        self.end_of_head(&lines, bare_lf);
-                    } else {
+                    let mut line = std::mem::take(&mut head.line);
+                    if line.is_empty() && !head.started {
                         // Empty lines before a request line are skipped (RFC 9112 §2.2).
-                        *bare_lf = false;
+                        head.bare_lf = false;
+                    } else if line.is_empty() {
+                        let head = std::mem::take(head);
+                        self.end_of_head(head);
+                        if let State::Head(next) = &mut self.state {
+                            // The next head reuses the line buffer.
+                            line.clear();
+                            next.line = line;
+                        }
+                        continue;
+                    } else if !head.started {
+                        if line.starts_with(b"PRI * HTTP/2.0") {
+                            self.state = State::Off;
+                            continue;
+                        }
+                        head.started = true;
+                    } else {
+                        head.field(&line);
                     }
+                    line.clear();
+                    head.line = line;
                 }
             }
         }
     }
 
-    fn end_of_head(&mut self, lines: &[Vec<u8>], bare_lf: bool) {
-        if lines[0].starts_with(b"PRI * HTTP/2.0") {
-            self.state = State::Off;
-            return;
-        }
-        let mut lengths = Vec::new();
-        let mut chunked = false;
-        let mut encoded = false;
-        for l in &lines[1..] {
-            let Some(colon) = l.iter().position(|&b| b == b':') else {
-                continue;
-            };
-            let name = String::from_utf8_lossy(&l[..colon]).to_ascii_lowercase();
-            let value = String::from_utf8_lossy(&l[colon + 1..])
-                .trim()
-                .to_ascii_lowercase();
-            match name.as_str() {
-                "content-length" => lengths.push(value),
-                "transfer-encoding" => {
-                    encoded = true;
-                    chunked = value
-                        .rsplit(',')
-                        .next()
-                        .is_some_and(|c| c.trim() == "chunked");
-                }
-                _ => {}
-            }
-        }
+    fn end_of_head(&mut self, head: Head) {
+        let Head {
+            bare_lf,
+            lengths,
+            length,
+            encoded,
+            chunked,
+            ..
+        } = head;
         let verdict = if bare_lf {
             Err(FramingError::BareLf)
-        } else if lengths.len() > 1 {
-            Err(FramingError::RepeatedContentLength(lengths.len()))
-        } else if encoded && !lengths.is_empty() {
+        } else if lengths > 1 {
+            Err(FramingError::RepeatedContentLength(lengths))
+        } else if encoded && lengths > 0 {
             Err(FramingError::LengthAndEncoding)
         } else {
             Ok(())
@@ -240,11 +265,11 @@ impl Tracker {
             State::Off
         } else if chunked {
             State::ChunkSize(Vec::new())
-        } else if let Some(n) = lengths.first() {
-            match n.parse::<u64>() {
-                Ok(0) => State::head(),
-                Ok(n) => State::Body(n),
-                Err(_) => State::Off,
+        } else if lengths == 1 {
+            match length {
+                Some(0) => State::head(),
+                Some(n) => State::Body(n),
+                None => State::Off,
             }
         } else if encoded {
             State::Off

@@ -88,7 +88,11 @@ impl Routing {
 
 /// The size of a request head as sent: request line and header lines.
 fn head_size<B>(req: &Request<B>) -> u64 {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     let fields: usize = req
         .headers()
         .iter()

@@ -172,11 +172,11 @@ async fn serve_connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = Peer { addr, scheme };
+    let peer = Peer::new(addr, scheme);
     let verdicts = Verdicts::default();
     let io = Inspected::new(io, verdicts.clone());
     let service = service_fn(move |req: Request<Incoming>| {
-        let proxy = proxy.clone();
+        let (proxy, peer) = (proxy.clone(), peer.clone());
         let verdict = match req.version() {
             Version::HTTP_2 => None,
             _ => verdicts

@@ -28,11 +28,21 @@ use crate::error::Error;
 pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
 
 /// Who sent a request, as the proxy saw it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     /// `"http"` or `"https"`: the scheme of the listener, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
+    /// The client's IP as an `X-Forwarded-For` element, formatted once per connection.
+    ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, scheme: &'static str) -> Self {
+        let ip = HeaderValue::try_from(addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Self { addr, scheme, ip }
+    }
 }
 
 type Connector = HttpsConnector<HttpConnector>;
@@ -178,28 +188,40 @@ fn find_tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ru
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// proxy-only ones: none of them is forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    // One scan of the names: most heads carry none, and each removal costs a hash lookup.
+    let mut found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    if found.contains(&header::CONNECTION) {
+        found.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+        );
+    }
+    for name in &found {
         headers.remove(name);
     }
 }
@@ -245,16 +267,16 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
         }
     }
 
-    let ip = peer.addr.ip().to_string();
     let xff = HeaderName::from_static("x-forwarded-for");
     let forwarded_for = match h.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+        Some(prior) => {
+            let ip = peer.ip.to_str().expect("formatted from an IP address");
+            HeaderValue::try_from(format!("{prior}, {ip}"))
+                .expect("a valid value, a comma and an IP form a valid value")
+        }
+        None => peer.ip.clone(),
     };
-    h.insert(
-        xff,
-        HeaderValue::from_str(&forwarded_for).expect("IP addresses are valid header values"),
-    );
+    h.insert(xff, forwarded_for);
     h.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(peer.scheme),
