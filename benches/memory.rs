@@ -1,0 +1,257 @@
+//! Memory: the tag cache's bound and the per-request body buffer, on the release binary.
+//!
+//!     cargo build --release && cargo bench --bench memory -- [--urls 1000000] [--big 2000]
+//!
+//! Phase 1 sends one GET to each of `--urls` distinct URLs through a proxy whose
+//! `tag_cache_entries` is 100,000, and every 100,000 requests reads the proxy's RSS and its
+//! `/metrics` (cache entries, evictions). Phase 2 sends `--big` GETs of a 4 MiB body through
+//! a route with `max_tag_body = "1MiB"` (streamed untagged) and samples RSS meanwhile. The
+//! backend is a small hyper server in this process; everything stays on 127.0.0.1. It fails
+//! (exit 1) if the cache ever holds more entries than its bound or a request fails.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const ENTRIES: u64 = 100_000;
+const CLIENTS: u64 = 16;
+const BIG: usize = 4 << 20;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| args[i + 1].parse().expect("a number"))
+            .unwrap_or(default)
+    };
+    let (urls, big) = (arg("--urls", 1_000_000), arg("--big", 2_000));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ok = rt.block_on(run(urls, big));
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn wait_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The backend: `/small/N` answers a short body naming N, `/big/N` 4 MiB (one shared buffer).
+async fn backend(listener: tokio::net::TcpListener) {
+    let big = Bytes::from(vec![b'x'; BIG]);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let big = big.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body = if req.uri().path().starts_with("/big/") {
+                    big.clone()
+                } else {
+                    Bytes::from(format!("{{\"doc\":\"{}\"}}", req.uri().path()))
+                };
+                async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(body))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// One figure from the proxy's `/metrics`.
+async fn metric(client: &Client<HttpConnector, Empty<Bytes>>, admin: u16, name: &str) -> u64 {
+    let uri = format!("http://127.0.0.1:{admin}/metrics");
+    let rsp = client.get(uri.parse().unwrap()).await.unwrap();
+    let text = rsp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends GETs for `path(i)`, i in `from..to`, from `CLIENTS` tasks; returns the failures.
+async fn load(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    base: &str,
+    (from, to): (u64, u64),
+    path: fn(u64) -> String,
+) -> u64 {
+    let next = Arc::new(AtomicU64::new(from));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, next, failed, base) = (
+            client.clone(),
+            next.clone(),
+            failed.clone(),
+            base.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to {
+                    break;
+                }
+                let uri = format!("{base}{}", path(i)).parse().unwrap();
+                let ok = match client.get(uri).await {
+                    Ok(rsp) if rsp.status() == 200 => rsp.into_body().collect().await.is_ok(),
+                    _ => false,
+                };
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    failed.load(Ordering::Relaxed)
+}
+
+async fn run(urls: u64, big: u64) -> bool {
+    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ifmatch");
+    assert!(
+        std::path::Path::new(bin).exists(),
+        "build it first: cargo build --release"
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_port = listener.local_addr().unwrap().port();
+    tokio::spawn(backend(listener));
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("ifmatch-memory-{proxy_port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("ifmatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\ntag_cache_entries = {ENTRIES}\n\
+             workers = 1\ntag_key = \"{key}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+             [[route]]\nprefix = \"/small/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
+             validation = \"cached\"\n\
+             [[route]]\nprefix = \"/big/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
+             max_tag_body = \"1MiB\"\n",
+            key = "m".repeat(32)
+        ),
+    )
+    .unwrap();
+    let mut proxy = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(([127, 0, 0, 1], proxy_port).into()).await;
+    let pid = proxy.id();
+    // The highest RSS seen since the last report, sampled every 50 ms while requests run.
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let base = format!("http://127.0.0.1:{proxy_port}");
+    let mut ok = true;
+
+    let start_rss = rss_kib(pid);
+    println!(
+        "memory: {bin} (pid {pid}), tag_cache_entries = {ENTRIES}, RSS at start {:.1} MiB\n",
+        mib(start_rss)
+    );
+    println!("| distinct URLs | cache entries | evictions | peak RSS MiB | RSS growth per 100k entries |");
+    println!("|---:|---:|---:|---:|---:|");
+    let started = Instant::now();
+    let (mut over_bound, mut failed) = (false, 0);
+    let step = 100_000;
+    for from in (0..urls).step_by(step as usize) {
+        let to = (from + step).min(urls);
+        failed += load(&client, &base, (from, to), |i| format!("/small/{i}")).await;
+        let entries = metric(&client, admin_port, "ifmatch_tag_cache_entries").await;
+        let evictions = metric(&client, admin_port, "ifmatch_tag_cache_evictions_total").await;
+        let rss = peak.swap(0, Ordering::Relaxed).max(rss_kib(pid));
+        over_bound |= entries > ENTRIES;
+        let per_100k = mib(rss.saturating_sub(start_rss)) * 100_000.0 / entries.max(1) as f64;
+        println!(
+            "| {to} | {entries} | {evictions} | {:.1} | {per_100k:.1} MiB |",
+            mib(rss)
+        );
+    }
+    println!(
+        "\n{urls} GETs in {:.0} s, {failed} failed; cache over its bound: {over_bound}\n",
+        started.elapsed().as_secs_f64()
+    );
+    ok &= failed == 0 && !over_bound;
+
+    println!("| 4 MiB GETs (max_tag_body 1 MiB) | peak RSS MiB | untagged (metric) |");
+    println!("|---:|---:|---:|");
+    let step = (big / 8).max(1);
+    let mut failed = 0;
+    for from in (0..big).step_by(step as usize) {
+        let to = (from + step).min(big);
+        failed += load(&client, &base, (from, to), |i| format!("/big/{}", i % 64)).await;
+        let untagged = metric(
+            &client,
+            admin_port,
+            "ifmatch_untagged_large_bodies_total{route=\"/big/\"}",
+        )
+        .await;
+        let rss = peak.swap(0, Ordering::Relaxed).max(rss_kib(pid));
+        println!("| {to} | {:.1} | {untagged} |", mib(rss));
+    }
+    println!("\n{big} GETs of 4 MiB, {failed} failed");
+    ok &= failed == 0;
+
+    sampler.abort();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("memory: {}", if ok { "PASS" } else { "FAIL" });
+    ok
+}
