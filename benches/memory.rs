@@ -9,7 +9,9 @@
 //! backend is a small hyper server in this process; everything stays on 127.0.0.1. It fails
 //! (exit 1) if the cache ever holds more entries than its bound or a request fails.
 
-use std::net::SocketAddr;
+mod support;
+use support::{free_port, rss_kib, wait_port};
+
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,33 +46,8 @@ fn main() {
     std::process::exit(if ok { 0 } else { 1 });
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-async fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{addr} did not come up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The backend: `/small/N` answers a short body naming N, `/big/N` 4 MiB (one shared buffer).

@@ -10,8 +10,10 @@
 //! request got only the statuses it may get, and that the backend received exactly the
 //! writes that were answered 2xx or 409 (412s never reach it). Traffic stays on 127.0.0.1.
 
+mod support;
+use support::{free_port, rss_kib, wait_port};
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,14 +80,6 @@ fn run_backend(port: u16) {
     });
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A placeholder child while a backend is being replaced.
 fn spawn_backend_later() -> Child {
     Command::new("true").spawn().unwrap()
@@ -98,23 +92,6 @@ fn spawn_backend(port: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-async fn wait_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{addr} did not come up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Stops a backend incarnation with SIGTERM and returns the writes it received.
