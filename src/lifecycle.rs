@@ -72,6 +72,9 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
             if config.server.tag_cache_entries != running.server.tag_cache_entries {
                 tracing::warn!("server.tag_cache_entries changed: it takes effect after a restart");
             }
+            if config.server.workers != running.server.workers {
+                tracing::warn!("server.workers changed: it takes effect after a restart");
+            }
             proxy.reload(&config);
             tracing::info!(
                 config = %path.display(),

@@ -100,13 +100,21 @@ async fn sighup_swaps_in_a_valid_config_keeping_in_flight_requests_and_the_tag_c
         tokio::spawn(async move { Client::new().get(&url, &[]).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    bin.write_config(&config(&[
+    // Also a change that only a restart can apply: the reload says so and goes on.
+    let text = config(&[
         ("/docs/", &store.origin(), "validation = \"cached\""),
         ("/new/", &store.origin(), ""),
-    ]));
+    ])
+    .replacen("[server]\n", "[server]\nworkers = 1\n", 1);
+    bin.write_config(&text);
     bin.signal("HUP");
     bin.wait_for_log("config reloaded", Duration::from_secs(5))
         .await;
+    bin.wait_for_log(
+        "server.workers changed: it takes effect after a restart",
+        Duration::from_secs(1),
+    )
+    .await;
 
     assert_eq!(
         in_flight.await.unwrap().status,
