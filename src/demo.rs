@@ -279,7 +279,7 @@ The config it runs:{toml}
 Try, in another terminal:
 
   curl -i {u}
-      200, with ETag: {tag}   (SHA-256 of the body)
+      200, with ETag: {tag}   (keyed SHA-256 of the body)
   curl -i {u} -H 'If-None-Match: {tag}'
       304 Not Modified
   curl -i -X PUT {u} -H 'If-Match: {tag}' -d '{{"title":"v2"}}'

@@ -82,3 +82,30 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
     assert_eq!(access[1]["upstream_status"], 204);
     assert_eq!(access[2]["upstream_status"], 200, "the revalidation GET");
 }
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_are_plain_text_with_the_access_fields() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "doc a");
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{}\"\n",
+        store.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    assert_eq!(
+        Client::new().get(&bin.url("/docs/a"), &[]).await.status,
+        200
+    );
+    let line = bin
+        .wait_for_log("ifmatch::access", Duration::from_secs(5))
+        .await;
+    assert!(
+        line.contains("status=200") && line.contains("path=\"/docs/a\""),
+        "{line}"
+    );
+    let log = bin.log();
+    assert!(
+        !log.iter().any(|l| l.contains('\u{1b}')),
+        "no terminal colour codes in a piped log: {log:?}"
+    );
+}
