@@ -10,9 +10,8 @@
 //! (exit 1) if the cache ever holds more entries than its bound or a request fails.
 
 mod support;
-use support::{free_port, rss_kib, wait_port};
+use support::{free_port, rss_kib};
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,11 +125,7 @@ async fn load(
 }
 
 async fn run(urls: u64, big: u64) -> bool {
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ifmatch");
-    assert!(
-        std::path::Path::new(bin).exists(),
-        "build it first: cargo build --release"
-    );
+    let bin = support::BIN;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_port = listener.local_addr().unwrap().port();
     tokio::spawn(backend(listener));
@@ -151,15 +146,7 @@ async fn run(urls: u64, big: u64) -> bool {
         ),
     )
     .unwrap();
-    let mut proxy = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_port(([127, 0, 0, 1], proxy_port).into()).await;
+    let mut proxy = support::start_proxy(&config, proxy_port).await;
     let pid = proxy.id();
     // The highest RSS seen since the last report, sampled every 50 ms while requests run.
     let peak = Arc::new(AtomicU64::new(0));

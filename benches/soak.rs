@@ -109,11 +109,7 @@ fn stop_backend(mut child: Child, port: u16) -> u64 {
 }
 
 async fn soak(duration: Duration) -> bool {
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ifmatch");
-    assert!(
-        std::path::Path::new(bin).exists(),
-        "build it first: cargo build --release"
-    );
+    let bin = support::BIN;
     let backend_port = free_port();
     let proxy_port = free_port();
     let dir = std::env::temp_dir().join(format!("ifmatch-soak-{proxy_port}"));
@@ -134,15 +130,7 @@ async fn soak(duration: Duration) -> bool {
     let writes_before_restarts = Arc::new(AtomicU64::new(0));
     let mut backend = spawn_backend(backend_port);
     wait_port(([127, 0, 0, 1], backend_port).into()).await;
-    let mut proxy = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_port(([127, 0, 0, 1], proxy_port).into()).await;
+    let mut proxy = support::start_proxy(&config, proxy_port).await;
     let pid = proxy.id();
     println!(
         "soak: {duration:?} of load through {bin} (pid {pid}), {CLIENTS} clients, {DOCS} documents"

@@ -1,6 +1,8 @@
 //! What the release-binary benches share: ports, readiness and RSS on loopback.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn free_port() -> u16 {
@@ -26,4 +28,25 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The release binary, which these benches measure (not the debug build tests use).
+pub const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/ifmatch");
+
+/// Starts the release binary with `config` (quiet logs) and waits until `port` accepts.
+pub async fn start_proxy(config: &Path, port: u16) -> Child {
+    assert!(
+        Path::new(BIN).exists(),
+        "build it first: cargo build --release"
+    );
+    let proxy = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(([127, 0, 0, 1], port).into()).await;
+    proxy
 }
