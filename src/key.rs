@@ -3,9 +3,10 @@
 //! Key = upstream origin + normalised path + `?query`. The path is normalised by RFC 3986
 //! §6.2.2 (percent-encodings of unreserved characters decoded, the hex digits of the others
 //! upper-cased, dot-segments removed) and runs of `/` are merged, as nginx and most servers
-//! do. A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
-//! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`). So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
-//! tag. The query is kept byte for byte: backends disagree on what it means. The request is
+//! do. So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
+//! tag. A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
+//! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
+//! The query is kept byte for byte: backends disagree on what it means. The request is
 //! still forwarded with the path the client sent; only routing and keys use the normal form.
 
 use std::sync::Arc;

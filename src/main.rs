@@ -92,18 +92,14 @@ fn main() -> ExitCode {
 /// the timers all run on one thread with no cross-thread wake-ups. More: a work-stealing
 /// runtime with that many workers (default: one per CPU the process may use).
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(n) = workers.filter(|&n| n > 1) {
+        builder.worker_threads(n);
     }
+    builder.enable_all().build()
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
