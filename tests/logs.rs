@@ -8,14 +8,16 @@ use std::time::Duration;
 use common::binary::Binary;
 use common::{Backend, Client};
 
+/// A config with one `/docs/` route to `origin` (the listen address filled in by `Binary`).
+fn docs_route(origin: &str) -> String {
+    format!("[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{origin}\"\n")
+}
+
 #[tokio::test]
 async fn json_access_lines_carry_the_fields_and_no_secret() {
     let store = Backend::start().await;
     store.store.put("/docs/a", "SECRET-DOC-BODY");
-    let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{}\"\n",
-        store.origin()
-    );
+    let config = docs_route(&store.origin());
     let bin = Binary::start(&config, &["--log-format", "json"]).await;
     let c = Client::new();
     let secrets = [
@@ -87,10 +89,7 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
 async fn text_logs_to_a_pipe_are_plain_text_with_the_access_fields() {
     let store = Backend::start().await;
     store.store.put("/docs/a", "doc a");
-    let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{}\"\n",
-        store.origin()
-    );
+    let config = docs_route(&store.origin());
     let bin = Binary::start(&config, &[]).await;
     assert_eq!(
         Client::new().get(&bin.url("/docs/a"), &[]).await.status,
