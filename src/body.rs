@@ -1,5 +1,6 @@
 //! Response bodies: one type for everything the proxy sends, and the bounded read that hashes
-//! a GET body while it arrives.
+//! a GET body while it arrives. Request bodies: the wrapper that hashes a PUT body on its way
+//! upstream (routes with `tag_puts`).
 //!
 //! A tagged body is kept as the chunks the upstream sent; they are hashed as they arrive and
 //! sent on as they are, never concatenated. A body longer than the route's limit stops being
@@ -8,6 +9,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -124,6 +126,95 @@ impl Body for ProxyBody {
     }
 }
 
+/// A request body sent on unchanged, optionally hashed on the way: once the last byte has
+/// been handed to the connection, the tag of exactly the bytes sent is set in the slot that
+/// [`Hashed::tee`] returned. A body that fails or is cut short leaves the slot empty.
+pub struct Hashed<B> {
+    inner: B,
+    tee: Option<(TagHasher, Arc<OnceLock<ETag>>)>,
+}
+
+// === impl Hashed ===
+
+impl<B: std::fmt::Debug> std::fmt::Debug for Hashed<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hashed")
+            .field("inner", &self.inner)
+            .field("hashing", &self.tee.is_some())
+            .finish()
+    }
+}
+
+impl<B: Body<Data = Bytes>> Hashed<B> {
+    /// `inner`, not hashed.
+    pub fn plain(inner: B) -> Self {
+        Self { inner, tee: None }
+    }
+
+    /// `inner`, hashed by `hasher` as it is sent.
+    pub fn tee(inner: B, hasher: TagHasher) -> (Self, Arc<OnceLock<ETag>>) {
+        let slot = Arc::new(OnceLock::new());
+        let mut body = Self {
+            inner,
+            tee: Some((hasher, slot.clone())),
+        };
+        // An empty body is never polled: its tag is known now.
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        (body, slot)
+    }
+
+    fn finish(&mut self) {
+        if let Some((hasher, slot)) = self.tee.take() {
+            let _ = slot.set(hasher.finish());
+        }
+    }
+}
+
+impl<B> Body for Hashed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.tee.is_none() {
+            return polled;
+        }
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some((hasher, _))) = (frame.data_ref(), this.tee.as_mut()) {
+                    hasher.update(data);
+                }
+                // The connection stops polling once the body says it has ended, so the
+                // last data frame may be the last poll.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.tee = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The outcome of reading a body for tagging.
 #[derive(Debug)]
 pub enum Collected {
@@ -194,5 +285,62 @@ mod tests {
         assert!(!b.is_end_stream());
         assert_eq!(ProxyBody::empty().size_hint().exact(), Some(0));
         assert!(ProxyBody::empty().is_end_stream());
+    }
+
+    fn key() -> crate::etag::TagKey {
+        crate::etag::TagKey::new(b"body-tests-key-0123456789abcdef0")
+    }
+
+    /// A body of the given frames, then its end; it never reports the end early.
+    struct Chunks(VecDeque<Result<&'static str, &'static str>>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = &'static str;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+            let next = self.0.pop_front();
+            Poll::Ready(next.map(|i| i.map(|s| Frame::data(Bytes::from(s)))))
+        }
+    }
+
+    fn chunks(items: Vec<Result<&'static str, &'static str>>) -> Chunks {
+        Chunks(items.into())
+    }
+
+    #[tokio::test]
+    async fn a_hashed_body_is_sent_unchanged_and_tagged_once_it_ends() {
+        use http_body_util::BodyExt;
+        let body = chunks(vec![Ok("ab"), Ok("c"), Ok("de")]);
+        let (hashed, sent) = Hashed::tee(body, key().hasher());
+        assert!(sent.get().is_none(), "no tag before the body went up");
+        let bytes = hashed.collect().await.unwrap().to_bytes();
+        assert_eq!(bytes, "abcde");
+        assert_eq!(sent.get(), Some(&key().tag_of(b"abcde")));
+    }
+
+    #[tokio::test]
+    async fn a_body_whose_last_frame_ends_it_is_tagged_without_another_poll() {
+        // `Full` reports its end right after its one frame; hyper then stops polling.
+        let full = http_body_util::Full::new(Bytes::from("whole"));
+        let (mut hashed, sent) = Hashed::tee(full, key().hasher());
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut hashed).poll_frame(cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "whole");
+        assert!(hashed.is_end_stream());
+        assert_eq!(sent.get(), Some(&key().tag_of(b"whole")));
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_tagged_at_once_and_a_failed_one_never() {
+        use http_body_util::BodyExt;
+        let (_, sent) = Hashed::tee(http_body_util::Empty::<Bytes>::new(), key().hasher());
+        assert_eq!(sent.get(), Some(&key().tag_of(b"")));
+
+        let (hashed, sent) = Hashed::tee(chunks(vec![Ok("ab"), Err("cut")]), key().hasher());
+        assert!(hashed.collect().await.is_err());
+        assert!(sent.get().is_none(), "a body cut short has no tag");
     }
 }

@@ -87,6 +87,10 @@ pub struct Route {
     /// Representations differ by user: never trust a remembered tag, always revalidate
     /// with the writer's own credentials (for `validation = "cached"`).
     pub per_user: bool,
+    /// The backend stores a PUT body as the new representation, byte for byte (WebDAV, object
+    /// stores): a successful PUT's body tag is remembered and sent back as its `ETag`, so the
+    /// next write needs no revalidation.
+    pub tag_puts: bool,
     /// For an `https://` upstream: the CA file to trust instead of the platform's roots,
     /// and the client config built from it at load.
     pub ca_file: Option<PathBuf>,
@@ -214,6 +218,7 @@ struct RouteToml {
     preserve_host: bool,
     #[serde(default)]
     per_user: bool,
+    tag_puts: Option<Spanned<bool>>,
     ca_file: Option<Spanned<String>>,
 }
 
@@ -607,6 +612,17 @@ impl Validator<'_> {
             },
             (None, _) => Some(None),
         };
+        let tag_puts = r.tag_puts.as_ref().is_some_and(|t| *t.get_ref());
+        if let Some(t) = r.tag_puts.as_ref().filter(|_| tag_puts && r.per_user) {
+            self.push(
+                t,
+                "route.tag_puts",
+                "tag_puts cannot be used with per_user = true: a per-user representation is \
+                 not the PUT body every user reads back"
+                    .into(),
+            );
+            return None;
+        }
         Some(Route {
             host,
             prefix: prefix_ok.then(|| prefix.clone())?,
@@ -621,6 +637,7 @@ impl Validator<'_> {
             lock_timeout: lock_timeout?,
             preserve_host: r.preserve_host,
             per_user: r.per_user,
+            tag_puts,
             ca_file,
             upstream_tls: upstream_tls?,
         })
@@ -844,6 +861,18 @@ upstream = "http://localhost:9001/"
                 6,
                 "route.max_tag_body",
                 "not a size",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nper_user = true\ntag_puts = true\n",
+                7,
+                "route.tag_puts",
+                "cannot be used with per_user",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\ntag_puts = \"yes\"\n",
+                6,
+                "route.tag_puts",
+                "invalid type",
             ),
             ("[server]\nlisten = \"127.0.0.1:1\"\n", 1, "route", "no [[route]]"),
             ("[server\nlisten = 1\n", 1, "", "unclosed table"),

@@ -83,6 +83,12 @@ impl Preconditions {
             || self.if_unmodified_since.is_some()
     }
 
+    /// A write's outcome depends on the modification date: `If-Unmodified-Since` without
+    /// an `If-Match` to take precedence (§13.2.2).
+    pub fn compares_dates(&self) -> bool {
+        self.if_match.is_none() && self.if_unmodified_since.is_some()
+    }
+
     /// Evaluating these preconditions needs the resource's current state.
     pub fn needs_current(&self) -> bool {
         self.guards_write() || self.if_modified_since.is_some()

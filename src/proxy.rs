@@ -324,7 +324,7 @@ impl Proxy {
             self.metrics.lock_wait(waited.elapsed());
         }
         if pre.guards_write() {
-            let current = match self.current(rt, route, key, &parts, ex).await? {
+            let current = match self.current(rt, route, key, pre, &parts, ex).await? {
                 Current::Known(resource) => resource,
                 Current::Answer(rsp) => {
                     ex.upstream_status = Some(rsp.status());
@@ -344,8 +344,14 @@ impl Proxy {
             tags: &self.tags,
             keys: [Some(key.clone()), destination],
         });
-        let req = Request::from_parts(parts, rt.upstream.limit(body));
-        let rsp = self.send(rt, route, req).await?;
+        let (body, sent) = if route.tag_puts && stores_verbatim(&parts) {
+            let (body, sent) = rt.upstream.limit_hashed(body, rt.tag_key.hasher());
+            (body, Some(sent))
+        } else {
+            (rt.upstream.limit(body), None)
+        };
+        let req = Request::from_parts(parts, body);
+        let mut rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         ex.outcome = "forwarded";
         // A 4xx (409 Conflict among them) means the backend refused: the state is unchanged.
@@ -353,6 +359,27 @@ impl Proxy {
             if let Some(i) = invalidation.take() {
                 i.disarm();
             }
+        }
+        // `tag_puts`: the backend stored the body that went up, so its tag is the new tag.
+        // Only when the whole body went up, the backend says it is done, and it keeps no
+        // validator of its own.
+        let stored = matches!(
+            rsp.status(),
+            StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT
+        ) && !rsp.headers().contains_key(ETAG);
+        if let Some(tag) = sent.and_then(|s| s.get().cloned()).filter(|_| stored) {
+            if let Some(i) = invalidation.take() {
+                i.disarm();
+            }
+            // Recorded under the lock, with a ticket newer than any read in flight: a read
+            // that fetched the old body cannot put its tag back.
+            let known = Known {
+                tag: tag.clone(),
+                last_modified: last_modified(rsp.headers()),
+            };
+            self.tags.record(key, known, self.tags.ticket());
+            rsp.headers_mut().insert(ETAG, tag.to_header());
+            ex.outcome = "forwarded_tagged";
         }
         Ok(pass(rsp, false, route))
     }
@@ -377,11 +404,15 @@ impl Proxy {
         rt: &Routing,
         route: &Route,
         key: &ResourceKey,
+        pre: &Preconditions,
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Current, Error> {
         if route.validation == Validation::Cached && !route.per_user {
-            if let Some(known) = self.tags.get(key) {
+            // A tag remembered from a PUT may come without the date the backend gave the new
+            // representation: a date condition then needs the backend's answer.
+            let usable = |k: &Known| k.last_modified.is_some() || !pre.compares_dates();
+            if let Some(known) = self.tags.get(key).filter(usable) {
                 return Ok(Current::Known(Resource {
                     exists: true,
                     tag: Some(known.tag),
@@ -515,6 +546,14 @@ fn cacheable(route: &Route, headers: &HeaderMap) -> bool {
             f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
         });
     !route.per_user && !varies_by_user
+}
+
+/// Whether a PUT's body is what the backend will serve: not a partial update
+/// (`Content-Range`) and not an encoding the backend may undo (`Content-Encoding`).
+fn stores_verbatim(parts: &Parts) -> bool {
+    parts.method == Method::PUT
+        && !parts.headers.contains_key(header::CONTENT_RANGE)
+        && !parts.headers.contains_key(header::CONTENT_ENCODING)
 }
 
 /// Methods that never change state (RFC 9110 §9.2.1, RFC 4918 PROPFIND): no lock, no

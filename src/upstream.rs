@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::error::Error as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,12 +20,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
+use crate::body::Hashed;
 use crate::config::{Config, Route};
 use crate::error::Error;
+use crate::etag::{ETag, TagHasher};
 
-/// A request body to the upstream: the client's own (cut off at the size limit), or none
-/// (revalidation GETs).
-pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+/// A request body to the upstream: the client's own (cut off at the size limit, hashed on
+/// the way for `tag_puts`), or none (revalidation GETs).
+pub type UpstreamBody = Either<Hashed<Limited<Incoming>>, Empty<Bytes>>;
 
 /// Who sent a request, as the proxy saw it.
 #[derive(Clone, Debug)]
@@ -109,8 +111,23 @@ impl UpstreamClient {
     /// The client's body, cut off past `server.max_request_body` (the send then fails with
     /// a 413).
     pub fn limit(&self, body: Incoming) -> UpstreamBody {
+        Either::Left(Hashed::plain(self.limited(body)))
+    }
+
+    /// [`limit`](Self::limit), and the slot that holds the tag of the bytes sent once the
+    /// whole body has gone upstream.
+    pub fn limit_hashed(
+        &self,
+        body: Incoming,
+        hasher: TagHasher,
+    ) -> (UpstreamBody, Arc<OnceLock<ETag>>) {
+        let (body, sent) = Hashed::tee(self.limited(body), hasher);
+        (Either::Left(body), sent)
+    }
+
+    fn limited(&self, body: Incoming) -> Limited<Incoming> {
         let limit = usize::try_from(self.max_request_body).unwrap_or(usize::MAX);
-        Either::Left(Limited::new(body, limit))
+        Limited::new(body, limit)
     }
 
     /// Sends `req` and waits up to the route's `upstream_timeout` for the response head. The

@@ -17,11 +17,7 @@ const ROUNDS: usize = 50;
 async fn race(validation: &str) {
     let backend = Backend::start().await;
     backend.store.put("/docs/race", "v0");
-    let proxy = Proxy::start(
-        &route("/docs/", &format!("validation = \"{validation}\"")),
-        &backend.origin(),
-    )
-    .await;
+    let proxy = Proxy::start(&route("/docs/", validation), &backend.origin()).await;
     let url = proxy.url("/docs/race");
     let client = Client::new();
     for round in 0..ROUNDS {
@@ -39,12 +35,19 @@ async fn race(validation: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_writers_with_one_fresh_tag_exactly_one_wins_revalidate() {
-    race("revalidate").await;
+    race("validation = \"revalidate\"").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_writers_with_one_fresh_tag_exactly_one_wins_cached() {
-    race("cached").await;
+    race("validation = \"cached\"").await;
+}
+
+/// With `tag_puts` the winner's own body tag is remembered while the lock is still held, so
+/// the losers are refused from the cache, never from a stale read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_writers_with_one_fresh_tag_exactly_one_wins_tag_puts() {
+    race("validation = \"cached\"\ntag_puts = true").await;
 }
 
 /// A backend that is slow to write and notes the most writes it ever had in flight at once.

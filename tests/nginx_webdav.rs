@@ -216,3 +216,33 @@ async fn thirty_two_writers_in_front_of_nginx_one_wins() {
         assert_eq!((won, lost), (1, 31), "round {round}");
     }
 }
+
+#[tokio::test]
+#[ignore = "needs nginx; .ci/run installs it and runs this"]
+async fn tag_puts_matches_what_nginx_webdav_serves_back() {
+    let nginx = Nginx::start().await;
+    let proxy = Proxy::start(
+        &route("/", "validation = \"cached\"\ntag_puts = true"),
+        &nginx.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/dav/tagged.txt");
+
+    // nginx stores a PUT body byte for byte: the tag the PUT answered with is the tag a GET
+    // of the stored file gets, so a writer can go on from a PUT without reading.
+    let r = c.put(&url, &[("if-none-match", "*")], "one").await;
+    assert_eq!(r.status, 201);
+    let from_put = r.etag();
+    assert_eq!(c.get(&url, &[]).await.etag(), from_put);
+    let r = c.put(&url, &[("if-match", &from_put)], "two").await;
+    assert_eq!(r.status, 204);
+    let from_put = r.etag();
+    assert_eq!(c.get(&url, &[]).await.etag(), from_put);
+    let r = c
+        .put(&url, &[("if-match", &proxy.tag_of(b"one"))], "three")
+        .await;
+    r.assert_problem(412);
+    assert_eq!(r.etag(), from_put);
+    assert_eq!(nginx.file("/dav/tagged.txt").as_deref(), Some("two"));
+}

@@ -1,0 +1,213 @@
+//! Routes with `tag_puts = true`, for backends that store a PUT body byte for byte: a
+//! successful PUT answers with the tag of the body it stored, the proxy remembers that tag,
+//! and the next write holding it needs no revalidation GET. Whatever the proxy cannot vouch
+//! for (a partial or encoded body, a backend that keeps its own validators, a refused or
+//! unfinished write) is not remembered.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use common::backend::respond;
+use common::proxy::route;
+use common::{Backend, Client, Proxy, ScriptedBackend};
+
+const TAGGED: &str = "validation = \"cached\"\ntag_puts = true";
+
+async fn setup(extra: &str) -> (Backend, Proxy) {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let proxy = Proxy::start(&route("/docs/", extra), &backend.origin()).await;
+    (backend, proxy)
+}
+
+#[tokio::test]
+async fn a_put_answers_with_the_tag_of_its_body_and_the_next_write_needs_no_revalidation() {
+    let (backend, proxy) = setup(TAGGED).await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let t1 = c.get(&url, &[]).await.etag();
+    let reads = backend.store.reads();
+
+    let r = c.put(&url, &[("if-match", &t1)], "v2").await;
+    assert_eq!(r.status, 204);
+    let t2 = r.etag();
+    assert_eq!(t2, proxy.tag_of(b"v2"));
+
+    // The tag from the PUT is good for the next write: no GET reaches the backend.
+    let r = c.put(&url, &[("if-match", &t2)], "v3").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.etag(), proxy.tag_of(b"v3"));
+    assert_eq!(backend.store.reads(), reads, "no revalidation GET");
+
+    // The writer that still holds t2 raced and lost: 412 with the current tag, not forwarded.
+    let writes = backend.store.writes();
+    let r = c.put(&url, &[("if-match", &t2)], "v4").await;
+    r.assert_problem(412);
+    assert_eq!(r.etag(), proxy.tag_of(b"v3"));
+    assert_eq!(backend.store.writes(), writes);
+    assert_eq!(
+        backend.store.reads(),
+        reads,
+        "the 412 came from the remembered tag"
+    );
+
+    // And the tag a PUT gave is the tag a GET gives for what the backend stored.
+    assert_eq!(c.get(&url, &[]).await.etag(), proxy.tag_of(b"v3"));
+
+    // A create (201) is tagged too.
+    let new = proxy.url("/docs/new");
+    let r = c.put(&new, &[("if-none-match", "*")], "fresh").await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.etag(), proxy.tag_of(b"fresh"));
+    let reads = backend.store.reads();
+    let r = c
+        .put(&new, &[("if-match", &proxy.tag_of(b"fresh"))], "fresher")
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(backend.store.reads(), reads);
+}
+
+#[tokio::test]
+async fn without_tag_puts_a_put_carries_no_etag_and_the_next_write_revalidates() {
+    let (backend, proxy) = setup("validation = \"cached\"").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let t1 = c.get(&url, &[]).await.etag();
+    let r = c.put(&url, &[("if-match", &t1)], "v2").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("etag"), None);
+    let reads = backend.store.reads();
+    let r = c
+        .put(&url, &[("if-match", &proxy.tag_of(b"v2"))], "v3")
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        backend.store.reads(),
+        reads + 1,
+        "the write had to revalidate"
+    );
+}
+
+#[tokio::test]
+async fn encoded_partial_and_non_put_writes_and_refusals_are_not_remembered() {
+    let (backend, proxy) = setup(TAGGED).await;
+    backend.store.put("/docs/old", "archived");
+    backend.store.archive("/docs/old");
+    let c = Client::new();
+    let key = |p: &str| common::proxy::key(&backend.origin(), p);
+    let url = proxy.url("/docs/a");
+
+    // The backend may store an encoded body decoded, or a range into a larger document.
+    for extra in [
+        ("content-encoding", "gzip"),
+        ("content-range", "bytes 0-1/2"),
+    ] {
+        let tag = c.get(&url, &[]).await.etag();
+        let r = c.put(&url, &[("if-match", &tag), extra], "v2").await;
+        assert_eq!(r.status, 204, "{extra:?}");
+        assert_eq!(r.header("etag"), None, "{extra:?}");
+        assert!(proxy.state.tags.get(&key("/docs/a")).is_none(), "{extra:?}");
+    }
+
+    // PATCH and DELETE change the resource in ways the body does not describe.
+    let tag = c.get(&url, &[]).await.etag();
+    let r = c.send("PATCH", &url, &[("if-match", &tag)], "+more").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("etag"), None);
+    assert!(proxy.state.tags.get(&key("/docs/a")).is_none());
+
+    // The backend's own refusal (409) leaves the remembered tag as it was.
+    let old = proxy.url("/docs/old");
+    let old_tag = c.get(&old, &[]).await.etag();
+    let r = c.put(&old, &[("if-match", &old_tag)], "x").await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.header("etag"), None);
+    let kept = proxy.state.tags.get(&key("/docs/old")).unwrap();
+    assert_eq!(kept.tag.to_string(), old_tag);
+}
+
+#[tokio::test]
+async fn a_backend_with_its_own_validators_or_an_unfinished_write_is_not_tagged() {
+    // 202: accepted, not done. 200 with an ETag: the backend tags on its own.
+    let backend = ScriptedBackend::start(|r| async move {
+        match (r.method.as_str(), r.uri.path()) {
+            ("GET", _) => respond(200, &[], "v1"),
+            ("PUT", "/later") => respond(202, &[], ""),
+            _ => respond(200, &[("etag", "\"backend-7\"")], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", TAGGED), &backend.origin()).await;
+    let c = Client::new();
+    let key = |p: &str| common::proxy::key(&backend.origin(), p);
+    for (path, status, etag) in [("/later", 202, None), ("/own", 200, Some("\"backend-7\""))] {
+        let tag = c.get(&proxy.url(path), &[]).await.etag();
+        let r = c.put(&proxy.url(path), &[("if-match", &tag)], "v2").await;
+        assert_eq!(r.status, status, "{path}");
+        assert_eq!(
+            r.header("etag"),
+            etag,
+            "{path}: the backend's answer as it was"
+        );
+        assert!(proxy.state.tags.get(&key(path)).is_none(), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn a_put_cut_short_by_its_client_leaves_no_tag() {
+    let (backend, proxy) = setup(TAGGED).await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    let key = common::proxy::key(&backend.origin(), "/docs/a");
+    assert!(proxy.state.tags.get(&key).is_some());
+
+    let addr = url.trim_start_matches("http://").split('/').next().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "PUT /docs/a HTTP/1.1\r\nhost: x\r\nif-match: {tag}\r\ncontent-length: 100\r\n\r\n0123456789"
+    )
+    .unwrap();
+    // Let the write pass its check and start upstream, then go away mid-body.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy.state.locks.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !proxy.state.locks.is_empty(),
+        "the write never took its lock"
+    );
+    drop(s);
+    while !proxy.state.locks.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(proxy.state.locks.is_empty(), "the lock was not released");
+    assert!(
+        proxy.state.tags.get(&key).is_none(),
+        "neither the old tag nor one of a partial body"
+    );
+    assert_eq!(backend.store.get("/docs/a").unwrap(), "v1");
+}
+
+#[tokio::test]
+async fn a_date_condition_after_a_tagged_put_asks_the_backend() {
+    let (backend, proxy) = setup(TAGGED).await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    assert_eq!(c.put(&url, &[("if-match", &tag)], "v2").await.status, 204);
+    // The backend dated v2 now; the PUT's answer did not say so, so the remembered tag has
+    // no date. A writer who last saw the document an hour ago must not pass.
+    let an_hour_ago = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(3600));
+    let (reads, writes) = (backend.store.reads(), backend.store.writes());
+    let r = c
+        .put(&url, &[("if-unmodified-since", &an_hour_ago)], "v3")
+        .await;
+    r.assert_problem(412);
+    assert_eq!(backend.store.reads(), reads + 1, "revalidated for the date");
+    assert_eq!(backend.store.writes(), writes);
+    assert_eq!(backend.store.get("/docs/a").unwrap(), "v2");
+}
