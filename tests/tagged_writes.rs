@@ -156,6 +156,36 @@ async fn a_backend_with_its_own_validators_or_an_unfinished_write_is_not_tagged(
 }
 
 #[tokio::test]
+async fn a_chunked_put_is_tagged_once_its_last_chunk_went_up() {
+    let (backend, proxy) = setup(TAGGED).await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let tag = c.get(&url, &[]).await.etag();
+    let addr = url.trim_start_matches("http://").split('/').next().unwrap();
+    // On the test's own runtime, so the socket is async: a blocking read would stall the proxy.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "PUT /docs/a HTTP/1.1\r\nhost: x\r\nif-match: {tag}\r\nconnection: close\r\n\
+         transfer-encoding: chunked\r\n\r\n3\r\nv2-\r\n4\r\nbody\r\n0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut head))
+        .await
+        .expect("the proxy answered")
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 204"), "{head}");
+    let etag = head.lines().find_map(|l| {
+        l.get(..5)
+            .filter(|n| n.eq_ignore_ascii_case("etag:"))
+            .map(|_| l[5..].trim())
+    });
+    assert_eq!(etag, Some(proxy.tag_of(b"v2-body").as_str()), "{head}");
+    assert_eq!(backend.store.get("/docs/a").unwrap(), "v2-body");
+}
+
+#[tokio::test]
 async fn a_put_cut_short_by_its_client_leaves_no_tag() {
     let (backend, proxy) = setup(TAGGED).await;
     let c = Client::new();
