@@ -28,6 +28,7 @@ pub mod key;
 pub mod lifecycle;
 pub mod lock;
 pub mod metrics;
+pub mod pool;
 pub mod precondition;
 pub mod proxy;
 pub mod router;

@@ -2,7 +2,6 @@
 //! into the upstream's (URI, hop-by-hop headers, `X-Forwarded-*`), and timeouts.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -16,14 +15,13 @@ use http_body_util::{Either, Empty, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::ClientConfig;
 
 use crate::body::Hashed;
 use crate::config::{Config, Route};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
+use crate::pool::{Pool, SendError};
 
 /// A request body to the upstream: the client's own (cut off at the size limit, hashed on
 /// the way for `tag_puts`), or none (revalidation GETs).
@@ -49,17 +47,17 @@ impl Peer {
 
 type Connector = HttpsConnector<HttpConnector>;
 
-/// Pooled clients to the upstreams: one that trusts the platform's roots, and one per
+/// Connection pools to the upstreams: one that trusts the platform's roots, and one per
 /// `ca_file` a route names. All speak `http://` and `https://` (HTTP/1.1, SNI from the host).
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    client: Client<Connector, UpstreamBody>,
-    by_ca_file: HashMap<PathBuf, Client<Connector, UpstreamBody>>,
+    pool: Arc<Pool<Connector>>,
+    by_ca_file: HashMap<PathBuf, Arc<Pool<Connector>>>,
     connect_timeout: Duration,
     max_request_body: u64,
 }
 
-fn build(tls: &ClientConfig, connect_timeout: Duration) -> Client<Connector, UpstreamBody> {
+fn build(tls: &ClientConfig, connect_timeout: Duration) -> Arc<Pool<Connector>> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
@@ -69,12 +67,7 @@ fn build(tls: &ClientConfig, connect_timeout: Duration) -> Client<Connector, Ups
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(https)
+    Arc::new(Pool::new(https, Duration::from_secs(60), 256))
 }
 
 // === impl UpstreamClient ===
@@ -101,7 +94,7 @@ impl UpstreamClient {
             .map(|(path, tls)| (path, build(tls, s.connect_timeout)))
             .collect();
         Self {
-            client: build(&platform, s.connect_timeout),
+            pool: build(&platform, s.connect_timeout),
             by_ca_file,
             connect_timeout: s.connect_timeout,
             max_request_body: s.max_request_body,
@@ -138,12 +131,13 @@ impl UpstreamClient {
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, Error> {
         let upstream = || route.upstream.origin.clone();
-        let client = route
+        let pool = route
             .ca_file
             .as_ref()
             .and_then(|p| self.by_ca_file.get(p))
-            .unwrap_or(&self.client);
-        match tokio::time::timeout(route.upstream_timeout, client.request(req)).await {
+            .unwrap_or(&self.pool);
+        let sent = pool.send(&route.upstream.origin, req);
+        match tokio::time::timeout(route.upstream_timeout, sent).await {
             Err(_) => Err(Error::UpstreamTimeout {
                 upstream: upstream(),
                 after: route.upstream_timeout,
@@ -158,10 +152,14 @@ impl UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// Turns a client error into the proxy's error, keeping the innermost cause as the reason.
-    fn classify(&self, e: &hyper_util::client::legacy::Error, upstream: String) -> Error {
-        let mut reason = e.to_string();
-        let mut source = e.source();
+    /// Turns a send error into the proxy's error, keeping the innermost cause as the reason.
+    fn classify(&self, e: &SendError, upstream: String) -> Error {
+        let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
+            SendError::Connect(c) => (&**c, true),
+            SendError::Http(h) => (h, false),
+        };
+        let mut reason = top.to_string();
+        let mut source = Some(top);
         while let Some(s) = source {
             if s.is::<LengthLimitError>() {
                 return Error::BodyTooLarge {
@@ -175,7 +173,7 @@ impl UpstreamClient {
                 };
             }
             if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                if io.kind() == std::io::ErrorKind::TimedOut && e.is_connect() {
+                if io.kind() == std::io::ErrorKind::TimedOut && is_connect {
                     return Error::UpstreamTimeout {
                         upstream,
                         after: self.connect_timeout,
@@ -185,7 +183,7 @@ impl UpstreamClient {
             reason = s.to_string();
             source = s.source();
         }
-        if e.is_connect() {
+        if is_connect {
             Error::UpstreamConnect { upstream, reason }
         } else {
             Error::Upstream { upstream, reason }

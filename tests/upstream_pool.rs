@@ -1,0 +1,194 @@
+//! The upstream connection pool on its own, against real servers on 127.0.0.1: requests go
+//! in origin-form, a connection is reused once its response has been read, connections idle
+//! past the timeout or closed by the backend are not reused, and the number kept is bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::{BodyExt, Either, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use ifmatch::pool::Pool;
+use ifmatch::upstream::UpstreamBody;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::backend::respond;
+use common::ScriptedBackend;
+
+fn pool(idle_timeout: Duration, max_idle: usize) -> Pool<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Pool::new(http, idle_timeout, max_idle)
+}
+
+fn get(origin: &str, path: &str) -> Request<UpstreamBody> {
+    let host = origin.trim_start_matches("http://");
+    Request::builder()
+        .uri(format!("{origin}{path}"))
+        .header(header::HOST, host)
+        .body(Either::Right(Empty::<Bytes>::new()))
+        .unwrap()
+}
+
+/// Sends a GET and reads its body to the end (which frees the connection).
+async fn fetch(pool: &Pool<HttpConnector>, origin: &str, path: &str) -> (u16, Bytes) {
+    let rsp = pool.send(origin, get(origin, path)).await.unwrap();
+    let status = rsp.status().as_u16();
+    (status, rsp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn requests_go_in_origin_form_and_a_finished_connection_is_reused() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 8);
+    for _ in 0..5 {
+        assert_eq!(
+            fetch(&p, &origin, "/docs/x?y=1").await,
+            (200, Bytes::from("ok"))
+        );
+    }
+    let seen = backend.last();
+    assert_eq!(
+        seen.uri.to_string(),
+        "/docs/x?y=1",
+        "origin-form, not absolute"
+    );
+    assert_eq!(backend.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
+    // Larger than what the connection reads ahead: the body stays on the connection until
+    // it is read. (A small body read whole with its head frees the connection at once.)
+    const BIG: usize = 4 << 20;
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; BIG]) }).await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 8);
+    let first = p.send(&origin, get(&origin, "/a")).await.unwrap();
+    assert_eq!(fetch(&p, &origin, "/b").await.1.len(), BIG);
+    assert_eq!(backend.connections(), 2);
+    let body = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), BIG, "the first body arrives whole");
+    // Both connections are free again and kept.
+    let (a, b) = tokio::join!(fetch(&p, &origin, "/c"), fetch(&p, &origin, "/d"));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(backend.connections(), 2);
+}
+
+#[tokio::test]
+async fn idle_connections_expire_and_the_idle_list_is_bounded() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "x") }).await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_millis(50), 1);
+    assert_eq!(fetch(&p, &origin, "/").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(fetch(&p, &origin, "/").await.0, 200);
+    assert_eq!(backend.connections(), 2, "the idle one had expired");
+
+    // Two at once need two connections; only one is kept.
+    let (a, b) = tokio::join!(
+        p.send(&origin, get(&origin, "/1")),
+        p.send(&origin, get(&origin, "/2"))
+    );
+    let before = backend.connections();
+    for rsp in [a.unwrap(), b.unwrap()] {
+        rsp.into_body().collect().await.unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(fetch(&p, &origin, "/").await.0, 200);
+    }
+    assert_eq!(backend.connections(), before, "the kept one is reused");
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_after_each_response_is_reconnected_to() {
+    // One response per connection, then a clean close, with and without saying so.
+    for say_close in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let mut accepted = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                accepted += 1;
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let close = if say_close {
+                    "connection: close\r\n"
+                } else {
+                    ""
+                };
+                let rsp = format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{close}\r\nok");
+                let _ = s.write_all(rsp.as_bytes()).await;
+                drop(s);
+                if accepted == 3 {
+                    return accepted;
+                }
+            }
+            accepted
+        });
+        let p = pool(Duration::from_secs(60), 8);
+        for _ in 0..3 {
+            assert_eq!(fetch(&p, &origin, "/").await, (200, Bytes::from("ok")));
+            // The backend's close reaches the pool before the next request, as it does for
+            // a backend closing idle connections on its keep-alive timeout.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(server.await.unwrap(), 3, "say_close = {say_close}");
+    }
+}
+
+/// A keep-alive backend on `listener` that answers every request with "ok", until the
+/// returned set is aborted (which drops every socket, as a killed process would).
+fn keep_alive_backend(listener: tokio::net::TcpListener) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(rsp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    tasks
+}
+
+#[tokio::test]
+async fn after_a_backend_restart_no_request_fails_on_a_dead_pooled_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origin = format!("http://{addr}");
+    let p = pool(Duration::from_secs(60), 8);
+    let mut backend = keep_alive_backend(listener);
+    for round in 0..3 {
+        // Several pooled connections, all idle.
+        let (a, b, c) = tokio::join!(
+            fetch(&p, &origin, "/"),
+            fetch(&p, &origin, "/"),
+            fetch(&p, &origin, "/")
+        );
+        assert_eq!((a.0, b.0, c.0), (200, 200, 200), "round {round}");
+        // Killed: every socket closes. Up again at once, on the same port: the pool holds
+        // only dead connections, and none of them may fail a request.
+        backend.abort_all();
+        while backend.join_next().await.is_some() {}
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        backend = keep_alive_backend(listener);
+        for _ in 0..5 {
+            let r = p.send(&origin, get(&origin, "/")).await;
+            assert!(r.is_ok(), "round {round}: {:?}", r.err());
+            r.unwrap().into_body().collect().await.unwrap();
+        }
+    }
+}
