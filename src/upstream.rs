@@ -1,5 +1,6 @@
-//! The client to the backends: a pooled hyper-util client, the rewriting of a client's request
-//! into the upstream's (URI, hop-by-hop headers, `X-Forwarded-*`), and timeouts.
+//! The client to the backends: connection pools per trust root (`pool`), the rewriting of a
+//! client's request into the upstream's (URI, hop-by-hop headers, `X-Forwarded-*`),
+//! timeouts, and the mapping of upstream failures to the proxy's errors.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
