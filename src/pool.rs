@@ -7,7 +7,8 @@
 //! that is ready: one short mutex section each way, nothing spawned.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Uri};
@@ -33,12 +34,24 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Open, and either busy (its response may stream for longer than the timeout) or idle
+    /// for less than `timeout`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        !self.sender.is_closed()
+            && (!self.sender.is_ready() || now.duration_since(self.since) < timeout)
+    }
+}
+
 /// Connections per origin (`scheme://authority`), made with connector `C`.
 pub struct Pool<C> {
     connector: C,
     idle: Mutex<HashMap<String, Vec<Idle>>>,
     idle_timeout: Duration,
     max_idle_per_origin: usize,
+    /// Itself, for the reaper task, which must not keep the pool alive.
+    me: Weak<Self>,
+    reaper: AtomicBool,
 }
 
 impl<C> std::fmt::Debug for Pool<C> {
@@ -58,13 +71,15 @@ where
     C::Error: Into<ConnectError>,
     C::Future: Send,
 {
-    pub fn new(connector: C, idle_timeout: Duration, max_idle_per_origin: usize) -> Self {
-        Self {
+    pub fn new(connector: C, idle_timeout: Duration, max_idle_per_origin: usize) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             connector,
             idle: Mutex::new(HashMap::new()),
             idle_timeout,
             max_idle_per_origin,
-        }
+            me: me.clone(),
+            reaper: AtomicBool::new(false),
+        })
     }
 
     /// Sends `req` (absolute URI, `Host` set) to its origin in origin-form, on an idle
@@ -101,11 +116,7 @@ where
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(origin)?;
         let now = Instant::now();
-        // A busy connection is not expired: its response may stream for longer than that.
-        list.retain(|c| {
-            !c.sender.is_closed()
-                && (!c.sender.is_ready() || now.duration_since(c.since) < self.idle_timeout)
-        });
+        list.retain(|c| c.usable(now, self.idle_timeout));
         let ready = list.iter().position(|c| c.sender.is_ready())?;
         Some(list.swap_remove(ready).sender)
     }
@@ -126,7 +137,23 @@ where
         }
     }
 
+    /// Closes the connections idle past the timeout, so that a pool with no traffic does
+    /// not hold the backend's sockets forever.
+    fn drop_expired(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|c| c.usable(now, self.idle_timeout));
+            !list.is_empty()
+        });
+    }
+
     async fn connect(&self, target: Uri) -> Result<SendRequest<UpstreamBody>, SendError> {
+        // Started with the first connection: only then is there something to reap, and a
+        // runtime to run on.
+        if !self.reaper.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(self.me.clone(), self.idle_timeout / 2));
+        }
         let io = self
             .connector
             .clone()
@@ -143,6 +170,24 @@ where
             }
         });
         Ok(sender)
+    }
+}
+
+/// Every `every`, drops the pool's expired connections; ends when the pool is dropped.
+async fn reap<C>(pool: Weak<Pool<C>>, every: Duration)
+where
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C::Error: Into<ConnectError>,
+    C::Future: Send,
+{
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.drop_expired();
     }
 }
 

@@ -68,7 +68,7 @@ fn build(tls: &ClientConfig, connect_timeout: Duration) -> Arc<Pool<Connector>> 
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Arc::new(Pool::new(https, Duration::from_secs(60), 256))
+    Pool::new(https, Duration::from_secs(60), 256)
 }
 
 // === impl UpstreamClient ===

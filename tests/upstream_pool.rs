@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use common::backend::respond;
 use common::ScriptedBackend;
 
-fn pool(idle_timeout: Duration, max_idle: usize) -> Pool<HttpConnector> {
+fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     Pool::new(http, idle_timeout, max_idle)
@@ -88,7 +90,9 @@ async fn idle_connections_expire_and_the_idle_list_is_bounded() {
     assert_eq!(fetch(&p, &origin, "/").await.0, 200);
     assert_eq!(backend.connections(), 2, "the idle one had expired");
 
-    // Two at once need two connections; only one is kept.
+    // Two at once need two connections; only one is kept. (A pool that expires nothing
+    // here, so that a slow machine cannot make this about expiry.)
+    let p = pool(Duration::from_secs(60), 1);
     let (a, b) = tokio::join!(
         p.send(&origin, get(&origin, "/1")),
         p.send(&origin, get(&origin, "/2"))
@@ -101,6 +105,9 @@ async fn idle_connections_expire_and_the_idle_list_is_bounded() {
         assert_eq!(fetch(&p, &origin, "/").await.0, 200);
     }
     assert_eq!(backend.connections(), before, "the kept one is reused");
+    let (a, b) = tokio::join!(fetch(&p, &origin, "/"), fetch(&p, &origin, "/"));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(backend.connections(), before + 1, "only one had been kept");
 }
 
 #[tokio::test]
@@ -143,14 +150,24 @@ async fn a_backend_that_closes_after_each_response_is_reconnected_to() {
 /// A keep-alive backend on `listener` that answers every request with "ok", until the
 /// returned set is aborted (which drops every socket, as a killed process would).
 fn keep_alive_backend(listener: tokio::net::TcpListener) -> tokio::task::JoinSet<()> {
+    counting_keep_alive_backend(listener, Arc::default())
+}
+
+/// [`keep_alive_backend`], counting the connections its clients closed in `closed`.
+fn counting_keep_alive_backend(
+    listener: tokio::net::TcpListener,
+    closed: Arc<AtomicUsize>,
+) -> tokio::task::JoinSet<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((mut s, _)) = listener.accept().await {
+            let closed = closed.clone();
             conns.spawn(async move {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = s.read(&mut buf).await {
                     if n == 0 {
+                        closed.fetch_add(1, Ordering::SeqCst);
                         return;
                     }
                     let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
@@ -191,4 +208,47 @@ async fn after_a_backend_restart_no_request_fails_on_a_dead_pooled_connection() 
             r.unwrap().into_body().collect().await.unwrap();
         }
     }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_without_any_traffic() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let _backend = counting_keep_alive_backend(listener, closed.clone());
+    let p = pool(Duration::from_millis(50), 8);
+    let (a, b) = tokio::join!(fetch(&p, &origin, "/"), fetch(&p, &origin, "/"));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+    // No request comes: the pool's reaper, not a checkout, closes both.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while closed.load(Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        closed.load(Ordering::SeqCst),
+        2,
+        "both idle connections were closed"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_pool_stops_its_reaper_and_closes_its_connections() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let closed = Arc::new(AtomicUsize::new(0));
+    let _backend = counting_keep_alive_backend(listener, closed.clone());
+    let p = pool(Duration::from_secs(60), 8);
+    assert_eq!(fetch(&p, &origin, "/").await.0, 200);
+    let weak = Arc::downgrade(&p);
+    drop(p);
+    assert!(
+        weak.upgrade().is_none(),
+        "the reaper does not keep the pool alive"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while closed.load(Ordering::SeqCst) < 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), 1);
 }
