@@ -11,12 +11,13 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use http::header::{self, HeaderMap, ETAG};
+use http::header::{self, HeaderMap, HeaderValue, ETAG};
 use http::request::Parts;
 use http::response;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{field, info_span, Instrument, Span};
 
@@ -108,7 +109,7 @@ enum Current {
     Answer(Response<Incoming>),
 }
 
-/// What the access log and span report about one request.
+/// What the access log and span report about one request, and its body until forwarded.
 #[derive(Default)]
 struct Exchange {
     route: Option<Arc<Route>>,
@@ -116,6 +117,54 @@ struct Exchange {
     outcome: &'static str,
     /// The proxy made the response itself (an error, a 304), rather than pass one on.
     by_proxy: bool,
+    /// The client's body, until a path forwards it.
+    body: Option<Incoming>,
+}
+
+impl Exchange {
+    /// The body, for the one path that forwards it.
+    fn take_body(&mut self) -> Incoming {
+        self.body
+            .take()
+            .expect("dispatch stores the body and only one path forwards it")
+    }
+}
+
+/// The most of a request body the proxy reads and drops to keep a connection open.
+const DISCARD_LIMIT: u64 = 1 << 20;
+/// How long it waits for that body.
+const DISCARD_TIME: Duration = Duration::from_secs(5);
+
+/// A request body the proxy answered without forwarding (412, 428, 400, 503…). An
+/// HTTP/1.1 connection cannot take its next request until that body has been read, and
+/// hyper would otherwise close it after the response without saying so, so a client that
+/// reuses it races the close. A body of known size up to `DISCARD_LIMIT` is read and dropped
+/// after the response and the connection stays open, as nginx does. A larger or chunked one,
+/// or one the client sends only after a `100 Continue` (which must not follow a final
+/// answer), closes the connection, and the response says `Connection: close`.
+fn leave_unread(
+    body: Incoming,
+    version: Version,
+    expects_continue: bool,
+    rsp: &mut Response<ProxyBody>,
+) {
+    if version >= Version::HTTP_2 {
+        return; // dropping it resets only this stream
+    }
+    let small = body.size_hint().upper().is_some_and(|n| n <= DISCARD_LIMIT);
+    if expects_continue || !small {
+        rsp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return;
+    }
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+    });
 }
 
 // === impl Proxy ===
@@ -178,8 +227,10 @@ impl Proxy {
             upstream_status = field::Empty,
             outcome = field::Empty,
         );
+        let version = req.version();
+        let expects_continue = req.headers().contains_key(header::EXPECT);
         let mut ex = Exchange::default();
-        let rsp = match self
+        let mut rsp = match self
             .dispatch(req, &peer, &mut ex)
             .instrument(span.clone())
             .await
@@ -195,6 +246,9 @@ impl Proxy {
                 e.into_response()
             }
         };
+        if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
+            leave_unread(body, version, expects_continue, &mut rsp);
+        }
         let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
         self.metrics
             .request(route, &method, rsp.status().as_u16(), ex.by_proxy);
@@ -208,6 +262,11 @@ impl Proxy {
         peer: &Peer,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
+        // The body waits in `ex` until a path forwards it; whatever is left is dealt with
+        // once the response is known (`leave_unread`).
+        let (parts, body) = req.into_parts();
+        ex.body = Some(body);
+        let req = Request::from_parts(parts, ());
         crate::framing::check_codings(req.headers())?;
         let routing = self.routing.load_full();
         routing.check_limits(&req)?;
@@ -223,12 +282,12 @@ impl Proxy {
         ex.route = Some(route.clone());
         let pre = Preconditions::parse(req.headers())?;
         let key = ResourceKey::new(&route.upstream, &path, req.uri().query());
-        let (mut parts, body) = req.into_parts();
+        let (mut parts, ()) = req.into_parts();
         upstream::prepare(&mut parts, &route, peer);
         if matches!(parts.method, Method::GET | Method::HEAD) {
-            self.read(rt, &route, &key, &pre, parts, body, ex).await
+            self.read(rt, &route, &key, &pre, parts, ex).await
         } else {
-            self.write(rt, &route, &key, &pre, parts, body, ex).await
+            self.write(rt, &route, &key, &pre, parts, ex).await
         }
     }
 
@@ -241,7 +300,6 @@ impl Proxy {
         key: &ResourceKey,
         pre: &Preconditions,
         mut parts: Parts,
-        body: Incoming,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         // HEAD is sent as a GET so that it gets the tag a GET would give.
@@ -249,7 +307,7 @@ impl Proxy {
         parts.method = Method::GET;
         strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
-        let req = Request::from_parts(parts, rt.upstream.limit(body));
+        let req = Request::from_parts(parts, rt.upstream.limit(ex.take_body()));
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK {
@@ -304,7 +362,6 @@ impl Proxy {
         key: &ResourceKey,
         pre: &Preconditions,
         mut parts: Parts,
-        body: Incoming,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         if route.require_precondition && requires_precondition(&parts.method) && !pre.guards_write()
@@ -344,6 +401,7 @@ impl Proxy {
             tags: &self.tags,
             keys: [Some(key.clone()), destination],
         });
+        let body = ex.take_body();
         let (body, sent) = if route.tag_puts && stores_verbatim(&parts) {
             let (body, sent) = rt.upstream.limit_hashed(body, rt.tag_key.hasher());
             (body, Some(sent))

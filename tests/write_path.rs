@@ -421,6 +421,99 @@ async fn a_failing_write_with_expect_100_continue_is_answered_412_without_readin
         head.starts_with("HTTP/1.1 412"),
         "no 100 Continue first: {head}"
     );
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "the body will never be read: the client is told the connection ends: {head}"
+    );
+    assert_eq!(backend.store.writes(), 0);
+}
+
+/// Sends `first` (a head, then after a pause its body, as a slow client would), reads the
+/// answer, then sends a GET on the same connection. Returns both answers' heads; the second
+/// is empty if the proxy closed the connection.
+fn two_on_one_connection(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let _ = s.write_all(body);
+    let read_head = |s: &mut std::net::TcpStream| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let first = read_head(&mut s);
+    let len: usize = first
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let body_start = first.find("\r\n\r\n").map_or(first.len(), |i| i + 4);
+    let mut rest = len.saturating_sub(first.len() - body_start);
+    let mut buf = [0u8; 4096];
+    while rest > 0 {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => rest = rest.saturating_sub(n),
+        }
+    }
+    let second = match s.write_all(b"GET /docs/a HTTP/1.1\r\nHost: x\r\n\r\n") {
+        Ok(()) => read_head(&mut s),
+        Err(_) => String::new(),
+    };
+    (first, second)
+}
+
+/// A refused write whose body arrives after its head: the proxy reads and drops the body
+/// after answering, so the client's next request on that connection is served (a keep-alive
+/// client would otherwise race the proxy closing it); a body too large to drop is answered
+/// with `Connection: close`.
+#[tokio::test]
+async fn a_refused_write_keeps_the_connection_usable_or_says_it_closes() {
+    let (backend, proxy) = setup("").await;
+    let addr = proxy.addr;
+    let (first, second) = tokio::task::spawn_blocking(move || {
+        two_on_one_connection(
+            addr,
+            "PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: \"stale\"\r\nContent-Length: 1024\r\n\r\n",
+            &[b'x'; 1024],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(first.starts_with("HTTP/1.1 412"), "{first}");
+    assert!(
+        !first.to_ascii_lowercase().contains("connection: close"),
+        "{first}"
+    );
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the next request was served: {second:?}"
+    );
+
+    let (first, _) = tokio::task::spawn_blocking(move || {
+        two_on_one_connection(
+            addr,
+            "PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: \"stale\"\r\nContent-Length: 10000000\r\n\r\n",
+            &[b'x'; 1024],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(first.starts_with("HTTP/1.1 412"), "{first}");
+    assert!(
+        first.to_ascii_lowercase().contains("connection: close"),
+        "{first}"
+    );
     assert_eq!(backend.store.writes(), 0);
 }
 
