@@ -202,19 +202,16 @@ async fn a_put_cut_short_by_its_client_leaves_no_tag() {
     )
     .unwrap();
     // Let the write pass its check and start upstream, then go away mid-body.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while proxy.state.locks.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let within = Duration::from_secs(5);
     assert!(
-        !proxy.state.locks.is_empty(),
+        common::eventually(within, || !proxy.state.locks.is_empty()).await,
         "the write never took its lock"
     );
     drop(s);
-    while !proxy.state.locks.is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(proxy.state.locks.is_empty(), "the lock was not released");
+    assert!(
+        common::eventually(within, || proxy.state.locks.is_empty()).await,
+        "the lock was not released"
+    );
     assert!(
         proxy.state.tags.get(&key).is_none(),
         "neither the old tag nor one of a partial body"

@@ -210,34 +210,34 @@ async fn after_a_backend_restart_no_request_fails_on_a_dead_pooled_connection() 
     }
 }
 
-#[tokio::test]
-async fn idle_connections_are_closed_without_any_traffic() {
+/// A keep-alive backend on 127.0.0.1:0: its origin, the count of connections closed by
+/// their client, and its tasks (it stops when they are dropped).
+async fn counted_backend() -> (String, Arc<AtomicUsize>, tokio::task::JoinSet<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin = format!("http://{}", listener.local_addr().unwrap());
     let closed = Arc::new(AtomicUsize::new(0));
-    let _backend = counting_keep_alive_backend(listener, closed.clone());
+    let tasks = counting_keep_alive_backend(listener, closed.clone());
+    (origin, closed, tasks)
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_without_any_traffic() {
+    let (origin, closed, _backend) = counted_backend().await;
     let p = pool(Duration::from_millis(50), 8);
     let (a, b) = tokio::join!(fetch(&p, &origin, "/"), fetch(&p, &origin, "/"));
     assert_eq!((a.0, b.0), (200, 200));
     assert_eq!(closed.load(Ordering::SeqCst), 0);
     // No request comes: the pool's reaper, not a checkout, closes both.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while closed.load(Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        closed.load(Ordering::SeqCst),
-        2,
+    let both = || closed.load(Ordering::SeqCst) == 2;
+    assert!(
+        common::eventually(Duration::from_secs(5), both).await,
         "both idle connections were closed"
     );
 }
 
 #[tokio::test]
 async fn a_dropped_pool_stops_its_reaper_and_closes_its_connections() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    let closed = Arc::new(AtomicUsize::new(0));
-    let _backend = counting_keep_alive_backend(listener, closed.clone());
+    let (origin, closed, _backend) = counted_backend().await;
     let p = pool(Duration::from_secs(60), 8);
     assert_eq!(fetch(&p, &origin, "/").await.0, 200);
     let weak = Arc::downgrade(&p);
@@ -246,9 +246,6 @@ async fn a_dropped_pool_stops_its_reaper_and_closes_its_connections() {
         weak.upgrade().is_none(),
         "the reaper does not keep the pool alive"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while closed.load(Ordering::SeqCst) < 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(closed.load(Ordering::SeqCst), 1);
+    let one = || closed.load(Ordering::SeqCst) == 1;
+    assert!(common::eventually(Duration::from_secs(5), one).await);
 }

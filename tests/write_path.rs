@@ -481,15 +481,17 @@ fn two_on_one_connection(addr: std::net::SocketAddr, head: &str, body: &[u8]) ->
 async fn a_refused_write_keeps_the_connection_usable_or_says_it_closes() {
     let (backend, proxy) = setup("").await;
     let addr = proxy.addr;
-    let (first, second) = tokio::task::spawn_blocking(move || {
-        two_on_one_connection(
-            addr,
-            "PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: \"stale\"\r\nContent-Length: 1024\r\n\r\n",
-            &[b'x'; 1024],
-        )
-    })
-    .await
-    .unwrap();
+    // A stale-tag PUT declaring `declared` bytes, of which 1 KiB comes after a pause.
+    let refused_put = |declared: usize| {
+        tokio::task::spawn_blocking(move || {
+            let head = format!(
+                "PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: \"stale\"\r\n\
+                 Content-Length: {declared}\r\n\r\n"
+            );
+            two_on_one_connection(addr, &head, &[b'x'; 1024])
+        })
+    };
+    let (first, second) = refused_put(1024).await.unwrap();
     assert!(first.starts_with("HTTP/1.1 412"), "{first}");
     assert!(
         !first.to_ascii_lowercase().contains("connection: close"),
@@ -500,15 +502,7 @@ async fn a_refused_write_keeps_the_connection_usable_or_says_it_closes() {
         "the next request was served: {second:?}"
     );
 
-    let (first, _) = tokio::task::spawn_blocking(move || {
-        two_on_one_connection(
-            addr,
-            "PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: \"stale\"\r\nContent-Length: 10000000\r\n\r\n",
-            &[b'x'; 1024],
-        )
-    })
-    .await
-    .unwrap();
+    let (first, _) = refused_put(10_000_000).await.unwrap();
     assert!(first.starts_with("HTTP/1.1 412"), "{first}");
     assert!(
         first.to_ascii_lowercase().contains("connection: close"),
