@@ -81,6 +81,20 @@ async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
 }
 
 #[tokio::test]
+async fn a_connection_not_kept_still_delivers_its_whole_response() {
+    // With no room in the idle list, the pool lets go of the connection right after the
+    // response head; the body still streams to the end.
+    const BIG: usize = 4 << 20;
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; BIG]) }).await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 0);
+    for _ in 0..2 {
+        assert_eq!(fetch(&p, &origin, "/").await.1.len(), BIG);
+    }
+    assert_eq!(backend.connections(), 2, "none was kept");
+}
+
+#[tokio::test]
 async fn idle_connections_expire_and_the_idle_list_is_bounded() {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "x") }).await;
     let origin = backend.origin();
