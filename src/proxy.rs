@@ -72,13 +72,13 @@ impl Routing {
     }
 
     /// Refuses a request over the size limits before any work is done for it.
-    fn check_limits<B>(&self, req: &Request<B>) -> Result<(), Error> {
+    fn check_limits(&self, req: &Parts) -> Result<(), Error> {
         if head_size(req) > self.max_header_bytes {
             return Err(Error::HeadersTooLarge {
                 limit: self.max_header_bytes,
             });
         }
-        if declared_length(req.headers()).is_some_and(|n| n > self.max_request_body) {
+        if declared_length(&req.headers).is_some_and(|n| n > self.max_request_body) {
             return Err(Error::BodyTooLarge {
                 limit: self.max_request_body,
             });
@@ -88,14 +88,14 @@ impl Routing {
 }
 
 /// The size of a request head as sent: request line and header lines.
-fn head_size<B>(req: &Request<B>) -> u64 {
-    let uri = req.uri();
+fn head_size(req: &Parts) -> u64 {
+    let uri = &req.uri;
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
-    let line = req.method().as_str().len() + target + 12;
+    let line = req.method.as_str().len() + target + 12;
     let fields: usize = req
-        .headers()
+        .headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
@@ -264,25 +264,23 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Error> {
         // The body waits in `ex` until a path forwards it; whatever is left is dealt with
         // once the response is known (`leave_unread`).
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         ex.body = Some(body);
-        let req = Request::from_parts(parts, ());
-        crate::framing::check_codings(req.headers())?;
+        crate::framing::check_codings(&parts.headers)?;
         let routing = self.routing.load_full();
-        routing.check_limits(&req)?;
+        routing.check_limits(&parts)?;
         let rt = &*routing;
-        let path = normalize_path(req.uri().path());
+        let path = normalize_path(parts.uri.path());
         let route = routing
             .router
-            .route(request_host(&req), &path)
+            .route(request_host(&parts), &path)
             .ok_or_else(|| Error::NoRoute {
-                path: req.uri().path().to_owned(),
+                path: parts.uri.path().to_owned(),
             })?
             .clone();
         ex.route = Some(route.clone());
-        let pre = Preconditions::parse(req.headers())?;
-        let key = ResourceKey::new(&route.upstream, &path, req.uri().query());
-        let (mut parts, ()) = req.into_parts();
+        let pre = Preconditions::parse(&parts.headers)?;
+        let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
         upstream::prepare(&mut parts, &route, peer);
         if matches!(parts.method, Method::GET | Method::HEAD) {
             self.read(rt, &route, &key, &pre, parts, ex).await
@@ -669,10 +667,10 @@ fn destination_key(parts: &Parts, route: &Route) -> Option<ResourceKey> {
 }
 
 /// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    req.uri()
+fn request_host(req: &Parts) -> Option<&str> {
+    req.uri
         .host()
-        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+        .or_else(|| req.headers.get(header::HOST)?.to_str().ok())
 }
 
 fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {
