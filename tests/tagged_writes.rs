@@ -161,7 +161,7 @@ async fn a_chunked_put_is_tagged_once_its_last_chunk_went_up() {
     let c = Client::new();
     let url = proxy.url("/docs/a");
     let tag = c.get(&url, &[]).await.etag();
-    let addr = url.trim_start_matches("http://").split('/').next().unwrap();
+    let addr = proxy.addr;
     // On the test's own runtime, so the socket is async: a blocking read would stall the proxy.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -194,7 +194,7 @@ async fn a_put_cut_short_by_its_client_leaves_no_tag() {
     let key = common::proxy::key(&backend.origin(), "/docs/a");
     assert!(proxy.state.tags.get(&key).is_some());
 
-    let addr = url.trim_start_matches("http://").split('/').next().unwrap();
+    let addr = proxy.addr;
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,

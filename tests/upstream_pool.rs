@@ -61,12 +61,19 @@ async fn requests_go_in_origin_form_and_a_finished_connection_is_reused() {
     assert_eq!(backend.connections(), 1);
 }
 
+/// The size of [`big_body_backend`]'s answers.
+const BIG: usize = 4 << 20;
+
+/// A backend that answers every request with `BIG` bytes.
+async fn big_body_backend() -> ScriptedBackend {
+    ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; BIG]) }).await
+}
+
 #[tokio::test]
 async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
     // Larger than what the connection reads ahead: the body stays on the connection until
     // it is read. (A small body read whole with its head frees the connection at once.)
-    const BIG: usize = 4 << 20;
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; BIG]) }).await;
+    let backend = big_body_backend().await;
     let origin = backend.origin();
     let p = pool(Duration::from_secs(60), 8);
     let first = p.send(&origin, get(&origin, "/a")).await.unwrap();
@@ -84,8 +91,7 @@ async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
 async fn a_connection_not_kept_still_delivers_its_whole_response() {
     // With no room in the idle list, the pool lets go of the connection right after the
     // response head; the body still streams to the end.
-    const BIG: usize = 4 << 20;
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; BIG]) }).await;
+    let backend = big_body_backend().await;
     let origin = backend.origin();
     let p = pool(Duration::from_secs(60), 0);
     for _ in 0..2 {
