@@ -217,7 +217,9 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
         let start = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // For the access log: a clone shares the URI's bytes, where a path `String` would
+        // be copied for every request, logged or not.
+        let uri = req.uri().clone();
         let span = info_span!(
             "request",
             method = %req.method(),
@@ -230,11 +232,15 @@ impl Proxy {
         let version = req.version();
         let expects_continue = req.headers().contains_key(header::EXPECT);
         let mut ex = Exchange::default();
-        let mut rsp = match self
-            .dispatch(req, &peer, &mut ex)
-            .instrument(span.clone())
-            .await
-        {
+        let dispatch = self.dispatch(req, &peer, &mut ex);
+        // A disabled span (logs at `warn`) records nothing; its wrapper would still cost a
+        // move of the whole request future.
+        let result = if span.is_disabled() {
+            dispatch.await
+        } else {
+            dispatch.instrument(span.clone()).await
+        };
+        let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
                 ex.outcome = e.outcome();
@@ -252,7 +258,7 @@ impl Proxy {
         let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
         self.metrics
             .request(route, &method, rsp.status().as_u16(), ex.by_proxy);
-        access_log(&span, &ex, &method, &path, &rsp, start);
+        access_log(&span, &ex, &method, uri.path(), &rsp, start);
         rsp
     }
 
