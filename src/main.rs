@@ -130,7 +130,9 @@ async fn run(path: PathBuf, config: Config) -> Result<(), Box<dyn std::error::Er
         let admin_listener = TcpListener::bind(admin.listen)
             .await
             .map_err(|e| format!("cannot listen on {} (admin): {e}", admin.listen))?;
-        tracing::info!(listen = %admin.listen, "admin endpoints: /healthz /readyz /metrics");
+        // The bound address, which differs from the configured one for port 0.
+        let bound = admin_listener.local_addr()?;
+        tracing::info!(listen = %bound, "admin endpoints: /healthz /readyz /metrics");
         tokio::spawn(ifmatch::admin::serve(
             admin_listener,
             proxy.clone(),
@@ -157,7 +159,7 @@ async fn run(path: PathBuf, config: Config) -> Result<(), Box<dyn std::error::Er
         let _ = stop_tx.send(true);
     });
     tracing::info!(
-        listen = %config.server.listen,
+        listen = %listener.local_addr()?,
         tls = config.server.tls.is_some(),
         routes = config.routes.len(),
         "ifmatch started"

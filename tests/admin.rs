@@ -21,16 +21,16 @@ async fn metrics_count_a_known_sequence_exactly() {
     store.store.put("/docs/a", "v1");
     store.store.put("/big/x", "a body longer than ten bytes");
     let dead = free_port();
-    let admin = free_port();
     let o = store.origin();
     let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [[route]]\nprefix = \"/docs/\"\nupstream = \"{o}\"\nvalidation = \"cached\"\n\
          [[route]]\nprefix = \"/strict/\"\nupstream = \"{o}\"\nrequire_precondition = true\n\
          [[route]]\nprefix = \"/dead/\"\nupstream = \"http://127.0.0.1:{dead}\"\n\
          [[route]]\nprefix = \"/big/\"\nupstream = \"{o}\"\nmax_tag_body = \"10B\"\n"
     );
     let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
     let c = Client::new();
     let a = bin.url("/docs/a");
     let t1 = c.get(&a, &[]).await.etag();
@@ -52,9 +52,7 @@ async fn metrics_count_a_known_sequence_exactly() {
     let big = c.get(&bin.url("/big/x"), &[]).await;
     assert!(big.header("etag").is_none());
 
-    let m = c
-        .get(&format!("http://127.0.0.1:{admin}/metrics"), &[])
-        .await;
+    let m = c.get(&format!("http://{admin}/metrics"), &[]).await;
     assert_eq!(m.status, 200);
     assert!(m
         .header("content-type")
@@ -120,14 +118,14 @@ async fn health_and_readiness_including_during_a_drain() {
         respond(200, &[], "slow")
     })
     .await;
-    let admin = free_port();
     let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
         slow.origin()
     );
     let bin = Binary::start(&config, &[]).await;
     let c = Client::new();
-    let url = |p: &str| format!("http://127.0.0.1:{admin}{p}");
+    let admin = bin.logged_addr("admin endpoints").await;
+    let url = |p: &str| format!("http://{admin}{p}");
     assert_eq!(c.get(&url("/healthz"), &[]).await.status, 200);
     assert_eq!(c.get(&url("/readyz"), &[]).await.status, 200);
     let in_flight = {

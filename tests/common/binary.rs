@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,8 @@ pub struct Binary {
     log: Arc<Mutex<Vec<String>>>,
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago. Another process may take it before it is used: prefer
+/// binding port 0 and reading the bound address (see [`Binary::start`]).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -27,19 +29,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// What `{listen}` stands for in a config: port 0, so the proxy binds a port no other test
+/// can hold, and logs which one.
+const LISTEN_ANY: &str = "127.0.0.1:0";
+
 impl Binary {
-    /// Starts `ifmatch --config FILE` with `config` (where `{listen}` is replaced by a free
-    /// address) and waits until it accepts connections.
+    /// Starts `ifmatch --config FILE` with `config` (where `{listen}` is replaced by
+    /// `127.0.0.1:0`), learns the bound address from its start-up log line and waits until
+    /// it accepts connections.
     pub async fn start(config: &str, extra_args: &[&str]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ifmatch-bin-{}-{}",
             std::process::id(),
-            addr.port()
+            STARTED.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ifmatch.toml");
-        std::fs::write(&path, config.replace("{listen}", &addr.to_string())).unwrap();
+        std::fs::write(&path, config.replace("{listen}", LISTEN_ANY)).unwrap();
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(&path)
@@ -62,15 +69,16 @@ impl Binary {
                 }
             });
         }
-        let me = Self {
+        let mut me = Self {
             child,
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             config: path,
             dir,
             log,
         };
+        me.addr = me.logged_addr("ifmatch started").await;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        while tokio::net::TcpStream::connect(me.addr).await.is_err() {
             assert!(
                 Instant::now() < deadline,
                 "ifmatch did not start: {:?}",
@@ -79,6 +87,20 @@ impl Binary {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         me
+    }
+
+    /// The address in the `listen` field of the first log line containing `needle` (the
+    /// proxy logs the addresses it bound, text or JSON).
+    pub async fn logged_addr(&self, needle: &str) -> SocketAddr {
+        let line = self.wait_for_log(needle, Duration::from_secs(10)).await;
+        let after = &line[line.find("listen").expect("a listen field") + "listen".len()..];
+        let start = after.find(|c: char| c.is_ascii_digit()).unwrap();
+        let addr: String = after[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{addr:?} in {line:?}: {e}"))
     }
 
     /// The process's threads now (Linux `/proc`).
@@ -93,13 +115,10 @@ impl Binary {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Rewrites the config file (`{listen}` replaced as at start).
+    /// Rewrites the config file (`{listen}` replaced as at start, so that a reload sees the
+    /// same `listen`).
     pub fn write_config(&self, config: &str) {
-        std::fs::write(
-            &self.config,
-            config.replace("{listen}", &self.addr.to_string()),
-        )
-        .unwrap();
+        std::fs::write(&self.config, config.replace("{listen}", LISTEN_ANY)).unwrap();
     }
 
     pub fn signal(&self, sig: &str) {
