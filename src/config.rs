@@ -47,8 +47,8 @@ pub struct Server {
     pub max_header_bytes: u64,
     /// Largest request body forwarded; larger gets 413.
     pub max_request_body: u64,
-    /// Time a client has to send a request head, also the longest a keep-alive connection
-    /// may sit idle between requests.
+    /// Time a client has to send a request head, also the longest a connection may sit
+    /// with no request in flight (HTTP/1.1 keep-alive and HTTP/2 alike).
     pub header_read_timeout: Duration,
     /// The key of every tag; `None`: a random key made at start (tags change on restart).
     pub tag_key: Option<TagKey>,

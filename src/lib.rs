@@ -17,6 +17,7 @@
 //! response in one place.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod activity;
 pub mod admin;
 pub mod body;
 pub mod config;

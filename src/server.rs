@@ -1,5 +1,6 @@
 //! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 (prior knowledge) on each
-//! with hyper-util's `auto` builder, and drains in-flight requests on shutdown.
+//! with hyper-util's `auto` builder, closes connections left idle, and drains in-flight
+//! requests on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,17 +11,17 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use http::{HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 
+use crate::activity::{Activity, Tracked};
 use crate::body::ProxyBody;
 use crate::config::{Config, Server};
 use crate::error::Error;
@@ -69,8 +70,11 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(10));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let shutdown_timeout = limits.shutdown_timeout;
+    let idle_timeout = limits.header_read_timeout;
 
-    let graceful = GracefulShutdown::new();
+    // `true` once the proxy stops: every connection then finishes what it has in flight
+    // and closes (HTTP/1.1: after its current response; HTTP/2: GOAWAY).
+    let (stop, stopping) = watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
@@ -90,16 +94,20 @@ pub async fn serve(
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        let (proxy, builder, watcher) = (proxy.clone(), builder.clone(), graceful.watcher());
+        let (proxy, builder) = (proxy.clone(), builder.clone());
+        let ends = Ends {
+            stopping: stopping.clone(),
+            idle_timeout,
+        };
         tokio::spawn(async move {
             match proxy.tls() {
-                None => serve_connection(stream, addr, "http", proxy, builder, watcher).await,
+                None => serve_connection(stream, addr, "http", proxy, builder, ends).await,
                 Some(tls) => {
                     // In the connection's own task: a stalled handshake holds nothing else.
                     let accept = TlsAcceptor::from(tls).accept(stream);
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
                         Ok(Ok(tls)) => {
-                            serve_connection(tls, addr, "https", proxy, builder, watcher).await
+                            serve_connection(tls, addr, "https", proxy, builder, ends).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, client = %addr, "TLS handshake failed")
@@ -113,7 +121,10 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: no new connections, draining in-flight requests");
-    if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+    let _ = stop.send(true);
+    // Every connection's task holds a permit until it ends: all of them back means drained.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(shutdown_timeout, connections.acquire_many(all))
         .await
         .is_err()
     {
@@ -160,23 +171,35 @@ async fn refuse_connection(mut stream: TcpStream) {
 /// Time a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What ends a connection besides its client: the proxy stopping, or no request for
+/// `idle_timeout`.
+struct Ends {
+    stopping: watch::Receiver<bool>,
+    idle_timeout: Duration,
+}
+
 /// Serves one client connection (plain or TLS) with HTTP/1.1 or HTTP/2, its bytes watched by
-/// the framing inspector, until it closes or a graceful shutdown ends it.
+/// the framing inspector, until it closes, the proxy stops, or it sits idle for
+/// `idle_timeout` (the head-read timeout, which hyper already applies to idle HTTP/1.1
+/// connections; here it reaches HTTP/2 connections too, which get a GOAWAY).
 async fn serve_connection<IO>(
     io: IO,
     addr: SocketAddr,
     scheme: &'static str,
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
+    mut ends: Ends,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = Peer::new(addr, scheme);
     let verdicts = Verdicts::default();
+    let activity = Arc::new(Activity::default());
     let io = Inspected::new(io, verdicts.clone());
+    let counted = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
+        let request = counted.begin();
         let verdict = match req.version() {
             Version::HTTP_2 => None,
             _ => verdicts
@@ -185,14 +208,33 @@ async fn serve_connection<IO>(
                 .pop_front(),
         };
         async move {
-            Ok::<_, Infallible>(match verdict {
+            let rsp = match verdict {
                 Some(Err(e)) => refuse_framing(e),
                 _ => proxy.handle(req, peer).await,
-            })
+            };
+            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, request)))
         }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    tokio::pin!(conn);
+    let idle = activity.idle(ends.idle_timeout);
+    tokio::pin!(idle);
+    let mut closing = false;
+    let ended = loop {
+        tokio::select! {
+            ended = conn.as_mut() => break ended,
+            _ = ends.stopping.wait_for(|stop| *stop), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut idle, if !closing => {
+                tracing::debug!(client = %addr, "idle connection closed");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, client = %addr, "connection ended with an error");
     }
 }

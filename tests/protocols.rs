@@ -92,3 +92,84 @@ async fn the_core_cases_behave_alike_on_every_protocol() {
         assert_eq!(backend.store.writes(), before + 1, "{n}");
     }
 }
+
+/// A raw HTTP/2 (prior knowledge) connection to `addr`: its sender, and the connection's
+/// task, which ends when the connection does.
+async fn h2_connection(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    url: &str,
+) -> u16 {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let rsp = sender.send_request(req).await.unwrap();
+    let status = rsp.status().as_u16();
+    rsp.into_body().collect().await.unwrap();
+    status
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_a_goaway_after_the_idle_timeout() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let proxy = Proxy::start_with(
+        &route("/docs/", ""),
+        &backend.origin(),
+        "header_read_timeout = \"500ms\"",
+    )
+    .await;
+    let (mut sender, conn) = h2_connection(proxy.addr).await;
+    assert_eq!(h2_get(&mut sender, &proxy.url("/docs/a")).await, 200);
+    let idle_from = std::time::Instant::now();
+    // hyper's client answers the server's keep-alive pings: only the proxy's idle timeout
+    // can end this connection.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), conn)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap();
+    assert!(ended.is_ok(), "closed with a GOAWAY, not reset: {ended:?}");
+    assert!(
+        idle_from.elapsed() >= std::time::Duration::from_millis(400),
+        "not before the idle timeout: {:?}",
+        idle_from.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_http2_request_in_flight_outlasts_the_idle_timeout() {
+    use common::backend::respond;
+    let slow = common::ScriptedBackend::start(|_| async {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        respond(200, &[], "slow")
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &slow.origin(),
+        "header_read_timeout = \"500ms\"",
+    )
+    .await;
+    let (mut sender, conn) = h2_connection(proxy.addr).await;
+    // Three times the idle timeout in flight, then idle: the answer arrives, then the close.
+    assert_eq!(h2_get(&mut sender, &proxy.url("/x")).await, 200);
+    assert!(!conn.is_finished(), "closed while a stream was open");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "closed once idle");
+}

@@ -1,0 +1,142 @@
+//! What a client connection is doing: how many of its requests are still being answered
+//! (response body included) and since when it has had none. hyper closes an idle HTTP/1.1
+//! connection with its head-read timer, but an HTTP/2 connection that answers pings stays
+//! open with no stream for as long as the client likes, holding one of `max_connections`;
+//! [`Activity::idle`] tells the server when to send it a GOAWAY.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::body::{BodyError, ProxyBody};
+
+/// One connection's requests in flight and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: AtomicUsize,
+    last_end: Mutex<Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_end: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// Counts a request in until the returned guard is dropped: with its response body once
+    /// that is sent or abandoned, or with the request's future if that ends first.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Completes once the connection has had no request in flight for `timeout`.
+    pub async fn idle(&self, timeout: Duration) {
+        loop {
+            let last_end = *self.last_end.lock().unwrap_or_else(|p| p.into_inner());
+            let busy = self.in_flight.load(Ordering::Acquire) > 0;
+            let deadline = if busy {
+                Instant::now() + timeout
+            } else {
+                last_end + timeout
+            };
+            if !busy && deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A request being answered; see [`Activity::begin`].
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The end time first, so that a check that sees no request in flight sees it too.
+        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted in until it is dropped.
+#[derive(Debug)]
+pub struct Tracked {
+    body: ProxyBody,
+    _request: InFlight,
+}
+
+impl Tracked {
+    pub fn new(body: ProxyBody, request: InFlight) -> Self {
+        Self {
+            body,
+            _request: request,
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_for_the_last_request_to_end_then_the_timeout() {
+        let activity = Arc::new(Activity::default());
+        let request = activity.begin();
+        let t = Duration::from_secs(30);
+        let start = Instant::now();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle(t).await }
+        });
+        // Busy for 100 s: never idle meanwhile.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!idle.is_finished());
+        drop(request);
+        idle.await.unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(130) && waited < Duration::from_secs(160),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_had_a_request_is_idle_after_the_timeout() {
+        let activity = Activity::default();
+        let start = Instant::now();
+        activity.idle(Duration::from_secs(30)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+}
