@@ -173,3 +173,37 @@ async fn an_http2_request_in_flight_outlasts_the_idle_timeout() {
     let ended = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
     assert!(ended.is_ok(), "closed once idle");
 }
+
+#[tokio::test]
+async fn a_shutdown_lets_an_http2_request_in_flight_finish_then_closes_with_a_goaway() {
+    use common::backend::respond;
+    let slow = common::ScriptedBackend::start(|_| async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        respond(200, &[], "slow")
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &slow.origin()).await;
+    let url = proxy.url("/x");
+    let (sender, conn) = h2_connection(proxy.addr).await;
+    // A second handle: the client's connection would end by itself once none were left.
+    let mut second = sender.clone();
+    let in_flight = tokio::spawn(async move { h2_get(&mut second, &url).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let drained = tokio::spawn(proxy.shutdown());
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the request in flight was answered"
+    );
+    // At once, not when the drain gives up (5 s here).
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(2), conn)
+        .await
+        .expect("the connection was closed")
+        .unwrap();
+    assert!(ended.is_ok(), "closed with a GOAWAY, not reset: {ended:?}");
+    tokio::time::timeout(std::time::Duration::from_secs(5), drained)
+        .await
+        .expect("the drain ended once the connection had")
+        .unwrap();
+    drop(sender);
+}
