@@ -429,11 +429,16 @@ impl Validator<'_> {
             "server.tag_cache_entries",
             DEFAULT_TAG_CACHE_ENTRIES,
         );
-        let connections = self.count(
-            &s.max_connections,
-            "server.max_connections",
-            DEFAULT_MAX_CONNECTIONS,
-        );
+        let connections = self
+            .count(
+                &s.max_connections,
+                "server.max_connections",
+                DEFAULT_MAX_CONNECTIONS,
+            )
+            .and_then(|n| {
+                // The listener's semaphore and its drain count connections in u32.
+                self.at_most(&s.max_connections, "server.max_connections", n, u32::MAX)
+            });
         let connect = self.duration(
             &s.connect_timeout,
             "server.connect_timeout",
@@ -557,6 +562,23 @@ impl Validator<'_> {
                 self.push(n, key, "must be at least 1".into());
                 None
             }
+        }
+    }
+
+    /// `n`, read from `v`, if it is at most `max`.
+    fn at_most(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        n: usize,
+        max: u32,
+    ) -> Option<usize> {
+        match v {
+            Some(spanned) if n > max as usize => {
+                self.push(spanned, key, format!("must be at most {max}"));
+                None
+            }
+            _ => Some(n),
         }
     }
 
@@ -814,6 +836,12 @@ upstream = "http://localhost:9001/"
     #[test]
     fn errors_name_file_line_and_key() {
         let cases: &[(&str, usize, &str, &str)] = &[
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_connections = 9223372036854775807\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.max_connections",
+                "at most 4294967295",
+            ),
             (
                 "[server]\nlisten = \"nope\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
                 2,
