@@ -5,8 +5,8 @@
 //! [`Activity::idle`] tells the server when to send it a GOAWAY.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,15 +19,19 @@ use crate::body::{BodyError, ProxyBody};
 /// One connection's requests in flight and when the last one ended.
 #[derive(Debug)]
 pub struct Activity {
+    opened: Instant,
     in_flight: AtomicUsize,
-    last_end: Mutex<Instant>,
+    /// When the last request ended, in microseconds since `opened`: an atomic, not a lock,
+    /// since every response writes it.
+    last_end: AtomicU64,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Self {
+            opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
-            last_end: Mutex::new(Instant::now()),
+            last_end: AtomicU64::new(0),
         }
     }
 }
@@ -43,7 +47,8 @@ impl Activity {
     /// Completes once the connection has had no request in flight for `timeout`.
     pub async fn idle(&self, timeout: Duration) {
         loop {
-            let last_end = *self.last_end.lock().unwrap_or_else(|p| p.into_inner());
+            let last_end =
+                self.opened + Duration::from_micros(self.last_end.load(Ordering::Acquire));
             let busy = self.in_flight.load(Ordering::Acquire) > 0;
             let deadline = if busy {
                 Instant::now() + timeout
@@ -65,7 +70,8 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         // The end time first, so that a check that sees no request in flight sees it too.
-        *self.0.last_end.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let since_open = u64::try_from(self.0.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.0.last_end.store(since_open, Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
