@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::backend::respond;
 use common::binary::{free_port, Binary};
 use common::{Backend, Client, ScriptedBackend};
 
@@ -113,11 +112,7 @@ async fn metrics_count_a_known_sequence_exactly() {
 
 #[tokio::test]
 async fn health_and_readiness_including_during_a_drain() {
-    let slow = ScriptedBackend::start(|_| async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        respond(200, &[], "slow")
-    })
-    .await;
+    let slow = ScriptedBackend::slow(Duration::from_millis(1500), "slow").await;
     let config = format!(
         "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
         slow.origin()

@@ -5,7 +5,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::backend::respond;
 use common::binary::Binary;
 use common::{Backend, Client, ScriptedBackend};
 
@@ -20,11 +19,7 @@ fn config(routes: &[(&str, &str, &str)]) -> String {
 }
 
 async fn slow_backend() -> ScriptedBackend {
-    ScriptedBackend::start(|_| async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        respond(200, &[], "slow but sure")
-    })
-    .await
+    ScriptedBackend::slow(Duration::from_millis(800), "slow but sure").await
 }
 
 async fn refused_within(addr: std::net::SocketAddr, within: Duration) -> bool {

@@ -154,12 +154,7 @@ async fn an_idle_http2_connection_is_closed_with_a_goaway_after_the_idle_timeout
 
 #[tokio::test]
 async fn an_http2_request_in_flight_outlasts_the_idle_timeout() {
-    use common::backend::respond;
-    let slow = common::ScriptedBackend::start(|_| async {
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-        respond(200, &[], "slow")
-    })
-    .await;
+    let slow = common::ScriptedBackend::slow(std::time::Duration::from_millis(1500), "slow").await;
     let proxy = Proxy::start_with(
         &route("/", ""),
         &slow.origin(),
@@ -176,12 +171,7 @@ async fn an_http2_request_in_flight_outlasts_the_idle_timeout() {
 
 #[tokio::test]
 async fn a_shutdown_lets_an_http2_request_in_flight_finish_then_closes_with_a_goaway() {
-    use common::backend::respond;
-    let slow = common::ScriptedBackend::start(|_| async {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        respond(200, &[], "slow")
-    })
-    .await;
+    let slow = common::ScriptedBackend::slow(std::time::Duration::from_millis(500), "slow").await;
     let proxy = Proxy::start(&route("/", ""), &slow.origin()).await;
     let url = proxy.url("/x");
     let (sender, conn) = h2_connection(proxy.addr).await;

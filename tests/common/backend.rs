@@ -144,6 +144,16 @@ impl ScriptedBackend {
             .expect("the backend received a request")
     }
 
+    /// A backend that answers every request with 200 and `body` after `delay`: a request
+    /// that stays in flight.
+    pub async fn slow(delay: std::time::Duration, body: &'static str) -> Self {
+        Self::start(move |_| async move {
+            tokio::time::sleep(delay).await;
+            respond(200, &[], body)
+        })
+        .await
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
