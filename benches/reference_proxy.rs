@@ -55,6 +55,8 @@ struct Upstream {
     host: HeaderValue,
     idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
     hash: bool,
+    /// Keyed once: each request starts from a copy, as ifmatch's tag hasher does.
+    keyed: Hmac<Sha256>,
 }
 
 impl Upstream {
@@ -87,8 +89,7 @@ impl Upstream {
         self.idle.lock().unwrap().push(sender);
         let (mut parts, mut body) = rsp.into_parts();
         // Chunks are hashed as they come and sent on as they are, never joined (as ifmatch).
-        let mut mac = Hmac::<Sha256>::new_from_slice(b"reference-proxy-key-0123456789ab")
-            .expect("HMAC takes any key length");
+        let mut mac = self.keyed.clone();
         let mut chunks = VecDeque::new();
         while let Some(frame) = body.frame().await {
             if let Ok(chunk) = frame?.into_data() {
@@ -152,6 +153,8 @@ fn main() {
             .expect("an address is a valid Host"),
         idle: Mutex::default(),
         hash: !args.no_hash,
+        keyed: Hmac::new_from_slice(b"reference-proxy-key-0123456789ab")
+            .expect("HMAC takes any key length"),
     });
     // One thread, like ifmatch's `workers = 1` and nginx's one worker.
     let rt = tokio::runtime::Builder::new_current_thread()
