@@ -104,7 +104,9 @@ where
                 },
             }
         }
-        let mut sender = self.connect(target).await?;
+        // Boxed: connecting (TCP, TLS, handshake) is rare next to sending, and its future
+        // would nearly double this one, which every request carries and moves.
+        let mut sender = Box::pin(self.connect(target)).await?;
         let rsp = sender.send_request(req).await.map_err(SendError::Http)?;
         self.checkin(origin, sender);
         Ok(rsp)

@@ -232,13 +232,16 @@ impl Proxy {
         let version = req.version();
         let expects_continue = req.headers().contains_key(header::EXPECT);
         let mut ex = Exchange::default();
-        let dispatch = self.dispatch(req, &peer, &mut ex);
         // A disabled span (logs at `warn`) records nothing; its wrapper would still cost a
-        // move of the whole request future.
+        // move of the whole request future. The future is made inside each branch: bound
+        // to a name first, it would be kept twice in this one (rustc keeps a moved-from
+        // local's space until its scope ends).
         let result = if span.is_disabled() {
-            dispatch.await
+            self.dispatch(req, &peer, &mut ex).await
         } else {
-            dispatch.instrument(span.clone()).await
+            self.dispatch(req, &peer, &mut ex)
+                .instrument(span.clone())
+                .await
         };
         let mut rsp = match result {
             Ok(rsp) => rsp,
@@ -291,7 +294,9 @@ impl Proxy {
         if matches!(parts.method, Method::GET | Method::HEAD) {
             self.read(rt, &route, &key, &pre, parts, ex).await
         } else {
-            self.write(rt, &route, &key, &pre, parts, ex).await
+            // Boxed: the write path's future (lock wait, revalidation, forward) is twice the
+            // read path's, and every GET would otherwise carry and move that space.
+            Box::pin(self.write(rt, &route, &key, &pre, parts, ex)).await
         }
     }
 

@@ -137,8 +137,13 @@ impl UpstreamClient {
             .as_ref()
             .and_then(|p| self.by_ca_file.get(p))
             .unwrap_or(&self.pool);
-        let sent = pool.send(&route.upstream.origin, req);
-        match tokio::time::timeout(route.upstream_timeout, sent).await {
+        // Not bound to a name first: the future would be kept twice (see `Proxy::handle`).
+        match tokio::time::timeout(
+            route.upstream_timeout,
+            pool.send(&route.upstream.origin, req),
+        )
+        .await
+        {
             Err(_) => Err(Error::UpstreamTimeout {
                 upstream: upstream(),
                 after: route.upstream_timeout,
