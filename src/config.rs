@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::Uri;
+use http::{HeaderValue, Uri};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -104,6 +104,30 @@ pub struct Upstream {
     pub authority: Authority,
     /// `scheme://authority`, the prefix of every cache and lock key of this upstream.
     pub origin: String,
+    /// `scheme://authority/`, what the connector is given to connect to.
+    pub uri: Uri,
+    /// The authority as a `Host` value: made once here, not on every request.
+    pub host: HeaderValue,
+}
+
+impl Upstream {
+    pub fn new(scheme: Scheme, authority: Authority) -> Self {
+        let uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a scheme and an authority make a valid URI");
+        let host = HeaderValue::from_str(authority.as_str())
+            .expect("an authority is a valid header value");
+        Self {
+            origin: format!("{scheme}://{authority}"),
+            scheme,
+            authority,
+            uri,
+            host,
+        }
+    }
 }
 
 /// Why a config was refused.
@@ -696,11 +720,7 @@ impl Validator<'_> {
         }
         let scheme = uri.scheme().cloned()?;
         let authority = uri.authority().cloned()?;
-        Some(Upstream {
-            origin: format!("{scheme}://{authority}"),
-            scheme,
-            authority,
-        })
+        Some(Upstream::new(scheme, authority))
     }
 
     fn duration(

@@ -89,11 +89,7 @@ mod tests {
     use crate::config::Upstream;
 
     fn key(path: &str) -> ResourceKey {
-        let up = Upstream {
-            scheme: http::uri::Scheme::HTTP,
-            authority: "a:1".parse().unwrap(),
-            origin: "http://a:1".into(),
-        };
+        let up = Upstream::new(http::uri::Scheme::HTTP, "a:1".parse().unwrap());
         ResourceKey::new(&up, path, None)
     }
 

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use tower_service::Service;
 
+use crate::config::Upstream;
 use crate::upstream::UpstreamBody;
 
 /// A connection's error before any HTTP was exchanged (TCP, TLS), with its cause chain.
@@ -82,16 +83,15 @@ where
         })
     }
 
-    /// Sends `req` (absolute URI, `Host` set) to its origin in origin-form, on an idle
-    /// connection if one is ready, else on a new one. A request that an idle connection
-    /// closed before sending is tried again on the next one: it was never sent.
+    /// Sends `req` (origin-form URI, `Host` set) to `upstream`, on an idle connection if one
+    /// is ready, else on a new one. A request that an idle connection closed before sending
+    /// is tried again on the next one: it was never sent.
     pub async fn send(
         &self,
-        origin: &str,
+        upstream: &Upstream,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        let target = req.uri().clone();
-        *req.uri_mut() = origin_form(&target);
+        let origin = upstream.origin.as_str();
         while let Some(mut sender) = self.checkout(origin) {
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
@@ -106,7 +106,7 @@ where
         }
         // Boxed: connecting (TCP, TLS, handshake) is rare next to sending, and its future
         // would nearly double this one, which every request carries and moves.
-        let mut sender = Box::pin(self.connect(target)).await?;
+        let mut sender = Box::pin(self.connect(upstream.uri.clone())).await?;
         let rsp = sender.send_request(req).await.map_err(SendError::Http)?;
         self.checkin(origin, sender);
         Ok(rsp)
@@ -190,26 +190,5 @@ where
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         pool.drop_expired();
-    }
-}
-
-/// `/path?query` of an absolute URI: what an HTTP/1.1 origin server expects (RFC 9112 §3.2.1).
-fn origin_form(uri: &Uri) -> Uri {
-    match uri.path_and_query() {
-        Some(pq) => Uri::from(pq.clone()),
-        None => Uri::from_static("/"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_go_upstream_in_origin_form() {
-        let u: Uri = "http://a:1/docs/x?y=1".parse().unwrap();
-        assert_eq!(origin_form(&u), "/docs/x?y=1");
-        let u: Uri = "http://a:1".parse().unwrap();
-        assert_eq!(origin_form(&u), "/");
     }
 }

@@ -138,12 +138,7 @@ impl UpstreamClient {
             .and_then(|p| self.by_ca_file.get(p))
             .unwrap_or(&self.pool);
         // Not bound to a name first: the future would be kept twice (see `Proxy::handle`).
-        match tokio::time::timeout(
-            route.upstream_timeout,
-            pool.send(&route.upstream.origin, req),
-        )
-        .await
-        {
+        match tokio::time::timeout(route.upstream_timeout, pool.send(&route.upstream, req)).await {
             Err(_) => Err(Error::UpstreamTimeout {
                 upstream: upstream(),
                 after: route.upstream_timeout,
@@ -273,17 +268,11 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
         .and_then(Result::ok)
         .or_else(|| parts.headers.get(header::HOST).cloned());
 
-    let mut uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone());
-    if let Some(pq) = parts.uri.path_and_query() {
-        uri = uri.path_and_query(pq.clone());
-    } else {
-        uri = uri.path_and_query("/");
+    // Origin-form, as an HTTP/1.1 origin server expects (RFC 9112 §3.2.1): what HTTP/1.1
+    // clients send already; HTTP/2's and absolute-form requests carry scheme and authority.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = origin_form(&parts.uri);
     }
-    parts.uri = uri
-        .build()
-        .expect("scheme, authority and path come from valid URIs");
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
@@ -297,11 +286,7 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
             h.insert(header::HOST, host.clone());
         }
         _ => {
-            h.insert(
-                header::HOST,
-                HeaderValue::from_str(route.upstream.authority.as_str())
-                    .expect("an authority is a valid header value"),
-            );
+            h.insert(header::HOST, route.upstream.host.clone());
         }
     }
 
@@ -321,6 +306,14 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
     );
     if let Some(host) = original_host {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+}
+
+/// `/path?query` of an absolute URI.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
     }
 }
 
@@ -352,6 +345,14 @@ pub fn revalidation_request(parts: &Parts) -> Request<UpstreamBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_go_upstream_in_origin_form() {
+        let u: Uri = "http://a:1/docs/x?y=1".parse().unwrap();
+        assert_eq!(origin_form(&u), "/docs/x?y=1");
+        let u: Uri = "http://a:1".parse().unwrap();
+        assert_eq!(origin_form(&u), "/");
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_removed() {

@@ -163,6 +163,47 @@ async fn preserve_host_false_sends_the_upstream_authority() {
     assert_eq!(seen.headers["x-forwarded-host"], "docs.example");
 }
 
+/// HTTP/2 requests and HTTP/1.1 absolute-form ones carry scheme and authority; an origin
+/// server gets origin-form (RFC 9112 §3.2.1), with the path and query as sent.
+#[tokio::test]
+async fn every_request_form_reaches_the_backend_in_origin_form() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let target = "/docs/a%20b?y=1&z";
+
+    let r = Client::h2().get(&proxy.url(target), &[]).await;
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_2));
+    assert_eq!(backend.last().uri.to_string(), target, "h2c");
+
+    let r = Client::new().get(&proxy.url(target), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        backend.last().uri.to_string(),
+        target,
+        "HTTP/1.1 origin-form"
+    );
+
+    let absolute = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        proxy.url(target),
+        proxy.addr
+    );
+    let rsp = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(absolute.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    })
+    .await
+    .expect("the proxy answers and closes");
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    let seen = backend.last();
+    assert_eq!(seen.uri.to_string(), target, "HTTP/1.1 absolute-form");
+    assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
+}
+
 #[tokio::test]
 async fn a_request_no_route_matches_gets_a_404_problem() {
     let backend = Backend::start().await;

@@ -1,5 +1,6 @@
-//! The upstream connection pool on its own, against real servers on 127.0.0.1: requests go
-//! in origin-form, a connection is reused once its response has been read, connections idle
+//! The upstream connection pool on its own, against real servers on 127.0.0.1: a request
+//! goes to its upstream as given, a connection is reused once its response has been read,
+//! connections idle
 //! past the timeout or closed by the backend are not reused, and the number kept is bounded.
 
 mod common;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::{BodyExt, Either, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
+use ifmatch::config::Upstream;
 use ifmatch::pool::Pool;
 use ifmatch::upstream::UpstreamBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,24 +27,36 @@ fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
     Pool::new(http, idle_timeout, max_idle)
 }
 
+/// A GET as the proxy hands it to the pool: origin-form, `Host` set.
 fn get(origin: &str, path: &str) -> Request<UpstreamBody> {
     let host = origin.trim_start_matches("http://");
     Request::builder()
-        .uri(format!("{origin}{path}"))
+        .uri(path)
         .header(header::HOST, host)
         .body(Either::Right(Empty::<Bytes>::new()))
         .unwrap()
 }
 
+fn upstream(origin: &str) -> Upstream {
+    let uri: http::Uri = origin.parse().unwrap();
+    Upstream::new(
+        uri.scheme().unwrap().clone(),
+        uri.authority().unwrap().clone(),
+    )
+}
+
 /// Sends a GET and reads its body to the end (which frees the connection).
 async fn fetch(pool: &Pool<HttpConnector>, origin: &str, path: &str) -> (u16, Bytes) {
-    let rsp = pool.send(origin, get(origin, path)).await.unwrap();
+    let rsp = pool
+        .send(&upstream(origin), get(origin, path))
+        .await
+        .unwrap();
     let status = rsp.status().as_u16();
     (status, rsp.into_body().collect().await.unwrap().to_bytes())
 }
 
 #[tokio::test]
-async fn requests_go_in_origin_form_and_a_finished_connection_is_reused() {
+async fn a_request_goes_as_given_and_a_finished_connection_is_reused() {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
     let origin = backend.origin();
     let p = pool(Duration::from_secs(60), 8);
@@ -56,7 +70,7 @@ async fn requests_go_in_origin_form_and_a_finished_connection_is_reused() {
     assert_eq!(
         seen.uri.to_string(),
         "/docs/x?y=1",
-        "origin-form, not absolute"
+        "path and query as given"
     );
     assert_eq!(backend.connections(), 1);
 }
@@ -76,7 +90,10 @@ async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
     let backend = big_body_backend().await;
     let origin = backend.origin();
     let p = pool(Duration::from_secs(60), 8);
-    let first = p.send(&origin, get(&origin, "/a")).await.unwrap();
+    let first = p
+        .send(&upstream(&origin), get(&origin, "/a"))
+        .await
+        .unwrap();
     assert_eq!(fetch(&p, &origin, "/b").await.1.len(), BIG);
     assert_eq!(backend.connections(), 2);
     let body = first.into_body().collect().await.unwrap().to_bytes();
@@ -113,9 +130,10 @@ async fn idle_connections_expire_and_the_idle_list_is_bounded() {
     // Two at once need two connections; only one is kept. (A pool that expires nothing
     // here, so that a slow machine cannot make this about expiry.)
     let p = pool(Duration::from_secs(60), 1);
+    let up = upstream(&origin);
     let (a, b) = tokio::join!(
-        p.send(&origin, get(&origin, "/1")),
-        p.send(&origin, get(&origin, "/2"))
+        p.send(&up, get(&origin, "/1")),
+        p.send(&up, get(&origin, "/2"))
     );
     let before = backend.connections();
     for rsp in [a.unwrap(), b.unwrap()] {
@@ -223,7 +241,7 @@ async fn after_a_backend_restart_no_request_fails_on_a_dead_pooled_connection() 
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         backend = keep_alive_backend(listener);
         for _ in 0..5 {
-            let r = p.send(&origin, get(&origin, "/")).await;
+            let r = p.send(&upstream(&origin), get(&origin, "/")).await;
             assert!(r.is_ok(), "round {round}: {:?}", r.err());
             r.unwrap().into_body().collect().await.unwrap();
         }

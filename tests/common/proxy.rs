@@ -82,11 +82,11 @@ pub fn route(prefix: &str, extra: &str) -> String {
 /// The tag-cache key the proxy uses for `path` (already normal) at `origin`.
 pub fn key(origin: &str, path: &str) -> ifmatch::key::ResourceKey {
     let uri: http::Uri = origin.parse().unwrap();
-    let upstream = ifmatch::config::Upstream {
-        scheme: uri.scheme().unwrap().clone(),
-        authority: uri.authority().unwrap().clone(),
-        origin: origin.to_owned(),
-    };
+    let upstream = ifmatch::config::Upstream::new(
+        uri.scheme().unwrap().clone(),
+        uri.authority().unwrap().clone(),
+    );
+    assert_eq!(upstream.origin, origin, "an origin is scheme://authority");
     ifmatch::key::ResourceKey::new(&upstream, path, None)
 }
 
