@@ -99,6 +99,22 @@ async fn a_body_that_stalls_while_being_tagged_is_a_504() {
     check(Fault::StallBody, 504).await;
 }
 
+/// The upstream timeout bounds the wait for each chunk, not the whole body.
+#[tokio::test]
+async fn a_slow_body_whose_every_chunk_comes_in_time_is_tagged_whole() {
+    let backend = FaultyBackend::start(Fault::Trickle).await;
+    let proxy = Proxy::start(&route("/", ROUTE), &backend.origin()).await;
+    let started = Instant::now();
+    let r = Client::new().get(&proxy.url("/doc"), &[]).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the body trickled"
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, vec![b'x'; 1000]);
+    assert_eq!(r.etag(), proxy.tag_of(vec![b'x'; 1000]));
+}
+
 #[tokio::test]
 async fn an_answer_that_is_not_http_is_a_502() {
     check(Fault::NotHttp, 502).await;

@@ -21,6 +21,9 @@ pub enum Fault {
     StallBody,
     /// Answers with something that is not HTTP.
     NotHttp,
+    /// Not a fault: a head promising 1000 bytes, sent as 5 chunks of 200, 100 ms apart.
+    /// Slower in all than a 300 ms timeout, though every chunk is in time.
+    Trickle,
 }
 
 pub struct FaultyBackend {
@@ -87,6 +90,16 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
         Fault::NotHttp => {
             let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
             let _ = s.shutdown().await;
+        }
+        Fault::Trickle => {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+                .await;
+            for _ in 0..5 {
+                let _ = s.write_all(&part[..200]).await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
