@@ -243,30 +243,20 @@ pub async fn read_tagged(
     limit: u64,
     idle: Duration,
 ) -> Result<Collected, ReadError> {
-    // One timer for the whole body, pushed back after each chunk: a timer per chunk would
-    // be registered with the runtime's wheel and removed again for every chunk.
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
+    use http_body_util::BodyExt;
+
     let mut chunks = VecDeque::new();
     let mut len = 0u64;
     loop {
-        let frame = std::future::poll_fn(|cx| {
-            if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
-                return Poll::Ready(Ok(frame));
-            }
-            timer
-                .as_mut()
-                .poll(cx)
-                .map(|()| Err(ReadError::Stalled(idle)))
-        })
-        .await?;
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| ReadError::Stalled(idle))?;
         let Some(frame) = frame.transpose().map_err(ReadError::Failed)? else {
             return Ok(Collected::Whole {
                 chunks,
                 tag: hasher.finish(),
             });
         };
-        timer.as_mut().reset(tokio::time::Instant::now() + idle);
         // Trailers on a GET body are rare and carry nothing the tag depends on: dropped.
         let Ok(chunk) = frame.into_data() else {
             continue;
