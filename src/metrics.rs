@@ -47,7 +47,9 @@ fn inc<K: std::hash::Hash + Eq + Copy>(map: &Counters<K>, key: K) {
     map.entry(key).or_default().fetch_add(1, Ordering::Relaxed);
 }
 
-/// A fixed-bucket histogram.
+/// A fixed-bucket histogram. Each observation lands in one bucket (the first whose bound
+/// holds it); the cumulative counts Prometheus wants are summed when rendered, so a request
+/// costs one atomic increment here, not one per bucket above its value.
 #[derive(Debug, Default)]
 struct Histogram {
     buckets: [AtomicU64; BUCKETS.len()],
@@ -58,10 +60,8 @@ struct Histogram {
 impl Histogram {
     fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        for (i, le) in BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(i) = BUCKETS.iter().position(|le| secs <= *le) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_micros
@@ -70,8 +70,9 @@ impl Histogram {
 
     fn write(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
+        let mut n = 0;
         for (i, le) in BUCKETS.iter().enumerate() {
-            let n = self.buckets[i].load(Ordering::Relaxed);
+            n += self.buckets[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
         }
         let count = self.count.load(Ordering::Relaxed);
@@ -270,6 +271,8 @@ mod tests {
         m.request("/docs/", &Method::PUT, 412, true);
         m.request("/docs/", &Method::from_bytes(b"BREW").unwrap(), 200, false);
         m.lock_wait(Duration::from_millis(3));
+        m.lock_wait(Duration::from_millis(300));
+        m.lock_wait(Duration::from_secs(9));
         m.upstream_latency("/docs/", Duration::from_millis(20));
         let text = m.render(&TagStore::new(10));
         for line in [
@@ -278,7 +281,13 @@ mod tests {
             "ifmatch_proxy_responses_total{route=\"/docs/\",status=\"412\"} 2",
             "ifmatch_lock_wait_seconds_bucket{le=\"0.0025\"} 0",
             "ifmatch_lock_wait_seconds_bucket{le=\"0.005\"} 1",
-            "ifmatch_lock_wait_seconds_count 1",
+            "ifmatch_lock_wait_seconds_bucket{le=\"0.25\"} 1",
+            "ifmatch_lock_wait_seconds_bucket{le=\"0.5\"} 2",
+            "ifmatch_lock_wait_seconds_bucket{le=\"5\"} 2",
+            "ifmatch_lock_wait_seconds_bucket{le=\"+Inf\"} 3",
+            "ifmatch_lock_wait_seconds_count 3",
+            "ifmatch_upstream_latency_seconds_bucket{route=\"/docs/\",le=\"0.01\"} 0",
+            "ifmatch_upstream_latency_seconds_bucket{route=\"/docs/\",le=\"5\"} 1",
             "ifmatch_upstream_latency_seconds_bucket{route=\"/docs/\",le=\"0.025\"} 1",
             "ifmatch_upstream_latency_seconds_count{route=\"/docs/\"} 1",
             "ifmatch_tag_cache_entries 0",
