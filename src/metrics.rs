@@ -17,10 +17,15 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// The maps here are keyed by what the config names (route prefixes, methods, statuses),
+/// never by what a client sends, so they can use a fast hasher instead of SipHash, which
+/// exists to resist keys an attacker chooses.
+type FastHash = foldhash::fast::RandomState;
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Keyed by route prefix; looked up by `&str`, so a request allocates nothing here.
-    routes: DashMap<String, RouteMetrics>,
+    routes: DashMap<String, RouteMetrics, FastHash>,
     lock_wait: Histogram,
 }
 
@@ -34,7 +39,7 @@ struct RouteMetrics {
     upstream_latency: Histogram,
 }
 
-type Counters<K> = DashMap<K, AtomicU64>;
+type Counters<K> = DashMap<K, AtomicU64, FastHash>;
 
 /// Exposition rows: a label set and its value.
 type Rows = Vec<(String, u64)>;

@@ -47,7 +47,8 @@ impl Idle {
 /// Connections per origin (`scheme://authority`), made with connector `C`.
 pub struct Pool<C> {
     connector: C,
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    /// Keyed by origins from the config, not by anything a client sends: a fast hasher.
+    idle: Mutex<HashMap<String, Vec<Idle>, foldhash::fast::RandomState>>,
     idle_timeout: Duration,
     max_idle_per_origin: usize,
     /// Itself, for the reaper task, which must not keep the pool alive.
@@ -75,7 +76,7 @@ where
     pub fn new(connector: C, idle_timeout: Duration, max_idle_per_origin: usize) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             connector,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             idle_timeout,
             max_idle_per_origin,
             me: me.clone(),
