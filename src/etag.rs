@@ -92,7 +92,9 @@ impl ETag {
         v.push(b'"');
         v.extend_from_slice(&self.opaque);
         v.push(b'"');
-        HeaderValue::from_bytes(&v).expect("etagc bytes are valid header value bytes")
+        // Handed over, not copied again as `from_bytes` would.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+            .expect("etagc bytes are valid header value bytes")
     }
 }
 

@@ -9,6 +9,7 @@
 //! The query is kept byte for byte: backends disagree on what it means. The request is
 //! still forwarded with the path the client sent; only routing and keys use the normal form.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::config::Upstream;
@@ -45,10 +46,11 @@ impl std::borrow::Borrow<str> for ResourceKey {
     }
 }
 
-/// Normalises a request path (see the module doc). Always returns a path starting with `/`.
-pub fn normalize_path(path: &str) -> String {
+/// Normalises a request path (see the module doc). Always returns a path starting with `/`;
+/// borrowed when `path` is normal already, as almost every path is.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
     if is_normal(path) {
-        return path.to_owned();
+        return Cow::Borrowed(path);
     }
     let decoded = normalize_percent(path);
     let mut out: Vec<&str> = Vec::new();
@@ -74,7 +76,7 @@ pub fn normalize_path(path: &str) -> String {
     if s.is_empty() || trailing_slash {
         s.push('/');
     }
-    s
+    Cow::Owned(s)
 }
 
 /// Whether `path` is already in normal form: the common case, checked without allocating.
