@@ -5,7 +5,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -178,6 +180,24 @@ struct Ends {
     idle_timeout: Duration,
 }
 
+/// The waker of the futures that end a connection: notes that one of them may be ready,
+/// then wakes the connection's task.
+struct EnderWaker {
+    woken: AtomicBool,
+    task: Waker,
+}
+
+impl Wake for EnderWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake_by_ref();
+    }
+}
+
 /// Serves one client connection (plain or TLS) with HTTP/1.1 or HTTP/2, its bytes watched by
 /// the framing inspector, until it closes, the proxy stops, or it sits idle for
 /// `idle_timeout` (the head-read timeout, which hyper already applies to idle HTTP/1.1
@@ -217,23 +237,44 @@ async fn serve_connection<IO>(
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let stopping = ends.stopping.wait_for(|stop| *stop);
+    tokio::pin!(stopping);
     let idle = activity.idle(ends.idle_timeout);
     tokio::pin!(idle);
+    // The connection wakes this task several times per request; the proxy stopping and
+    // the idle timer hardly ever do. So they get their own waker, and are polled only
+    // once it has fired, not on every wake-up (a `select!` would poll all three).
+    let mut ender: Option<(Arc<EnderWaker>, Waker)> = None;
     let mut closing = false;
-    let ended = loop {
-        tokio::select! {
-            ended = conn.as_mut() => break ended,
-            _ = ends.stopping.wait_for(|stop| *stop), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = &mut idle, if !closing => {
-                tracing::debug!(client = %addr, "idle connection closed");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+    let ended = std::future::poll_fn(|cx| {
+        if !closing {
+            let (state, waker) = match &ender {
+                Some((state, waker)) if state.task.will_wake(cx.waker()) => (state, waker),
+                _ => {
+                    let state = Arc::new(EnderWaker {
+                        woken: AtomicBool::new(true),
+                        task: cx.waker().clone(),
+                    });
+                    let waker = Waker::from(state.clone());
+                    let (state, waker) = ender.insert((state, waker));
+                    (&*state, &*waker)
+                }
+            };
+            if state.woken.swap(false, Ordering::AcqRel) {
+                let mut ecx = Context::from_waker(waker);
+                let stop = stopping.as_mut().poll(&mut ecx).is_ready();
+                if stop || idle.as_mut().poll(&mut ecx).is_ready() {
+                    if !stop {
+                        tracing::debug!(client = %addr, "idle connection closed");
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
-    };
+        conn.as_mut().poll(cx)
+    })
+    .await;
     if let Err(e) = ended {
         tracing::debug!(error = %e, client = %addr, "connection ended with an error");
     }
