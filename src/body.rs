@@ -131,7 +131,9 @@ impl Body for ProxyBody {
 /// [`Hashed::tee`] returned. A body that fails or is cut short leaves the slot empty.
 pub struct Hashed<B> {
     inner: B,
-    tee: Option<(TagHasher, Arc<OnceLock<ETag>>)>,
+    /// Boxed: only `tag_puts` writes hash, and the hasher's state would otherwise add some
+    /// 200 bytes to every upstream request, which the request futures carry and move.
+    tee: Option<Box<(TagHasher, Arc<OnceLock<ETag>>)>>,
 }
 
 // === impl Hashed ===
@@ -156,7 +158,7 @@ impl<B: Body<Data = Bytes>> Hashed<B> {
         let slot = Arc::new(OnceLock::new());
         let mut body = Self {
             inner,
-            tee: Some((hasher, slot.clone())),
+            tee: Some(Box::new((hasher, slot.clone()))),
         };
         // An empty body is never polled: its tag is known now.
         if body.inner.is_end_stream() {
@@ -166,7 +168,7 @@ impl<B: Body<Data = Bytes>> Hashed<B> {
     }
 
     fn finish(&mut self) {
-        if let Some((hasher, slot)) = self.tee.take() {
+        if let Some((hasher, slot)) = self.tee.take().map(|t| *t) {
             let _ = slot.set(hasher.finish());
         }
     }
@@ -190,7 +192,8 @@ where
         }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some((hasher, _))) = (frame.data_ref(), this.tee.as_mut()) {
+                if let (Some(data), Some((hasher, _))) = (frame.data_ref(), this.tee.as_deref_mut())
+                {
                     hasher.update(data);
                 }
                 // The connection stops polling once the body says it has ended, so the
