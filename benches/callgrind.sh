@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Instructions per request of a proxy under callgrind, besides SHA-256: the repeatable
+# figure behind BENCHMARKS.md's "Instruction-count cuts". Needs valgrind and wrk.
+#
+#   benches/callgrind.sh PORT PATH -- COMMAND...
+#   e.g. benches/callgrind.sh 19086 /1k.bin -- target/release/ifmatch --config cg.toml
+#
+# COMMAND must listen on 127.0.0.1:PORT in front of a backend that serves PATH. With one
+# connection (CONNECTIONS=1, the default) each request takes the same path through the
+# event loop and the count repeats to a few instructions; large bodies do not repeat.
+# valgrind hides SHA-NI, so the software SHA-256 it runs instead is left out of the count.
+set -euo pipefail
+[[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,11p' "$0"; exit 2; }
+port=$1 path=$2; shift 3
+url="http://127.0.0.1:$port$path"
+out=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$out"' EXIT
+
+RUST_LOG=${RUST_LOG:-warn} valgrind --tool=callgrind --callgrind-out-file="$out/cg" "$@" \
+    >"$out/log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do
+    curl -s -o /dev/null "$url" && break
+    sleep 0.2
+done
+curl -sf -o /dev/null "$url" || { echo "no answer from $url"; cat "$out/log"; exit 1; }
+callgrind_control -z "$pid" >/dev/null 2>&1
+n=$(timeout 60 wrk -t1 -c"${CONNECTIONS:-1}" -d"${DURATION:-10s}" "$url" | awk '/requests in/ {print $1}')
+callgrind_control -d "$pid" >/dev/null 2>&1
+sleep 1
+callgrind_annotate --inclusive=no --threshold=100 --auto=no "$out"/cg.* 2>/dev/null |
+    sed 's/,//g' | awk -v n="$n" '
+    /PROGRAM TOTALS/ { total = $1; next }
+    / \(.*%\)  .*(sha2::sha256::compress256|sha2::sha256::soft)/ { sha += $1 }
+    / \(.*%\)  .*__memcpy/ { memcpy += $1 }
+    END {
+        if (n == 0) { print "no requests"; exit 1 }
+        printf "requests %d  instructions/request: %d besides SHA-256 (SHA-256 %d, memcpy %d)\n",
+            n, (total - sha) / n, sha / n, memcpy / n
+    }'
