@@ -107,7 +107,7 @@ struct Head {
 impl Head {
     /// Takes in one header field line (without its line end).
     fn field(&mut self, line: &[u8]) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return;
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
@@ -189,8 +189,9 @@ impl Tracker {
                     };
                 }
                 State::Head(head) => {
-                    // A line at a time, not a byte at a time: this runs on every request.
-                    let end = bytes.iter().position(|&b| b == b'\n');
+                    // A line at a time, found with memchr: this runs over every byte of
+                    // every request head.
+                    let end = memchr::memchr(b'\n', bytes);
                     let take = end.map_or(bytes.len(), |i| i + 1);
                     head.size += take;
                     if head.size > MAX_HEAD {
@@ -201,14 +202,24 @@ impl Tracker {
                         head.line.extend_from_slice(bytes);
                         return;
                     };
-                    head.line.extend_from_slice(&bytes[..end]);
-                    bytes = &bytes[end + 1..];
-                    if head.line.last() == Some(&b'\r') {
-                        head.line.pop();
+                    let (now, rest) = (&bytes[..end], &bytes[end + 1..]);
+                    bytes = rest;
+                    // A line that came whole in this read is looked at where it is; only
+                    // a line begun in an earlier read was copied, and is completed here.
+                    let mut buf = std::mem::take(&mut head.line);
+                    let whole: &[u8] = if buf.is_empty() {
+                        now
                     } else {
-                        head.bare_lf = true;
-                    }
-                    let mut line = std::mem::take(&mut head.line);
+                        buf.extend_from_slice(now);
+                        &buf
+                    };
+                    let line = match whole.strip_suffix(b"\r") {
+                        Some(line) => line,
+                        None => {
+                            head.bare_lf = true;
+                            whole
+                        }
+                    };
                     if line.is_empty() && !head.started {
                         // Empty lines before a request line are skipped (RFC 9112 §2.2).
                         head.bare_lf = false;
@@ -217,8 +228,8 @@ impl Tracker {
                         self.end_of_head(head);
                         if let State::Head(next) = &mut self.state {
                             // The next head reuses the line buffer.
-                            line.clear();
-                            next.line = line;
+                            buf.clear();
+                            next.line = buf;
                         }
                         continue;
                     } else if !head.started {
@@ -228,10 +239,10 @@ impl Tracker {
                         }
                         head.started = true;
                     } else {
-                        head.field(&line);
+                        head.field(line);
                     }
-                    line.clear();
-                    head.line = line;
+                    buf.clear();
+                    head.line = buf;
                 }
             }
         }
@@ -384,12 +395,21 @@ DELETE /d HTTP/1.1\r\nHost: x\r\n\r\n";
             (b"PUT / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", FramingError::LengthAndEncoding),
         ];
         for (stream, want) in cases {
+            let text = String::from_utf8_lossy(stream);
+            assert_eq!(verdicts_of(&[stream]), vec![Err(want.clone())], "{text}");
             assert_eq!(
-                verdicts_of(&[stream]),
+                one_byte_at_a_time(stream),
                 vec![Err(want.clone())],
-                "{}",
-                String::from_utf8_lossy(stream)
+                "{text}"
             );
+            for at in 1..stream.len() {
+                let (a, b) = stream.split_at(at);
+                assert_eq!(
+                    verdicts_of(&[a, b]),
+                    vec![Err(want.clone())],
+                    "{text} split at {at}"
+                );
+            }
         }
     }
 
