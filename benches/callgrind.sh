@@ -9,8 +9,10 @@
 # connection (CONNECTIONS=1, the default) each request takes the same path through the
 # event loop and the count repeats to a few instructions; large bodies do not repeat.
 # valgrind hides SHA-NI, so the software SHA-256 it runs instead is left out of the count.
+# WRK_ARGS adds arguments to wrk (e.g. -H 'Cookie: ...' for a larger request head).
+# KEEP=FILE keeps the callgrind profile there, for callgrind_annotate.
 set -euo pipefail
-[[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,11p' "$0"; exit 2; }
+[[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,13p' "$0"; exit 2; }
 port=$1 path=$2; shift 3
 url="http://127.0.0.1:$port$path"
 out=$(mktemp -d)
@@ -25,9 +27,12 @@ for _ in $(seq 100); do
 done
 curl -sf -o /dev/null "$url" || { echo "no answer from $url"; cat "$out/log"; exit 1; }
 callgrind_control -z "$pid" >/dev/null 2>&1
-n=$(timeout 60 wrk -t1 -c"${CONNECTIONS:-1}" -d"${DURATION:-10s}" "$url" | awk '/requests in/ {print $1}')
+# WRK_ARGS is parsed as shell words, so quoted header values keep their spaces.
+n=$(eval "timeout 60 wrk -t1 -c\"\${CONNECTIONS:-1}\" -d\"\${DURATION:-10s}\" ${WRK_ARGS:-} \"\$url\"" |
+    awk '/requests in/ {print $1}')
 callgrind_control -d "$pid" >/dev/null 2>&1
 sleep 1
+if [[ -n ${KEEP:-} ]]; then cp "$out"/cg.* "$KEEP"; fi
 callgrind_annotate --inclusive=no --threshold=100 --auto=no "$out"/cg.* 2>/dev/null |
     sed 's/,//g' | awk -v n="$n" '
     /PROGRAM TOTALS/ { total = $1; next }
