@@ -197,3 +197,47 @@ async fn a_shutdown_lets_an_http2_request_in_flight_finish_then_closes_with_a_go
         .unwrap();
     drop(sender);
 }
+
+/// An HTTP/1.1 keep-alive connection with nothing in flight is closed as soon as the proxy
+/// stops, rather than holding the drain until the head-read timer or the drain's limit.
+#[tokio::test]
+async fn a_shutdown_closes_an_idle_http1_keep_alive_connection_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend =
+        common::ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") })
+            .await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "header_read_timeout = \"30s\"",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the response came")
+            .unwrap();
+        assert!(n > 0, "closed before the response ended");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    let drained = tokio::spawn(proxy.shutdown());
+    // At once, not when the drain gives up (5 s here) or the head-read timer fires (30 s).
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
+        .await
+        .expect("the idle connection was closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, with nothing more sent");
+    tokio::time::timeout(std::time::Duration::from_secs(2), drained)
+        .await
+        .expect("the drain ended once the connection had")
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
