@@ -105,6 +105,7 @@ fn tag_store(c: &mut Criterion) {
     let known = Known {
         tag: ETag::strong("t").unwrap(),
         last_modified: None,
+        from_upstream: false,
     };
     let mut g = c.benchmark_group("tag_store");
     let store = Arc::new(TagStore::new(100_000));

@@ -324,21 +324,16 @@ impl Proxy {
             return Ok(pass(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let (tag, body) = self.tag(rt, route, &mut rparts, rbody).await?;
+        let last_modified = last_modified(&rparts.headers);
+        let (known, body) = self
+            .tag(rt, route, &mut rparts, rbody, last_modified)
+            .await?;
         let current = Resource {
             exists: true,
-            last_modified: last_modified(&rparts.headers),
-            tag,
+            last_modified,
+            tag: known.as_ref().map(|k| k.tag.clone()),
         };
-        if let Some(tag) = current
-            .tag
-            .as_ref()
-            .filter(|_| cacheable(route, &rparts.headers))
-        {
-            let known = Known {
-                tag: tag.clone(),
-                last_modified: current.last_modified,
-            };
+        if let Some(known) = known.filter(|_| cacheable(route, &rparts.headers)) {
             self.tags.record(key, known, ticket);
         }
         match evaluate(pre, true, &current) {
@@ -411,7 +406,9 @@ impl Proxy {
             keys: [Some(key.clone()), destination],
         });
         let body = ex.take_body();
-        let (body, sent) = if route.tag_puts && stores_verbatim(&parts) {
+        // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
+        let tag_put = route.tag_puts && stores_verbatim(&parts) && !self.tags.upstream_tags(key);
+        let (body, sent) = if tag_put {
             let (body, sent) = rt.upstream.limit_hashed(body, rt.tag_key.hasher());
             (body, Some(sent))
         } else {
@@ -443,6 +440,7 @@ impl Proxy {
             let known = Known {
                 tag: tag.clone(),
                 last_modified: last_modified(rsp.headers()),
+                from_upstream: false,
             };
             self.tags.record(key, known, self.tags.ticket());
             rsp.headers_mut().insert(ETAG, tag.to_header());
@@ -514,15 +512,17 @@ impl Proxy {
         }
         let (mut rparts, rbody) = rsp.into_parts();
         let last_modified = last_modified(&rparts.headers);
-        let tag = match status {
-            StatusCode::OK => self.tag(rt, route, &mut rparts, rbody).await?.0,
+        let known = match status {
+            StatusCode::OK => {
+                (self
+                    .tag(rt, route, &mut rparts, rbody, last_modified)
+                    .await?)
+                    .0
+            }
             _ => None,
         };
-        if let Some(tag) = tag.as_ref().filter(|_| cacheable(route, &rparts.headers)) {
-            let known = Known {
-                tag: tag.clone(),
-                last_modified,
-            };
+        let tag = known.as_ref().map(|k| k.tag.clone());
+        if let Some(known) = known.filter(|_| cacheable(route, &rparts.headers)) {
             self.tags.record(key, known, ticket);
         }
         Ok(Current::Known(Resource {
@@ -541,9 +541,18 @@ impl Proxy {
         route: &Route,
         rparts: &mut response::Parts,
         body: Incoming,
-    ) -> Result<(Option<ETag>, ProxyBody), Error> {
+        last_modified: Option<SystemTime>,
+    ) -> Result<(Option<Known>, ProxyBody), Error> {
+        let known = |tag, from_upstream| {
+            Some(Known {
+                tag,
+                last_modified,
+                from_upstream,
+            })
+        };
         if let Some(tag) = upstream_strong_tag(&rparts.headers) {
-            return Ok((Some(tag), ProxyBody::stream(body, route.upstream_timeout)));
+            let body = ProxyBody::stream(body, route.upstream_timeout);
+            return Ok((known(tag, true), body));
         }
         rparts.headers.remove(ETAG);
         if declared_length(&rparts.headers).is_some_and(|n| n > route.max_tag_body) {
@@ -556,7 +565,7 @@ impl Proxy {
             Ok(Collected::Whole { chunks, tag }) => {
                 rparts.headers.insert(ETAG, tag.to_header());
                 Ok((
-                    Some(tag),
+                    known(tag, false),
                     ProxyBody::chunks(chunks, None, route.upstream_timeout),
                 ))
             }

@@ -26,6 +26,8 @@ use crate::key::ResourceKey;
 pub struct Known {
     pub tag: ETag,
     pub last_modified: Option<SystemTime>,
+    /// The tag is the upstream's own (it sent a strong `ETag`), not the hash of the body.
+    pub from_upstream: bool,
 }
 
 /// A point on the store's clock, taken before reading from the upstream.
@@ -34,14 +36,29 @@ pub struct Ticket(u64);
 
 #[derive(Debug)]
 enum Entry {
-    Known { known: Known, at: u64 },
-    Invalidated { at: u64 },
+    Known {
+        known: Known,
+        at: u64,
+    },
+    /// `from_upstream` survives the tag it describes: the upstream that tagged a resource
+    /// itself will most likely tag its next representation too.
+    Invalidated {
+        at: u64,
+        from_upstream: bool,
+    },
 }
 
 impl Entry {
     fn at(&self) -> u64 {
         match self {
-            Self::Known { at, .. } | Self::Invalidated { at } => *at,
+            Self::Known { at, .. } | Self::Invalidated { at, .. } => *at,
+        }
+    }
+
+    fn upstream_tagged(&self) -> bool {
+        match self {
+            Self::Known { known, .. } => known.from_upstream,
+            Self::Invalidated { from_upstream, .. } => *from_upstream,
         }
     }
 }
@@ -102,6 +119,13 @@ impl TagStore {
         found
     }
 
+    /// Whether the upstream was last seen sending its own strong tag for this resource
+    /// (not counted as a hit or a miss). `tag_puts` must not answer with a tag of its own
+    /// then: a GET would give the upstream's, and the writer's next write would fail.
+    pub fn upstream_tags(&self, key: &ResourceKey) -> bool {
+        self.map.get(key).is_some_and(|e| e.upstream_tagged())
+    }
+
     /// Remembers `known` as read by the GET that took `ticket`, unless a write finished
     /// since, or a newer read was already recorded.
     pub fn record(&self, key: &ResourceKey, known: Known, ticket: Ticket) {
@@ -128,13 +152,16 @@ impl TagStore {
     /// Forgets the tag of `key` after a write that may have changed it.
     pub fn invalidate(&self, key: &ResourceKey) {
         let at = self.clock.fetch_add(1, Ordering::AcqRel);
-        let entry = Entry::Invalidated { at };
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {
-                o.insert(entry);
+                let from_upstream = o.get().upstream_tagged();
+                o.insert(Entry::Invalidated { at, from_upstream });
             }
             MapEntry::Vacant(v) => {
-                v.insert(entry);
+                v.insert(Entry::Invalidated {
+                    at,
+                    from_upstream: false,
+                });
                 self.inserted(key);
             }
         }
@@ -197,6 +224,7 @@ mod tests {
         Known {
             tag: ETag::strong(t).unwrap(),
             last_modified: None,
+            from_upstream: false,
         }
     }
 
@@ -225,6 +253,27 @@ mod tests {
         // An older read cannot overwrite a newer one either.
         s.record(&k, known("old"), slow_read);
         assert_eq!(s.get(&k), Some(known("new")));
+    }
+
+    #[test]
+    fn whether_the_upstream_tags_a_resource_itself_outlives_its_tag() {
+        let s = TagStore::new(10);
+        let k = key("/a");
+        assert!(!s.upstream_tags(&k), "nothing known");
+        let own = Known {
+            from_upstream: true,
+            ..known("backend-1")
+        };
+        s.record(&k, own, s.ticket());
+        assert!(s.upstream_tags(&k));
+        s.invalidate(&k);
+        assert_eq!(s.get(&k), None);
+        assert!(s.upstream_tags(&k), "kept through a write");
+        // The upstream stopped tagging: the next read says so.
+        s.record(&k, known("hash"), s.ticket());
+        assert!(!s.upstream_tags(&k));
+        s.invalidate(&key("/b"));
+        assert!(!s.upstream_tags(&key("/b")));
     }
 
     #[test]

@@ -155,6 +155,67 @@ async fn a_backend_with_its_own_validators_or_an_unfinished_write_is_not_tagged(
     }
 }
 
+/// A backend that tags its GETs itself but sends no `ETag` with a PUT's answer (nginx with
+/// `etag on` is one): answering the PUT with ifmatch's own tag would hand the writer a tag
+/// that no GET gives, and its next write would get a 412 it did not earn.
+#[tokio::test]
+async fn a_resource_the_backend_tags_itself_gets_no_tag_from_a_put() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new((1u32, String::from("v1"))));
+    let backend = ScriptedBackend::start({
+        let doc = doc.clone();
+        move |r| {
+            let doc = doc.clone();
+            async move {
+                let mut d = doc.lock().unwrap();
+                match r.method.as_str() {
+                    "GET" => respond(200, &[("etag", &format!("\"rev-{}\"", d.0))], d.1.clone()),
+                    _ => {
+                        *d = (d.0 + 1, String::from_utf8(r.body.to_vec()).unwrap());
+                        respond(204, &[], "")
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", TAGGED), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let key = common::proxy::key(&backend.origin(), "/doc");
+
+    // Writer A reads and writes; the answer carries no tag of the proxy's making.
+    let t1 = c.get(&url, &[]).await.etag();
+    assert_eq!(t1, "\"rev-1\"");
+    let r = c.put(&url, &[("if-match", &t1)], "v2").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("etag"), None, "no tag a GET would not give");
+    assert!(
+        proxy.state.tags.get(&key).is_none(),
+        "the old tag is dropped"
+    );
+
+    // Writer B reads the backend's new tag and writes with it: no 412.
+    let t2 = c.get(&url, &[]).await.etag();
+    assert_eq!(t2, "\"rev-2\"");
+    let r = c.put(&url, &[("if-match", &t2)], "v3").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("etag"), None);
+
+    // Knowing that the backend tags this resource outlives the dropped tag: an
+    // unconditional write is not tagged either.
+    let r = c.put(&url, &[], "v4").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("etag"), None);
+    assert_eq!(c.get(&url, &[]).await.etag(), "\"rev-4\"");
+    assert_eq!(doc.lock().unwrap().1, "v4");
+
+    // A resource ifmatch has not seen tagged by the backend is still tagged by its PUT.
+    let r = c.put(&proxy.url("/other"), &[], "x").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.etag(), proxy.tag_of(b"x"));
+}
+
 #[tokio::test]
 async fn a_chunked_put_is_tagged_once_its_last_chunk_went_up() {
     let (backend, proxy) = setup(TAGGED).await;
