@@ -9,10 +9,11 @@
 # connection (CONNECTIONS=1, the default) each request takes the same path through the
 # event loop and the count repeats to a few instructions; large bodies do not repeat.
 # valgrind hides SHA-NI, so the software SHA-256 it runs instead is left out of the count.
-# WRK_ARGS adds arguments to wrk (e.g. -H 'Cookie: ...' for a larger request head).
+# WRK_ARGS adds arguments to wrk (e.g. -H 'Cookie: ...' for a larger request head);
+# WRK_ARGS="$(cat benches/browser-head.args)" sends the browser-like head of BENCHMARKS.md.
 # KEEP=FILE keeps the callgrind profile there, for callgrind_annotate.
 set -euo pipefail
-[[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,13p' "$0"; exit 2; }
+[[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,14p' "$0"; exit 2; }
 port=$1 path=$2; shift 3
 url="http://127.0.0.1:$port$path"
 out=$(mktemp -d)
