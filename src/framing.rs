@@ -107,17 +107,23 @@ struct Head {
 impl Head {
     /// Takes in one header field line (without its line end).
     fn field(&mut self, line: &[u8]) {
-        let Some(colon) = memchr::memchr(b':', line) else {
-            return;
+        // A field's name is what comes before its first colon, so a line is a
+        // `Content-Length` field exactly when it starts with `content-length:` (any case).
+        // Comparing that prefix rejects most lines at their first byte, where finding the
+        // colon would read every name.
+        let starts = |prefix: &[u8]| {
+            line.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
         };
-        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if starts(b"content-length:") {
+            let value = line[b"content-length:".len()..].trim_ascii();
             self.lengths += 1;
             if self.lengths == 1 {
                 // Unparseable: `None`, and the tracker stops following this connection.
                 self.length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if starts(b"transfer-encoding:") {
+            let value = line[b"transfer-encoding:".len()..].trim_ascii();
             self.encoded = true;
             self.chunked = value
                 .rsplit(|&b| b == b',')
