@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
+use http::{Method, Request, Response, Uri};
+use http_body_util::{Either, Empty};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use tower_service::Service;
@@ -28,6 +30,11 @@ pub enum SendError {
     Connect(ConnectError),
     Http(hyper::Error),
 }
+
+/// A backend closes a kept-alive connection on its keep-alive timeout, seconds at the
+/// least (Node and Apache 5 s, gunicorn 2 s). A request sent on a connection idle this long
+/// may meet that close, and is kept to be sent again (see [`Pool::send`]).
+const REPLAY_AFTER: Duration = Duration::from_millis(500);
 
 /// An idle connection: its sender and when it was last handed back.
 struct Idle {
@@ -87,21 +94,29 @@ where
     /// Sends `req` (origin-form URI, `Host` set) to `upstream`, on an idle connection if one
     /// is ready, else on a new one. A request that an idle connection closed before sending
     /// is tried again on the next one: it was never sent.
+    ///
+    /// So is a GET or HEAD without a body that went out on a connection idle for
+    /// [`REPLAY_AFTER`] or more just as the backend closed it on its keep-alive timeout: no
+    /// answer at all came back, and sending it again cannot do harm (Go's HTTP client does
+    /// the same). Other requests get the error: the backend may have carried them out.
     pub async fn send(
         &self,
         upstream: &Upstream,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, SendError> {
         let origin = upstream.origin.as_str();
-        while let Some(mut sender) = self.checkout(origin) {
+        while let Some((mut sender, idle_for)) = self.checkout(origin) {
+            // The copy costs 3-5% of a request's instructions: only where the race can be.
+            let replay = (idle_for >= REPLAY_AFTER && replayable(&req)).then(|| head_only(&req));
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
                     self.checkin(origin, sender);
                     return Ok(rsp);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(SendError::Http(e.into_error())),
+                Err(mut e) => match (e.take_message(), replay) {
+                    (Some(unsent), _) => req = unsent,
+                    (None, Some(copy)) if unanswered(e.error()) => req = copy,
+                    (None, _) => return Err(SendError::Http(e.into_error())),
                 },
             }
         }
@@ -115,13 +130,15 @@ where
 
     /// An idle connection that can take a request now. Closed and expired ones are dropped
     /// on the way; busy ones (a response body still streaming) stay.
-    fn checkout(&self, origin: &str) -> Option<SendRequest<UpstreamBody>> {
+    /// With it, how long it has been idle.
+    fn checkout(&self, origin: &str) -> Option<(SendRequest<UpstreamBody>, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(origin)?;
         let now = Instant::now();
         list.retain(|c| c.usable(now, self.idle_timeout));
         let ready = list.iter().position(|c| c.sender.is_ready())?;
-        Some(list.swap_remove(ready).sender)
+        let c = list.swap_remove(ready);
+        Some((c.sender, now.duration_since(c.since)))
     }
 
     /// Hands a connection back right after its response head: it becomes ready once the
@@ -174,6 +191,39 @@ where
         });
         Ok(sender)
     }
+}
+
+/// A request that may be sent again when its connection died before any answer: safe by
+/// method, and with no body (one may have been half read already).
+fn replayable(req: &Request<UpstreamBody>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD) && req.body().is_end_stream()
+}
+
+/// A copy of a body-less request, to send again.
+fn head_only(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// The connection ended or was reset before any byte of an answer: the request may never
+/// have reached the backend's application. A malformed answer is not this.
+fn unanswered(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    e.is_incomplete_message()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                )
+            })
 }
 
 /// Every `every`, drops the pool's expired connections; ends when the pool is dropped.

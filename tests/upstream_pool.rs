@@ -1,7 +1,8 @@
 //! The upstream connection pool on its own, against real servers on 127.0.0.1: a request
 //! goes to its upstream as given, a connection is reused once its response has been read,
-//! connections idle
-//! past the timeout or closed by the backend are not reused, and the number kept is bounded.
+//! connections idle past the timeout or closed by the backend are not reused, a GET that
+//! meets a backend closing an idle connection is sent again, and the number kept is
+//! bounded.
 
 mod common;
 
@@ -183,6 +184,58 @@ async fn a_backend_that_closes_after_each_response_is_reconnected_to() {
         }
         assert_eq!(server.await.unwrap(), 3, "say_close = {say_close}");
     }
+}
+
+/// A backend that answers the first request on each connection and closes the connection,
+/// unanswered, once the second has come in: to the proxy, what a backend looks like whose
+/// keep-alive timeout runs out just as a request goes out. Returns its origin and how many
+/// connections it accepted.
+async fn closes_on_the_second_request() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(rsp.as_bytes()).await.is_err() {
+                    return;
+                }
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    (origin, accepted)
+}
+
+#[tokio::test]
+async fn a_get_that_meets_the_backend_closing_an_idle_connection_is_sent_again() {
+    let (origin, accepted) = closes_on_the_second_request().await;
+    let p = pool(Duration::from_secs(60), 8);
+    assert_eq!(fetch(&p, &origin, "/").await, (200, Bytes::from("ok")));
+    // Idle long enough to meet a keep-alive timeout: the GET goes out on the pooled
+    // connection, which closes without an answer, and is sent again on a new one.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(fetch(&p, &origin, "/").await, (200, Bytes::from("ok")));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // A PUT the backend may have carried out is not sent again: the caller gets the error.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut put = get(&origin, "/");
+    *put.method_mut() = http::Method::PUT;
+    let r = p.send(&upstream(&origin), put).await;
+    assert!(
+        r.is_err(),
+        "a PUT was sent again: {:?}",
+        r.map(|r| r.status())
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
 /// A keep-alive backend on `listener` that answers every request with "ok", until the
