@@ -115,7 +115,11 @@ where
                 }
                 Err(mut e) => match (e.take_message(), replay) {
                     (Some(unsent), _) => req = unsent,
-                    (None, Some(copy)) if unanswered(e.error()) => req = copy,
+                    (None, Some(copy)) if unanswered(e.error()) => {
+                        let error = e.error();
+                        tracing::debug!(origin, %error, "sent again: an idle connection closed");
+                        req = copy;
+                    }
                     (None, _) => return Err(SendError::Http(e.into_error())),
                 },
             }

@@ -532,9 +532,10 @@ impl Proxy {
         }))
     }
 
-    /// The strong tag of a 200 response: the upstream's own strong tag if it sent one, else
-    /// the hash of the body if it fits the route's limit. Sets the `ETag` header to it (or
-    /// removes a weak upstream tag that cannot stand for the proxy's validator).
+    /// The strong tag of a 200 response, as it is to be remembered: the upstream's own strong
+    /// tag if it sent one, else the hash of the body if it fits the route's limit. Sets the
+    /// `ETag` header to it (or removes a weak upstream tag that cannot stand for the proxy's
+    /// validator).
     async fn tag(
         &self,
         rt: &Routing,
