@@ -39,6 +39,10 @@ pub struct Server {
     pub tag_cache_entries: usize,
     /// Time to open a TCP connection to an upstream.
     pub connect_timeout: Duration,
+    /// How long an upstream connection may sit idle in the pool before it is closed: set it
+    /// below the backend's own keep-alive timeout, so that the backend never closes a
+    /// connection a request is being sent on.
+    pub upstream_idle_timeout: Duration,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_timeout: Duration,
     /// Client connections served at once; more get a 503 and are closed.
@@ -208,6 +212,7 @@ struct ServerToml {
     listen: Spanned<String>,
     tag_cache_entries: Option<Spanned<i64>>,
     connect_timeout: Option<Spanned<String>>,
+    upstream_idle_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_header_bytes: Option<Spanned<toml::Value>>,
@@ -252,6 +257,7 @@ fn default_true() -> bool {
 
 pub const DEFAULT_TAG_CACHE_ENTRIES: usize = 100_000;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -468,6 +474,11 @@ impl Validator<'_> {
             "server.connect_timeout",
             DEFAULT_CONNECT_TIMEOUT,
         );
+        let upstream_idle = self.duration(
+            &s.upstream_idle_timeout,
+            "server.upstream_idle_timeout",
+            DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        );
         let shutdown = self.duration(
             &s.shutdown_timeout,
             "server.shutdown_timeout",
@@ -517,6 +528,7 @@ impl Validator<'_> {
             listen: listen?,
             tag_cache_entries: entries?,
             connect_timeout: connect?,
+            upstream_idle_timeout: upstream_idle?,
             shutdown_timeout: shutdown?,
             max_connections: connections?,
             max_header_bytes: header_bytes?,
@@ -834,6 +846,7 @@ upstream = "http://localhost:9001/"
         let c = Config::parse(GOOD, "good.toml").unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.server.tag_cache_entries, DEFAULT_TAG_CACHE_ENTRIES);
+        assert_eq!(c.server.upstream_idle_timeout, Duration::from_secs(60));
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
         assert!(docs.require_precondition);
@@ -904,6 +917,12 @@ upstream = "http://localhost:9001/"
                 6,
                 "route.lock_timeout",
                 "not a duration",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nupstream_idle_timeout = \"0s\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.upstream_idle_timeout",
+                "longer than zero",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"lots\"\n",

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
 
 use crate::body::Hashed;
-use crate::config::{Config, Route};
+use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::pool::{Pool, SendError};
@@ -58,9 +58,9 @@ pub struct UpstreamClient {
     max_request_body: u64,
 }
 
-fn build(tls: &ClientConfig, connect_timeout: Duration) -> Arc<Pool<Connector>> {
+fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
     let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
+    http.set_connect_timeout(Some(s.connect_timeout));
     http.set_nodelay(true);
     http.enforce_http(false);
     let https = HttpsConnectorBuilder::new()
@@ -68,7 +68,7 @@ fn build(tls: &ClientConfig, connect_timeout: Duration) -> Arc<Pool<Connector>> 
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Pool::new(https, Duration::from_secs(60), 256)
+    Pool::new(https, s.upstream_idle_timeout, 256)
 }
 
 // === impl UpstreamClient ===
@@ -92,10 +92,10 @@ impl UpstreamClient {
             .routes
             .iter()
             .filter_map(|r| Some((r.ca_file.clone()?, r.upstream_tls.as_ref()?)))
-            .map(|(path, tls)| (path, build(tls, s.connect_timeout)))
+            .map(|(path, tls)| (path, build(tls, s)))
             .collect();
         Self {
-            pool: build(&platform, s.connect_timeout),
+            pool: build(&platform, s),
             by_ca_file,
             connect_timeout: s.connect_timeout,
             max_request_body: s.max_request_body,

@@ -285,6 +285,24 @@ async fn upstream_connections_are_pooled_and_kept_alive() {
 }
 
 #[tokio::test]
+async fn an_upstream_connection_idle_past_upstream_idle_timeout_is_not_reused() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "x") }).await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "upstream_idle_timeout = \"200ms\"",
+    )
+    .await;
+    let c = Client::new();
+    assert_eq!(c.get(&proxy.url("/x"), &[]).await.status, 200);
+    assert_eq!(c.get(&proxy.url("/x"), &[]).await.status, 200);
+    assert_eq!(backend.connections(), 1, "reused while fresh");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(c.get(&proxy.url("/x"), &[]).await.status, 200);
+    assert_eq!(backend.connections(), 2, "closed once idle past 200 ms");
+}
+
+#[tokio::test]
 async fn aliases_of_one_path_share_one_tag() {
     let backend = Backend::start().await;
     backend.store.put("/docs/42", "answer");
