@@ -71,6 +71,40 @@ async fn smuggling_shaped_requests_are_refused_and_never_forwarded() {
     }
 }
 
+/// A chunk size written with more leading zeros than the framing inspector buffers of a
+/// line (4 KiB): hyper reads the size as it is; the inspector must too, or it would take
+/// the chunk's data for request heads, and the verdicts of later requests would shift onto
+/// the wrong requests.
+#[tokio::test]
+async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
+    let backend = backend().await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    // Chunk data that looks like the end of a trailer and a request head, if read as such.
+    let data = "x\r\n\r\nGET /s HTTP/1.1\r\n\r\n";
+    let mut bytes =
+        b"PUT /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    bytes.extend(std::iter::repeat_n(b'0', 5000));
+    bytes.extend(format!("{:x}\r\n{data}\r\n0\r\n\r\n", data.len()).as_bytes());
+    // Then a request the inspector must refuse.
+    bytes
+        .extend(b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc");
+    let rsp = raw(proxy.addr, bytes, Duration::from_secs(2)).await;
+    let forwarded: Vec<_> = backend
+        .requests()
+        .iter()
+        .map(|r| (r.uri.path().to_owned(), r.body.clone()))
+        .collect();
+    assert!(
+        !forwarded.iter().any(|(p, _)| p == "/x"),
+        "the refused request was forwarded: {rsp}"
+    );
+    assert!(rsp.contains("HTTP/1.1 400 "), "{rsp}");
+    // The padded chunk itself is well formed: forwarded with its data.
+    assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+    assert_eq!(forwarded[0].0, "/chunked");
+    assert_eq!(forwarded[0].1, data.as_bytes());
+}
+
 #[tokio::test]
 async fn a_head_over_the_limit_gets_a_431_problem() {
     let backend = backend().await;
