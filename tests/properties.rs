@@ -1,6 +1,6 @@
 //! Property tests for the pure parts: entity-tag parsing and comparison, conditional header
-//! lists, §13.2.2 precedence against a reference model written from the RFC, and path
-//! normalisation.
+//! lists, §13.2.2 precedence against a reference model written from the RFC, path
+//! normalisation, and the framing inspector's hold on well-framed pipelined requests.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -294,5 +294,95 @@ proptest! {
         }
         let aliased = v.join("/");
         prop_assert_eq!(normalize_path(&aliased), normalize_path(&p));
+    }
+}
+
+// === request framing ===
+
+/// Body bytes that look like line ends and request heads when read as such.
+fn tricky_bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![
+            Just(b"\r\n".to_vec()),
+            Just(b"\n".to_vec()),
+            Just(b"\r\n\r\n".to_vec()),
+            Just(b"0\r\n\r\n".to_vec()),
+            Just(b"GET /s HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n".to_vec()),
+            prop::collection::vec(any::<u8>(), 0..8),
+        ],
+        0..6,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+/// One well-framed request: no body, a `Content-Length` body, or a chunked body whose
+/// sizes carry any number of leading zeros and extensions of any length, with trailers.
+fn framed_request() -> impl Strategy<Value = Vec<u8>> {
+    let chunk = (tricky_bytes(), 0usize..6000, 0usize..6000)
+        .prop_filter("a chunk has data", |(d, _, _)| !d.is_empty());
+    prop_oneof![
+        Just(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        tricky_bytes().prop_map(|body| {
+            let mut r = format!(
+                "PUT /b HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend(body);
+            r
+        }),
+        (
+            prop::collection::vec(chunk, 0..4),
+            0usize..6000,
+            any::<bool>()
+        )
+            .prop_map(|(chunks, last_zeros, trailer)| {
+                let mut r =
+                    b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                for (data, zeros, ext) in chunks {
+                    r.extend(std::iter::repeat_n(b'0', zeros));
+                    r.extend(format!("{:x}", data.len()).as_bytes());
+                    if ext > 0 {
+                        r.push(b';');
+                        r.extend(std::iter::repeat_n(b'e', ext));
+                    }
+                    r.extend(b"\r\n");
+                    r.extend(data);
+                    r.extend(b"\r\n");
+                }
+                r.extend(std::iter::repeat_n(b'0', last_zeros + 1));
+                r.extend(b"\r\n");
+                if trailer {
+                    r.extend(b"X-Trailer: 1\r\n");
+                }
+                r.extend(b"\r\n");
+                r
+            },),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The framing inspector follows well-framed pipelined requests however their bodies
+    /// look and however the reads split them: exactly one `Ok` verdict per request, so no
+    /// verdict can land on another request.
+    #[test]
+    fn the_framing_inspector_keeps_one_verdict_per_request(
+        requests in prop::collection::vec(framed_request(), 1..5),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let stream = requests.concat();
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+        at.push(0);
+        at.push(stream.len());
+        at.sort_unstable();
+        let verdicts = ifmatch::framing::Verdicts::default();
+        let mut tracker = ifmatch::framing::Tracker::new(verdicts.clone());
+        for w in at.windows(2) {
+            tracker.feed(&stream[w[0]..w[1]]);
+        }
+        let got: Vec<_> = verdicts.lock().unwrap().drain(..).collect();
+        prop_assert_eq!(got, vec![Ok(()); requests.len()]);
     }
 }
