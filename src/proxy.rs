@@ -30,7 +30,7 @@ use crate::lock::WriteLocks;
 use crate::metrics::Metrics;
 use crate::precondition::{evaluate, Decision, Preconditions, Resource};
 use crate::router::Router;
-use crate::tags::{Known, TagStore};
+use crate::tags::{Known, TagStore, Ticket};
 use crate::upstream::{self, Peer, UpstreamClient};
 
 /// Everything a request needs, shared by all connections.
@@ -331,11 +331,8 @@ impl Proxy {
         let current = Resource {
             exists: true,
             last_modified,
-            tag: known.as_ref().map(|k| k.tag.clone()),
+            tag: self.remember(route, key, &rparts.headers, known, ticket),
         };
-        if let Some(known) = known.filter(|_| cacheable(route, &rparts.headers)) {
-            self.tags.record(key, known, ticket);
-        }
         match evaluate(pre, true, &current) {
             Decision::Proceed => {
                 ex.outcome = if current.tag.is_some() {
@@ -514,22 +511,36 @@ impl Proxy {
         let last_modified = last_modified(&rparts.headers);
         let known = match status {
             StatusCode::OK => {
-                (self
+                let (known, _) = self
                     .tag(rt, route, &mut rparts, rbody, last_modified)
-                    .await?)
-                    .0
+                    .await?;
+                known
             }
             _ => None,
         };
-        let tag = known.as_ref().map(|k| k.tag.clone());
-        if let Some(known) = known.filter(|_| cacheable(route, &rparts.headers)) {
-            self.tags.record(key, known, ticket);
-        }
         Ok(Current::Known(Resource {
             exists: true,
-            tag,
+            tag: self.remember(route, key, &rparts.headers, known, ticket),
             last_modified,
         }))
+    }
+
+    /// Records what a GET (read or revalidation) learnt of a resource, if its response may
+    /// be shared (`cacheable`), and returns its tag for evaluating the request.
+    fn remember(
+        &self,
+        route: &Route,
+        key: &ResourceKey,
+        headers: &HeaderMap,
+        known: Option<Known>,
+        ticket: Ticket,
+    ) -> Option<ETag> {
+        let known = known?;
+        let tag = known.tag.clone();
+        if cacheable(route, headers) {
+            self.tags.record(key, known, ticket);
+        }
+        Some(tag)
     }
 
     /// The strong tag of a 200 response, as it is to be remembered: the upstream's own strong
