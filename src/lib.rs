@@ -21,6 +21,7 @@ pub mod activity;
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod date;
 pub mod demo;
 pub mod error;
 pub mod etag;

@@ -167,7 +167,7 @@ fn parse_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
     if lines.next().is_some() {
         return None;
     }
-    httpdate::parse_http_date(first.to_str().ok()?.trim()).ok()
+    crate::date::parse(first.to_str().ok()?.trim())
 }
 
 // === evaluation ===

@@ -720,7 +720,7 @@ fn declared_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
-    httpdate::parse_http_date(headers.get(header::LAST_MODIFIED)?.to_str().ok()?).ok()
+    crate::date::parse(headers.get(header::LAST_MODIFIED)?.to_str().ok()?)
 }
 
 /// An upstream response passed through unchanged (`send` already dropped hop-by-hop headers).
