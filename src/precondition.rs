@@ -29,6 +29,8 @@ pub struct Preconditions {
     /// `If-Range` carries an entity-tag (not a date). The proxy cannot let the backend judge
     /// such a tag, so it drops `Range` and serves the whole representation (§14.2 allows it).
     pub if_range_tag: bool,
+    /// The request has a field line of one of the five conditional headers, valid or not.
+    pub any_present: bool,
 }
 
 /// A malformed conditional header.
@@ -65,7 +67,19 @@ pub enum Decision {
 impl Preconditions {
     /// Parses the conditional headers. Several field lines of one list header are one list.
     pub fn parse(headers: &HeaderMap) -> Result<Self, HeaderError> {
+        // Most requests have none: one pass over the names costs less than five lookups.
+        let conditional = [
+            &IF_MATCH,
+            &IF_NONE_MATCH,
+            &IF_UNMODIFIED_SINCE,
+            &IF_MODIFIED_SINCE,
+            &IF_RANGE,
+        ];
+        if !headers.keys().any(|name| conditional.contains(&name)) {
+            return Ok(Self::default());
+        }
         Ok(Self {
+            any_present: true,
             if_match: parse_condition(headers, &IF_MATCH)?,
             if_none_match: parse_condition(headers, &IF_NONE_MATCH)?,
             if_unmodified_since: parse_date(headers, &IF_UNMODIFIED_SINCE),
@@ -330,6 +344,33 @@ mod tests {
         let p = Preconditions::parse(&headers(&[(&IF_RANGE, "Sun, 06 Nov 1994 08:49:37 GMT")]))
             .unwrap();
         assert!(!p.if_range_tag);
+    }
+
+    #[test]
+    fn a_conditional_header_is_noticed_even_when_ignored() {
+        let plain = headers(&[(&http::header::ACCEPT, "*/*")]);
+        assert_eq!(
+            Preconditions::parse(&plain).unwrap(),
+            Preconditions::default()
+        );
+        for name in [
+            &IF_MATCH,
+            &IF_NONE_MATCH,
+            &IF_UNMODIFIED_SINCE,
+            &IF_MODIFIED_SINCE,
+            &IF_RANGE,
+        ] {
+            // An invalid date is ignored (§13.1.3) but is still there to be stripped.
+            let value = if name.as_str().ends_with("match") {
+                "*"
+            } else {
+                "yesterday"
+            };
+            let p = Preconditions::parse(&headers(&[(name, value)])).unwrap();
+            assert!(p.any_present, "{name}");
+        }
+        let p = Preconditions::parse(&headers(&[(&IF_MODIFIED_SINCE, "yesterday")])).unwrap();
+        assert_eq!(p.if_modified_since, None);
     }
 
     fn pre(pairs: &[(&HeaderName, &str)]) -> Preconditions {

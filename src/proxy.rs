@@ -664,6 +664,9 @@ fn requires_precondition(method: &Method) -> bool {
 /// on a read the proxy answers `If-Modified-Since` itself from the 200's `Last-Modified`,
 /// because a 304 from the backend would not carry the proxy's ETag (§15.4.5).
 fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
+    if !pre.any_present {
+        return;
+    }
     if pre.if_match.is_some() {
         headers.remove(header::IF_MATCH);
         headers.remove(header::IF_UNMODIFIED_SINCE);

@@ -154,6 +154,7 @@ fn preconditions() -> impl Strategy<Value = Preconditions> {
                 if_unmodified_since,
                 if_modified_since,
                 if_range_tag: false,
+                any_present: true,
             },
         )
 }

@@ -285,4 +285,10 @@ async fn if_modified_since_is_answered_by_the_proxy_so_its_304_carries_the_etag(
     assert_eq!(r.status, 304);
     assert_eq!(r.etag(), proxy.tag_of(b"doc"));
     assert!(backend.last().headers.get("if-modified-since").is_none());
+    // One that is not a date is ignored (§13.1.3), and not passed on either.
+    let r = Client::new()
+        .get(&proxy.url("/a"), &[("if-modified-since", "yesterday")])
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(backend.last().headers.get("if-modified-since").is_none());
 }
