@@ -59,9 +59,6 @@ pub fn check_codings(headers: &HeaderMap) -> Result<(), FramingError> {
     }
 }
 
-/// Longest head the tracker buffers; hyper refuses longer ones itself (431).
-const MAX_HEAD: usize = 1 << 20;
-
 #[derive(Debug)]
 enum State {
     /// Reading a request head, a line at a time.
@@ -89,10 +86,10 @@ impl State {
 /// reused line buffer, not an allocation per field.
 #[derive(Debug, Default)]
 struct Head {
-    /// The current line.
+    /// The current line, when it came in pieces. Its length needs no bound of its own: the
+    /// tracker only sees what hyper reads, and hyper stops reading (431) when a head
+    /// outgrows its buffer, however large the configured limit makes that.
     line: Vec<u8>,
-    /// Bytes of the head so far.
-    size: usize,
     /// The request line has been read (empty lines before it are skipped).
     started: bool,
     bare_lf: bool,
@@ -207,12 +204,6 @@ impl Tracker {
                     // A line at a time, found with memchr: this runs over every byte of
                     // every request head.
                     let end = memchr::memchr(b'\n', bytes);
-                    let take = end.map_or(bytes.len(), |i| i + 1);
-                    head.size += take;
-                    if head.size > MAX_HEAD {
-                        self.state = State::Off;
-                        continue;
-                    }
                     let Some(end) = end else {
                         head.line.extend_from_slice(bytes);
                         return;

@@ -105,6 +105,46 @@ async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
     assert_eq!(forwarded[0].1, data.as_bytes());
 }
 
+/// The framing checks cover heads of any size the proxy accepts, not only the default's:
+/// with `max_header_bytes` raised past 1 MiB, the inspector once stopped following a
+/// connection at 1 MiB while hyper read on, and let such a head through unjudged.
+#[tokio::test]
+async fn a_head_larger_than_a_mebibyte_is_still_judged_when_the_limit_allows_it() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "max_header_bytes = \"2MiB\"",
+    )
+    .await;
+    let big = "a".repeat(1536 * 1024);
+    let head = |lengths: &str| {
+        format!(
+            "PUT /big HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n{lengths}Connection: close\r\n\r\nabc"
+        )
+    };
+    let twice = head("Content-Length: 3\r\nContent-Length: 3\r\n");
+    let rsp = raw(proxy.addr, twice.into_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        status_line(&rsp).contains(" 400 "),
+        "{}",
+        &rsp[..rsp.len().min(600)]
+    );
+    assert!(
+        rsp.contains("Content-Length"),
+        "the refusal says why: {rsp}"
+    );
+    assert!(
+        backend.requests().is_empty(),
+        "the ambiguous request was forwarded"
+    );
+    // The same head, framed once, is within the limit and goes through.
+    let once = head("Content-Length: 3\r\n");
+    let rsp = raw(proxy.addr, once.into_bytes(), Duration::from_secs(5)).await;
+    assert!(status_line(&rsp).contains(" 200 "), "{}", status_line(&rsp));
+    assert_eq!(backend.last().body, "abc".as_bytes());
+}
+
 #[tokio::test]
 async fn a_head_over_the_limit_gets_a_431_problem() {
     let backend = backend().await;

@@ -86,7 +86,9 @@ impl ScriptedBackend {
         let (stop, mut stopped) = oneshot::channel::<()>();
         let (seen2, conns2) = (seen.clone(), connections.clone());
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // Heads as large as any the proxy can be configured to pass on.
+            builder.http1().max_buf_size(4 << 20);
             loop {
                 let (stream, _) = tokio::select! {
                     a = listener.accept() => a.unwrap(),
