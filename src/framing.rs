@@ -8,8 +8,9 @@
 //! end. Those are only visible in the raw bytes, so [`Inspected`] watches the bytes hyper
 //! reads (never changing them): it follows each request's framing (head, then a
 //! `Content-Length` or chunked body) and queues one [`Verdict`] per request head, which the
-//! connection's service checks before the request goes further. HTTP/2 connections (the
-//! preface `PRI * HTTP/2.0`) are not HTTP/1 framed and are left alone.
+//! connection's service checks before the request goes further; an HTTP/1 request without
+//! a verdict is refused too, so a disagreement the inspector did not foresee fails closed.
+//! HTTP/2 connections (the preface `PRI * HTTP/2.0`) are not HTTP/1 framed and are left alone.
 
 use std::collections::VecDeque;
 use std::io;
@@ -32,6 +33,10 @@ pub enum FramingError {
     LengthAndEncoding,
     #[error("Transfer-Encoding {0:?} is not supported; only \"chunked\" is")]
     UnsupportedEncoding(String),
+    /// The inspector lost its place in the stream where hyper did not: the two read it
+    /// differently, so the request is refused rather than let through unjudged.
+    #[error("the proxy could not follow the framing of this connection's requests; send the request again on a new connection")]
+    Lost,
 }
 
 /// The outcome of inspecting one request head, in arrival order.
@@ -72,7 +77,10 @@ enum State {
     ChunkEnd,
     /// Trailer lines after the last chunk, until an empty line.
     Trailer(Vec<u8>),
-    /// Not HTTP/1 framed (HTTP/2), or lost: stop inspecting.
+    /// Not HTTP/1 framed (HTTP/2), after a refused head, or lost on input hyper refuses too
+    /// (an unparseable length or chunk size, a coding other than chunked). Nothing more is
+    /// judged; a further HTTP/1 request then finds no verdict and is refused
+    /// ([`FramingError::Lost`]).
     Off,
 }
 

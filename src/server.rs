@@ -141,7 +141,11 @@ pub async fn serve(
 /// A 400 for a request whose framing is ambiguous; the connection is closed after it, since
 /// where the next request would begin cannot be known.
 fn refuse_framing(e: FramingError) -> Response<ProxyBody> {
-    tracing::info!(error = %e, "request refused: ambiguous framing");
+    match e {
+        // Not the client's doing as far as anyone knows: worth an operator's look.
+        FramingError::Lost => tracing::warn!(error = %e, "request refused: framing lost"),
+        _ => tracing::info!(error = %e, "request refused: ambiguous framing"),
+    }
     let mut rsp = Error::BadFraming(e).into_response();
     rsp.headers_mut()
         .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -220,17 +224,20 @@ async fn serve_connection<IO>(
     let service = service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         let request = counted.begin();
+        // Every HTTP/1 head hyper hands over was read through the inspector first, so its
+        // verdict is queued; none means the inspector lost its place: fail closed.
         let verdict = match req.version() {
-            Version::HTTP_2 => None,
+            Version::HTTP_2 => Ok(()),
             _ => verdicts
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .pop_front(),
+                .pop_front()
+                .unwrap_or(Err(FramingError::Lost)),
         };
         async move {
             let rsp = match verdict {
-                Some(Err(e)) => refuse_framing(e),
-                _ => proxy.handle(req, peer).await,
+                Err(e) => refuse_framing(e),
+                Ok(()) => proxy.handle(req, peer).await,
             };
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, request)))
         }
