@@ -151,3 +151,37 @@ async fn sighup_with_an_invalid_file_keeps_the_old_config_and_logs_why() {
     let r = Client::new().get(&bin.url("/docs/a"), &[]).await;
     assert_eq!(r.status, 200, "the old config keeps serving");
 }
+
+#[tokio::test]
+async fn sighup_applies_a_new_upstream_idle_timeout() {
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let with_idle = |timeout: &str| {
+        config(&[("/", &backend.origin(), "")]).replacen(
+            "[server]\n",
+            &format!("[server]\nupstream_idle_timeout = \"{timeout}\"\n"),
+            1,
+        )
+    };
+    let bin = Binary::start(&with_idle("60s"), &[]).await;
+    let c = Client::new();
+    let idle_get = || async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
+        backend.connections()
+    };
+    assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
+    assert_eq!(idle_get().await, 1, "60s: the idle connection is reused");
+
+    bin.write_config(&with_idle("200ms"));
+    bin.signal("HUP");
+    bin.wait_for_log("config reloaded", Duration::from_secs(5))
+        .await;
+    assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
+    let before = backend.connections();
+    assert_eq!(
+        idle_get().await,
+        before + 1,
+        "200ms after the reload: a connection idle for 400ms is not reused"
+    );
+}
