@@ -82,6 +82,8 @@ impl Error {
 
     pub fn blame(&self) -> Blame {
         match self {
+            // Not the client's doing as far as anyone knows: worth an operator's look.
+            Self::BadFraming(FramingError::Lost) => Blame::Proxy,
             Self::NoRoute { .. }
             | Self::BadHeader(_)
             | Self::BadFraming(_)

@@ -25,6 +25,7 @@ use crate::body::{read_tagged, Collected, ProxyBody, ReadError};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
 use crate::etag::{ETag, TagKey};
+use crate::framing::Verdict;
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::WriteLocks;
 use crate::metrics::Metrics;
@@ -213,8 +214,15 @@ impl Proxy {
         }
     }
 
-    /// Answers one request. Never fails: errors become problem responses here.
-    pub async fn handle(&self, req: Request<Incoming>, peer: Peer) -> Response<ProxyBody> {
+    /// Answers one request. Never fails: errors become problem responses here. `framing` is
+    /// the framing inspector's verdict on an HTTP/1 head: a refused one is answered (400 and
+    /// close, since where the request ends is unknowable) and counted like any other.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: Peer,
+        framing: Verdict,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let method = req.method().clone();
         // For the access log: a clone shares the URI's bytes, where a path `String` would
@@ -236,7 +244,10 @@ impl Proxy {
         // move of the whole request future. The future is made inside each branch: bound
         // to a name first, it would be kept twice in this one (rustc keeps a moved-from
         // local's space until its scope ends).
-        let result = if span.is_disabled() {
+        let misframed = framing.is_err();
+        let result = if let Err(e) = framing {
+            Err(Error::BadFraming(e))
+        } else if span.is_disabled() {
             self.dispatch(req, &peer, &mut ex).await
         } else {
             self.dispatch(req, &peer, &mut ex)
@@ -255,7 +266,10 @@ impl Proxy {
                 e.into_response()
             }
         };
-        if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
+        if misframed {
+            rsp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
             leave_unread(body, version, expects_continue, &mut rsp);
         }
         let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());

@@ -20,13 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use http::{HeaderValue, Request, Response, Version};
+use http::{Request, Version};
 use hyper::body::Incoming;
 
 use crate::activity::{Activity, Tracked};
-use crate::body::ProxyBody;
 use crate::config::{Config, Server};
-use crate::error::Error;
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::proxy::Proxy;
 use crate::upstream::Peer;
@@ -138,20 +136,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// A 400 for a request whose framing is ambiguous; the connection is closed after it, since
-/// where the next request would begin cannot be known.
-fn refuse_framing(e: FramingError) -> Response<ProxyBody> {
-    match e {
-        // Not the client's doing as far as anyone knows: worth an operator's look.
-        FramingError::Lost => tracing::warn!(error = %e, "request refused: framing lost"),
-        _ => tracing::info!(error = %e, "request refused: ambiguous framing"),
-    }
-    let mut rsp = Error::BadFraming(e).into_response();
-    rsp.headers_mut()
-        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    rsp
-}
-
 /// Over `max_connections`: a 503 problem in plain HTTP/1.1, then close, rather than leaving
 /// the client in the accept backlog with no answer.
 async fn refuse_connection(mut stream: TcpStream) {
@@ -235,10 +219,7 @@ async fn serve_connection<IO>(
                 .unwrap_or(Err(FramingError::Lost)),
         };
         async move {
-            let rsp = match verdict {
-                Err(e) => refuse_framing(e),
-                Ok(()) => proxy.handle(req, peer).await,
-            };
+            let rsp = proxy.handle(req, peer, verdict).await;
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, request)))
         }
     });

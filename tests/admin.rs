@@ -8,6 +8,19 @@ use std::time::Duration;
 use common::binary::{free_port, Binary};
 use common::{Backend, Client, ScriptedBackend};
 
+/// Sends `bytes` on a new connection and reads until the proxy closes it.
+async fn raw(addr: std::net::SocketAddr, bytes: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
@@ -50,6 +63,10 @@ async fn metrics_count_a_known_sequence_exactly() {
     assert_eq!(c.get(&bin.url("/nowhere"), &[]).await.status, 404);
     let big = c.get(&bin.url("/big/x"), &[]).await;
     assert!(big.header("etag").is_none());
+    // Refused by the framing checks, before routing: counted all the same.
+    let twice =
+        "PUT /docs/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+    assert!(raw(bin.addr, twice).await.starts_with("HTTP/1.1 400 "));
 
     let m = c.get(&format!("http://{admin}/metrics"), &[]).await;
     assert_eq!(m.status, 200);
@@ -67,6 +84,7 @@ async fn metrics_count_a_known_sequence_exactly() {
     assert_eq!(r("route=\"/strict/\",method=\"PUT\",status=\"428\""), 1);
     assert_eq!(r("route=\"/dead/\",method=\"GET\",status=\"502\""), 1);
     assert_eq!(r("route=\"none\",method=\"GET\",status=\"404\""), 1);
+    assert_eq!(r("route=\"none\",method=\"PUT\",status=\"400\""), 1);
     assert_eq!(r("route=\"/big/\",method=\"GET\",status=\"200\""), 1);
     let p = |labels: &str| metric(&t, &format!("ifmatch_proxy_responses_total{{{labels}}}"));
     assert_eq!(p("route=\"/docs/\",status=\"304\""), 1);
@@ -75,6 +93,7 @@ async fn metrics_count_a_known_sequence_exactly() {
     assert_eq!(p("route=\"/strict/\",status=\"428\""), 1);
     assert_eq!(p("route=\"/dead/\",status=\"502\""), 1);
     assert_eq!(p("route=\"none\",status=\"404\""), 1);
+    assert_eq!(p("route=\"none\",status=\"400\""), 1);
     assert!(
         !t.contains("ifmatch_proxy_responses_total{route=\"/docs/\",status=\"204\"}"),
         "204s came from the backend"

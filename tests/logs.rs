@@ -108,3 +108,31 @@ async fn text_logs_to_a_pipe_are_plain_text_with_the_access_fields() {
         "no terminal colour codes in a piped log: {log:?}"
     );
 }
+
+#[tokio::test]
+async fn a_request_refused_for_its_framing_gets_an_access_line_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let store = Backend::start().await;
+    let bin = Binary::start(&docs_route(&store.origin()), &["--log-format", "json"]).await;
+    let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    s.write_all(
+        b"PUT /docs/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    )
+    .await
+    .unwrap();
+    let mut rsp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rsp))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    assert!(rsp.starts_with(b"HTTP/1.1 400 "));
+    let line = bin
+        .wait_for_log("ifmatch::access", Duration::from_secs(5))
+        .await;
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["status"], 400, "{line}");
+    assert_eq!(line["outcome"], "bad_framing", "{line}");
+    assert_eq!(line["method"], "PUT", "{line}");
+    assert_eq!(line["path"], "/docs/a", "{line}");
+    assert_eq!(store.store.writes(), 0, "not forwarded");
+}
