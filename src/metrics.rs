@@ -27,6 +27,9 @@ pub struct Metrics {
     /// Keyed by route prefix; looked up by `&str`, so a request allocates nothing here.
     routes: DashMap<String, RouteMetrics, FastHash>,
     lock_wait: Histogram,
+    /// HTTP/1 request heads hyper could not parse: too large, or invalid.
+    malformed_too_large: AtomicU64,
+    malformed_invalid: AtomicU64,
 }
 
 /// One route's figures.
@@ -156,6 +159,16 @@ impl Metrics {
         f(&self.routes.entry(route.to_owned()).or_default())
     }
 
+    /// A request head hyper refused itself (its bare 400, 414 or 431, then close): no route,
+    /// method or status of the proxy's to count it under.
+    pub fn malformed_head(&self, too_large: bool) {
+        let n = match too_large {
+            true => &self.malformed_too_large,
+            false => &self.malformed_invalid,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn lock_wait(&self, d: Duration) {
         self.lock_wait.observe(d);
     }
@@ -213,6 +226,20 @@ impl Metrics {
             "ifmatch_untagged_large_bodies_total",
             "GET bodies over max_tag_body, streamed through untagged, by route.",
             rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.untagged_large))]),
+        );
+        counter(
+            "ifmatch_malformed_requests_total",
+            "HTTP/1 request heads the parser refused before any route saw them (too_large: 431 or 414; invalid: 400), each ending its connection.",
+            vec![
+                (
+                    "{reason=\"too_large\"}".to_owned(),
+                    value(&self.malformed_too_large),
+                ),
+                (
+                    "{reason=\"invalid\"}".to_owned(),
+                    value(&self.malformed_invalid),
+                ),
+            ],
         );
         let s = &tags.stats;
         counter(

@@ -205,6 +205,7 @@ async fn serve_connection<IO>(
     let activity = Arc::new(Activity::default());
     let io = Inspected::new(io, verdicts.clone());
     let counted = activity.clone();
+    let counts = proxy.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         let request = counted.begin();
@@ -263,7 +264,14 @@ async fn serve_connection<IO>(
         conn.as_mut().poll(cx)
     })
     .await;
-    if let Err(e) = ended {
-        tracing::debug!(error = %e, client = %addr, "connection ended with an error");
+    let Err(e) = ended else { return };
+    match e.downcast_ref::<hyper::Error>().filter(|h| h.is_parse()) {
+        // hyper answered a head it could not parse (400, 414 or 431) and closed: no request
+        // reached the proxy, so this is the only trace of it besides the client's.
+        Some(h) => {
+            counts.metrics.malformed_head(h.is_parse_too_large());
+            tracing::info!(error = %h, client = %addr, "malformed request head refused");
+        }
+        None => tracing::debug!(error = %e, client = %addr, "connection ended with an error"),
     }
 }

@@ -67,6 +67,14 @@ async fn metrics_count_a_known_sequence_exactly() {
     let twice =
         "PUT /docs/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
     assert!(raw(bin.addr, twice).await.starts_with("HTTP/1.1 400 "));
+    // Heads hyper's parser refuses itself: counted apart, having no route or method.
+    let folded = "GET /docs/a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n";
+    assert!(raw(bin.addr, folded).await.starts_with("HTTP/1.1 400 "));
+    let huge = format!(
+        "GET /docs/a HTTP/1.1\r\nX-A: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    assert!(raw(bin.addr, &huge).await.starts_with("HTTP/1.1 431 "));
 
     let m = c.get(&format!("http://{admin}/metrics"), &[]).await;
     assert_eq!(m.status, 200);
@@ -102,6 +110,14 @@ async fn metrics_count_a_known_sequence_exactly() {
         metric(&t, "ifmatch_revalidations_total{route=\"/docs/\"}"),
         1
     );
+    let malformed = |reason: &str| {
+        metric(
+            &t,
+            &format!("ifmatch_malformed_requests_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(malformed("invalid"), 1);
+    assert_eq!(malformed("too_large"), 1);
     assert_eq!(metric(&t, "ifmatch_tag_cache_hits_total"), 3);
     assert_eq!(metric(&t, "ifmatch_tag_cache_misses_total"), 1);
     assert_eq!(metric(&t, "ifmatch_tag_cache_evictions_total"), 0);

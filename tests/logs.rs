@@ -110,7 +110,7 @@ async fn text_logs_to_a_pipe_are_plain_text_with_the_access_fields() {
 }
 
 #[tokio::test]
-async fn a_request_refused_for_its_framing_gets_an_access_line_too() {
+async fn refused_heads_leave_a_trace_in_the_log() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let store = Backend::start().await;
     let bin = Binary::start(&docs_route(&store.origin()), &["--log-format", "json"]).await;
@@ -135,4 +135,13 @@ async fn a_request_refused_for_its_framing_gets_an_access_line_too() {
     assert_eq!(line["method"], "PUT", "{line}");
     assert_eq!(line["path"], "/docs/a", "{line}");
     assert_eq!(store.store.writes(), 0, "not forwarded");
+    // A head hyper's parser refuses never reaches a route: it gets a line of its own.
+    let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    s.write_all(b"GET /docs/a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n")
+        .await
+        .unwrap();
+    let line = bin
+        .wait_for_log("malformed request head refused", Duration::from_secs(5))
+        .await;
+    assert!(line.contains("127.0.0.1"), "the client is named: {line}");
 }
