@@ -237,6 +237,121 @@ async fn a_client_that_sends_its_head_too_slowly_is_cut_off() {
     assert!(backend.requests().is_empty());
 }
 
+/// Writes `first`, then one more header line every 100 ms (a slowloris that never stops
+/// sending), and says how long until the proxy closed the connection (`None`: not in 5 s).
+/// The bytes the proxy sent before closing come with it.
+fn trickle(addr: SocketAddr, first: &[u8]) -> (Option<Duration>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = s.write_all(first);
+    while started.elapsed() < Duration::from_secs(5) {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                return (
+                    Some(started.elapsed()),
+                    String::from_utf8_lossy(&got).into(),
+                )
+            }
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (
+                    Some(started.elapsed()),
+                    String::from_utf8_lossy(&got).into(),
+                )
+            }
+            Err(_) => {
+                if s.write_all(b"X-Slow: a\r\n").is_err() {
+                    return (
+                        Some(started.elapsed()),
+                        String::from_utf8_lossy(&got).into(),
+                    );
+                }
+            }
+        }
+    }
+    (None, String::from_utf8_lossy(&got).into())
+}
+
+#[tokio::test]
+async fn a_head_trickled_in_forever_is_cut_off_first_request_or_later() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "header_read_timeout = \"300ms\"",
+    )
+    .await;
+    let addr = proxy.addr;
+    // The first head of a connection, a byte-stream that never ends.
+    let (closed, _) = tokio::task::spawn_blocking(move || trickle(addr, b"GET /x HTTP/1.1\r\n"))
+        .await
+        .unwrap();
+    let closed = closed.expect("a slowloris on a new connection was never cut off");
+    assert!(closed < Duration::from_secs(3), "cut off after {closed:?}");
+    // The second head of a kept-alive connection, after a request answered in full.
+    let (closed, got) = tokio::task::spawn_blocking(move || {
+        trickle(
+            addr,
+            b"GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /y HTTP/1.1\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    let closed = closed.expect("a slowloris after a first request was never cut off");
+    assert!(closed < Duration::from_secs(3), "cut off after {closed:?}");
+    assert!(
+        status_line(&got).contains("200"),
+        "the first request was answered: {got}"
+    );
+    let paths: Vec<_> = backend
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    assert_eq!(paths, ["/x"]);
+}
+
+#[tokio::test]
+async fn a_connection_that_keeps_sending_requests_is_not_idle() {
+    let backend = backend().await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "header_read_timeout = \"300ms\"",
+    )
+    .await;
+    let addr = proxy.addr;
+    let answered = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut answered = 0;
+        for _ in 0..8 {
+            // Less than the timeout apart, for longer than it in all.
+            std::thread::sleep(Duration::from_millis(150));
+            if s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").is_err() {
+                break;
+            }
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.ends_with(b"ok") {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => return answered,
+                }
+            }
+            answered += 1;
+        }
+        answered
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered, 8, "all on one connection");
+}
+
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let backend = backend().await;
