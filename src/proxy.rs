@@ -581,7 +581,13 @@ impl Proxy {
             return Ok((known(tag, true), body));
         }
         rparts.headers.remove(ETAG);
-        if declared_length(&rparts.headers).is_some_and(|n| n > route.max_tag_body) {
+        // The declared length, as hyper read it from `Content-Length` (parsing it again was
+        // 230 instructions a GET).
+        if body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n > route.max_tag_body)
+        {
             self.metrics.untagged_large_body(&route.prefix);
             return Ok((None, ProxyBody::stream(body, route.upstream_timeout)));
         }
