@@ -251,7 +251,7 @@ pub async fn read_tagged(
     let mut chunks = VecDeque::new();
     let mut len = 0u64;
     loop {
-        let frame = tokio::time::timeout(idle, body.frame())
+        let frame = within(idle, body.frame())
             .await
             .map_err(|_| ReadError::Stalled(idle))?;
         let Some(frame) = frame.transpose().map_err(ReadError::Failed)? else {
@@ -273,9 +273,34 @@ pub async fn read_tagged(
     }
 }
 
+/// `fut`'s output, or an error once `idle` has passed. The timer is made only if `fut` is not
+/// ready at once: a small body's chunks usually arrive with its head, and a timer that is
+/// never needed still costs two clock reads and its setup (callgrind).
+async fn within<F: Future>(
+    idle: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Ok(out);
+    }
+    tokio::time::timeout(idle, fut).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_answers_what_is_ready_or_comes_in_time_and_refuses_a_stall() {
+        let second = Duration::from_secs(1);
+        assert_eq!(within(second, async { 7 }).await.ok(), Some(7));
+        let soon = tokio::time::sleep(Duration::from_millis(500));
+        assert!(within(second, soon).await.is_ok());
+        let late = tokio::time::sleep(Duration::from_millis(1500));
+        assert!(within(second, late).await.is_err());
+        assert!(within(second, std::future::pending::<()>()).await.is_err());
+    }
 
     #[test]
     fn buffered_bodies_report_their_exact_size() {
