@@ -44,12 +44,17 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// A request is being answered (its response body included).
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
     /// Completes once the connection has had no request in flight for `timeout`.
     pub async fn idle(&self, timeout: Duration) {
         loop {
             let last_end =
                 self.opened + Duration::from_micros(self.last_end.load(Ordering::Acquire));
-            let busy = self.in_flight.load(Ordering::Acquire) > 0;
+            let busy = self.busy();
             let deadline = if busy {
                 Instant::now() + timeout
             } else {

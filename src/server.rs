@@ -198,7 +198,7 @@ impl Wake for EnderWaker {
 /// the framing inspector, until it closes, the proxy stops, or it has no request in flight
 /// for `idle_timeout` (the head-read timeout): idle between requests, or too slow to send a
 /// head (slowloris). It is then asked to close (HTTP/2: GOAWAY), and cut off if it has not
-/// after [`IDLE_CLOSE_GRACE`].
+/// after [`IDLE_CLOSE_GRACE`], also while the proxy stops.
 async fn serve_connection<IO>(
     io: IO,
     addr: SocketAddr,
@@ -243,16 +243,23 @@ async fn serve_connection<IO>(
     // the idle timer hardly ever do. So they get their own waker, and are polled only
     // once it has fired, not on every wake-up (a `select!` would poll all three).
     let mut ender: Option<(Arc<EnderWaker>, Waker)> = None;
-    let mut closing = false;
+    let (mut stopped, mut idled) = (false, false);
     let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let ended = std::future::poll_fn(|cx| {
         if let Some(grace) = &mut cut_off {
             if grace.as_mut().poll(cx).is_ready() {
-                tracing::debug!(client = %addr, "idle connection cut off");
-                return Poll::Ready(Ok(()));
+                // A head that came whole in the meantime is a request like any other: it is
+                // answered, and then the connection closes (keep-alive is off by now).
+                if !activity.busy() {
+                    tracing::debug!(client = %addr, "idle connection cut off");
+                    return Poll::Ready(Ok(()));
+                }
+                cut_off = None;
             }
         }
-        if !closing {
+        // Idleness is watched after a stop too: a head half-sent when the proxy stops is
+        // not a request in flight, and must not hold the drain to its end.
+        if !idled {
             let (state, waker) = match &ender {
                 Some((state, waker)) if state.task.will_wake(cx.waker()) => (state, waker),
                 _ => {
@@ -267,17 +274,20 @@ async fn serve_connection<IO>(
             };
             if state.woken.swap(false, Ordering::AcqRel) {
                 let mut ecx = Context::from_waker(waker);
-                let stop = stopping.as_mut().poll(&mut ecx).is_ready();
-                if stop || idle.as_mut().poll(&mut ecx).is_ready() {
-                    if !stop {
-                        tracing::debug!(client = %addr, "idle connection closed");
-                        let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
-                        // Polled once here so that it wakes this task when it expires.
-                        let _ = grace.as_mut().poll(cx);
-                        cut_off = Some(grace);
-                    }
+                if !stopped && stopping.as_mut().poll(&mut ecx).is_ready() {
+                    stopped = true;
                     conn.as_mut().graceful_shutdown();
-                    closing = true;
+                }
+                if idle.as_mut().poll(&mut ecx).is_ready() {
+                    idled = true;
+                    if !stopped {
+                        tracing::debug!(client = %addr, "idle connection closed");
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
+                    // Polled once here so that it wakes this task when it expires.
+                    let _ = grace.as_mut().poll(cx);
+                    cut_off = Some(grace);
                 }
             }
         }

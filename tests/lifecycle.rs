@@ -76,6 +76,35 @@ async fn sigint_stops_gracefully_too() {
     graceful_stop_on("INT", "workers = 2", 3).await;
 }
 
+/// A head half-sent when the proxy stops is no request in flight: it holds the drain no
+/// longer than `header_read_timeout` (and the second's grace), not to `shutdown_timeout`.
+#[tokio::test]
+async fn a_half_sent_head_does_not_hold_the_drain() {
+    use tokio::io::AsyncWriteExt;
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let text = config(&[("/", &backend.origin(), "")]).replacen(
+        "[server]\n",
+        "[server]\nheader_read_timeout = \"500ms\"\n",
+        1,
+    );
+    let mut bin = Binary::start(&text, &[]).await;
+    let mut slow = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    slow.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = Instant::now();
+    bin.signal("TERM");
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the drain took {took:?} (shutdown_timeout 10s)"
+    );
+    drop(slow);
+}
+
 #[tokio::test]
 async fn sighup_swaps_in_a_valid_config_keeping_in_flight_requests_and_the_tag_cache() {
     let store = Backend::start().await;
