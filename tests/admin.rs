@@ -6,20 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::binary::{free_port, Binary};
-use common::{Backend, Client, ScriptedBackend};
-
-/// Sends `bytes` on a new connection and reads until the proxy closes it.
-async fn raw(addr: std::net::SocketAddr, bytes: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the proxy closes the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
+use common::{raw_exchange, Backend, Client, ScriptedBackend};
 
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()
@@ -66,15 +53,21 @@ async fn metrics_count_a_known_sequence_exactly() {
     // Refused by the framing checks, before routing: counted all the same.
     let twice =
         "PUT /docs/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
-    assert!(raw(bin.addr, twice).await.starts_with("HTTP/1.1 400 "));
+    assert!(raw_exchange(bin.addr, twice.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 400 "));
     // Heads hyper's parser refuses itself: counted apart, having no route or method.
     let folded = "GET /docs/a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n";
-    assert!(raw(bin.addr, folded).await.starts_with("HTTP/1.1 400 "));
+    assert!(raw_exchange(bin.addr, folded.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 400 "));
     let huge = format!(
         "GET /docs/a HTTP/1.1\r\nX-A: {}\r\n\r\n",
         "a".repeat(200_000)
     );
-    assert!(raw(bin.addr, &huge).await.starts_with("HTTP/1.1 431 "));
+    assert!(raw_exchange(bin.addr, huge.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431 "));
 
     let m = c.get(&format!("http://{admin}/metrics"), &[]).await;
     assert_eq!(m.status, 200);

@@ -13,8 +13,12 @@ use common::proxy::route;
 use common::{Client, Proxy, ScriptedBackend};
 use proptest::prelude::*;
 
-async fn backend() -> ScriptedBackend {
-    ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await
+/// A backend that answers every request with 200 "ok", and the proxy in front of it with
+/// these extra `[server]` keys.
+async fn proxy_with(server_keys: &str) -> (ScriptedBackend, Proxy) {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), server_keys).await;
+    (backend, proxy)
 }
 
 /// Sends `bytes` and reads until the proxy closes or `wait` passes.
@@ -46,8 +50,7 @@ fn status_line(rsp: &str) -> &str {
 
 #[tokio::test]
 async fn smuggling_shaped_requests_are_refused_and_never_forwarded() {
-    let backend = backend().await;
-    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let (backend, proxy) = proxy_with("").await;
     let cases: &[(&str, &[u8], &str)] = &[
         ("repeated Content-Length", b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", "400"),
         ("different Content-Lengths", b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde", "400"),
@@ -81,8 +84,7 @@ async fn smuggling_shaped_requests_are_refused_and_never_forwarded() {
 /// the wrong requests.
 #[tokio::test]
 async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
-    let backend = backend().await;
-    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let (backend, proxy) = proxy_with("").await;
     // Chunk data that looks like the end of a trailer and a request head, if read as such.
     let data = "x\r\n\r\nGET /s HTTP/1.1\r\n\r\n";
     let mut bytes =
@@ -114,13 +116,7 @@ async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
 /// connection at 1 MiB while hyper read on, and let such a head through unjudged.
 #[tokio::test]
 async fn a_head_larger_than_a_mebibyte_is_still_judged_when_the_limit_allows_it() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "max_header_bytes = \"2MiB\"",
-    )
-    .await;
+    let (backend, proxy) = proxy_with("max_header_bytes = \"2MiB\"").await;
     let big = "a".repeat(1536 * 1024);
     let head = |lengths: &str| {
         format!(
@@ -151,13 +147,7 @@ async fn a_head_larger_than_a_mebibyte_is_still_judged_when_the_limit_allows_it(
 
 #[tokio::test]
 async fn a_head_over_the_limit_gets_a_431_problem() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "max_header_bytes = \"4KiB\"",
-    )
-    .await;
+    let (backend, proxy) = proxy_with("max_header_bytes = \"4KiB\"").await;
     let big = "a".repeat(6000);
     let c = Client::new();
     let r = c.get(&proxy.url("/x"), &[("x-big", &big)]).await;
@@ -179,13 +169,7 @@ async fn a_head_over_the_limit_gets_a_431_problem() {
 
 #[tokio::test]
 async fn a_body_over_the_limit_gets_a_413_problem_declared_or_streamed() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "max_request_body = \"1KiB\"",
-    )
-    .await;
+    let (backend, proxy) = proxy_with("max_request_body = \"1KiB\"").await;
     let c = Client::new();
     let r = c.put(&proxy.url("/x"), &[], vec![b'x'; 4096]).await;
     r.assert_problem(413);
@@ -213,13 +197,7 @@ async fn a_body_over_the_limit_gets_a_413_problem_declared_or_streamed() {
 
 #[tokio::test]
 async fn a_client_that_sends_its_head_too_slowly_is_cut_off() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "header_read_timeout = \"300ms\"",
-    )
-    .await;
+    let (backend, proxy) = proxy_with("header_read_timeout = \"300ms\"").await;
     let started = Instant::now();
     // Half a head, then silence (slowloris).
     let rsp = raw(
@@ -278,13 +256,7 @@ fn trickle(addr: SocketAddr, first: &[u8]) -> (Option<Duration>, String) {
 
 #[tokio::test]
 async fn a_head_trickled_in_forever_is_cut_off_first_request_or_later() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "header_read_timeout = \"300ms\"",
-    )
-    .await;
+    let (backend, proxy) = proxy_with("header_read_timeout = \"300ms\"").await;
     let addr = proxy.addr;
     // The first head of a connection, a byte-stream that never ends.
     let (closed, _) = tokio::task::spawn_blocking(move || trickle(addr, b"GET /x HTTP/1.1\r\n"))
@@ -317,13 +289,7 @@ async fn a_head_trickled_in_forever_is_cut_off_first_request_or_later() {
 
 #[tokio::test]
 async fn a_connection_that_keeps_sending_requests_is_not_idle() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "header_read_timeout = \"300ms\"",
-    )
-    .await;
+    let (_backend, proxy) = proxy_with("header_read_timeout = \"300ms\"").await;
     let addr = proxy.addr;
     let answered = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -354,13 +320,7 @@ async fn a_connection_that_keeps_sending_requests_is_not_idle() {
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(
-        &route("/", ""),
-        &backend.origin(),
-        "header_read_timeout = \"300ms\"",
-    )
-    .await;
+    let (_backend, proxy) = proxy_with("header_read_timeout = \"300ms\"").await;
     let started = Instant::now();
     let rsp = raw(
         proxy.addr,
@@ -377,8 +337,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
 
 #[tokio::test]
 async fn connections_over_the_limit_get_a_503_problem() {
-    let backend = backend().await;
-    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), "max_connections = 2").await;
+    let (_backend, proxy) = proxy_with("max_connections = 2").await;
     let addr = proxy.addr;
     let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -561,11 +520,7 @@ fn the_proxy_forwards_exactly_the_well_framed_requests_before_a_refused_one() {
         .enable_all()
         .build()
         .unwrap();
-    let (backend, proxy) = rt.block_on(async {
-        let backend = backend().await;
-        let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
-        (backend, proxy)
-    });
+    let (backend, proxy) = rt.block_on(proxy_with(""));
     let config = proptest::test_runner::Config {
         cases: 256,
         failure_persistence: None,

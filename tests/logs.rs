@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::binary::Binary;
-use common::{Backend, Client};
+use common::{raw_exchange, Backend, Client};
 
 /// A config with one `/docs/` route to `origin` (the listen address filled in by `Binary`).
 fn docs_route(origin: &str) -> String {
@@ -111,21 +111,13 @@ async fn text_logs_to_a_pipe_are_plain_text_with_the_access_fields() {
 
 #[tokio::test]
 async fn refused_heads_leave_a_trace_in_the_log() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let store = Backend::start().await;
     let bin = Binary::start(&docs_route(&store.origin()), &["--log-format", "json"]).await;
-    let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
-    s.write_all(
-        b"PUT /docs/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
-    )
-    .await
-    .unwrap();
-    let mut rsp = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rsp))
+    let twice =
+        b"PUT /docs/a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+    assert!(raw_exchange(bin.addr, twice)
         .await
-        .expect("the proxy closes the connection")
-        .unwrap();
-    assert!(rsp.starts_with(b"HTTP/1.1 400 "));
+        .starts_with("HTTP/1.1 400 "));
     let line = bin
         .wait_for_log("ifmatch::access", Duration::from_secs(5))
         .await;
@@ -136,10 +128,10 @@ async fn refused_heads_leave_a_trace_in_the_log() {
     assert_eq!(line["path"], "/docs/a", "{line}");
     assert_eq!(store.store.writes(), 0, "not forwarded");
     // A head hyper's parser refuses never reaches a route: it gets a line of its own.
-    let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
-    s.write_all(b"GET /docs/a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n")
+    let folded = b"GET /docs/a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n";
+    assert!(raw_exchange(bin.addr, folded)
         .await
-        .unwrap();
+        .starts_with("HTTP/1.1 400 "));
     let line = bin
         .wait_for_log("malformed request head refused", Duration::from_secs(5))
         .await;

@@ -223,19 +223,11 @@ async fn a_chunked_put_is_tagged_once_its_last_chunk_went_up() {
     let url = proxy.url("/docs/a");
     let tag = c.get(&url, &[]).await.etag();
     let addr = proxy.addr;
-    // On the test's own runtime, so the socket is async: a blocking read would stall the proxy.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "PUT /docs/a HTTP/1.1\r\nhost: x\r\nif-match: {tag}\r\nconnection: close\r\n\
          transfer-encoding: chunked\r\n\r\n3\r\nv2-\r\n4\r\nbody\r\n0\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut head))
-        .await
-        .expect("the proxy answered")
-        .unwrap();
+    let head = common::raw_exchange(addr, req.as_bytes()).await;
     assert!(head.starts_with("HTTP/1.1 204"), "{head}");
     let etag = head.lines().find_map(|l| {
         l.get(..5)

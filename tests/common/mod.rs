@@ -23,3 +23,17 @@ pub async fn eventually(within: std::time::Duration, mut cond: impl FnMut() -> b
     }
     true
 }
+
+/// Sends `bytes` on a new connection and reads until the server closes it (5 s at most):
+/// for heads a real client would not send. On the test's runtime, so nothing blocks it.
+pub async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
