@@ -1,8 +1,10 @@
 //! What a client connection is doing: how many of its requests are still being answered
-//! (response body included) and since when it has had none. hyper closes an idle HTTP/1.1
-//! connection with its head-read timer, but an HTTP/2 connection that answers pings stays
-//! open with no stream for as long as the client likes, holding one of `max_connections`;
-//! [`Activity::idle`] tells the server when to send it a GOAWAY.
+//! (response body included) and since when it has had none. [`Activity::idle`] tells the
+//! server when a connection has had none for `header_read_timeout`, whatever its protocol:
+//! an HTTP/1.1 connection idle between requests or too slow to send a head (hyper's own
+//! head-read timer is off, as it costs a timer per request), and an HTTP/2 one that
+//! answers pings with no stream open, which gets a GOAWAY. Either would otherwise hold one
+//! of `max_connections`.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -199,7 +199,7 @@ async fn a_shutdown_lets_an_http2_request_in_flight_finish_then_closes_with_a_go
 }
 
 /// An HTTP/1.1 keep-alive connection with nothing in flight is closed as soon as the proxy
-/// stops, rather than holding the drain until the head-read timer or the drain's limit.
+/// stops, rather than holding the drain until `header_read_timeout` or the drain's limit.
 #[tokio::test]
 async fn a_shutdown_closes_an_idle_http1_keep_alive_connection_at_once() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -229,7 +229,7 @@ async fn a_shutdown_closes_an_idle_http1_keep_alive_connection_at_once() {
     assert!(got.starts_with(b"HTTP/1.1 200"));
     let started = std::time::Instant::now();
     let drained = tokio::spawn(proxy.shutdown());
-    // At once, not when the drain gives up (5 s here) or the head-read timer fires (30 s).
+    // At once, not when the drain gives up (5 s here) or `header_read_timeout` (30 s) ends it.
     let n = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
         .await
         .expect("the idle connection was closed")
