@@ -130,6 +130,8 @@ pub struct TagKey {
     mac: Hmac<Sha256>,
     /// A short public fingerprint of the key, for logs (never the key itself).
     fingerprint: String,
+    /// Tells keys apart where a string compare would cost too much (body memos).
+    id: u64,
 }
 
 impl fmt::Debug for TagKey {
@@ -153,9 +155,12 @@ impl TagKey {
     pub fn new(secret: &[u8]) -> Self {
         let mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
         let digest = Sha256::digest([b"ifmatch tag key fingerprint:".as_slice(), secret].concat());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[8..16]);
         Self {
             mac,
             fingerprint: URL_SAFE_NO_PAD.encode(&digest[..6]),
+            id: u64::from_le_bytes(id),
         }
     }
 
@@ -168,6 +173,12 @@ impl TagKey {
 
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// 64 bits of the key's digest: equal for equal keys, and for distinct ones only by a
+    /// 1 in 2^64 chance.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Starts hashing a representation.

@@ -6,6 +6,7 @@
 //!                       ├─ router          which route (longest prefix)      → 404
 //!                       ├─ precondition    parse If-Match / If-None-Match …  → 400
 //!                       ├─ GET/HEAD ─▶ upstream ─▶ body::read_tagged ─▶ tags.record
+//!                       │              (hash, or compare with memo's copy)
 //!                       │                                   → 200 + ETag / 304 / 412
 //!                       └─ writes:  428? ─▶ lock.acquire(url) ─▶ current tag
 //!                                   (revalidate GET, or tags.get when cached)
@@ -29,6 +30,7 @@ pub mod framing;
 pub mod key;
 pub mod lifecycle;
 pub mod lock;
+pub mod memo;
 pub mod metrics;
 pub mod pool;
 pub mod precondition;
