@@ -2,8 +2,8 @@
 //! a GET body while it arrives. Request bodies: the wrapper that hashes a PUT body on its way
 //! upstream (routes with `tag_puts`).
 //!
-//! A tagged body is kept as the chunks the upstream sent; they are hashed as they arrive and
-//! sent on as they are, never concatenated. A body longer than the route's limit stops being
+//! A tagged body is kept as the chunks the upstream sent; they are hashed (or compared with
+//! the memo's copy, `memo.rs`) as they arrive and sent on as they are, never concatenated. A body longer than the route's limit stops being
 //! buffered at the limit and streams on untagged, so memory per request is bounded by it.
 
 use std::collections::VecDeque;
@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::etag::{ETag, TagHasher};
+use crate::memo::Memo;
 
 /// The body of every response the proxy sends: buffered chunks, then maybe a live stream.
 #[derive(Debug, Default)]
@@ -221,8 +222,13 @@ where
 /// The outcome of reading a body for tagging.
 #[derive(Debug)]
 pub enum Collected {
-    /// The whole body fit within the limit.
-    Whole { chunks: VecDeque<Bytes>, tag: ETag },
+    /// The whole body fit within the limit. `remembered`: it equalled the memo's copy, whose
+    /// tag it has, so it was not hashed.
+    Whole {
+        chunks: VecDeque<Bytes>,
+        tag: ETag,
+        remembered: bool,
+    },
     /// The body passed the limit: the chunks read so far and the rest, still streaming.
     TooLarge {
         chunks: VecDeque<Bytes>,
@@ -239,35 +245,58 @@ pub enum ReadError {
 }
 
 /// Reads `body` while feeding it to `hasher`, up to `limit` bytes; each chunk must arrive
-/// within `idle`.
+/// within `idle`. Given a `memo` (the copy of a body of this URL, and its tag), the body is
+/// compared with the copy as it arrives and hashed only once it differs: from the copy's
+/// bytes up to there, which are the body's, then on. A body equal to the copy gets its tag.
 pub async fn read_tagged(
     mut body: Incoming,
     mut hasher: TagHasher,
+    memo: Option<Arc<Memo>>,
     limit: u64,
     idle: Duration,
 ) -> Result<Collected, ReadError> {
     use http_body_util::BodyExt;
 
     let mut chunks = VecDeque::new();
-    let mut len = 0u64;
+    let mut len = 0usize;
+    // `Some` while every byte so far equals the copy's.
+    let mut same = memo;
     loop {
         let frame = within(idle, body.frame())
             .await
             .map_err(|_| ReadError::Stalled(idle))?;
         let Some(frame) = frame.transpose().map_err(ReadError::Failed)? else {
+            let (tag, remembered) = match same {
+                Some(m) if m.body.len() == len => (m.tag.clone(), true),
+                Some(m) => {
+                    hasher.update(&m.body[..len]);
+                    (hasher.finish(), false)
+                }
+                None => (hasher.finish(), false),
+            };
             return Ok(Collected::Whole {
                 chunks,
-                tag: hasher.finish(),
+                tag,
+                remembered,
             });
         };
         // Trailers on a GET body are rare and carry nothing the tag depends on: dropped.
         let Ok(chunk) = frame.into_data() else {
             continue;
         };
-        len += chunk.len() as u64;
-        hasher.update(&chunk);
+        let start = len;
+        len += chunk.len();
+        match &same {
+            Some(m) if m.body.get(start..len) == Some(&chunk[..]) => {}
+            Some(m) => {
+                hasher.update(&m.body[..start]);
+                hasher.update(&chunk);
+                same = None;
+            }
+            None => hasher.update(&chunk),
+        }
         chunks.push_back(chunk);
-        if len > limit {
+        if len as u64 > limit {
             return Ok(Collected::TooLarge { chunks, rest: body });
         }
     }

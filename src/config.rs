@@ -37,6 +37,8 @@ pub struct Server {
     pub listen: SocketAddr,
     /// Entries the tag cache holds at most.
     pub tag_cache_entries: usize,
+    /// Bytes of body copies kept so that unchanged bodies are compared, not hashed again.
+    pub tag_memo_bytes: usize,
     /// Time to open a TCP connection to an upstream.
     pub connect_timeout: Duration,
     /// How long an upstream connection may sit idle in the pool before it is closed: set it
@@ -211,6 +213,7 @@ struct AdminToml {
 struct ServerToml {
     listen: Spanned<String>,
     tag_cache_entries: Option<Spanned<i64>>,
+    tag_memo_bytes: Option<Spanned<toml::Value>>,
     connect_timeout: Option<Spanned<String>>,
     upstream_idle_timeout: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
@@ -256,6 +259,7 @@ fn default_true() -> bool {
 }
 
 pub const DEFAULT_TAG_CACHE_ENTRIES: usize = 100_000;
+pub const DEFAULT_TAG_MEMO_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -459,6 +463,13 @@ impl Validator<'_> {
             "server.tag_cache_entries",
             DEFAULT_TAG_CACHE_ENTRIES,
         );
+        let memo = self
+            .size(
+                &s.tag_memo_bytes,
+                "server.tag_memo_bytes",
+                DEFAULT_TAG_MEMO_BYTES,
+            )
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
         let connections = self
             .count(
                 &s.max_connections,
@@ -527,6 +538,7 @@ impl Validator<'_> {
             tag_key: tag_key?,
             listen: listen?,
             tag_cache_entries: entries?,
+            tag_memo_bytes: memo?,
             connect_timeout: connect?,
             upstream_idle_timeout: upstream_idle?,
             shutdown_timeout: shutdown?,
@@ -846,6 +858,7 @@ upstream = "http://localhost:9001/"
         let c = Config::parse(GOOD, "good.toml").unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.server.tag_cache_entries, DEFAULT_TAG_CACHE_ENTRIES);
+        assert_eq!(c.server.tag_memo_bytes as u64, DEFAULT_TAG_MEMO_BYTES);
         assert_eq!(c.server.upstream_idle_timeout, Duration::from_secs(60));
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
@@ -928,6 +941,12 @@ upstream = "http://localhost:9001/"
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"lots\"\n",
                 6,
                 "route.max_tag_body",
+                "not a size",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\ntag_memo_bytes = -1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.tag_memo_bytes",
                 "not a size",
             ),
             (

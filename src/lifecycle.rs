@@ -2,8 +2,9 @@
 //!
 //! A reload reads and validates the whole file first; only a valid config is swapped in
 //! (atomically, see `Proxy::reload`). An invalid one is refused with a log line per problem
-//! and the running config keeps serving. `listen` and `tag_cache_entries` cannot change
-//! without a restart; a reload that changes them says so in the log.
+//! and the running config keeps serving. `listen`, `workers`, `tag_cache_entries` and
+//! `tag_memo_bytes` cannot change without a restart; a reload that changes them says so in
+//! the log.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +72,9 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
             }
             if config.server.tag_cache_entries != running.server.tag_cache_entries {
                 tracing::warn!("server.tag_cache_entries changed: it takes effect after a restart");
+            }
+            if config.server.tag_memo_bytes != running.server.tag_memo_bytes {
+                tracing::warn!("server.tag_memo_bytes changed: it takes effect after a restart");
             }
             if config.server.workers != running.server.workers {
                 tracing::warn!("server.workers changed: it takes effect after a restart");

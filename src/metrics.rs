@@ -10,6 +10,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use http::Method;
 
+use crate::memo::BodyMemo;
 use crate::tags::TagStore;
 
 /// Upper bounds of the latency histograms, in seconds.
@@ -174,7 +175,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4), cache figures read from `tags`.
-    pub fn render(&self, tags: &TagStore) -> String {
+    pub fn render(&self, tags: &TagStore, memo: &BodyMemo) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, rows: Rows| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -257,10 +258,31 @@ impl Metrics {
             "Entries evicted from the tag cache to keep it within tag_cache_entries.",
             vec![(String::new(), s.evictions.load(Ordering::Relaxed))],
         );
+        let m = &memo.stats;
+        counter(
+            "ifmatch_tag_memo_hits_total",
+            "Tagged bodies found equal to the copy kept of the URL's last body: compared, not hashed.",
+            vec![(String::new(), m.hits.load(Ordering::Relaxed))],
+        );
+        counter(
+            "ifmatch_tag_memo_misses_total",
+            "Tagged bodies that could be kept but had no copy or differed from it: hashed.",
+            vec![(String::new(), m.misses.load(Ordering::Relaxed))],
+        );
+        counter(
+            "ifmatch_tag_memo_evictions_total",
+            "Body copies dropped to keep within tag_memo_bytes.",
+            vec![(String::new(), m.evictions.load(Ordering::Relaxed))],
+        );
         let _ = writeln!(
             out,
             "# HELP ifmatch_tag_cache_entries Entries in the tag cache now.\n# TYPE ifmatch_tag_cache_entries gauge\nifmatch_tag_cache_entries {}",
             tags.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_tag_memo_bytes Bytes of body copies held now.\n# TYPE ifmatch_tag_memo_bytes gauge\nifmatch_tag_memo_bytes {}",
+            memo.bytes()
         );
         let _ = writeln!(
             out,
@@ -306,7 +328,7 @@ mod tests {
         m.lock_wait(Duration::from_millis(300));
         m.lock_wait(Duration::from_secs(9));
         m.upstream_latency("/docs/", Duration::from_millis(20));
-        let text = m.render(&TagStore::new(10));
+        let text = m.render(&TagStore::new(10), &BodyMemo::new(100));
         for line in [
             "ifmatch_requests_total{route=\"/docs/\",method=\"PUT\",status=\"412\"} 2",
             "ifmatch_requests_total{route=\"/docs/\",method=\"OTHER\",status=\"200\"} 1",
@@ -323,6 +345,8 @@ mod tests {
             "ifmatch_upstream_latency_seconds_bucket{route=\"/docs/\",le=\"0.025\"} 1",
             "ifmatch_upstream_latency_seconds_count{route=\"/docs/\"} 1",
             "ifmatch_tag_cache_entries 0",
+            "ifmatch_tag_memo_hits_total 0",
+            "ifmatch_tag_memo_bytes 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

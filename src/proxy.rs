@@ -8,6 +8,7 @@
 //!    write lock; learn the current state (revalidate or cached); 412 if a precondition
 //!    fails; otherwise forward and pass the backend's answer (409 included) through.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -28,6 +29,7 @@ use crate::etag::{ETag, TagKey};
 use crate::framing::Verdict;
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::WriteLocks;
+use crate::memo::BodyMemo;
 use crate::metrics::Metrics;
 use crate::precondition::{evaluate, Decision, Preconditions, Resource};
 use crate::router::Router;
@@ -43,6 +45,8 @@ pub struct Proxy {
     random_key: TagKey,
     /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
     pub tags: TagStore,
+    /// Copies of tagged bodies, so that an unchanged one is compared, not hashed.
+    pub memo: BodyMemo,
     pub locks: WriteLocks,
     pub metrics: Metrics,
 }
@@ -183,6 +187,7 @@ impl Proxy {
             routing: ArcSwap::from_pointee(Routing::new(config, &random_key)),
             random_key,
             tags: TagStore::new(config.server.tag_cache_entries),
+            memo: BodyMemo::new(config.server.tag_memo_bytes),
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
         }
@@ -207,6 +212,7 @@ impl Proxy {
         if old.tag_key != new.tag_key {
             // Remembered tags were made with the old key; clients holding them get 412.
             self.tags.clear();
+            self.memo.clear();
             tracing::info!(
                 key = new.tag_key.fingerprint(),
                 "tag key changed: tag cache cleared"
@@ -340,7 +346,7 @@ impl Proxy {
         let (mut rparts, rbody) = rsp.into_parts();
         let last_modified = last_modified(&rparts.headers);
         let (known, body) = self
-            .tag(rt, route, &mut rparts, rbody, last_modified)
+            .tag(rt, route, key, &mut rparts, rbody, last_modified)
             .await?;
         let current = Resource {
             exists: true,
@@ -526,7 +532,7 @@ impl Proxy {
         let known = match status {
             StatusCode::OK => {
                 let (known, _) = self
-                    .tag(rt, route, &mut rparts, rbody, last_modified)
+                    .tag(rt, route, key, &mut rparts, rbody, last_modified)
                     .await?;
                 known
             }
@@ -560,11 +566,15 @@ impl Proxy {
     /// The strong tag of a 200 response, as it is to be remembered: the upstream's own strong
     /// tag if it sent one, else the hash of the body if it fits the route's limit. Sets the
     /// `ETag` header to it (or removes a weak upstream tag that cannot stand for the proxy's
-    /// validator).
+    /// validator). A body that may be shared is compared with the memo's copy, not hashed,
+    /// when there is one; a body that may not never is: how long the comparison takes would
+    /// tell how much of it matched another user's body.
+    #[allow(clippy::too_many_arguments)]
     async fn tag(
         &self,
         rt: &Routing,
         route: &Route,
+        key: &ResourceKey,
         rparts: &mut response::Parts,
         body: Incoming,
         last_modified: Option<SystemTime>,
@@ -593,8 +603,27 @@ impl Proxy {
         }
         let upstream = || route.upstream.origin.clone();
         let hasher = rt.tag_key.hasher();
-        match read_tagged(body, hasher, route.max_tag_body, route.upstream_timeout).await {
-            Ok(Collected::Whole { chunks, tag }) => {
+        let shared = cacheable(route, &rparts.headers);
+        let memo = shared.then(|| self.memo.get(key, &rt.tag_key)).flatten();
+        let read = read_tagged(
+            body,
+            hasher,
+            memo,
+            route.max_tag_body,
+            route.upstream_timeout,
+        );
+        match read.await {
+            Ok(Collected::Whole {
+                chunks,
+                tag,
+                remembered,
+            }) => {
+                if remembered {
+                    self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
+                } else if shared {
+                    self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
+                }
                 rparts.headers.insert(ETAG, tag.to_header());
                 Ok((
                     known(tag, false),

@@ -114,6 +114,17 @@ async fn metrics_count_a_known_sequence_exactly() {
     assert_eq!(metric(&t, "ifmatch_tag_cache_hits_total"), 3);
     assert_eq!(metric(&t, "ifmatch_tag_cache_misses_total"), 1);
     assert_eq!(metric(&t, "ifmatch_tag_cache_evictions_total"), 0);
+    // Bodies of /docs/a read: v1 (no copy yet), v1 and v1 (equal to the copy), v2, then v3
+    // by the revalidation (each differing from the copy before).
+    assert_eq!(metric(&t, "ifmatch_tag_memo_hits_total"), 2);
+    assert_eq!(metric(&t, "ifmatch_tag_memo_misses_total"), 3);
+    assert_eq!(metric(&t, "ifmatch_tag_memo_evictions_total"), 0);
+    let copy = ifmatch::memo::BodyMemo::cost(&common::proxy::key(&o, "/docs/a"), 2);
+    assert_eq!(
+        metric(&t, "ifmatch_tag_memo_bytes"),
+        copy as u64,
+        "one copy, of \"v3\""
+    );
     assert_eq!(
         metric(&t, "ifmatch_tag_cache_entries"),
         1,

@@ -1,0 +1,311 @@
+//! The body memo: an unchanged body is compared with the copy of the URL's last body instead
+//! of hashed again. What a client sees must not change: every tag is the tag of the bytes it
+//! came with, however the body was cut into chunks and however it differs from the copy.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use common::proxy::route;
+use common::{Client, Proxy};
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use proptest::prelude::*;
+use tokio::net::TcpListener;
+
+/// A body sent as the given chunks (`Transfer-Encoding: chunked`, one chunk each), so that
+/// the proxy reads it in pieces of the test's choosing.
+struct Frames(VecDeque<Bytes>);
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// What the backend answers every GET with: chunks and extra headers.
+#[derive(Clone, Default)]
+struct Answer {
+    chunks: Vec<Bytes>,
+    headers: Vec<(&'static str, &'static str)>,
+}
+
+/// A backend on 127.0.0.1:0 that answers 200 with the current `Answer`.
+struct ChunkedBackend {
+    addr: SocketAddr,
+    answer: Arc<Mutex<Answer>>,
+}
+
+impl ChunkedBackend {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(Mutex::new(Answer::default()));
+        let shared = answer.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let shared = shared.clone();
+                let service = service_fn(move |_: Request<Incoming>| {
+                    let a = shared.lock().unwrap().clone();
+                    async move {
+                        let mut rsp = Response::new(Frames(a.chunks.into()));
+                        for (k, v) in a.headers {
+                            rsp.headers_mut().insert(k, v.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(rsp)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        Self { addr, answer }
+    }
+
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn answer(&self, body: &[u8], cuts: &[usize], headers: &[(&'static str, &'static str)]) {
+        *self.answer.lock().unwrap() = Answer {
+            chunks: chunked(body, cuts),
+            headers: headers.to_vec(),
+        };
+    }
+
+    fn serve(&self, body: &[u8]) {
+        self.answer(body, &[], &[]);
+    }
+}
+
+/// `body` cut into pieces of the sizes in `cuts`, in turn, the last piece taking the rest.
+fn chunked(body: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    for &n in cuts
+        .iter()
+        .cycle()
+        .take(if cuts.is_empty() { 0 } else { 64 })
+    {
+        if rest.is_empty() {
+            break;
+        }
+        let (piece, tail) = rest.split_at(n.min(rest.len()));
+        out.push(Bytes::copy_from_slice(piece));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        out.push(Bytes::copy_from_slice(rest));
+    }
+    out
+}
+
+fn hits(proxy: &Proxy) -> u64 {
+    proxy.state.memo.stats.hits.load(Ordering::Relaxed)
+}
+
+/// How the next body differs from the one before.
+#[derive(Clone, Debug)]
+enum Edit {
+    Same,
+    /// One byte changed (perhaps to itself).
+    Set(usize, u8),
+    Truncate(usize),
+    Extend(Vec<u8>),
+    Fresh(Vec<u8>),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        3 => Just(Edit::Same),
+        3 => (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
+        1 => any::<usize>().prop_map(Edit::Truncate),
+        1 => prop::collection::vec(any::<u8>(), 1..300).prop_map(Edit::Extend),
+        1 => prop::collection::vec(any::<u8>(), 0..3000).prop_map(Edit::Fresh),
+    ]
+}
+
+fn apply(body: &[u8], e: &Edit) -> Vec<u8> {
+    let mut b = body.to_vec();
+    match e {
+        Edit::Same => {}
+        Edit::Set(i, v) if !b.is_empty() => {
+            let at = i % b.len();
+            b[at] = *v;
+        }
+        Edit::Set(..) => b.push(0),
+        Edit::Truncate(n) => b.truncate(n % (b.len() + 1)),
+        Edit::Extend(more) => b.extend_from_slice(more),
+        Edit::Fresh(new) => b = new.clone(),
+    }
+    b
+}
+
+/// Random bodies for one URL, each a small edit of the last, each cut into random chunks:
+/// every response carries the tag of exactly its bytes, and the memo is used exactly when
+/// the body equals the one before (the copy it kept).
+#[test]
+fn every_tag_is_the_tag_of_its_bytes_and_only_an_unchanged_body_skips_the_hash() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let backend = rt.block_on(ChunkedBackend::start());
+    let proxy = rt.block_on(Proxy::start(&route("/", ""), &backend.origin()));
+    let client = Client::new();
+    let config = proptest::test_runner::Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Default::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let case = (
+        prop::collection::vec(any::<u8>(), 0..3000),
+        prop::collection::vec((edit(), prop::collection::vec(1usize..700, 0..6)), 1..8),
+    );
+    let run = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner.run(&case, |(first, steps)| {
+        // A URL of its own for each case: its first body has no copy yet.
+        let n = run.fetch_add(1, Ordering::Relaxed);
+        let url = proxy.url(&format!("/doc-{n}"));
+        let mut body = first;
+        let mut before: Option<Vec<u8>> = None;
+        for (i, (e, cuts)) in steps.iter().enumerate() {
+            body = apply(&body, e);
+            backend.answer(&body, cuts, &[]);
+            let hits_before = hits(&proxy);
+            let r = rt.block_on(client.get(&url, &[]));
+            prop_assert_eq!(r.status, 200);
+            prop_assert_eq!(&r.body[..], &body[..], "step {}", i);
+            prop_assert_eq!(r.etag(), proxy.tag_of(&body), "step {}: {:?}", i, e);
+            let unchanged = before.as_deref() == Some(&body[..]);
+            prop_assert_eq!(
+                hits(&proxy) - hits_before,
+                u64::from(unchanged),
+                "step {}",
+                i
+            );
+            before = Some(body.clone());
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// A representation that differs by user is never kept: how long a comparison takes would
+/// tell one user how much of their body matched another's.
+#[tokio::test]
+async fn bodies_that_differ_by_user_are_never_kept() {
+    let backend = ChunkedBackend::start().await;
+    let routes = format!("{}{}", route("/mine/", "per_user = true"), route("/", ""));
+    let proxy = Proxy::start(&routes, &backend.origin()).await;
+    let c = Client::new();
+    backend.serve(b"the same bytes");
+    for _ in 0..3 {
+        c.get(&proxy.url("/mine/doc"), &[]).await;
+    }
+    backend.answer(b"the same bytes", &[], &[("vary", "Accept, Cookie")]);
+    for _ in 0..3 {
+        c.get(&proxy.url("/shared/by-cookie"), &[]).await;
+    }
+    assert_eq!(hits(&proxy), 0);
+    assert!(proxy.state.memo.is_empty());
+    // The same body on a route shared by all users is kept and used.
+    backend.serve(b"the same bytes");
+    for _ in 0..3 {
+        c.get(&proxy.url("/shared/doc"), &[]).await;
+    }
+    assert_eq!(hits(&proxy), 2);
+}
+
+#[tokio::test]
+async fn the_budget_bounds_the_copies_and_zero_turns_the_memo_off() {
+    let backend = ChunkedBackend::start().await;
+    backend.serve(&[b'x'; 1024]);
+    let c = Client::new();
+
+    // 8 KiB: bodies up to 1 KiB are kept, six of them at a time (each is charged its key
+    // and 256 bytes of overhead besides).
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "tag_memo_bytes = \"8KiB\"",
+    )
+    .await;
+    for i in 0..20 {
+        let r = c.get(&proxy.url(&format!("/{i}")), &[]).await;
+        assert_eq!(r.etag(), proxy.tag_of([b'x'; 1024]));
+        assert!(proxy.state.memo.bytes() <= 8 * 1024);
+    }
+    assert_eq!(proxy.state.memo.len(), 6);
+    c.get(&proxy.url("/19"), &[]).await;
+    assert_eq!(hits(&proxy), 1, "the newest copy is kept");
+    c.get(&proxy.url("/0"), &[]).await;
+    assert_eq!(hits(&proxy), 1, "the oldest went");
+    backend.serve(&[b'y'; 1025]);
+    c.get(&proxy.url("/big"), &[]).await;
+    c.get(&proxy.url("/big"), &[]).await;
+    assert_eq!(hits(&proxy), 1, "over an eighth of the budget: not kept");
+
+    let off = Proxy::start_with(&route("/", ""), &backend.origin(), "tag_memo_bytes = 0").await;
+    backend.serve(b"small");
+    for _ in 0..3 {
+        let r = c.get(&off.url("/a"), &[]).await;
+        assert_eq!(r.etag(), off.tag_of("small"));
+    }
+    assert_eq!(hits(&off), 0);
+    assert_eq!(off.state.memo.bytes(), 0);
+}
+
+/// A copy's tag was made with the key of its day: after a reload with a new key, the same
+/// bytes get the new key's tag.
+#[tokio::test]
+async fn a_new_tag_key_is_never_answered_with_a_copy_made_under_the_old_one() {
+    let backend = ChunkedBackend::start().await;
+    backend.serve(b"document");
+    let keyed = |k: &str| format!("tag_key = \"{k}\"");
+    let old_key = "old-key-0123456789abcdef0123456789abcdef";
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), &keyed(old_key)).await;
+    let c = Client::new();
+    let old = c.get(&proxy.url("/a"), &[]).await.etag();
+    assert_eq!(c.get(&proxy.url("/a"), &[]).await.etag(), old);
+    assert_eq!(hits(&proxy), 1);
+
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}\n{}",
+        keyed("new-key-0123456789abcdef0123456789abcdef"),
+        route("/", "").replace("{upstream}", &backend.origin())
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&toml, "new.toml").unwrap());
+    let new = c.get(&proxy.url("/a"), &[]).await.etag();
+    assert_ne!(new, old);
+    assert_eq!(new, proxy.tag_of("document"));
+    assert_eq!(c.get(&proxy.url("/a"), &[]).await.etag(), new);
+    assert_eq!(hits(&proxy), 2, "kept again under the new key");
+}
