@@ -1,13 +1,16 @@
 //! Memory: the tag cache's bound and the per-request body buffer, on the release binary.
 //!
 //!     cargo build --release && cargo bench --bench memory -- [--urls 1000000] [--big 2000]
+//!         [--memo-bytes N]
 //!
 //! Phase 1 sends one GET to each of `--urls` distinct URLs through a proxy whose
 //! `tag_cache_entries` is 100,000, and every 100,000 requests reads the proxy's RSS and its
-//! `/metrics` (cache entries, evictions). Phase 2 sends `--big` GETs of a 4 MiB body through
+//! `/metrics` (cache entries, evictions, bytes of body copies). `--memo-bytes` sets
+//! `tag_memo_bytes` (unset: the default, 32 MiB; 0: no copies). Phase 2 sends `--big` GETs of a 4 MiB body through
 //! a route with `max_tag_body = "1MiB"` (streamed untagged) and samples RSS meanwhile. The
 //! backend is a small hyper server in this process; everything stays on 127.0.0.1. It fails
-//! (exit 1) if the cache ever holds more entries than its bound or a request fails.
+//! (exit 1) if the cache ever holds more entries than its bound, the copies more bytes than
+//! theirs, or a request fails.
 
 mod support;
 use support::{free_port, rss_kib};
@@ -36,12 +39,16 @@ fn main() {
             .unwrap_or(default)
     };
     let (urls, big) = (arg("--urls", 1_000_000), arg("--big", 2_000));
+    let memo = args
+        .iter()
+        .position(|a| a == "--memo-bytes")
+        .map(|i| args[i + 1].parse::<u64>().expect("a number"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let ok = rt.block_on(run(urls, big));
+    let ok = rt.block_on(run(urls, big, memo));
     std::process::exit(if ok { 0 } else { 1 });
 }
 
@@ -124,7 +131,8 @@ async fn load(
     failed.load(Ordering::Relaxed)
 }
 
-async fn run(urls: u64, big: u64) -> bool {
+async fn run(urls: u64, big: u64, memo: Option<u64>) -> bool {
+    let memo_budget = memo.unwrap_or(ifmatch::config::DEFAULT_TAG_MEMO_BYTES);
     let bin = support::BIN;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend_port = listener.local_addr().unwrap().port();
@@ -137,6 +145,7 @@ async fn run(urls: u64, big: u64) -> bool {
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\ntag_cache_entries = {ENTRIES}\n\
+             tag_memo_bytes = {memo_budget}\n\
              workers = 1\ntag_key = \"{key}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
              [[route]]\nprefix = \"/small/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
              validation = \"cached\"\n\
@@ -166,11 +175,12 @@ async fn run(urls: u64, big: u64) -> bool {
 
     let start_rss = rss_kib(pid);
     println!(
-        "memory: {bin} (pid {pid}), tag_cache_entries = {ENTRIES}, RSS at start {:.1} MiB\n",
+        "memory: {bin} (pid {pid}), tag_cache_entries = {ENTRIES}, tag_memo_bytes = {memo_budget}, \
+         RSS at start {:.1} MiB\n",
         mib(start_rss)
     );
-    println!("| distinct URLs | cache entries | evictions | peak RSS MiB | RSS growth per 100k entries |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| distinct URLs | cache entries | evictions | body copies MiB | peak RSS MiB | RSS growth per 100k entries |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     let started = Instant::now();
     let (mut over_bound, mut failed) = (false, 0);
     let step = 100_000;
@@ -179,16 +189,19 @@ async fn run(urls: u64, big: u64) -> bool {
         failed += load(&client, &base, (from, to), |i| format!("/small/{i}")).await;
         let entries = metric(&client, admin_port, "ifmatch_tag_cache_entries").await;
         let evictions = metric(&client, admin_port, "ifmatch_tag_cache_evictions_total").await;
+        let copies = metric(&client, admin_port, "ifmatch_tag_memo_bytes").await;
+        over_bound |= copies > memo_budget;
         let rss = peak.swap(0, Ordering::Relaxed).max(rss_kib(pid));
         over_bound |= entries > ENTRIES;
         let per_100k = mib(rss.saturating_sub(start_rss)) * 100_000.0 / entries.max(1) as f64;
         println!(
-            "| {to} | {entries} | {evictions} | {:.1} | {per_100k:.1} MiB |",
+            "| {to} | {entries} | {evictions} | {:.1} | {:.1} | {per_100k:.1} MiB |",
+            copies as f64 / (1 << 20) as f64,
             mib(rss)
         );
     }
     println!(
-        "\n{urls} GETs in {:.0} s, {failed} failed; cache over its bound: {over_bound}\n",
+        "\n{urls} GETs in {:.0} s, {failed} failed; cache or copies over their bound: {over_bound}\n",
         started.elapsed().as_secs_f64()
     );
     ok &= failed == 0 && !over_bound;
