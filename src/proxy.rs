@@ -345,13 +345,21 @@ impl Proxy {
         }
         let (mut rparts, rbody) = rsp.into_parts();
         let last_modified = last_modified(&rparts.headers);
+        let shared = cacheable(route, &rparts.headers);
         let (known, body) = self
-            .tag(rt, route, key, &mut rparts, rbody, last_modified)
+            .tag(
+                rt,
+                route,
+                shared.then_some(key),
+                &mut rparts,
+                rbody,
+                last_modified,
+            )
             .await?;
         let current = Resource {
             exists: true,
             last_modified,
-            tag: self.remember(route, key, &rparts.headers, known, ticket),
+            tag: self.remember(key, shared, known, ticket),
         };
         match evaluate(pre, true, &current) {
             Decision::Proceed => {
@@ -529,10 +537,18 @@ impl Proxy {
         }
         let (mut rparts, rbody) = rsp.into_parts();
         let last_modified = last_modified(&rparts.headers);
+        let shared = cacheable(route, &rparts.headers);
         let known = match status {
             StatusCode::OK => {
                 let (known, _) = self
-                    .tag(rt, route, key, &mut rparts, rbody, last_modified)
+                    .tag(
+                        rt,
+                        route,
+                        shared.then_some(key),
+                        &mut rparts,
+                        rbody,
+                        last_modified,
+                    )
                     .await?;
                 known
             }
@@ -540,7 +556,7 @@ impl Proxy {
         };
         Ok(Current::Known(Resource {
             exists: true,
-            tag: self.remember(route, key, &rparts.headers, known, ticket),
+            tag: self.remember(key, shared, known, ticket),
             last_modified,
         }))
     }
@@ -549,15 +565,14 @@ impl Proxy {
     /// be shared (`cacheable`), and returns its tag for evaluating the request.
     fn remember(
         &self,
-        route: &Route,
         key: &ResourceKey,
-        headers: &HeaderMap,
+        shared: bool,
         known: Option<Known>,
         ticket: Ticket,
     ) -> Option<ETag> {
         let known = known?;
         let tag = known.tag.clone();
-        if cacheable(route, headers) {
+        if shared {
             self.tags.record(key, known, ticket);
         }
         Some(tag)
@@ -566,15 +581,15 @@ impl Proxy {
     /// The strong tag of a 200 response, as it is to be remembered: the upstream's own strong
     /// tag if it sent one, else the hash of the body if it fits the route's limit. Sets the
     /// `ETag` header to it (or removes a weak upstream tag that cannot stand for the proxy's
-    /// validator). A body that may be shared is compared with the memo's copy, not hashed,
-    /// when there is one; a body that may not never is: how long the comparison takes would
+    /// validator). `memo_key` is the resource's key when its response may be shared
+    /// (`cacheable`): the body is then compared with the memo's copy, not hashed, when there
+    /// is one. A body that may not be shared never is: how long the comparison takes would
     /// tell how much of it matched another user's body.
-    #[allow(clippy::too_many_arguments)]
     async fn tag(
         &self,
         rt: &Routing,
         route: &Route,
-        key: &ResourceKey,
+        memo_key: Option<&ResourceKey>,
         rparts: &mut response::Parts,
         body: Incoming,
         last_modified: Option<SystemTime>,
@@ -603,8 +618,7 @@ impl Proxy {
         }
         let upstream = || route.upstream.origin.clone();
         let hasher = rt.tag_key.hasher();
-        let shared = cacheable(route, &rparts.headers);
-        let memo = shared.then(|| self.memo.get(key, &rt.tag_key)).flatten();
+        let memo = memo_key.and_then(|k| self.memo.get(k, &rt.tag_key));
         let read = read_tagged(
             body,
             hasher,
@@ -620,7 +634,7 @@ impl Proxy {
             }) => {
                 if remembered {
                     self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
-                } else if shared {
+                } else if let Some(key) = memo_key {
                     self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
                     self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
                 }
