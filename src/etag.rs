@@ -8,6 +8,7 @@
 //! as they arrive; nothing is concatenated for it.
 
 use std::fmt;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -19,8 +20,9 @@ use sha2::{Digest, Sha256};
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ETag {
     weak: bool,
-    /// The characters between the quotes (`etagc`: `!`, `#`..`~` and obs-text).
-    opaque: Box<[u8]>,
+    /// The characters between the quotes (`etagc`: `!`, `#`..`~` and obs-text). Shared: a
+    /// body's tag is cloned into the tag cache, the memo and the evaluation of the request.
+    opaque: Arc<[u8]>,
 }
 
 /// Why an entity tag could not be parsed.
