@@ -222,12 +222,12 @@ where
 /// The outcome of reading a body for tagging.
 #[derive(Debug)]
 pub enum Collected {
-    /// The whole body fit within the limit. `remembered`: it equalled the memo's copy, whose
+    /// The whole body fit within the limit. `remembered`: the memo's copy it equalled, whose
     /// tag it has, so it was not hashed.
     Whole {
         chunks: VecDeque<Bytes>,
         tag: ETag,
-        remembered: bool,
+        remembered: Option<Arc<Memo>>,
     },
     /// The body passed the limit: the chunks read so far and the rest, still streaming.
     TooLarge {
@@ -267,12 +267,12 @@ pub async fn read_tagged(
             .map_err(|_| ReadError::Stalled(idle))?;
         let Some(frame) = frame.transpose().map_err(ReadError::Failed)? else {
             let (tag, remembered) = match same {
-                Some(m) if m.body.len() == len => (m.tag.clone(), true),
+                Some(m) if m.body.len() == len => (m.tag.clone(), Some(m)),
                 Some(m) => {
                     hasher.update(&m.body[..len]);
-                    (hasher.finish(), false)
+                    (hasher.finish(), None)
                 }
-                None => (hasher.finish(), false),
+                None => (hasher.finish(), None),
             };
             return Ok(Collected::Whole {
                 chunks,

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
+use http::HeaderValue;
 
 use crate::etag::{ETag, TagKey};
 use crate::key::ResourceKey;
@@ -31,6 +32,8 @@ pub struct Memo {
     key_id: u64,
     pub body: Bytes,
     pub tag: ETag,
+    /// The tag as an `ETag` value, made once: a hit clones it instead.
+    pub header: HeaderValue,
 }
 
 /// Counters the metrics endpoint reads.
@@ -133,6 +136,7 @@ impl BodyMemo {
             id,
             key_id: tag_key.id(),
             body: body.freeze(),
+            header: tag.to_header(),
             tag,
         });
         self.map.insert(key.clone(), memo);
@@ -209,6 +213,7 @@ mod tests {
         let memo = m.get(&key("/a"), &tag_key()).unwrap();
         assert_eq!(&memo.body[..], &[b'x'; 100][..]);
         assert_eq!(memo.tag, tag_key().tag_of(&[b'x'; 100]));
+        assert_eq!(memo.header, memo.tag.to_header());
         assert!(m.get(&key("/b"), &tag_key()).is_none());
         assert_eq!(m.bytes(), 100 + "http://a:1/a".len() + ENTRY_OVERHEAD);
     }

@@ -632,13 +632,17 @@ impl Proxy {
                 tag,
                 remembered,
             }) => {
-                if remembered {
+                let header = if let Some(memo) = remembered {
                     self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(key) = memo_key {
-                    self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
-                }
-                rparts.headers.insert(ETAG, tag.to_header());
+                    memo.header.clone()
+                } else {
+                    if let Some(key) = memo_key {
+                        self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
+                        self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
+                    }
+                    tag.to_header()
+                };
+                rparts.headers.insert(ETAG, header);
                 Ok((
                     known(tag, false),
                     ProxyBody::chunks(chunks, None, route.upstream_timeout),
