@@ -143,6 +143,16 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// The key of `path` at `http://a:1`, for unit tests of the maps keyed by resource.
+#[cfg(test)]
+pub(crate) fn test_key(path: &str) -> ResourceKey {
+    let up = Upstream::new(
+        http::uri::Scheme::HTTP,
+        "a:1".parse().expect("an authority"),
+    );
+    ResourceKey::new(&up, path, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,12 +86,7 @@ impl WriteLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Upstream;
-
-    fn key(path: &str) -> ResourceKey {
-        let up = Upstream::new(http::uri::Scheme::HTTP, "a:1".parse().unwrap());
-        ResourceKey::new(&up, path, None)
-    }
+    use crate::key::test_key as key;
 
     const WAIT: Duration = Duration::from_secs(5);
 

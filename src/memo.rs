@@ -182,12 +182,7 @@ impl BodyMemo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Upstream;
-
-    fn key(path: &str) -> ResourceKey {
-        let up = Upstream::new(http::uri::Scheme::HTTP, "a:1".parse().unwrap());
-        ResourceKey::new(&up, path, None)
-    }
+    use crate::key::test_key as key;
 
     fn tag_key() -> TagKey {
         TagKey::new(b"memo-tests-key-0123456789abcdef0")

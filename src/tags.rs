@@ -213,12 +213,7 @@ impl TagStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Upstream;
-
-    fn key(path: &str) -> ResourceKey {
-        let up = Upstream::new(http::uri::Scheme::HTTP, "a:1".parse().unwrap());
-        ResourceKey::new(&up, path, None)
-    }
+    use crate::key::test_key as key;
 
     fn known(t: &str) -> Known {
         Known {
