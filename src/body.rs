@@ -3,8 +3,9 @@
 //! upstream (routes with `tag_puts`).
 //!
 //! A tagged body is kept as the chunks the upstream sent; they are hashed (or compared with
-//! the memo's copy, `memo.rs`) as they arrive and sent on as they are, never concatenated. A body longer than the route's limit stops being
-//! buffered at the limit and streams on untagged, so memory per request is bounded by it.
+//! the memo's copy, `memo.rs`) as they arrive and sent on as they are, never concatenated. A
+//! body longer than the route's limit stops being buffered at the limit and streams on
+//! untagged, so memory per request is bounded by it.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -281,7 +281,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP ifmatch_tag_memo_bytes Bytes of body copies held now.\n# TYPE ifmatch_tag_memo_bytes gauge\nifmatch_tag_memo_bytes {}",
+            "# HELP ifmatch_tag_memo_bytes Bytes charged for the body copies held now (bodies, keys and a fixed overhead each), within tag_memo_bytes.\n# TYPE ifmatch_tag_memo_bytes gauge\nifmatch_tag_memo_bytes {}",
             memo.bytes()
         );
         let _ = writeln!(
