@@ -235,6 +235,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers
             .get_all(header::CONNECTION)
             .iter()
+            .filter(|v| !names_nothing(v))
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
@@ -257,6 +258,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &named {
         headers.remove(name);
     }
+}
+
+/// Whether a `Connection` value is one of the two almost every head carries, which name no
+/// header to remove: `keep-alive` (itself hop-by-hop) and `close`. Checked whole, they skip
+/// the token scan (~200 instructions a head, callgrind).
+fn names_nothing(v: &HeaderValue) -> bool {
+    let v = v.as_bytes();
+    v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
 }
 
 /// Rewrites a client's request head into the upstream's, in place.
@@ -388,5 +397,23 @@ mod tests {
         let before = plain.clone();
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn only_a_whole_keep_alive_or_close_skips_the_token_scan() {
+        for v in ["keep-alive", "Keep-Alive", "close", "CLOSE"] {
+            assert!(names_nothing(&HeaderValue::from_static(v)), "{v}");
+        }
+        for v in ["keep-alive, x-a", "close,x-a", "x-a", "keep-alive "] {
+            assert!(!names_nothing(&HeaderValue::from_static(v)), "{v}");
+        }
+        // Along with the common value, the headers of another field line still go.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "Keep-Alive".parse().unwrap());
+        h.append(header::CONNECTION, "x-two".parse().unwrap());
+        h.insert("x-two", "2".parse().unwrap());
+        h.insert(header::ETAG, "\"a\"".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::ETAG], "{h:?}");
     }
 }
