@@ -344,23 +344,7 @@ impl Proxy {
             return Ok(pass(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let last_modified = last_modified(&rparts.headers);
-        let shared = cacheable(route, &rparts.headers);
-        let (known, body) = self
-            .tag(
-                rt,
-                route,
-                shared.then_some(key),
-                &mut rparts,
-                rbody,
-                last_modified,
-            )
-            .await?;
-        let current = Resource {
-            exists: true,
-            last_modified,
-            tag: self.remember(key, shared, known, ticket),
-        };
+        let (current, body) = self.tag(rt, route, key, ticket, &mut rparts, rbody).await?;
         match evaluate(pre, true, &current) {
             Decision::Proceed => {
                 ex.outcome = if current.tag.is_some() {
@@ -535,30 +519,17 @@ impl Proxy {
         if !status.is_success() {
             return Ok(Current::Answer(rsp));
         }
+        if status != StatusCode::OK {
+            // Another 2xx: the resource exists, and its body is no representation to tag.
+            return Ok(Current::Known(Resource {
+                exists: true,
+                tag: None,
+                last_modified: last_modified(rsp.headers()),
+            }));
+        }
         let (mut rparts, rbody) = rsp.into_parts();
-        let last_modified = last_modified(&rparts.headers);
-        let shared = cacheable(route, &rparts.headers);
-        let known = match status {
-            StatusCode::OK => {
-                let (known, _) = self
-                    .tag(
-                        rt,
-                        route,
-                        shared.then_some(key),
-                        &mut rparts,
-                        rbody,
-                        last_modified,
-                    )
-                    .await?;
-                known
-            }
-            _ => None,
-        };
-        Ok(Current::Known(Resource {
-            exists: true,
-            tag: self.remember(key, shared, known, ticket),
-            last_modified,
-        }))
+        let (current, _) = self.tag(rt, route, key, ticket, &mut rparts, rbody).await?;
+        Ok(Current::Known(current))
     }
 
     /// Records what a GET (read or revalidation) learnt of a resource, if its response may
@@ -578,89 +549,91 @@ impl Proxy {
         Some(tag)
     }
 
-    /// The strong tag of a 200 response, as it is to be remembered: the upstream's own strong
-    /// tag if it sent one, else the hash of the body if it fits the route's limit. Sets the
-    /// `ETag` header to it (or removes a weak upstream tag that cannot stand for the proxy's
-    /// validator). `memo_key` is the resource's key when its response may be shared
-    /// (`cacheable`): the body is then compared with the memo's copy, not hashed, when there
-    /// is one. A body that may not be shared never is: how long the comparison takes would
-    /// tell how much of it matched another user's body.
+    /// Tags a 200 read from the upstream (a GET, or a revalidation) and records what it
+    /// learnt (`remember`). The tag is the upstream's own strong tag if it sent one, else the
+    /// hash of the body if it fits the route's limit; the `ETag` header is set to it (a weak
+    /// upstream tag, which cannot stand for the proxy's validator, is removed). A response
+    /// that may be shared (`cacheable`) is compared with the memo's copy, not hashed, when
+    /// there is one; one that may not never is: how long the comparison takes would tell how
+    /// much of it matched another user's body. Returns the resource as the response shows it,
+    /// and the body to send on.
     async fn tag(
         &self,
         rt: &Routing,
         route: &Route,
-        memo_key: Option<&ResourceKey>,
+        key: &ResourceKey,
+        ticket: Ticket,
         rparts: &mut response::Parts,
         body: Incoming,
-        last_modified: Option<SystemTime>,
-    ) -> Result<(Option<Known>, ProxyBody), Error> {
-        let known = |tag, from_upstream| {
-            Some(Known {
-                tag,
-                last_modified,
-                from_upstream,
-            })
-        };
-        if let Some(tag) = upstream_strong_tag(&rparts.headers) {
-            let body = ProxyBody::stream(body, route.upstream_timeout);
-            return Ok((known(tag, true), body));
-        }
-        rparts.headers.remove(ETAG);
-        // The declared length, as hyper read it from `Content-Length` (parsing it again was
-        // 230 instructions a GET).
-        if body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n > route.max_tag_body)
-        {
-            self.metrics.untagged_large_body(&route.prefix);
-            return Ok((None, ProxyBody::stream(body, route.upstream_timeout)));
-        }
-        let upstream = || route.upstream.origin.clone();
-        let hasher = rt.tag_key.hasher();
-        let memo = memo_key.and_then(|k| self.memo.get(k, &rt.tag_key));
-        let read = read_tagged(
-            body,
-            hasher,
-            memo,
-            route.max_tag_body,
-            route.upstream_timeout,
-        );
-        match read.await {
-            Ok(Collected::Whole {
-                chunks,
-                tag,
-                remembered,
-            }) => {
-                let header = if let Some(memo) = remembered {
-                    self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    memo.header.clone()
-                } else {
-                    if let Some(key) = memo_key {
-                        self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
-                    }
-                    tag.to_header()
-                };
-                rparts.headers.insert(ETAG, header);
-                Ok((
-                    known(tag, false),
-                    ProxyBody::chunks(chunks, None, route.upstream_timeout),
-                ))
+    ) -> Result<(Resource, ProxyBody), Error> {
+        let last_modified = last_modified(&rparts.headers);
+        let shared = cacheable(route, &rparts.headers);
+        let idle = route.upstream_timeout;
+        let (tag, from_upstream, body) = 'read: {
+            if let Some(tag) = upstream_strong_tag(&rparts.headers) {
+                break 'read (Some(tag), true, ProxyBody::stream(body, idle));
             }
-            Ok(Collected::TooLarge { chunks, rest }) => Ok((
-                None,
-                ProxyBody::chunks(chunks, Some(rest), route.upstream_timeout),
-            )),
-            Err(ReadError::Stalled(after)) => Err(Error::UpstreamTimeout {
-                upstream: upstream(),
-                after,
-            }),
-            Err(ReadError::Failed(e)) => Err(Error::Upstream {
-                upstream: upstream(),
-                reason: format!("the response body was cut short: {e}"),
-            }),
-        }
+            rparts.headers.remove(ETAG);
+            // The declared length, as hyper read it from `Content-Length` (parsing it again
+            // was 230 instructions a GET).
+            if body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n > route.max_tag_body)
+            {
+                self.metrics.untagged_large_body(&route.prefix);
+                break 'read (None, false, ProxyBody::stream(body, idle));
+            }
+            let upstream = || route.upstream.origin.clone();
+            let hasher = rt.tag_key.hasher();
+            let memo = shared.then(|| self.memo.get(key, &rt.tag_key)).flatten();
+            match read_tagged(body, hasher, memo, route.max_tag_body, idle).await {
+                Ok(Collected::Whole {
+                    chunks,
+                    tag,
+                    remembered,
+                }) => {
+                    let header = if let Some(memo) = remembered {
+                        self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        memo.header.clone()
+                    } else {
+                        if shared {
+                            self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
+                            self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
+                        }
+                        tag.to_header()
+                    };
+                    rparts.headers.insert(ETAG, header);
+                    (Some(tag), false, ProxyBody::chunks(chunks, None, idle))
+                }
+                Ok(Collected::TooLarge { chunks, rest }) => {
+                    (None, false, ProxyBody::chunks(chunks, Some(rest), idle))
+                }
+                Err(ReadError::Stalled(after)) => {
+                    return Err(Error::UpstreamTimeout {
+                        upstream: upstream(),
+                        after,
+                    })
+                }
+                Err(ReadError::Failed(e)) => {
+                    return Err(Error::Upstream {
+                        upstream: upstream(),
+                        reason: format!("the response body was cut short: {e}"),
+                    })
+                }
+            }
+        };
+        let known = tag.map(|tag| Known {
+            tag,
+            last_modified,
+            from_upstream,
+        });
+        let resource = Resource {
+            exists: true,
+            last_modified,
+            tag: self.remember(key, shared, known, ticket),
+        };
+        Ok((resource, body))
     }
 }
 
