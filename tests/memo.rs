@@ -39,10 +39,10 @@ impl Body for Frames {
     }
 }
 
-/// What the backend answers every GET with: chunks and extra headers.
+/// What the backend answers GETs with: bodies as chunks, taken in turn, and extra headers.
 #[derive(Clone, Default)]
 struct Answer {
-    chunks: Vec<Bytes>,
+    bodies: Vec<Vec<Bytes>>,
     headers: Vec<(&'static str, &'static str)>,
 }
 
@@ -58,16 +58,19 @@ impl ChunkedBackend {
         let addr = listener.local_addr().unwrap();
         let answer = Arc::new(Mutex::new(Answer::default()));
         let shared = answer.clone();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let shared = shared.clone();
+                let (shared, served) = (shared.clone(), served.clone());
                 let service = service_fn(move |_: Request<Incoming>| {
                     let a = shared.lock().unwrap().clone();
+                    let n = served.fetch_add(1, Ordering::Relaxed);
                     async move {
-                        let mut rsp = Response::new(Frames(a.chunks.into()));
+                        let chunks = a.bodies[n % a.bodies.len()].clone();
+                        let mut rsp = Response::new(Frames(chunks.into()));
                         for (k, v) in a.headers {
                             rsp.headers_mut().insert(k, v.parse().unwrap());
                         }
@@ -89,8 +92,16 @@ impl ChunkedBackend {
 
     fn answer(&self, body: &[u8], cuts: &[usize], headers: &[(&'static str, &'static str)]) {
         *self.answer.lock().unwrap() = Answer {
-            chunks: chunked(body, cuts),
+            bodies: vec![chunked(body, cuts)],
             headers: headers.to_vec(),
+        };
+    }
+
+    /// Answers each request with the next of `bodies`, round and round.
+    fn take_turns(&self, bodies: &[&[u8]], cuts: &[usize]) {
+        *self.answer.lock().unwrap() = Answer {
+            bodies: bodies.iter().map(|b| chunked(b, cuts)).collect(),
+            headers: Vec::new(),
         };
     }
 
@@ -308,4 +319,42 @@ async fn a_new_tag_key_is_never_answered_with_a_copy_made_under_the_old_one() {
     assert_eq!(new, proxy.tag_of("document"));
     assert_eq!(c.get(&proxy.url("/a"), &[]).await.etag(), new);
     assert_eq!(hits(&proxy), 2, "kept again under the new key");
+}
+
+/// Eight clients read one URL at once while its body changes under them (three bodies in
+/// turn, the first most often; one differs from it in its last byte only, one is a prefix
+/// of it). Copies are compared and replaced concurrently, and every response must still
+/// carry the tag of exactly the bytes it came with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_a_changing_body_each_get_the_tag_of_their_bytes() {
+    let backend = ChunkedBackend::start().await;
+    let a = vec![b'a'; 5000];
+    let mut b = a.clone();
+    b[4999] = b'b';
+    let c = a[..4000].to_vec();
+    backend.take_turns(&[&a, &a, &a, &b, &a, &c], &[1000, 700]);
+    let proxy = Arc::new(Proxy::start(&route("/", ""), &backend.origin()).await);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let c = Client::new();
+                for _ in 0..40 {
+                    let r = c.get(&proxy.url("/shared"), &[]).await;
+                    assert_eq!(r.status, 200);
+                    assert_eq!(r.etag(), proxy.tag_of(&r.body), "{} bytes", r.body.len());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let m = &proxy.state.memo.stats;
+    let (hit, missed) = (
+        m.hits.load(Ordering::Relaxed),
+        m.misses.load(Ordering::Relaxed),
+    );
+    assert_eq!(hit + missed, 320);
+    assert!(hit > 0 && missed > 0, "{hit} hits, {missed} misses");
 }
