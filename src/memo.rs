@@ -104,9 +104,17 @@ impl BodyMemo {
         (memo.key_id == tag_key.id()).then(|| memo.clone())
     }
 
-    /// Keeps a copy of `chunks`, whose tag under `tag_key` is `tag`, for `key`; replaces the
-    /// copy kept before. Does nothing for a body over [`max_body`](Self::max_body).
-    pub fn put(&self, key: &ResourceKey, chunks: &VecDeque<Bytes>, tag: ETag, tag_key: &TagKey) {
+    /// Keeps a copy of `chunks`, whose tag under `tag_key` is `tag` (`header` as a header
+    /// value), for `key`; replaces the copy kept before. Does nothing for a body over
+    /// [`max_body`](Self::max_body).
+    pub fn put(
+        &self,
+        key: &ResourceKey,
+        chunks: &VecDeque<Bytes>,
+        tag: ETag,
+        header: HeaderValue,
+        tag_key: &TagKey,
+    ) {
         let len: usize = chunks.iter().map(Bytes::len).sum();
         let cost = Self::cost(key, len);
         if self.budget == 0 || len > self.max_body() || cost > self.budget {
@@ -118,7 +126,6 @@ impl BodyMemo {
         for c in chunks {
             body.extend_from_slice(c);
         }
-        let header = tag.to_header();
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         // The copy this one replaces goes first, then the oldest others while room is short.
         if let Some((old_key, old)) = self.map.remove(key) {
@@ -201,7 +208,8 @@ mod tests {
         let k = tag_key();
         let chunks = body(n, byte);
         let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        m.put(&key(path), &chunks, k.tag_of(&joined), &k);
+        let tag = k.tag_of(&joined);
+        m.put(&key(path), &chunks, tag.clone(), tag.to_header(), &k);
     }
 
     #[test]

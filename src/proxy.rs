@@ -597,11 +597,13 @@ impl Proxy {
                         self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
                         memo.header.clone()
                     } else {
+                        let header = tag.to_header();
                         if shared {
                             self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
-                            self.memo.put(key, &chunks, tag.clone(), &rt.tag_key);
+                            let (t, h) = (tag.clone(), header.clone());
+                            self.memo.put(key, &chunks, t, h, &rt.tag_key);
                         }
-                        tag.to_header()
+                        header
                     };
                     rparts.headers.insert(ETAG, header);
                     (Some(tag), false, ProxyBody::chunks(chunks, None, idle))
