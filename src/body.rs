@@ -1,6 +1,6 @@
 //! Response bodies: one type for everything the proxy sends, and the bounded read that hashes
 //! a GET body while it arrives. Request bodies: the wrapper that hashes a PUT body on its way
-//! upstream (routes with `tag_puts`).
+//! upstream (routes with `tag_puts`), and the read of a small one whole before its write.
 //!
 //! A tagged body is kept as the chunks the upstream sent; they are hashed (or compared with
 //! the memo's copy, `memo.rs`) as they arrive and sent on as they are, never concatenated. A
@@ -19,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::memo::Memo;
 
@@ -300,6 +301,20 @@ pub async fn read_tagged(
         if len as u64 > limit {
             return Ok(Collected::TooLarge { chunks, rest: body });
         }
+    }
+}
+
+/// A client's request body, read whole before the write it belongs to takes its lock (a
+/// `tag_puts` PUT of known size within the tagging limit, `proxy.rs`): a client slow to send
+/// it then holds up nobody else's write. It must arrive within `deadline`, the time the
+/// upload had when it was part of the upstream exchange.
+pub async fn read_request(body: Incoming, deadline: Duration) -> Result<Bytes, Error> {
+    use http_body_util::BodyExt;
+
+    match within(deadline, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) => Err(Error::BodyRead(e.to_string())),
+        Err(_) => Err(Error::BodyTimeout(deadline)),
     }
 }
 

@@ -29,6 +29,12 @@ pub enum Error {
     #[error("the request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
 
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
+
+    #[error("the request body could not be read: {0}")]
+    BodyRead(String),
+
     #[error("{method} on this route requires If-Match, If-None-Match or If-Unmodified-Since; fetch the resource, then send its ETag in If-Match")]
     PreconditionRequired { method: Method },
 
@@ -70,6 +76,8 @@ impl Error {
             Self::BadFraming(_) => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::PreconditionRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::LockTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -89,6 +97,8 @@ impl Error {
             | Self::BadFraming(_)
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
+            | Self::BodyTimeout(_)
+            | Self::BodyRead(_)
             | Self::PreconditionRequired { .. }
             | Self::PreconditionFailed { .. } => Blame::Client,
             Self::UpstreamConnect { .. }
@@ -107,6 +117,8 @@ impl Error {
             Self::BadFraming(_) => "bad_framing",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::BodyRead(_) => "body_error",
             Self::PreconditionRequired { .. } => "precondition_required",
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::LockTimeout(_) => "lock_timeout",
@@ -115,6 +127,12 @@ impl Error {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Upstream { .. } => "upstream_error",
         }
+    }
+
+    /// The request's body was left part-read, so an HTTP/1.1 connection cannot take another
+    /// request after this answer (RFC 9110 §15.5.9).
+    pub fn ends_connection(&self) -> bool {
+        matches!(self, Self::BodyTimeout(_) | Self::BodyRead(_))
     }
 
     /// The problem+json response for this error.
@@ -189,6 +207,8 @@ mod tests {
                 428,
             ),
             (Error::LockTimeout(Duration::from_secs(1)), 503),
+            (Error::BodyTimeout(Duration::from_secs(1)), 408),
+            (Error::BodyRead("reset".into()), 400),
             (
                 Error::UpstreamConnect {
                     upstream: up(),

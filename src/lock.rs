@@ -2,6 +2,11 @@
 //! has answered, so two writers holding the same tag cannot both pass: the second one checks
 //! only after the first one's write is done, and sees the new state.
 //!
+//! A write that cannot change the state (a `tag_puts` PUT of the very bytes whose tag it
+//! holds, `proxy.rs`) may share the lock with others of its kind: in any order they leave the
+//! same state, so none can undo another. A write that may change the state holds it alone.
+//! The lock is fair: once a sole writer waits, later sharers queue behind it.
+//!
 //! Locks live in a map only while someone holds or waits for them, so idle URLs cost nothing.
 //! Dropping a guard (or a waiter cancelled because its client went away) releases the lock and
 //! removes the map entry when nobody else uses it; no path leaves a lock held.
@@ -10,31 +15,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::error::Error;
 use crate::key::ResourceKey;
 
-type LockMap = DashMap<ResourceKey, Arc<Mutex<()>>>;
+type LockMap = DashMap<ResourceKey, Arc<RwLock<()>>>;
 
 #[derive(Debug, Default)]
 pub struct WriteLocks {
     map: Arc<LockMap>,
 }
 
-/// Proof that this request alone may write to its URL. Released on drop.
+/// Proof that this request may write to its URL: alone, or beside other writes that leave
+/// the state as it is. Released on drop.
 #[derive(Debug)]
 pub struct WriteGuard {
-    // Field order matters: the mutex is released before the slot cleans up the map.
-    _held: OwnedMutexGuard<()>,
+    // Field order matters: the lock is released before the slot cleans up the map.
+    _held: Held,
     _slot: Slot,
+}
+
+#[derive(Debug)]
+enum Held {
+    Alone(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
 }
 
 /// One user of a map entry; the last one to leave removes the entry.
 #[derive(Debug)]
 struct Slot {
     key: ResourceKey,
-    lock: Option<Arc<Mutex<()>>>,
+    lock: Option<Arc<RwLock<()>>>,
     map: Arc<LockMap>,
 }
 
@@ -55,8 +67,27 @@ impl WriteLocks {
         Self::default()
     }
 
-    /// Waits up to `wait` for the lock of `key`.
+    /// Waits up to `wait` for the lock of `key`, to hold it alone.
     pub async fn acquire(&self, key: &ResourceKey, wait: Duration) -> Result<WriteGuard, Error> {
+        self.acquire_as(key, wait, false).await
+    }
+
+    /// Waits up to `wait` for the lock of `key`, to share it with other writes that leave
+    /// the state as it is.
+    pub async fn acquire_shared(
+        &self,
+        key: &ResourceKey,
+        wait: Duration,
+    ) -> Result<WriteGuard, Error> {
+        self.acquire_as(key, wait, true).await
+    }
+
+    async fn acquire_as(
+        &self,
+        key: &ResourceKey,
+        wait: Duration,
+        shared: bool,
+    ) -> Result<WriteGuard, Error> {
         let lock = self.map.entry(key.clone()).or_default().value().clone();
         let slot = Slot {
             key: key.clone(),
@@ -64,7 +95,13 @@ impl WriteLocks {
             map: self.map.clone(),
         };
         // If this future is dropped (client gone) or times out, `slot` is dropped and cleans up.
-        match tokio::time::timeout(wait, lock.lock_owned()).await {
+        let held = async {
+            match shared {
+                true => Held::Shared(lock.read_owned().await),
+                false => Held::Alone(lock.write_owned().await),
+            }
+        };
+        match tokio::time::timeout(wait, held).await {
             Ok(held) => Ok(WriteGuard {
                 _held: held,
                 _slot: slot,
@@ -131,5 +168,48 @@ mod tests {
             .acquire(&key("/a"), Duration::from_millis(1))
             .await
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sharers_run_together_and_a_sole_writer_waits_for_them_all() {
+        let locks = Arc::new(WriteLocks::new());
+        let s1 = locks.acquire_shared(&key("/a"), WAIT).await.unwrap();
+        let s2 = locks.acquire_shared(&key("/a"), WAIT).await.unwrap();
+        let l2 = locks.clone();
+        let sole = tokio::spawn(async move { l2.acquire(&key("/a"), WAIT).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        assert!(!sole.is_finished());
+        drop(s1);
+        tokio::task::yield_now().await;
+        assert!(!sole.is_finished(), "one sharer is still in");
+        drop(s2);
+        sole.await.unwrap().unwrap();
+        assert!(locks.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sharer_waits_for_a_sole_writer_and_queues_behind_one_that_waits() {
+        let locks = Arc::new(WriteLocks::new());
+        let sole = locks.acquire(&key("/a"), WAIT).await.unwrap();
+        let err = locks
+            .acquire_shared(&key("/a"), Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LockTimeout(_)));
+        drop(sole);
+
+        // Sharers in, a sole writer waiting: a new sharer must not overtake it, or a steady
+        // stream of unchanged writes would starve every change.
+        let s1 = locks.acquire_shared(&key("/a"), WAIT).await.unwrap();
+        let l2 = locks.clone();
+        let sole = tokio::spawn(async move { l2.acquire(&key("/a"), WAIT).await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        let late = locks
+            .acquire_shared(&key("/a"), Duration::from_millis(10))
+            .await;
+        assert!(late.is_err(), "a sharer overtook a waiting sole writer");
+        drop(s1);
+        sole.await.unwrap().unwrap();
+        assert!(locks.is_empty());
     }
 }

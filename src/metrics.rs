@@ -39,6 +39,7 @@ struct RouteMetrics {
     requests: Counters<(&'static str, u16)>,
     proxy_responses: Counters<u16>,
     revalidations: AtomicU64,
+    unchanged_writes: AtomicU64,
     untagged_large: AtomicU64,
     upstream_latency: Histogram,
 }
@@ -144,6 +145,12 @@ impl Metrics {
         self.route(route, |m| m.revalidations.fetch_add(1, Ordering::Relaxed));
     }
 
+    pub fn unchanged_write(&self, route: &str) {
+        self.route(route, |m| {
+            m.unchanged_writes.fetch_add(1, Ordering::Relaxed)
+        });
+    }
+
     pub fn untagged_large_body(&self, route: &str) {
         self.route(route, |m| m.untagged_large.fetch_add(1, Ordering::Relaxed));
     }
@@ -222,6 +229,11 @@ impl Metrics {
             "ifmatch_revalidations_total",
             "GETs sent upstream to learn a resource's current tag before a write, by route.",
             rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.revalidations))]),
+        );
+        counter(
+            "ifmatch_unchanged_writes_total",
+            "tag_puts PUTs that sent a resource's current bytes again and ran beside one another, the URL's lock shared, by route.",
+            rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.unchanged_writes))]),
         );
         counter(
             "ifmatch_untagged_large_bodies_total",

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Method, Request, Response, Uri};
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
@@ -205,7 +205,7 @@ fn replayable(req: &Request<UpstreamBody>) -> bool {
 
 /// A copy of a body-less request, to send again.
 fn head_only(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
-    let mut copy = Request::new(Either::Right(Empty::new()));
+    let mut copy = Request::new(Either::Right(Full::default()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();

@@ -103,6 +103,13 @@ impl Preconditions {
         self.if_match.is_none() && self.if_unmodified_since.is_some()
     }
 
+    /// The write's one condition is an `If-Match` that lists `tag` (a date condition aside,
+    /// which `If-Match` overrides, §13.2.2).
+    pub fn only_matches(&self, tag: &ETag) -> bool {
+        self.if_none_match.is_none()
+            && matches!(&self.if_match, Some(Condition::Tags(tags)) if tags.iter().any(|t| t.strong_eq(tag)))
+    }
+
     /// Evaluating these preconditions needs the resource's current state.
     pub fn needs_current(&self) -> bool {
         self.guards_write() || self.if_modified_since.is_some()

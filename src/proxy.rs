@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderValue, ETAG};
@@ -22,7 +23,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{field, info_span, Instrument, Span};
 
-use crate::body::{read_tagged, Collected, ProxyBody, ReadError};
+use crate::body::{read_request, read_tagged, Collected, ProxyBody, ReadError};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
 use crate::etag::{ETag, TagKey};
@@ -114,6 +115,21 @@ enum Current {
     Answer(Response<Incoming>),
 }
 
+/// A write's preconditions, evaluated: they hold (with the state they held against), or the
+/// revalidation got an answer that goes to the writer as it is.
+enum Checked {
+    Holds(Resource),
+    Answer(Response<ProxyBody>),
+}
+
+/// A write's body on its way upstream.
+enum Outgoing {
+    /// Streamed through as it arrives; `hashed` for `tag_puts`.
+    Stream { hashed: bool },
+    /// Read whole before the lock, with its tag.
+    Whole(Bytes, ETag),
+}
+
 /// What the access log and span report about one request, and its body until forwarded.
 #[derive(Default)]
 struct Exchange {
@@ -124,6 +140,8 @@ struct Exchange {
     by_proxy: bool,
     /// The client's body, until a path forwards it.
     body: Option<Incoming>,
+    /// The client sent `Expect: 100-continue` (a header not passed on).
+    expects_continue: bool,
 }
 
 impl Exchange {
@@ -245,7 +263,10 @@ impl Proxy {
         );
         let version = req.version();
         let expects_continue = req.headers().contains_key(header::EXPECT);
-        let mut ex = Exchange::default();
+        let mut ex = Exchange {
+            expects_continue,
+            ..Exchange::default()
+        };
         // A disabled span (logs at `warn`) records nothing; its wrapper would still cost a
         // move of the whole request future. The future is made inside each branch: bound
         // to a name first, it would be kept twice in this one (rustc keeps a moved-from
@@ -260,9 +281,11 @@ impl Proxy {
                 .instrument(span.clone())
                 .await
         };
+        let mut ends = misframed;
         let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
+                ends |= e.ends_connection() && version < Version::HTTP_2;
                 ex.outcome = e.outcome();
                 ex.by_proxy = true;
                 match e.blame() {
@@ -272,7 +295,7 @@ impl Proxy {
                 e.into_response()
             }
         };
-        if misframed {
+        if ends {
             rsp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
@@ -374,7 +397,7 @@ impl Proxy {
         route: &Route,
         key: &ResourceKey,
         pre: &Preconditions,
-        mut parts: Parts,
+        parts: Parts,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         if route.require_precondition && requires_precondition(&parts.method) && !pre.guards_write()
@@ -383,46 +406,132 @@ impl Proxy {
                 method: parts.method.clone(),
             });
         }
-        let changes = changes_state(&parts.method);
-        // From here until the backend has answered, no other write to this URL runs.
+        // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
+        let tag_put = route.tag_puts && stores_verbatim(&parts) && !self.tags.upstream_tags(key);
+        // Such a PUT, if small enough to tag, is read whole before any lock: a client slow to
+        // send it then holds up no other writer, and its tag is known before the lock is
+        // taken. Not one that waits for `100 Continue`: it sends its body only once its
+        // preconditions have passed, and a 412 spares it the upload.
+        let whole = tag_put
+            && !ex.expects_continue
+            && declared_length(&parts.headers).is_some_and(|n| n <= route.max_tag_body);
+        let outgoing = match whole {
+            true => {
+                let body = read_request(ex.take_body(), route.upstream_timeout).await?;
+                let tag = rt.tag_key.tag_of(&body);
+                Outgoing::Whole(body, tag)
+            }
+            false => Outgoing::Stream { hashed: tag_put },
+        };
         let waited = Instant::now();
+        // A PUT of the very bytes whose tag it names leaves the state as it found it, so
+        // such writes share the lock and run side by side: none can undo another, and a
+        // write that changes the state still runs alone. Whether the bytes are the current
+        // ones is known only under the lock; when they are not, the write queues to run
+        // alone and is checked again.
+        if let Outgoing::Whole(_, tag) = &outgoing {
+            if pre.only_matches(tag) {
+                let guard = self.locks.acquire_shared(key, route.lock_timeout).await?;
+                let current = match self.check(rt, route, key, pre, &parts, ex).await? {
+                    Checked::Holds(current) => current,
+                    Checked::Answer(rsp) => return Ok(rsp),
+                };
+                if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {
+                    self.metrics.lock_wait(waited.elapsed());
+                    self.metrics.unchanged_write(&route.prefix);
+                    let rsp = self.forward(rt, route, key, pre, parts, outgoing, true, ex);
+                    return rsp.await;
+                }
+                drop(guard);
+            }
+        }
+        // From here until the backend has answered, no other write to this URL runs.
+        let changes = changes_state(&parts.method);
         let _guard = match changes {
-            true => Some(self.locks.acquire(key, route.lock_timeout).await?),
+            true => {
+                // What is left of the wait after a try at sharing the lock.
+                let wait = route.lock_timeout.saturating_sub(waited.elapsed());
+                let guard = self.locks.acquire(key, wait).await;
+                Some(guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?)
+            }
             false => None,
         };
         if changes {
             self.metrics.lock_wait(waited.elapsed());
         }
         if pre.guards_write() {
-            let current = match self.current(rt, route, key, pre, &parts, ex).await? {
-                Current::Known(resource) => resource,
-                Current::Answer(rsp) => {
-                    ex.upstream_status = Some(rsp.status());
-                    ex.outcome = "revalidation_refused";
-                    return Ok(pass(rsp, false, route));
-                }
-            };
-            if evaluate(pre, false, &current) != Decision::Proceed {
-                return Err(Error::PreconditionFailed {
-                    current: current.tag,
-                });
+            if let Checked::Answer(rsp) = self.check(rt, route, key, pre, &parts, ex).await? {
+                return Ok(rsp);
             }
         }
+        self.forward(rt, route, key, pre, parts, outgoing, false, ex)
+            .await
+    }
+
+    /// Evaluates a write's preconditions against the resource's current state, under the
+    /// caller's lock: the state, if they hold; a 412 if not; or the revalidation's own
+    /// answer for the writer.
+    async fn check(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        parts: &Parts,
+        ex: &mut Exchange,
+    ) -> Result<Checked, Error> {
+        let current = match self.current(rt, route, key, pre, parts, ex).await? {
+            Current::Known(resource) => resource,
+            Current::Answer(rsp) => {
+                ex.upstream_status = Some(rsp.status());
+                ex.outcome = "revalidation_refused";
+                return Ok(Checked::Answer(pass(rsp, false, route)));
+            }
+        };
+        match evaluate(pre, false, &current) {
+            Decision::Proceed => Ok(Checked::Holds(current)),
+            _ => Err(Error::PreconditionFailed {
+                current: current.tag,
+            }),
+        }
+    }
+
+    /// Sends a write upstream, under the caller's lock, and records what it did to the
+    /// resource's tag. `shared`: the write holds the lock beside others that send the
+    /// current bytes again.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        mut parts: Parts,
+        outgoing: Outgoing,
+        shared: bool,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
         strip_evaluated(&mut parts.headers, pre, false);
+        let changes = changes_state(&parts.method);
         let destination = destination_key(&parts, route);
         let mut invalidation = changes.then(|| Invalidation {
             tags: &self.tags,
             keys: [Some(key.clone()), destination],
         });
-        let body = ex.take_body();
-        // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
-        let tag_put = route.tag_puts && stores_verbatim(&parts) && !self.tags.upstream_tags(key);
-        let (body, sent) = if tag_put {
-            let (body, sent) = rt.upstream.limit_hashed(body, rt.tag_key.hasher());
-            (body, Some(sent))
-        } else {
-            (rt.upstream.limit(body), None)
+        let (body, sent) = match outgoing {
+            Outgoing::Whole(body, tag) => (upstream::whole(body), Some(Arc::new(tag.into()))),
+            Outgoing::Stream { hashed: true } => {
+                let hasher = rt.tag_key.hasher();
+                let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher);
+                (body, Some(sent))
+            }
+            Outgoing::Stream { hashed: false } => (rt.upstream.limit(ex.take_body()), None),
         };
+        // A shared write sends bytes equal to the current ones, so a read in flight records
+        // the right tag whenever it lands. What must not be overwritten is a mark left by
+        // another shared write that failed while this one was on its way: its effects may
+        // have landed after this one's.
+        let sending = shared.then(|| self.tags.ticket());
         let req = Request::from_parts(parts, body);
         let mut rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
@@ -451,9 +560,13 @@ impl Proxy {
                 last_modified: last_modified(rsp.headers()),
                 from_upstream: false,
             };
-            self.tags.record(key, known, self.tags.ticket());
+            let ticket = sending.unwrap_or_else(|| self.tags.ticket());
+            self.tags.record(key, known, ticket);
             rsp.headers_mut().insert(ETAG, tag.to_header());
-            ex.outcome = "forwarded_tagged";
+            ex.outcome = match shared {
+                true => "forwarded_unchanged",
+                false => "forwarded_tagged",
+            };
         }
         Ok(pass(rsp, false, route))
     }

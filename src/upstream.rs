@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Empty, LengthLimitError, Limited};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,9 +24,15 @@ use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::pool::{Pool, SendError};
 
-/// A request body to the upstream: the client's own (cut off at the size limit, hashed on
-/// the way for `tag_puts`), or none (revalidation GETs).
-pub type UpstreamBody = Either<Hashed<Limited<Incoming>>, Empty<Bytes>>;
+/// A request body to the upstream: the client's own as it streams in (cut off at the size
+/// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
+/// write, or none (revalidation GETs).
+pub type UpstreamBody = Either<Hashed<Limited<Incoming>>, Full<Bytes>>;
+
+/// A request body read whole already.
+pub fn whole(body: Bytes) -> UpstreamBody {
+    Either::Right(Full::new(body))
+}
 
 /// Who sent a request, as the proxy saw it.
 #[derive(Clone, Debug)]
@@ -343,7 +349,7 @@ pub fn revalidation_request(parts: &Parts) -> Request<UpstreamBody> {
             headers.append(name.clone(), value.clone());
         }
     }
-    let mut req = Request::new(Either::Right(Empty::new()));
+    let mut req = Request::new(Either::Right(Full::default()));
     *req.method_mut() = Method::GET;
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = Version::HTTP_11;

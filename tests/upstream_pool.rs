@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request};
-use http_body_util::{BodyExt, Either, Empty};
+use http_body_util::{BodyExt, Either, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use ifmatch::config::Upstream;
 use ifmatch::pool::Pool;
@@ -34,7 +34,7 @@ fn get(origin: &str, path: &str) -> Request<UpstreamBody> {
     Request::builder()
         .uri(path)
         .header(header::HOST, host)
-        .body(Either::Right(Empty::<Bytes>::new()))
+        .body(Either::Right(Full::<Bytes>::default()))
         .unwrap()
 }
 
