@@ -36,10 +36,12 @@ pub struct WriteGuard {
     _slot: Slot,
 }
 
+/// The lock's guard, kept only to be dropped (hence never read).
 #[derive(Debug)]
+#[allow(dead_code)]
 enum Held {
-    Alone(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
-    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
+    Alone(OwnedRwLockWriteGuard<()>),
+    Shared(OwnedRwLockReadGuard<()>),
 }
 
 /// One user of a map entry; the last one to leave removes the entry.
