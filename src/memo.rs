@@ -84,6 +84,11 @@ impl BodyMemo {
         }
     }
 
+    /// Copies are kept at all (`tag_memo_bytes` is not 0).
+    pub fn is_on(&self) -> bool {
+        self.budget > 0
+    }
+
     /// The longest body kept: an eighth of the budget, so that a few large bodies cannot
     /// push out every other copy.
     pub fn max_body(&self) -> usize {
@@ -97,7 +102,7 @@ impl BodyMemo {
 
     /// The copy kept for `key` under `tag_key`, if any.
     pub fn get(&self, key: &ResourceKey, tag_key: &TagKey) -> Option<Arc<Memo>> {
-        if self.budget == 0 {
+        if !self.is_on() {
             return None;
         }
         let memo = self.map.get(key)?;

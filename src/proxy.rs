@@ -711,7 +711,7 @@ impl Proxy {
                         memo.header.clone()
                     } else {
                         let header = tag.to_header();
-                        if shared {
+                        if shared && self.memo.is_on() {
                             self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
                             let (t, h) = (tag.clone(), header.clone());
                             self.memo.put(key, &chunks, t, h, &rt.tag_key);

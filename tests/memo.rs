@@ -289,6 +289,8 @@ async fn the_budget_bounds_the_copies_and_zero_turns_the_memo_off() {
         assert_eq!(r.etag(), off.tag_of("small"));
     }
     assert_eq!(hits(&off), 0);
+    let misses = off.state.memo.stats.misses.load(Ordering::Relaxed);
+    assert_eq!(misses, 0, "with copies off there is nothing to miss");
     assert_eq!(off.state.memo.bytes(), 0);
 }
 
