@@ -130,20 +130,21 @@ async fn puts_of_the_current_bytes_run_side_by_side() {
     assert!(proxy.state.locks.is_empty());
 }
 
-/// Rounds of four writers sending the current bytes again and two sending new ones, all with
-/// the same fresh tag, at a store that holds each PUT a little while so that they interleave.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_runs_alone_and_no_rewrite_of_the_old_bytes_lands_after_it() {
+/// Rounds of writers all holding the same fresh tag, two in three sending the current bytes
+/// again and one in three new ones, at a store that holds each PUT a little while so that
+/// they interleave. In every round exactly one change wins, runs alone, and is the last
+/// write applied: no rewrite of the old bytes lands after it.
+async fn rounds_of_rewrites_and_changes(rounds: usize, writers: usize) {
     let (backend, store) = Store::start(|id| Duration::from_millis(id * 7 % 5)).await;
     let proxy = Proxy::start(&route("/docs/", TAGGED), &backend.origin()).await;
     let c = Client::new();
     let url = proxy.url("/docs/a");
     let mut overlapped = 0;
-    for round in 0..30 {
+    for round in 0..rounds {
         let old = format!("round {round}");
         store.set("/docs/a", &old);
         let tag = c.get(&url, &[]).await.etag();
-        let writers: Vec<_> = (0..6)
+        let writers: Vec<_> = (0..writers)
             .map(|w| {
                 let (c, url, tag) = (c.clone(), url.clone(), tag.clone());
                 let body = match w % 3 {
@@ -183,6 +184,17 @@ async fn a_change_runs_alone_and_no_rewrite_of_the_old_bytes_lands_after_it() {
     assert!(proxy.state.locks.is_empty());
     // Not asserted (the interleaving is the scheduler's), but shown when the test fails.
     eprintln!("rewrites that overlapped another: {overlapped}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_runs_alone_and_no_rewrite_of_the_old_bytes_lands_after_it() {
+    rounds_of_rewrites_and_changes(30, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "500 rounds of 12 writers; .ci/run runs it"]
+async fn five_hundred_rounds_of_rewrites_and_changes_lose_no_change() {
+    rounds_of_rewrites_and_changes(500, 12).await;
 }
 
 /// `If-Match` may list several tags. A PUT whose body's tag is among them, but which finds
