@@ -304,9 +304,9 @@ pub async fn read_tagged(
     }
 }
 
-/// A client's request body, read whole before the write it belongs to takes its lock (a
-/// `tag_puts` PUT of known size within the tagging limit, `proxy.rs`): a client slow to send
-/// it then holds up nobody else's write. It must arrive within `deadline`, the time the
+/// A client's request body, read whole before the write it belongs to takes its lock (one
+/// of known size within the route's `max_tag_body`, `proxy.rs`): a client slow to send it
+/// then holds up nobody else's write. It must arrive within `deadline`, the time the
 /// upload had when it was part of the upstream exchange.
 pub async fn read_request(body: Incoming, deadline: Duration) -> Result<Bytes, Error> {
     use http_body_util::BodyExt;

@@ -126,8 +126,8 @@ enum Checked {
 enum Outgoing {
     /// Streamed through as it arrives; `hashed` for `tag_puts`.
     Stream { hashed: bool },
-    /// Read whole before the lock, with its tag.
-    Whole(Bytes, ETag),
+    /// Read whole before the lock; with its tag for `tag_puts`.
+    Whole(Bytes, Option<ETag>),
 }
 
 /// What the access log and span report about one request, and its body until forwarded.
@@ -406,19 +406,21 @@ impl Proxy {
                 method: parts.method.clone(),
             });
         }
+        let changes = changes_state(&parts.method);
         // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
         let tag_put = route.tag_puts && stores_verbatim(&parts) && !self.tags.upstream_tags(key);
-        // Such a PUT, if small enough to tag, is read whole before any lock: a client slow to
-        // send it then holds up no other writer, and its tag is known before the lock is
-        // taken. Not one that waits for `100 Continue`: it sends its body only once its
+        // A write's body of known size within `max_tag_body` is read whole before the lock
+        // (as nginx buffers request bodies): a client slow to send it then holds up no other
+        // writer of the URL, and a `tag_puts` PUT's tag is known before the lock is chosen.
+        // Not one that waits for `100 Continue`: it sends its body only once its
         // preconditions have passed, and a 412 spares it the upload.
-        let whole = tag_put
+        let whole = changes
             && !ex.expects_continue
             && declared_length(&parts.headers).is_some_and(|n| n <= route.max_tag_body);
         let outgoing = match whole {
             true => {
                 let body = read_request(ex.take_body(), route.upstream_timeout).await?;
-                let tag = rt.tag_key.tag_of(&body);
+                let tag = tag_put.then(|| rt.tag_key.tag_of(&body));
                 Outgoing::Whole(body, tag)
             }
             false => Outgoing::Stream { hashed: tag_put },
@@ -429,7 +431,7 @@ impl Proxy {
         // write that changes the state still runs alone. Whether the bytes are the current
         // ones is known only under the lock; when they are not, the write queues to run
         // alone and is checked again.
-        if let Outgoing::Whole(_, tag) = &outgoing {
+        if let Outgoing::Whole(_, Some(tag)) = &outgoing {
             if pre.only_matches(tag) {
                 let guard = self.locks.acquire_shared(key, route.lock_timeout).await?;
                 let current = match self.check(rt, route, key, pre, &parts, ex).await? {
@@ -446,7 +448,6 @@ impl Proxy {
             }
         }
         // From here until the backend has answered, no other write to this URL runs.
-        let changes = changes_state(&parts.method);
         let _guard = match changes {
             true => {
                 // What is left of the wait after a try at sharing the lock.
@@ -519,7 +520,7 @@ impl Proxy {
             keys: [Some(key.clone()), destination],
         });
         let (body, sent) = match outgoing {
-            Outgoing::Whole(body, tag) => (upstream::whole(body), Some(Arc::new(tag.into()))),
+            Outgoing::Whole(body, tag) => (upstream::whole(body), tag.map(|t| Arc::new(t.into()))),
             Outgoing::Stream { hashed: true } => {
                 let hasher = rt.tag_key.hasher();
                 let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher);

@@ -136,3 +136,60 @@ async fn waiting_for_a_busy_url_is_bounded_by_a_503_with_retry_after() {
     assert_eq!(first.await.unwrap(), 204);
     assert!(proxy.state.locks.is_empty(), "no lock is left behind");
 }
+
+/// A write's body of known size is read before the URL's lock is taken: a client that
+/// stalls mid-body holds up no other writer (under its lock, the second write below would
+/// wait past its `lock_timeout`: a 503), and gets a 408 itself, never forwarded. Whether it
+/// holds a tag or none, on every kind of route.
+#[tokio::test]
+async fn a_client_slow_to_send_its_body_holds_up_no_other_writer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cases = [
+        ("", false),
+        ("validation = \"cached\"", true),
+        ("validation = \"cached\"\ntag_puts = true", true),
+    ];
+    for (extra, conditional) in cases {
+        let backend = Backend::start().await;
+        backend.store.put("/docs/a", "v1");
+        let timeouts = "upstream_timeout = \"1500ms\"\nlock_timeout = \"300ms\"";
+        let routes = route("/docs/", &format!("{extra}\n{timeouts}"));
+        let proxy = Proxy::start(&routes, &backend.origin()).await;
+        let c = Client::new();
+        let url = proxy.url("/docs/a");
+        let tag = c.get(&url, &[]).await.etag();
+
+        // Three bytes of ten, then nothing.
+        let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let condition = match conditional {
+            true => format!("If-Match: {tag}\r\n"),
+            false => String::new(),
+        };
+        let head =
+            format!("PUT /docs/a HTTP/1.1\r\nHost: x\r\n{condition}Content-Length: 10\r\n\r\nabc");
+        slow.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let r = c.put(&url, &[("if-match", &tag)], "v2").await;
+        assert_eq!(r.status, 204, "{extra:?}");
+        assert_eq!(backend.store.get("/docs/a").unwrap(), "v2");
+
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer))
+            .await
+            .expect("the proxy gives up on the body and closes")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 408"), "{extra:?}: {answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+        assert!(answer.contains("did not arrive within 1.5s"), "{answer}");
+        assert_eq!(
+            backend.store.writes(),
+            1,
+            "{extra:?}: the slow PUT was never sent"
+        );
+        assert!(proxy.state.locks.is_empty());
+    }
+}

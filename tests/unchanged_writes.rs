@@ -230,46 +230,6 @@ async fn a_put_naming_its_own_tag_among_others_runs_alone_when_it_changes_the_st
     }
 }
 
-#[tokio::test]
-async fn a_client_slow_to_send_its_body_holds_up_no_other_writer() {
-    let (backend, store) = Store::start(|_| Duration::ZERO).await;
-    store.set("/docs/a", "v1");
-    let routes = route(
-        "/docs/",
-        &format!("{TAGGED}\nupstream_timeout = \"1500ms\"\nlock_timeout = \"300ms\""),
-    );
-    let proxy = Proxy::start(&routes, &backend.origin()).await;
-    let c = Client::new();
-    let url = proxy.url("/docs/a");
-    let tag = c.get(&url, &[]).await.etag();
-
-    // Three bytes of ten, then nothing.
-    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "PUT /docs/a HTTP/1.1\r\nHost: x\r\nIf-Match: {tag}\r\nContent-Length: 10\r\n\r\nabc"
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-
-    // Under its lock, this one would wait past its lock_timeout: a 503.
-    let (status, _) = put(&c, &url, &tag, "v2".into()).await;
-    assert_eq!(status, 204);
-    assert_eq!(store.get("/docs/a"), "v2");
-
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer))
-        .await
-        .expect("the proxy gives up on the body and closes")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
-    assert!(answer.starts_with("http/1.1 408"), "{answer}");
-    assert!(answer.contains("connection: close"), "{answer}");
-    assert!(answer.contains("application/problem+json"), "{answer}");
-    assert!(answer.contains("did not arrive within 1.5s"), "{answer}");
-    assert_eq!(store.take_log().len(), 1, "the slow PUT was never sent");
-    assert!(proxy.state.locks.is_empty());
-}
-
 /// A client that waits for `100 Continue` sends its body only once the preconditions pass:
 /// the body is not read ahead for it, so a stale tag is answered 412 at once.
 #[tokio::test]
