@@ -35,13 +35,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
+            conn = crate::server::accept(&listener, "admin accept failed") => conn,
             () = &mut shutdown => return Ok(()),
         };
         let (proxy, ready) = (proxy.clone(), ready.clone());

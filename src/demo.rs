@@ -217,7 +217,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+            conn = crate::server::accept(&listener, "demo store: accept failed") => conn,
             () = &mut shutdown => return Ok(()),
         };
         let store = store.clone();

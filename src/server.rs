@@ -81,15 +81,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            conn = accept(&listener, "accept failed") => conn,
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -163,6 +155,25 @@ async fn refuse_connection(mut stream: TcpStream) {
 
 /// Time a client has to finish its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The next connection on `listener`. An accept that fails (out of file descriptors, most
+/// often) is logged as `failed` and tried again after a pause: the pending connection keeps
+/// the listener readable, so trying again at once would spin a core and flood the log just
+/// when the process is short of resources.
+pub async fn accept(listener: &TcpListener, failed: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "{failed}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// The pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How long an idle connection, once asked to close, may take to do so before it is cut off.
 /// An HTTP/1.1 connection between requests closes at once and an HTTP/2 one after its

@@ -191,3 +191,72 @@ async fn health_and_readiness_including_during_a_drain() {
     assert_eq!(fresh.get(&url("/healthz"), &[]).await.status, 200);
     assert_eq!(in_flight.await.unwrap(), 200);
 }
+
+/// Out of file descriptors, an accept fails and the pending connection keeps the listener
+/// readable: a loop that tried again at once would spin a core and write a warning per try,
+/// just when an operator looks at the admin endpoints. Both listeners back off instead, and
+/// serve again once descriptors are free. (The limit is lowered on the running process with
+/// util-linux's `prlimit`.)
+#[tokio::test]
+async fn out_of_file_descriptors_the_listeners_back_off_and_recover() {
+    let config = "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                  [[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+    let bin = Binary::start(config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    let pid = bin.child.id();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:{}", open + 2, open + 2);
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(status.success());
+
+    // Client connections take the last descriptors, until the proxy fails to accept one;
+    // then an admin connection waits in its backlog with none left for it.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(bin.addr).await.unwrap());
+    }
+    bin.wait_for_log("accept failed", Duration::from_secs(5))
+        .await;
+    let warned = |what: &str| {
+        let log = bin.log();
+        log.iter().filter(|l| l.contains(what)).count()
+    };
+    let waiting = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let before = warned("accept failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let admin_warnings = warned("admin accept failed");
+    let warnings = warned("accept failed") - before;
+    assert!(
+        admin_warnings >= 1,
+        "the admin accept failed: {:?}",
+        bin.log()
+    );
+    // A pause of 50 ms between tries: about 20 a second for each listener, where a spin
+    // writes thousands.
+    assert!(
+        warnings <= 80,
+        "{warnings} warnings in a second: the accept loops spin"
+    );
+
+    // Descriptors free again: the waiting admin connection is served.
+    drop(held);
+    drop(waiting);
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        let c = Client::new();
+        if let Ok(r) = c
+            .try_send("GET", &format!("http://{admin}/metrics"), &[], "")
+            .await
+        {
+            metrics = r.text();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metrics.contains("ifmatch_requests_total"), "{metrics}");
+}
