@@ -471,7 +471,8 @@ impl Proxy {
 
     /// Evaluates a write's preconditions against the resource's current state, under the
     /// caller's lock: the state, if they hold; a 412 if not; or the revalidation's own
-    /// answer for the writer.
+    /// answer for the writer. The state is the remembered tag under `cached` (not per user),
+    /// else what a revalidation GET finds.
     async fn check(
         &self,
         rt: &Routing,
@@ -481,13 +482,28 @@ impl Proxy {
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Checked, Error> {
-        let current = match self.current(rt, route, key, pre, parts, ex).await? {
-            Current::Known(resource) => resource,
-            Current::Answer(rsp) => {
-                ex.upstream_status = Some(rsp.status());
-                ex.outcome = "revalidation_refused";
-                return Ok(Checked::Answer(pass(rsp, false, route)));
-            }
+        let remembered = (route.validation == Validation::Cached && !route.per_user)
+            .then(|| {
+                // A tag remembered from a PUT may come without the date the backend gave the
+                // new representation: a date condition then needs the backend's answer.
+                let usable = |k: &Known| k.last_modified.is_some() || !pre.compares_dates();
+                self.tags.get(key).filter(usable)
+            })
+            .flatten();
+        let current = match remembered {
+            Some(known) => Resource {
+                exists: true,
+                tag: Some(known.tag),
+                last_modified: known.last_modified,
+            },
+            None => match self.revalidate(rt, route, key, parts, ex).await? {
+                Current::Known(resource) => resource,
+                Current::Answer(rsp) => {
+                    ex.upstream_status = Some(rsp.status());
+                    ex.outcome = "revalidation_refused";
+                    return Ok(Checked::Answer(pass(rsp, false, route)));
+                }
+            },
         };
         match evaluate(pre, false, &current) {
             Decision::Proceed => Ok(Checked::Holds(current)),
@@ -555,7 +571,8 @@ impl Proxy {
                 i.disarm();
             }
             // Recorded under the lock, with a ticket newer than any read in flight: a read
-            // that fetched the old body cannot put its tag back.
+            // that fetched the old body cannot put its tag back. (A shared write's ticket is
+            // the one taken before it was sent, above.)
             let known = Known {
                 tag: tag.clone(),
                 last_modified: last_modified(rsp.headers()),
@@ -584,31 +601,6 @@ impl Proxy {
         self.metrics
             .upstream_latency(&route.prefix, start.elapsed());
         Ok(rsp)
-    }
-
-    /// The resource's current state, for evaluating a write's preconditions.
-    async fn current(
-        &self,
-        rt: &Routing,
-        route: &Route,
-        key: &ResourceKey,
-        pre: &Preconditions,
-        parts: &Parts,
-        ex: &mut Exchange,
-    ) -> Result<Current, Error> {
-        if route.validation == Validation::Cached && !route.per_user {
-            // A tag remembered from a PUT may come without the date the backend gave the new
-            // representation: a date condition then needs the backend's answer.
-            let usable = |k: &Known| k.last_modified.is_some() || !pre.compares_dates();
-            if let Some(known) = self.tags.get(key).filter(usable) {
-                return Ok(Current::Known(Resource {
-                    exists: true,
-                    tag: Some(known.tag),
-                    last_modified: known.last_modified,
-                }));
-            }
-        }
-        self.revalidate(rt, route, key, parts, ex).await
     }
 
     /// Fetches the current representation with the writer's own request head and tags it.
