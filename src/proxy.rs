@@ -222,8 +222,8 @@ impl Proxy {
     }
 
     /// Swaps in a new config's routes and upstream settings atomically. Requests in flight
-    /// finish under the old ones. The tag cache and locks are kept (the cache's size is not
-    /// changed by a reload).
+    /// finish under the old ones. Locks are kept, and so is the tag cache (its size is not
+    /// changed by a reload) unless the key changed or a route now trusts it where none did.
     pub fn reload(&self, config: &Config) {
         let new = Arc::new(Routing::new(config, &self.random_key));
         let old = self.routing.swap(new.clone());
@@ -234,6 +234,17 @@ impl Proxy {
             tracing::info!(
                 key = new.tag_key.fingerprint(),
                 "tag key changed: tag cache cleared"
+            );
+        } else if let Some(route) = new.router.trusts_more_than(&old.router) {
+            // Requests this route now takes were not all guarded before: writes may have
+            // gone around the proxy, so what it remembers of them may be stale. The copies
+            // stay; they vouch only for bytes compared in full.
+            self.tags.clear();
+            tracing::info!(
+                prefix = %route.prefix,
+                host = route.host.as_deref().unwrap_or("*"),
+                upstream = %route.upstream.origin,
+                "a route now trusts remembered tags where none did: tag cache cleared"
             );
         }
     }

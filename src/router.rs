@@ -1,9 +1,10 @@
 //! Picks the route for a request: the longest path prefix that matches, a route for the
-//! request's host before a route for any host. It knows nothing of ETags.
+//! request's host before a route for any host. It computes no ETags; it only tells, on a
+//! reload, whether a route now trusts remembered ones for requests no route trusted them for.
 
 use std::sync::Arc;
 
-use crate::config::{strip_port, Route};
+use crate::config::{strip_port, Route, Validation};
 
 #[derive(Debug, Default)]
 pub struct Router {
@@ -38,6 +39,33 @@ impl Router {
 
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
+    }
+
+    /// A route of this router that trusts remembered tags (`cached`, not `per_user`) for
+    /// some requests that `old` did not send to such a route of the same upstream; `None`
+    /// if there is none. For those requests, writes may have reached the backend without
+    /// the proxy while `old` was in force, so a tag remembered then may be stale.
+    ///
+    /// Exact without enumerating paths: a request's route depends only on its host and on
+    /// which configured prefixes its path starts with, and the longest of those, taken as a
+    /// path, starts with the same ones. So every prefix of either router, on every host
+    /// either names and on any other host, stands for all the paths there are.
+    pub fn trusts_more_than(&self, old: &Router) -> Option<&Arc<Route>> {
+        let both = || self.routes.iter().chain(&old.routes);
+        let hosts = both()
+            .filter_map(|r| r.host.as_deref().map(Some))
+            .chain([None]);
+        let trusting = |r: &&Arc<Route>| r.validation == Validation::Cached && !r.per_user;
+        hosts
+            .flat_map(|host| both().map(move |p| (host, p.prefix.as_str())))
+            .find_map(|(host, path)| {
+                let new = self.route(host, path).filter(trusting)?;
+                let kept = old
+                    .route(host, path)
+                    .filter(trusting)
+                    .is_some_and(|o| o.upstream.origin == new.upstream.origin);
+                (!kept).then_some(new)
+            })
     }
 }
 
@@ -86,6 +114,102 @@ upstream = "http://private:1"
         );
         assert_eq!(pick(Some("ADMIN.example"), "/docs/a"), "http://admin:1");
         assert_eq!(pick(Some("other.example"), "/docs/a"), "http://docs:1");
+    }
+
+    /// A router of `routes`: (host, prefix, upstream, extra keys).
+    fn routes(routes: &[(Option<&str>, &str, &str, &str)]) -> Router {
+        let mut toml = String::from("[server]\nlisten = \"127.0.0.1:1\"\n");
+        for (host, prefix, upstream, extra) in routes {
+            toml.push_str(&format!(
+                "[[route]]\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\n{extra}\n"
+            ));
+            if let Some(h) = host {
+                toml.push_str(&format!("host = \"{h}\"\n"));
+            }
+        }
+        Router::new(Config::parse(&toml, "t.toml").unwrap().routes)
+    }
+
+    const CACHED: &str = "validation = \"cached\"";
+
+    /// The prefix of the route `new` trusts for more than `old` did, if any.
+    fn newly_trusted(old: &Router, new: &Router) -> Option<String> {
+        new.trusts_more_than(old).map(|r| r.prefix.clone())
+    }
+
+    #[test]
+    fn a_route_trusts_more_only_where_no_cached_route_of_its_upstream_was() {
+        let docs = routes(&[(None, "/docs/", "http://a:1", CACHED)]);
+        let docs_and_shared = routes(&[
+            (None, "/docs/", "http://a:1", CACHED),
+            (None, "/docs/shared/", "http://a:1", ""),
+        ]);
+        let none = routes(&[(None, "/other/", "http://a:1", "")]);
+        let revalidated = routes(&[(None, "/docs/", "http://a:1", "")]);
+        let elsewhere = routes(&[(None, "/docs/", "http://b:1", CACHED)]);
+        let per_user = routes(&[(
+            None,
+            "/docs/",
+            "http://a:1",
+            "per_user = true\nvalidation = \"cached\"",
+        )]);
+
+        assert_eq!(newly_trusted(&docs, &docs), None, "nothing changed");
+        assert_eq!(newly_trusted(&docs, &none), None, "a cached route removed");
+        assert_eq!(
+            newly_trusted(&none, &docs).as_deref(),
+            Some("/docs/"),
+            "and added"
+        );
+        assert_eq!(
+            newly_trusted(&revalidated, &docs).as_deref(),
+            Some("/docs/")
+        );
+        assert_eq!(newly_trusted(&docs, &revalidated), None);
+        assert_eq!(
+            newly_trusted(&elsewhere, &docs).as_deref(),
+            Some("/docs/"),
+            "another upstream"
+        );
+        assert_eq!(newly_trusted(&per_user, &docs).as_deref(), Some("/docs/"));
+        assert_eq!(
+            newly_trusted(&docs, &docs_and_shared),
+            None,
+            "a route carved out"
+        );
+        assert_eq!(
+            newly_trusted(&docs_and_shared, &docs).as_deref(),
+            Some("/docs/"),
+            "the carved-out part falls to the cached route"
+        );
+    }
+
+    #[test]
+    fn hosts_are_told_apart_when_trust_is_compared() {
+        let any_host = routes(&[(None, "/docs/", "http://a:1", CACHED)]);
+        let admin_revalidated = routes(&[
+            (None, "/docs/", "http://a:1", CACHED),
+            (Some("admin.example"), "/docs/", "http://a:1", ""),
+        ]);
+        let admin_cached = routes(&[
+            (None, "/docs/", "http://a:1", ""),
+            (Some("admin.example"), "/docs/", "http://a:1", CACHED),
+        ]);
+        assert_eq!(newly_trusted(&any_host, &admin_revalidated), None);
+        assert_eq!(
+            newly_trusted(&admin_revalidated, &any_host).as_deref(),
+            Some("/docs/"),
+            "admin.example's requests fall to the cached route"
+        );
+        assert_eq!(
+            newly_trusted(&any_host, &admin_cached),
+            None,
+            "trust narrowed to one host"
+        );
+        assert_eq!(
+            newly_trusted(&admin_cached, &any_host).as_deref(),
+            Some("/docs/")
+        );
     }
 
     #[test]

@@ -214,3 +214,99 @@ async fn sighup_applies_a_new_upstream_idle_timeout() {
         "200ms after the reload: a connection idle for 400ms is not reused"
     );
 }
+
+/// Writes `text` as the config, sends SIGHUP and waits for the reload to be logged.
+async fn reload(bin: &Binary, text: &str) {
+    let done = |log: Vec<String>| log.iter().filter(|l| l.contains("config reloaded")).count();
+    let before = done(bin.log());
+    bin.write_config(text);
+    bin.signal("HUP");
+    assert!(
+        common::eventually(Duration::from_secs(5), || done(bin.log()) > before).await,
+        "no reload logged: {:#?}",
+        bin.log()
+    );
+}
+
+/// The write of a client that read the document before somebody wrote it around the proxy:
+/// it must get 412, and the document must stay as that somebody left it.
+async fn assert_stale_write_refused(bin: &Binary, store: &Backend, path: &str, stale_tag: &str) {
+    let c = Client::new();
+    let writes = store.store.writes();
+    let r = c
+        .put(&bin.url(path), &[("if-match", stale_tag)], "lost update")
+        .await;
+    assert_eq!(
+        r.status, 412,
+        "a tag from before the write around the proxy"
+    );
+    assert_eq!(
+        store.store.writes(),
+        writes,
+        "the backend never saw the write"
+    );
+    assert_eq!(store.store.get(path).unwrap(), "written around the proxy");
+    let current = c.get(&bin.url(path), &[]).await.etag();
+    assert_eq!(r.etag(), current, "the 412 names the current tag");
+}
+
+#[tokio::test]
+async fn sighup_that_makes_a_route_cached_forgets_the_tags_read_before() {
+    // The usual way to adopt `cached`: the last writer that went around the proxy is
+    // retired, then the route is switched over. Tags read while that writer was still about
+    // may be stale, and `cached` would trust them.
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "v1");
+    let bin = Binary::start(&config(&[("/docs/", &store.origin(), "")]), &[]).await;
+    let tag = Client::new().get(&bin.url("/docs/a"), &[]).await.etag();
+    store.store.put("/docs/a", "written around the proxy");
+
+    let cached = config(&[("/docs/", &store.origin(), "validation = \"cached\"")]);
+    reload(&bin, &cached).await;
+    bin.wait_for_log("tag cache cleared", Duration::from_secs(1))
+        .await;
+    assert_stale_write_refused(&bin, &store, "/docs/a", &tag).await;
+}
+
+#[tokio::test]
+async fn sighup_that_brings_a_cached_route_back_forgets_the_tags_from_before_it_went() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "v1");
+    let other = ("/other/", store.origin(), String::new());
+    let with_docs = config(&[
+        ("/docs/", &store.origin(), "validation = \"cached\""),
+        (other.0, &other.1, &other.2),
+    ]);
+    let bin = Binary::start(&with_docs, &[]).await;
+    let tag = Client::new().get(&bin.url("/docs/a"), &[]).await.etag();
+
+    // The route goes (the backend is written directly meanwhile), and comes back.
+    reload(&bin, &config(&[(other.0, &other.1, &other.2)])).await;
+    store.store.put("/docs/a", "written around the proxy");
+    reload(&bin, &with_docs).await;
+    assert_stale_write_refused(&bin, &store, "/docs/a", &tag).await;
+}
+
+#[tokio::test]
+async fn sighup_that_drops_a_route_inside_a_cached_one_forgets_the_tags_read_through_it() {
+    // `/docs/shared/` was revalidated (written by others too); once it is gone, `/docs/`,
+    // cached, covers it.
+    let store = Backend::start().await;
+    store.store.put("/docs/shared/a", "v1");
+    let cached = ("/docs/", store.origin(), "validation = \"cached\"");
+    let both = config(&[
+        (cached.0, &cached.1, cached.2),
+        ("/docs/shared/", &store.origin(), ""),
+    ]);
+    let bin = Binary::start(&both, &[]).await;
+    let tag = Client::new()
+        .get(&bin.url("/docs/shared/a"), &[])
+        .await
+        .etag();
+    store
+        .store
+        .put("/docs/shared/a", "written around the proxy");
+
+    reload(&bin, &config(&[(cached.0, &cached.1, cached.2)])).await;
+    assert_stale_write_refused(&bin, &store, "/docs/shared/a", &tag).await;
+}
