@@ -8,6 +8,8 @@
 //!    write lock; learn the current state (revalidate or cached); 412 if a precondition
 //!    fails; otherwise forward and pass the backend's answer (409 included) through.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -29,7 +31,7 @@ use crate::error::{Blame, Error};
 use crate::etag::{ETag, TagKey};
 use crate::framing::Verdict;
 use crate::key::{normalize_path, ResourceKey};
-use crate::lock::WriteLocks;
+use crate::lock::{WriteGuard, WriteLocks};
 use crate::memo::BodyMemo;
 use crate::metrics::Metrics;
 use crate::precondition::{evaluate, Decision, Preconditions, Resource};
@@ -45,7 +47,7 @@ pub struct Proxy {
     /// The key used when the config names none: made once, so reloads keep it.
     random_key: TagKey,
     /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
-    pub tags: TagStore,
+    pub tags: Arc<TagStore>,
     /// Copies of tagged bodies, so that an unchanged one is compared, not hashed.
     pub memo: BodyMemo,
     pub locks: WriteLocks,
@@ -204,7 +206,7 @@ impl Proxy {
         Self {
             routing: ArcSwap::from_pointee(Routing::new(config, &random_key)),
             random_key,
-            tags: TagStore::new(config.server.tag_cache_entries),
+            tags: Arc::new(TagStore::new(config.server.tag_cache_entries)),
             memo: BodyMemo::new(config.server.tag_memo_bytes),
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
@@ -350,7 +352,7 @@ impl Proxy {
         } else {
             // Boxed: the write path's future (lock wait, revalidation, forward) is twice the
             // read path's, and every GET would otherwise carry and move that space.
-            Box::pin(self.write(rt, &route, &key, &pre, parts, ex)).await
+            Box::pin(self.write(&routing, &route, &key, &pre, parts, ex)).await
         }
     }
 
@@ -404,8 +406,8 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn write(
         &self,
-        rt: &Routing,
-        route: &Route,
+        rt: &Arc<Routing>,
+        route: &Arc<Route>,
         key: &ResourceKey,
         pre: &Preconditions,
         parts: Parts,
@@ -452,14 +454,15 @@ impl Proxy {
                 if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {
                     self.metrics.lock_wait(waited.elapsed());
                     self.metrics.unchanged_write(&route.prefix);
-                    let rsp = self.forward(rt, route, key, pre, parts, outgoing, true, ex);
+                    let guard = Some(guard);
+                    let rsp = self.forward(rt, route, key, pre, parts, outgoing, guard, true, ex);
                     return rsp.await;
                 }
                 drop(guard);
             }
         }
         // From here until the backend has answered, no other write to this URL runs.
-        let _guard = match changes {
+        let guard = match changes {
             true => {
                 // What is left of the wait after a try at sharing the lock.
                 let wait = route.lock_timeout.saturating_sub(waited.elapsed());
@@ -476,7 +479,7 @@ impl Proxy {
                 return Ok(rsp);
             }
         }
-        self.forward(rt, route, key, pre, parts, outgoing, false, ex)
+        self.forward(rt, route, key, pre, parts, outgoing, guard, false, ex)
             .await
     }
 
@@ -524,26 +527,28 @@ impl Proxy {
         }
     }
 
-    /// Sends a write upstream, under the caller's lock, and records what it did to the
-    /// resource's tag. `shared`: the write holds the lock beside others that send the
-    /// current bytes again.
+    /// Sends a write upstream under its URL's lock (`guard`; none for a method that changes
+    /// nothing), and records what it did to the resource's tag. The lock is let go when this
+    /// returns, or, if the client leaves first, once the backend has answered (`InFlight`).
+    /// `shared`: the write holds the lock beside others that send the current bytes again.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        rt: &Routing,
-        route: &Route,
+        rt: &Arc<Routing>,
+        route: &Arc<Route>,
         key: &ResourceKey,
         pre: &Preconditions,
         mut parts: Parts,
         outgoing: Outgoing,
+        guard: Option<WriteGuard>,
         shared: bool,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         strip_evaluated(&mut parts.headers, pre, false);
         let changes = changes_state(&parts.method);
         let destination = destination_key(&parts, route);
-        let mut invalidation = changes.then(|| Invalidation {
-            tags: &self.tags,
+        let invalidation = changes.then(|| Invalidation {
+            tags: self.tags.clone(),
             keys: [Some(key.clone()), destination],
         });
         let (body, sent) = match outgoing {
@@ -561,7 +566,20 @@ impl Proxy {
         // have landed after this one's.
         let sending = shared.then(|| self.tags.ticket());
         let req = Request::from_parts(parts, body);
-        let mut rsp = self.send(rt, route, req).await?;
+        let start = Instant::now();
+        let (rt2, route2) = (rt.clone(), route.clone());
+        let mut in_flight = InFlight {
+            answer: Some(Box::pin(
+                async move { rt2.upstream.send(&route2, req).await },
+            )),
+            invalidation,
+            guard,
+        };
+        let mut rsp = in_flight.answer().await?;
+        self.metrics
+            .upstream_latency(&route.prefix, start.elapsed());
+        // Declared after `in_flight`, so dropped before it lets the lock go.
+        let mut invalidation = in_flight.invalidation.take();
         ex.upstream_status = Some(rsp.status());
         ex.outcome = "forwarded";
         // A 4xx (409 Conflict among them) means the backend refused: the state is unchanged.
@@ -759,21 +777,68 @@ impl Proxy {
 /// Drops the remembered tags of a write's targets when it ends, unless disarmed because the
 /// backend refused the write. Being a guard, it also fires when the write's future is dropped
 /// mid-way (client gone, timeout): the outcome is then unknown, so the tag must go.
-struct Invalidation<'a> {
-    tags: &'a TagStore,
+struct Invalidation {
+    tags: Arc<TagStore>,
     keys: [Option<ResourceKey>; 2],
 }
 
-impl Invalidation<'_> {
+impl Invalidation {
     fn disarm(mut self) {
         self.keys = [None, None];
     }
 }
 
-impl Drop for Invalidation<'_> {
+impl Drop for Invalidation {
     fn drop(&mut self) {
         for key in self.keys.iter().flatten() {
             self.tags.invalidate(key);
+        }
+    }
+}
+
+/// The backend's answer to a write sent under its URL's lock.
+type Answer = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + Send>>;
+
+/// A write on its way to the backend, with the URL's lock and the invalidation of its tags.
+/// Once sent, the write is the backend's to carry out, whether or not its client stays: a
+/// legacy backend does not stop a write because the connection closed. So if this is dropped
+/// before the answer (the client left), the exchange runs on in a task of its own, and the
+/// invalidation and the lock are let go only once the backend has answered (or
+/// `upstream_timeout` has passed). Otherwise a later writer would be checked against a state
+/// this write may still change, and both could land.
+struct InFlight {
+    answer: Option<Answer>,
+    // Field order: the tags are dropped before the lock is let go.
+    invalidation: Option<Invalidation>,
+    guard: Option<WriteGuard>,
+}
+
+impl InFlight {
+    /// Waits for the backend's answer. From here, dropping `self` lets the lock go at once.
+    async fn answer(&mut self) -> Result<Response<Incoming>, Error> {
+        let answer = self.answer.as_mut().expect("answered once");
+        let rsp = answer.await;
+        self.answer = None;
+        rsp
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        let (invalidation, guard) = (self.invalidation.take(), self.guard.take());
+        if invalidation.is_none() && guard.is_none() {
+            return; // a write that changes nothing: nothing to hold
+        }
+        // Without a runtime (the process is ending) there is nobody left to wait for.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = answer.await;
+                drop(invalidation);
+                drop(guard);
+            });
         }
     }
 }

@@ -193,3 +193,95 @@ async fn a_client_slow_to_send_its_body_holds_up_no_other_writer() {
         assert!(proxy.state.locks.is_empty());
     }
 }
+
+/// A legacy document store that, like a thread-per-request server, carries out a write it
+/// has received even when its client (the proxy) goes away meanwhile. The first write takes
+/// `first_write`, later ones none. It logs the body of each write as it is applied.
+async fn store_that_finishes_what_it_started(
+    first_write: Duration,
+) -> (
+    ScriptedBackend,
+    Arc<std::sync::Mutex<(String, Vec<String>)>>,
+) {
+    let state = Arc::new(std::sync::Mutex::new(("v0".to_owned(), Vec::new())));
+    let writes = Arc::new(AtomicUsize::new(0));
+    let s = state.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let (s, writes) = (s.clone(), writes.clone());
+        async move {
+            if r.method == "GET" {
+                return respond(200, &[], s.lock().unwrap().0.clone());
+            }
+            let hold = match writes.fetch_add(1, Ordering::SeqCst) {
+                0 => first_write,
+                _ => Duration::ZERO,
+            };
+            // Spawned: dropping this handler (the proxy closed the connection) does not
+            // stop the write.
+            let apply = tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                let body = String::from_utf8(r.body.to_vec()).unwrap();
+                let mut s = s.lock().unwrap();
+                s.0 = body.clone();
+                s.1.push(body);
+            });
+            apply.await.unwrap();
+            respond(204, &[], "")
+        }
+    })
+    .await;
+    (backend, state)
+}
+
+#[tokio::test]
+async fn a_write_whose_client_left_holds_its_url_until_the_backend_has_answered() {
+    // Writer A sends its write with the fresh tag and leaves while the backend is still
+    // carrying it out. Writer B holds the same tag. If B were checked before A's write was
+    // done, both writes would land: B's answered 204, then overwritten by A's.
+    for validation in ["", "validation = \"cached\""] {
+        let (backend, state) =
+            store_that_finishes_what_it_started(Duration::from_millis(800)).await;
+        let proxy = Proxy::start(&route("/docs/", validation), &backend.origin()).await;
+        let url = proxy.url("/docs/a");
+        let c = Client::new();
+        let tag = c.get(&url, &[]).await.etag();
+
+        let abandoned = {
+            let (url, tag) = (url.clone(), tag.clone());
+            async move {
+                let c = Client::new();
+                let headers = [("if-match", tag.as_str())];
+                let send = c.try_send("PUT", &url, &headers, "A");
+                let r = tokio::time::timeout(Duration::from_millis(200), send).await;
+                assert!(r.is_err(), "A was still waiting for its answer");
+            }
+        };
+        abandoned.await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // the proxy has seen A leave
+        assert_eq!(
+            state.lock().unwrap().1,
+            Vec::<String>::new(),
+            "A not applied yet"
+        );
+        assert!(
+            !proxy.state.locks.is_empty(),
+            "{validation}: A's URL is still locked"
+        );
+
+        let r = c.put(&url, &[("if-match", &tag)], "B").await;
+        assert_eq!(
+            r.status, 412,
+            "{validation}: B was checked after A's write landed"
+        );
+        assert_eq!(r.etag(), c.get(&url, &[]).await.etag());
+        assert_eq!(
+            state.lock().unwrap().1,
+            ["A"],
+            "{validation}: only A was applied"
+        );
+        assert!(
+            common::eventually(Duration::from_secs(2), || proxy.state.locks.is_empty()).await,
+            "{validation}: no lock left behind"
+        );
+    }
+}

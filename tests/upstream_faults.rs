@@ -216,15 +216,27 @@ async fn a_client_that_leaves_during_revalidation_frees_the_lock_at_once() {
 }
 
 #[tokio::test]
-async fn a_client_that_leaves_while_the_backend_answers_frees_the_lock() {
+async fn a_client_that_leaves_while_the_backend_answers_frees_the_lock_once_it_has() {
+    // The write was sent: the backend may still carry it out, so the next writer waits for
+    // its answer (`tests/concurrency.rs` shows the lost update this prevents), and no longer.
     let (backend, writes) = slow(Duration::ZERO, Duration::from_millis(1500)).await;
     let proxy = Proxy::start(&route("/", "lock_timeout = \"200ms\""), &backend.origin()).await;
     let url = proxy.url("/doc");
+    let sent = Instant::now();
     abandon(url.clone(), vec![], Duration::from_millis(200)).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
-        proxy.state.locks.is_empty(),
-        "the abandoned write's lock is gone"
+        !proxy.state.locks.is_empty(),
+        "held while the backend works"
     );
+    let r = Client::new().put(&url, &[], "next").await;
+    r.assert_problem(503);
+    assert!(
+        common::eventually(Duration::from_secs(3), || proxy.state.locks.is_empty()).await,
+        "the abandoned write's lock is gone once the backend has answered"
+    );
+    assert!(sent.elapsed() >= Duration::from_millis(1500));
     assert_eq!(writes.load(Ordering::SeqCst), 1);
+    let r = Client::new().put(&url, &[], "next").await;
+    assert_eq!(r.status, 204, "{}", r.text());
 }
