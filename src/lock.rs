@@ -5,7 +5,8 @@
 //! A write that cannot change the state (a `tag_puts` PUT of the very bytes whose tag it
 //! holds, `proxy.rs`) may share the lock with others of its kind: in any order they leave the
 //! same state, so none can undo another. A write that may change the state holds it alone.
-//! The lock is fair: once a sole writer waits, later sharers queue behind it.
+//! The lock is fair: once a sole writer waits, later sharers queue behind it. A write that
+//! changes two URLs (COPY, MOVE) holds both locks, taken in key order.
 //!
 //! Locks live in a map only while someone holds or waits for them, so idle URLs cost nothing.
 //! Dropping a guard (or a waiter cancelled because its client went away) releases the lock and
@@ -34,6 +35,8 @@ pub struct WriteGuard {
     // Field order matters: the lock is released before the slot cleans up the map.
     _held: Held,
     _slot: Slot,
+    /// A second URL the same write changes (a COPY or MOVE's destination).
+    _also: Option<Box<WriteGuard>>,
 }
 
 /// The lock's guard, kept only to be dropped (hence never read).
@@ -74,6 +77,31 @@ impl WriteLocks {
         self.acquire_as(key, wait, false).await
     }
 
+    /// Waits up to `wait` in all for the locks of `key` and `also`, to hold both alone, for
+    /// a write that changes two URLs. They are taken in key order, so that two writes that
+    /// need the same two URLs (MOVE a to b, MOVE b to a) cannot each hold one and wait for
+    /// the other.
+    pub async fn acquire_both(
+        &self,
+        key: &ResourceKey,
+        also: &ResourceKey,
+        wait: Duration,
+    ) -> Result<WriteGuard, Error> {
+        if key == also {
+            return self.acquire(key, wait).await;
+        }
+        let (first, second) = if key < also { (key, also) } else { (also, key) };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut guard = self.acquire(first, wait).await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let second = self
+            .acquire(second, left)
+            .await
+            .map_err(|_| Error::LockTimeout(wait))?;
+        guard._also = Some(Box::new(second));
+        Ok(guard)
+    }
+
     /// Waits up to `wait` for the lock of `key`, to share it with other writes that leave
     /// the state as it is.
     pub async fn acquire_shared(
@@ -107,6 +135,7 @@ impl WriteLocks {
             Ok(held) => Ok(WriteGuard {
                 _held: held,
                 _slot: slot,
+                _also: None,
             }),
             Err(_) => Err(Error::LockTimeout(wait)),
         }
@@ -143,6 +172,39 @@ mod tests {
         drop(g);
         waiter.await.unwrap().unwrap();
         assert!(locks.is_empty(), "entries are removed when unused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_writes_that_need_the_same_two_urls_take_turns() {
+        // MOVE /a to /b beside MOVE /b to /a: taken in one order, neither waits forever.
+        let locks = Arc::new(WriteLocks::new());
+        let both = |from: &'static str, to: &'static str| {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let g = locks.acquire_both(&key(from), &key(to), WAIT).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                drop(g);
+                Ok::<_, Error>(())
+            })
+        };
+        let (ab, ba) = (both("/a", "/b"), both("/b", "/a"));
+        ab.await.unwrap().unwrap();
+        ba.await.unwrap().unwrap();
+        assert!(locks.is_empty());
+
+        // While one write holds both, each of its URLs is busy for other writers.
+        let g = locks
+            .acquire_both(&key("/b"), &key("/a"), WAIT)
+            .await
+            .unwrap();
+        for url in ["/a", "/b"] {
+            let err = locks.acquire(&key(url), Duration::from_secs(1)).await;
+            assert!(matches!(err, Err(Error::LockTimeout(_))), "{url} is held");
+        }
+        drop(g);
+        assert!(locks.is_empty(), "both entries are removed");
+        let same = locks.acquire_both(&key("/a"), &key("/a"), WAIT).await;
+        assert!(same.is_ok(), "a MOVE onto itself takes its one lock once");
     }
 
     #[tokio::test(start_paused = true)]

@@ -461,12 +461,16 @@ impl Proxy {
                 drop(guard);
             }
         }
-        // From here until the backend has answered, no other write to this URL runs.
+        // From here until the backend has answered, no other write to this URL runs, nor to
+        // the destination of a COPY or MOVE, which the write changes too.
         let guard = match changes {
             true => {
                 // What is left of the wait after a try at sharing the lock.
                 let wait = route.lock_timeout.saturating_sub(waited.elapsed());
-                let guard = self.locks.acquire(key, wait).await;
+                let guard = match destination_key(&parts, route) {
+                    Some(to) => self.locks.acquire_both(key, &to, wait).await,
+                    None => self.locks.acquire(key, wait).await,
+                };
                 Some(guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?)
             }
             false => None,

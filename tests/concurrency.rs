@@ -285,3 +285,48 @@ async fn a_write_whose_client_left_holds_its_url_until_the_backend_has_answered(
         );
     }
 }
+
+#[tokio::test]
+async fn a_move_holds_its_destination_too() {
+    // MOVE changes its Destination as much as its own URL: a write to the destination waits
+    // for the move's answer, or the move could land on it after that write was answered.
+    let events = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let e = events.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let e = e.clone();
+        async move {
+            let what = format!("{} {}", r.method, r.uri.path());
+            e.lock().unwrap().push(format!("start {what}"));
+            if r.method == "MOVE" {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            e.lock().unwrap().push(format!("end {what}"));
+            respond(204, &[], "")
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/dav/", ""), &backend.origin()).await;
+    let mv = {
+        let url = proxy.url("/dav/a");
+        let to = proxy.url("/dav/b");
+        tokio::spawn(async move {
+            let r = Client::new()
+                .send("MOVE", &url, &[("destination", &to)], "")
+                .await;
+            r.status
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = Client::new().put(&proxy.url("/dav/b"), &[], "new b").await;
+    assert_eq!((r.status, mv.await.unwrap()), (204, 204));
+    assert_eq!(
+        *events.lock().unwrap(),
+        [
+            "start MOVE /dav/a",
+            "end MOVE /dav/a",
+            "start PUT /dav/b",
+            "end PUT /dav/b"
+        ]
+    );
+    assert!(proxy.state.locks.is_empty());
+}
