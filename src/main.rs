@@ -158,13 +158,15 @@ async fn run(path: PathBuf, config: Config) -> Result<(), Box<dyn std::error::Er
         not_ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
     });
+    // Ready before the line that says so: whoever reads "started" (a script, a test) finds
+    // /readyz at 200. Connections made before the first accept wait in the backlog.
+    ready.store(true, Ordering::Release);
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = config.server.tls.is_some(),
         routes = config.routes.len(),
         "ifmatch started"
     );
-    ready.store(true, Ordering::Release);
     let stopped = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     };
