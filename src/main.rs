@@ -145,6 +145,10 @@ async fn run(path: PathBuf, config: Config) -> Result<(), Box<dyn std::error::Er
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    // Ready once bound (connections made before the first accept wait in the backlog), and
+    // before two things: the line "ifmatch started", so that whoever reads it finds /readyz
+    // at 200, and the signal task, so that a SIGTERM always leaves it not ready.
+    ready.store(true, Ordering::Release);
     tokio::spawn(lifecycle::reload_on_sighup(
         path,
         proxy.clone(),
@@ -158,9 +162,6 @@ async fn run(path: PathBuf, config: Config) -> Result<(), Box<dyn std::error::Er
         not_ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
     });
-    // Ready before the line that says so: whoever reads "started" (a script, a test) finds
-    // /readyz at 200. Connections made before the first accept wait in the backlog.
-    ready.store(true, Ordering::Release);
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = config.server.tls.is_some(),
