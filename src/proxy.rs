@@ -47,7 +47,7 @@ pub struct Proxy {
     /// The key used when the config names none: made once, so reloads keep it.
     random_key: TagKey,
     /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
-    pub tags: Arc<TagStore>,
+    pub tags: TagStore,
     /// Copies of tagged bodies, so that an unchanged one is compared, not hashed.
     pub memo: BodyMemo,
     pub locks: WriteLocks,
@@ -206,7 +206,7 @@ impl Proxy {
         Self {
             routing: ArcSwap::from_pointee(Routing::new(config, &random_key)),
             random_key,
-            tags: Arc::new(TagStore::new(config.server.tag_cache_entries)),
+            tags: TagStore::new(config.server.tag_cache_entries),
             memo: BodyMemo::new(config.server.tag_memo_bytes),
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
@@ -255,7 +255,7 @@ impl Proxy {
     /// the framing inspector's verdict on an HTTP/1 head: a refused one is answered (400 and
     /// close, since where the request ends is unknowable) and counted like any other.
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         peer: Peer,
         framing: Verdict,
@@ -322,7 +322,7 @@ impl Proxy {
     }
 
     async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         peer: &Peer,
         ex: &mut Exchange,
@@ -405,7 +405,7 @@ impl Proxy {
     /// Every other method: the guarded write path.
     #[allow(clippy::too_many_arguments)]
     async fn write(
-        &self,
+        self: &Arc<Self>,
         rt: &Arc<Routing>,
         route: &Arc<Route>,
         key: &ResourceKey,
@@ -537,7 +537,7 @@ impl Proxy {
     /// `shared`: the write holds the lock beside others that send the current bytes again.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
-        &self,
+        self: &Arc<Self>,
         rt: &Arc<Routing>,
         route: &Arc<Route>,
         key: &ResourceKey,
@@ -552,7 +552,7 @@ impl Proxy {
         let changes = changes_state(&parts.method);
         let destination = destination_key(&parts, route);
         let invalidation = changes.then(|| Invalidation {
-            tags: self.tags.clone(),
+            proxy: self.clone(),
             keys: [Some(key.clone()), destination],
         });
         let (body, sent) = match outgoing {
@@ -570,18 +570,13 @@ impl Proxy {
         // have landed after this one's.
         let sending = shared.then(|| self.tags.ticket());
         let req = Request::from_parts(parts, body);
-        let start = Instant::now();
-        let (rt2, route2) = (rt.clone(), route.clone());
+        let (me, rt2, route2) = (self.clone(), rt.clone(), route.clone());
         let mut in_flight = InFlight {
-            answer: Some(Box::pin(
-                async move { rt2.upstream.send(&route2, req).await },
-            )),
+            answer: Some(Box::pin(async move { me.send(&rt2, &route2, req).await })),
             invalidation,
             guard,
         };
         let mut rsp = in_flight.answer().await?;
-        self.metrics
-            .upstream_latency(&route.prefix, start.elapsed());
         // Declared after `in_flight`, so dropped before it lets the lock go.
         let mut invalidation = in_flight.invalidation.take();
         ex.upstream_status = Some(rsp.status());
@@ -782,7 +777,7 @@ impl Proxy {
 /// backend refused the write. Being a guard, it also fires when the write's future is dropped
 /// mid-way (client gone, timeout): the outcome is then unknown, so the tag must go.
 struct Invalidation {
-    tags: Arc<TagStore>,
+    proxy: Arc<Proxy>,
     keys: [Option<ResourceKey>; 2],
 }
 
@@ -795,7 +790,7 @@ impl Invalidation {
 impl Drop for Invalidation {
     fn drop(&mut self) {
         for key in self.keys.iter().flatten() {
-            self.tags.invalidate(key);
+            self.proxy.tags.invalidate(key);
         }
     }
 }
