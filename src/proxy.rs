@@ -23,7 +23,7 @@ use http::response;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use tracing::{field, info_span, Instrument, Span};
+use tracing::{debug_span, Instrument};
 
 use crate::body::{read_request, read_tagged, Collected, ProxyBody, ReadError};
 use crate::config::{Config, Route, Validation};
@@ -265,23 +265,18 @@ impl Proxy {
         // For the access log: a clone shares the URI's bytes, where a path `String` would
         // be copied for every request, logged or not.
         let uri = req.uri().clone();
-        let span = info_span!(
-            "request",
-            method = %req.method(),
-            path = %req.uri().path(),
-            route = field::Empty,
-            status = field::Empty,
-            upstream_status = field::Empty,
-            outcome = field::Empty,
-        );
+        // Context for what is logged while the request runs, at `debug` only: at `info` the
+        // access line and a failure's line carry their own fields, and an entered span costs
+        // more than the access line itself.
+        let span = debug_span!("request", method = %req.method(), path = %req.uri().path());
         let version = req.version();
         let expects_continue = req.headers().contains_key(header::EXPECT);
         let mut ex = Exchange {
             expects_continue,
             ..Exchange::default()
         };
-        // A disabled span (logs at `warn`) records nothing; its wrapper would still cost a
-        // move of the whole request future. The future is made inside each branch: bound
+        // A disabled span (logs at `info` or less) records nothing; its wrapper would still
+        // cost a move of the whole request future. The future is made inside each branch: bound
         // to a name first, it would be kept twice in this one (rustc keeps a moved-from
         // local's space until its scope ends).
         let misframed = framing.is_err();
@@ -301,9 +296,15 @@ impl Proxy {
                 ends |= e.ends_connection() && version < Version::HTTP_2;
                 ex.outcome = e.outcome();
                 ex.by_proxy = true;
+                let (path, route) = (uri.path(), ex.route.as_ref().map(|r| r.prefix.as_str()));
+                // A backend that fails or a proxy limit is worth an operator's look, as in
+                // nginx's error log; a client's mistake is the client's to see.
                 match e.blame() {
-                    Blame::Proxy => tracing::warn!(parent: &span, error = %e, "request failed"),
-                    _ => tracing::debug!(parent: &span, error = %e, "request refused"),
+                    Blame::Proxy | Blame::Upstream => {
+                        let route = route.unwrap_or("-");
+                        tracing::warn!(parent: &span, route, %method, path, error = %e, "request failed")
+                    }
+                    Blame::Client => tracing::debug!(parent: &span, error = %e, "request refused"),
                 }
                 e.into_response()
             }
@@ -317,7 +318,7 @@ impl Proxy {
         let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
         self.metrics
             .request(route, &method, rsp.status().as_u16(), ex.by_proxy);
-        access_log(&span, &ex, &method, uri.path(), &rsp, start);
+        access_log(&ex, &method, uri.path(), &rsp, start);
         rsp
     }
 
@@ -981,7 +982,6 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
 }
 
 fn access_log(
-    span: &Span,
     ex: &Exchange,
     method: &Method,
     path: &str,
@@ -989,18 +989,13 @@ fn access_log(
     start: Instant,
 ) {
     let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
-    span.record("route", route);
-    span.record("status", rsp.status().as_u16());
-    span.record("outcome", ex.outcome);
-    if let Some(s) = ex.upstream_status {
-        span.record("upstream_status", s.as_u16());
-    }
     // Bytes of the body as sent when its length is known up front (buffered bodies and
     // upstream bodies with a Content-Length); absent for a chunked stream.
     let bytes = http_body::Body::size_hint(rsp.body()).exact();
     tracing::info!(
         target: "ifmatch::access",
-        parent: span,
+        // Its own fields say it all; the request span would repeat them.
+        parent: None,
         route,
         method = %method,
         path,

@@ -137,3 +137,36 @@ async fn refused_heads_leave_a_trace_in_the_log() {
         .await;
     assert!(line.contains("127.0.0.1"), "the client is named: {line}");
 }
+
+#[tokio::test]
+async fn a_failed_request_logs_what_and_where_and_its_access_line_says_it_once() {
+    // An upstream port nobody listens on: the request fails with 502.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let bin = Binary::start(&docs_route(&format!("http://{dead}")), &[]).await;
+    let r = Client::new().get(&bin.url("/docs/a?x=1"), &[]).await;
+    r.assert_problem(502);
+    let failed = bin
+        .wait_for_log("request failed", Duration::from_secs(5))
+        .await;
+    for field in [
+        "WARN",
+        "route=\"/docs/\"",
+        "method=GET",
+        "path=\"/docs/a\"",
+        "error=",
+    ] {
+        assert!(failed.contains(field), "{field} in {failed}");
+    }
+    let access = bin
+        .wait_for_log("ifmatch::access", Duration::from_secs(5))
+        .await;
+    assert!(access.contains("status=502"), "{access}");
+    assert_eq!(
+        access.matches("status=").count(),
+        1,
+        "one set of fields, not the request span's again: {access}"
+    );
+}
