@@ -775,8 +775,9 @@ impl Proxy {
 }
 
 /// Drops the remembered tags of a write's targets when it ends, unless disarmed because the
-/// backend refused the write. Being a guard, it also fires when the write's future is dropped
-/// mid-way (client gone, timeout): the outcome is then unknown, so the tag must go.
+/// backend refused the write. Being a guard, it also fires when the write fails or its client
+/// leaves: the outcome is then unknown, so the tag must go. Once the write is sent, that is
+/// when the backend has answered (`InFlight`), not when the client left.
 struct Invalidation {
     proxy: Arc<Proxy>,
     keys: [Option<ResourceKey>; 2],
