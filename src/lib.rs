@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod pool;
 pub mod precondition;
 pub mod proxy;
+pub mod reuse;
 pub mod router;
 pub mod server;
 pub mod tags;

@@ -28,6 +28,7 @@ use crate::activity::{Activity, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::proxy::Proxy;
+use crate::reuse::Spare;
 use crate::upstream::Peer;
 
 /// Serves `config` on `listener` until `shutdown` completes, then lets in-flight requests
@@ -226,6 +227,7 @@ async fn serve_connection<IO>(
     let io = Inspected::new(io, verdicts.clone());
     let counted = activity.clone();
     let counts = proxy.clone();
+    let spare = Spare::default();
     let service = service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         let request = counted.begin();
@@ -239,10 +241,14 @@ async fn serve_connection<IO>(
                 .pop_front()
                 .unwrap_or(Err(FramingError::Lost)),
         };
-        async move {
+        // Built in the connection's spare box, which hyper then holds by pointer
+        // (`reuse`).
+        let mut boxed = spare.take();
+        boxed.as_mut().set(Some(async move {
             let rsp = proxy.handle(req, peer, verdict).await;
             Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, request)))
-        }
+        }));
+        spare.reused(boxed)
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
