@@ -104,33 +104,36 @@ where
     /// [`REPLAY_AFTER`] or more just as the backend closed it on its keep-alive timeout: no
     /// answer at all came back, and sending it again cannot do harm (Go's HTTP client does
     /// the same). Other requests get the error: the backend may have carried them out.
+    ///
+    /// `req` comes boxed: on its way here it passes through four async fns, which moved its
+    /// 280 bytes about ten times a request; a box moves 8.
     pub async fn send(
         &self,
         upstream: &Upstream,
-        mut req: Request<UpstreamBody>,
+        mut req: Box<Request<UpstreamBody>>,
     ) -> Result<Response<Incoming>, SendError> {
         let origin = upstream.origin.as_str();
         while let Some((mut sender, idle_for)) = self.checkout(origin) {
             // The copy costs 3-5% of a request's instructions: only where the race can be.
             let replay = (idle_for >= REPLAY_AFTER && replayable(&req)).then(|| head_only(&req));
-            match sender.try_send_request(req).await {
+            match sender.try_send_request(*req).await {
                 Ok(rsp) => {
                     self.checkin(origin, sender);
                     return Ok(rsp);
                 }
                 Err(mut e) => match (e.take_message(), replay) {
-                    (Some(unsent), _) => req = unsent,
+                    (Some(unsent), _) => *req = unsent,
                     (None, Some(copy)) if unanswered(e.error()) => {
                         let error = e.error();
                         tracing::debug!(origin, %error, "sent again: an idle connection closed");
-                        req = copy;
+                        *req = copy;
                     }
                     (None, _) => return Err(SendError::Http(e.into_error())),
                 },
             }
         }
         let mut sender = self.connect_boxed(upstream.uri.clone()).await?;
-        let rsp = sender.send_request(req).await.map_err(SendError::Http)?;
+        let rsp = sender.send_request(*req).await.map_err(SendError::Http)?;
         self.checkin(origin, sender);
         Ok(rsp)
     }

@@ -373,7 +373,10 @@ impl Proxy {
         parts.method = Method::GET;
         strip_evaluated(&mut parts.headers, pre, true);
         let ticket = self.tags.ticket();
-        let req = Request::from_parts(parts, rt.upstream.limit(ex.take_body()));
+        let req = Box::new(Request::from_parts(
+            parts,
+            rt.upstream.limit(ex.take_body()),
+        ));
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK {
@@ -570,7 +573,7 @@ impl Proxy {
         // another shared write that failed while this one was on its way: its effects may
         // have landed after this one's.
         let sending = shared.then(|| self.tags.ticket());
-        let req = Request::from_parts(parts, body);
+        let req = Box::new(Request::from_parts(parts, body));
         let (me, rt2, route2) = (self.clone(), rt.clone(), route.clone());
         let mut in_flight = InFlight {
             answer: Some(Box::pin(async move { me.send(&rt2, &route2, req).await })),
@@ -623,7 +626,7 @@ impl Proxy {
         &self,
         rt: &Routing,
         route: &Route,
-        req: Request<upstream::UpstreamBody>,
+        req: Box<Request<upstream::UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
         let start = Instant::now();
         let rsp = rt.upstream.send(route, req).await?;
@@ -644,7 +647,7 @@ impl Proxy {
         let ticket = self.tags.ticket();
         self.metrics.revalidation(&route.prefix);
         let rsp = self
-            .send(rt, route, upstream::revalidation_request(parts))
+            .send(rt, route, Box::new(upstream::revalidation_request(parts)))
             .await?;
         ex.upstream_status = Some(rsp.status());
         let status = rsp.status();

@@ -135,7 +135,7 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         route: &Route,
-        req: Request<UpstreamBody>,
+        req: Box<Request<UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
         let upstream = || route.upstream.origin.clone();
         let pool = route

@@ -29,13 +29,14 @@ fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
 }
 
 /// A GET as the proxy hands it to the pool: origin-form, `Host` set.
-fn get(origin: &str, path: &str) -> Request<UpstreamBody> {
+fn get(origin: &str, path: &str) -> Box<Request<UpstreamBody>> {
     let host = origin.trim_start_matches("http://");
-    Request::builder()
+    let req = Request::builder()
         .uri(path)
         .header(header::HOST, host)
         .body(Either::Right(Full::<Bytes>::default()))
-        .unwrap()
+        .unwrap();
+    Box::new(req)
 }
 
 fn upstream(origin: &str) -> Upstream {
