@@ -1,11 +1,12 @@
 //! One allocation per connection for its requests' futures.
 //!
 //! hyper keeps a connection's request future in a slot it allocated once, and moves every
-//! new one into it. The proxy's future is about 3.7 KB, nearly all of it room for states
-//! it has not reached yet, and the move copied all of it: ~470 instructions a request,
-//! and the largest single share of its cache misses. Here the future is built directly in
-//! a box that the connection keeps between requests, and hyper keeps only that box. A box
-//! in use (HTTP/2 runs several requests at once) is not shared: the next one gets a new one.
+//! new one into it. The proxy's future is 4.7 KB, nearly all of it room for states it has
+//! not reached yet, and the move copied all of it: ~470 instructions a request, and the
+//! largest single share of its cache misses (BENCHMARKS.md, *Copies and cache misses*).
+//! Here the future is built directly in a box that the connection keeps between requests,
+//! and hyper keeps only that box. A box in use (HTTP/2 runs several requests at once) is
+//! not shared: the next one gets a new one.
 
 use std::future::Future;
 use std::pin::Pin;
