@@ -241,3 +241,64 @@ async fn a_shutdown_closes_an_idle_http1_keep_alive_connection_at_once() {
         .unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
+
+/// HTTP/2 runs several requests of one connection at once, each with its own future (the
+/// connection keeps one spare box for them, `reuse`): each gets its own answer, and the
+/// connection serves more after them.
+#[tokio::test]
+async fn http2_requests_at_once_on_one_connection_each_get_their_own_answer() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const AT_ONCE: usize = 6;
+    // The first AT_ONCE requests are answered only once all of them are at the backend:
+    // they were in flight together.
+    let barrier = Arc::new(tokio::sync::Barrier::new(AT_ONCE));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let backend = common::ScriptedBackend::start(move |r| {
+        let (barrier, seen) = (barrier.clone(), seen.clone());
+        async move {
+            if seen.fetch_add(1, Ordering::SeqCst) < AT_ONCE {
+                let all = barrier.wait();
+                if tokio::time::timeout(std::time::Duration::from_secs(5), all)
+                    .await
+                    .is_err()
+                {
+                    return common::backend::respond(500, &[], "not all at once");
+                }
+            }
+            common::backend::respond(200, &[], format!("body of {}", r.uri.path()))
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let (sender, _conn) = h2_connection(proxy.addr).await;
+    let get = |path: String| {
+        let (mut sender, url) = (sender.clone(), proxy.url(&path));
+        async move {
+            let req = http::Request::get(url)
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let rsp = sender.send_request(req).await.unwrap();
+            let (status, tag) = (rsp.status().as_u16(), rsp.headers().get("etag").cloned());
+            let body = rsp.into_body().collect().await.unwrap().to_bytes();
+            (path, status, tag, body)
+        }
+    };
+    let tasks: Vec<_> = (0..AT_ONCE)
+        .map(|i| tokio::spawn(get(format!("/d/{i}"))))
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let mut tags = std::collections::HashSet::new();
+    for (path, status, tag, body) in answers {
+        assert_eq!(status, 200, "{path}: {body:?}");
+        assert_eq!(body, format!("body of {path}"));
+        let tag = tag.expect("a strong ETag");
+        assert!(tags.insert(tag), "{path}: a tag of its own");
+    }
+    let (path, status, _, body) = get("/d/after".into()).await;
+    assert_eq!((status, body), (200, format!("body of {path}").into()));
+}
