@@ -16,6 +16,8 @@
 # L1 misses per request too: the instructions' count does not show what copies and a large
 # working set cost.
 set -euo pipefail
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 [[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,17p' "$0"; exit 2; }
 port=$1 path=$2; shift 3
 url="http://127.0.0.1:$port$path"
@@ -27,11 +29,7 @@ if [[ -n ${CACHE:-} ]]; then cache=(--cache-sim=yes); fi
 RUST_LOG=${RUST_LOG:-warn} valgrind --tool=callgrind "${cache[@]}" --callgrind-out-file="$out/cg" "$@" \
     >"$out/log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do
-    curl -s -o /dev/null "$url" && break
-    sleep 0.2
-done
-curl -sf -o /dev/null "$url" || { echo "no answer from $url"; cat "$out/log"; exit 1; }
+await_answer "$url" "$out/log"
 callgrind_control -z "$pid" >/dev/null 2>&1
 # WRK_ARGS is parsed as shell words, so quoted header values keep their spaces.
 n=$(eval "timeout 60 wrk -t1 -c\"\${CONNECTIONS:-1}\" -d\"\${DURATION:-10s}\" ${WRK_ARGS:-} \"\$url\"" |

@@ -10,6 +10,8 @@
 # connection, 3 s (DURATION). Prints copies and bytes per request, then a line per copy
 # site made on (nearly) every request: how many a request, the size, the function.
 set -euo pipefail
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 [[ $# -ge 4 && $3 == "--" ]] || { sed -n '2,11p' "$0"; exit 2; }
 port=$1 path=$2; shift 3
 bin=$(realpath "$(command -v "$1")")
@@ -21,11 +23,7 @@ gcc -O2 -shared -fPIC -o "$out/hist.so" "$(dirname "$0")/memcpy-hist.c" -ldl
 RUST_LOG=${RUST_LOG:-warn} MEMCPY_HIST_OUT="$out/hist" LD_PRELOAD="$out/hist.so" "$@" \
     >"$out/log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do
-    curl -s -o /dev/null "$url" && break
-    sleep 0.1
-done
-curl -sf -o /dev/null "$url" || { echo "no answer from $url"; cat "$out/log"; exit 1; }
+await_answer "$url" "$out/log"
 base=$(awk -v bin="$bin" '$6 == bin { print $1; exit }' "/proc/$pid/maps" | cut -d- -f1)
 kill -USR2 "$pid"
 n=$(timeout 60 wrk -t1 -c1 -d"${DURATION:-3s}" "$url" | awk '/requests in/ {print $1}')
