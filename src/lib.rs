@@ -42,3 +42,4 @@ pub mod tags;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod watchdog;

@@ -7,33 +7,44 @@
 //! that is ready: one short mutex section each way, nothing spawned.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use http::{Method, Request, Response, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::Upstream;
 use crate::upstream::UpstreamBody;
+use crate::watchdog::{Watch, Watched};
 
 /// A connection's error before any HTTP was exchanged (TCP, TLS), with its cause chain.
 pub type ConnectError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A new connection's sender, or why there is none.
-type Connected = Result<SendRequest<UpstreamBody>, SendError>;
+/// A new connection, or why there is none.
+type Connected = Result<Conn, SendError>;
 
 /// Why a request got no response.
 #[derive(Debug)]
 pub enum SendError {
     Connect(ConnectError),
     Http(hyper::Error),
+    /// No response head within the request's timeout.
+    Timeout,
+}
+
+/// A connection to an upstream: where requests go in, and the watch on its timer.
+struct Conn {
+    sender: SendRequest<UpstreamBody>,
+    watch: Arc<Watch>,
 }
 
 /// A backend closes a kept-alive connection on its keep-alive timeout, seconds at the
@@ -41,9 +52,9 @@ pub enum SendError {
 /// may meet that close, and is kept to be sent again (see [`Pool::send`]).
 const REPLAY_AFTER: Duration = Duration::from_millis(500);
 
-/// An idle connection: its sender and when it was last handed back.
+/// An idle connection and when it was last handed back.
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -51,8 +62,8 @@ impl Idle {
     /// Open, and either busy (its response may stream for longer than the timeout) or idle
     /// for less than `timeout`.
     fn usable(&self, now: Instant, timeout: Duration) -> bool {
-        !self.sender.is_closed()
-            && (!self.sender.is_ready() || now.duration_since(self.since) < timeout)
+        let sender = &self.conn.sender;
+        !sender.is_closed() && (!sender.is_ready() || now.duration_since(self.since) < timeout)
     }
 }
 
@@ -97,8 +108,9 @@ where
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `upstream`, on an idle connection if one
-    /// is ready, else on a new one. A request that an idle connection closed before sending
-    /// is tried again on the next one: it was never sent.
+    /// is ready, else on a new one, and waits up to `timeout` for the response head (see
+    /// [`crate::watchdog`]). A request that an idle connection closed before sending is
+    /// tried again on the next one: it was never sent.
     ///
     /// So is a GET or HEAD without a body that went out on a connection idle for
     /// [`REPLAY_AFTER`] or more just as the backend closed it on its keep-alive timeout: no
@@ -111,17 +123,35 @@ where
         &self,
         upstream: &Upstream,
         mut req: Box<Request<UpstreamBody>>,
+        timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let origin = upstream.origin.as_str();
-        while let Some((mut sender, idle_for)) = self.checkout(origin) {
+        while let Some((mut idle, now)) = self.checkout(origin) {
+            let conn = &mut idle.conn;
             // The copy costs 3-5% of a request's instructions: only where the race can be.
-            let replay = (idle_for >= REPLAY_AFTER && replayable(&req)).then(|| head_only(&req));
-            match sender.try_send_request(*req).await {
-                Ok(rsp) => {
-                    self.checkin(origin, sender);
+            let replay = (now.duration_since(idle.since) >= REPLAY_AFTER && replayable(&req))
+                .then(|| head_only(&req));
+            // A timeout shorter than the one the connection was opened with (another
+            // route's) needs a timer of its own.
+            let mut timer = (!conn.watch.begin(now, timeout))
+                .then(|| Box::pin(tokio::time::sleep_until(now + timeout)));
+            // One place that polls the exchange, so that it is inlined there.
+            let mut exchange = pin!(conn.sender.try_send_request(*req));
+            let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                Poll::Ready(sent) => Poll::Ready(Some(sent)),
+                Poll::Pending => match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(None),
+                    _ => Poll::Pending,
+                },
+            });
+            match sent.await {
+                _ if !conn.watch.end() => return Err(SendError::Timeout),
+                None => return Err(SendError::Timeout),
+                Some(Ok(rsp)) => {
+                    self.checkin(origin, idle.conn);
                     return Ok(rsp);
                 }
-                Err(mut e) => match (e.take_message(), replay) {
+                Some(Err(mut e)) => match (e.take_message(), replay) {
                     (Some(unsent), _) => *req = unsent,
                     (None, Some(copy)) if unanswered(e.error()) => {
                         let error = e.error();
@@ -132,28 +162,37 @@ where
                 },
             }
         }
-        let mut sender = self.connect_boxed(upstream.uri.clone()).await?;
-        let rsp = sender.send_request(*req).await.map_err(SendError::Http)?;
-        self.checkin(origin, sender);
+        // A new connection: the timeout counts from before it is made.
+        let start = Instant::now();
+        let connect = self.connect_boxed(upstream.uri.clone(), start, timeout);
+        let mut conn = tokio::time::timeout_at(start + timeout, connect)
+            .await
+            .map_err(|_| SendError::Timeout)??;
+        conn.watch.begin(start, timeout);
+        let sent = conn.sender.send_request(*req).await;
+        if !conn.watch.end() {
+            return Err(SendError::Timeout);
+        }
+        let rsp = sent.map_err(SendError::Http)?;
+        self.checkin(origin, conn);
         Ok(rsp)
     }
 
-    /// An idle connection that can take a request now. Closed and expired ones are dropped
-    /// on the way; busy ones (a response body still streaming) stay.
-    /// With it, how long it has been idle.
-    fn checkout(&self, origin: &str) -> Option<(SendRequest<UpstreamBody>, Duration)> {
+    /// An idle connection that can take a request now, and the time it was taken. Closed
+    /// and expired ones are dropped on the way; busy ones (a response body still streaming)
+    /// stay.
+    fn checkout(&self, origin: &str) -> Option<(Idle, Instant)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(origin)?;
         let now = Instant::now();
         list.retain(|c| c.usable(now, self.idle_timeout));
-        let ready = list.iter().position(|c| c.sender.is_ready())?;
-        let c = list.swap_remove(ready);
-        Some((c.sender, now.duration_since(c.since)))
+        let ready = list.iter().position(|c| c.conn.sender.is_ready())?;
+        Some((list.swap_remove(ready), now))
     }
 
     /// Hands a connection back right after its response head: it becomes ready once the
     /// response body has been read to the end.
-    fn checkin(&self, origin: &str, sender: SendRequest<UpstreamBody>) {
+    fn checkin(&self, origin: &str, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = match idle.get_mut(origin) {
             Some(list) => list,
@@ -161,7 +200,7 @@ where
         };
         if list.len() < self.max_idle_per_origin {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -183,11 +222,17 @@ where
     /// line, so that it is built in this function's stack frame: built in `send`'s, it made
     /// that frame 22 KB deep for every request.
     #[inline(never)]
-    fn connect_boxed(&self, target: Uri) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
-        Box::pin(self.connect(target))
+    fn connect_boxed(
+        &self,
+        target: Uri,
+        start: Instant,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
+        Box::pin(self.connect(target, start, timeout))
     }
 
-    async fn connect(&self, target: Uri) -> Result<SendRequest<UpstreamBody>, SendError> {
+    /// A new connection, its task spawned. Its watch's period is `timeout`, from `start`.
+    async fn connect(&self, target: Uri, start: Instant, timeout: Duration) -> Connected {
         // Started with the first connection: only then is there something to reap, and a
         // runtime to run on.
         if !self.reaper.swap(true, Ordering::Relaxed) {
@@ -203,12 +248,18 @@ where
             .handshake(io)
             .await
             .map_err(SendError::Http)?;
+        let watch = Watch::new(start, timeout);
+        let watched = Watched::new(conn, watch.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
+            match watched.await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "upstream connection ended with an error")
+                }
+                None => tracing::debug!("upstream connection closed: no response head in time"),
             }
         });
-        Ok(sender)
+        Ok(Conn { sender, watch })
     }
 }
 

@@ -144,26 +144,32 @@ impl UpstreamClient {
             .and_then(|p| self.by_ca_file.get(p))
             .unwrap_or(&self.pool);
         // Not bound to a name first: the future would be kept twice (see `Proxy::handle`).
-        match tokio::time::timeout(route.upstream_timeout, pool.send(&route.upstream, req)).await {
-            Err(_) => Err(Error::UpstreamTimeout {
-                upstream: upstream(),
-                after: route.upstream_timeout,
-            }),
-            Ok(Ok(mut rsp)) => {
+        match pool
+            .send(&route.upstream, req, route.upstream_timeout)
+            .await
+        {
+            Ok(mut rsp) => {
                 strip_hop_by_hop(rsp.headers_mut());
                 Ok(rsp)
             }
-            Ok(Err(e)) => Err(self.classify(&e, upstream())),
+            Err(e) => Err(self.classify(&e, upstream(), route.upstream_timeout)),
         }
     }
 }
 
 impl UpstreamClient {
     /// Turns a send error into the proxy's error, keeping the innermost cause as the reason.
-    fn classify(&self, e: &SendError, upstream: String) -> Error {
+    /// `timeout` is the one the request was sent with.
+    fn classify(&self, e: &SendError, upstream: String, timeout: Duration) -> Error {
         let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
             SendError::Connect(c) => (&**c, true),
             SendError::Http(h) => (h, false),
+            SendError::Timeout => {
+                return Error::UpstreamTimeout {
+                    upstream,
+                    after: timeout,
+                }
+            }
         };
         let mut reason = top.to_string();
         let mut source = Some(top);

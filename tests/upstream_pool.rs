@@ -1,26 +1,29 @@
 //! The upstream connection pool on its own, against real servers on 127.0.0.1: a request
 //! goes to its upstream as given, a connection is reused once its response has been read,
 //! connections idle past the timeout or closed by the backend are not reused, a GET that
-//! meets a backend closing an idle connection is sent again, and the number kept is
-//! bounded.
+//! meets a backend closing an idle connection is sent again, the number kept is bounded,
+//! and a response head that does not come in time ends its connection.
 
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::{BodyExt, Either, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use ifmatch::config::Upstream;
-use ifmatch::pool::Pool;
+use ifmatch::pool::{Pool, SendError};
 use ifmatch::upstream::UpstreamBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::backend::respond;
 use common::ScriptedBackend;
+
+/// The upstream timeout of requests that are not about it.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
     let mut http = HttpConnector::new();
@@ -50,7 +53,7 @@ fn upstream(origin: &str) -> Upstream {
 /// Sends a GET and reads its body to the end (which frees the connection).
 async fn fetch(pool: &Pool<HttpConnector>, origin: &str, path: &str) -> (u16, Bytes) {
     let rsp = pool
-        .send(&upstream(origin), get(origin, path))
+        .send(&upstream(origin), get(origin, path), TIMEOUT)
         .await
         .unwrap();
     let status = rsp.status().as_u16();
@@ -93,7 +96,7 @@ async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
     let origin = backend.origin();
     let p = pool(Duration::from_secs(60), 8);
     let first = p
-        .send(&upstream(&origin), get(&origin, "/a"))
+        .send(&upstream(&origin), get(&origin, "/a"), TIMEOUT)
         .await
         .unwrap();
     assert_eq!(fetch(&p, &origin, "/b").await.1.len(), BIG);
@@ -134,8 +137,8 @@ async fn idle_connections_expire_and_the_idle_list_is_bounded() {
     let p = pool(Duration::from_secs(60), 1);
     let up = upstream(&origin);
     let (a, b) = tokio::join!(
-        p.send(&up, get(&origin, "/1")),
-        p.send(&up, get(&origin, "/2"))
+        p.send(&up, get(&origin, "/1"), TIMEOUT),
+        p.send(&up, get(&origin, "/2"), TIMEOUT)
     );
     let before = backend.connections();
     for rsp in [a.unwrap(), b.unwrap()] {
@@ -230,7 +233,7 @@ async fn a_get_that_meets_the_backend_closing_an_idle_connection_is_sent_again()
     tokio::time::sleep(Duration::from_millis(600)).await;
     let mut put = get(&origin, "/");
     *put.method_mut() = http::Method::PUT;
-    let r = p.send(&upstream(&origin), put).await;
+    let r = p.send(&upstream(&origin), put, TIMEOUT).await;
     assert!(
         r.is_err(),
         "a PUT was sent again: {:?}",
@@ -295,7 +298,7 @@ async fn after_a_backend_restart_no_request_fails_on_a_dead_pooled_connection() 
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         backend = keep_alive_backend(listener);
         for _ in 0..5 {
-            let r = p.send(&upstream(&origin), get(&origin, "/")).await;
+            let r = p.send(&upstream(&origin), get(&origin, "/"), TIMEOUT).await;
             assert!(r.is_ok(), "round {round}: {:?}", r.err());
             r.unwrap().into_body().collect().await.unwrap();
         }
@@ -340,4 +343,104 @@ async fn a_dropped_pool_stops_its_reaper_and_closes_its_connections() {
     );
     let one = || closed.load(Ordering::SeqCst) == 1;
     assert!(common::eventually(Duration::from_secs(5), one).await);
+}
+
+/// A backend that answers a request for `/slow/MS` after MS milliseconds and any other at
+/// once.
+async fn delaying_backend() -> ScriptedBackend {
+    ScriptedBackend::start(|r| async move {
+        if let Some(ms) = r.uri.path().strip_prefix("/slow/") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        }
+        respond(200, &[], "ok")
+    })
+    .await
+}
+
+/// Sends a GET with `timeout`: the status, or `None` if it timed out, and how long it took.
+async fn timed(
+    p: &Pool<HttpConnector>,
+    origin: &str,
+    path: &str,
+    timeout: Duration,
+) -> (Option<u16>, Duration) {
+    let start = Instant::now();
+    match p.send(&upstream(origin), get(origin, path), timeout).await {
+        Ok(rsp) => {
+            let status = rsp.status().as_u16();
+            rsp.into_body().collect().await.unwrap();
+            (Some(status), start.elapsed())
+        }
+        Err(SendError::Timeout) => (None, start.elapsed()),
+        Err(e) => panic!("{path}: {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_kept_connection_whose_answer_is_late_times_out_and_is_not_used_again() {
+    let backend = delaying_backend().await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 8);
+    let timeout = Duration::from_millis(600);
+    assert_eq!(timed(&p, &origin, "/", timeout).await.0, Some(200));
+    // The connection's timer first fires a timeout after it was opened, 100 ms before the
+    // late request's deadline.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, took) = timed(&p, &origin, "/slow/5000", timeout).await;
+    assert_eq!(status, None, "timed out");
+    // Not a whole timeout late: the connection's timer is set for the earlier of this
+    // request's deadline and a period on.
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(400),
+        "at its timeout: {took:?}"
+    );
+    assert_eq!(backend.connections(), 1, "on the kept connection");
+    assert_eq!(timed(&p, &origin, "/", timeout).await.0, Some(200));
+    assert_eq!(backend.connections(), 2, "the late one was not used again");
+}
+
+#[tokio::test]
+async fn a_kept_connection_outlives_its_timeout_many_times_over_without_a_false_timeout() {
+    // The connection's timer fires every 200 ms while it lives, idle or not; an answer that
+    // comes after 150 ms, late into the timer's period, is still in time.
+    let backend = delaying_backend().await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 8);
+    let timeout = Duration::from_millis(200);
+    for i in 0..6 {
+        let (status, took) = timed(&p, &origin, "/slow/150", timeout).await;
+        assert_eq!(status, Some(200), "request {i} after {took:?}");
+        tokio::time::sleep(Duration::from_millis(130)).await;
+    }
+    assert_eq!(backend.connections(), 1, "one connection throughout");
+}
+
+#[tokio::test]
+async fn a_shorter_timeout_on_a_connection_opened_with_a_longer_one_is_kept() {
+    // Two routes to one origin: the connection is opened by the one that waits 10 s.
+    let backend = delaying_backend().await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 8);
+    assert_eq!(timed(&p, &origin, "/", TIMEOUT).await.0, Some(200));
+    let short = Duration::from_millis(300);
+    let (status, took) = timed(&p, &origin, "/slow/5000", short).await;
+    assert_eq!(status, None, "timed out");
+    assert!(
+        took >= short && took < Duration::from_secs(2),
+        "at its own timeout, not the connection's: {took:?}"
+    );
+    assert_eq!(backend.connections(), 1, "on the kept connection");
+    assert_eq!(timed(&p, &origin, "/slow/100", short).await.0, Some(200));
+}
+
+#[tokio::test]
+async fn a_new_connection_counts_its_timeout_from_before_it_was_made() {
+    let backend = delaying_backend().await;
+    let origin = backend.origin();
+    let p = pool(Duration::from_secs(60), 8);
+    let timeout = Duration::from_millis(300);
+    let (status, took) = timed(&p, &origin, "/slow/5000", timeout).await;
+    assert_eq!(status, None, "timed out");
+    assert!(took >= timeout && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(timed(&p, &origin, "/slow/100", timeout).await.0, Some(200));
 }
