@@ -230,12 +230,15 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One scan of the names, noting which fixed ones are present: most heads carry none or
-    // only `Connection`, and each removal costs a hash lookup.
+    // One scan of the head, noting which fixed names are present and whether `Connection`
+    // names more: most heads carry none or only `Connection: keep-alive`, and each lookup
+    // or removal costs a hash.
     let mut present = 0u16;
-    for name in headers.keys() {
+    let mut names_more = false;
+    for (name, value) in headers.iter() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
+            names_more |= i == 0 && !names_nothing(value);
         }
     }
     if present == 0 {
@@ -243,7 +246,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // The names `Connection` lists beyond the fixed ones (and its `close` option): rare,
     // so only they cost a `HeaderName` each.
-    let named: Vec<HeaderName> = if present & 1 != 0 {
+    let named: Vec<HeaderName> = if names_more {
         headers
             .get_all(header::CONNECTION)
             .iter()
