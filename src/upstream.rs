@@ -228,8 +228,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-/// Removes hop-by-hop headers and every header named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes hop-by-hop headers and every header named in `Connection`. True if `Connection`
+/// named any beyond the hop-by-hop ones (which may be any header, `Host` too).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One scan of the head, noting which fixed names are present and whether `Connection`
     // names more: most heads carry none or only `Connection: keep-alive`, and each lookup
     // or removal costs a hash.
@@ -242,7 +243,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present == 0 {
-        return;
+        return false;
     }
     // The names `Connection` lists beyond the fixed ones (and its `close` option): rare,
     // so only they cost a `HeaderName` each.
@@ -273,6 +274,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &named {
         headers.remove(name);
     }
+    !named.is_empty()
 }
 
 /// Whether a `Connection` value is one of the two almost every head carries, which name no
@@ -285,12 +287,16 @@ fn names_nothing(v: &HeaderValue) -> bool {
 
 /// Rewrites a client's request head into the upstream's, in place.
 pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
-    let original_host = parts
+    let from_uri = parts
         .uri
         .authority()
         .map(|a| HeaderValue::from_str(a.as_str()))
-        .and_then(Result::ok)
-        .or_else(|| parts.headers.get(header::HOST).cloned());
+        .and_then(Result::ok);
+    // One lookup for the client's `Host` and whether it sent only one.
+    let mut in_head = parts.headers.get_all(header::HOST).iter();
+    let (first, one) = (in_head.next(), in_head.next().is_none());
+    let host_in_head = from_uri.is_none() && first.is_some() && one;
+    let original_host = from_uri.or_else(|| first.cloned());
 
     // Origin-form, as an HTTP/1.1 origin server expects (RFC 9112 §3.2.1): what HTTP/1.1
     // clients send already; HTTP/2's and absolute-form requests carry scheme and authority.
@@ -300,12 +306,15 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
-    strip_hop_by_hop(h);
+    let named_removed = strip_hop_by_hop(h);
     // The proxy answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
     // first read, i.e. only once the write passed its precondition).
     h.remove(header::EXPECT);
 
     match (&original_host, route.preserve_host) {
+        // The client's one `Host` is in the head already (an insert is a hash and a
+        // probe). Two are made one by the insert below, as the backend must not choose.
+        (Some(_), true) if host_in_head && !named_removed => {}
         (Some(host), true) => {
             h.insert(header::HOST, host.clone());
         }
