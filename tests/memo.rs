@@ -360,3 +360,37 @@ async fn concurrent_reads_of_a_changing_body_each_get_the_tag_of_their_bytes() {
     assert_eq!(hit + missed, 320);
     assert!(hit > 0 && missed > 0, "{hit} hits, {missed} misses");
 }
+
+#[tokio::test]
+async fn a_tag_puts_write_of_the_kept_bytes_takes_their_tag_without_hashing_them() {
+    let backend = ChunkedBackend::start().await;
+    backend.serve(b"the current bytes");
+    // `cached`: the write is checked against the tag the GET left, with no GET of its own.
+    let extra = "tag_puts = true\nvalidation = \"cached\"";
+    let proxy = Proxy::start(&route("/", extra), &backend.origin()).await;
+    let misses = |p: &Proxy| p.state.memo.stats.misses.load(Ordering::Relaxed);
+    let c = Client::new();
+    let tag = c.get(&proxy.url("/doc"), &[]).await.etag();
+    assert_eq!(tag, proxy.tag_of("the current bytes"));
+    let (hits_before, misses_before) = (hits(&proxy), misses(&proxy));
+
+    let r = c
+        .put(
+            &proxy.url("/doc"),
+            &[("if-match", &tag)],
+            "the current bytes",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.etag(), tag, "the tag of the bytes stored");
+    assert_eq!(hits(&proxy), hits_before + 1, "compared with the copy");
+
+    // Other bytes are hashed, and get their own tag.
+    let r = c
+        .put(&proxy.url("/doc"), &[("if-match", &tag)], "new bytes")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.etag(), proxy.tag_of("new bytes"));
+    assert_eq!(hits(&proxy), hits_before + 1);
+    assert_eq!(misses(&proxy), misses_before + 1, "hashed");
+}
