@@ -775,9 +775,7 @@ impl Proxy {
         };
         Ok((resource, body))
     }
-}
 
-impl Proxy {
     /// The tag of a `tag_puts` PUT's body. Equal to the URL's kept copy (a rewrite of the
     /// bytes last read, or a retried write), it is the copy's: a compare, where hashing a
     /// 256 KiB body takes ~155 µs. Counted as a GET's body is.
