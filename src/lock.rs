@@ -19,9 +19,9 @@ use dashmap::DashMap;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::error::Error;
-use crate::key::ResourceKey;
+use crate::key::{KeyHasher, ResourceKey};
 
-type LockMap = DashMap<ResourceKey, Arc<RwLock<()>>>;
+type LockMap = DashMap<ResourceKey, Arc<RwLock<()>>, KeyHasher>;
 
 #[derive(Debug, Default)]
 pub struct WriteLocks {
