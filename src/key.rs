@@ -10,23 +10,13 @@
 //! still forwarded with the path the client sent; only routing and keys use the normal form.
 
 use std::borrow::Cow;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::config::Upstream;
 
-/// The cache and lock key of one resource at one upstream, with its hash.
-///
-/// A write looks its key up in three maps (locks, tag cache, body copies), a GET in two:
-/// hashed at each lookup, the key cost ~1.1k instructions a PUT (SipHash, callgrind). It is
-/// hashed once, when made, with SipHash under a key random to the process (std's
-/// `RandomState`): clients choose the paths, so the hash must stay one they cannot make
-/// collide (HashDoS). The maps take that hash as it is ([`KeyHasher`]).
-#[derive(Clone)]
-pub struct ResourceKey {
-    text: Arc<str>,
-    hash: u64,
-}
+/// The cache and lock key of one resource at one upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey(Arc<str>);
 
 // === impl ResourceKey ===
 
@@ -42,72 +32,17 @@ impl ResourceKey {
             s.push('?');
             s.push_str(q);
         }
-        static SIP: OnceLock<RandomState> = OnceLock::new();
-        let hash = SIP.get_or_init(RandomState::new).hash_one(s.as_str());
-        Self {
-            text: s.into(),
-            hash,
-        }
+        Self(s.into())
     }
 
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.0
     }
 }
 
-impl PartialEq for ResourceKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.text == other.text
-    }
-}
-
-impl Eq for ResourceKey {}
-
-impl Hash for ResourceKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-impl PartialOrd for ResourceKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ResourceKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.text.cmp(&other.text)
-    }
-}
-
-impl std::fmt::Debug for ResourceKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("ResourceKey").field(&self.text).finish()
-    }
-}
-
-/// For maps keyed by [`ResourceKey`]: its hash, as it carries it.
-pub type KeyHasher = BuildHasherDefault<CarriedHash>;
-
-/// See [`KeyHasher`].
-#[derive(Default)]
-pub struct CarriedHash(u64);
-
-impl Hasher for CarriedHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    /// Not used by [`ResourceKey`]; any other key is folded in (FNV-1a), never dropped.
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
+impl std::borrow::Borrow<str> for ResourceKey {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 

@@ -19,9 +19,9 @@ use dashmap::DashMap;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::error::Error;
-use crate::key::{KeyHasher, ResourceKey};
+use crate::key::ResourceKey;
 
-type LockMap = DashMap<ResourceKey, Arc<RwLock<()>>, KeyHasher>;
+type LockMap = DashMap<ResourceKey, Arc<RwLock<()>>>;
 
 #[derive(Debug, Default)]
 pub struct WriteLocks {

@@ -22,7 +22,7 @@ use dashmap::DashMap;
 use http::HeaderValue;
 
 use crate::etag::{ETag, TagKey};
-use crate::key::{KeyHasher, ResourceKey};
+use crate::key::ResourceKey;
 
 /// A body as the upstream sent it, and its tag under one key.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ pub struct MemoStats {
 #[derive(Debug)]
 pub struct BodyMemo {
     budget: usize,
-    map: DashMap<ResourceKey, Arc<Memo>, KeyHasher>,
+    map: DashMap<ResourceKey, Arc<Memo>>,
     /// Eviction order and the bytes held. Every change of `map` but lookups happens under
     /// this lock, so `used` is exact.
     order: Mutex<Order>,
@@ -78,7 +78,7 @@ impl BodyMemo {
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
-            map: DashMap::default(),
+            map: DashMap::new(),
             order: Mutex::new(Order::default()),
             stats: MemoStats::default(),
         }

@@ -19,7 +19,7 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
 use crate::etag::ETag;
-use crate::key::{KeyHasher, ResourceKey};
+use crate::key::ResourceKey;
 
 /// What is remembered of a resource's representation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,7 +73,7 @@ pub struct CacheStats {
 
 #[derive(Debug)]
 pub struct TagStore {
-    map: DashMap<ResourceKey, Entry, KeyHasher>,
+    map: DashMap<ResourceKey, Entry>,
     /// Insertion order, for eviction.
     order: Mutex<VecDeque<ResourceKey>>,
     len: AtomicUsize,
@@ -89,7 +89,7 @@ pub struct TagStore {
 impl TagStore {
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: DashMap::default(),
+            map: DashMap::new(),
             order: Mutex::new(VecDeque::new()),
             len: AtomicUsize::new(0),
             capacity: capacity.max(1),
