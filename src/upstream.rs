@@ -295,7 +295,7 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
     // One lookup for the client's `Host` and whether it sent only one.
     let mut in_head = parts.headers.get_all(header::HOST).iter();
     let (first, one) = (in_head.next(), in_head.next().is_none());
-    let host_in_head = from_uri.is_none() && first.is_some() && one;
+    let host_in_head = from_uri.is_none() && one;
     let original_host = from_uri.or_else(|| first.cloned());
 
     // Origin-form, as an HTTP/1.1 origin server expects (RFC 9112 §3.2.1): what HTTP/1.1

@@ -69,7 +69,9 @@ impl Watch {
     }
 
     /// Whether the waiting request's deadline passed and the connection was ended for it.
-    pub fn timed_out(&self) -> bool {
+    /// (The pool learns it from [`end`](Self::end); this is for the tests.)
+    #[cfg(test)]
+    fn timed_out(&self) -> bool {
         self.deadline.load(Ordering::Acquire) == TIMED_OUT
     }
 

@@ -435,7 +435,9 @@ async fn a_shorter_timeout_on_a_connection_opened_with_a_longer_one_is_kept() {
 }
 
 #[tokio::test]
-async fn a_new_connection_counts_its_timeout_from_before_it_was_made() {
+async fn a_new_connections_first_request_times_out_at_its_timeout() {
+    // (On loopback the connect is instant: that the timeout counts from before it is made
+    // is not shown here.)
     let backend = delaying_backend().await;
     let origin = backend.origin();
     let p = pool(Duration::from_secs(60), 8);
