@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! client ─▶ server ─▶ proxy::handle
+//!                       ├─ host            one valid Host (HTTP/1.1: required) → 400
 //!                       ├─ router          which route (longest prefix)      → 404
 //!                       ├─ precondition    parse If-Match / If-None-Match …  → 400
 //!                       ├─ GET/HEAD ─▶ upstream ─▶ body::read_tagged ─▶ tags.record
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod error;
 pub mod etag;
 pub mod framing;
+pub mod host;
 pub mod key;
 pub mod lifecycle;
 pub mod lock;

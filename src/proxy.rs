@@ -335,6 +335,7 @@ impl Proxy {
         crate::framing::check_codings(&parts.headers)?;
         let routing = self.routing.load_full();
         routing.check_limits(&parts)?;
+        crate::host::check(&parts)?;
         let rt = &*routing;
         let path = normalize_path(parts.uri.path());
         let route = routing

@@ -292,11 +292,10 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
         .authority()
         .map(|a| HeaderValue::from_str(a.as_str()))
         .and_then(Result::ok);
-    // One lookup for the client's `Host` and whether it sent only one.
-    let mut in_head = parts.headers.get_all(header::HOST).iter();
-    let (first, one) = (in_head.next(), in_head.next().is_none());
-    let host_in_head = from_uri.is_none() && one;
-    let original_host = from_uri.or_else(|| first.cloned());
+    // At most one `Host`: `host::check` refused requests with more.
+    let in_head = parts.headers.get(header::HOST);
+    let host_in_head = from_uri.is_none() && in_head.is_some();
+    let original_host = from_uri.or_else(|| in_head.cloned());
 
     // Origin-form, as an HTTP/1.1 origin server expects (RFC 9112 §3.2.1): what HTTP/1.1
     // clients send already; HTTP/2's and absolute-form requests carry scheme and authority.
@@ -312,8 +311,7 @@ pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
     h.remove(header::EXPECT);
 
     match (&original_host, route.preserve_host) {
-        // The client's one `Host` is in the head already (an insert is a hash and a
-        // probe). Two are made one by the insert below, as the backend must not choose.
+        // The client's `Host` is in the head already (an insert is a hash and a probe).
         (Some(_), true) if host_in_head && !named_removed => {}
         (Some(host), true) => {
             h.insert(header::HOST, host.clone());

@@ -78,6 +78,61 @@ async fn smuggling_shaped_requests_are_refused_and_never_forwarded() {
     }
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, any request with two, and one whose
+/// `Host` is not a host name get 400, a problem that names the header, and never reach the
+/// backend. The connection stays usable: its framing was sound.
+#[tokio::test]
+async fn a_missing_repeated_or_malformed_host_is_refused_before_the_backend() {
+    let (backend, proxy) = proxy_with("").await;
+    let cases: &[(&str, &str)] = &[
+        ("no Host", "PUT /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+        ("two Hosts", "PUT /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nContent-Length: 3\r\n\r\nabc"),
+        ("two Hosts, absolute-form", "GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"),
+        ("two Hosts, HTTP/1.0", "GET /x HTTP/1.0\r\nHost: a.example\r\nHost: b.example\r\nConnection: keep-alive\r\n\r\n"),
+        ("userinfo", "GET /x HTTP/1.1\r\nHost: user@a.example\r\n\r\n"),
+        ("a path", "GET /x HTTP/1.1\r\nHost: a.example/evil\r\n\r\n"),
+        ("empty", "GET /x HTTP/1.1\r\nHost:\r\n\r\n"),
+        ("a port that is no number", "GET /x HTTP/1.1\r\nHost: a.example:http\r\n\r\n"),
+    ];
+    for (name, head) in cases {
+        // The refused request, then a good one on the same connection.
+        let bytes =
+            format!("{head}GET /after HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n");
+        let rsp = raw(proxy.addr, bytes.into_bytes(), Duration::from_secs(2)).await;
+        assert!(
+            status_line(&rsp).ends_with(" 400 Bad Request"),
+            "{name}: {rsp}"
+        );
+        let first = rsp.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert!(rsp.contains("application/problem+json"), "{name}: {rsp}");
+        assert!(first.contains("malformed host header"), "{name}: {rsp}");
+        assert!(
+            rsp.contains(" 200 OK\r\n"),
+            "{name}: the next request: {rsp}"
+        );
+        let forwarded: Vec<_> = backend
+            .requests()
+            .iter()
+            .map(|r| r.uri.path().to_owned())
+            .collect();
+        assert!(
+            !forwarded.contains(&"/x".to_owned()),
+            "{name}: forwarded {forwarded:?}"
+        );
+    }
+    // HTTP/1.0 may omit it: the backend gets the route's upstream host.
+    let rsp = raw(
+        proxy.addr,
+        b"GET /x HTTP/1.0\r\n\r\n".to_vec(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(status_line(&rsp).ends_with(" 200 OK"), "{rsp}");
+    let seen = backend.last();
+    assert_eq!(seen.uri.path(), "/x");
+    assert_eq!(seen.headers.get_all("host").iter().count(), 1);
+}
+
 /// A chunk size written with more leading zeros than the framing inspector buffers of a
 /// line (4 KiB): hyper reads the size as it is; the inspector must too, or it would take
 /// the chunk's data for request heads, and the verdicts of later requests would shift onto

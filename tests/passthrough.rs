@@ -182,18 +182,6 @@ async fn a_host_that_connection_names_still_reaches_the_backend_once() {
     assert_eq!(seen.headers["x-forwarded-host"], "docs.example");
 }
 
-#[tokio::test]
-async fn a_request_with_two_hosts_reaches_the_backend_with_the_first_alone() {
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
-    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
-    let head = "GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n";
-    let answer = common::raw_exchange(proxy.addr, head.as_bytes()).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let seen = backend.last();
-    let hosts: Vec<_> = seen.headers.get_all("host").iter().collect();
-    assert_eq!(hosts, ["a.example"]);
-}
-
 /// HTTP/2 requests and HTTP/1.1 absolute-form ones carry scheme and authority; an origin
 /// server gets origin-form (RFC 9112 §3.2.1), with the path and query as sent.
 #[tokio::test]

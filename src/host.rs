@@ -1,0 +1,186 @@
+//! The request's `Host` header, checked as RFC 9112 §3.2 requires of a server: 400 for an
+//! HTTP/1.1 request without one, for any request with more than one, and for one whose value
+//! is not `uri-host [":" port]` (RFC 3986 §3.2.2). ifmatch routes by `Host` and passes it
+//! on, so a value that the router and the backend could read differently (`a@b`, `a/b`, two
+//! lines) is refused before either sees it, as nginx refuses it.
+
+use http::header::HOST;
+use http::request::Parts;
+use http::Version;
+
+use crate::precondition::HeaderError;
+
+/// Refuses a request whose `Host` is missing (HTTP/1.1), repeated or malformed.
+pub fn check(parts: &Parts) -> Result<(), HeaderError> {
+    let mut lines = parts.headers.get_all(HOST).iter();
+    let reason = match (lines.next(), lines.next()) {
+        // HTTP/1.0 may omit it, and HTTP/2 carries the authority in `:authority`.
+        (None, _) if parts.version == Version::HTTP_11 => {
+            "an HTTP/1.1 request must carry a Host header".to_owned()
+        }
+        (None, _) => return Ok(()),
+        (Some(_), Some(_)) => "a request may carry only one Host header".to_owned(),
+        (Some(value), None) => match invalid(value.as_bytes()) {
+            None => return Ok(()),
+            Some(why) => format!("{:?} {why}", String::from_utf8_lossy(value.as_bytes())),
+        },
+    };
+    Err(HeaderError { name: HOST, reason })
+}
+
+/// Why `value` is not `uri-host [":" port]`, or `None` when it is.
+fn invalid(value: &[u8]) -> Option<&'static str> {
+    let (host_ok, port) = match value.strip_prefix(b"[") {
+        // IP-literal: an IPv6 address (IPvFuture has never been assigned).
+        Some(rest) => {
+            let Some(end) = rest.iter().position(|&b| b == b']') else {
+                return Some("opens an IP literal with [ and does not close it");
+            };
+            let literal = &rest[..end];
+            let ok = !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+            match &rest[end + 1..] {
+                [] => (ok, &[][..]),
+                [b':', port @ ..] => (ok, port),
+                _ => return Some("has characters after its IP literal other than a port"),
+            }
+        }
+        // reg-name or IPv4address (whose characters reg-name includes); no `:` in either.
+        None => {
+            let (name, port) = match value.iter().position(|&b| b == b':') {
+                Some(i) => (&value[..i], &value[i + 1..]),
+                None => (value, &[][..]),
+            };
+            (!name.is_empty() && reg_name(name), port)
+        }
+    };
+    if !host_ok {
+        return Some("is not a host name or IP address (RFC 3986 §3.2.2)");
+    }
+    if !port.iter().all(u8::is_ascii_digit) {
+        return Some("has a port that is not a decimal number");
+    }
+    None
+}
+
+/// `reg-name = *( unreserved / pct-encoded / sub-delims )`
+fn reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(&b) = name.get(i) {
+        let ok = match b {
+            b'%' => {
+                let hex = |j: usize| name.get(j).is_some_and(u8::is_ascii_hexdigit);
+                i += 2;
+                hex(i - 1) && hex(i)
+            }
+            b if b.is_ascii_alphanumeric() => true,
+            b'-' | b'.' | b'_' | b'~' => true,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => true,
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Request;
+
+    use super::*;
+
+    fn parts(version: Version, uri: &str, hosts: &[&[u8]]) -> Parts {
+        let mut b = Request::get(uri).version(version);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn valid_hosts_pass() {
+        for host in [
+            &b"a"[..],
+            b"docs.example",
+            b"docs.example:8080",
+            b"127.0.0.1:19080",
+            b"[::1]",
+            b"[::1]:443",
+            b"[2001:db8::7]:80",
+            b"[::ffff:192.0.2.1]",
+            b"xn--bcher-kva.example",
+            b"a%20b.example",
+            b"under_score.example:",
+            b"weird!$&'()*+,;=.example",
+        ] {
+            let p = parts(Version::HTTP_11, "/x", &[host]);
+            assert_eq!(check(&p), Ok(()), "{}", String::from_utf8_lossy(host));
+        }
+    }
+
+    #[test]
+    fn malformed_hosts_are_refused_with_the_value_and_why() {
+        let cases: [(&[u8], &str); 14] = [
+            (b"", "not a host name"),
+            (b":80", "not a host name"),
+            (b"a b", "not a host name"),
+            (b"a/b", "not a host name"),
+            (b"user@docs.example", "not a host name"),
+            (b"docs.example?x", "not a host name"),
+            (b"docs.example#x", "not a host name"),
+            (b"a\\b", "not a host name"),
+            (b"a%2", "not a host name"),
+            (b"a%zz", "not a host name"),
+            (b"docs.example:80:81", "port"),
+            (b"docs.example:http", "port"),
+            (b"[::1", "does not close"),
+            (b"[::1]x", "after its IP literal"),
+        ];
+        for (host, why) in cases {
+            let p = parts(Version::HTTP_11, "/x", &[host]);
+            let e = check(&p).expect_err(&String::from_utf8_lossy(host));
+            assert_eq!(e.name, HOST);
+            assert!(e.reason.contains(why), "{host:?}: {}", e.reason);
+            assert!(
+                e.reason
+                    .starts_with(&format!("{:?}", String::from_utf8_lossy(host))),
+                "{}",
+                e.reason
+            );
+        }
+        for literal in [&b"[]"[..], b"[::g]", b"[v1.x]"] {
+            assert!(check(&parts(Version::HTTP_11, "/x", &[literal])).is_err());
+        }
+    }
+
+    #[test]
+    fn two_host_lines_are_refused_whatever_the_version_or_form() {
+        for (version, uri) in [
+            (Version::HTTP_11, "/x"),
+            (Version::HTTP_10, "/x"),
+            (Version::HTTP_11, "http://a.example/x"),
+        ] {
+            let p = parts(version, uri, &[b"a.example", b"a.example"]);
+            let e = check(&p).unwrap_err();
+            assert!(e.reason.contains("only one Host"), "{}", e.reason);
+        }
+    }
+
+    #[test]
+    fn only_http_1_1_must_carry_a_host() {
+        let e = check(&parts(Version::HTTP_11, "/x", &[])).unwrap_err();
+        assert!(e.reason.contains("must carry a Host"), "{}", e.reason);
+        // RFC 9112 §3.2 asks it of absolute-form too, whose authority the proxy uses.
+        assert!(check(&parts(Version::HTTP_11, "http://a.example/x", &[])).is_err());
+        assert_eq!(check(&parts(Version::HTTP_10, "/x", &[])), Ok(()));
+        assert_eq!(
+            check(&parts(Version::HTTP_2, "https://a.example/x", &[])),
+            Ok(())
+        );
+    }
+}
