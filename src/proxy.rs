@@ -335,12 +335,12 @@ impl Proxy {
         crate::framing::check_codings(&parts.headers)?;
         let routing = self.routing.load_full();
         routing.check_limits(&parts)?;
-        crate::host::check(&parts)?;
+        let host = crate::host::check(&parts)?;
         let rt = &*routing;
         let path = normalize_path(parts.uri.path());
         let route = routing
             .router
-            .route(request_host(&parts), &path)
+            .route(request_host(&parts, host.as_ref()), &path)
             .ok_or_else(|| Error::NoRoute {
                 path: parts.uri.path().to_owned(),
             })?
@@ -348,7 +348,7 @@ impl Proxy {
         ex.route = Some(route.clone());
         let pre = Preconditions::parse(&parts.headers)?;
         let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
-        upstream::prepare(&mut parts, &route, peer);
+        upstream::prepare(&mut parts, host, &route, peer);
         if matches!(parts.method, Method::GET | Method::HEAD) {
             self.read(rt, &route, &key, &pre, parts, ex).await
         } else {
@@ -950,10 +950,8 @@ fn destination_key(parts: &Parts, route: &Route) -> Option<ResourceKey> {
 }
 
 /// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.
-fn request_host(req: &Parts) -> Option<&str> {
-    req.uri
-        .host()
-        .or_else(|| req.headers.get(header::HOST)?.to_str().ok())
+fn request_host<'a>(req: &'a Parts, host: Option<&'a HeaderValue>) -> Option<&'a str> {
+    req.uri.host().or_else(|| host?.to_str().ok())
 }
 
 fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {

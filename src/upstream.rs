@@ -285,17 +285,16 @@ fn names_nothing(v: &HeaderValue) -> bool {
     v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
 }
 
-/// Rewrites a client's request head into the upstream's, in place.
-pub fn prepare(parts: &mut Parts, route: &Route, peer: &Peer) {
+/// Rewrites a client's request head into the upstream's, in place. `host` is the client's
+/// one `Host` value (`host::check`), still in `parts`.
+pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer: &Peer) {
     let from_uri = parts
         .uri
         .authority()
         .map(|a| HeaderValue::from_str(a.as_str()))
         .and_then(Result::ok);
-    // At most one `Host`: `host::check` refused requests with more.
-    let in_head = parts.headers.get(header::HOST);
-    let host_in_head = from_uri.is_none() && in_head.is_some();
-    let original_host = from_uri.or_else(|| in_head.cloned());
+    let host_in_head = from_uri.is_none() && host.is_some();
+    let original_host = from_uri.or(host);
 
     // Origin-form, as an HTTP/1.1 origin server expects (RFC 9112 §3.2.1): what HTTP/1.1
     // clients send already; HTTP/2's and absolute-form requests carry scheme and authority.
