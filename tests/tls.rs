@@ -166,3 +166,46 @@ async fn sighup_swaps_in_a_new_certificate() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A TLS upstream that accepts the connection and never answers the handshake: the route's
+/// `upstream_timeout` counts from before the connection is made, so the client gets a 504
+/// at that timeout, not a hang (`connect_timeout`, 5 s here, bounds only the TCP connect).
+#[tokio::test]
+async fn an_https_upstream_that_never_finishes_its_handshake_is_a_504_at_the_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket); // open, read by nobody, answered never
+        }
+    });
+    let pki = Pki::new("silent", KeyType::EcdsaP256);
+    let extra = format!(
+        "ca_file = \"{}\"\nupstream_timeout = \"300ms\"",
+        pki.ca().display()
+    );
+    let proxy = Proxy::start(&route("/", &extra), &format!("https://{addr}")).await;
+    let c = Client::new();
+    for method in ["GET", "PUT"] {
+        let started = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            c.try_send(method, &proxy.url("/doc"), &[], "x"),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{method}: no answer within 3 s"))
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let waited = started.elapsed();
+        let p = r.assert_problem(504);
+        assert!(
+            p["detail"].as_str().unwrap().contains("300ms"),
+            "{method}: {p}"
+        );
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_millis(1500),
+            "{method}: answered after {waited:?}"
+        );
+    }
+    silent.abort();
+}
