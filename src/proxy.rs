@@ -348,14 +348,22 @@ impl Proxy {
         ex.route = Some(route.clone());
         let pre = Preconditions::parse(&parts.headers)?;
         let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
+        let client_origin = match route.preserve_host {
+            true => None,
+            false => upstream::client_origin(&parts, host.as_ref(), peer),
+        };
         upstream::prepare(&mut parts, host, &route, peer);
-        if matches!(parts.method, Method::GET | Method::HEAD) {
+        let mut rsp = if matches!(parts.method, Method::GET | Method::HEAD) {
             self.read(rt, &route, &key, &pre, parts, ex).await
         } else {
             // Boxed: the write path's future (lock wait, revalidation, forward) is twice the
             // read path's, and every GET would otherwise carry and move that space.
             Box::pin(self.write(&routing, &route, &key, &pre, parts, ex)).await
+        }?;
+        if let Some(origin) = client_origin {
+            upstream::point_back(rsp.headers_mut(), &route, &origin);
         }
+        Ok(rsp)
     }
 
     /// GET and HEAD: forward as a GET, tag a 200 body, then answer 200, 304 or 412.

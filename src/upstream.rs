@@ -339,6 +339,42 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     }
 }
 
+/// The origin the client addressed, `scheme://authority`, when it named one.
+pub fn client_origin(parts: &Parts, host: Option<&HeaderValue>, peer: &Peer) -> Option<String> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => host?.to_str().ok()?,
+    };
+    Some(format!("{}://{authority}", peer.scheme))
+}
+
+/// With `preserve_host = false` the backend knows itself by the upstream's address, and a
+/// `Location` or `Content-Location` it makes points there (`http://10.0.0.5:8080/docs/1`),
+/// where the client cannot follow. As nginx's `proxy_redirect default` does, such a value
+/// is pointed back at the origin the client used; any other value passes unchanged.
+pub fn point_back(headers: &mut HeaderMap, route: &Route, client_origin: &str) {
+    let origin = route.upstream.origin.as_bytes();
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = headers.get(&name) else {
+            continue;
+        };
+        let v = value.as_bytes();
+        let Some((head, rest)) = v.split_at_checked(origin.len()) else {
+            continue;
+        };
+        // `http://a:80` must not take `http://a:8080/x` for its own.
+        if !head.eq_ignore_ascii_case(origin)
+            || !matches!(rest.first(), None | Some(b'/' | b'?' | b'#'))
+        {
+            continue;
+        }
+        let pointed = [client_origin.as_bytes(), rest].concat();
+        if let Ok(pointed) = HeaderValue::from_bytes(&pointed) {
+            headers.insert(name, pointed);
+        }
+    }
+}
+
 /// `/path?query` of an absolute URI.
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {

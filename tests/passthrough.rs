@@ -163,6 +163,81 @@ async fn preserve_host_false_sends_the_upstream_authority() {
     assert_eq!(seen.headers["x-forwarded-host"], "docs.example");
 }
 
+/// With `preserve_host = false` the backend makes its URLs from its own address, as a
+/// framework's `url_for` does from `Host`. `Location` and `Content-Location` naming that
+/// address are pointed back at the origin the client used (nginx's `proxy_redirect
+/// default`); other values, and any value on a route that preserves `Host`, pass as sent.
+#[tokio::test]
+async fn a_location_naming_the_upstream_points_back_at_the_proxy_when_host_is_not_preserved() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let own = format!("http://{}", r.headers["host"].to_str().unwrap());
+        let (location, content_location) = match r.uri.path() {
+            "/new" => (format!("{own}/docs/1"), format!("{own}?v=2")),
+            "/upper" => (format!("{}/docs/1", own.to_uppercase()), own.clone()),
+            // A longer port is another origin; a relative or foreign URL is left alone.
+            "/near" => (format!("{own}0/x"), "/docs/1".to_owned()),
+            _ => (
+                "http://elsewhere.example/x".to_owned(),
+                format!("{own}#top"),
+            ),
+        };
+        let headers = [
+            ("location", location.as_str()),
+            ("content-location", content_location.as_str()),
+        ];
+        respond(201, &headers, "")
+    })
+    .await;
+    let origin = backend.origin();
+    let proxy = Proxy::start(&route("/", "preserve_host = false"), &origin).await;
+    let c = Client::new();
+    let put = |path: &'static str, host: &'static str| {
+        let url = proxy.url(path);
+        let c = c.clone();
+        async move { c.put(&url, &[("host", host)], "x").await }
+    };
+    let both = |r: &common::Reply| {
+        (
+            r.header("location").unwrap().to_owned(),
+            r.header("content-location").unwrap().to_owned(),
+        )
+    };
+    let r = put("/new", "docs.example").await;
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        both(&r),
+        (
+            "http://docs.example/docs/1".into(),
+            "http://docs.example?v=2".into()
+        )
+    );
+    let r = put("/upper", "docs.example:8443").await;
+    assert_eq!(
+        both(&r),
+        (
+            "http://docs.example:8443/docs/1".into(),
+            "http://docs.example:8443".into()
+        )
+    );
+    let r = put("/near", "docs.example").await;
+    assert_eq!(both(&r), (format!("{origin}0/x"), "/docs/1".into()));
+    let r = put("/other", "docs.example").await;
+    assert_eq!(
+        both(&r),
+        (
+            "http://elsewhere.example/x".into(),
+            "http://docs.example#top".into()
+        )
+    );
+
+    // Host preserved: the backend made its URLs from the client's Host; nothing to undo.
+    let kept = Proxy::start(&route("/", ""), &origin).await;
+    let r = c
+        .put(&kept.url("/new"), &[("host", "docs.example")], "x")
+        .await;
+    assert_eq!(r.header("location"), Some("http://docs.example/docs/1"));
+}
+
 #[tokio::test]
 async fn a_host_that_connection_names_still_reaches_the_backend_once() {
     // `Connection` may name any header, `Host` too: it is dropped as hop-by-hop with the
