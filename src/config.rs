@@ -45,6 +45,9 @@ pub struct Server {
     /// below the backend's own keep-alive timeout, so that the backend never closes a
     /// connection a request is being sent on.
     pub upstream_idle_timeout: Duration,
+    /// Idle connections kept open per upstream origin (nginx's `keepalive`); more are closed
+    /// once their response is read. 0: a new connection for every request.
+    pub upstream_max_idle: usize,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_timeout: Duration,
     /// Client connections served at once; more get a 503 and are closed.
@@ -216,6 +219,7 @@ struct ServerToml {
     tag_memo_bytes: Option<Spanned<toml::Value>>,
     connect_timeout: Option<Spanned<String>>,
     upstream_idle_timeout: Option<Spanned<String>>,
+    upstream_max_idle: Option<Spanned<i64>>,
     shutdown_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_header_bytes: Option<Spanned<toml::Value>>,
@@ -262,6 +266,7 @@ pub const DEFAULT_TAG_CACHE_ENTRIES: usize = 100_000;
 pub const DEFAULT_TAG_MEMO_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_UPSTREAM_MAX_IDLE: usize = 256;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -490,6 +495,11 @@ impl Validator<'_> {
             "server.upstream_idle_timeout",
             DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         );
+        let max_idle = self.count_from_zero(
+            &s.upstream_max_idle,
+            "server.upstream_max_idle",
+            DEFAULT_UPSTREAM_MAX_IDLE,
+        );
         let shutdown = self.duration(
             &s.shutdown_timeout,
             "server.shutdown_timeout",
@@ -541,6 +551,7 @@ impl Validator<'_> {
             tag_memo_bytes: memo?,
             connect_timeout: connect?,
             upstream_idle_timeout: upstream_idle?,
+            upstream_max_idle: max_idle?,
             shutdown_timeout: shutdown?,
             max_connections: connections?,
             max_header_bytes: header_bytes?,
@@ -608,6 +619,23 @@ impl Validator<'_> {
             Ok(c) if c >= 1 => Some(c),
             _ => {
                 self.push(n, key, "must be at least 1".into());
+                None
+            }
+        }
+    }
+
+    /// A number that may be 0, or `default` when absent.
+    fn count_from_zero(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        default: usize,
+    ) -> Option<usize> {
+        let Some(n) = v else { return Some(default) };
+        match usize::try_from(*n.get_ref()) {
+            Ok(c) => Some(c),
+            Err(_) => {
+                self.push(n, key, "must be 0 or more".into());
                 None
             }
         }
@@ -860,6 +888,7 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.tag_cache_entries, DEFAULT_TAG_CACHE_ENTRIES);
         assert_eq!(c.server.tag_memo_bytes as u64, DEFAULT_TAG_MEMO_BYTES);
         assert_eq!(c.server.upstream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.upstream_max_idle, 256);
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
         assert!(docs.require_precondition);
@@ -936,6 +965,12 @@ upstream = "http://localhost:9001/"
                 3,
                 "server.upstream_idle_timeout",
                 "longer than zero",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nupstream_max_idle = -1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.upstream_max_idle",
+                "must be 0 or more",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"lots\"\n",

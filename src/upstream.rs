@@ -74,7 +74,7 @@ fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Pool::new(https, s.upstream_idle_timeout, 256)
+    Pool::new(https, s.upstream_idle_timeout, s.upstream_max_idle)
 }
 
 // === impl UpstreamClient ===

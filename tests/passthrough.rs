@@ -396,6 +396,41 @@ async fn an_upstream_connection_idle_past_upstream_idle_timeout_is_not_reused() 
     assert_eq!(backend.connections(), 2, "closed once idle past 200 ms");
 }
 
+/// `upstream_max_idle` bounds the backend connections kept open: four requests at once take
+/// four connections, of which one stays, so the next four open three more (and with 0,
+/// every request opens one). Each response still arrives whole.
+#[tokio::test]
+async fn upstream_max_idle_bounds_the_backend_connections_kept_open() {
+    for (max_idle, want) in [(1, 7), (0, 8), (256, 4)] {
+        let backend = ScriptedBackend::slow(Duration::from_millis(150), "whole body").await;
+        let proxy = Proxy::start_with(
+            &route("/", ""),
+            &backend.origin(),
+            &format!("upstream_max_idle = {max_idle}"),
+        )
+        .await;
+        let c = Client::new();
+        for _ in 0..2 {
+            let mut at_once = tokio::task::JoinSet::new();
+            for i in 0..4 {
+                let (c, url) = (c.clone(), proxy.url(&format!("/{i}")));
+                at_once.spawn(async move { c.get(&url, &[]).await });
+            }
+            while let Some(r) = at_once.join_next().await {
+                let r = r.unwrap();
+                assert_eq!((r.status, r.text()), (200, "whole body".into()));
+            }
+            // The kept connection is handed back as its body ends; let that land.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            backend.connections(),
+            want,
+            "upstream_max_idle = {max_idle}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn aliases_of_one_path_share_one_tag() {
     let backend = Backend::start().await;
