@@ -495,10 +495,11 @@ impl Validator<'_> {
             "server.upstream_idle_timeout",
             DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         );
-        let max_idle = self.count_from_zero(
+        let max_idle = self.at_least(
             &s.upstream_max_idle,
             "server.upstream_max_idle",
             DEFAULT_UPSTREAM_MAX_IDLE,
+            0,
         );
         let shutdown = self.duration(
             &s.shutdown_timeout,
@@ -614,28 +615,22 @@ impl Validator<'_> {
 
     /// A count that must be at least 1.
     fn count(&mut self, v: &Option<Spanned<i64>>, key: &str, default: usize) -> Option<usize> {
-        let Some(n) = v else { return Some(default) };
-        match usize::try_from(*n.get_ref()) {
-            Ok(c) if c >= 1 => Some(c),
-            _ => {
-                self.push(n, key, "must be at least 1".into());
-                None
-            }
-        }
+        self.at_least(v, key, default, 1)
     }
 
-    /// A number that may be 0, or `default` when absent.
-    fn count_from_zero(
+    /// A whole number of at least `min`, or `default` when absent.
+    fn at_least(
         &mut self,
         v: &Option<Spanned<i64>>,
         key: &str,
         default: usize,
+        min: usize,
     ) -> Option<usize> {
         let Some(n) = v else { return Some(default) };
         match usize::try_from(*n.get_ref()) {
-            Ok(c) => Some(c),
-            Err(_) => {
-                self.push(n, key, "must be 0 or more".into());
+            Ok(c) if c >= min => Some(c),
+            _ => {
+                self.push(n, key, format!("must be at least {min}"));
                 None
             }
         }
@@ -970,7 +965,7 @@ upstream = "http://localhost:9001/"
                 "[server]\nlisten = \"127.0.0.1:1\"\nupstream_max_idle = -1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
                 3,
                 "server.upstream_max_idle",
-                "must be 0 or more",
+                "must be at least 0",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"lots\"\n",
