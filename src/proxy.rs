@@ -144,6 +144,9 @@ struct Exchange {
     body: Option<Incoming>,
     /// The client sent `Expect: 100-continue` (a header not passed on).
     expects_continue: bool,
+    /// The origin the client addressed, on a `preserve_host = false` route: the backend's
+    /// `Location` is pointed back at it (`upstream::point_back`).
+    client_origin: Option<String>,
 }
 
 impl Exchange {
@@ -309,6 +312,9 @@ impl Proxy {
                 e.into_response()
             }
         };
+        if let (Some(origin), Some(route)) = (&ex.client_origin, &ex.route) {
+            upstream::point_back(rsp.headers_mut(), route, origin);
+        }
         if ends {
             rsp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -348,22 +354,17 @@ impl Proxy {
         ex.route = Some(route.clone());
         let pre = Preconditions::parse(&parts.headers)?;
         let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
-        let client_origin = match route.preserve_host {
-            true => None,
-            false => upstream::client_origin(&parts, host.as_ref(), peer),
-        };
+        if !route.preserve_host {
+            ex.client_origin = upstream::client_origin(&parts, host.as_ref(), peer);
+        }
         upstream::prepare(&mut parts, host, &route, peer);
-        let mut rsp = if matches!(parts.method, Method::GET | Method::HEAD) {
+        if matches!(parts.method, Method::GET | Method::HEAD) {
             self.read(rt, &route, &key, &pre, parts, ex).await
         } else {
             // Boxed: the write path's future (lock wait, revalidation, forward) is twice the
             // read path's, and every GET would otherwise carry and move that space.
             Box::pin(self.write(&routing, &route, &key, &pre, parts, ex)).await
-        }?;
-        if let Some(origin) = client_origin {
-            upstream::point_back(rsp.headers_mut(), &route, &origin);
         }
-        Ok(rsp)
     }
 
     /// GET and HEAD: forward as a GET, tag a 200 body, then answer 200, 304 or 412.
