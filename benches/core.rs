@@ -84,6 +84,15 @@ fn preconditions(c: &mut Criterion) {
     });
     let pre = Preconditions::parse(&headers).unwrap();
     g.bench_function("evaluate", |b| b.iter(|| evaluate(&pre, false, &current)));
+    // What a client that read an ETag sends with its write: one tag, one line.
+    let mut one = HeaderMap::new();
+    one.insert(
+        "if-match",
+        HeaderValue::from_static("\"uU0nuZNNPgilLlLX2n2r-sSE7-N6U4DukIj3rOLvzek\""),
+    );
+    g.bench_function("parse_one_tag", |b| {
+        b.iter(|| Preconditions::parse(&one).unwrap())
+    });
     g.bench_function("parse_empty", |b| {
         b.iter(|| Preconditions::parse(&HeaderMap::new()).unwrap())
     });

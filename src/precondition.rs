@@ -125,9 +125,10 @@ fn parse_condition(
         return Ok(None);
     };
     // One line with one tag, as a client sends the ETag it read: parsed without the list
-    // split (a tag holds no quote, so a comma in it is not a separator either). Anything
-    // else, errors included, takes the general path below.
-    if lines.peek().is_none() {
+    // split. Anything else, errors included, takes the general path below. (A comma inside
+    // a tag would not separate anything, but a list, which has one, is sent there at once
+    // rather than after a failed parse.)
+    if lines.peek().is_none() && memchr::memchr(b',', first.as_bytes()).is_none() {
         if let Ok(tag) = ETag::parse(first.as_bytes()) {
             return Ok(Some(Condition::Tags(vec![tag])));
         }
