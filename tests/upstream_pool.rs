@@ -347,14 +347,18 @@ async fn a_dropped_pool_stops_its_reaper_and_closes_its_connections() {
 
 /// A backend that answers a request for `/slow/MS` after MS milliseconds and any other at
 /// once.
-async fn delaying_backend() -> ScriptedBackend {
-    ScriptedBackend::start(|r| async move {
+/// A backend that answers `/slow/MS` after MS milliseconds and anything else at once, its
+/// origin, and a pool in front of it.
+async fn delaying_backend() -> (ScriptedBackend, String, Arc<Pool<HttpConnector>>) {
+    let backend = ScriptedBackend::start(|r| async move {
         if let Some(ms) = r.uri.path().strip_prefix("/slow/") {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
         }
         respond(200, &[], "ok")
     })
-    .await
+    .await;
+    let origin = backend.origin();
+    (backend, origin, pool(Duration::from_secs(60), 8))
 }
 
 /// Sends a GET with `timeout`: the status, or `None` if it timed out, and how long it took.
@@ -389,9 +393,7 @@ async fn times_out(p: &Pool<HttpConnector>, origin: &str, timeout: Duration, sla
 
 #[tokio::test]
 async fn a_kept_connection_whose_answer_is_late_times_out_and_is_not_used_again() {
-    let backend = delaying_backend().await;
-    let origin = backend.origin();
-    let p = pool(Duration::from_secs(60), 8);
+    let (backend, origin, p) = delaying_backend().await;
     let timeout = Duration::from_millis(600);
     assert_eq!(timed(&p, &origin, "/", timeout).await.0, Some(200));
     // The connection's timer first fires a timeout after it was opened, 100 ms before the
@@ -408,9 +410,7 @@ async fn a_kept_connection_whose_answer_is_late_times_out_and_is_not_used_again(
 async fn a_kept_connection_outlives_its_timeout_many_times_over_without_a_false_timeout() {
     // The connection's timer fires every 200 ms while it lives, idle or not; an answer that
     // comes after 150 ms, late into the timer's period, is still in time.
-    let backend = delaying_backend().await;
-    let origin = backend.origin();
-    let p = pool(Duration::from_secs(60), 8);
+    let (backend, origin, p) = delaying_backend().await;
     let timeout = Duration::from_millis(200);
     for i in 0..6 {
         let (status, took) = timed(&p, &origin, "/slow/150", timeout).await;
@@ -423,9 +423,7 @@ async fn a_kept_connection_outlives_its_timeout_many_times_over_without_a_false_
 #[tokio::test]
 async fn a_shorter_timeout_on_a_connection_opened_with_a_longer_one_is_kept() {
     // Two routes to one origin: the connection is opened by the one that waits 10 s.
-    let backend = delaying_backend().await;
-    let origin = backend.origin();
-    let p = pool(Duration::from_secs(60), 8);
+    let (backend, origin, p) = delaying_backend().await;
     assert_eq!(timed(&p, &origin, "/", TIMEOUT).await.0, Some(200));
     // At its own timeout, not the connection's.
     let short = Duration::from_millis(300);
@@ -437,10 +435,8 @@ async fn a_shorter_timeout_on_a_connection_opened_with_a_longer_one_is_kept() {
 #[tokio::test]
 async fn a_new_connections_first_request_times_out_at_its_timeout() {
     // (On loopback the connect is instant: that the timeout counts from before it is made
-    // is not shown here.)
-    let backend = delaying_backend().await;
-    let origin = backend.origin();
-    let p = pool(Duration::from_secs(60), 8);
+    // is shown by tests/tls.rs, against an upstream that never finishes its handshake.)
+    let (_backend, origin, p) = delaying_backend().await;
     let timeout = Duration::from_millis(300);
     times_out(&p, &origin, timeout, Duration::from_millis(1700)).await;
     assert_eq!(timed(&p, &origin, "/slow/100", timeout).await.0, Some(200));
