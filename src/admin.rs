@@ -62,8 +62,11 @@ fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Ready) -> Response<Ful
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
             let mut rsp = text(StatusCode::OK, "");
-            *rsp.body_mut() =
-                Full::new(Bytes::from(proxy.metrics.render(&proxy.tags, &proxy.memo)));
+            *rsp.body_mut() = Full::new(Bytes::from(proxy.metrics.render(
+                &proxy.tags,
+                &proxy.memo,
+                &proxy.budget,
+            )));
             rsp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -5,7 +5,8 @@
 //! A tagged body is kept as the chunks the upstream sent; they are hashed (or compared with
 //! the memo's copy, `memo.rs`) as they arrive and sent on as they are, never concatenated. A
 //! body longer than the route's limit stops being buffered at the limit and streams on
-//! untagged, so memory per request is bounded by it.
+//! untagged, so memory per request is bounded by it; so does one that would take the bytes
+//! held by all requests past `max_buffered_bytes` (`budget.rs`).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::budget::Share;
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::memo::Memo;
@@ -28,6 +30,8 @@ use crate::memo::Memo;
 pub struct ProxyBody {
     head: VecDeque<Bytes>,
     tail: Option<Tail>,
+    /// The budget `head` holds, given back once the last of it is handed to the connection.
+    held: Option<Share>,
 }
 
 /// What is left of an upstream body, with a timer: a stream that stalls for longer than
@@ -59,22 +63,29 @@ impl ProxyBody {
         Self {
             head: VecDeque::from([bytes]),
             tail: None,
+            held: None,
         }
     }
 
     /// The upstream's body, streamed through untouched; each chunk must come within `idle`.
     pub fn stream(body: Incoming, idle: Duration) -> Self {
-        Self::chunks(VecDeque::new(), Some(body), idle)
+        Self::chunks(VecDeque::new(), None, Some(body), idle)
     }
 
-    /// Chunks already read, followed by what is left of the stream.
-    pub fn chunks(head: VecDeque<Bytes>, rest: Option<Incoming>, idle: Duration) -> Self {
+    /// Chunks already read (holding `held` of the budget), followed by what is left of the
+    /// stream.
+    pub fn chunks(
+        head: VecDeque<Bytes>,
+        held: Option<Share>,
+        rest: Option<Incoming>,
+        idle: Duration,
+    ) -> Self {
         let tail = rest.filter(|b| !b.is_end_stream()).map(|body| Tail {
             body,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
         });
-        Self { head, tail }
+        Self { head, tail, held }
     }
 }
 
@@ -87,6 +98,10 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if let Some(chunk) = self.head.pop_front() {
+            if self.head.is_empty() {
+                // All handed over: what hyper still queues is bounded by its write buffer.
+                self.held = None;
+            }
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         let Some(tail) = self.tail.as_mut() else {
@@ -226,14 +241,26 @@ where
 pub enum Collected {
     /// The whole body fit within the limit. `remembered`: the memo's copy it equalled, whose
     /// tag it has, so it was not hashed.
+    /// `held`: the budget `chunks` hold; `None` when a read only for the tag could not
+    /// hold them (`chunks` is then empty).
     Whole {
         chunks: VecDeque<Bytes>,
+        held: Option<Share>,
         tag: ETag,
         remembered: Option<Arc<Memo>>,
     },
-    /// The body passed the limit: the chunks read so far and the rest, still streaming.
+    /// The body passed the limit: the chunks read so far (holding `held`) and the rest,
+    /// still streaming.
     TooLarge {
         chunks: VecDeque<Bytes>,
+        held: Share,
+        rest: Incoming,
+    },
+    /// Holding the next chunk would have taken the bytes held by all requests past
+    /// `max_buffered_bytes`: as `TooLarge`.
+    OverBudget {
+        chunks: VecDeque<Bytes>,
+        held: Share,
         rest: Incoming,
     },
 }
@@ -250,16 +277,23 @@ pub enum ReadError {
 /// within `idle`. Given a `memo` (the copy of a body of this URL, and its tag), the body is
 /// compared with the copy as it arrives and hashed only once it differs: from the copy's
 /// bytes up to there, which are the body's, then on. A body equal to the copy gets its tag.
+///
+/// The chunks kept count against the budget through `held`. When it has no room, a body to
+/// be sent on stops there (`OverBudget`); one read only for its tag (`tag_only`, a
+/// revalidation) lets its chunks go and is hashed to the end.
 pub async fn read_tagged(
     mut body: Incoming,
     mut hasher: TagHasher,
     memo: Option<Arc<Memo>>,
     limit: u64,
     idle: Duration,
+    held: Share,
+    tag_only: bool,
 ) -> Result<Collected, ReadError> {
     use http_body_util::BodyExt;
 
     let mut chunks = VecDeque::new();
+    let mut held = Some(held);
     let mut len = 0usize;
     // `Some` while every byte so far equals the copy's.
     let mut same = memo;
@@ -278,6 +312,7 @@ pub async fn read_tagged(
             };
             return Ok(Collected::Whole {
                 chunks,
+                held,
                 tag,
                 remembered,
             });
@@ -297,10 +332,34 @@ pub async fn read_tagged(
             }
             None => hasher.update(&chunk),
         }
+        // A read only for the tag that found no room keeps nothing more.
+        let Some(share) = held.as_mut() else {
+            continue;
+        };
         chunks.push_back(chunk);
-        if len as u64 > limit {
-            return Ok(Collected::TooLarge { chunks, rest: body });
+        let over_limit = len as u64 > limit;
+        if !over_limit && share.reserve(len) {
+            continue;
         }
+        if !over_limit && tag_only {
+            chunks.clear();
+            held = None;
+            continue;
+        }
+        // The chunk in hand is not counted: it goes out next, with the rest streamed.
+        let held = held.take().expect("matched above");
+        return Ok(match over_limit {
+            true => Collected::TooLarge {
+                chunks,
+                held,
+                rest: body,
+            },
+            false => Collected::OverBudget {
+                chunks,
+                held,
+                rest: body,
+            },
+        });
     }
 }
 
@@ -351,6 +410,7 @@ mod tests {
     fn buffered_bodies_report_their_exact_size() {
         let b = ProxyBody::chunks(
             VecDeque::from([Bytes::from("ab"), Bytes::from("cde")]),
+            None,
             None,
             Duration::from_secs(1),
         );

@@ -39,6 +39,10 @@ pub struct Server {
     pub tag_cache_entries: usize,
     /// Bytes of body copies kept so that unchanged bodies are compared, not hashed again.
     pub tag_memo_bytes: usize,
+    /// Body bytes held in memory at once across all requests (GET bodies until their tag
+    /// is known, write bodies read whole before their lock); past it, bodies stream through
+    /// instead (`budget.rs`). At least every route's `max_tag_body`.
+    pub max_buffered_bytes: usize,
     /// Time to open a TCP connection to an upstream.
     pub connect_timeout: Duration,
     /// How long an upstream connection may sit idle in the pool before it is closed: set it
@@ -217,6 +221,7 @@ struct ServerToml {
     listen: Spanned<String>,
     tag_cache_entries: Option<Spanned<i64>>,
     tag_memo_bytes: Option<Spanned<toml::Value>>,
+    max_buffered_bytes: Option<Spanned<toml::Value>>,
     connect_timeout: Option<Spanned<String>>,
     upstream_idle_timeout: Option<Spanned<String>>,
     upstream_max_idle: Option<Spanned<i64>>,
@@ -264,6 +269,8 @@ fn default_true() -> bool {
 
 pub const DEFAULT_TAG_CACHE_ENTRIES: usize = 100_000;
 pub const DEFAULT_TAG_MEMO_BYTES: u64 = 32 * 1024 * 1024;
+/// Raised to the largest route's `max_tag_body` when that is larger and the key is not set.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 128 * 1024 * 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UPSTREAM_MAX_IDLE: usize = 256;
@@ -340,6 +347,7 @@ impl Config {
             }
             routes.extend(v.route(r));
         }
+        let server = server.map(|s| v.buffer_bound(s, &raw.server, &routes));
         v.problems.sort_by_key(|p| p.line);
         match (server, v.problems.is_empty()) {
             (Some(server), true) => Ok(Config {
@@ -475,6 +483,11 @@ impl Validator<'_> {
                 DEFAULT_TAG_MEMO_BYTES,
             )
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        let buffered = self.size(
+            &s.max_buffered_bytes,
+            "server.max_buffered_bytes",
+            DEFAULT_MAX_BUFFERED_BYTES,
+        );
         let connections = self
             .count(
                 &s.max_connections,
@@ -550,6 +563,7 @@ impl Validator<'_> {
             listen: listen?,
             tag_cache_entries: entries?,
             tag_memo_bytes: memo?,
+            max_buffered_bytes: usize::try_from(buffered?).unwrap_or(usize::MAX),
             connect_timeout: connect?,
             upstream_idle_timeout: upstream_idle?,
             upstream_max_idle: max_idle?,
@@ -637,6 +651,34 @@ impl Validator<'_> {
     }
 
     /// `n`, read from `v`, if it is at most `max`.
+    /// `max_buffered_bytes` against the routes: an explicit bound must hold any one body a
+    /// route may tag; the default grows to do so.
+    fn buffer_bound(
+        &mut self,
+        mut s: Server,
+        raw: &Spanned<ServerToml>,
+        routes: &[Route],
+    ) -> Server {
+        let Some(widest) = routes.iter().max_by_key(|r| r.max_tag_body) else {
+            return s;
+        };
+        let needed = usize::try_from(widest.max_tag_body).unwrap_or(usize::MAX);
+        match &raw.get_ref().max_buffered_bytes {
+            None => s.max_buffered_bytes = s.max_buffered_bytes.max(needed),
+            Some(v) if s.max_buffered_bytes < needed => self.push(
+                v,
+                "server.max_buffered_bytes",
+                format!(
+                    "{} bytes is less than route {:?}'s max_tag_body ({needed} bytes): no body \
+                     that large could ever be tagged; raise it or lower max_tag_body",
+                    s.max_buffered_bytes, widest.prefix
+                ),
+            ),
+            Some(_) => {}
+        }
+        s
+    }
+
     fn at_most(
         &mut self,
         v: &Option<Spanned<i64>>,
@@ -895,6 +937,24 @@ upstream = "http://localhost:9001/"
         assert!(!root.require_precondition);
         assert_eq!(root.max_tag_body, DEFAULT_MAX_TAG_BODY);
         assert_eq!(root.upstream.origin, "http://localhost:9001");
+        assert_eq!(
+            c.server.max_buffered_bytes as u64,
+            DEFAULT_MAX_BUFFERED_BYTES
+        );
+    }
+
+    #[test]
+    fn the_default_buffer_bound_holds_the_largest_tagged_body_and_a_set_one_is_kept() {
+        let with = |server: &str, tag_body: &str| {
+            let text = format!("[server]\nlisten = \"127.0.0.1:1\"\n{server}\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"{tag_body}\"\n");
+            Config::parse(&text, "t.toml")
+                .unwrap()
+                .server
+                .max_buffered_bytes
+        };
+        assert_eq!(with("", "1GiB"), 1 << 30, "the default grows to one body");
+        assert_eq!(with("", "1MiB") as u64, DEFAULT_MAX_BUFFERED_BYTES);
+        assert_eq!(with("max_buffered_bytes = \"1MiB\"", "1MiB"), 1 << 20);
     }
 
     fn problems(text: &str) -> Vec<Problem> {
@@ -972,6 +1032,12 @@ upstream = "http://localhost:9001/"
                 6,
                 "route.max_tag_body",
                 "not a size",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_buffered_bytes = \"1MiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"1MiB\"\n[[route]]\nprefix = \"/big\"\nupstream = \"http://a:1\"\nmax_tag_body = \"2MiB\"\n",
+                3,
+                "server.max_buffered_bytes",
+                "1048576 bytes is less than route \"/big\"'s max_tag_body (2097152 bytes)",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\ntag_memo_bytes = -1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",

@@ -22,6 +22,7 @@
 pub mod activity;
 pub mod admin;
 pub mod body;
+pub mod budget;
 pub mod config;
 pub mod date;
 pub mod demo;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use http::Method;
 
+use crate::budget::Budget;
 use crate::memo::BodyMemo;
 use crate::tags::TagStore;
 
@@ -41,6 +42,10 @@ struct RouteMetrics {
     revalidations: AtomicU64,
     unchanged_writes: AtomicU64,
     untagged_large: AtomicU64,
+    /// Bodies not held for want of room in `max_buffered_bytes`: GET responses sent on
+    /// untagged, write bodies streamed to the backend.
+    over_budget_responses: AtomicU64,
+    over_budget_requests: AtomicU64,
     upstream_latency: Histogram,
 }
 
@@ -155,6 +160,17 @@ impl Metrics {
         self.route(route, |m| m.untagged_large.fetch_add(1, Ordering::Relaxed));
     }
 
+    /// A body not held for want of room in the budget; `body`: "response" or "request".
+    pub fn over_budget(&self, route: &str, body: &'static str) {
+        self.route(route, |m| {
+            let n = match body {
+                "request" => &m.over_budget_requests,
+                _ => &m.over_budget_responses,
+            };
+            n.fetch_add(1, Ordering::Relaxed)
+        });
+    }
+
     pub fn upstream_latency(&self, route: &str, d: Duration) {
         self.route(route, |m| m.upstream_latency.observe(d));
     }
@@ -182,7 +198,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4), cache figures read from `tags`.
-    pub fn render(&self, tags: &TagStore, memo: &BodyMemo) -> String {
+    pub fn render(&self, tags: &TagStore, memo: &BodyMemo, budget: &Budget) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, rows: Rows| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -241,6 +257,22 @@ impl Metrics {
             rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.untagged_large))]),
         );
         counter(
+            "ifmatch_over_budget_bodies_total",
+            "Bodies not held because max_buffered_bytes was reached, by route: body=\"response\", a GET sent on untagged; body=\"request\", a write's body streamed to the backend instead of read whole first.",
+            rows(&|r, m| {
+                vec![
+                    (
+                        format!("{{route=\"{r}\",body=\"request\"}}"),
+                        value(&m.over_budget_requests),
+                    ),
+                    (
+                        format!("{{route=\"{r}\",body=\"response\"}}"),
+                        value(&m.over_budget_responses),
+                    ),
+                ]
+            }),
+        );
+        counter(
             "ifmatch_malformed_requests_total",
             "HTTP/1 request heads the parser refused before any route saw them (too_large: 431 or 414; invalid: 400), each ending its connection.",
             vec![
@@ -293,6 +325,16 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP ifmatch_buffered_bytes Body bytes held now by requests in flight (GET bodies until tagged, write bodies read whole).\n# TYPE ifmatch_buffered_bytes gauge\nifmatch_buffered_bytes {}",
+            budget.held()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_buffered_bytes_limit max_buffered_bytes: the most ifmatch_buffered_bytes may reach.\n# TYPE ifmatch_buffered_bytes_limit gauge\nifmatch_buffered_bytes_limit {}",
+            budget.limit()
+        );
+        let _ = writeln!(
+            out,
             "# HELP ifmatch_tag_memo_bytes Bytes charged for the body copies held now (bodies, keys and a fixed overhead each), within tag_memo_bytes.\n# TYPE ifmatch_tag_memo_bytes gauge\nifmatch_tag_memo_bytes {}",
             memo.bytes()
         );
@@ -340,8 +382,15 @@ mod tests {
         m.lock_wait(Duration::from_millis(300));
         m.lock_wait(Duration::from_secs(9));
         m.upstream_latency("/docs/", Duration::from_millis(20));
-        let text = m.render(&TagStore::new(10), &BodyMemo::new(100));
+        m.over_budget("/docs/", "request");
+        let budget = Budget::new(100);
+        let _held = budget.take(30).unwrap();
+        let text = m.render(&TagStore::new(10), &BodyMemo::new(100), &budget);
         for line in [
+            "ifmatch_over_budget_bodies_total{route=\"/docs/\",body=\"request\"} 1",
+            "ifmatch_over_budget_bodies_total{route=\"/docs/\",body=\"response\"} 0",
+            "ifmatch_buffered_bytes 30",
+            "ifmatch_buffered_bytes_limit 100",
             "ifmatch_requests_total{route=\"/docs/\",method=\"PUT\",status=\"412\"} 2",
             "ifmatch_requests_total{route=\"/docs/\",method=\"OTHER\",status=\"200\"} 1",
             "ifmatch_proxy_responses_total{route=\"/docs/\",status=\"412\"} 2",

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use tracing::{debug_span, Instrument};
 
 use crate::body::{read_request, read_tagged, Collected, ProxyBody, ReadError};
+use crate::budget::{Budget, Share};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
 use crate::etag::{ETag, TagKey};
@@ -52,6 +53,8 @@ pub struct Proxy {
     pub memo: BodyMemo,
     pub locks: WriteLocks,
     pub metrics: Metrics,
+    /// The bound on body bytes held by all requests at once (`max_buffered_bytes`).
+    pub budget: Arc<Budget>,
 }
 
 /// The part of the proxy that a config reload replaces.
@@ -128,8 +131,9 @@ enum Checked {
 enum Outgoing {
     /// Streamed through as it arrives; `hashed` for `tag_puts`.
     Stream { hashed: bool },
-    /// Read whole before the lock; with its tag for `tag_puts`.
-    Whole(Bytes, Option<ETag>),
+    /// Read whole before the lock, holding its share of the budget until sent; with its
+    /// tag for `tag_puts`.
+    Whole(Bytes, Option<ETag>, Share),
 }
 
 /// What the access log and span report about one request, and its body until forwarded.
@@ -213,6 +217,7 @@ impl Proxy {
             memo: BodyMemo::new(config.server.tag_memo_bytes),
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
+            budget: Budget::new(config.server.max_buffered_bytes),
         }
     }
 
@@ -232,6 +237,7 @@ impl Proxy {
     pub fn reload(&self, config: &Config) {
         let new = Arc::new(Routing::new(config, &self.random_key));
         let old = self.routing.swap(new.clone());
+        self.budget.set_limit(config.server.max_buffered_bytes);
         if old.tag_key != new.tag_key {
             // Remembered tags were made with the old key; clients holding them get 412.
             self.tags.clear();
@@ -394,7 +400,8 @@ impl Proxy {
             return Ok(pass(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let (current, body) = self.tag(rt, route, key, ticket, &mut rparts, rbody).await?;
+        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, false);
+        let (current, body) = read.await?;
         match evaluate(pre, true, &current) {
             Decision::Proceed => {
                 ex.outcome = if current.tag.is_some() {
@@ -441,16 +448,24 @@ impl Proxy {
         // writer of the URL, and a `tag_puts` PUT's tag is known before the lock is chosen.
         // Not one that waits for `100 Continue`: it sends its body only once its
         // preconditions have passed, and a 412 spares it the upload.
-        let whole = changes
-            && !ex.expects_continue
-            && declared_length(&parts.headers).is_some_and(|n| n <= route.max_tag_body);
+        // Past `max_buffered_bytes`, it streams as a larger one does.
+        let whole = match declared_length(&parts.headers) {
+            Some(n) if changes && !ex.expects_continue && n <= route.max_tag_body => {
+                let share = self.budget.take(usize::try_from(n).unwrap_or(usize::MAX));
+                if share.is_none() {
+                    self.metrics.over_budget(&route.prefix, "request");
+                }
+                share
+            }
+            _ => None,
+        };
         let outgoing = match whole {
-            true => {
+            Some(share) => {
                 let body = read_request(ex.take_body(), route.upstream_timeout).await?;
                 let tag = tag_put.then(|| self.put_tag(rt, key, &body));
-                Outgoing::Whole(body, tag)
+                Outgoing::Whole(body, tag, share)
             }
-            false => Outgoing::Stream { hashed: tag_put },
+            None => Outgoing::Stream { hashed: tag_put },
         };
         let waited = Instant::now();
         // A PUT of the very bytes whose tag it names leaves the state as it found it, so
@@ -458,7 +473,7 @@ impl Proxy {
         // write that changes the state still runs alone. Whether the bytes are the current
         // ones is known only under the lock; when they are not, the write queues to run
         // alone and is checked again.
-        if let Outgoing::Whole(_, Some(tag)) = &outgoing {
+        if let Outgoing::Whole(_, Some(tag), _) = &outgoing {
             if pre.only_matches(tag) {
                 let guard = self.locks.acquire_shared(key, route.lock_timeout).await?;
                 let current = match self.check(rt, route, key, pre, &parts, ex).await? {
@@ -569,8 +584,14 @@ impl Proxy {
             proxy: self.clone(),
             keys: [Some(key.clone()), destination],
         });
+        // A whole body's share of the budget is given back once the backend has answered:
+        // by then it has been sent, or never will be.
+        let mut held = None;
         let (body, sent) = match outgoing {
-            Outgoing::Whole(body, tag) => (upstream::whole(body), tag.map(|t| Arc::new(t.into()))),
+            Outgoing::Whole(body, tag, share) => {
+                held = Some(share);
+                (upstream::whole(body), tag.map(|t| Arc::new(t.into())))
+            }
             Outgoing::Stream { hashed: true } => {
                 let hasher = rt.tag_key.hasher();
                 let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher);
@@ -589,8 +610,10 @@ impl Proxy {
             answer: Some(Box::pin(async move { me.send(&rt2, &route2, req).await })),
             invalidation,
             guard,
+            held,
         };
         let mut rsp = in_flight.answer().await?;
+        in_flight.held = None;
         // Declared after `in_flight`, so dropped before it lets the lock go.
         let mut invalidation = in_flight.invalidation.take();
         ex.upstream_status = Some(rsp.status());
@@ -676,7 +699,8 @@ impl Proxy {
             }));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let (current, _) = self.tag(rt, route, key, ticket, &mut rparts, rbody).await?;
+        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, true);
+        let (current, _) = read.await?;
         Ok(Current::Known(current))
     }
 
@@ -705,6 +729,11 @@ impl Proxy {
     /// there is one; one that may not never is: how long the comparison takes would tell how
     /// much of it matched another user's body. Returns the resource as the response shows it,
     /// and the body to send on.
+    ///
+    /// A body held counts against `max_buffered_bytes`. One that finds no room there is
+    /// sent on untagged, as a body over the limit is; one read only for its tag (`tag_only`,
+    /// a revalidation) is hashed without being held, and so is tagged all the same.
+    #[allow(clippy::too_many_arguments)]
     async fn tag(
         &self,
         rt: &Routing,
@@ -713,6 +742,7 @@ impl Proxy {
         ticket: Ticket,
         rparts: &mut response::Parts,
         body: Incoming,
+        tag_only: bool,
     ) -> Result<(Resource, ProxyBody), Error> {
         let last_modified = last_modified(&rparts.headers);
         let shared = cacheable(route, &rparts.headers);
@@ -724,20 +754,33 @@ impl Proxy {
             rparts.headers.remove(ETAG);
             // The declared length, as hyper read it from `Content-Length` (parsing it again
             // was 230 instructions a GET).
-            if body
-                .size_hint()
-                .exact()
-                .is_some_and(|n| n > route.max_tag_body)
-            {
+            let declared = body.size_hint().exact();
+            if declared.is_some_and(|n| n > route.max_tag_body) {
                 self.metrics.untagged_large_body(&route.prefix);
                 break 'read (None, false, ProxyBody::stream(body, idle));
             }
+            // A body of known size takes its whole share now, so that one without room
+            // streams from its first byte; any other grows its share chunk by chunk.
+            let share = match declared {
+                Some(n) => self.budget.take(usize::try_from(n).unwrap_or(usize::MAX)),
+                None => Some(self.budget.share()),
+            };
+            let share = match share {
+                Some(share) => share,
+                None if tag_only => self.budget.share(),
+                None => {
+                    self.metrics.over_budget(&route.prefix, "response");
+                    break 'read (None, false, ProxyBody::stream(body, idle));
+                }
+            };
             let upstream = || route.upstream.origin.clone();
             let hasher = rt.tag_key.hasher();
             let memo = shared.then(|| self.memo.get(key, &rt.tag_key)).flatten();
-            match read_tagged(body, hasher, memo, route.max_tag_body, idle).await {
+            let limit = route.max_tag_body;
+            match read_tagged(body, hasher, memo, limit, idle, share, tag_only).await {
                 Ok(Collected::Whole {
                     chunks,
+                    held,
                     tag,
                     remembered,
                 }) => {
@@ -746,7 +789,8 @@ impl Proxy {
                         memo.header.clone()
                     } else {
                         let header = tag.to_header();
-                        if shared && self.memo.is_on() {
+                        // Not a body that was hashed without being held: no copy to keep.
+                        if shared && self.memo.is_on() && held.is_some() {
                             self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
                             let (t, h) = (tag.clone(), header.clone());
                             self.memo.put(key, &chunks, t, h, &rt.tag_key);
@@ -754,10 +798,20 @@ impl Proxy {
                         header
                     };
                     rparts.headers.insert(ETAG, header);
-                    (Some(tag), false, ProxyBody::chunks(chunks, None, idle))
+                    (
+                        Some(tag),
+                        false,
+                        ProxyBody::chunks(chunks, held, None, idle),
+                    )
                 }
-                Ok(Collected::TooLarge { chunks, rest }) => {
-                    (None, false, ProxyBody::chunks(chunks, Some(rest), idle))
+                Ok(Collected::TooLarge { chunks, held, rest }) => {
+                    let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
+                    (None, false, body)
+                }
+                Ok(Collected::OverBudget { chunks, held, rest }) => {
+                    self.metrics.over_budget(&route.prefix, "response");
+                    let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
+                    (None, false, body)
                 }
                 Err(ReadError::Stalled(after)) => {
                     return Err(Error::UpstreamTimeout {
@@ -844,6 +898,8 @@ struct InFlight {
     // Field order: the tags are dropped before the lock is let go.
     invalidation: Option<Invalidation>,
     guard: Option<WriteGuard>,
+    /// The budget a body read whole holds while it is being sent.
+    held: Option<Share>,
 }
 
 impl InFlight {
@@ -863,13 +919,14 @@ impl Drop for InFlight {
         };
         let (invalidation, guard) = (self.invalidation.take(), self.guard.take());
         if invalidation.is_none() && guard.is_none() {
-            return; // a write that changes nothing: nothing to hold
+            return; // a write that changes nothing: nothing to hold (nor a body read whole)
         }
+        let held = self.held.take();
         // Without a runtime (the process is ending) there is nobody left to wait for.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = answer.await;
-                drop(invalidation);
+                drop((held, invalidation));
                 drop(guard);
             });
         }

@@ -119,10 +119,11 @@ async fn puts_of_the_current_bytes_run_side_by_side() {
         log.iter().filter(|a| a.overlapped).count() >= 2,
         "the writes of the current bytes overlapped at the store: {log:?}"
     );
-    let metrics = proxy
-        .state
-        .metrics
-        .render(&proxy.state.tags, &proxy.state.memo);
+    let metrics =
+        proxy
+            .state
+            .metrics
+            .render(&proxy.state.tags, &proxy.state.memo, &proxy.state.budget);
     assert!(
         metrics.contains("ifmatch_unchanged_writes_total{route=\"/docs/\"} 4"),
         "{metrics}"

@@ -1,0 +1,319 @@
+//! `server.max_buffered_bytes`: the body bytes all requests together may hold. Backends
+//! here send part of a body and then wait at a gate the test opens, so that several bodies
+//! are held at once; a GET that finds no room streams through untagged and whole, and a
+//! write is still judged by the current tag while the budget is full.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::proxy::route;
+use common::{eventually, Client, Proxy};
+use http::{HeaderMap, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+const KIB: usize = 1024;
+
+/// The body served for `path`: `len` bytes that differ between paths.
+fn body_of(path: &str, len: usize) -> Vec<u8> {
+    let seed = path
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+/// A backend on a raw socket, one response per connection:
+/// - `GET /docs/held-*`: `Content-Length: 64 KiB`, 48 KiB at once, the rest once the gate opens;
+/// - `GET /docs/chunked-*`: chunked, five 16 KiB chunks at once, a sixth once the gate opens;
+/// - any other GET: 64 KiB at once; a PUT: its body read, then 204.
+async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (gate, opened) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut opened = opened.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                let (mut line, mut length) = (String::new(), 0usize);
+                stream.read_line(&mut line).await.unwrap();
+                let mut words = line.split_whitespace();
+                let (method, path) = (words.next().unwrap().to_owned(), words.next().unwrap());
+                let path = path.to_owned();
+                loop {
+                    let mut header = String::new();
+                    stream.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                if method == "PUT" {
+                    let mut body = vec![0; length];
+                    stream.read_exact(&mut body).await.unwrap();
+                    let done = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
+                    let _ = stream.get_mut().write_all(done).await;
+                    return;
+                }
+                let mut gate = async || {
+                    let _ = opened.wait_for(|open| *open).await;
+                };
+                let s = stream.get_mut();
+                if path.starts_with("/docs/chunked-") {
+                    let body = body_of(&path, 96 * KIB);
+                    let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                    let _ = s.write_all(head.as_bytes()).await;
+                    for (i, chunk) in body.chunks(16 * KIB).enumerate() {
+                        if i == 5 {
+                            gate().await;
+                        }
+                        let _ = s
+                            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                            .await;
+                        let _ = s.write_all(chunk).await;
+                        let _ = s.write_all(b"\r\n").await;
+                        let _ = s.flush().await;
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                    return;
+                }
+                let body = body_of(&path, 64 * KIB);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let split = if path.starts_with("/docs/held-") {
+                    48 * KIB
+                } else {
+                    body.len()
+                };
+                let _ = s.write_all(&body[..split]).await;
+                let _ = s.flush().await;
+                gate().await;
+                let _ = s.write_all(&body[split..]).await;
+            });
+        }
+    });
+    (addr, gate)
+}
+
+/// GETs `url` in a task of its own: its response head is reported on `heads` as soon as it
+/// arrives (with `index`); the task's output is the head and the whole body.
+fn get_reporting_head(
+    url: String,
+    index: usize,
+    heads: mpsc::UnboundedSender<usize>,
+) -> tokio::task::JoinHandle<(HeaderMap, Bytes)> {
+    tokio::spawn(async move {
+        let client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let req = Request::get(url).body(Full::default()).unwrap();
+        let rsp = client.request(req).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        let _ = heads.send(index);
+        let (parts, body) = rsp.into_parts();
+        (parts.headers, body.collect().await.unwrap().to_bytes())
+    })
+}
+
+fn metrics(proxy: &Proxy) -> String {
+    let s = &proxy.state;
+    s.metrics.render(&s.tags, &s.memo, &s.budget)
+}
+
+async fn wait_for_heads(heads: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Vec<usize> {
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await;
+        seen.push(
+            next.expect("a streamed response's head comes before the gate opens")
+                .unwrap(),
+        );
+    }
+    seen
+}
+
+#[tokio::test]
+async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() {
+    let (backend, gate) = gated_backend().await;
+    let server = "max_buffered_bytes = \"160KiB\"";
+    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
+    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let key = proxy.state.tag_key();
+
+    // Four 64 KiB bodies, each held back by the backend: two fit in 160 KiB, two do not.
+    let (tx, mut heads) = mpsc::unbounded_channel();
+    let paths: Vec<String> = (0..4).map(|i| format!("/docs/held-{i}")).collect();
+    let gets: Vec<_> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| get_reporting_head(proxy.url(p), i, tx.clone()))
+        .collect();
+    // Those without room stream at once: their heads arrive while the gate is shut.
+    let streamed = wait_for_heads(&mut heads, 2).await;
+    assert_eq!(
+        proxy.state.budget.held(),
+        128 * KIB,
+        "the two tagged bodies hold their size"
+    );
+
+    gate.send(true).unwrap();
+    for (i, get) in gets.into_iter().enumerate() {
+        let (headers, body) = get.await.unwrap();
+        assert_eq!(
+            body,
+            body_of(&paths[i], 64 * KIB),
+            "{}: whole and unchanged",
+            paths[i]
+        );
+        let etag = headers.get("etag").map(|v| v.to_str().unwrap().to_owned());
+        match streamed.contains(&i) {
+            true => assert_eq!(etag, None, "{}: streamed, so untagged", paths[i]),
+            false => assert_eq!(etag, Some(key.tag_of(&body).to_string()), "{}", paths[i]),
+        }
+    }
+    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+    let m = metrics(&proxy);
+    assert!(
+        m.contains("ifmatch_over_budget_bodies_total{route=\"/docs/\",body=\"response\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("ifmatch_buffered_bytes_limit 163840"), "{m}");
+
+    // With room again, the same document is tagged.
+    let again = Client::new().get(&proxy.url("/docs/held-0"), &[]).await;
+    assert_eq!(again.etag(), key.tag_of(&again.body).to_string());
+}
+
+#[tokio::test]
+async fn a_chunked_body_that_outgrows_the_budget_midway_is_sent_on_whole_and_untagged() {
+    let (backend, gate) = gated_backend().await;
+    let server = "max_buffered_bytes = \"128KiB\"";
+    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
+    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let key = proxy.state.tag_key();
+
+    let (tx, mut heads) = mpsc::unbounded_channel();
+    let held = get_reporting_head(proxy.url("/docs/held-1"), 0, tx.clone());
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.state.budget.held()
+            == 64 * KIB)
+        .await
+    );
+    // 16 KiB chunks: the fifth would take the total to 144 KiB, so it is not held, and the
+    // 80 KiB read so far go out with the rest streamed behind them.
+    let chunked = get_reporting_head(proxy.url("/docs/chunked-1"), 1, tx);
+    assert_eq!(wait_for_heads(&mut heads, 1).await, [1]);
+    // Its chunks' share goes back once they are handed to the client's connection.
+    let back = eventually(Duration::from_secs(2), || {
+        proxy.state.budget.held() == 64 * KIB
+    });
+    assert!(back.await, "held: {}", proxy.state.budget.held());
+
+    gate.send(true).unwrap();
+    let (headers, body) = chunked.await.unwrap();
+    assert_eq!(body, body_of("/docs/chunked-1", 96 * KIB));
+    assert!(headers.get("etag").is_none());
+    let (headers, body) = held.await.unwrap();
+    assert_eq!(headers["etag"], key.tag_of(&body).to_string());
+    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+}
+
+#[tokio::test]
+async fn a_write_checked_while_the_budget_is_full_is_judged_by_the_current_tag() {
+    let (backend, gate) = gated_backend().await;
+    let server = "max_buffered_bytes = \"128KiB\"";
+    // `revalidate`: each conditional write reads the current body (64 KiB) to learn its tag.
+    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
+    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let client = Client::new();
+    let url = proxy.url("/docs/plain");
+    let tag = client.get(&url, &[]).await.etag();
+
+    let (tx, _heads) = mpsc::unbounded_channel();
+    let held: Vec<_> = (0..2)
+        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.state.budget.held()
+            == 128 * KIB)
+        .await
+    );
+
+    // The revalidation's body finds no room: it is hashed without being held, so the write
+    // is still judged, neither refused for want of a tag nor let through unchecked.
+    let fresh = client.put(&url, &[("if-match", &tag)], "new text").await;
+    assert_eq!(fresh.status, 204, "{}", fresh.text());
+    let stale = client
+        .put(&url, &[("if-match", "\"stale\"")], "new text")
+        .await;
+    assert_eq!(stale.status, 412);
+    assert_eq!(stale.etag(), tag, "the 412 names the current tag");
+    // A URL never read before: its current body is hashed, and no copy of it is kept,
+    // since its bytes were let go as they were hashed.
+    let copies = proxy.state.memo.bytes();
+    let other = client
+        .put(&proxy.url("/docs/other"), &[("if-match", "\"x\"")], "b")
+        .await;
+    assert_eq!(other.status, 412);
+    let current = proxy
+        .state
+        .tag_key()
+        .tag_of(&body_of("/docs/other", 64 * KIB));
+    assert_eq!(other.etag(), current.to_string());
+    assert_eq!(
+        proxy.state.memo.bytes(),
+        copies,
+        "no copy of a body not held"
+    );
+    let m = metrics(&proxy);
+    assert!(
+        m.contains("ifmatch_over_budget_bodies_total{route=\"/docs/\",body=\"request\"} 3"),
+        "the write bodies streamed instead of being read whole: {m}"
+    );
+    assert_eq!(
+        proxy.state.budget.held(),
+        128 * KIB,
+        "the writes hold nothing"
+    );
+
+    gate.send(true).unwrap();
+    for get in held {
+        get.await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+}
+
+#[tokio::test]
+async fn a_reload_applies_a_new_bound() {
+    let routes = route("/", "");
+    let proxy = Proxy::start_with(
+        &routes,
+        "http://127.0.0.1:9",
+        "max_buffered_bytes = \"64MiB\"",
+    )
+    .await;
+    assert_eq!(proxy.state.budget.limit(), 64 << 20);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_buffered_bytes = \"32MiB\"\n{}",
+        routes.replace("{upstream}", "http://127.0.0.1:9")
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    assert_eq!(proxy.state.budget.limit(), 32 << 20);
+}
