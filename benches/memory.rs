@@ -1,16 +1,19 @@
 //! Memory: the tag cache's bound and the per-request body buffer, on the release binary.
 //!
 //!     cargo build --release && cargo bench --bench memory -- [--urls 1000000] [--big 2000]
-//!         [--memo-bytes N]
+//!         [--memo-bytes N] [--burst 1000] [--buffered-bytes N]
 //!
 //! Phase 1 sends one GET to each of `--urls` distinct URLs through a proxy whose
 //! `tag_cache_entries` is 100,000, and every 100,000 requests reads the proxy's RSS and its
 //! `/metrics` (cache entries, evictions, bytes of body copies). `--memo-bytes` sets
 //! `tag_memo_bytes` (unset: the default, 32 MiB; 0: no copies). Phase 2 sends `--big` GETs of a 4 MiB body through
-//! a route with `max_tag_body = "1MiB"` (streamed untagged) and samples RSS meanwhile. The
-//! backend is a small hyper server in this process; everything stays on 127.0.0.1. It fails
-//! (exit 1) if the cache ever holds more entries than its bound, the copies more bytes than
-//! theirs, or a request fails.
+//! a route with `max_tag_body = "1MiB"` (streamed untagged) and samples RSS meanwhile. Phase 3
+//! sends `--burst` GETs of 4 MiB bodies that are tagged (`max_tag_body = "8MiB"`), from
+//! `BURST_CLIENTS` clients at once, under `max_buffered_bytes` = `--buffered-bytes` (unset:
+//! 16 MiB), sampling RSS and the `ifmatch_buffered_bytes` gauge. The backend is a small hyper
+//! server in this process; everything stays on 127.0.0.1. It fails (exit 1) if the cache ever
+//! holds more entries than its bound, the copies or the held bodies more bytes than theirs,
+//! or a request fails.
 
 mod support;
 use support::{free_port, rss_kib};
@@ -28,6 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 const ENTRIES: u64 = 100_000;
 const CLIENTS: u64 = 16;
+const BURST_CLIENTS: u64 = 64;
 const BIG: usize = 4 << 20;
 
 fn main() {
@@ -43,12 +47,13 @@ fn main() {
         .iter()
         .position(|a| a == "--memo-bytes")
         .map(|i| args[i + 1].parse::<u64>().expect("a number"));
+    let burst = (arg("--burst", 1_000), arg("--buffered-bytes", 16 << 20));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let ok = rt.block_on(run(urls, big, memo));
+    let ok = rt.block_on(run(urls, big, memo, burst));
     std::process::exit(if ok { 0 } else { 1 });
 }
 
@@ -66,7 +71,8 @@ async fn backend(listener: tokio::net::TcpListener) {
         let big = big.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let body = if req.uri().path().starts_with("/big/") {
+                let path = req.uri().path();
+                let body = if path.starts_with("/big/") || path.starts_with("/burst/") {
                     big.clone()
                 } else {
                     Bytes::from(format!("{{\"doc\":\"{}\"}}", req.uri().path()))
@@ -95,13 +101,24 @@ async fn metric(client: &Client<HttpConnector, Empty<Bytes>>, admin: u16, name: 
 async fn load(
     client: &Client<HttpConnector, Empty<Bytes>>,
     base: &str,
+    range: (u64, u64),
+    path: fn(u64) -> String,
+) -> u64 {
+    load_from(CLIENTS, client, base, range, path).await
+}
+
+/// `load` from `clients` tasks.
+async fn load_from(
+    clients: u64,
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    base: &str,
     (from, to): (u64, u64),
     path: fn(u64) -> String,
 ) -> u64 {
     let next = Arc::new(AtomicU64::new(from));
     let failed = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..CLIENTS {
+    for _ in 0..clients {
         let (client, next, failed, base) = (
             client.clone(),
             next.clone(),
@@ -131,7 +148,7 @@ async fn load(
     failed.load(Ordering::Relaxed)
 }
 
-async fn run(urls: u64, big: u64, memo: Option<u64>) -> bool {
+async fn run(urls: u64, big: u64, memo: Option<u64>, (burst, buffered): (u64, u64)) -> bool {
     let memo_budget = memo.unwrap_or(ifmatch::config::DEFAULT_TAG_MEMO_BYTES);
     let bin = support::BIN;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -145,12 +162,14 @@ async fn run(urls: u64, big: u64, memo: Option<u64>) -> bool {
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\ntag_cache_entries = {ENTRIES}\n\
-             tag_memo_bytes = {memo_budget}\n\
+             tag_memo_bytes = {memo_budget}\nmax_buffered_bytes = {buffered}\n\
              workers = 1\ntag_key = \"{key}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
              [[route]]\nprefix = \"/small/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
              validation = \"cached\"\n\
              [[route]]\nprefix = \"/big/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
-             max_tag_body = \"1MiB\"\n",
+             max_tag_body = \"1MiB\"\n\
+             [[route]]\nprefix = \"/burst/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
+             max_tag_body = \"8MiB\"\n",
             key = "m".repeat(32)
         ),
     )
@@ -224,6 +243,52 @@ async fn run(urls: u64, big: u64, memo: Option<u64>) -> bool {
     }
     println!("\n{big} GETs of 4 MiB, {failed} failed");
     ok &= failed == 0;
+
+    // The held bytes' gauge, sampled as RSS is.
+    let held_peak = Arc::new(AtomicU64::new(0));
+    let held_sampler = {
+        let (held_peak, client) = (held_peak.clone(), client.clone());
+        tokio::spawn(async move {
+            loop {
+                let held = metric(&client, admin_port, "ifmatch_buffered_bytes ").await;
+                held_peak.fetch_max(held, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    println!(
+        "\n| 4 MiB GETs, tagged, {BURST_CLIENTS} at once (max_buffered_bytes {:.0} MiB) | peak RSS MiB | peak held MiB (gauge) | streamed untagged (metric) |",
+        buffered as f64 / (1 << 20) as f64
+    );
+    println!("|---:|---:|---:|---:|");
+    let step = (burst / 4).max(1);
+    let (mut failed, mut over_budget) = (0, false);
+    for from in (0..burst).step_by(step as usize) {
+        let to = (from + step).min(burst);
+        failed += load_from(BURST_CLIENTS, &client, &base, (from, to), |i| {
+            format!("/burst/{}", i % 64)
+        })
+        .await;
+        let streamed = metric(
+            &client,
+            admin_port,
+            "ifmatch_over_budget_bodies_total{route=\"/burst/\",body=\"response\"}",
+        )
+        .await;
+        let rss = peak.swap(0, Ordering::Relaxed).max(rss_kib(pid));
+        let held = held_peak.swap(0, Ordering::Relaxed);
+        over_budget |= held > buffered;
+        println!(
+            "| {to} | {:.1} | {:.1} | {streamed} |",
+            mib(rss),
+            held as f64 / (1 << 20) as f64
+        );
+    }
+    held_sampler.abort();
+    println!(
+        "\n{burst} GETs of 4 MiB, {failed} failed; held over max_buffered_bytes: {over_budget}"
+    );
+    ok &= failed == 0 && !over_budget;
 
     sampler.abort();
     let _ = proxy.kill();
