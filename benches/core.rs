@@ -115,6 +115,7 @@ fn tag_store(c: &mut Criterion) {
         tag: ETag::strong("t").unwrap(),
         last_modified: None,
         from_upstream: false,
+        negotiated: false,
     };
     let mut g = c.benchmark_group("tag_store");
     let store = Arc::new(TagStore::new(100_000));

@@ -520,6 +520,12 @@ impl Proxy {
     /// caller's lock: the state, if they hold; a 412 if not; or the revalidation's own
     /// answer for the writer. The state is the remembered tag under `cached` (not per user),
     /// else what a revalidation GET finds.
+    ///
+    /// A remembered tag of one representation among several (`Known::negotiated`: gzip for
+    /// one client, identity for another) that fails the preconditions does not decide: the
+    /// writer may hold another representation's tag for the same state. A revalidation with
+    /// the writer's own request head then fetches the representation it would be given,
+    /// and that decides; a 412 names its tag.
     async fn check(
         &self,
         rt: &Routing,
@@ -529,7 +535,7 @@ impl Proxy {
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Checked, Error> {
-        let remembered = (route.validation == Validation::Cached && !route.per_user)
+        let mut remembered = (route.validation == Validation::Cached && !route.per_user)
             .then(|| {
                 // A tag remembered from a PUT may come without the date the backend gave the
                 // new representation: a date condition then needs the backend's answer.
@@ -537,26 +543,33 @@ impl Proxy {
                 self.tags.get(key).filter(usable)
             })
             .flatten();
-        let current = match remembered {
-            Some(known) => Resource {
-                exists: true,
-                tag: Some(known.tag),
-                last_modified: known.last_modified,
-            },
-            None => match self.revalidate(rt, route, key, parts, ex).await? {
-                Current::Known(resource) => resource,
-                Current::Answer(rsp) => {
-                    ex.upstream_status = Some(rsp.status());
-                    ex.outcome = "revalidation_refused";
-                    return Ok(Checked::Answer(pass(rsp, false, route)));
+        loop {
+            let negotiated = remembered.as_ref().is_some_and(|k| k.negotiated);
+            let current = match remembered.take() {
+                Some(known) => Resource {
+                    exists: true,
+                    tag: Some(known.tag),
+                    last_modified: known.last_modified,
+                },
+                None => match self.revalidate(rt, route, key, parts, ex).await? {
+                    Current::Known(resource) => resource,
+                    Current::Answer(rsp) => {
+                        ex.upstream_status = Some(rsp.status());
+                        ex.outcome = "revalidation_refused";
+                        return Ok(Checked::Answer(pass(rsp, false, route)));
+                    }
+                },
+            };
+            match evaluate(pre, false, &current) {
+                Decision::Proceed => return Ok(Checked::Holds(current)),
+                // `remembered` is taken: the next turn revalidates.
+                _ if negotiated => continue,
+                _ => {
+                    return Err(Error::PreconditionFailed {
+                        current: current.tag,
+                    })
                 }
-            },
-        };
-        match evaluate(pre, false, &current) {
-            Decision::Proceed => Ok(Checked::Holds(current)),
-            _ => Err(Error::PreconditionFailed {
-                current: current.tag,
-            }),
+            }
         }
     }
 
@@ -638,10 +651,13 @@ impl Proxy {
             // Recorded under the lock, with a ticket newer than any read in flight: a read
             // that fetched the old body cannot put its tag back. (A shared write's ticket is
             // the one taken before it was sent, above.)
+            // Not known to be negotiated: the PUT's bytes are one representation, and a GET
+            // that finds several records that when it comes.
             let known = Known {
                 tag: tag.clone(),
                 last_modified: last_modified(rsp.headers()),
                 from_upstream: false,
+                negotiated: false,
             };
             let ticket = sending.unwrap_or_else(|| self.tags.ticket());
             self.tags.record(key, known, ticket);
@@ -827,10 +843,13 @@ impl Proxy {
                 }
             }
         };
+        let negotiated = rparts.headers.contains_key(header::VARY)
+            || rparts.headers.contains_key(header::CONTENT_ENCODING);
         let known = tag.map(|tag| Known {
             tag,
             last_modified,
             from_upstream,
+            negotiated,
         });
         let resource = Resource {
             exists: true,

@@ -28,6 +28,9 @@ pub struct Known {
     pub last_modified: Option<SystemTime>,
     /// The tag is the upstream's own (it sent a strong `ETag`), not the hash of the body.
     pub from_upstream: bool,
+    /// The representation was one of several (`Vary`, or a content coding): another
+    /// request for the same state may have been given another, with another tag.
+    pub negotiated: bool,
 }
 
 /// A point on the store's clock, taken before reading from the upstream.
@@ -220,6 +223,7 @@ mod tests {
             tag: ETag::strong(t).unwrap(),
             last_modified: None,
             from_upstream: false,
+            negotiated: false,
         }
     }
 
@@ -257,6 +261,7 @@ mod tests {
         assert!(!s.upstream_tags(&k), "nothing known");
         let own = Known {
             from_upstream: true,
+            negotiated: false,
             ..known("backend-1")
         };
         s.record(&k, own, s.ticket());

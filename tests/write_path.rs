@@ -523,3 +523,72 @@ async fn writes_to_a_missing_resource_with_if_match_fail_but_without_conditions_
     assert_eq!(r.status, 404, "the backend's own answer");
     assert_eq!(backend.store.writes(), 1);
 }
+
+/// A backend that compresses for clients that accept it, as many do: two representations of
+/// one state, each with its own tag.
+async fn compressing_backend() -> ScriptedBackend {
+    ScriptedBackend::start(|r| async move {
+        let gzip = r
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+        match (r.method.as_str(), r.uri.path(), gzip) {
+            ("GET", "/plain", _) => respond(200, &[], "one representation"),
+            ("GET", _, true) => respond(
+                200,
+                &[("content-encoding", "gzip"), ("vary", "Accept-Encoding")],
+                "pretend-gzip of the text",
+            ),
+            ("GET", _, false) => respond(200, &[("vary", "Accept-Encoding")], "the text"),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn under_cached_a_tag_of_another_content_coding_of_the_current_state_is_not_a_conflict() {
+    let backend = compressing_backend().await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let gz = [("accept-encoding", "gzip")];
+    let gzip_tag = c.get(&url, &gz).await.etag();
+    let plain_tag = c.get(&url, &[]).await.etag();
+    assert_ne!(gzip_tag, plain_tag, "two representations, two tags");
+    let gets = |b: &ScriptedBackend| b.requests().iter().filter(|r| r.method == "GET").count();
+
+    // The identity tag is remembered last; the gzip reader raced nobody. Its own
+    // representation, fetched with its own head, decides.
+    let w = c.put(&url, &[("if-match", &gzip_tag), gz[0]], "edit").await;
+    assert_eq!(w.status, 204, "{}", w.text());
+    // The write is done: both tags are stale now, whichever representation.
+    let late = c.put(&url, &[("if-match", &plain_tag)], "edit").await;
+    assert_eq!(
+        late.status, 204,
+        "the backend serves the same bytes: still current"
+    );
+    let before = gets(&backend);
+    let stale = c.put(&url, &[("if-match", "\"old\""), gz[0]], "edit").await;
+    assert_eq!(stale.status, 412);
+    assert_eq!(
+        stale.etag(),
+        gzip_tag,
+        "the 412 names the writer's representation's tag"
+    );
+    assert_eq!(gets(&backend), before + 1, "confirmed by one revalidation");
+    let puts = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(puts, 2, "the stale write never reached the backend");
+
+    // One representation only: the remembered tag decides, with no GET.
+    let plain = proxy.url("/plain");
+    let tag = c.get(&plain, &[]).await.etag();
+    let before = gets(&backend);
+    let stale = c.put(&plain, &[("if-match", "\"old\"")], "edit").await;
+    assert_eq!((stale.status, stale.etag()), (412, tag));
+    assert_eq!(gets(&backend), before, "no revalidation");
+}
