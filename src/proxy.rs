@@ -162,6 +162,9 @@ impl Exchange {
     }
 }
 
+/// The request id header edge proxies (Envoy, nginx's `$request_id`, load balancers) set.
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
 /// The most of a request body the proxy reads and drops to keep a connection open.
 const DISCARD_LIMIT: u64 = 1 << 20;
 /// How long it waits for that body.
@@ -280,6 +283,11 @@ impl Proxy {
         let span = debug_span!("request", method = %req.method(), path = %req.uri().path());
         let version = req.version();
         let expects_continue = req.headers().contains_key(header::EXPECT);
+        // The id an edge proxy or the client gave the request, to find its access line by;
+        // looked up only when that line is written.
+        let request_id = tracing::enabled!(target: "ifmatch::access", tracing::Level::INFO)
+            .then(|| req.headers().get(X_REQUEST_ID).cloned())
+            .flatten();
         let mut ex = Exchange {
             expects_continue,
             ..Exchange::default()
@@ -330,7 +338,13 @@ impl Proxy {
         let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
         self.metrics
             .request(route, &method, rsp.status().as_u16(), ex.by_proxy);
-        access_log(&ex, &method, uri.path(), &rsp, start);
+        let request = Logged {
+            method: &method,
+            path: uri.path(),
+            client: &peer,
+            id: request_id.as_ref(),
+        };
+        access_log(&ex, request, &rsp, start);
         rsp
     }
 
@@ -1088,14 +1102,25 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
     rsp
 }
 
-fn access_log(
-    ex: &Exchange,
-    method: &Method,
-    path: &str,
-    rsp: &Response<ProxyBody>,
-    start: Instant,
-) {
+/// What the access line says of the request itself.
+struct Logged<'a> {
+    method: &'a Method,
+    path: &'a str,
+    client: &'a Peer,
+    /// `X-Request-Id`, as the client (or an edge proxy) sent it; passed upstream unchanged.
+    id: Option<&'a HeaderValue>,
+}
+
+/// The longest `X-Request-Id` written to the access line: ids are UUIDs or shorter, and a
+/// client must not fill the log with its header.
+const MAX_LOGGED_ID: usize = 128;
+
+fn access_log(ex: &Exchange, req: Logged<'_>, rsp: &Response<ProxyBody>, start: Instant) {
     let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
+    let request_id = req
+        .id
+        .filter(|v| v.len() <= MAX_LOGGED_ID)
+        .and_then(|v| v.to_str().ok());
     // Bytes of the body as sent when its length is known up front (buffered bodies and
     // upstream bodies with a Content-Length); absent for a chunked stream.
     let bytes = http_body::Body::size_hint(rsp.body()).exact();
@@ -1104,8 +1129,10 @@ fn access_log(
         // Its own fields say it all; the request span would repeat them.
         parent: None,
         route,
-        method = %method,
-        path,
+        method = %req.method,
+        path = req.path,
+        client = %req.client.addr.ip(),
+        request_id,
         status = rsp.status().as_u16(),
         upstream_status = ex.upstream_status.map(|s| s.as_u16()),
         outcome = ex.outcome,

@@ -24,7 +24,11 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
         ("authorization", "Bearer SECRET-TOKEN"),
         ("cookie", "session=SECRET-COOKIE"),
     ];
-    let tag = c.get(&bin.url("/docs/a"), &secrets).await.etag();
+    let id = ("x-request-id", "edge-7f3a-42");
+    let tag = c
+        .get(&bin.url("/docs/a"), &[secrets[0], secrets[1], id])
+        .await
+        .etag();
     let r = c
         .put(
             &bin.url("/docs/a"),
@@ -41,8 +45,17 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
         )
         .await;
     assert_eq!(r.status, 412);
-    bin.wait_for_log("\"status\":412", Duration::from_secs(5))
-        .await;
+    // An id too long to be one is not written out.
+    let long = "x".repeat(129);
+    let r = c.get(&bin.url("/docs/a"), &[("x-request-id", &long)]).await;
+    assert_eq!(r.status, 200);
+    let lines = || {
+        bin.log()
+            .iter()
+            .filter(|l| l.contains("ifmatch::access"))
+            .count()
+    };
+    assert!(common::eventually(Duration::from_secs(5), || lines() == 4).await);
 
     let log = bin.log();
     for secret in [
@@ -64,11 +77,12 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
         })
         .filter(|v| v["target"] == "ifmatch::access")
         .collect();
-    assert_eq!(access.len(), 3, "one access line per request: {access:#?}");
+    assert_eq!(access.len(), 4, "one access line per request: {access:#?}");
     let want = [
         ("GET", 200, "tagged"),
         ("PUT", 204, "forwarded"),
         ("PUT", 412, "precondition_failed"),
+        ("GET", 200, "tagged"),
     ];
     for (line, (method, status, outcome)) in access.iter().zip(want) {
         assert_eq!(line["method"], method, "{line}");
@@ -78,6 +92,14 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
         assert_eq!(line["path"], "/docs/a");
         assert!(line["duration_ms"].as_f64().is_some(), "{line}");
         assert!(line.get("bytes").is_some(), "{line}");
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+    }
+    assert_eq!(access[0]["request_id"], "edge-7f3a-42");
+    for line in &access[1..] {
+        assert!(
+            line.get("request_id").is_none(),
+            "none sent, or too long: {line}"
+        );
     }
     assert_eq!(access[0]["upstream_status"], 200);
     assert_eq!(access[0]["bytes"], "SECRET-DOC-BODY".len());
