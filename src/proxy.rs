@@ -775,7 +775,7 @@ impl Proxy {
         tag_only: bool,
     ) -> Result<(Resource, ProxyBody), Error> {
         let last_modified = last_modified(&rparts.headers);
-        let shared = cacheable(route, &rparts.headers);
+        let (shared, negotiated) = cacheable(route, &rparts.headers);
         let idle = route.upstream_timeout;
         let (tag, from_upstream, body) = 'read: {
             if let Some(tag) = upstream_strong_tag(&rparts.headers) {
@@ -857,8 +857,6 @@ impl Proxy {
                 }
             }
         };
-        let negotiated = rparts.headers.contains_key(header::VARY)
-            || rparts.headers.contains_key(header::CONTENT_ENCODING);
         let known = tag.map(|tag| Known {
             tag,
             last_modified,
@@ -969,10 +967,12 @@ impl Drop for InFlight {
 /// Whether a tag may be remembered and later trusted for any writer. A representation that
 /// varies by user (`Vary: Authorization`, `Cookie` or `*`, or a `per_user` route) is not: a
 /// 412 would show one user's tag to another, so such writes always revalidate with the
-/// writer's own credentials.
-fn cacheable(route: &Route, headers: &HeaderMap) -> bool {
-    let varies_by_user = headers
-        .get_all(header::VARY)
+/// writer's own credentials. And whether it is one of several (`Known::negotiated`): it
+/// varies on anything, or has a content coding. One pass over `Vary` for both.
+fn cacheable(route: &Route, headers: &HeaderMap) -> (bool, bool) {
+    let vary = headers.get_all(header::VARY);
+    let negotiated = vary.iter().next().is_some() || headers.contains_key(header::CONTENT_ENCODING);
+    let varies_by_user = vary
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -980,7 +980,7 @@ fn cacheable(route: &Route, headers: &HeaderMap) -> bool {
             let f = f.trim();
             f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
         });
-    !route.per_user && !varies_by_user
+    (!route.per_user && !varies_by_user, negotiated)
 }
 
 /// Whether a PUT's body is what the backend will serve: not a partial update
