@@ -13,6 +13,7 @@ use common::proxy::route;
 use common::{eventually, Client, Proxy};
 use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -112,6 +113,12 @@ async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
     (addr, gate)
 }
 
+type Http = HyperClient<HttpConnector, Full<Bytes>>;
+
+fn http1() -> Http {
+    HyperClient::builder(TokioExecutor::new()).build_http()
+}
+
 /// GETs `url` in a task of its own: its response head is reported on `heads` as soon as it
 /// arrives (with `index`); the task's output is the head and the whole body.
 fn get_reporting_head(
@@ -119,8 +126,17 @@ fn get_reporting_head(
     index: usize,
     heads: mpsc::UnboundedSender<usize>,
 ) -> tokio::task::JoinHandle<(HeaderMap, Bytes)> {
+    get_with(http1(), url, index, heads)
+}
+
+/// `get_reporting_head` on `client`'s connections.
+fn get_with(
+    client: Http,
+    url: String,
+    index: usize,
+    heads: mpsc::UnboundedSender<usize>,
+) -> tokio::task::JoinHandle<(HeaderMap, Bytes)> {
     tokio::spawn(async move {
-        let client = HyperClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let req = Request::get(url).body(Full::default()).unwrap();
         let rsp = client.request(req).await.unwrap();
         assert_eq!(rsp.status(), 200);
@@ -197,6 +213,41 @@ async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() 
     // With room again, the same document is tagged.
     let again = Client::new().get(&proxy.url("/docs/held-0"), &[]).await;
     assert_eq!(again.etag(), key.tag_of(&again.body).to_string());
+}
+
+#[tokio::test]
+async fn one_http2_clients_streams_share_the_bound_with_everyone_else() {
+    let (backend, gate) = gated_backend().await;
+    let server = "max_buffered_bytes = \"160KiB\"";
+    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
+    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    // One connection, prior knowledge (h2c): four streams on it.
+    let h2: Http = HyperClient::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let (tx, mut heads) = mpsc::unbounded_channel();
+    let gets: Vec<_> = (0..4)
+        .map(|i| {
+            get_with(
+                h2.clone(),
+                proxy.url(&format!("/docs/held-{i}")),
+                i,
+                tx.clone(),
+            )
+        })
+        .collect();
+    let streamed = wait_for_heads(&mut heads, 2).await;
+    assert_eq!(proxy.state.budget.held(), 128 * KIB);
+    gate.send(true).unwrap();
+    let mut tagged = 0;
+    for (i, get) in gets.into_iter().enumerate() {
+        let (headers, body) = get.await.unwrap();
+        assert_eq!(body.len(), 64 * KIB);
+        tagged += usize::from(headers.contains_key("etag"));
+        assert_eq!(headers.contains_key("etag"), !streamed.contains(&i));
+    }
+    assert_eq!(tagged, 2);
+    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
 }
 
 #[tokio::test]
