@@ -279,8 +279,8 @@ pub enum ReadError {
 /// bytes up to there, which are the body's, then on. A body equal to the copy gets its tag.
 ///
 /// The chunks kept count against the budget through `held`. When it has no room, a body to
-/// be sent on stops there (`OverBudget`); one read only for its tag (`tag_only`, a
-/// revalidation) lets its chunks go and is hashed to the end.
+/// be sent on stops there (`OverBudget`); one read only for its tag (`tag_only`: a
+/// revalidation, a HEAD) lets its chunks go and is hashed to the end.
 pub async fn read_tagged(
     mut body: Incoming,
     mut hasher: TagHasher,

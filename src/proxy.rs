@@ -414,7 +414,9 @@ impl Proxy {
             return Ok(pass(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, false);
+        // A HEAD's body is read only for its tag: with no room in the budget it is hashed
+        // and let go, and the HEAD still gets the tag a GET would.
+        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, head);
         let (current, body) = read.await?;
         match evaluate(pre, true, &current) {
             Decision::Proceed => {
@@ -761,8 +763,8 @@ impl Proxy {
     /// and the body to send on.
     ///
     /// A body held counts against `max_buffered_bytes`. One that finds no room there is
-    /// sent on untagged, as a body over the limit is; one read only for its tag (`tag_only`,
-    /// a revalidation) is hashed without being held, and so is tagged all the same.
+    /// sent on untagged, as a body over the limit is; one read only for its tag (`tag_only`:
+    /// a revalidation, a HEAD) is hashed without being held, and so is tagged all the same.
     #[allow(clippy::too_many_arguments)]
     async fn tag(
         &self,

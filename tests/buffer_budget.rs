@@ -285,7 +285,7 @@ async fn a_chunked_body_that_outgrows_the_budget_midway_is_sent_on_whole_and_unt
 }
 
 #[tokio::test]
-async fn a_write_checked_while_the_budget_is_full_is_judged_by_the_current_tag() {
+async fn a_write_or_head_while_the_budget_is_full_is_judged_by_the_current_tag() {
     let (backend, gate) = gated_backend().await;
     let server = "max_buffered_bytes = \"128KiB\"";
     // `revalidate`: each conditional write reads the current body (64 KiB) to learn its tag.
@@ -304,6 +304,11 @@ async fn a_write_checked_while_the_budget_is_full_is_judged_by_the_current_tag()
             == 128 * KIB)
         .await
     );
+
+    // A HEAD's body is read only for its tag: hashed without being held, it gets the tag.
+    let head = client.head(&url, &[]).await;
+    assert_eq!((head.status, head.etag()), (200, tag.clone()));
+    assert!(head.body.is_empty());
 
     // The revalidation's body finds no room: it is hashed without being held, so the write
     // is still judged, neither refused for want of a tag nor let through unchecked.
