@@ -54,6 +54,44 @@ fn the_shipped_example_config_is_valid() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes)"));
 }
 
+/// `kubectl apply -k config`: kustomize refuses any file outside the kustomization's folder
+/// (`config/kubernetes/` once named `../example.toml`, and every apply failed). Each file it
+/// names must lie in or below `config/` and exist; with `kubectl` at hand, it must render,
+/// with the example config in its ConfigMap.
+#[test]
+fn the_kubernetes_kustomization_names_files_kustomize_will_read() {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    let text = std::fs::read_to_string(root.join("kustomization.yaml")).unwrap();
+    let files: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .filter(|item| !item.starts_with("name:"))
+        .map(|item| item.rsplit('=').next().unwrap().trim())
+        .collect();
+    assert!(files.contains(&"example.toml"), "{files:?}");
+    for file in &files {
+        assert!(
+            !file.starts_with('/') && !file.split('/').any(|part| part == ".."),
+            "{file}: outside config/, which kustomize refuses"
+        );
+        assert!(root.join(file).is_file(), "{file} does not exist");
+    }
+    match Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root)
+        .output()
+    {
+        Ok(out) => {
+            let rendered = String::from_utf8_lossy(&out.stdout);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "kubectl kustomize config: {err}");
+            assert!(rendered.contains("listen = \"0.0.0.0:8080\""), "{rendered}");
+            assert!(rendered.contains("kind: Pod"), "{rendered}");
+        }
+        Err(e) => eprintln!("kubectl not run ({e}): the file checks above stand alone"),
+    }
+}
+
 #[test]
 fn check_refuses_a_bad_file_naming_file_line_and_key() {
     let (ok, out) = check(
