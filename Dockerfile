@@ -8,8 +8,11 @@
 
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
-# Dependencies first, so that source edits do not rebuild them.
+# Dependencies first, so that source edits do not rebuild them. Cargo reads every target
+# Cargo.toml declares, the [[bench]]es among them, before it builds anything: their files
+# must be here too (they are not built).
 COPY Cargo.toml Cargo.lock ./
+COPY benches ./benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src

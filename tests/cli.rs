@@ -92,6 +92,41 @@ fn the_kubernetes_kustomization_names_files_kustomize_will_read() {
     }
 }
 
+/// The Dockerfile builds the dependencies from the manifest alone first; cargo reads every
+/// target the manifest declares before building anything, so each [[bench]]'s file must be
+/// copied in before that first `cargo build` (without `benches/`, every image build failed:
+/// "can't find `core` bench at `benches/core.rs`").
+#[test]
+fn the_dockerfile_copies_every_declared_target_before_its_first_build() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(dir.join("Dockerfile")).unwrap();
+    let before_build = dockerfile.split("cargo build").next().unwrap();
+    let copied: Vec<&str> = before_build
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| {
+            let parts: Vec<&str> = l.split_whitespace().collect();
+            parts[..parts.len() - 1].to_vec()
+        })
+        .collect();
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let benches: Vec<&str> = manifest
+        .split("[[bench]]")
+        .skip(1)
+        .filter_map(|t| t.lines().find_map(|l| l.strip_prefix("name = ")))
+        .map(|n| n.trim_matches('"'))
+        .collect();
+    assert!(!benches.is_empty());
+    for bench in benches {
+        let file = format!("benches/{bench}.rs");
+        assert!(dir.join(&file).is_file(), "{file}");
+        assert!(
+            copied.iter().any(|c| *c == "benches" || *c == file),
+            "{file} is not copied before the first cargo build (copied: {copied:?})"
+        );
+    }
+}
+
 #[test]
 fn check_refuses_a_bad_file_naming_file_line_and_key() {
     let (ok, out) = check(
