@@ -119,6 +119,17 @@ fn http1() -> Http {
     HyperClient::builder(TokioExecutor::new()).build_http()
 }
 
+/// A proxy in front of the gated backend: its `/docs/` route tags bodies up to 128 KiB, and
+/// all requests together may hold `bound` (`max_buffered_bytes`). The gate opens the
+/// backend's held bodies.
+async fn behind_a_bound(bound: &str) -> (Proxy, watch::Sender<bool>) {
+    let (backend, gate) = gated_backend().await;
+    let server = format!("max_buffered_bytes = \"{bound}\"");
+    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
+    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), &server).await;
+    (proxy, gate)
+}
+
 /// GETs `url` in a task of its own: its response head is reported on `heads` as soon as it
 /// arrives (with `index`); the task's output is the head and the whole body.
 fn get_reporting_head(
@@ -165,10 +176,7 @@ async fn wait_for_heads(heads: &mut mpsc::UnboundedReceiver<usize>, n: usize) ->
 
 #[tokio::test]
 async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() {
-    let (backend, gate) = gated_backend().await;
-    let server = "max_buffered_bytes = \"160KiB\"";
-    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
-    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let (proxy, gate) = behind_a_bound("160KiB").await;
     let key = proxy.state.tag_key();
 
     // Four 64 KiB bodies, each held back by the backend: two fit in 160 KiB, two do not.
@@ -217,10 +225,7 @@ async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() 
 
 #[tokio::test]
 async fn one_http2_clients_streams_share_the_bound_with_everyone_else() {
-    let (backend, gate) = gated_backend().await;
-    let server = "max_buffered_bytes = \"160KiB\"";
-    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
-    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let (proxy, gate) = behind_a_bound("160KiB").await;
     // One connection, prior knowledge (h2c): four streams on it.
     let h2: Http = HyperClient::builder(TokioExecutor::new())
         .http2_only(true)
@@ -252,10 +257,7 @@ async fn one_http2_clients_streams_share_the_bound_with_everyone_else() {
 
 #[tokio::test]
 async fn a_chunked_body_that_outgrows_the_budget_midway_is_sent_on_whole_and_untagged() {
-    let (backend, gate) = gated_backend().await;
-    let server = "max_buffered_bytes = \"128KiB\"";
-    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
-    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let (proxy, gate) = behind_a_bound("128KiB").await;
     let key = proxy.state.tag_key();
 
     let (tx, mut heads) = mpsc::unbounded_channel();
@@ -286,11 +288,8 @@ async fn a_chunked_body_that_outgrows_the_budget_midway_is_sent_on_whole_and_unt
 
 #[tokio::test]
 async fn a_write_or_head_while_the_budget_is_full_is_judged_by_the_current_tag() {
-    let (backend, gate) = gated_backend().await;
-    let server = "max_buffered_bytes = \"128KiB\"";
     // `revalidate`: each conditional write reads the current body (64 KiB) to learn its tag.
-    let routes = route("/docs/", "max_tag_body = \"128KiB\"");
-    let proxy = Proxy::start_with(&routes, &format!("http://{backend}"), server).await;
+    let (proxy, gate) = behind_a_bound("128KiB").await;
     let client = Client::new();
     let url = proxy.url("/docs/plain");
     let tag = client.get(&url, &[]).await.etag();
