@@ -241,11 +241,12 @@ where
 pub enum Collected {
     /// The whole body fit within the limit. `remembered`: the memo's copy it equalled, whose
     /// tag it has, so it was not hashed.
-    /// `held`: the budget `chunks` hold; `None` when a read only for the tag could not
-    /// hold them (`chunks` is then empty).
+    /// `held`: the budget `chunks` hold. `kept`: false when a read only for the tag found no
+    /// room and let its chunks go (`chunks` is then empty).
     Whole {
         chunks: VecDeque<Bytes>,
-        held: Option<Share>,
+        held: Share,
+        kept: bool,
         tag: ETag,
         remembered: Option<Arc<Memo>>,
     },
@@ -287,13 +288,14 @@ pub async fn read_tagged(
     memo: Option<Arc<Memo>>,
     limit: u64,
     idle: Duration,
-    held: Share,
+    mut held: Share,
     tag_only: bool,
 ) -> Result<Collected, ReadError> {
     use http_body_util::BodyExt;
 
     let mut chunks = VecDeque::new();
-    let mut held = Some(held);
+    // False once a read only for the tag has found no room: it keeps nothing more.
+    let mut kept = true;
     let mut len = 0usize;
     // `Some` while every byte so far equals the copy's.
     let mut same = memo;
@@ -313,6 +315,7 @@ pub async fn read_tagged(
             return Ok(Collected::Whole {
                 chunks,
                 held,
+                kept,
                 tag,
                 remembered,
             });
@@ -332,34 +335,31 @@ pub async fn read_tagged(
             }
             None => hasher.update(&chunk),
         }
-        // A read only for the tag that found no room keeps nothing more.
-        let Some(share) = held.as_mut() else {
-            continue;
-        };
-        chunks.push_back(chunk);
-        let over_limit = len as u64 > limit;
-        if !over_limit && share.reserve(len) {
-            continue;
+        if kept {
+            chunks.push_back(chunk);
         }
-        if !over_limit && tag_only {
-            chunks.clear();
-            held = None;
-            continue;
-        }
-        // The chunk in hand is not counted: it goes out next, with the rest streamed.
-        let held = held.take().expect("matched above");
-        return Ok(match over_limit {
-            true => Collected::TooLarge {
+        // The chunk in hand is not counted in either case: it goes out next, with the rest
+        // streamed.
+        if len as u64 > limit {
+            return Ok(Collected::TooLarge {
                 chunks,
                 held,
                 rest: body,
-            },
-            false => Collected::OverBudget {
+            });
+        }
+        if !kept || held.reserve(len) {
+            continue;
+        }
+        if !tag_only {
+            return Ok(Collected::OverBudget {
                 chunks,
                 held,
                 rest: body,
-            },
-        });
+            });
+        }
+        chunks.clear();
+        held.release();
+        kept = false;
     }
 }
 

@@ -92,13 +92,19 @@ impl Share {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Gives all of it back now.
+    pub fn release(&mut self) {
+        if self.bytes > 0 {
+            self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.bytes = 0;
+        }
+    }
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
-        }
+        self.release();
     }
 }
 

@@ -813,6 +813,7 @@ impl Proxy {
                 Ok(Collected::Whole {
                     chunks,
                     held,
+                    kept,
                     tag,
                     remembered,
                 }) => {
@@ -822,7 +823,7 @@ impl Proxy {
                     } else {
                         let header = tag.to_header();
                         // Not a body that was hashed without being held: no copy to keep.
-                        if shared && self.memo.is_on() && held.is_some() {
+                        if shared && self.memo.is_on() && kept {
                             self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
                             let (t, h) = (tag.clone(), header.clone());
                             self.memo.put(key, &chunks, t, h, &rt.tag_key);
@@ -833,7 +834,7 @@ impl Proxy {
                     (
                         Some(tag),
                         false,
-                        ProxyBody::chunks(chunks, held, None, idle),
+                        ProxyBody::chunks(chunks, Some(held), None, idle),
                     )
                 }
                 Ok(Collected::TooLarge { chunks, held, rest }) => {

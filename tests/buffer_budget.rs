@@ -35,6 +35,7 @@ fn body_of(path: &str, len: usize) -> Vec<u8> {
 /// A backend on a raw socket, one response per connection:
 /// - `GET /docs/held-*`: `Content-Length: 64 KiB`, 48 KiB at once, the rest once the gate opens;
 /// - `GET /docs/chunked-*`: chunked, five 16 KiB chunks at once, a sixth once the gate opens;
+/// - `GET /docs/chunkedbig-*`: chunked, twelve 16 KiB chunks (192 KiB) at once;
 /// - any other GET: 64 KiB at once; a PUT: its body read, then 204.
 async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -74,12 +75,13 @@ async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
                     let _ = opened.wait_for(|open| *open).await;
                 };
                 let s = stream.get_mut();
-                if path.starts_with("/docs/chunked-") {
-                    let body = body_of(&path, 96 * KIB);
+                if path.starts_with("/docs/chunked") {
+                    let big = path.starts_with("/docs/chunkedbig-");
+                    let body = body_of(&path, if big { 192 * KIB } else { 96 * KIB });
                     let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
                     let _ = s.write_all(head.as_bytes()).await;
                     for (i, chunk) in body.chunks(16 * KIB).enumerate() {
-                        if i == 5 {
+                        if i == 5 && !big {
                             gate().await;
                         }
                         let _ = s
@@ -308,6 +310,9 @@ async fn a_write_or_head_while_the_budget_is_full_is_judged_by_the_current_tag()
     let head = client.head(&url, &[]).await;
     assert_eq!((head.status, head.etag()), (200, tag.clone()));
     assert!(head.body.is_empty());
+    // Over `max_tag_body` (128 KiB), read with no room or with room: untagged either way.
+    let big = client.head(&proxy.url("/docs/chunkedbig-1"), &[]).await;
+    assert_eq!((big.status, big.header("etag")), (200, None));
 
     // The revalidation's body finds no room: it is hashed without being held, so the write
     // is still judged, neither refused for want of a tag nor let through unchecked.
