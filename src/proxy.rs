@@ -615,18 +615,17 @@ impl Proxy {
         });
         // A whole body's share of the budget is given back once the backend has answered:
         // by then it has been sent, or never will be.
-        let mut held = None;
-        let (body, sent) = match outgoing {
+        let (body, sent, held) = match outgoing {
             Outgoing::Whole(body, tag, share) => {
-                held = Some(share);
-                (upstream::whole(body), tag.map(|t| Arc::new(t.into())))
+                let sent = tag.map(|t| Arc::new(t.into()));
+                (upstream::whole(body), sent, Some(share))
             }
             Outgoing::Stream { hashed: true } => {
                 let hasher = rt.tag_key.hasher();
                 let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher);
-                (body, Some(sent))
+                (body, Some(sent), None)
             }
-            Outgoing::Stream { hashed: false } => (rt.upstream.limit(ex.take_body()), None),
+            Outgoing::Stream { hashed: false } => (rt.upstream.limit(ex.take_body()), None, None),
         };
         // A shared write sends bytes equal to the current ones, so a read in flight records
         // the right tag whenever it lands. What must not be overwritten is a mark left by

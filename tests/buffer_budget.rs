@@ -220,9 +220,23 @@ async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() 
     );
     assert!(m.contains("ifmatch_buffered_bytes_limit 163840"), "{m}");
 
-    // With room again, the same document is tagged.
+    // With room again, the same document is tagged; a write's body read whole gives its
+    // share back once the backend has answered.
     let again = Client::new().get(&proxy.url("/docs/held-0"), &[]).await;
     assert_eq!(again.etag(), key.tag_of(&again.body).to_string());
+    let put = Client::new()
+        .put(
+            &proxy.url("/docs/held-0"),
+            &[("if-match", &again.etag())],
+            vec![7; 1024],
+        )
+        .await;
+    assert_eq!(put.status, 204);
+    assert_eq!(proxy.state.budget.held(), 0);
+    assert!(
+        !metrics(&proxy).contains("body=\"request\"} 1"),
+        "it had room"
+    );
 }
 
 #[tokio::test]
