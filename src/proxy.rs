@@ -469,7 +469,7 @@ impl Proxy {
             Some(n) if changes && !ex.expects_continue && n <= route.max_tag_body => {
                 let share = self.budget.take(usize::try_from(n).unwrap_or(usize::MAX));
                 if share.is_none() {
-                    self.metrics.over_budget(&route.prefix, "request");
+                    self.over_budget(route, "request");
                 }
                 share
             }
@@ -800,7 +800,7 @@ impl Proxy {
                 Some(share) => share,
                 None if tag_only => self.budget.share(),
                 None => {
-                    self.metrics.over_budget(&route.prefix, "response");
+                    self.over_budget(route, "response");
                     break 'read (None, false, ProxyBody::stream(body, idle));
                 }
             };
@@ -841,7 +841,7 @@ impl Proxy {
                     (None, false, body)
                 }
                 Ok(Collected::OverBudget { chunks, held, rest }) => {
-                    self.metrics.over_budget(&route.prefix, "response");
+                    self.over_budget(route, "response");
                     let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
                     (None, false, body)
                 }
@@ -871,6 +871,22 @@ impl Proxy {
             tag: self.remember(key, shared, known, ticket),
         };
         Ok((resource, body))
+    }
+
+    /// A body found no room in `max_buffered_bytes`: counted, and logged now and then.
+    fn over_budget(&self, route: &Route, body: &'static str) {
+        self.metrics.over_budget(&route.prefix, body);
+        if self.budget.warn_due() {
+            tracing::warn!(
+                route = %route.prefix,
+                body,
+                held = self.budget.held(),
+                limit = self.budget.limit(),
+                "max_buffered_bytes reached: GET bodies stream through untagged and write \
+                 bodies stream unbuffered until memory frees (ifmatch_over_budget_bodies_total \
+                 counts them; this line comes at most once a minute)"
+            );
+        }
     }
 
     /// The tag of a `tag_puts` PUT's body. Equal to the URL's kept copy (a rewrite of the
