@@ -8,7 +8,9 @@
 //! client won the race), PUT with a stale tag (412), and PUT to an archived document (the
 //! backend's 409). At the end it checks that every request got an answer, that each kind of
 //! request got only the statuses it may get, and that the backend received exactly the
-//! writes that were answered 2xx or 409 (412s never reach it). Traffic stays on 127.0.0.1.
+//! writes that were answered 2xx or 409 (412s never reach it), and that once the load has
+//! stopped no body holds any of `max_buffered_bytes` (`ifmatch_buffered_bytes` is 0: no
+//! share leaked through the restarts' failed exchanges). Traffic stays on 127.0.0.1.
 
 mod support;
 use support::{free_port, rss_kib, wait_port};
@@ -112,6 +114,7 @@ async fn soak(duration: Duration) -> bool {
     let bin = support::BIN;
     let backend_port = free_port();
     let proxy_port = free_port();
+    let admin_port = free_port();
     let dir = std::env::temp_dir().join(format!("ifmatch-soak-{proxy_port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("ifmatch.toml");
@@ -119,6 +122,7 @@ async fn soak(duration: Duration) -> bool {
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\ntag_key = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
              [[route]]\nprefix = \"/docs/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
              upstream_timeout = \"5s\"\n",
             "s".repeat(32)
@@ -206,13 +210,36 @@ async fn soak(duration: Duration) -> bool {
         let _ = w.await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = buffered_bytes(&client, admin_port).await;
     let writes =
         writes_before_restarts.load(Ordering::SeqCst) + stop_backend(backend, backend_port);
     let _ = proxy.kill();
     let _ = proxy.wait();
     let _ = std::fs::remove_dir_all(&dir);
 
-    report(&tally, &sent, &samples, restarts, writes)
+    report(&tally, &sent, &samples, restarts, writes) & held_none(held)
+}
+
+/// The proxy's `ifmatch_buffered_bytes` gauge, if its admin listener answers.
+async fn buffered_bytes(client: &Client<HttpConnector, Full<Bytes>>, admin: u16) -> Option<u64> {
+    let uri = format!("http://127.0.0.1:{admin}/metrics").parse().ok()?;
+    let rsp = client.get(uri).await.ok()?;
+    let text = rsp.into_body().collect().await.ok()?.to_bytes();
+    String::from_utf8_lossy(&text).lines().find_map(|l| {
+        l.strip_prefix("ifmatch_buffered_bytes ")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn held_none(held: Option<u64>) -> bool {
+    println!("body bytes held once the load stopped (ifmatch_buffered_bytes): {held:?}");
+    let ok = held == Some(0);
+    if !ok {
+        println!("soak: FAIL (a body's share of max_buffered_bytes was not given back)");
+    }
+    ok
 }
 
 async fn send(
