@@ -373,6 +373,22 @@ async fn a_write_or_head_while_the_budget_is_full_is_judged_by_the_current_tag()
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_while_its_body_is_held_gives_the_share_back() {
+    let (proxy, _gate) = behind_a_bound("128KiB").await;
+    let (tx, _heads) = mpsc::unbounded_channel();
+    let get = get_reporting_head(proxy.url("/docs/held-1"), 0, tx);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.state.budget.held()
+            == 64 * KIB)
+        .await
+    );
+    // The gate stays shut: the body is held, half read, when its client goes.
+    get.abort();
+    let back = eventually(Duration::from_secs(5), || proxy.state.budget.held() == 0);
+    assert!(back.await, "held: {}", proxy.state.budget.held());
+}
+
+#[tokio::test]
 async fn a_reload_applies_a_new_bound() {
     let routes = route("/", "");
     let proxy = Proxy::start_with(
