@@ -8,7 +8,21 @@
 //! ```sh
 //! cargo bench --bench reference_proxy -- --listen 127.0.0.1:19087 --upstream 127.0.0.1:19081
 //! cargo bench --bench reference_proxy -- --listen 127.0.0.1:19088 --upstream 127.0.0.1:19081 --no-hash
+//! cargo bench --bench reference_proxy -- --listen 127.0.0.1:19089 --upstream 127.0.0.1:19081 --raw-upstream
 //! ```
+//!
+//! `--raw-upstream` replaces hyper's client with the least an HTTP/1.1 client can be: the
+//! request head written and the answer read on the request's own task, over kept-alive
+//! sockets, parsed by httparse, `Content-Length` bodies only (what the bench's backend
+//! sends). Not a client anyone should ship (no chunked bodies, no timeouts, no error
+//! handling to speak of): it measures how much of a request hyper's client and its
+//! connection task cost, to say whether a leaner one could close the gap to nginx.
+//!
+//! `--inline-conn` keeps hyper's client but drives each connection from the request that
+//! uses it, instead of from a task of its own: the request's future polls the connection
+//! future beside its response and body, and the pair goes back to the idle list when the
+//! body has ended (not polled while idle). What hyper's framing costs without the hop
+//! between tasks.
 //!
 //! Without `--listen` (as under a plain `cargo bench`) it says how to run it and exits.
 
@@ -44,6 +58,12 @@ struct Args {
     /// Pass bodies on untagged: what the same proxy costs without hashing.
     #[arg(long)]
     no_hash: bool,
+    /// Speak to the upstream without hyper's client (see the module's doc).
+    #[arg(long)]
+    raw_upstream: bool,
+    /// hyper's client, its connections driven by the requests (see the module's doc).
+    #[arg(long)]
+    inline_conn: bool,
     /// `cargo bench` passes this to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
@@ -54,6 +74,10 @@ struct Upstream {
     addr: SocketAddr,
     host: HeaderValue,
     idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
+    raw_idle: Mutex<Vec<Raw>>,
+    raw: bool,
+    inline_idle: Mutex<Vec<Inline>>,
+    inline: bool,
     hash: bool,
     /// Keyed once: each request starts from a copy, as ifmatch's tag hasher does.
     keyed: Hmac<Sha256>,
@@ -107,6 +131,161 @@ impl Upstream {
     }
 }
 
+/// A hyper client connection whose future nobody else polls.
+type Inline = (
+    SendRequest<Empty<Bytes>>,
+    hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Empty<Bytes>>,
+);
+
+impl Upstream {
+    /// hyper's exchange, with the connection polled here rather than by a spawned task.
+    async fn forward_inline(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Chunks>, Box<dyn std::error::Error>> {
+        use std::future::{poll_fn, Future as _};
+
+        let (mut parts, _) = req.into_parts();
+        parts.headers.insert(HOST, self.host.clone());
+        let popped = self.inline_idle.lock().unwrap().pop();
+        let (mut sender, mut conn) = match popped {
+            Some(pair) => pair,
+            None => {
+                let io = TcpStream::connect(self.addr).await?;
+                io.set_nodelay(true)?;
+                hyper::client::conn::http1::handshake(TokioIo::new(io)).await?
+            }
+        };
+        let mut sent =
+            std::pin::pin!(sender.send_request(Request::from_parts(parts, Empty::new())));
+        let rsp = poll_fn(|cx| {
+            if let Poll::Ready(r) = sent.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(Box::<dyn std::error::Error>::from));
+            }
+            match Pin::new(&mut conn).poll(cx) {
+                Poll::Ready(_) => Poll::Ready(Err("the upstream connection ended".into())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        let (mut parts, mut body) = rsp.into_parts();
+        let mut mac = self.keyed.clone();
+        let mut chunks = VecDeque::new();
+        loop {
+            let frame = poll_fn(|cx| {
+                if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
+                    return Poll::Ready(f);
+                }
+                match Pin::new(&mut conn).poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            let Some(frame) = frame else { break };
+            if let Ok(chunk) = frame?.into_data() {
+                if self.hash {
+                    mac.update(&chunk);
+                }
+                chunks.push_back(chunk);
+            }
+        }
+        self.inline_idle.lock().unwrap().push((sender, conn));
+        if self.hash {
+            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            parts.headers.insert(ETAG, format!("\"{tag}\"").parse()?);
+        }
+        Ok(Response::from_parts(parts, Chunks(chunks)))
+    }
+}
+
+/// A kept-alive upstream socket and what was read from it past the last answer.
+struct Raw {
+    io: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl Upstream {
+    /// The exchange on the request's own task: no connection task, no channel.
+    async fn forward_raw(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Chunks>, Box<dyn std::error::Error>> {
+        use std::io::Write as _;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (parts, _) = req.into_parts();
+        let mut head = Vec::with_capacity(512);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        write!(
+            head,
+            "{} {target} HTTP/1.1\r\nhost: {}\r\n",
+            parts.method, self.addr
+        )?;
+        for (name, value) in &parts.headers {
+            if name != HOST && name != http::header::CONNECTION {
+                head.extend_from_slice(name.as_str().as_bytes());
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(value.as_bytes());
+                head.extend_from_slice(b"\r\n");
+            }
+        }
+        head.extend_from_slice(b"\r\n");
+        let popped = self.raw_idle.lock().unwrap().pop();
+        let mut conn = match popped {
+            Some(conn) => conn,
+            None => {
+                let io = TcpStream::connect(self.addr).await?;
+                io.set_nodelay(true)?;
+                Raw {
+                    io,
+                    buf: bytes::BytesMut::with_capacity(16 * 1024),
+                }
+            }
+        };
+        conn.io.write_all(&head).await?;
+        let (mut rsp, head_len, length) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = parsed.parse(&conn.buf)? {
+                let mut rsp = Response::new(());
+                *rsp.status_mut() = StatusCode::from_u16(parsed.code.unwrap_or(502))?;
+                let mut length = 0;
+                for h in parsed.headers.iter() {
+                    let name = http::HeaderName::from_bytes(h.name.as_bytes())?;
+                    if name == http::header::CONTENT_LENGTH {
+                        length = std::str::from_utf8(h.value)?.trim().parse()?;
+                    }
+                    rsp.headers_mut()
+                        .append(name, HeaderValue::from_bytes(h.value)?);
+                }
+                break (rsp, n, length);
+            }
+            if conn.io.read_buf(&mut conn.buf).await? == 0 {
+                return Err("the upstream closed".into());
+            }
+        };
+        let _ = conn.buf.split_to(head_len);
+        while conn.buf.len() < length {
+            conn.buf.reserve(length - conn.buf.len());
+            if conn.io.read_buf(&mut conn.buf).await? == 0 {
+                return Err("the upstream closed mid-body".into());
+            }
+        }
+        let body = conn.buf.split_to(length).freeze();
+        self.raw_idle.lock().unwrap().push(conn);
+        if self.hash {
+            let mut mac = self.keyed.clone();
+            mac.update(&body);
+            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            rsp.headers_mut()
+                .insert(ETAG, format!("\"{tag}\"").parse()?);
+        }
+        let (parts, ()) = rsp.into_parts();
+        Ok(Response::from_parts(parts, Chunks(VecDeque::from([body]))))
+    }
+}
+
 /// A body read in full, sent on chunk by chunk.
 struct Chunks(VecDeque<Bytes>);
 
@@ -131,7 +310,12 @@ impl Body for Chunks {
 }
 
 async fn handle(req: Request<Incoming>, up: Arc<Upstream>) -> Result<Response<Chunks>, Infallible> {
-    Ok(up.forward(req).await.unwrap_or_else(|e| {
+    let forwarded = match (up.raw, up.inline) {
+        (true, _) => up.forward_raw(req).await,
+        (_, true) => up.forward_inline(req).await,
+        _ => up.forward(req).await,
+    };
+    Ok(forwarded.unwrap_or_else(|e| {
         let mut rsp = Response::new(Chunks(VecDeque::from([Bytes::from(e.to_string())])));
         *rsp.status_mut() = StatusCode::BAD_GATEWAY;
         rsp
@@ -143,7 +327,7 @@ fn main() {
     let Some(listen) = args.listen else {
         println!(
             "reference_proxy: a load-run reference, not a measurement; run it with \
-             `cargo bench --bench reference_proxy -- --listen ADDR [--upstream ADDR] [--no-hash]`"
+             `cargo bench --bench reference_proxy -- --listen ADDR [--upstream ADDR] [--no-hash] [--raw-upstream | --inline-conn]`"
         );
         return;
     };
@@ -152,6 +336,10 @@ fn main() {
         host: HeaderValue::from_str(&args.upstream.to_string())
             .expect("an address is a valid Host"),
         idle: Mutex::default(),
+        raw_idle: Mutex::default(),
+        raw: args.raw_upstream,
+        inline_idle: Mutex::default(),
+        inline: args.inline_conn,
         hash: !args.no_hash,
         keyed: Hmac::new_from_slice(b"reference-proxy-key-0123456789ab")
             .expect("HMAC takes any key length"),
