@@ -239,7 +239,7 @@ pub async fn serve(
 pub async fn run_demo(
     listen: std::net::SocketAddr,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = LegacyStore::new();
     let hello = r#"{"title":"hello","body":"edit me"}"#;
     store.put("/docs/hello", hello);

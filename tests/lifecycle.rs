@@ -66,9 +66,10 @@ async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
     graceful_stop_on("TERM", "", 1 + cpus).await;
 }
 
+/// One worker thread does the work; the main thread only waits for the server to end.
 #[tokio::test]
-async fn one_worker_runs_on_a_current_thread_runtime_and_still_drains_on_sigterm() {
-    graceful_stop_on("TERM", "workers = 1", 1).await;
+async fn one_worker_runs_one_worker_thread_and_still_drains_on_sigterm() {
+    graceful_stop_on("TERM", "workers = 1", 2).await;
 }
 
 #[tokio::test]
