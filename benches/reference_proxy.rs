@@ -84,6 +84,19 @@ struct Upstream {
 }
 
 impl Upstream {
+    /// The `ETag` of the body `mac` has hashed, unless hashing is off.
+    fn set_tag(
+        &self,
+        headers: &mut http::HeaderMap,
+        mac: Hmac<Sha256>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        if self.hash {
+            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+            headers.insert(ETAG, format!("\"{tag}\"").parse()?);
+        }
+        Ok(())
+    }
+
     async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, Box<dyn std::error::Error>> {
         loop {
             let Some(sender) = self.idle.lock().unwrap().pop() else {
@@ -123,10 +136,7 @@ impl Upstream {
                 chunks.push_back(chunk);
             }
         }
-        if self.hash {
-            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-            parts.headers.insert(ETAG, format!("\"{tag}\"").parse()?);
-        }
+        self.set_tag(&mut parts.headers, mac)?;
         Ok(Response::from_parts(parts, Chunks(chunks)))
     }
 }
@@ -191,10 +201,7 @@ impl Upstream {
             }
         }
         self.inline_idle.lock().unwrap().push((sender, conn));
-        if self.hash {
-            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-            parts.headers.insert(ETAG, format!("\"{tag}\"").parse()?);
-        }
+        self.set_tag(&mut parts.headers, mac)?;
         Ok(Response::from_parts(parts, Chunks(chunks)))
     }
 }
@@ -274,13 +281,11 @@ impl Upstream {
         }
         let body = conn.buf.split_to(length).freeze();
         self.raw_idle.lock().unwrap().push(conn);
+        let mut mac = self.keyed.clone();
         if self.hash {
-            let mut mac = self.keyed.clone();
             mac.update(&body);
-            let tag = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-            rsp.headers_mut()
-                .insert(ETAG, format!("\"{tag}\"").parse()?);
         }
+        self.set_tag(rsp.headers_mut(), mac)?;
         let (parts, ()) = rsp.into_parts();
         Ok(Response::from_parts(parts, Chunks(VecDeque::from([body]))))
     }
