@@ -98,7 +98,7 @@ fn main() -> ExitCode {
 /// runs a task woken by the running one next (its LIFO slot), so a request's upstream
 /// connection writes the request as soon as the request has handed it over, and the
 /// request resumes as soon as the answer is in. The current-thread scheduler queues them
-/// behind every other ready task: 0.79× nginx's req/s at 1 KiB against 0.94× (BENCHMARKS,
+/// behind every other ready task: 0.79× nginx's req/s at 1 KiB against 0.96× (BENCHMARKS,
 /// *One worker*). The worker's thread then does all the work; the main thread waits.
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
