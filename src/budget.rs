@@ -113,6 +113,7 @@ impl Share {
         true
     }
 
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }

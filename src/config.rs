@@ -650,7 +650,6 @@ impl Validator<'_> {
         }
     }
 
-    /// `n`, read from `v`, if it is at most `max`.
     /// `max_buffered_bytes` against the routes: an explicit bound must hold any one body a
     /// route may tag; the default grows to do so.
     fn buffer_bound(
@@ -679,6 +678,7 @@ impl Validator<'_> {
         s
     }
 
+    /// `n`, read from `v`, if it is at most `max`.
     fn at_most(
         &mut self,
         v: &Option<Spanned<i64>>,

@@ -51,6 +51,24 @@ struct RouteMetrics {
 
 type Counters<K> = DashMap<K, AtomicU64, FastHash>;
 
+/// A body that found no room in `max_buffered_bytes`: a GET's response, sent on untagged,
+/// or a write's request body, streamed instead of read whole.
+#[derive(Clone, Copy, Debug)]
+pub enum Unheld {
+    Response,
+    Request,
+}
+
+impl Unheld {
+    /// The `body` label, and the log's field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Response => "response",
+            Self::Request => "request",
+        }
+    }
+}
+
 /// Exposition rows: a label set and its value.
 type Rows = Vec<(String, u64)>;
 
@@ -160,12 +178,12 @@ impl Metrics {
         self.route(route, |m| m.untagged_large.fetch_add(1, Ordering::Relaxed));
     }
 
-    /// A body not held for want of room in the budget; `body`: "response" or "request".
-    pub fn over_budget(&self, route: &str, body: &'static str) {
+    /// A body not held for want of room in the budget.
+    pub fn over_budget(&self, route: &str, body: Unheld) {
         self.route(route, |m| {
             let n = match body {
-                "request" => &m.over_budget_requests,
-                _ => &m.over_budget_responses,
+                Unheld::Request => &m.over_budget_requests,
+                Unheld::Response => &m.over_budget_responses,
             };
             n.fetch_add(1, Ordering::Relaxed)
         });
@@ -382,7 +400,7 @@ mod tests {
         m.lock_wait(Duration::from_millis(300));
         m.lock_wait(Duration::from_secs(9));
         m.upstream_latency("/docs/", Duration::from_millis(20));
-        m.over_budget("/docs/", "request");
+        m.over_budget("/docs/", Unheld::Request);
         let budget = Budget::new(100);
         let _held = budget.take(30).unwrap();
         let text = m.render(&TagStore::new(10), &BodyMemo::new(100), &budget);

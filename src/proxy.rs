@@ -34,7 +34,7 @@ use crate::framing::Verdict;
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::{WriteGuard, WriteLocks};
 use crate::memo::BodyMemo;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Unheld};
 use crate::precondition::{evaluate, Decision, Preconditions, Resource};
 use crate::router::Router;
 use crate::tags::{Known, TagStore, Ticket};
@@ -469,7 +469,7 @@ impl Proxy {
             Some(n) if changes && !ex.expects_continue && n <= route.max_tag_body => {
                 let share = self.budget.take(usize::try_from(n).unwrap_or(usize::MAX));
                 if share.is_none() {
-                    self.over_budget(route, "request");
+                    self.over_budget(route, Unheld::Request);
                 }
                 share
             }
@@ -800,7 +800,7 @@ impl Proxy {
                 Some(share) => share,
                 None if tag_only => self.budget.share(),
                 None => {
-                    self.over_budget(route, "response");
+                    self.over_budget(route, Unheld::Response);
                     break 'read (None, false, ProxyBody::stream(body, idle));
                 }
             };
@@ -841,7 +841,7 @@ impl Proxy {
                     (None, false, body)
                 }
                 Ok(Collected::OverBudget { chunks, held, rest }) => {
-                    self.over_budget(route, "response");
+                    self.over_budget(route, Unheld::Response);
                     let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
                     (None, false, body)
                 }
@@ -874,12 +874,12 @@ impl Proxy {
     }
 
     /// A body found no room in `max_buffered_bytes`: counted, and logged now and then.
-    fn over_budget(&self, route: &Route, body: &'static str) {
+    fn over_budget(&self, route: &Route, body: Unheld) {
         self.metrics.over_budget(&route.prefix, body);
         if self.budget.warn_due() {
             tracing::warn!(
                 route = %route.prefix,
-                body,
+                body = body.as_str(),
                 held = self.budget.held(),
                 limit = self.budget.limit(),
                 "max_buffered_bytes reached: GET bodies stream through untagged and write \
