@@ -64,6 +64,10 @@ struct Args {
     /// hyper's client, its connections driven by the requests (see the module's doc).
     #[arg(long)]
     inline_conn: bool,
+    /// A multi-thread runtime with one worker, as ifmatch's `workers = 1` (its LIFO slot
+    /// runs a woken connection task next); without it, a current-thread runtime.
+    #[arg(long)]
+    multi_thread: bool,
     /// `cargo bench` passes this to every bench target.
     #[arg(long, hide = true)]
     bench: bool,
@@ -332,7 +336,7 @@ fn main() {
     let Some(listen) = args.listen else {
         println!(
             "reference_proxy: a load-run reference, not a measurement; run it with \
-             `cargo bench --bench reference_proxy -- --listen ADDR [--upstream ADDR] [--no-hash] [--raw-upstream | --inline-conn]`"
+             `cargo bench --bench reference_proxy -- --listen ADDR [--upstream ADDR] [--no-hash] [--raw-upstream | --inline-conn] [--multi-thread]`"
         );
         return;
     };
@@ -349,12 +353,19 @@ fn main() {
         keyed: Hmac::new_from_slice(b"reference-proxy-key-0123456789ab")
             .expect("HMAC takes any key length"),
     });
-    // One thread, like ifmatch's `workers = 1` and nginx's one worker.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    rt.block_on(async move {
+    // One thread running requests, like ifmatch's `workers = 1` and nginx's one worker.
+    let rt = if args.multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .expect("a runtime");
+    let server = async move {
         let listener = match TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -375,5 +386,9 @@ fn main() {
                     .await;
             });
         }
+    };
+    // On the worker, as ifmatch runs its server: `block_on` polls on the main thread.
+    rt.block_on(async move {
+        let _ = tokio::spawn(server).await;
     });
 }
