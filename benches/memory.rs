@@ -1,7 +1,7 @@
 //! Memory: the tag cache's bound and the per-request body buffer, on the release binary.
 //!
 //!     cargo build --release && cargo bench --bench memory -- [--urls 1000000] [--big 2000]
-//!         [--memo-bytes N] [--burst 1000] [--buffered-bytes N]
+//!         [--memo-bytes N] [--burst 1000] [--buffered-bytes N] [--read-buffer N]
 //!
 //! Phase 1 sends one GET to each of `--urls` distinct URLs through a proxy whose
 //! `tag_cache_entries` is 100,000, and every 100,000 requests reads the proxy's RSS and its
@@ -10,7 +10,8 @@
 //! a route with `max_tag_body = "1MiB"` (streamed untagged) and samples RSS meanwhile. Phase 3
 //! sends `--burst` GETs of 4 MiB bodies that are tagged (`max_tag_body = "8MiB"`), from
 //! `BURST_CLIENTS` clients at once, under `max_buffered_bytes` = `--buffered-bytes` (unset:
-//! 16 MiB), sampling RSS and the `ifmatch_buffered_bytes` gauge. The backend is a small hyper
+//! 16 MiB), sampling RSS and the `ifmatch_buffered_bytes` gauge. `--read-buffer` sets
+//! `upstream_read_buffer` for all phases (unset: its default). The backend is a small hyper
 //! server in this process; everything stays on 127.0.0.1. It fails (exit 1) if the cache ever
 //! holds more entries than its bound, the copies or the held bodies more bytes than theirs,
 //! or a request fails.
@@ -47,7 +48,14 @@ fn main() {
         .iter()
         .position(|a| a == "--memo-bytes")
         .map(|i| args[i + 1].parse::<u64>().expect("a number"));
-    let burst = (arg("--burst", 1_000), arg("--buffered-bytes", 16 << 20));
+    let burst = (
+        arg("--burst", 1_000),
+        arg("--buffered-bytes", 16 << 20),
+        arg(
+            "--read-buffer",
+            ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER,
+        ),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -148,7 +156,12 @@ async fn load_from(
     failed.load(Ordering::Relaxed)
 }
 
-async fn run(urls: u64, big: u64, memo: Option<u64>, (burst, buffered): (u64, u64)) -> bool {
+async fn run(
+    urls: u64,
+    big: u64,
+    memo: Option<u64>,
+    (burst, buffered, read_buffer): (u64, u64, u64),
+) -> bool {
     let memo_budget = memo.unwrap_or(ifmatch::config::DEFAULT_TAG_MEMO_BYTES);
     let bin = support::BIN;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -163,6 +176,7 @@ async fn run(urls: u64, big: u64, memo: Option<u64>, (burst, buffered): (u64, u6
         format!(
             "[server]\nlisten = \"127.0.0.1:{proxy_port}\"\ntag_cache_entries = {ENTRIES}\n\
              tag_memo_bytes = {memo_budget}\nmax_buffered_bytes = {buffered}\n\
+             upstream_read_buffer = {read_buffer}\n\
              workers = 1\ntag_key = \"{key}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
              [[route]]\nprefix = \"/small/\"\nupstream = \"http://127.0.0.1:{backend_port}\"\n\
              validation = \"cached\"\n\
@@ -257,8 +271,9 @@ async fn run(urls: u64, big: u64, memo: Option<u64>, (burst, buffered): (u64, u6
         })
     };
     println!(
-        "\n| 4 MiB GETs, tagged, {BURST_CLIENTS} at once (max_buffered_bytes {:.0} MiB) | peak RSS MiB | peak held MiB (gauge) | streamed untagged (metric) |",
-        buffered as f64 / (1 << 20) as f64
+        "\n| 4 MiB GETs, tagged, {BURST_CLIENTS} at once (max_buffered_bytes {:.0} MiB, upstream_read_buffer {} KiB) | peak RSS MiB | peak held MiB (gauge) | streamed untagged (metric) |",
+        buffered as f64 / (1 << 20) as f64,
+        read_buffer >> 10
     );
     println!("|---:|---:|---:|---:|");
     let step = (burst / 4).max(1);

@@ -74,6 +74,9 @@ pub struct Pool<C> {
     idle: Mutex<HashMap<String, Vec<Idle>, foldhash::fast::RandomState>>,
     idle_timeout: Duration,
     max_idle_per_origin: usize,
+    /// hyper's `max_buf_size`: the most a connection reads at once, and the largest
+    /// response head.
+    read_buffer: usize,
     /// Itself, for the reaper task, which must not keep the pool alive.
     me: Weak<Self>,
     reaper: AtomicBool,
@@ -96,12 +99,18 @@ where
     C::Error: Into<ConnectError>,
     C::Future: Send,
 {
-    pub fn new(connector: C, idle_timeout: Duration, max_idle_per_origin: usize) -> Arc<Self> {
+    pub fn new(
+        connector: C,
+        idle_timeout: Duration,
+        max_idle_per_origin: usize,
+        read_buffer: usize,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             connector,
             idle: Mutex::new(HashMap::default()),
             idle_timeout,
             max_idle_per_origin,
+            read_buffer,
             me: me.clone(),
             reaper: AtomicBool::new(false),
         })
@@ -245,6 +254,7 @@ where
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         let (sender, conn) = http1::Builder::new()
+            .max_buf_size(self.read_buffer)
             .handshake(io)
             .await
             .map_err(SendError::Http)?;

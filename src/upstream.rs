@@ -74,7 +74,12 @@ fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
-    Pool::new(https, s.upstream_idle_timeout, s.upstream_max_idle)
+    Pool::new(
+        https,
+        s.upstream_idle_timeout,
+        s.upstream_max_idle,
+        s.upstream_read_buffer,
+    )
 }
 
 // === impl UpstreamClient ===

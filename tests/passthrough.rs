@@ -330,6 +330,35 @@ async fn an_unreachable_upstream_gives_a_502_problem() {
     assert!(proxy.state.locks.is_empty());
 }
 
+/// `upstream_read_buffer` bounds a backend's response head: one that fits passes whole, a
+/// larger one is a 502 that says why, never a hang or a truncated head.
+#[tokio::test]
+async fn a_response_head_past_the_upstream_read_buffer_is_a_502_problem() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let kib: usize = r.uri.path()[1..].parse().unwrap();
+        respond(200, &[("x-big", &"v".repeat(kib << 10))], "body")
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "upstream_read_buffer = \"16KiB\"",
+    )
+    .await;
+    let c = Client::new();
+    let fits = c.get(&proxy.url("/12"), &[]).await;
+    assert_eq!(fits.status, 200);
+    assert_eq!(fits.header("x-big").map(str::len), Some(12 << 10));
+    assert_eq!(fits.body, "body");
+
+    let p = c.get(&proxy.url("/20"), &[]).await.assert_problem(502);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains(&backend.addr.to_string()), "{detail}");
+    assert!(detail.contains("too large"), "{detail}");
+    // The proxy's own connection to the client is unharmed.
+    assert_eq!(c.get(&proxy.url("/1"), &[]).await.status, 200);
+}
+
 #[tokio::test]
 async fn a_slow_upstream_gives_a_504_problem_in_bounded_time() {
     let backend = Backend::start().await;

@@ -28,7 +28,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    Pool::new(http, idle_timeout, max_idle)
+    let read_buffer = ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize;
+    Pool::new(http, idle_timeout, max_idle, read_buffer)
 }
 
 /// A GET as the proxy hands it to the pool: origin-form, `Host` set.
