@@ -702,7 +702,9 @@ impl Validator<'_> {
         let (min, max) = (MIN_UPSTREAM_READ_BUFFER, MAX_UPSTREAM_READ_BUFFER);
         match v {
             Some(spanned) if !(min..=max).contains(&n) => {
-                let msg = format!("{n} bytes is out of range: from {min} (16KiB) to {max} (16MiB)");
+                let (kib, mib) = (min >> 10, max >> 20);
+                let msg =
+                    format!("{n} bytes is out of range: from {min} ({kib}KiB) to {max} ({mib}MiB)");
                 self.push(spanned, "server.upstream_read_buffer", msg);
                 None
             }
