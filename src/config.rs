@@ -62,6 +62,10 @@ pub struct Server {
     pub max_connections: usize,
     /// Longest request head (request line and headers) accepted; longer gets 431.
     pub max_header_bytes: u64,
+    /// Most header fields in an HTTP/1.1 head, a client's request (more: 431) or a
+    /// backend's response (more: 502). hyper's own default; raising it past that costs every
+    /// head a heap allocation.
+    pub max_header_fields: usize,
     /// Largest request body forwarded; larger gets 413.
     pub max_request_body: u64,
     /// Time a client has to send a request head, also the longest a connection may sit
@@ -233,6 +237,7 @@ struct ServerToml {
     shutdown_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_header_bytes: Option<Spanned<toml::Value>>,
+    max_header_fields: Option<Spanned<i64>>,
     max_request_body: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<String>>,
     tag_key: Option<Spanned<String>>,
@@ -291,6 +296,9 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_TAG_BODY: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+/// hyper's, Envoy's and (near enough) HAProxy's default.
+pub const DEFAULT_MAX_HEADER_FIELDS: usize = 100;
+pub const MAX_MAX_HEADER_FIELDS: u32 = 10_000;
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -547,6 +555,20 @@ impl Validator<'_> {
             "server.max_header_bytes",
             DEFAULT_MAX_HEADER_BYTES,
         );
+        let header_fields = self
+            .count(
+                &s.max_header_fields,
+                "server.max_header_fields",
+                DEFAULT_MAX_HEADER_FIELDS,
+            )
+            .and_then(|n| {
+                self.at_most(
+                    &s.max_header_fields,
+                    "server.max_header_fields",
+                    n,
+                    MAX_MAX_HEADER_FIELDS,
+                )
+            });
         let request_body = self.size(
             &s.max_request_body,
             "server.max_request_body",
@@ -589,6 +611,7 @@ impl Validator<'_> {
             shutdown_timeout: shutdown?,
             max_connections: connections?,
             max_header_bytes: header_bytes?,
+            max_header_fields: header_fields?,
             max_request_body: request_body?,
             header_read_timeout: header_read?,
         })
@@ -961,6 +984,7 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.upstream_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.upstream_max_idle, 256);
         assert_eq!(c.server.upstream_read_buffer, 256 * 1024);
+        assert_eq!(c.server.max_header_fields, 100);
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
         assert!(docs.require_precondition);
@@ -1055,6 +1079,18 @@ upstream = "http://localhost:9001/"
                 3,
                 "server.upstream_idle_timeout",
                 "longer than zero",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_header_fields = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.max_header_fields",
+                "must be at least 1",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_header_fields = 10001\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.max_header_fields",
+                "must be at most 10000",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\nupstream_read_buffer = \"8KiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",

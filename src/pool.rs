@@ -52,6 +52,15 @@ struct Conn {
 /// may meet that close, and is kept to be sent again (see [`Pool::send`]).
 const REPLAY_AFTER: Duration = Duration::from_millis(500);
 
+/// What an upstream connection may read (`[server]` `upstream_read_buffer` and
+/// `max_header_fields`).
+#[derive(Clone, Copy, Debug)]
+pub struct ReadLimits {
+    /// hyper's `max_buf_size`: the most read at once, and the largest response head.
+    pub read_buffer: usize,
+    pub max_header_fields: usize,
+}
+
 /// An idle connection and when it was last handed back.
 struct Idle {
     conn: Conn,
@@ -74,9 +83,9 @@ pub struct Pool<C> {
     idle: Mutex<HashMap<String, Vec<Idle>, foldhash::fast::RandomState>>,
     idle_timeout: Duration,
     max_idle_per_origin: usize,
-    /// hyper's `max_buf_size`: the most a connection reads at once, and the largest
-    /// response head.
-    read_buffer: usize,
+    /// What a connection reads: at most this at once, and at most so many header fields in
+    /// a response head.
+    limits: ReadLimits,
     /// Itself, for the reaper task, which must not keep the pool alive.
     me: Weak<Self>,
     reaper: AtomicBool,
@@ -103,14 +112,14 @@ where
         connector: C,
         idle_timeout: Duration,
         max_idle_per_origin: usize,
-        read_buffer: usize,
+        limits: ReadLimits,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             connector,
             idle: Mutex::new(HashMap::default()),
             idle_timeout,
             max_idle_per_origin,
-            read_buffer,
+            limits,
             me: me.clone(),
             reaper: AtomicBool::new(false),
         })
@@ -253,11 +262,14 @@ where
             .call(target)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size(self.read_buffer)
-            .handshake(io)
-            .await
-            .map_err(SendError::Http)?;
+        let mut builder = http1::Builder::new();
+        builder.max_buf_size(self.limits.read_buffer);
+        // Only when not hyper's default: set at all, it allocates each head's field slots on
+        // the heap.
+        if self.limits.max_header_fields != crate::config::DEFAULT_MAX_HEADER_FIELDS {
+            builder.max_headers(self.limits.max_header_fields);
+        }
+        let (sender, conn) = builder.handshake(io).await.map_err(SendError::Http)?;
         let watch = Watch::new(start, timeout);
         let watched = Watched::new(conn, watch.clone());
         tokio::spawn(async move {

@@ -66,6 +66,11 @@ pub async fn serve(
         .header_read_timeout(None::<Duration>)
         .max_buf_size(buffer)
         .keep_alive(true);
+    // Set only when it differs from hyper's default: set at all, hyper allocates each
+    // head's field slots on the heap.
+    if limits.max_header_fields != crate::config::DEFAULT_MAX_HEADER_FIELDS {
+        builder.http1().max_headers(limits.max_header_fields);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -22,7 +22,7 @@ use crate::body::Hashed;
 use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
-use crate::pool::{Pool, SendError};
+use crate::pool::{Pool, ReadLimits, SendError};
 
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
 /// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
@@ -62,6 +62,8 @@ pub struct UpstreamClient {
     by_ca_file: HashMap<PathBuf, Arc<Pool<Connector>>>,
     connect_timeout: Duration,
     max_request_body: u64,
+    /// For the reason given when a response head is over them.
+    read_limits: ReadLimits,
 }
 
 fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
@@ -78,8 +80,15 @@ fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
         https,
         s.upstream_idle_timeout,
         s.upstream_max_idle,
-        s.upstream_read_buffer,
+        read_limits(s),
     )
+}
+
+fn read_limits(s: &Server) -> ReadLimits {
+    ReadLimits {
+        read_buffer: s.upstream_read_buffer,
+        max_header_fields: s.max_header_fields,
+    }
 }
 
 // === impl UpstreamClient ===
@@ -110,6 +119,7 @@ impl UpstreamClient {
             by_ca_file,
             connect_timeout: s.connect_timeout,
             max_request_body: s.max_request_body,
+            read_limits: read_limits(s),
         }
     }
 
@@ -168,6 +178,20 @@ impl UpstreamClient {
     fn classify(&self, e: &SendError, upstream: String, timeout: Duration) -> Error {
         let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
             SendError::Connect(c) => (&**c, true),
+            // hyper says "message head is too large" for both limits alike.
+            SendError::Http(h) if h.is_parse_too_large() => {
+                let ReadLimits {
+                    read_buffer,
+                    max_header_fields,
+                } = self.read_limits;
+                return Error::Upstream {
+                    upstream,
+                    reason: format!(
+                        "its response head is over upstream_read_buffer ({read_buffer} bytes) \
+                         or max_header_fields ({max_header_fields})"
+                    ),
+                };
+            }
             SendError::Http(h) => (h, false),
             SendError::Timeout => {
                 return Error::UpstreamTimeout {

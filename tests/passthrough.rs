@@ -354,9 +354,79 @@ async fn a_response_head_past_the_upstream_read_buffer_is_a_502_problem() {
     let p = c.get(&proxy.url("/20"), &[]).await.assert_problem(502);
     let detail = p["detail"].as_str().unwrap();
     assert!(detail.contains(&backend.addr.to_string()), "{detail}");
-    assert!(detail.contains("too large"), "{detail}");
+    assert!(
+        detail.contains("over upstream_read_buffer (16384 bytes)"),
+        "{detail}"
+    );
     // The proxy's own connection to the client is unharmed.
     assert_eq!(c.get(&proxy.url("/1"), &[]).await.status, 200);
+}
+
+/// `n` header fields `x-{prefix}0`.., for a head with that many.
+fn fields(prefix: &str, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("x-{prefix}{i}"), i.to_string()))
+        .collect()
+}
+
+fn pairs(fields: &[(String, String)]) -> Vec<(&str, &str)> {
+    fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// `max_header_fields` bounds both heads: 100 by default (hyper's, Envoy's), more on a
+/// client's request is a 431 and on a backend's response a 502 that names the limit; raised,
+/// both pass whole.
+#[tokio::test]
+async fn header_fields_past_max_header_fields_are_refused_and_a_raised_limit_passes_them() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let n: usize = r.uri.path()[1..].parse().unwrap();
+        respond(200, &pairs(&fields("b", n)), "body")
+    })
+    .await;
+    let c = Client::new();
+    let many = fields("c", 120);
+
+    let default = Proxy::start(&route("/", ""), &backend.origin()).await;
+    assert_eq!(c.get(&default.url("/90"), &[]).await.status, 200);
+    let p = c.get(&default.url("/120"), &[]).await.assert_problem(502);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains("max_header_fields (100)"), "{detail}");
+    let r = c
+        .try_send("GET", &default.url("/1"), &pairs(&many), "")
+        .await;
+    assert_eq!(r.map(|r| r.status).ok(), Some(431));
+    assert_eq!(
+        backend.requests().len(),
+        2,
+        "the refused head never reached the backend"
+    );
+
+    let raised = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "max_header_fields = 200",
+    )
+    .await;
+    // The test's own client stops at 100 fields too.
+    let wide = Client::from_inner(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http1_max_headers(200)
+            .build(common::client::plain()),
+    );
+    let r = wide.get(&raised.url("/120"), &[]).await;
+    assert_eq!(r.status, 200);
+    for (name, value) in fields("b", 120) {
+        assert_eq!(r.header(&name), Some(value.as_str()), "{name}");
+    }
+    let r = wide.get(&raised.url("/1"), &pairs(&many)).await;
+    assert_eq!(r.status, 200);
+    let seen = backend.last();
+    for (name, value) in &many {
+        assert_eq!(seen.headers.get(name).unwrap(), value.as_str(), "{name}");
+    }
 }
 
 #[tokio::test]

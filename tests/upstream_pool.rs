@@ -28,8 +28,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    let read_buffer = ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize;
-    Pool::new(http, idle_timeout, max_idle, read_buffer)
+    let limits = ifmatch::pool::ReadLimits {
+        read_buffer: ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize,
+        max_header_fields: ifmatch::config::DEFAULT_MAX_HEADER_FIELDS,
+    };
+    Pool::new(http, idle_timeout, max_idle, limits)
 }
 
 /// A GET as the proxy hands it to the pool: origin-form, `Host` set.

@@ -88,7 +88,7 @@ impl ScriptedBackend {
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Heads as large as any the proxy can be configured to pass on.
-            builder.http1().max_buf_size(4 << 20);
+            builder.http1().max_buf_size(4 << 20).max_headers(1000);
             loop {
                 let (stream, _) = tokio::select! {
                     a = listener.accept() => a.unwrap(),

@@ -64,7 +64,7 @@ impl Default for Client {
 }
 
 /// A connector for plain `http://` (the https type, so that one client type serves all).
-fn plain() -> Connector {
+pub fn plain() -> Connector {
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
