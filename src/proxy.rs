@@ -1028,6 +1028,7 @@ fn requires_precondition(method: &Method) -> bool {
 /// without such a tag condition stays for the backend to judge as well, with one exception:
 /// on a read the proxy answers `If-Modified-Since` itself from the 200's `Last-Modified`,
 /// because a 304 from the backend would not carry the proxy's ETag (§15.4.5).
+/// A read the proxy judges loses its `Range`.
 fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
     if !pre.any_present {
         return;
@@ -1040,7 +1041,15 @@ fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
         headers.remove(header::IF_NONE_MATCH);
         headers.remove(header::IF_MODIFIED_SINCE);
     }
-    if pre.if_range_tag {
+    // The proxy judges a read's conditions on a whole 200 only: a 206 would pass them
+    // unjudged (a stale If-Match resuming a download, an If-None-Match that matches). So a
+    // read it judges asks for the whole representation, as it does for an `If-Range` tag;
+    // ignoring `Range` is allowed (§14.2).
+    let judged_read = read
+        && (pre.if_match.is_some()
+            || pre.if_none_match.is_some()
+            || pre.if_modified_since.is_some());
+    if pre.if_range_tag || judged_read {
         headers.remove(header::IF_RANGE);
         headers.remove(header::RANGE);
     }

@@ -264,6 +264,53 @@ async fn if_range_with_a_tag_gets_the_whole_representation() {
     assert!(r.header("etag").is_none(), "only 200s are tagged");
 }
 
+/// A ranged GET's conditions are judged like a whole one's: the backend's 206 would carry
+/// no tag to judge them by, so the proxy asks for the whole representation and answers 304,
+/// 412 or the whole 200 (§13.2.2 puts them before Range; §14.2 lets Range be ignored).
+#[tokio::test]
+async fn a_ranged_get_with_conditions_is_judged_and_never_answered_with_an_unjudged_206() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let lm = "Sun, 06 Nov 1994 08:49:37 GMT";
+        match r.headers.get("range") {
+            Some(_) => respond(
+                206,
+                &[("content-range", "bytes 0-3/34"), ("last-modified", lm)],
+                &DOC[..4],
+            ),
+            None => respond(200, &[("last-modified", lm)], DOC),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let tag = c.get(&proxy.url("/a"), &[]).await.etag();
+    let range = ("range", "bytes=0-3");
+
+    let r = c
+        .get(&proxy.url("/a"), &[range, ("if-none-match", &tag)])
+        .await;
+    assert_eq!(r.status, 304, "the client's copy is current");
+    assert_eq!(r.etag(), tag);
+    let r = c
+        .get(&proxy.url("/a"), &[range, ("if-match", "\"stale\"")])
+        .await;
+    assert_eq!(r.status, 412, "a resumed download of another version");
+    let since = ("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT");
+    assert_eq!(c.get(&proxy.url("/a"), &[range, since]).await.status, 304);
+    for passing in [("if-match", tag.as_str()), ("if-none-match", "\"other\"")] {
+        let r = c.get(&proxy.url("/a"), &[range, passing]).await;
+        assert_eq!(r.status, 200, "{passing:?}: the whole representation");
+        assert_eq!(r.body, DOC.as_bytes());
+        assert_eq!(r.etag(), tag);
+    }
+    assert!(backend.requests()[1..]
+        .iter()
+        .all(|r| r.headers.get("range").is_none()));
+    // Without a condition the proxy judges, Range is the backend's.
+    let r = c.get(&proxy.url("/a"), &[range]).await;
+    assert_eq!(r.status, 206);
+}
+
 #[tokio::test]
 async fn if_modified_since_is_answered_by_the_proxy_so_its_304_carries_the_etag() {
     // A backend that would answer If-Modified-Since itself, without an ETag.
