@@ -146,6 +146,12 @@ impl TagStore {
                 }
             }
             MapEntry::Vacant(v) => {
+                // Again, under the key's lock: its mark may have been evicted since the
+                // check above, and an eviction raises the floor before the mark goes,
+                // under the same lock (`inserted`).
+                if ticket.0 < self.floor.load(Ordering::Acquire) {
+                    return;
+                }
                 v.insert(entry);
                 self.inserted(key);
             }
@@ -205,9 +211,13 @@ impl TagStore {
             return;
         };
         drop(order);
-        if let Some((_, entry)) = self.map.remove(&victim) {
+        if let MapEntry::Occupied(victim) = self.map.entry(victim) {
+            // The floor first, while the entry's lock is held: a `record` that then finds
+            // the key vacant finds the floor raised too.
+            self.floor
+                .fetch_max(victim.get().at() + 1, Ordering::AcqRel);
+            victim.remove();
             self.len.fetch_sub(1, Ordering::AcqRel);
-            self.floor.fetch_max(entry.at() + 1, Ordering::AcqRel);
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -274,6 +284,45 @@ mod tests {
         assert!(!s.upstream_tags(&k));
         s.invalidate(&key("/b"));
         assert!(!s.upstream_tags(&key("/b")));
+    }
+
+    /// A stale read's `record` racing another key's insert that evicts its key's mark: the
+    /// mark goes and the floor rises, in some order, while `record` looks at both. Whatever
+    /// the interleaving, the stale tag must not be remembered.
+    #[test]
+    fn a_stale_read_racing_the_eviction_of_its_mark_is_refused() {
+        use std::sync::{Arc, Barrier};
+        const ROUNDS: usize = 20_000;
+        let start = Arc::new(Barrier::new(2));
+        let stores: Arc<Vec<TagStore>> = Arc::new((0..ROUNDS).map(|_| TagStore::new(1)).collect());
+        let tickets: Vec<Ticket> = stores
+            .iter()
+            .map(|s| {
+                let stale = s.ticket();
+                s.invalidate(&key("/k")); // a write finished after the read began
+                stale
+            })
+            .collect();
+        let evictor = {
+            let (stores, start) = (stores.clone(), start.clone());
+            std::thread::spawn(move || {
+                for s in stores.iter() {
+                    start.wait();
+                    s.invalidate(&key("/other")); // capacity 1: evicts /k's mark
+                }
+            })
+        };
+        let mut remembered = 0;
+        for (s, stale) in stores.iter().zip(tickets) {
+            start.wait();
+            s.record(&key("/k"), known("old"), stale);
+            remembered += usize::from(s.get(&key("/k")).is_some());
+        }
+        evictor.join().unwrap();
+        assert_eq!(
+            remembered, 0,
+            "stale tags remembered in {remembered} of {ROUNDS} rounds"
+        );
     }
 
     #[test]
