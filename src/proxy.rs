@@ -35,7 +35,7 @@ use crate::key::{normalize_path, ResourceKey};
 use crate::lock::{WriteGuard, WriteLocks};
 use crate::memo::BodyMemo;
 use crate::metrics::{Metrics, Unheld};
-use crate::precondition::{evaluate, Decision, Preconditions, Resource};
+use crate::precondition::{evaluate, Condition, Decision, Preconditions, Resource};
 use crate::router::Router;
 use crate::tags::{Known, TagStore, Ticket};
 use crate::upstream::{self, Peer, UpstreamClient};
@@ -541,7 +541,8 @@ impl Proxy {
     /// one client, identity for another) that fails the preconditions does not decide: the
     /// writer may hold another representation's tag for the same state. A revalidation with
     /// the writer's own request head then fetches the representation it would be given,
-    /// and that decides; a 412 names its tag.
+    /// and that decides; a 412 names its tag. Nor does one that passes an `If-None-Match`
+    /// naming tags: they may name the writer's representation of the current state.
     async fn check(
         &self,
         rt: &Routing,
@@ -577,6 +578,9 @@ impl Proxy {
                 },
             };
             match evaluate(pre, false, &current) {
+                // An `If-None-Match` tag that differs from one representation's may still
+                // be another's: a pass is confirmed too.
+                Decision::Proceed if negotiated && names_tags(&pre.if_none_match) => continue,
                 Decision::Proceed => return Ok(Checked::Holds(current)),
                 // `remembered` is taken: the next turn revalidates.
                 _ if negotiated => continue,
@@ -1016,6 +1020,11 @@ fn changes_state(method: &Method) -> bool {
         method.as_str(),
         "OPTIONS" | "TRACE" | "PROPFIND" | "REPORT" | "SEARCH"
     )
+}
+
+/// `If-None-Match` lists entity-tags (not `*`).
+fn names_tags(condition: &Option<Condition>) -> bool {
+    matches!(condition, Some(Condition::Tags(_)))
 }
 
 /// Methods a `require_precondition` route refuses without a precondition (RFC 6585 §3).

@@ -584,6 +584,34 @@ async fn under_cached_a_tag_of_another_content_coding_of_the_current_state_is_no
         .count();
     assert_eq!(puts, 2, "the stale write never reached the backend");
 
+    // If-None-Match naming the identity writer's own current tag, while the gzip tag is
+    // remembered: it differs from the remembered one, yet names the current state.
+    let plain_tag = c.get(&url, &[]).await.etag();
+    let _ = c.get(&url, &gz).await;
+    let puts_before = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    let w = c.put(&url, &[("if-none-match", &plain_tag)], "edit").await;
+    assert_eq!(
+        (w.status, w.etag()),
+        (412, plain_tag.clone()),
+        "{}",
+        w.text()
+    );
+    let w = c.put(&url, &[("if-none-match", "\"other\"")], "edit").await;
+    assert_eq!(
+        w.status, 204,
+        "a tag of no representation: the write goes ahead"
+    );
+    let puts = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(puts, puts_before + 1);
+
     // One representation only: the remembered tag decides, with no GET.
     let plain = proxy.url("/plain");
     let tag = c.get(&plain, &[]).await.etag();
