@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::header::{self, HeaderMap, HeaderValue, ETAG};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, ETAG};
 use http::request::Parts;
 use http::response;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -35,7 +35,7 @@ use crate::key::{normalize_path, ResourceKey};
 use crate::lock::{WriteGuard, WriteLocks};
 use crate::memo::BodyMemo;
 use crate::metrics::{Metrics, Unheld};
-use crate::precondition::{evaluate, Condition, Decision, Preconditions, Resource};
+use crate::precondition::{evaluate, Condition, Decision, HeaderError, Preconditions, Resource};
 use crate::router::Router;
 use crate::tags::{Known, TagStore, Ticket};
 use crate::upstream::{self, Peer, UpstreamClient};
@@ -512,7 +512,7 @@ impl Proxy {
             true => {
                 // What is left of the wait after a try at sharing the lock.
                 let wait = route.lock_timeout.saturating_sub(waited.elapsed());
-                let guard = match destination_key(&parts, route) {
+                let guard = match destination_key(&parts, route)? {
                     Some(to) => self.locks.acquire_both(key, &to, wait).await,
                     None => self.locks.acquire(key, wait).await,
                 };
@@ -612,7 +612,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Error> {
         strip_evaluated(&mut parts.headers, pre, false);
         let changes = changes_state(&parts.method);
-        let destination = destination_key(&parts, route);
+        let destination = destination_key(&parts, route)?;
         let invalidation = changes.then(|| Invalidation {
             proxy: self.clone(),
             keys: [Some(key.clone()), destination],
@@ -1066,22 +1066,28 @@ fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
 
 /// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
 /// resource changes too, so its remembered tag must go as well.
-fn destination_key(parts: &Parts, route: &Route) -> Option<ResourceKey> {
+/// One that cannot be read is refused (400): forwarded, its resource would change with
+/// neither its lock held nor its tag forgotten. A missing one is the backend's to refuse.
+fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, HeaderError> {
     if !matches!(parts.method.as_str(), "COPY" | "MOVE") {
-        return None;
+        return Ok(None);
     }
-    let dest: http::Uri = parts
-        .headers
-        .get("destination")?
+    let Some(value) = parts.headers.get("destination") else {
+        return Ok(None);
+    };
+    let malformed = |reason: &str| HeaderError {
+        name: HeaderName::from_static("destination"),
+        reason: reason.to_owned(),
+    };
+    let text = value
         .to_str()
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(ResourceKey::new(
+        .map_err(|_| malformed("not visible ASCII (RFC 4918 §10.3: a URI)"))?;
+    let dest: http::Uri = text.parse().map_err(|_| malformed("not a URI"))?;
+    Ok(Some(ResourceKey::new(
         &route.upstream,
         &normalize_path(dest.path()),
         dest.query(),
-    ))
+    )))
 }
 
 /// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.

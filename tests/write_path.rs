@@ -620,3 +620,31 @@ async fn under_cached_a_tag_of_another_content_coding_of_the_current_state_is_no
     assert_eq!((stale.status, stale.etag()), (412, tag));
     assert_eq!(gets(&backend), before, "no revalidation");
 }
+
+/// A COPY or MOVE changes its `Destination` too: one the proxy cannot read would go to the
+/// backend with that resource neither locked nor its tag forgotten, so it is refused.
+#[tokio::test]
+async fn a_copy_or_move_whose_destination_cannot_be_read_is_refused_with_a_400() {
+    let backend = ScriptedBackend::start(|_| async { respond(201, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    for method in ["COPY", "MOVE"] {
+        let r = c
+            .send(method, &proxy.url("/a"), &[("destination", "/b c")], "")
+            .await;
+        let p = r.assert_problem(400);
+        let detail = p["detail"].as_str().unwrap().to_lowercase();
+        assert!(detail.contains("destination"), "{method}: {detail}");
+    }
+    assert!(backend.requests().is_empty(), "neither reached the backend");
+    // A readable one goes ahead, and so does one the backend must judge (none at all).
+    let to = proxy.url("/b");
+    assert_eq!(
+        c.send("MOVE", &proxy.url("/a"), &[("destination", &to)], "")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(c.send("COPY", &proxy.url("/a"), &[], "").await.status, 201);
+    assert!(proxy.state.locks.is_empty());
+}
