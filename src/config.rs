@@ -817,7 +817,9 @@ impl Validator<'_> {
         }
         Some(Route {
             host,
-            prefix: prefix_ok.then(|| prefix.clone())?,
+            // In the form request paths are matched in (`key::normalize_path`): `/docs/é`
+            // must match the requests for it, which arrive as `/docs/%C3%A9` or raw.
+            prefix: prefix_ok.then(|| crate::key::normalize_path(prefix).into_owned())?,
             upstream: upstream?,
             validation: r
                 .validation
@@ -1253,6 +1255,19 @@ upstream = "http://localhost:9001/"
             let toml = format!("[server]\nlisten = \"127.0.0.1:1\"\nupstream_read_buffer = {v}\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n");
             let c = Config::parse(&toml, "t.toml").unwrap_or_else(|e| panic!("{v}: {e}"));
             assert_eq!(c.server.upstream_read_buffer, want, "{v}");
+        }
+    }
+
+    #[test]
+    fn route_prefixes_are_kept_in_the_normal_form_paths_are_matched_in() {
+        for (prefix, normal) in [
+            ("/docs/", "/docs/"),
+            ("/docs/é", "/docs/%C3%A9"),
+            ("/a/./b", "/a/b"),
+        ] {
+            let toml = format!("[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"{prefix}\"\nupstream = \"http://a:1\"\n");
+            let c = Config::parse(&toml, "t.toml").unwrap_or_else(|e| panic!("{prefix}: {e}"));
+            assert_eq!(c.routes[0].prefix, normal);
         }
     }
 

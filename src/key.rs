@@ -6,6 +6,8 @@
 //! do. So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
 //! tag. A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
 //! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
+//! Bytes a URI carries only encoded (raw UTF-8, `"`, `{`...), which hyper lets through, are
+//! percent-encoded, so that `/é` and `/%C3%A9` share a key.
 //! The query is kept byte for byte: backends disagree on what it means. The request is
 //! still forwarded with the path the client sent; only routing and keys use the normal form.
 
@@ -98,8 +100,36 @@ fn is_normal(path: &str) -> bool {
             &b[i + 1..],
             [b'/', ..] | [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
         ),
-        _ => true,
+        c => is_pchar(c),
     })
+}
+
+/// A byte a path may carry as it is (RFC 3986 §3.3 `pchar` without `%`, and `/`). hyper
+/// also lets through raw UTF-8 and a few other bytes (`"`, `{`, `|`...); the normal form
+/// encodes them, so that `/é` and `/%C3%A9`, which a backend takes for one resource, share
+/// a key, and `/é` cannot collide with what decoding it byte by byte would spell.
+fn is_pchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'/'
+        )
 }
 
 /// Decodes `%XX` of unreserved characters and upper-cases the hex of the rest.
@@ -122,17 +152,20 @@ fn normalize_percent(path: &str) -> String {
                 continue;
             }
         }
-        if b[i] == b'%' {
-            // Not an escape: the `%` itself, encoded.
-            out.push_str("%25");
-        } else {
-            // Request paths are ASCII (hyper rejects other bytes), so this is one char.
+        if is_pchar(b[i]) {
             out.push(b[i] as char);
+        } else {
+            // Not an escape (a `%` stands for itself), or a byte a URI carries encoded.
+            out.push('%');
+            out.push(HEX[usize::from(b[i] >> 4)] as char);
+            out.push(HEX[usize::from(b[i] & 0xF)] as char);
         }
         i += 1;
     }
     out
 }
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 fn hex(b: u8) -> Option<u8> {
     match b {
@@ -198,6 +231,30 @@ mod tests {
             } else if !p.contains('%') {
                 assert!(!unchanged, "{p:?} is normal but failed the check");
             }
+        }
+    }
+
+    #[test]
+    fn raw_utf8_and_other_unencoded_bytes_share_the_key_of_their_encoding_and_no_other() {
+        // One resource, raw or encoded, through the fast path or the slow one.
+        for alias in [
+            "/docs/é",
+            "/docs/%C3%A9",
+            "/docs/%c3%a9",
+            "//docs/é",
+            "/docs/./é",
+        ] {
+            assert_eq!(normalize_path(alias), "/docs/%C3%A9", "{alias}");
+        }
+        // Two resources: `é` decoded byte by byte would spell `Ã©`.
+        assert_ne!(normalize_path("//docs/é"), normalize_path("/docs/Ã©"));
+        assert_eq!(normalize_path("/a{b}|c\"d"), "/a%7Bb%7D%7Cc%22d");
+        assert_eq!(normalize_path("/a%7bb"), "/a%7Bb");
+        // Sub-delimiters, `:` and `@` are path characters and stay as they are.
+        assert_eq!(normalize_path("/a:b@c!$&'()*+,;="), "/a:b@c!$&'()*+,;=");
+        for p in ["/docs/é", "/a{b", "/x y"] {
+            let once = normalize_path(p);
+            assert_eq!(normalize_path(&once), once, "a fixed point: {p}");
         }
     }
 

@@ -648,3 +648,38 @@ async fn a_copy_or_move_whose_destination_cannot_be_read_is_refused_with_a_400()
     assert_eq!(c.send("COPY", &proxy.url("/a"), &[], "").await.status, 201);
     assert!(proxy.state.locks.is_empty());
 }
+
+/// Paths with raw UTF-8 (which hyper lets through) are keyed by their percent-encoded form:
+/// `//docs/é` is `/docs/%C3%A9`, one resource with its encoded spelling, and not `/docs/Ã©`,
+/// which decoding it byte by byte would spell. Otherwise a writer could pass `If-Match` with
+/// another document's tag, or two spellings of one document take two locks.
+#[tokio::test]
+async fn a_raw_utf8_path_shares_its_encoded_spelling_s_tag_and_no_other_document_s() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.method.as_str() {
+            "GET" => respond(200, &[], r.uri.path().to_owned()),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let other = c.get(&proxy.url("/docs/Ã©"), &[]).await.etag();
+    let w = c
+        .put(&proxy.url("//docs/é"), &[("if-match", &other)], "x")
+        .await;
+    assert_eq!(w.status, 412, "another document's tag");
+    let mine = c.get(&proxy.url("/docs/%C3%A9"), &[]).await.etag();
+    let puts = |b: &ScriptedBackend| b.requests().iter().filter(|r| r.method == "PUT").count();
+    assert_eq!(puts(&backend), 0);
+    let w = c
+        .put(&proxy.url("/docs/é"), &[("if-match", &mine)], "x")
+        .await;
+    assert_eq!(
+        w.status,
+        204,
+        "its own tag, by the other spelling: {}",
+        w.text()
+    );
+    assert_eq!(puts(&backend), 1);
+}
