@@ -350,13 +350,22 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     }
 
     let xff = HeaderName::from_static("x-forwarded-for");
-    let forwarded_for = match h.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prior) => {
-            let ip = peer.ip.to_str().expect("formatted from an IP address");
-            HeaderValue::try_from(format!("{prior}, {ip}"))
-                .expect("a valid value, a comma and an IP form a valid value")
+    // Every field line, in order (§5.3: they are one list): a proxy in front may have added
+    // its own line rather than joined the first, and keeping only that first line would
+    // let the client's own value pass for the last hop's.
+    let mut prior = h.get_all(&xff).iter();
+    let forwarded_for = match (prior.next(), prior.next()) {
+        (None, _) => peer.ip.clone(),
+        (Some(one), second) => {
+            let mut list = one.as_bytes().to_vec();
+            for v in second.into_iter().chain(prior) {
+                list.extend_from_slice(b", ");
+                list.extend_from_slice(v.as_bytes());
+            }
+            list.extend_from_slice(b", ");
+            list.extend_from_slice(peer.ip.as_bytes());
+            HeaderValue::from_bytes(&list).expect("valid values joined by commas stay valid")
         }
-        None => peer.ip.clone(),
     };
     h.insert(xff, forwarded_for);
     h.insert(

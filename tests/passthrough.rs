@@ -151,6 +151,26 @@ async fn hop_by_hop_headers_are_dropped_and_x_forwarded_headers_set() {
     );
 }
 
+/// `X-Forwarded-For` on several field lines is one list (a proxy in front may add a line of
+/// its own): every element reaches the backend in order, the client's address last.
+#[tokio::test]
+async fn every_x_forwarded_for_line_is_kept_in_order() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let lines = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-for", "198.51.100.7, 203.0.113.9"),
+    ];
+    Client::new().get(&proxy.url("/x"), &lines).await;
+    let seen = backend.last();
+    let all: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(
+        all,
+        ["6.6.6.6, 198.51.100.7, 203.0.113.9, 127.0.0.1"],
+        "one line, every element"
+    );
+}
+
 #[tokio::test]
 async fn preserve_host_false_sends_the_upstream_authority() {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
