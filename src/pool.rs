@@ -133,7 +133,9 @@ where
     /// So is a GET or HEAD without a body that went out on a connection idle for
     /// [`REPLAY_AFTER`] or more just as the backend closed it on its keep-alive timeout: no
     /// answer at all came back, and sending it again cannot do harm (Go's HTTP client does
-    /// the same). Other requests get the error: the backend may have carried them out.
+    /// the same). Once: a request whose handling makes the backend close (a crashing
+    /// handler) is not sent again on every idle connection. Other requests get the error:
+    /// the backend may have carried them out. All attempts share the one `timeout`.
     ///
     /// `req` comes boxed: on its way here it passes through four async fns, which moved its
     /// 280 bytes about ten times a request; a box moves 8.
@@ -144,15 +146,23 @@ where
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
         let origin = upstream.origin.as_str();
+        // One timeout for all attempts, from the first; and one replay at most: a request
+        // that makes the backend close (a crashing handler) must not be sent once per
+        // idle connection.
+        let mut start = None;
+        let mut replayed = false;
         while let Some((mut idle, now)) = self.checkout(origin) {
+            let start = *start.get_or_insert(now);
             let conn = &mut idle.conn;
             // The copy costs 3-5% of a request's instructions: only where the race can be.
-            let replay = (now.duration_since(idle.since) >= REPLAY_AFTER && replayable(&req))
-                .then(|| head_only(&req));
+            let replay =
+                (!replayed && now.duration_since(idle.since) >= REPLAY_AFTER && replayable(&req))
+                    .then(|| head_only(&req));
             // A timeout shorter than the one the connection was opened with (another
-            // route's) needs a timer of its own.
-            let mut timer = (!conn.watch.begin(now, timeout))
-                .then(|| Box::pin(tokio::time::sleep_until(now + timeout)));
+            // route's) needs a timer of its own, and so does a second attempt: its deadline
+            // began before the watch's timer was last set, which could fire late for it.
+            let mut timer = (start != now || !conn.watch.begin(start, timeout))
+                .then(|| Box::pin(tokio::time::sleep_until(start + timeout)));
             // One place that polls the exchange, so that it is inlined there.
             let mut exchange = pin!(conn.sender.try_send_request(*req));
             let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
@@ -175,13 +185,15 @@ where
                         let error = e.error();
                         tracing::debug!(origin, %error, "sent again: an idle connection closed");
                         *req = copy;
+                        replayed = true;
                     }
                     (None, _) => return Err(SendError::Http(e.into_error())),
                 },
             }
         }
-        // A new connection: the timeout counts from before it is made.
-        let start = Instant::now();
+        // A new connection: the timeout counts from before it is made, or from the first
+        // attempt on an idle one.
+        let start = start.unwrap_or_else(Instant::now);
         let connect = self.connect_boxed(upstream.uri.clone(), start, timeout);
         let mut conn = tokio::time::timeout_at(start + timeout, connect)
             .await

@@ -246,6 +246,63 @@ async fn a_get_that_meets_the_backend_closing_an_idle_connection_is_sent_again()
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// A keep-alive backend that answers every request with "ok" except `GET /boom`, which it
+/// reads and then closes the connection on, unanswered (a handler that crashes its worker).
+/// Returns its origin and how many `/boom` requests reached it.
+async fn crashes_on_boom() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let booms = Arc::new(AtomicUsize::new(0));
+    let count = booms.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n].starts_with(b"GET /boom ") {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(rsp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (origin, booms)
+}
+
+#[tokio::test]
+async fn a_get_that_makes_the_backend_close_is_sent_again_once_not_on_every_idle_connection() {
+    let (origin, booms) = crashes_on_boom().await;
+    let p = pool(Duration::from_secs(60), 16);
+    // Eight idle connections, all past the age at which a close may be a keep-alive timeout.
+    let mut fetches = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (p, origin) = (p.clone(), origin.clone());
+        fetches.spawn(async move { fetch(&p, &origin, "/").await.0 });
+    }
+    while let Some(status) = fetches.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = p
+        .send(&upstream(&origin), get(&origin, "/boom"), TIMEOUT)
+        .await;
+    assert!(
+        r.is_err(),
+        "no answer ever came: {:?}",
+        r.map(|r| r.status())
+    );
+    assert_eq!(booms.load(Ordering::SeqCst), 2, "sent, and sent again once");
+}
+
 /// A keep-alive backend on `listener` that answers every request with "ok", until the
 /// returned set is aborted (which drops every socket, as a killed process would).
 fn keep_alive_backend(listener: tokio::net::TcpListener) -> tokio::task::JoinSet<()> {
