@@ -74,7 +74,8 @@ enum State {
     ChunkSize(Vec<u8>),
     /// Chunk data, then its CRLF.
     ChunkData(u64),
-    ChunkEnd,
+    /// The CRLF after chunk data; `true` once its CR is in.
+    ChunkEnd(bool),
     /// Trailer lines after the last chunk, until an empty line.
     Trailer(Vec<u8>),
     /// Not HTTP/1 framed (HTTP/2), after a refused head, or lost on input hyper refuses too
@@ -165,16 +166,23 @@ impl Tracker {
                     if *n == 0 {
                         self.state = match self.state {
                             State::Body(_) => State::head(),
-                            _ => State::ChunkEnd,
+                            _ => State::ChunkEnd(false),
                         };
                     }
                 }
-                State::ChunkEnd => {
+                // The lines of a chunked body end in CRLF exactly, as hyper reads them: any
+                // other line end is one hyper refuses (and closes on) or reads otherwise (a
+                // bare LF after the last chunk starts a trailer line to hyper, where an
+                // empty line would end the body here, and the next bytes be taken for a
+                // head). Either way the tracker cannot follow, and stops (fail closed).
+                State::ChunkEnd(cr) => {
                     let b = bytes[0];
                     bytes = &bytes[1..];
-                    if b == b'\n' {
-                        self.state = State::ChunkSize(Vec::new());
-                    }
+                    self.state = match (*cr, b) {
+                        (false, b'\r') => State::ChunkEnd(true),
+                        (true, b'\n') => State::ChunkSize(Vec::new()),
+                        _ => State::Off,
+                    };
                 }
                 State::ChunkSize(line)
                     if line.as_slice() == b"0" && bytes[0].is_ascii_hexdigit() =>
@@ -189,14 +197,25 @@ impl Tracker {
                     let b = bytes[0];
                     bytes = &bytes[1..];
                     if b != b'\n' {
+                        // Past 4 KiB (a long chunk extension) only the last byte is kept,
+                        // in the last place: the size is at the start, the CR at the end.
                         if line.len() < 4096 {
                             line.push(b);
+                        } else if let Some(last) = line.last_mut() {
+                            *last = b;
                         }
                         continue;
                     }
+                    let Some(line) = line.strip_suffix(b"\r") else {
+                        self.state = State::Off;
+                        continue;
+                    };
+                    // Only a line with nothing on it ends the trailers (hyper takes one of
+                    // blanks for a trailer line).
+                    let ends_trailers = line.is_empty();
                     let text = String::from_utf8_lossy(line).trim().to_owned();
                     self.state = match &self.state {
-                        State::Trailer(_) if text.is_empty() => State::head(),
+                        State::Trailer(_) if ends_trailers => State::head(),
                         State::Trailer(_) => State::Trailer(Vec::new()),
                         _ => {
                             let hex = text.split(';').next().unwrap_or("").trim();
@@ -398,6 +417,40 @@ DELETE /d HTTP/1.1\r\nHost: x\r\n\r\n";
             want,
             "split reads do not matter"
         );
+    }
+
+    #[test]
+    fn chunked_lines_are_followed_as_hyper_reads_them_or_not_at_all() {
+        let post = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        // A bare LF after the last chunk starts a trailer line to hyper, which runs to the
+        // next CRLF; the request hidden behind it is a trailer, not a head. The tracker
+        // cannot tell, and stops: the refused PUT after it finds no verdict (refused as
+        // lost), instead of taking another head's.
+        let mut bare = post.clone();
+        bare.extend(b"0\r\n\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n");
+        bare.extend(b"PUT /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx");
+        assert_eq!(verdicts_of(&[&bare]), vec![Ok(())]);
+        assert_eq!(one_byte_at_a_time(&bare), vec![Ok(())]);
+        // A line of blanks is a trailer line to hyper too: only an empty one ends the body.
+        let mut blanks = post.clone();
+        blanks.extend(b"0\r\n  \r\nGET /h HTTP/1.1\r\n\r\nDELETE /d HTTP/1.1\r\n\r\n");
+        assert_eq!(verdicts_of(&[&blanks]), vec![Ok(()), Ok(())]);
+        // Chunk data not ended by CRLF, or a size line ended by a bare LF: hyper refuses it.
+        for tail in [
+            &b"1\r\nxy\r\n0\r\n\r\n"[..],
+            b"1\r\nx\n0\r\n\r\n",
+            b"1\nx\r\n0\r\n\r\n",
+        ] {
+            let mut stream = post.clone();
+            stream.extend(tail);
+            stream.extend(b"GET /next HTTP/1.1\r\n\r\n");
+            assert_eq!(
+                verdicts_of(&[&stream]),
+                vec![Ok(())],
+                "{:?}",
+                String::from_utf8_lossy(tail)
+            );
+        }
     }
 
     #[test]

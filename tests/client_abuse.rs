@@ -167,6 +167,27 @@ async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
     assert_eq!(forwarded[0].1, data.as_bytes());
 }
 
+/// A bare LF after the last chunk starts a trailer line to hyper (which then takes the
+/// request behind it for trailers); the inspector once took it for the end of the body and
+/// the next bytes for a head, and from then on judged each request by the verdict of the
+/// one before: a request it must refuse reached the backend.
+#[tokio::test]
+async fn a_bare_lf_in_a_chunked_body_cannot_shift_the_framing_verdicts() {
+    let (backend, proxy) = proxy_with("").await;
+    let mut bytes =
+        b"PUT /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    bytes.extend(b"0\r\n\nGET /hidden HTTP/1.1\r\nHost: a\r\n\r\n");
+    bytes
+        .extend(b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc");
+    bytes.extend(b"PUT /y HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\ny");
+    let rsp = raw(proxy.addr, bytes, Duration::from_secs(2)).await;
+    let forwarded = forwarded_paths(&backend, 0);
+    assert!(
+        !forwarded.iter().any(|p| p == "/x" || p == "/hidden"),
+        "forwarded: {forwarded:?}\n{rsp}"
+    );
+}
+
 /// The framing checks cover heads of any size the proxy accepts, not only the default's:
 /// with `max_header_bytes` raised past 1 MiB, the inspector once stopped following a
 /// connection at 1 MiB while hyper read on, and let such a head through unjudged.
