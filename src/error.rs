@@ -23,6 +23,9 @@ pub enum Error {
     #[error(transparent)]
     BadFraming(#[from] FramingError),
 
+    #[error("{method} is not supported: ifmatch does not open tunnels")]
+    MethodNotSupported { method: Method },
+
     #[error("the request head is larger than the limit of {limit} bytes")]
     HeadersTooLarge { limit: u64 },
 
@@ -74,6 +77,7 @@ impl Error {
             Self::BadHeader(_) => StatusCode::BAD_REQUEST,
             Self::BadFraming(FramingError::UnsupportedEncoding(_)) => StatusCode::NOT_IMPLEMENTED,
             Self::BadFraming(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -95,6 +99,7 @@ impl Error {
             Self::NoRoute { .. }
             | Self::BadHeader(_)
             | Self::BadFraming(_)
+            | Self::MethodNotSupported { .. }
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyTimeout(_)
@@ -115,6 +120,7 @@ impl Error {
             Self::NoRoute { .. } => "no_route",
             Self::BadHeader(_) => "bad_header",
             Self::BadFraming(_) => "bad_framing",
+            Self::MethodNotSupported { .. } => "method_not_supported",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyTimeout(_) => "body_timeout",

@@ -359,6 +359,13 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         ex.body = Some(body);
         crate::framing::check_codings(&parts.headers)?;
+        // A tunnel has no representation to tag, and a backend given `CONNECT /` (its
+        // authority-form target turned origin-form) could only misread it.
+        if parts.method == Method::CONNECT {
+            return Err(Error::MethodNotSupported {
+                method: Method::CONNECT,
+            });
+        }
         let routing = self.routing.load_full();
         routing.check_limits(&parts)?;
         let host = crate::host::check(&parts)?;

@@ -167,6 +167,24 @@ async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
     assert_eq!(forwarded[0].1, data.as_bytes());
 }
 
+/// CONNECT asks for a tunnel, which the proxy does not open: a 501 problem, nothing
+/// forwarded (it once went to the backend as `CONNECT /`), and the connection goes on.
+#[tokio::test]
+async fn connect_is_refused_with_a_501_and_never_forwarded() {
+    let (backend, proxy) = proxy_with("").await;
+    let bytes = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\
+GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        .to_vec();
+    let rsp = raw(proxy.addr, bytes, Duration::from_secs(2)).await;
+    assert_eq!(status_line(&rsp), "HTTP/1.1 501 Not Implemented", "{rsp}");
+    assert!(rsp.contains("application/problem+json"), "{rsp}");
+    assert!(
+        rsp.contains("HTTP/1.1 200 OK"),
+        "the next request is answered: {rsp}"
+    );
+    assert_eq!(forwarded_paths(&backend, 0), ["/after"]);
+}
+
 /// A bare LF after the last chunk starts a trailer line to hyper (which then takes the
 /// request behind it for trailers); the inspector once took it for the end of the body and
 /// the next bytes for a head, and from then on judged each request by the verdict of the
