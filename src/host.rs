@@ -14,6 +14,17 @@ use crate::precondition::HeaderError;
 /// (HTTP/1.1), repeated or malformed. The value is read here once, for the router and for
 /// the upstream request.
 pub fn check(parts: &Parts) -> Result<Option<HeaderValue>, HeaderError> {
+    // The authority of an absolute-form target (or HTTP/2's `:authority`) takes the place of
+    // `Host` for routing and upstream: it is held to the same form (no `user@`).
+    if let Some(authority) = parts.uri.authority() {
+        if let Some(why) = invalid(authority.as_str().as_bytes()) {
+            let reason = format!(
+                "the request target's authority {:?} {why}",
+                authority.as_str()
+            );
+            return Err(HeaderError { name: HOST, reason });
+        }
+    }
     let mut lines = parts.headers.get_all(HOST).iter();
     let reason = match (lines.next(), lines.next()) {
         // HTTP/1.0 may omit it, and HTTP/2 carries the authority in `:authority`.
@@ -109,6 +120,17 @@ mod tests {
             b = b.header(HOST, *h);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn an_absolute_form_target_s_authority_is_held_to_the_host_form() {
+        let ok = parts(Version::HTTP_11, "http://a:1/b", &[b"a"]);
+        assert!(check(&ok).is_ok());
+        for target in ["http://user@a:1/b", "http://u:p@a/b"] {
+            let e = check(&parts(Version::HTTP_11, target, &[b"a"])).unwrap_err();
+            assert_eq!(e.name, HOST, "{target}");
+            assert!(e.reason.contains("authority"), "{target}: {}", e.reason);
+        }
     }
 
     #[test]

@@ -167,6 +167,18 @@ async fn a_long_zero_padded_chunk_size_cannot_shift_the_framing_verdicts() {
     assert_eq!(forwarded[0].1, data.as_bytes());
 }
 
+/// An absolute-form target's authority is routed by and sent upstream as `Host`: a
+/// `user@` in it is refused as in `Host` (it once reached the backend as `Host: user@a:1`).
+#[tokio::test]
+async fn an_absolute_form_authority_with_userinfo_is_refused_like_such_a_host() {
+    let (backend, proxy) = proxy_with("").await;
+    let bytes = b"GET http://user@a:1/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec();
+    let rsp = raw(proxy.addr, bytes, Duration::from_secs(2)).await;
+    assert_eq!(status_line(&rsp), "HTTP/1.1 400 Bad Request", "{rsp}");
+    assert!(rsp.contains("authority"), "{rsp}");
+    assert!(backend.requests().is_empty());
+}
+
 /// CONNECT asks for a tunnel, which the proxy does not open: a 501 problem, nothing
 /// forwarded (it once went to the backend as `CONNECT /`), and the connection goes on.
 #[tokio::test]
