@@ -994,10 +994,12 @@ impl Drop for InFlight {
 }
 
 /// Whether a tag may be remembered and later trusted for any writer. A representation that
-/// varies by user (`Vary: Authorization`, `Cookie` or `*`, or a `per_user` route) is not: a
-/// 412 would show one user's tag to another, so such writes always revalidate with the
-/// writer's own credentials. And whether it is one of several (`Known::negotiated`): it
-/// varies on anything, or has a content coding. One pass over `Vary` for both.
+/// varies by user (`Vary: Authorization`, `Cookie` or `*`, `Cache-Control: private`, or a
+/// `per_user` route) is not: a 412 would show one user's tag to another, so such writes
+/// always revalidate with the writer's own credentials. Nor is one marked `no-store`: its
+/// bytes must not be kept, as a copy would be. And whether it is one of several
+/// (`Known::negotiated`): it varies on anything, or has a content coding. One pass over
+/// `Vary` for both.
 fn cacheable(route: &Route, headers: &HeaderMap) -> (bool, bool) {
     let vary = headers.get_all(header::VARY);
     let negotiated = vary.iter().next().is_some() || headers.contains_key(header::CONTENT_ENCODING);
@@ -1009,7 +1011,22 @@ fn cacheable(route: &Route, headers: &HeaderMap) -> (bool, bool) {
             let f = f.trim();
             f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
         });
-    (!route.per_user && !varies_by_user, negotiated)
+    (
+        !route.per_user && !varies_by_user && !kept_from_others(headers),
+        negotiated,
+    )
+}
+
+/// `Cache-Control: private` (for one user: RFC 9111 §5.2.2.7) or `no-store` (§5.2.2.5), in
+/// any field line, qualified or not.
+fn kept_from_others(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.split('=').next().unwrap_or("").trim())
+        .any(|d| d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store"))
 }
 
 /// Whether a PUT's body is what the backend will serve: not a partial update

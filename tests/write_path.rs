@@ -683,3 +683,36 @@ async fn a_raw_utf8_path_shares_its_encoded_spelling_s_tag_and_no_other_document
     );
     assert_eq!(puts(&backend), 1);
 }
+
+/// A response the backend marks `Cache-Control: private` (for one user) or `no-store` is not
+/// remembered for other writers, nor copied: under `cached`, a write to it revalidates with
+/// the writer's own head, as with `Vary: Cookie`. A public one is trusted.
+#[tokio::test]
+async fn under_cached_a_private_or_no_store_representation_is_not_trusted_for_other_writers() {
+    const CASES: [(&str, bool); 4] = [
+        ("max-age=60", true),
+        ("private", false),
+        ("no-store", false),
+        ("private=\"set-cookie\", max-age=0", false),
+    ];
+    let backend = ScriptedBackend::start(|r| async move {
+        let i: usize = r.uri.path()[1..].parse().unwrap();
+        match r.method.as_str() {
+            "GET" => respond(200, &[("cache-control", CASES[i].0)], "the text"),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let gets = |b: &ScriptedBackend| b.requests().iter().filter(|r| r.method == "GET").count();
+    for (i, (cc, trusted)) in CASES.into_iter().enumerate() {
+        let url = proxy.url(&format!("/{i}"));
+        let tag = c.get(&url, &[]).await.etag();
+        let before = gets(&backend);
+        let w = c.put(&url, &[("if-match", &tag)], "edit").await;
+        assert_eq!(w.status, 204, "{cc}: {}", w.text());
+        let revalidated = gets(&backend) > before;
+        assert_eq!(!revalidated, trusted, "{cc}");
+    }
+}
