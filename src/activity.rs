@@ -5,6 +5,12 @@
 //! head-read timer is off, as it costs a timer per request), and an HTTP/2 one that
 //! answers pings with no stream open, which gets a GOAWAY. Either would otherwise hold one
 //! of `max_connections`.
+//!
+//! It also tells when a response has been waiting on its client as long: the connection
+//! has response bodies to send and has taken no chunk of any for `header_read_timeout` (a
+//! client that stopped reading, as nginx's `send_timeout` guards against). Such a
+//! connection is cut off; else it would hold the bytes of its bodies, and their share of
+//! `max_buffered_bytes`, for as long as it stays open.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +29,11 @@ use crate::body::{BodyError, ProxyBody};
 pub struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
+    /// Response bodies handed to the connection and not yet done with.
+    sending: AtomicUsize,
+    /// Counts every response body begun and every chunk asked of one: unchanged over a
+    /// period, nothing was sent in it.
+    progress: AtomicU64,
     /// When the last request ended, in microseconds since `opened`: an atomic, not a lock,
     /// since every response writes it.
     last_end: AtomicU64,
@@ -33,6 +44,8 @@ impl Default for Activity {
         Self {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            progress: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
         }
     }
@@ -51,8 +64,9 @@ impl Activity {
         self.in_flight.load(Ordering::Acquire) > 0
     }
 
-    /// Completes once the connection has had no request in flight for `timeout`.
-    pub async fn idle(&self, timeout: Duration) {
+    /// Completes once the connection has had no request in flight for `timeout`, or has
+    /// had responses to send and sent nothing of them for as long.
+    pub async fn idle(&self, timeout: Duration) -> Idle {
         loop {
             let last_end =
                 self.opened + Duration::from_micros(self.last_end.load(Ordering::Acquire));
@@ -63,11 +77,30 @@ impl Activity {
                 last_end + timeout
             };
             if !busy && deadline <= Instant::now() {
-                return;
+                return Idle::NoRequest;
             }
+            let sending = self.sending.load(Ordering::Acquire) > 0;
+            let progress = self.progress.load(Ordering::Acquire);
             tokio::time::sleep_until(deadline).await;
+            // A body begun in the meantime counts as progress, so the bodies still being
+            // sent were there all along, and not one chunk of them was taken.
+            let stalled = sending
+                && self.sending.load(Ordering::Acquire) > 0
+                && self.progress.load(Ordering::Acquire) == progress;
+            if busy && stalled {
+                return Idle::Stalled;
+            }
         }
     }
+}
+
+/// Why [`Activity::idle`] completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// No request in flight for the timeout.
+    NoRequest,
+    /// Responses to send, and none of their chunks taken for the timeout.
+    Stalled,
 }
 
 /// A request being answered; see [`Activity::begin`].
@@ -83,19 +116,26 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted in until it is dropped.
+/// A response body that keeps its request counted in until it is dropped, and counts the
+/// chunks asked of it.
 #[derive(Debug)]
 pub struct Tracked {
     body: ProxyBody,
-    _request: InFlight,
+    request: InFlight,
 }
 
 impl Tracked {
     pub fn new(body: ProxyBody, request: InFlight) -> Self {
-        Self {
-            body,
-            _request: request,
-        }
+        let activity = &request.0;
+        activity.sending.fetch_add(1, Ordering::AcqRel);
+        activity.progress.fetch_add(1, Ordering::Relaxed);
+        Self { body, request }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.request.0.sending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -107,6 +147,7 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.request.0.progress.fetch_add(1, Ordering::Relaxed);
         Pin::new(&mut self.body).poll_frame(cx)
     }
 
@@ -137,10 +178,49 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(100)).await;
         assert!(!idle.is_finished());
         drop(request);
-        idle.await.unwrap();
+        assert_eq!(idle.await.unwrap(), Idle::NoRequest);
         let waited = start.elapsed();
         assert!(
             waited >= Duration::from_secs(130) && waited < Duration::from_secs(160),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_whose_body_nobody_takes_is_stalled_and_one_being_read_is_not() {
+        let t = Duration::from_secs(30);
+        let activity = Arc::new(Activity::default());
+        let mut read = Tracked::new(ProxyBody::full(Bytes::from("x")), activity.begin());
+        let reader = {
+            // A client that takes a chunk every 20 s (the body answers Pending after its one
+            // chunk; polling still counts).
+            let activity = activity.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    let _ = std::future::poll_fn(|cx| {
+                        let _ = Pin::new(&mut read).poll_frame(cx);
+                        Poll::Ready(())
+                    })
+                    .await;
+                }
+                drop(read);
+                activity
+            })
+        };
+        let start = Instant::now();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle(t).await }
+        });
+        let _ = reader.await.unwrap();
+        assert!(!idle.is_finished(), "read slowly but read: never stalled");
+        // Then a body nobody asks anything of.
+        let _left = Tracked::new(ProxyBody::full(Bytes::from("y")), activity.begin());
+        assert_eq!(idle.await.unwrap(), Idle::Stalled);
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(230) && waited <= Duration::from_secs(260),
             "{waited:?}"
         );
     }

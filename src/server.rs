@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use http::{Request, Version};
 use hyper::body::Incoming;
 
-use crate::activity::{Activity, Tracked};
+use crate::activity::{Activity, Idle, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::proxy::Proxy;
@@ -300,7 +300,13 @@ async fn serve_connection<IO>(
                     stopped = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                if idle.as_mut().poll(&mut ecx).is_ready() {
+                if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {
+                    if why == Idle::Stalled {
+                        // The client takes nothing of what it asked for: no goodbye would
+                        // be read either. Dropping the connection drops its bodies.
+                        tracing::info!(client = %addr, "connection cut off: its client stopped reading its responses");
+                        return Poll::Ready(Ok(()));
+                    }
                     idled = true;
                     if !stopped {
                         tracing::debug!(client = %addr, "idle connection closed");

@@ -407,3 +407,57 @@ async fn a_reload_applies_a_new_bound() {
         .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
     assert_eq!(proxy.state.budget.limit(), 32 << 20);
 }
+
+/// A client that asks for tagged bodies and then reads nothing holds their bytes, and their
+/// share of the bound, only until it has taken nothing for `header_read_timeout`: then its
+/// connection is cut off, and GETs are tagged again. (Without this, a few such connections
+/// kept every later GET untagged for as long as they stayed open.)
+#[tokio::test]
+async fn a_client_that_stops_reading_its_responses_is_cut_off_and_gives_its_share_back() {
+    const DOC: usize = 7 << 20;
+    let backend = common::ScriptedBackend::start(|_| async {
+        common::backend::respond(200, &[], vec![b'd'; DOC])
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", "max_tag_body = \"8MiB\""),
+        &backend.origin(),
+        "max_buffered_bytes = \"32MiB\"\nheader_read_timeout = \"1s\"",
+    )
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4 * KIB as u32).unwrap();
+        let mut s = socket.connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        silent.push(s); // never read
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.state.budget.held() > DOC).await,
+        "the silent clients' bodies are held: {}",
+        proxy.state.budget.held()
+    );
+    assert!(
+        eventually(Duration::from_secs(6), || proxy.state.budget.held() == 0).await,
+        "still held: {}",
+        proxy.state.budget.held()
+    );
+    let mut closed = 0;
+    for s in &mut silent {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    assert_eq!(closed, 3, "every silent connection was cut off");
+    let r = Client::new().get(&proxy.url("/doc"), &[]).await;
+    assert!(r.header("etag").is_some(), "tagged again");
+}
