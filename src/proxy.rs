@@ -416,7 +416,9 @@ impl Proxy {
         ));
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
-        if rsp.status() != StatusCode::OK {
+        // A 200 with `Content-Range` (a backend that misanswers a range) holds part of a
+        // representation: its tag would name bytes that are not the whole.
+        if rsp.status() != StatusCode::OK || rsp.headers().contains_key(header::CONTENT_RANGE) {
             ex.outcome = "passthrough";
             return Ok(pass(rsp, head, route));
         }
@@ -1119,8 +1121,14 @@ fn request_host<'a>(req: &'a Parts, host: Option<&'a HeaderValue>) -> Option<&'a
     req.uri.host().or_else(|| host?.to_str().ok())
 }
 
+/// The backend's own strong tag, if it sent exactly one: of several `ETag` lines none can
+/// be told to be the representation's, and the proxy's own tag replaces them all.
 fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {
-    let tag = ETag::parse(headers.get(ETAG)?.as_bytes()).ok()?;
+    let mut lines = headers.get_all(ETAG).iter();
+    let (Some(only), None) = (lines.next(), lines.next()) else {
+        return None;
+    };
+    let tag = ETag::parse(only.as_bytes()).ok()?;
     (!tag.is_weak()).then_some(tag)
 }
 

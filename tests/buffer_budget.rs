@@ -430,7 +430,9 @@ async fn a_client_that_stops_reading_its_responses_is_cut_off_and_gives_its_shar
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4 * KIB as u32).unwrap();
         let mut s = socket.connect(proxy.addr).await.unwrap();
-        s.write_all(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         silent.push(s); // never read
     }
     assert!(

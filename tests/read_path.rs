@@ -339,3 +339,27 @@ async fn if_modified_since_is_answered_by_the_proxy_so_its_304_carries_the_etag(
     assert_eq!(r.status, 200);
     assert!(backend.last().headers.get("if-modified-since").is_none());
 }
+
+/// A backend that sends several `ETag` lines names no one tag: the proxy's replaces them
+/// all (the client sees one). A 200 with `Content-Range` holds part of a representation:
+/// it passes untagged, and its tag is not remembered.
+#[tokio::test]
+async fn several_upstream_etags_are_replaced_and_a_200_with_content_range_is_not_tagged() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.uri.path() {
+            "/two" => respond(200, &[("etag", "\"a\""), ("etag", "\"b\"")], DOC),
+            _ => respond(200, &[("content-range", "bytes 0-3/34")], &DOC[..4]),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let r = c.get(&proxy.url("/two"), &[]).await;
+    let tags: Vec<_> = r.headers.get_all("etag").iter().collect();
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    assert_eq!(r.etag(), proxy.tag_of(DOC));
+    let r = c.get(&proxy.url("/part"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("etag").is_none());
+    assert_eq!(r.body, &DOC.as_bytes()[..4]);
+}
