@@ -31,6 +31,9 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Response bodies handed to the connection and not yet done with.
     sending: AtomicUsize,
+    /// Of those, the ones waiting on their upstream (last asked, they had no chunk ready):
+    /// the client is not what holds them up.
+    awaiting: AtomicUsize,
     /// Counts every response body begun and every chunk asked of one: unchanged over a
     /// period, nothing was sent in it.
     progress: AtomicU64,
@@ -45,6 +48,7 @@ impl Default for Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             sending: AtomicUsize::new(0),
+            awaiting: AtomicUsize::new(0),
             progress: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
         }
@@ -83,9 +87,12 @@ impl Activity {
             let progress = self.progress.load(Ordering::Acquire);
             tokio::time::sleep_until(deadline).await;
             // A body begun in the meantime counts as progress, so the bodies still being
-            // sent were there all along, and not one chunk of them was taken.
+            // sent were there all along, and not one chunk of them was taken; and at least
+            // one of them has a chunk ready that the client does not take (a body waiting
+            // on a slow upstream is that body's own timer's business).
+            let now_sending = self.sending.load(Ordering::Acquire);
             let stalled = sending
-                && self.sending.load(Ordering::Acquire) > 0
+                && now_sending > self.awaiting.load(Ordering::Acquire)
                 && self.progress.load(Ordering::Acquire) == progress;
             if busy && stalled {
                 return Idle::Stalled;
@@ -122,6 +129,8 @@ impl Drop for InFlight {
 pub struct Tracked {
     body: ProxyBody,
     request: InFlight,
+    /// Counted in `awaiting`: last asked, it had no chunk ready.
+    pending: bool,
 }
 
 impl Tracked {
@@ -129,13 +138,21 @@ impl Tracked {
         let activity = &request.0;
         activity.sending.fetch_add(1, Ordering::AcqRel);
         activity.progress.fetch_add(1, Ordering::Relaxed);
-        Self { body, request }
+        Self {
+            body,
+            request,
+            pending: false,
+        }
     }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.request.0.sending.fetch_sub(1, Ordering::AcqRel);
+        let activity = &self.request.0;
+        if self.pending {
+            activity.awaiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        activity.sending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -148,7 +165,17 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.request.0.progress.fetch_add(1, Ordering::Relaxed);
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        // Atomics only when the body goes from waiting on its upstream to not, or back.
+        if polled.is_pending() != self.pending {
+            self.pending = polled.is_pending();
+            let awaiting = &self.request.0.awaiting;
+            match self.pending {
+                true => awaiting.fetch_add(1, Ordering::AcqRel),
+                false => awaiting.fetch_sub(1, Ordering::AcqRel),
+            };
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

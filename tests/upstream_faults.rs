@@ -240,3 +240,38 @@ async fn a_client_that_leaves_while_the_backend_answers_frees_the_lock_once_it_h
     let r = Client::new().put(&url, &[], "next").await;
     assert_eq!(r.status, 204, "{}", r.text());
 }
+
+/// A body that pauses longer than `header_read_timeout` between chunks, but within
+/// `upstream_timeout`, waits on the backend, not on the client: the connection is not cut
+/// off as one whose client stopped reading would be, and the body arrives whole.
+#[tokio::test]
+async fn a_streamed_body_waiting_on_a_slow_backend_is_not_taken_for_a_stalled_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-length: 2000\r\n\r\n";
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&[b'a'; 1000]).await;
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                let _ = s.write_all(&[b'b'; 1000]).await;
+            });
+        }
+    });
+    let proxy = common::Proxy::start_with(
+        &route("/", "upstream_timeout = \"5s\"\nmax_tag_body = \"1KiB\""),
+        &origin,
+        "header_read_timeout = \"1s\"",
+    )
+    .await;
+    let r = Client::new()
+        .try_send("GET", &proxy.url("/slow"), &[], "")
+        .await;
+    let r = r.unwrap_or_else(|e| panic!("cut off: {e}"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 2000);
+}
