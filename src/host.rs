@@ -92,7 +92,7 @@ fn reg_name(value: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// unreserved and sub-delims (RFC 3986 §2.2, §2.3): the bytes a reg-name takes as they are.
-static REG_NAME: [bool; 256] = {
+pub(crate) static REG_NAME: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {

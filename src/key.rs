@@ -109,27 +109,7 @@ fn is_normal(path: &str) -> bool {
 /// encodes them, so that `/é` and `/%C3%A9`, which a backend takes for one resource, share
 /// a key, and `/é` cannot collide with what decoding it byte by byte would spell.
 fn is_pchar(c: u8) -> bool {
-    c.is_ascii_alphanumeric()
-        || matches!(
-            c,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-                | b'/'
-        )
+    crate::host::REG_NAME[usize::from(c)] || matches!(c, b':' | b'@' | b'/')
 }
 
 /// Decodes `%XX` of unreserved characters and upper-cases the hex of the rest.

@@ -1005,14 +1005,9 @@ impl Drop for InFlight {
 fn cacheable(route: &Route, headers: &HeaderMap) -> (bool, bool) {
     let vary = headers.get_all(header::VARY);
     let negotiated = vary.iter().next().is_some() || headers.contains_key(header::CONTENT_ENCODING);
-    let varies_by_user = vary
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|f| {
-            let f = f.trim();
-            f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
-        });
+    let varies_by_user = list_items(headers, header::VARY).any(|f| {
+        f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
+    });
     (
         !route.per_user && !varies_by_user && !kept_from_others(headers),
         negotiated,
@@ -1022,13 +1017,19 @@ fn cacheable(route: &Route, headers: &HeaderMap) -> (bool, bool) {
 /// `Cache-Control: private` (for one user: RFC 9111 §5.2.2.7) or `no-store` (§5.2.2.5), in
 /// any field line, qualified or not.
 fn kept_from_others(headers: &HeaderMap) -> bool {
+    list_items(headers, header::CACHE_CONTROL)
+        .map(|d| d.split('=').next().unwrap_or("").trim_end())
+        .any(|d| d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store"))
+}
+
+/// The items of a comma-separated list field, across all its lines, trimmed.
+fn list_items(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
     headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
+        .get_all(name)
+        .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|d| d.split('=').next().unwrap_or("").trim())
-        .any(|d| d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store"))
+        .map(str::trim)
 }
 
 /// Whether a PUT's body is what the backend will serve: not a partial update
