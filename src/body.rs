@@ -42,6 +42,27 @@ struct Tail {
     body: Incoming,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
+    /// Set for a body sent under a tag judged from an earlier read of it.
+    check: Option<Box<Check>>,
+}
+
+/// A body streamed under a tag that was computed from another read of the same URL (a
+/// conditional GET with no room in `max_buffered_bytes`, `proxy.rs`): it is hashed as it
+/// goes, and its last chunk is held back until the hash is known, so that a body that is
+/// not the one tagged never reaches its client whole: it ends in an error, which aborts the
+/// response, instead.
+struct Check {
+    hasher: TagHasher,
+    tag: ETag,
+    last: Option<Bytes>,
+}
+
+impl std::fmt::Debug for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Check")
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A body error: the upstream's, or a stall.
@@ -51,6 +72,11 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream body stalled for {0:?}")]
 pub struct Stalled(pub Duration);
+
+/// A checked body (see [`Check`]) was not the representation whose tag its head carries.
+#[derive(Debug, thiserror::Error)]
+#[error("the representation changed between the read that tagged it and the one sent")]
+pub struct Changed;
 
 // === impl ProxyBody ===
 
@@ -72,6 +98,28 @@ impl ProxyBody {
         Self::chunks(VecDeque::new(), None, Some(body), idle)
     }
 
+    /// The upstream's body, streamed under `tag` (judged from an earlier read of the URL):
+    /// hashed with `hasher` on the way, it ends in [`Changed`] before its last chunk unless
+    /// it has that tag.
+    pub fn checked(body: Incoming, idle: Duration, hasher: TagHasher, tag: ETag) -> Self {
+        // Kept even when already at its end: the empty body's own tag still decides.
+        let tail = Tail {
+            body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            check: Some(Box::new(Check {
+                hasher,
+                tag,
+                last: None,
+            })),
+        };
+        Self {
+            head: VecDeque::new(),
+            tail: Some(tail),
+            held: None,
+        }
+    }
+
     /// Chunks already read (holding `held` of the budget), followed by what is left of the
     /// stream.
     pub fn chunks(
@@ -84,6 +132,7 @@ impl ProxyBody {
             body,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            check: None,
         });
         Self { head, tail, held }
     }
@@ -107,32 +156,68 @@ impl Body for ProxyBody {
         let Some(tail) = self.tail.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(&mut tail.body).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + tail.idle;
-                tail.timer.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(BodyError::from)))
-            }
-            Poll::Pending => match tail.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let idle = tail.idle;
-                    self.tail = None;
-                    Poll::Ready(Some(Err(Stalled(idle).into())))
+        loop {
+            let frame = match Pin::new(&mut tail.body).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    return match tail.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            let idle = tail.idle;
+                            self.tail = None;
+                            Poll::Ready(Some(Err(Stalled(idle).into())))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    };
                 }
-                Poll::Pending => Poll::Pending,
-            },
+            };
+            let deadline = tokio::time::Instant::now() + tail.idle;
+            tail.timer.as_mut().reset(deadline);
+            let Some(check) = tail.check.as_deref_mut() else {
+                return Poll::Ready(frame.map(|f| f.map_err(BodyError::from)));
+            };
+            match frame {
+                Some(Ok(frame)) => {
+                    // Trailers are dropped, as a tagged body's are (`read_tagged`).
+                    if let Ok(chunk) = frame.into_data() {
+                        check.hasher.update(&chunk);
+                        if let Some(prev) = check.last.replace(chunk) {
+                            return Poll::Ready(Some(Ok(Frame::data(prev))));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    self.tail = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => {
+                    let check = *tail.check.take().expect("checked above");
+                    self.tail = None;
+                    if !check.hasher.finish().strong_eq(&check.tag) {
+                        return Poll::Ready(Some(Err(Changed.into())));
+                    }
+                    return Poll::Ready(check.last.map(|last| Ok(Frame::data(last))));
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.head.is_empty() && self.tail.as_ref().is_none_or(|t| t.body.is_end_stream())
+        // A checked body still holds its last chunk when its upstream has ended.
+        self.head.is_empty()
+            && self
+                .tail
+                .as_ref()
+                .is_none_or(|t| t.check.is_none() && t.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let buffered: u64 = self.head.iter().map(|b| b.len() as u64).sum();
+        let mut buffered: u64 = self.head.iter().map(|b| b.len() as u64).sum();
         let Some(tail) = &self.tail else {
             return SizeHint::with_exact(buffered);
         };
+        if let Some(last) = tail.check.as_ref().and_then(|c| c.last.as_ref()) {
+            buffered += last.len() as u64;
+        }
         let t = tail.body.size_hint();
         let mut hint = SizeHint::new();
         // The upper bound first: `set_lower` asserts lower <= upper.

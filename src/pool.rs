@@ -304,7 +304,7 @@ fn replayable(req: &Request<UpstreamBody>) -> bool {
 }
 
 /// A copy of a body-less request, to send again.
-fn head_only(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+pub(crate) fn head_only(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     let mut copy = Request::new(Either::Right(Full::default()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();

@@ -110,6 +110,13 @@ impl Preconditions {
             && matches!(&self.if_match, Some(Condition::Tags(tags)) if tags.iter().any(|t| t.strong_eq(tag)))
     }
 
+    /// A GET's outcome depends on the representation's tag: an `If-Match` or
+    /// `If-None-Match` that lists tags (`*` needs only that the resource exists).
+    pub fn compares_tags(&self) -> bool {
+        matches!(self.if_match, Some(Condition::Tags(_)))
+            || matches!(self.if_none_match, Some(Condition::Tags(_)))
+    }
+
     /// Evaluating these preconditions needs the resource's current state.
     pub fn needs_current(&self) -> bool {
         self.guards_write() || self.if_modified_since.is_some()

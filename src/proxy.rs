@@ -414,6 +414,14 @@ impl Proxy {
             parts,
             rt.upstream.limit(ex.take_body()),
         ));
+        // A GET whose answer turns on the tag (`If-Match`, `If-None-Match`) must be judged
+        // by it even when its body finds no room in `max_buffered_bytes`: it is then hashed
+        // without being held, and a 200 is sent from a second fetch (`send_again`), for
+        // which its head is kept. Without a tag, a current `If-Match` would get a false 412
+        // and a current `If-None-Match` a whole body instead of a 304.
+        let again = (!head && pre.compares_tags())
+            .then(|| crate::pool::head_only(&req))
+            .filter(|_| req.body().is_end_stream());
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         // A 200 with `Content-Range` (a backend that misanswers a range) holds part of a
@@ -425,8 +433,12 @@ impl Proxy {
         let (mut rparts, rbody) = rsp.into_parts();
         // A HEAD's body is read only for its tag: with no room in the budget it is hashed
         // and let go, and the HEAD still gets the tag a GET would.
-        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, head);
+        let tag_only = head || again.is_some();
+        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, tag_only);
         let (current, body) = read.await?;
+        if body.is_none() && !head {
+            self.over_budget(route, Unheld::Response);
+        }
         match evaluate(pre, true, &current) {
             Decision::Proceed => {
                 ex.outcome = if current.tag.is_some() {
@@ -434,7 +446,16 @@ impl Proxy {
                 } else {
                     "untagged"
                 };
-                let body = if head { ProxyBody::empty() } else { body };
+                let body = match (head, body, again, current.tag) {
+                    (true, _, _, _) => ProxyBody::empty(),
+                    (false, Some(body), _, _) => body,
+                    (false, None, Some(again), Some(tag)) => {
+                        return self.send_again(rt, route, again, tag, ex).await;
+                    }
+                    // `tag` hashes without holding only when `again` is kept, and then
+                    // always finds the tag.
+                    (false, None, _, _) => unreachable!("a GET hashed without being held"),
+                };
                 Ok(Response::from_parts(rparts, body))
             }
             Decision::NotModified => {
@@ -446,6 +467,32 @@ impl Proxy {
                 current: current.tag,
             }),
         }
+    }
+
+    /// Sends a GET judged by tags again, its first body having been hashed without being
+    /// held (see `read`), and streams the new body under `tag`, checked on the way: should
+    /// the representation have changed in between, the response is cut before its end
+    /// rather than sent whole under a tag that does not name it. A response that is no
+    /// longer a whole 200 passes through as it is.
+    async fn send_again(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        req: Request<upstream::UpstreamBody>,
+        tag: ETag,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        let rsp = self.send(rt, route, Box::new(req)).await?;
+        ex.upstream_status = Some(rsp.status());
+        if rsp.status() != StatusCode::OK || rsp.headers().contains_key(header::CONTENT_RANGE) {
+            ex.outcome = "passthrough";
+            return Ok(pass(rsp, false, route));
+        }
+        let (mut rparts, body) = rsp.into_parts();
+        rparts.headers.insert(ETAG, tag.to_header());
+        let hasher = rt.tag_key.hasher();
+        let body = ProxyBody::checked(body, route.upstream_timeout, hasher, tag);
+        Ok(Response::from_parts(rparts, body))
     }
 
     /// Every other method: the guarded write path.
@@ -776,7 +823,8 @@ impl Proxy {
     ///
     /// A body held counts against `max_buffered_bytes`. One that finds no room there is
     /// sent on untagged, as a body over the limit is; one read only for its tag (`tag_only`:
-    /// a revalidation, a HEAD) is hashed without being held, and so is tagged all the same.
+    /// a revalidation, a HEAD, a GET judged by tags) is hashed without being held, and so
+    /// is tagged all the same: its body is then `None`.
     #[allow(clippy::too_many_arguments)]
     async fn tag(
         &self,
@@ -787,13 +835,13 @@ impl Proxy {
         rparts: &mut response::Parts,
         body: Incoming,
         tag_only: bool,
-    ) -> Result<(Resource, ProxyBody), Error> {
+    ) -> Result<(Resource, Option<ProxyBody>), Error> {
         let last_modified = last_modified(&rparts.headers);
         let (shared, negotiated) = cacheable(route, &rparts.headers);
         let idle = route.upstream_timeout;
         let (tag, from_upstream, body) = 'read: {
             if let Some(tag) = upstream_strong_tag(&rparts.headers) {
-                break 'read (Some(tag), true, ProxyBody::stream(body, idle));
+                break 'read (Some(tag), true, Some(ProxyBody::stream(body, idle)));
             }
             rparts.headers.remove(ETAG);
             // The declared length, as hyper read it from `Content-Length` (parsing it again
@@ -801,7 +849,7 @@ impl Proxy {
             let declared = body.size_hint().exact();
             if declared.is_some_and(|n| n > route.max_tag_body) {
                 self.metrics.untagged_large_body(&route.prefix);
-                break 'read (None, false, ProxyBody::stream(body, idle));
+                break 'read (None, false, Some(ProxyBody::stream(body, idle)));
             }
             // A body of known size takes its whole share now, so that one without room
             // streams from its first byte; any other grows its share chunk by chunk.
@@ -814,7 +862,7 @@ impl Proxy {
                 None if tag_only => self.budget.share(),
                 None => {
                     self.over_budget(route, Unheld::Response);
-                    break 'read (None, false, ProxyBody::stream(body, idle));
+                    break 'read (None, false, Some(ProxyBody::stream(body, idle)));
                 }
             };
             let upstream = || route.upstream.origin.clone();
@@ -843,20 +891,17 @@ impl Proxy {
                         header
                     };
                     rparts.headers.insert(ETAG, header);
-                    (
-                        Some(tag),
-                        false,
-                        ProxyBody::chunks(chunks, Some(held), None, idle),
-                    )
+                    let body = kept.then(|| ProxyBody::chunks(chunks, Some(held), None, idle));
+                    (Some(tag), false, body)
                 }
                 Ok(Collected::TooLarge { chunks, held, rest }) => {
                     let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
-                    (None, false, body)
+                    (None, false, Some(body))
                 }
                 Ok(Collected::OverBudget { chunks, held, rest }) => {
                     self.over_budget(route, Unheld::Response);
                     let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
-                    (None, false, body)
+                    (None, false, Some(body))
                 }
                 Err(ReadError::Stalled(after)) => {
                     return Err(Error::UpstreamTimeout {

@@ -6,6 +6,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +24,9 @@ use tokio::sync::{mpsc, watch};
 
 const KIB: usize = 1024;
 
+/// How many `/docs/fresh-*` bodies the backend has served.
+static FRESH: AtomicUsize = AtomicUsize::new(0);
+
 /// The body served for `path`: `len` bytes that differ between paths.
 fn body_of(path: &str, len: usize) -> Vec<u8> {
     let seed = path
@@ -36,6 +41,7 @@ fn body_of(path: &str, len: usize) -> Vec<u8> {
 /// - `GET /docs/held-*`: `Content-Length: 64 KiB`, 48 KiB at once, the rest once the gate opens;
 /// - `GET /docs/chunked-*`: chunked, five 16 KiB chunks at once, a sixth once the gate opens;
 /// - `GET /docs/chunkedbig-*`: chunked, twelve 16 KiB chunks (192 KiB) at once;
+/// - `GET /docs/fresh-*`: 64 KiB at once, different on every request;
 /// - any other GET: 64 KiB at once; a PUT: its body read, then 204.
 async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -94,7 +100,10 @@ async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
                     let _ = s.write_all(b"0\r\n\r\n").await;
                     return;
                 }
-                let body = body_of(&path, 64 * KIB);
+                let body = match path.starts_with("/docs/fresh-") {
+                    true => body_of(&format!("{path}#{}", FRESH.fetch_add(1, SeqCst)), 64 * KIB),
+                    false => body_of(&path, 64 * KIB),
+                };
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
@@ -237,6 +246,78 @@ async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() 
         !metrics(&proxy).contains("body=\"request\"} 1"),
         "it had room"
     );
+}
+
+#[tokio::test]
+async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
+    let (proxy, gate) = behind_a_bound("160KiB").await;
+    let key = proxy.state.tag_key();
+    let doc = "/docs/plain";
+    let whole = body_of(doc, 64 * KIB);
+    let current = Client::new().get(&proxy.url(doc), &[]).await.etag();
+    assert_eq!(current, key.tag_of(&whole).to_string());
+
+    // Two held bodies take 128 KiB of the 160: a 64 KiB body finds no room.
+    let (tx, _heads) = mpsc::unbounded_channel();
+    let held: Vec<_> = (0..2)
+        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
+        .collect();
+    let full = || proxy.state.budget.held() == 128 * KIB;
+    assert!(eventually(Duration::from_secs(5), full).await);
+
+    let get =
+        async |name: &str, value: &str| Client::new().get(&proxy.url(doc), &[(name, value)]).await;
+    let rsp = get("if-none-match", &current).await;
+    assert_eq!(
+        (rsp.status, rsp.etag()),
+        (304, current.clone()),
+        "current If-None-Match"
+    );
+    let rsp = get("if-match", "\"stale\"").await;
+    rsp.assert_problem(412);
+    for (name, value) in [
+        ("if-match", current.as_str()),
+        ("if-none-match", "\"stale\""),
+    ] {
+        let rsp = get(name, value).await;
+        assert_eq!(rsp.status, 200, "{name}: {value}");
+        assert_eq!(
+            rsp.etag(),
+            current,
+            "{name}: sent under the tag it was judged by"
+        );
+        assert_eq!(rsp.body, whole, "{name}: whole");
+    }
+    assert_eq!(
+        proxy.state.budget.held(),
+        128 * KIB,
+        "none of them held its body"
+    );
+
+    // A representation that changes between the read judged and the one sent is cut short,
+    // never sent whole under the first one's tag.
+    let req = Request::get(proxy.url("/docs/fresh-0"))
+        .header("if-none-match", "\"stale\"")
+        .body(Full::default())
+        .unwrap();
+    let served = FRESH.load(SeqCst);
+    let rsp = http1().request(req).await.unwrap();
+    assert_eq!(rsp.status(), 200);
+    assert!(
+        rsp.into_body().collect().await.is_err(),
+        "cut before its end"
+    );
+    assert_eq!(
+        FRESH.load(SeqCst),
+        served + 2,
+        "read once to judge, once to send"
+    );
+
+    gate.send(true).unwrap();
+    for get in held {
+        get.await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
 }
 
 #[tokio::test]
