@@ -265,7 +265,8 @@ async fn serve_connection<IO>(
     // the idle timer hardly ever do. So they get their own waker, and are polled only
     // once it has fired, not on every wake-up (a `select!` would poll all three).
     let mut ender: Option<(Arc<EnderWaker>, Waker)> = None;
-    let (mut stopped, mut idled) = (false, false);
+    // `asked`: the connection was asked to close (keep-alive off, HTTP/2 GOAWAY).
+    let (mut stopped, mut idled, mut asked) = (false, false, false);
     let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let ended = std::future::poll_fn(|cx| {
         if let Some(grace) = &mut cut_off {
@@ -276,7 +277,14 @@ async fn serve_connection<IO>(
                     tracing::debug!(client = %addr, "idle connection cut off");
                     return Poll::Ready(Ok(()));
                 }
+                // Watched again from here: else a client that finished its head in the
+                // grace and then stopped reading would hold its connection for ever.
                 cut_off = None;
+                idled = false;
+                idle.set(activity.idle(ends.idle_timeout));
+                if let Some((state, _)) = &ender {
+                    state.woken.store(true, Ordering::Release);
+                }
             }
         }
         // Idleness is watched after a stop too: a head half-sent when the proxy stops is
@@ -298,7 +306,9 @@ async fn serve_connection<IO>(
                 let mut ecx = Context::from_waker(waker);
                 if !stopped && stopping.as_mut().poll(&mut ecx).is_ready() {
                     stopped = true;
-                    conn.as_mut().graceful_shutdown();
+                    if !std::mem::replace(&mut asked, true) {
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
                 if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {
                     if why == Idle::Stalled {
@@ -308,7 +318,7 @@ async fn serve_connection<IO>(
                         return Poll::Ready(Ok(()));
                     }
                     idled = true;
-                    if !stopped {
+                    if !std::mem::replace(&mut asked, true) {
                         tracing::debug!(client = %addr, "idle connection closed");
                         conn.as_mut().graceful_shutdown();
                     }

@@ -322,6 +322,34 @@ async fn a_client_that_sends_its_head_too_slowly_is_cut_off() {
     assert!(backend.requests().is_empty());
 }
 
+/// A client whose head, begun before the idle timer fired, comes whole in the grace that
+/// follows (and is answered), and which then reads nothing: it is still cut off as one
+/// that stopped reading, and gives back its `max_connections` slot.
+#[tokio::test]
+async fn a_head_finished_in_the_idle_grace_then_never_read_is_still_cut_off() {
+    let backend =
+        ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; 32 << 20]) }).await;
+    let limits = "header_read_timeout = \"500ms\"\nmax_connections = 1";
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), limits).await;
+    let mut client = TcpStream::connect(proxy.addr).unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n")
+        .unwrap();
+    // The idle timer fires at 500 ms; its grace runs to 1.5 s.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    client.write_all(b"\r\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(backend.requests().len(), 1, "the head was answered");
+    let next = b"GET /small HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let rsp = raw(proxy.addr, next.to_vec(), Duration::from_secs(2)).await;
+    assert_eq!(
+        status_line(&rsp),
+        "HTTP/1.1 200 OK",
+        "the slot was given back"
+    );
+    drop(client);
+}
+
 /// Writes `first`, then one more header line every 100 ms (a slowloris that never stops
 /// sending), and says how long until the proxy closed the connection (`None`: not in 5 s).
 /// The bytes the proxy sent before closing come with it.
