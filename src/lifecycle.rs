@@ -2,9 +2,11 @@
 //!
 //! A reload reads and validates the whole file first; only a valid config is swapped in
 //! (atomically, see `Proxy::reload`). An invalid one is refused with a log line per problem
-//! and the running config keeps serving. `listen`, `workers`, `tag_cache_entries` and
-//! `tag_memo_bytes` cannot change without a restart; a reload that changes them says so in
-//! the log.
+//! and the running config keeps serving. The settings read once at start (the listener and
+//! its connections, the runtime, the caches' sizes: [`keep_start_settings`]) cannot change
+//! without a restart; a reload that changes one says so in the log and keeps the running
+//! value everywhere, so that no part of the proxy runs with the new one beside another that
+//! keeps the old.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,22 +64,9 @@ pub async fn reload_on_sighup(path: PathBuf, proxy: Arc<Proxy>, running: Config)
 /// One reload attempt: swap in a valid config, or keep the old one and say why.
 pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
     match Config::load(path) {
-        Ok(config) => {
-            if config.server.listen != running.server.listen {
-                tracing::warn!(
-                    old = %running.server.listen,
-                    new = %config.server.listen,
-                    "server.listen changed: it takes effect after a restart"
-                );
-            }
-            if config.server.tag_cache_entries != running.server.tag_cache_entries {
-                tracing::warn!("server.tag_cache_entries changed: it takes effect after a restart");
-            }
-            if config.server.tag_memo_bytes != running.server.tag_memo_bytes {
-                tracing::warn!("server.tag_memo_bytes changed: it takes effect after a restart");
-            }
-            if config.server.workers != running.server.workers {
-                tracing::warn!("server.workers changed: it takes effect after a restart");
+        Ok(mut config) => {
+            for key in keep_start_settings(&mut config, running) {
+                tracing::warn!("{key} changed: it takes effect after a restart");
             }
             proxy.reload(&config);
             tracing::info!(
@@ -93,5 +82,86 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
                 "config reload refused; the running config keeps serving"
             );
         }
+    }
+}
+
+/// Puts back into `new` the settings the process read once when it started (`running`'s),
+/// and names those that differed. They shape the listener and each client connection as it
+/// is accepted (hyper's buffers and limits, the idle timer, the connection bound, TLS or
+/// not), the drain, the runtime and the caches' sizes. `max_header_bytes` and
+/// `max_header_fields` are kept for the routes and upstream connections too: the proxy's
+/// own check of a head's size must agree with the buffer hyper read it into. TLS stays on or
+/// off as it started (a plain listener turned TLS would fail every client at once); the
+/// certificates of a TLS listener are reloaded.
+fn keep_start_settings(new: &mut Config, running: &Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    let (n, r) = (&mut new.server, &running.server);
+    macro_rules! keep {
+        ($($field:ident),* $(,)?) => {$(
+            if n.$field != r.$field {
+                kept.push(concat!("server.", stringify!($field)));
+                n.$field = r.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        listen,
+        workers,
+        tag_cache_entries,
+        tag_memo_bytes,
+        max_connections,
+        header_read_timeout,
+        shutdown_timeout,
+        max_header_bytes,
+        max_header_fields,
+    );
+    if n.tls.is_some() != r.tls.is_some() {
+        kept.push("server.tls (on or off)");
+        n.tls = r.tls.clone();
+    }
+    if new.admin.as_ref().map(|a| a.listen) != running.admin.as_ref().map(|a| a.listen) {
+        kept.push("admin.listen");
+        new.admin = running.admin.clone();
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, "ifmatch.toml").expect("valid")
+    }
+
+    const ROUTE: &str = "[[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+
+    #[test]
+    fn settings_read_at_start_are_kept_and_named_and_the_rest_are_taken() {
+        let running = parse(&format!("[server]\nlisten = \"127.0.0.1:8080\"\n{ROUTE}"));
+        let mut new = parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:8081\"\nmax_connections = 7\n\
+             max_header_bytes = \"256KiB\"\nheader_read_timeout = \"3s\"\n\
+             max_buffered_bytes = \"64MiB\"\n[admin]\nlisten = \"127.0.0.1:9901\"\n{ROUTE}"
+        ));
+        let kept = keep_start_settings(&mut new, &running);
+        assert_eq!(
+            kept,
+            [
+                "server.listen",
+                "server.max_connections",
+                "server.header_read_timeout",
+                "server.max_header_bytes",
+                "admin.listen",
+            ]
+        );
+        let (n, r) = (&new.server, &running.server);
+        assert_eq!(n.listen, r.listen);
+        assert_eq!(n.max_connections, r.max_connections);
+        assert_eq!(n.max_header_bytes, r.max_header_bytes);
+        assert_eq!(n.header_read_timeout, r.header_read_timeout);
+        assert!(new.admin.is_none());
+        assert_eq!(n.max_buffered_bytes, 64 << 20, "a reload applies it");
+        assert!(keep_start_settings(&mut new.clone(), &running).is_empty());
     }
 }
