@@ -22,6 +22,7 @@ use crate::body::Hashed;
 use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
+use crate::framing::FramingError;
 use crate::pool::{Pool, ReadLimits, SendError};
 
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
@@ -164,6 +165,24 @@ impl UpstreamClient {
             .await
         {
             Ok(mut rsp) => {
+                // hyper read the body by its transfer coding, which wins over a
+                // `Content-Length` (RFC 9112 §6.3) but leaves that field in place: sent on, it
+                // would frame the body anew, wrongly. A coding besides the final `chunked`
+                // cannot be passed on (the field goes as hop-by-hop): a 502, as nginx gives.
+                if rsp.headers().contains_key(header::TRANSFER_ENCODING) {
+                    if let Err(e) = crate::framing::check_codings(rsp.headers()) {
+                        let reason = match e {
+                            FramingError::UnsupportedEncoding(codings) => format!(
+                                "its response has Transfer-Encoding {codings:?}, which the \
+                                 proxy cannot pass on (only \"chunked\")"
+                            ),
+                            e => e.to_string(),
+                        };
+                        let upstream = upstream();
+                        return Err(Error::Upstream { upstream, reason });
+                    }
+                    rsp.headers_mut().remove(header::CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(rsp.headers_mut());
                 Ok(rsp)
             }
@@ -245,12 +264,13 @@ fn find_tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ru
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// proxy-only ones: none of them is forwarded in either direction. `Connection` first.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// (`Trailer` is not one: it announces the message's trailer fields end to end, §6.6.2, and
+/// hyper's HTTP/1.1 server sends only the trailers it names.)
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,

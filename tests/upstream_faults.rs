@@ -123,6 +123,58 @@ async fn an_answer_that_is_not_http_is_a_502() {
 /// Over the tagging limit the head is already on its way to the client when the fault hits:
 /// the response must end in an error the client can see, not hang and not look complete.
 #[tokio::test]
+async fn a_transfer_coding_besides_chunked_is_a_502() {
+    // Passed on, the gzip coding would be lost with the hop-by-hop field and its bytes
+    // taken as the content itself (and tagged so).
+    let gzip =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\n\x1f\x8bABC\r\n0\r\n\r\n";
+    check(Fault::Answer(gzip), 502).await;
+}
+
+/// `Content-Length: 5` beside `Transfer-Encoding: chunked` and a chunked body of 20 bytes:
+/// the chunks frame it (RFC 9112 §6.3), and the length must not go on with it.
+const LENGTH_AND_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nHELLOhello-world-20b\r\n0\r\n\r\n";
+
+#[tokio::test]
+async fn a_response_with_a_length_and_chunks_is_sent_whole_as_its_chunks_frame_it() {
+    let two_gets = b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\nGET /doc HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let strong = b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nHELLOhello-world-20b\r\n0\r\n\r\n";
+    // Streamed (the backend's own strong tag) and tagged (read whole and hashed).
+    for (answer, tagged) in [(&strong[..], false), (LENGTH_AND_CHUNKED, true)] {
+        let backend = FaultyBackend::start(Fault::Answer(answer)).await;
+        let proxy = Proxy::start(&route("/", ROUTE), &backend.origin()).await;
+        let out = common::raw_exchange(proxy.addr, two_gets).await;
+        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+        assert_eq!(
+            out.matches("HELLOhello-world-20b").count(),
+            2,
+            "whole: {out}"
+        );
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length: 5\r\n"),
+            "{out}"
+        );
+        if tagged {
+            let tag = proxy.state.tag_key().tag_of(b"HELLOhello-world-20b");
+            assert_eq!(
+                Client::new().get(&proxy.url("/doc"), &[]).await.etag(),
+                tag.to_string()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn trailers_of_a_streamed_body_reach_a_client_that_accepts_them() {
+    let answer = b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nTrailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n";
+    let backend = FaultyBackend::start(Fault::Answer(answer)).await;
+    let proxy = Proxy::start(&route("/", ROUTE), &backend.origin()).await;
+    let get = b"GET /doc HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let out = common::raw_exchange(proxy.addr, get).await;
+    assert!(out.contains("\r\n0\r\nx-sum: 42\r\n\r\n"), "{out}");
+}
+
+#[tokio::test]
 async fn a_streamed_body_that_fails_aborts_the_response_cleanly() {
     for fault in [Fault::ResetMidBody, Fault::CutShort, Fault::StallBody] {
         let backend = FaultyBackend::start(fault).await;

@@ -24,6 +24,9 @@ pub enum Fault {
     /// Not a fault: a head promising 1000 bytes, sent as 5 chunks of 200, 100 ms apart.
     /// Slower in all than a 300 ms timeout, though every chunk is in time.
     Trickle,
+    /// Answers every request on the connection with these bytes: for framings that real
+    /// servers send only by mistake.
+    Answer(&'static [u8]),
 }
 
 pub struct FaultyBackend {
@@ -61,6 +64,21 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    if let Fault::Answer(bytes) = fault {
+        // Body-less requests only: each head gets the bytes.
+        loop {
+            while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                got.drain(..end + 4);
+                if s.write_all(bytes).await.is_err() {
+                    return;
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
         }
     }
     let head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\nContent-Type: text/plain\r\n\r\n";
@@ -101,6 +119,7 @@ async fn misbehave(mut s: TcpStream, fault: Fault) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        Fault::Answer(_) => unreachable!("answered above"),
     }
 }
 
