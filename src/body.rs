@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::budget::Share;
 use crate::error::Error;
@@ -237,6 +238,37 @@ pub struct Hashed<B> {
     /// Boxed: only `tag_puts` writes hash, and the hasher's state would otherwise add some
     /// 200 bytes to every upstream request, which the request futures carry and move.
     tee: Option<Box<(TagHasher, Arc<OnceLock<ETag>>)>>,
+    /// When the last chunk went up, once the pool asks ([`Hashed::uploading`]).
+    progress: Option<Arc<Progress>>,
+}
+
+/// When a request body streaming upstream last handed a chunk to its connection. The
+/// upstream timeout of such a request runs from its last chunk (`pool.rs`), not from its
+/// start: a client uploading slowly is not a slow backend.
+#[derive(Debug)]
+pub struct Progress {
+    base: Instant,
+    /// Nanoseconds after `base`.
+    last: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Release);
+    }
+
+    /// When the last chunk went up (or, before the first, when the upload began).
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last.load(Ordering::Acquire))
+    }
 }
 
 // === impl Hashed ===
@@ -246,6 +278,7 @@ impl<B: std::fmt::Debug> std::fmt::Debug for Hashed<B> {
         f.debug_struct("Hashed")
             .field("inner", &self.inner)
             .field("hashing", &self.tee.is_some())
+            .field("progress", &self.progress)
             .finish()
     }
 }
@@ -253,7 +286,23 @@ impl<B: std::fmt::Debug> std::fmt::Debug for Hashed<B> {
 impl<B: Body<Data = Bytes>> Hashed<B> {
     /// `inner`, not hashed.
     pub fn plain(inner: B) -> Self {
-        Self { inner, tee: None }
+        Self {
+            inner,
+            tee: None,
+            progress: None,
+        }
+    }
+
+    /// For a body still to be sent: the record of its chunks going up, kept from now on.
+    pub fn uploading(&mut self) -> Option<Arc<Progress>> {
+        if self.inner.is_end_stream() {
+            return None;
+        }
+        Some(
+            self.progress
+                .get_or_insert_with(|| Arc::new(Progress::new()))
+                .clone(),
+        )
     }
 
     /// `inner`, hashed by `hasher` as it is sent.
@@ -262,6 +311,7 @@ impl<B: Body<Data = Bytes>> Hashed<B> {
         let mut body = Self {
             inner,
             tee: Some(Box::new((hasher, slot.clone()))),
+            progress: None,
         };
         // An empty body is never polled: its tag is known now.
         if body.inner.is_end_stream() {
@@ -290,6 +340,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(progress), Poll::Ready(Some(Ok(_)))) = (&this.progress, &polled) {
+            progress.mark();
+        }
         if this.tee.is_none() {
             return polled;
         }

@@ -22,6 +22,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use tokio::time::Instant;
 use tower_service::Service;
 
+use crate::body::Progress;
 use crate::config::Upstream;
 use crate::upstream::UpstreamBody;
 use crate::watchdog::{Watch, Watched};
@@ -151,6 +152,11 @@ where
         // idle connection.
         let mut start = None;
         let mut replayed = false;
+        // A body still to be sent: the timeout runs from its last chunk (see `Deadline`).
+        let uploading = match req.body_mut() {
+            Either::Left(body) => body.uploading(),
+            Either::Right(_) => None,
+        };
         while let Some((mut idle, now)) = self.checkout(origin) {
             let start = *start.get_or_insert(now);
             let conn = &mut idle.conn;
@@ -161,13 +167,16 @@ where
             // A timeout shorter than the one the connection was opened with (another
             // route's) needs a timer of its own, and so does a second attempt: its deadline
             // began before the watch's timer was last set, which could fire late for it.
-            let mut timer = (start != now || !conn.watch.begin(start, timeout))
-                .then(|| Box::pin(tokio::time::sleep_until(start + timeout)));
+            // So does an upload, whose deadline moves with its chunks.
+            let own_timer =
+                uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
+            let mut deadline =
+                own_timer.then(|| Deadline::new(start + timeout, timeout, uploading.clone()));
             // One place that polls the exchange, so that it is inlined there.
             let mut exchange = pin!(conn.sender.try_send_request(*req));
             let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
                 Poll::Ready(sent) => Poll::Ready(Some(sent)),
-                Poll::Pending => match timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                Poll::Pending => match deadline.as_mut().map(|d| d.poll(cx)) {
                     Some(Poll::Ready(())) => Poll::Ready(None),
                     _ => Poll::Pending,
                 },
@@ -198,12 +207,28 @@ where
         let mut conn = tokio::time::timeout_at(start + timeout, connect)
             .await
             .map_err(|_| SendError::Timeout)??;
-        conn.watch.begin(start, timeout);
-        let sent = conn.sender.send_request(*req).await;
-        if !conn.watch.end() {
-            return Err(SendError::Timeout);
-        }
-        let rsp = sent.map_err(SendError::Http)?;
+        let rsp = match uploading {
+            None => {
+                conn.watch.begin(start, timeout);
+                let sent = conn.sender.send_request(*req).await;
+                if !conn.watch.end() {
+                    return Err(SendError::Timeout);
+                }
+                sent.map_err(SendError::Http)?
+            }
+            Some(progress) => {
+                let mut deadline = Deadline::new(start + timeout, timeout, Some(progress));
+                let mut exchange = pin!(conn.sender.send_request(*req));
+                let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                    Poll::Ready(sent) => Poll::Ready(Some(sent)),
+                    Poll::Pending => deadline.poll(cx).map(|()| None),
+                });
+                // Dropped on a timeout: hyper closes a connection whose answer nobody awaits.
+                sent.await
+                    .ok_or(SendError::Timeout)?
+                    .map_err(SendError::Http)?
+            }
+        };
         self.checkin(origin, conn);
         Ok(rsp)
     }
@@ -294,6 +319,39 @@ where
             }
         });
         Ok(Conn { sender, watch })
+    }
+}
+
+/// A request's own upstream timer, for requests the connection's watch cannot time. For an
+/// upload it is the time since its last chunk went up that counts, as nginx's
+/// `proxy_send_timeout` does: each chunk must follow the one before within the timeout,
+/// and the response head the last one; a client sending a large body slowly is not a slow
+/// backend, and one that stops sending is still cut off.
+struct Deadline {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    upload: Option<Arc<Progress>>,
+}
+
+impl Deadline {
+    fn new(at: Instant, timeout: Duration, upload: Option<Arc<Progress>>) -> Self {
+        Self {
+            timer: Box::pin(tokio::time::sleep_until(at)),
+            timeout,
+            upload,
+        }
+    }
+
+    /// Ready once the deadline has passed with no chunk sent within the timeout.
+    fn poll(&mut self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        loop {
+            std::task::ready!(self.timer.as_mut().poll(cx));
+            let moved = self.upload.as_ref().map(|p| p.last() + self.timeout);
+            match moved.filter(|due| *due > Instant::now()) {
+                Some(due) => self.timer.as_mut().reset(due),
+                None => return Poll::Ready(()),
+            }
+        }
     }
 }
 

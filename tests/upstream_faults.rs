@@ -327,3 +327,52 @@ async fn a_streamed_body_waiting_on_a_slow_backend_is_not_taken_for_a_stalled_cl
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len(), 2000);
 }
+
+/// Sends a streamed PUT (declared length over `max_tag_body`, so not read whole first) of
+/// `chunks` × 1000 bytes, one every 100 ms, then waits for the proxy to answer and close.
+async fn trickled_put(proxy: &Proxy, declared: usize, chunks: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..chunks {
+        if s.write_all(&[b'a'; 1000]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_timed_by_its_chunks_not_taken_for_a_slow_backend() {
+    let backend = ScriptedBackend::start(|_| async { respond(204, &[], "") }).await;
+    let limits = "upstream_timeout = \"1s\"\nmax_tag_body = \"1KiB\"";
+    let proxy = Proxy::start(&route("/", limits), &backend.origin()).await;
+
+    // 20 KB over 2 s, twice the timeout, each chunk well within it: the backend gets all
+    // of it and answers. On a new upstream connection, then on the one kept from it.
+    for (i, chunks) in [20, 15].into_iter().enumerate() {
+        let out = trickled_put(&proxy, chunks * 1000, chunks).await;
+        assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+        assert_eq!(backend.requests()[i].body.len(), chunks * 1000);
+    }
+    assert_eq!(
+        backend.connections(),
+        1,
+        "the second upload went on the kept connection"
+    );
+
+    // One that stops sending halfway is still cut off, one timeout after its last chunk.
+    let started = Instant::now();
+    let out = trickled_put(&proxy, 20_000, 5).await;
+    let took = started.elapsed();
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(took < Duration::from_secs(3), "cut off after {took:?}");
+    assert!(proxy.state.locks.is_empty());
+    assert_eq!(backend.requests().len(), 2, "the cut upload got no answer");
+}
