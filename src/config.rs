@@ -58,6 +58,9 @@ pub struct Server {
     pub upstream_read_buffer: usize,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub shutdown_timeout: Duration,
+    /// How long the listener keeps serving after a stop signal, `/readyz` already 503, so
+    /// that load balancers stop sending before connections are refused.
+    pub shutdown_delay: Duration,
     /// Client connections served at once; more get a 503 and are closed.
     pub max_connections: usize,
     /// Longest request head (request line and headers) accepted; longer gets 431.
@@ -235,6 +238,7 @@ struct ServerToml {
     upstream_max_idle: Option<Spanned<i64>>,
     upstream_read_buffer: Option<Spanned<toml::Value>>,
     shutdown_timeout: Option<Spanned<String>>,
+    shutdown_delay: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     max_header_bytes: Option<Spanned<toml::Value>>,
     max_header_fields: Option<Spanned<i64>>,
@@ -545,6 +549,7 @@ impl Validator<'_> {
             "server.shutdown_timeout",
             DEFAULT_SHUTDOWN_TIMEOUT,
         );
+        let shutdown_delay = self.pause(&s.shutdown_delay, "server.shutdown_delay");
         let header_read = self.duration(
             &s.header_read_timeout,
             "server.header_read_timeout",
@@ -609,6 +614,7 @@ impl Validator<'_> {
             upstream_max_idle: max_idle?,
             upstream_read_buffer: read_buffer?,
             shutdown_timeout: shutdown?,
+            shutdown_delay: shutdown_delay?,
             max_connections: connections?,
             max_header_bytes: header_bytes?,
             max_header_fields: header_fields?,
@@ -877,9 +883,24 @@ impl Validator<'_> {
         key: &str,
         default: Duration,
     ) -> Option<Duration> {
+        self.duration_from(v, key, default, false)
+    }
+
+    /// A duration that may be zero (none), and is by default.
+    fn pause(&mut self, v: &Option<Spanned<String>>, key: &str) -> Option<Duration> {
+        self.duration_from(v, key, Duration::ZERO, true)
+    }
+
+    fn duration_from(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        zero: bool,
+    ) -> Option<Duration> {
         let Some(v) = v else { return Some(default) };
         match humantime::parse_duration(v.get_ref()) {
-            Ok(d) if !d.is_zero() => Some(d),
+            Ok(d) if zero || !d.is_zero() => Some(d),
             Ok(_) => {
                 self.push(v, key, "must be longer than zero".into());
                 None
@@ -1113,6 +1134,12 @@ upstream = "http://localhost:9001/"
                 "must be at least 0",
             ),
             (
+                "[server]\nlisten = \"127.0.0.1:1\"\nshutdown_delay = \"soon\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.shutdown_delay",
+                "is not a duration",
+            ),
+            (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nmax_tag_body = \"lots\"\n",
                 6,
                 "route.max_tag_body",
@@ -1243,6 +1270,22 @@ upstream = "http://localhost:9001/"
             "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 0\n{route}"
         ));
         assert_eq!((p[0].line, p[0].key.as_str()), (3, "server.workers"));
+    }
+
+    #[test]
+    fn a_shutdown_delay_is_none_unless_set_and_may_be_zero() {
+        let toml = |extra: &str| {
+            format!("[server]\nlisten = \"127.0.0.1:1\"\n{extra}\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n")
+        };
+        for (extra, want) in [
+            ("", Duration::ZERO),
+            ("shutdown_delay = \"0s\"", Duration::ZERO),
+            ("shutdown_delay = \"5s\"", Duration::from_secs(5)),
+        ] {
+            let c =
+                Config::parse(&toml(extra), "t.toml").unwrap_or_else(|e| panic!("{extra}: {e}"));
+            assert_eq!(c.server.shutdown_delay, want, "{extra}");
+        }
     }
 
     #[test]

@@ -112,6 +112,7 @@ fn keep_start_settings(new: &mut Config, running: &Config) -> Vec<&'static str> 
         max_connections,
         header_read_timeout,
         shutdown_timeout,
+        shutdown_delay,
         max_header_bytes,
         max_header_fields,
     );

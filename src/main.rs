@@ -163,12 +163,26 @@ async fn run(
         proxy.clone(),
         config.clone(),
     ));
-    // One shutdown signal: readiness drops first, then the listener stops accepting.
+    // One shutdown signal: readiness drops first; the listener goes on serving for
+    // `shutdown_delay`, so that load balancers polling /readyz stop sending before any
+    // connection is refused; then it stops accepting and drains. A second signal cuts the
+    // delay short.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let not_ready = ready.clone();
+    let delay = config.server.shutdown_delay;
     tokio::spawn(async move {
         shutdown_signal().await;
         not_ready.store(false, Ordering::Release);
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutdown begun: /readyz says 503; new connections are served until the delay ends (a second signal ends it now)"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_signal() => tracing::info!("second signal: delay cut short"),
+            }
+        }
         let _ = stop_tx.send(true);
     });
     tracing::info!(

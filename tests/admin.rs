@@ -260,3 +260,57 @@ async fn out_of_file_descriptors_the_listeners_back_off_and_recover() {
     }
     assert!(metrics.contains("ifmatch_requests_total"), "{metrics}");
 }
+
+/// `shutdown_delay`: from the stop signal, /readyz says 503 while the listener still
+/// serves new connections, so that a load balancer stops sending before any is refused;
+/// then it stops accepting and drains. A second signal cuts the delay short.
+#[tokio::test]
+async fn with_a_shutdown_delay_the_listener_serves_on_while_readyz_says_503() {
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let config = |delay: &str| {
+        format!(
+            "[server]\nlisten = \"{{listen}}\"\nshutdown_delay = \"{delay}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+            backend.origin()
+        )
+    };
+    let mut bin = Binary::start(&config("1500ms"), &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    let signalled = std::time::Instant::now();
+    bin.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fresh = Client::new();
+    assert_eq!(
+        fresh
+            .get(&format!("http://{admin}/readyz"), &[])
+            .await
+            .status,
+        503
+    );
+    let served = Client::new().get(&bin.url("/doc"), &[]).await;
+    assert_eq!(served.text(), "ok", "a new connection is still served");
+    let mut refused = None;
+    while signalled.elapsed() < Duration::from_secs(5) {
+        if tokio::net::TcpStream::connect(bin.addr).await.is_err() {
+            refused = Some(signalled.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("connections are refused once the delay is over");
+    assert!(
+        refused >= Duration::from_millis(1400),
+        "refused after {refused:?}"
+    );
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
+
+    let mut bin = Binary::start(&config("30s"), &[]).await;
+    bin.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bin.signal("TERM");
+    assert_eq!(
+        bin.wait_exit(Duration::from_secs(5)).await,
+        Some(0),
+        "cut short"
+    );
+}
