@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -35,8 +37,8 @@ struct Args {
     log_format: LogFormat,
 
     /// Start a small legacy document store (no ETags) behind the proxy and print curl
-    /// commands to try. Needs no config file.
-    #[arg(long, conflicts_with_all = ["config", "check"])]
+    /// commands to try. Needs no config file (IFMATCH_CONFIG, set in the image, is ignored).
+    #[arg(long, conflicts_with = "check")]
     demo: bool,
 
     /// Where the demo proxy listens.
@@ -45,7 +47,19 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    // `--config` and `--demo` given together are a mistake; `IFMATCH_CONFIG` from the
+    // environment (the image sets it) beside `--demo` is not.
+    let config_flag = matches.value_source("config") == Some(ValueSource::CommandLine);
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if args.demo && config_flag {
+        Args::command()
+            .error(
+                ErrorKind::ArgumentConflict,
+                "the argument '--demo' cannot be used with '--config <CONFIG>'",
+            )
+            .exit();
+    }
     if args.check {
         return check(
             args.config

@@ -188,6 +188,8 @@ async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
     let mut child = Child(
         Command::new(BIN)
             .args(["--demo", "--listen", "127.0.0.1:0"])
+            // As in the image, which sets it: the demo needs no config and ignores it.
+            .env("IFMATCH_CONFIG", "/nonexistent/ifmatch.toml")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -225,6 +227,20 @@ async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
         .put(&format!("{base}/docs/archived"), &[("if-match", "*")], "{}")
         .await;
     assert_eq!(r.status, 409);
+}
+
+#[test]
+fn the_demo_refuses_a_config_flag_beside_it() {
+    let out = Command::new(BIN)
+        .args(["--demo", "--config", "x.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'--demo' cannot be used with '--config"),
+        "{err}"
+    );
 }
 
 #[test]
