@@ -11,11 +11,11 @@
 //! chunk in hand when the budget ran out, which goes out next. Lock-free: a share grows by
 //! one compare-and-swap per chunk, and gives its bytes back when dropped.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use crate::telemetry::Every;
 
 /// How often the log may say that the bound was reached: once is news, every time is noise.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -25,10 +25,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub struct Budget {
     limit: AtomicUsize,
     held: AtomicUsize,
-    /// For [`Budget::warn_due`]: when this was made, and the millisecond after it of the
-    /// last warning (`u64::MAX`: none yet).
-    born: Instant,
-    warned_at: AtomicU64,
+    /// For [`Budget::warn_due`].
+    warnings: Every,
 }
 
 /// Bytes one body holds of the budget, given back when dropped.
@@ -45,21 +43,14 @@ impl Budget {
         Arc::new(Self {
             limit: AtomicUsize::new(limit),
             held: AtomicUsize::new(0),
-            born: Instant::now(),
-            warned_at: AtomicU64::new(u64::MAX),
+            warnings: Every::new(WARN_EVERY),
         })
     }
 
     /// Whether a body just found no room should be logged: true for the first such body,
     /// then at most once every [`WARN_EVERY`]; the metric counts every one.
     pub fn warn_due(&self) -> bool {
-        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
-        let every = WARN_EVERY.as_millis() as u64;
-        let due =
-            |last: u64| (last == u64::MAX || now >= last.saturating_add(every)).then_some(now);
-        self.warned_at
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, due)
-            .is_ok()
+        self.warnings.due()
     }
 
     /// A reload's new bound. Shares already held stay; new ones see it at once.

@@ -32,6 +32,8 @@ pub struct Metrics {
     /// HTTP/1 request heads hyper could not parse: too large, or invalid.
     malformed_too_large: AtomicU64,
     malformed_invalid: AtomicU64,
+    /// Connections answered 503 and closed at `max_connections`.
+    connections_refused: AtomicU64,
 }
 
 /// One route's figures.
@@ -211,6 +213,11 @@ impl Metrics {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A connection refused at `max_connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn lock_wait(&self, d: Duration) {
         self.lock_wait.observe(d);
     }
@@ -303,6 +310,11 @@ impl Metrics {
                     value(&self.malformed_invalid),
                 ),
             ],
+        );
+        counter(
+            "ifmatch_connections_refused_total",
+            "Client connections answered 503 and closed because max_connections were open.",
+            vec![(String::new(), value(&self.connections_refused))],
         );
         let s = &tags.stats;
         counter(

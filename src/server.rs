@@ -84,6 +84,9 @@ pub async fn serve(
     // `true` once the proxy stops: every connection then finishes what it has in flight
     // and closes (HTTP/1.1: after its current response; HTTP/2: GOAWAY).
     let (stop, stopping) = watch::channel(false);
+    // Refusals come in floods when they come: the metric counts each, the log says so
+    // once a minute.
+    let refusals = crate::telemetry::Every::new(Duration::from_secs(60));
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
@@ -92,6 +95,15 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
+            proxy.metrics.connection_refused();
+            if refusals.due() {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "max_connections reached: connections are refused with 503 \
+                     (ifmatch_connections_refused_total counts them; this line comes at \
+                     most once a minute)"
+                );
+            }
             tokio::spawn(refuse_connection(stream));
             continue;
         };
@@ -140,7 +152,6 @@ pub async fn serve(
 /// Over `max_connections`: a 503 problem in plain HTTP/1.1, then close, rather than leaving
 /// the client in the accept backlog with no answer.
 async fn refuse_connection(mut stream: TcpStream) {
-    tracing::warn!("max_connections reached: connection refused with 503");
     let body = serde_json::json!({
         "type": "about:blank",
         "title": "Service Unavailable",

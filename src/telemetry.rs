@@ -4,6 +4,10 @@
 
 use std::fmt::Debug;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tracing::field::Field;
 use tracing_subscriber::field::MakeExt;
@@ -46,4 +50,53 @@ fn plain_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
         },
     )
     .delimited(" ")
+}
+
+/// A warning that is news the first time and noise every time after (a bound reached under
+/// load, which the metrics count one by one): due the first time, then at most once a
+/// `period`. Lock-free, for callers on any thread.
+#[derive(Debug)]
+pub struct Every {
+    born: Instant,
+    period: Duration,
+    /// Milliseconds after `born` of the last time it was due (`u64::MAX`: never).
+    last: AtomicU64,
+}
+
+impl Every {
+    pub fn new(period: Duration) -> Self {
+        Self {
+            born: Instant::now(),
+            period,
+            last: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Whether the warning is due now; if so, the next one is a `period` away.
+    pub fn due(&self) -> bool {
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        let every = u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX);
+        let due =
+            |last: u64| (last == u64::MAX || now >= last.saturating_add(every)).then_some(now);
+        self.last
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, due)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warning_is_due_the_first_time_then_once_a_period() {
+        let every = Every::new(Duration::from_secs(60));
+        assert!(every.due(), "the first time");
+        assert!(!every.due());
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!every.due());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(every.due(), "a period on");
+        assert!(!every.due());
+    }
 }

@@ -482,6 +482,21 @@ async fn connections_over_the_limit_get_a_503_problem() {
         rsp.contains("application/problem+json") && rsp.contains("\"status\":503"),
         "{rsp}"
     );
+    // Each refusal is counted (the log says so once a minute, not once each).
+    for _ in 0..2 {
+        raw(
+            addr,
+            b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+            Duration::from_secs(2),
+        )
+        .await;
+    }
+    let s = &proxy.state;
+    let text = s.metrics.render(&s.tags, &s.memo, &s.budget);
+    assert!(
+        text.contains("\nifmatch_connections_refused_total 3\n"),
+        "{text}"
+    );
     drop(held);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
