@@ -72,9 +72,13 @@ impl Activity {
     /// had responses to send and sent nothing of them for as long.
     pub async fn idle(&self, timeout: Duration) -> Idle {
         loop {
+            // `busy` first: `InFlight::drop` writes the end time before it counts the
+            // request out, so once no request is seen in flight, the end time read after is
+            // the last one's. Read the other way round, a request ending in between gave an
+            // old end time and no request in flight: a connection closed as idle at once.
+            let busy = self.busy();
             let last_end =
                 self.opened + Duration::from_micros(self.last_end.load(Ordering::Acquire));
-            let busy = self.busy();
             let deadline = if busy {
                 Instant::now() + timeout
             } else {
