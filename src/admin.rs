@@ -6,7 +6,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -17,6 +18,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::proxy::Proxy;
 
@@ -24,30 +27,57 @@ use crate::proxy::Proxy;
 /// shutdown begins (so that a load balancer stops sending before connections close).
 pub type Ready = Arc<AtomicBool>;
 
-/// Serves the admin endpoints on `listener` until `shutdown` completes.
+/// Admin connections open at once: probes and scrapes need a few. More are closed at once,
+/// so that the admin port cannot take the descriptors the proxy serves with.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin endpoints on `listener` until `shutdown` completes. A connection that
+/// completes no request head for `header_read_timeout` (`[server]`'s) is closed, whether it
+/// sends nothing, sends slowly, or sits idle after an answer: the proxy listener's rule.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     ready: Ready,
+    header_read_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
             conn = crate::server::accept(&listener, "admin accept failed") => conn,
             () = &mut shutdown => return Ok(()),
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let (proxy, ready) = (proxy.clone(), ready.clone());
+        // Answers are made at once, so a request is in flight for no time: when the last
+        // head came is all there is to know.
+        let last_head = Arc::new(Mutex::new(Instant::now()));
+        let heads = last_head.clone();
         let service = service_fn(move |req: Request<Incoming>| {
+            *heads.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             let rsp = answer(&req, &proxy, &ready);
             async move { Ok::<_, Infallible>(rsp) }
         });
         let builder = builder.clone();
         tokio::spawn(async move {
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            loop {
+                let since = *last_head.lock().unwrap_or_else(|p| p.into_inner());
+                tokio::select! {
+                    _ = &mut conn => break,
+                    () = tokio::time::sleep_until(since + header_read_timeout) => {
+                        if *last_head.lock().unwrap_or_else(|p| p.into_inner()) == since {
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(slot);
         });
     }
 }

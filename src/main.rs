@@ -160,6 +160,7 @@ async fn run(
             admin_listener,
             proxy.clone(),
             ready.clone(),
+            config.server.header_read_timeout,
             async {
                 let _ = admin_stopped.await;
             },

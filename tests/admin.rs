@@ -314,3 +314,67 @@ async fn with_a_shutdown_delay_the_listener_serves_on_while_readyz_says_503() {
         "cut short"
     );
 }
+
+/// Reads until the server closes `s` or `within` passes: whether it closed, and when.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(started + within),
+            s.read(&mut buf),
+        )
+        .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The admin port cannot be held: a connection that sends no head, or sits idle after its
+/// answer, is closed after `header_read_timeout`, and past 64 at once more are closed at
+/// once (the proxy's descriptors are the admin port's too).
+#[tokio::test]
+async fn admin_connections_are_bounded_in_time_and_number() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"500ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        backend.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+
+    let mut silent = TcpStream::connect(admin).await.unwrap();
+    let mut idle = TcpStream::connect(admin).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    for (name, s) in [
+        ("silent", &mut silent),
+        ("idle after its answer", &mut idle),
+    ] {
+        let took = closed_within(s, Duration::from_secs(3)).await;
+        assert!(took.is_some(), "{name}: still open after 3 s");
+    }
+
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(TcpStream::connect(admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut over = TcpStream::connect(admin).await.unwrap();
+    let took = closed_within(&mut over, Duration::from_millis(400)).await;
+    assert!(took.is_some(), "the 65th connection is closed at once");
+    // Once they have timed out, the port serves again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let health = Client::new()
+        .get(&format!("http://{admin}/healthz"), &[])
+        .await;
+    assert_eq!(health.status, 200);
+}
