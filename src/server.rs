@@ -117,8 +117,11 @@ pub async fn serve(
                 None => serve_connection(stream, addr, "http", proxy, builder, ends).await,
                 Some(tls) => {
                     // In the connection's own task: a stalled handshake holds nothing else.
+                    // It has the time a head has (a client that sends nothing is one that
+                    // sends no head), and no more than `TLS_HANDSHAKE_TIMEOUT`.
                     let accept = TlsAcceptor::from(tls).accept(stream);
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                    let within = ends.idle_timeout.min(TLS_HANDSHAKE_TIMEOUT);
+                    match tokio::time::timeout(within, accept).await {
                         Ok(Ok(tls)) => {
                             serve_connection(tls, addr, "https", proxy, builder, ends).await
                         }
@@ -170,7 +173,7 @@ async fn refuse_connection(mut stream: TcpStream) {
     .await;
 }
 
-/// Time a client has to finish its TLS handshake.
+/// The most time a client has to finish its TLS handshake (less if `header_read_timeout` is).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The next connection on `listener`. An accept that fails (out of file descriptors, most

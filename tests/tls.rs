@@ -45,6 +45,24 @@ async fn tls_1_2_and_1_3_both_handshake() {
     }
 }
 
+/// A client that opens TCP and never starts its handshake is closed within the time a head
+/// has (`header_read_timeout`), not held for the fixed 10 s cap.
+#[tokio::test]
+async fn a_client_that_never_starts_its_handshake_is_closed_after_the_head_timeout() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::start().await;
+    let pki = Pki::new("silent", KeyType::EcdsaP256);
+    let server = format!("header_read_timeout = \"500ms\"\n{}", pki.server_toml());
+    let proxy = Proxy::start_with(&route("/docs/", ""), &backend.origin(), &server).await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed: {read:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+}
+
 fn with_tls(cert: &str, key: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
