@@ -170,8 +170,8 @@ where
             // So does an upload, whose deadline moves with its chunks.
             let own_timer =
                 uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
-            let mut deadline =
-                own_timer.then(|| Deadline::new(start + timeout, timeout, uploading.clone()));
+            let mut deadline = own_timer
+                .then(|| Box::new(Deadline::new(start + timeout, timeout, uploading.clone())));
             // One place that polls the exchange, so that it is inlined there.
             let mut exchange = pin!(conn.sender.try_send_request(*req));
             let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {

@@ -419,8 +419,9 @@ impl Proxy {
         // without being held, and a 200 is sent from a second fetch (`send_again`), for
         // which its head is kept. Without a tag, a current `If-Match` would get a false 412
         // and a current `If-None-Match` a whole body instead of a 304.
+        // Boxed: the read's future carries it across the exchange, and every GET moves that.
         let again = (!head && pre.compares_tags())
-            .then(|| crate::pool::head_only(&req))
+            .then(|| Box::new(crate::pool::head_only(&req)))
             .filter(|_| req.body().is_end_stream());
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
@@ -446,15 +447,18 @@ impl Proxy {
                 } else {
                     "untagged"
                 };
-                let body = match (head, body, again, current.tag) {
-                    (true, _, _, _) => ProxyBody::empty(),
-                    (false, Some(body), _, _) => body,
-                    (false, None, Some(again), Some(tag)) => {
-                        return self.send_again(rt, route, again, tag, ex).await;
-                    }
+                let body = if head {
+                    ProxyBody::empty()
+                } else if let Some(body) = body {
+                    body
+                } else {
                     // `tag` hashes without holding only when `again` is kept, and then
                     // always finds the tag.
-                    (false, None, _, _) => unreachable!("a GET hashed without being held"),
+                    let (Some(again), Some(tag)) = (again, current.tag) else {
+                        unreachable!("a GET hashed without being held")
+                    };
+                    // Boxed: rare, and its future would otherwise grow every GET's.
+                    return Box::pin(self.send_again(rt, route, again, tag, ex)).await;
                 };
                 Ok(Response::from_parts(rparts, body))
             }
@@ -478,11 +482,11 @@ impl Proxy {
         &self,
         rt: &Routing,
         route: &Route,
-        req: Request<upstream::UpstreamBody>,
+        req: Box<Request<upstream::UpstreamBody>>,
         tag: ETag,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
-        let rsp = self.send(rt, route, Box::new(req)).await?;
+        let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if rsp.status() != StatusCode::OK || rsp.headers().contains_key(header::CONTENT_RANGE) {
             ex.outcome = "passthrough";

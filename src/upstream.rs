@@ -164,28 +164,13 @@ impl UpstreamClient {
             .send(&route.upstream, req, route.upstream_timeout)
             .await
         {
-            Ok(mut rsp) => {
-                // hyper read the body by its transfer coding, which wins over a
-                // `Content-Length` (RFC 9112 §6.3) but leaves that field in place: sent on, it
-                // would frame the body anew, wrongly. A coding besides the final `chunked`
-                // cannot be passed on (the field goes as hop-by-hop): a 502, as nginx gives.
-                if rsp.headers().contains_key(header::TRANSFER_ENCODING) {
-                    if let Err(e) = crate::framing::check_codings(rsp.headers()) {
-                        let reason = match e {
-                            FramingError::UnsupportedEncoding(codings) => format!(
-                                "its response has Transfer-Encoding {codings:?}, which the \
-                                 proxy cannot pass on (only \"chunked\")"
-                            ),
-                            e => e.to_string(),
-                        };
-                        let upstream = upstream();
-                        return Err(Error::Upstream { upstream, reason });
-                    }
-                    rsp.headers_mut().remove(header::CONTENT_LENGTH);
-                }
-                strip_hop_by_hop(rsp.headers_mut());
-                Ok(rsp)
-            }
+            Ok(mut rsp) => match strip_response(rsp.headers_mut()) {
+                Ok(()) => Ok(rsp),
+                Err(reason) => Err(Error::Upstream {
+                    upstream: upstream(),
+                    reason,
+                }),
+            },
             Err(e) => Err(self.classify(&e, upstream(), route.upstream_timeout)),
         }
     }
@@ -277,20 +262,68 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// `Transfer-Encoding`'s place in [`HOP_BY_HOP`], as a bit of [`Scan::present`].
+const TRANSFER_ENCODING_BIT: u16 = 1 << 4;
+
+/// Which hop-by-hop headers a head has, found in one pass over it: most heads carry none or
+/// only `Connection: keep-alive`, and each lookup or removal costs a hash.
+#[derive(Clone, Copy, Debug)]
+struct Scan {
+    /// Bit `i` for `HOP_BY_HOP[i]`.
+    present: u16,
+    /// `Connection` names headers beyond the hop-by-hop ones.
+    names_more: bool,
+}
+
+fn scan(headers: &HeaderMap) -> Scan {
+    let mut found = Scan {
+        present: 0,
+        names_more: false,
+    };
+    for (name, value) in headers.iter() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            found.present |= 1 << i;
+            found.names_more |= i == 0 && !names_nothing(value);
+        }
+    }
+    found
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`. True if `Connection`
 /// named any beyond the hop-by-hop ones (which may be any header, `Host` too).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    // One scan of the head, noting which fixed names are present and whether `Connection`
-    // names more: most heads carry none or only `Connection: keep-alive`, and each lookup
-    // or removal costs a hash.
-    let mut present = 0u16;
-    let mut names_more = false;
-    for (name, value) in headers.iter() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-            names_more |= i == 0 && !names_nothing(value);
+    let found = scan(headers);
+    strip_scanned(headers, found)
+}
+
+/// A response head from an upstream, made fit to send on: hyper read its body by its
+/// transfer coding, which wins over a `Content-Length` (RFC 9112 §6.3) but leaves that
+/// field in place; sent on, it would frame the body anew, wrongly, so it goes. A coding
+/// besides the final `chunked` cannot be passed on (the field goes as hop-by-hop): the
+/// error names it, for a 502, as nginx gives. Then the hop-by-hop headers go.
+fn strip_response(headers: &mut HeaderMap) -> Result<(), String> {
+    let found = scan(headers);
+    if found.present & TRANSFER_ENCODING_BIT != 0 {
+        if let Err(e) = crate::framing::check_codings(headers) {
+            return Err(match e {
+                FramingError::UnsupportedEncoding(codings) => format!(
+                    "its response has Transfer-Encoding {codings:?}, which the proxy cannot \
+                     pass on (only \"chunked\")"
+                ),
+                e => e.to_string(),
+            });
         }
+        headers.remove(header::CONTENT_LENGTH);
     }
+    strip_scanned(headers, found);
+    Ok(())
+}
+
+fn strip_scanned(headers: &mut HeaderMap, found: Scan) -> bool {
+    let Scan {
+        present,
+        names_more,
+    } = found;
     if present == 0 {
         return false;
     }
@@ -476,6 +509,14 @@ mod tests {
         assert_eq!(origin_form(&u), "/docs/x?y=1");
         let u: Uri = "http://a:1".parse().unwrap();
         assert_eq!(origin_form(&u), "/");
+    }
+
+    #[test]
+    fn the_transfer_encoding_bit_is_its_place_in_the_list() {
+        assert_eq!(
+            HOP_BY_HOP[TRANSFER_ENCODING_BIT.trailing_zeros() as usize],
+            header::TRANSFER_ENCODING
+        );
     }
 
     #[test]
