@@ -352,20 +352,27 @@ impl Config {
         let mut routes = Vec::new();
         for r in &raw.route {
             // Duplicates are checked on the raw values, so that they are reported even when
-            // the same route has other problems.
+            // the same route has other problems; a prefix in the normal form requests are
+            // matched in, so that two spellings of one path (`/docs/./`, `/d%C3%A9/` and
+            // `/dé/`) are one route, of which the second could never be reached.
             let line = v.line_of(r.span().start);
             let raw_route = r.get_ref();
             let host = raw_route
                 .host
                 .as_ref()
                 .map(|h| strip_port(h.get_ref()).to_ascii_lowercase());
-            let prefix = raw_route.prefix.get_ref().clone();
-            if let Some(first) = seen.insert((host.clone(), prefix.clone()), line) {
+            let prefix = raw_route.prefix.get_ref();
+            let normal = crate::key::normalize_path(prefix).into_owned();
+            if let Some(first) = seen.insert((host.clone(), normal.clone()), line) {
                 let for_host = host.map(|h| format!(" for host {h:?}")).unwrap_or_default();
+                let same = match normal == *prefix {
+                    true => String::new(),
+                    false => format!(" ({normal:?} once normalised)"),
+                };
                 v.push(
                     &raw_route.prefix,
                     "route.prefix",
-                    format!("duplicate route: prefix {prefix:?}{for_host} is already defined at line {first}"),
+                    format!("duplicate route: prefix {prefix:?}{same}{for_host} is already defined at line {first}"),
                 );
             }
             routes.extend(v.route(r));
@@ -1197,6 +1204,19 @@ upstream = "http://localhost:9001/"
             "{}",
             p[0]
         );
+        // Two spellings of one path: the second could never be reached.
+        for (first, second) in [("/docs/", "/docs/./"), ("/d%C3%A9/", "/dé/")] {
+            let p = problems(&format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"{first}\"\nupstream = \"http://a:1\"\n[[route]]\nprefix = \"{second}\"\nupstream = \"http://b:1\"\n"
+            ));
+            assert_eq!(p.len(), 1, "{second}: {p:?}");
+            assert!(p[0].message.contains("once normalised"), "{}", p[0]);
+            assert!(
+                p[0].message.contains("already defined at line 3"),
+                "{}",
+                p[0]
+            );
+        }
     }
 
     #[test]
