@@ -425,9 +425,7 @@ impl Proxy {
             .filter(|_| req.body().is_end_stream());
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
-        // A 200 with `Content-Range` (a backend that misanswers a range) holds part of a
-        // representation: its tag would name bytes that are not the whole.
-        if rsp.status() != StatusCode::OK || rsp.headers().contains_key(header::CONTENT_RANGE) {
+        if !whole_representation(&rsp) {
             ex.outcome = "passthrough";
             return Ok(pass(rsp, head, route));
         }
@@ -488,7 +486,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Error> {
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
-        if rsp.status() != StatusCode::OK || rsp.headers().contains_key(header::CONTENT_RANGE) {
+        if !whole_representation(&rsp) {
             ex.outcome = "passthrough";
             return Ok(pass(rsp, false, route));
         }
@@ -1196,6 +1194,13 @@ fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
 }
 
 /// An upstream response passed through unchanged (`send` already dropped hop-by-hop headers).
+/// A GET's answer is a whole representation, to tag: a 200 without `Content-Range` (one with
+/// it, from a backend that misanswers a range, holds part of one: its tag would name bytes
+/// that are not the whole).
+fn whole_representation(rsp: &Response<Incoming>) -> bool {
+    rsp.status() == StatusCode::OK && !rsp.headers().contains_key(header::CONTENT_RANGE)
+}
+
 fn pass(rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
     let (parts, body) = rsp.into_parts();
     let body = if head {
