@@ -72,8 +72,23 @@ struct Routing {
 impl Routing {
     fn new(config: &Config, random_key: &TagKey) -> Self {
         let s = &config.server;
+        let router = Router::new(config.routes.iter().cloned());
+        for (host_route, other) in router.shadowed_host_routes() {
+            tracing::warn!(
+                host = host_route.host.as_deref().unwrap_or_default(),
+                host_route = %host_route.prefix,
+                taken_by = %other.prefix,
+                upstream = %other.upstream.origin,
+                "the route for any host on {} takes this host's requests under it from the \
+                 host's route on {} (the longest prefix wins); give the host a route of its \
+                 own on {} if that is not meant",
+                other.prefix,
+                host_route.prefix,
+                other.prefix,
+            );
+        }
         Self {
-            router: Router::new(config.routes.iter().cloned()),
+            router,
             tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
             upstream: UpstreamClient::new(config),
             tls: s.tls.clone(),

@@ -41,6 +41,32 @@ impl Router {
         &self.routes
     }
 
+    /// Host routes that a longer host-less prefix takes requests from: for `(host_route,
+    /// other)`, requests for `host_route`'s host under `other`'s prefix go to `other`, since
+    /// the longest prefix wins. nginx and Envoy pick the host first, so an operator may not
+    /// mean it; the proxy says so at load (see `Proxy::new`).
+    pub fn shadowed_host_routes(&self) -> Vec<(&Arc<Route>, &Arc<Route>)> {
+        let mut found: Vec<(&Arc<Route>, &Arc<Route>)> = Vec::new();
+        for h in self.routes.iter().filter(|r| r.host.is_some()) {
+            for g in self.routes.iter().filter(|r| r.host.is_none()) {
+                if g.prefix.len() <= h.prefix.len() || !g.prefix.starts_with(h.prefix.as_str()) {
+                    continue;
+                }
+                // The route that requests for that host under `g`'s prefix really get.
+                let taken = self.route(h.host.as_deref(), &g.prefix);
+                if let Some(other) = taken.filter(|r| r.host.is_none()) {
+                    if !found
+                        .iter()
+                        .any(|(a, b)| Arc::ptr_eq(a, h) && Arc::ptr_eq(b, other))
+                    {
+                        found.push((h, other));
+                    }
+                }
+            }
+        }
+        found
+    }
+
     /// A route of this router that trusts remembered tags (`cached`, not `per_user`) for
     /// some requests that `old` did not send to such a route of the same upstream; `None`
     /// if there is none. For those requests, writes may have reached the backend without
@@ -114,6 +140,27 @@ upstream = "http://private:1"
         );
         assert_eq!(pick(Some("ADMIN.example"), "/docs/a"), "http://admin:1");
         assert_eq!(pick(Some("other.example"), "/docs/a"), "http://docs:1");
+    }
+
+    #[test]
+    fn a_host_route_that_a_longer_hostless_prefix_takes_requests_from_is_named() {
+        let shadowed: Vec<(String, String)> = router()
+            .shadowed_host_routes()
+            .into_iter()
+            .map(|(h, g)| (h.prefix.clone(), g.prefix.clone()))
+            .collect();
+        // admin.example's /docs/ loses /docs/private/ to the host-less route.
+        assert_eq!(
+            shadowed,
+            [("/docs/".to_owned(), "/docs/private/".to_owned())]
+        );
+        // Not once the host has its own route there.
+        let own = routes(&[
+            (Some("admin.example"), "/", "http://admin:1", ""),
+            (None, "/docs/", "http://docs:1", ""),
+            (Some("admin.example"), "/docs/", "http://admin:1", ""),
+        ]);
+        assert!(own.shadowed_host_routes().is_empty());
     }
 
     /// A router of `routes`: (host, prefix, upstream, extra keys).

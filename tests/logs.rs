@@ -192,3 +192,29 @@ async fn a_failed_request_logs_what_and_where_and_its_access_line_says_it_once()
         "one set of fields, not the request span's again: {access}"
     );
 }
+
+/// A host's route that a longer host-less prefix takes requests from is named at start,
+/// since nginx and Envoy would pick the host first; and the requests do go where it says.
+#[tokio::test]
+async fn a_host_route_shadowed_by_a_longer_prefix_is_named_at_start() {
+    let admin = Backend::start().await;
+    let docs = Backend::start().await;
+    docs.store.put("/docs/x", "from the host-less route");
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/\"\nhost = \"admin.example\"\nupstream = \"{}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{}\"\n",
+        admin.origin(),
+        docs.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let line = bin
+        .wait_for_log("takes this host's requests", Duration::from_secs(5))
+        .await;
+    assert!(
+        line.contains("admin.example") && line.contains("/docs/"),
+        "{line}"
+    );
+    let r = Client::new()
+        .get(&bin.url("/docs/x"), &[("host", "admin.example")])
+        .await;
+    assert_eq!(r.text(), "from the host-less route");
+}
