@@ -387,6 +387,8 @@ pub enum Collected {
         kept: bool,
         tag: ETag,
         remembered: Option<Arc<Memo>>,
+        /// The body ended in trailers, which were dropped.
+        dropped_trailers: bool,
     },
     /// The body passed the limit: the chunks read so far (holding `held`) and the rest,
     /// still streaming.
@@ -404,6 +406,18 @@ pub enum Collected {
     },
 }
 
+/// What a read for a tag keeps of its body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// All of it, to send on: one that finds no room stops there (`OverBudget`).
+    ToSend,
+    /// What fits: read only for its tag (a revalidation, a HEAD, a GET judged by tags), it
+    /// lets its chunks go once there is no room and is hashed to the end.
+    WhileRoom,
+    /// Nothing: read only for its tag, and known not to fit.
+    Nothing,
+}
+
 /// Why a body could not be read.
 #[derive(Debug)]
 pub enum ReadError {
@@ -417,9 +431,9 @@ pub enum ReadError {
 /// compared with the copy as it arrives and hashed only once it differs: from the copy's
 /// bytes up to there, which are the body's, then on. A body equal to the copy gets its tag.
 ///
-/// The chunks kept count against the budget through `held`. When it has no room, a body to
-/// be sent on stops there (`OverBudget`); one read only for its tag (`tag_only`: a
-/// revalidation, a HEAD) lets its chunks go and is hashed to the end.
+/// The chunks kept count against the budget through `held`, as `keep` says: when it has no
+/// room, a body to be sent on stops there (`OverBudget`); one read only for its tag lets
+/// its chunks go and is hashed to the end; one known not to fit keeps none.
 pub async fn read_tagged(
     mut body: Incoming,
     mut hasher: TagHasher,
@@ -427,16 +441,17 @@ pub async fn read_tagged(
     limit: u64,
     idle: Duration,
     mut held: Share,
-    tag_only: bool,
+    keep: Keep,
 ) -> Result<Collected, ReadError> {
     use http_body_util::BodyExt;
 
     let mut chunks = VecDeque::new();
     // False once a read only for the tag has found no room: it keeps nothing more.
-    let mut kept = true;
+    let mut kept = keep != Keep::Nothing;
     let mut len = 0usize;
     // `Some` while every byte so far equals the copy's.
     let mut same = memo;
+    let mut dropped_trailers = false;
     loop {
         let frame = within(idle, body.frame())
             .await
@@ -456,10 +471,12 @@ pub async fn read_tagged(
                 kept,
                 tag,
                 remembered,
+                dropped_trailers,
             });
         };
         // Trailers on a GET body are rare and carry nothing the tag depends on: dropped.
         let Ok(chunk) = frame.into_data() else {
+            dropped_trailers = true;
             continue;
         };
         let start = len;
@@ -488,7 +505,7 @@ pub async fn read_tagged(
         if !kept || held.reserve(len) {
             continue;
         }
-        if !tag_only {
+        if keep == Keep::ToSend {
             return Ok(Collected::OverBudget {
                 chunks,
                 held,

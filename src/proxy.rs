@@ -25,7 +25,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{debug_span, Instrument};
 
-use crate::body::{read_request, read_tagged, Collected, ProxyBody, ReadError};
+use crate::body::{read_request, read_tagged, Collected, Keep, ProxyBody, ReadError};
 use crate::budget::{Budget, Share};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
@@ -163,6 +163,8 @@ struct Exchange {
     body: Option<Incoming>,
     /// The client sent `Expect: 100-continue` (a header not passed on).
     expects_continue: bool,
+    /// The client's HTTP version (the upstream request's is always 1.1).
+    client_version: Version,
     /// The origin the client addressed, on a `preserve_host = false` route: the backend's
     /// `Location` is pointed back at it (`upstream::point_back`).
     client_origin: Option<String>,
@@ -305,6 +307,7 @@ impl Proxy {
             .flatten();
         let mut ex = Exchange {
             expects_continue,
+            client_version: version,
             ..Exchange::default()
         };
         // A disabled span (logs at `info` or less) records nothing; its wrapper would still
@@ -471,7 +474,7 @@ impl Proxy {
                         unreachable!("a GET hashed without being held")
                     };
                     // Boxed: rare, and its future would otherwise grow every GET's.
-                    return Box::pin(self.send_again(rt, route, again, tag, ex)).await;
+                    return Box::pin(self.send_again(rt, route, again, tag, pre, ex)).await;
                 };
                 Ok(Response::from_parts(rparts, body))
             }
@@ -487,16 +490,24 @@ impl Proxy {
     }
 
     /// Sends a GET judged by tags again, its first body having been hashed without being
-    /// held (see `read`), and streams the new body under `tag`, checked on the way: should
-    /// the representation have changed in between, the response is cut before its end
-    /// rather than sent whole under a tag that does not name it. A response that is no
-    /// longer a whole 200 passes through as it is.
+    /// held (see `read`), and sends the new body on. A response that is no longer a whole
+    /// 200 passes through as it is; an empty one is whole already, and is judged again on
+    /// its own tag.
+    ///
+    /// Under the judged `tag` only for an `If-Match` naming tags, whose client asked for that
+    /// representation and no other, and only where a cut is visible (a declared length,
+    /// chunked or HTTP/2; not HTTP/1.0's close-delimited body): it is checked on its way, and
+    /// should the representation have changed in between it is cut before its end, never
+    /// sent whole under a tag that does not name it. Any other is sent untagged, as a body
+    /// with no room always was: a backend whose bytes differ on every read (a timestamp in
+    /// the body) then still gets its whole 200s.
     async fn send_again(
         &self,
         rt: &Routing,
         route: &Route,
         req: Box<Request<upstream::UpstreamBody>>,
         tag: ETag,
+        pre: &Preconditions,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         let rsp = self.send(rt, route, req).await?;
@@ -506,9 +517,43 @@ impl Proxy {
             return Ok(pass(rsp, false, route));
         }
         let (mut rparts, body) = rsp.into_parts();
+        rparts.headers.remove(ETAG);
+        if body.is_end_stream() {
+            // hyper sends no byte of an empty body, so it would never be checked.
+            let empty = rt.tag_key.hasher().finish();
+            let current = Resource {
+                exists: true,
+                tag: Some(empty.clone()),
+                last_modified: last_modified(&rparts.headers),
+            };
+            return match evaluate(pre, true, &current) {
+                Decision::Proceed => {
+                    rparts.headers.insert(ETAG, empty.to_header());
+                    Ok(Response::from_parts(rparts, ProxyBody::empty()))
+                }
+                Decision::NotModified => {
+                    rparts.headers.insert(ETAG, empty.to_header());
+                    ex.outcome = "not_modified";
+                    ex.by_proxy = true;
+                    Ok(not_modified(&rparts))
+                }
+                Decision::PreconditionFailed => Err(Error::PreconditionFailed {
+                    current: Some(empty),
+                }),
+            };
+        }
+        let cut_is_visible =
+            body.size_hint().exact().is_some() || ex.client_version != Version::HTTP_10;
+        let idle = route.upstream_timeout;
+        if !(names_tags(&pre.if_match) && cut_is_visible) {
+            ex.outcome = "untagged";
+            return Ok(Response::from_parts(rparts, ProxyBody::stream(body, idle)));
+        }
+        // Its trailers are dropped with the check: none are announced.
+        rparts.headers.remove(header::TRAILER);
         rparts.headers.insert(ETAG, tag.to_header());
         let hasher = rt.tag_key.hasher();
-        let body = ProxyBody::checked(body, route.upstream_timeout, hasher, tag);
+        let body = ProxyBody::checked(body, idle, hasher, tag);
         Ok(Response::from_parts(rparts, body))
     }
 
@@ -874,9 +919,13 @@ impl Proxy {
                 Some(n) => self.budget.take(usize::try_from(n).unwrap_or(usize::MAX)),
                 None => Some(self.budget.share()),
             };
-            let share = match share {
-                Some(share) => share,
-                None if tag_only => self.budget.share(),
+            // Read only for its tag, a body whose size is known not to fit is hashed
+            // without holding any of it: growing its share chunk by chunk, it would take
+            // the room left from bodies that fit, only to let it go at its end.
+            let (share, keep) = match share {
+                Some(share) if tag_only => (share, Keep::WhileRoom),
+                Some(share) => (share, Keep::ToSend),
+                None if tag_only => (self.budget.share(), Keep::Nothing),
                 None => {
                     self.over_budget(route, Unheld::Response);
                     break 'read (None, false, Some(ProxyBody::stream(body, idle)));
@@ -886,13 +935,14 @@ impl Proxy {
             let hasher = rt.tag_key.hasher();
             let memo = shared.then(|| self.memo.get(key, &rt.tag_key)).flatten();
             let limit = route.max_tag_body;
-            match read_tagged(body, hasher, memo, limit, idle, share, tag_only).await {
+            match read_tagged(body, hasher, memo, limit, idle, share, keep).await {
                 Ok(Collected::Whole {
                     chunks,
                     held,
                     kept,
                     tag,
                     remembered,
+                    dropped_trailers,
                 }) => {
                     let header = if let Some(memo) = remembered {
                         self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -908,6 +958,11 @@ impl Proxy {
                         header
                     };
                     rparts.headers.insert(ETAG, header);
+                    // Read whole, it goes out with a length, without its trailers: they are
+                    // no longer announced.
+                    if dropped_trailers {
+                        rparts.headers.remove(header::TRAILER);
+                    }
                     let body = kept.then(|| ProxyBody::chunks(chunks, Some(held), None, idle));
                     (Some(tag), false, body)
                 }

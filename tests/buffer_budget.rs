@@ -26,6 +26,8 @@ const KIB: usize = 1024;
 
 /// How many `/docs/fresh-*` bodies the backend has served.
 static FRESH: AtomicUsize = AtomicUsize::new(0);
+/// How many `/docs/emptied-*` requests the backend has had.
+static EMPTIED: AtomicUsize = AtomicUsize::new(0);
 
 /// The body served for `path`: `len` bytes that differ between paths.
 fn body_of(path: &str, len: usize) -> Vec<u8> {
@@ -42,6 +44,8 @@ fn body_of(path: &str, len: usize) -> Vec<u8> {
 /// - `GET /docs/chunked-*`: chunked, five 16 KiB chunks at once, a sixth once the gate opens;
 /// - `GET /docs/chunkedbig-*`: chunked, twelve 16 KiB chunks (192 KiB) at once;
 /// - `GET /docs/fresh-*`: 64 KiB at once, different on every request;
+/// - `GET /docs/emptied-*`: 64 KiB the first time any such path is asked for, then empty;
+/// - `GET /docs/streamed-*`: chunked, 64 KiB at once (four 16 KiB chunks);
 /// - any other GET: 64 KiB at once; a PUT: its body read, then 204.
 async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -81,6 +85,19 @@ async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
                     let _ = opened.wait_for(|open| *open).await;
                 };
                 let s = stream.get_mut();
+                if path.starts_with("/docs/streamed-") {
+                    let body = body_of(&path, 64 * KIB);
+                    let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                    let _ = s.write_all(head.as_bytes()).await;
+                    for chunk in body.chunks(16 * KIB) {
+                        let size = format!("{:x}\r\n", chunk.len());
+                        let _ = s.write_all(size.as_bytes()).await;
+                        let _ = s.write_all(chunk).await;
+                        let _ = s.write_all(b"\r\n").await;
+                    }
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                    return;
+                }
                 if path.starts_with("/docs/chunked") {
                     let big = path.starts_with("/docs/chunkedbig-");
                     let body = body_of(&path, if big { 192 * KIB } else { 96 * KIB });
@@ -100,9 +117,12 @@ async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
                     let _ = s.write_all(b"0\r\n\r\n").await;
                     return;
                 }
-                let body = match path.starts_with("/docs/fresh-") {
-                    true => body_of(&format!("{path}#{}", FRESH.fetch_add(1, SeqCst)), 64 * KIB),
-                    false => body_of(&path, 64 * KIB),
+                let body = if path.starts_with("/docs/fresh-") {
+                    body_of(&format!("{path}#{}", FRESH.fetch_add(1, SeqCst)), 64 * KIB)
+                } else if path.starts_with("/docs/emptied-") && EMPTIED.fetch_add(1, SeqCst) > 0 {
+                    Vec::new()
+                } else {
+                    body_of(&path, 64 * KIB)
                 };
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -252,10 +272,11 @@ async fn get_bodies_past_max_buffered_bytes_stream_through_whole_and_untagged() 
 async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
     let (proxy, gate) = behind_a_bound("160KiB").await;
     let key = proxy.state.tag_key();
+    let tag_of = |body: &[u8]| key.tag_of(body).to_string();
     let doc = "/docs/plain";
     let whole = body_of(doc, 64 * KIB);
     let current = Client::new().get(&proxy.url(doc), &[]).await.etag();
-    assert_eq!(current, key.tag_of(&whole).to_string());
+    assert_eq!(current, tag_of(&whole));
 
     // Two held bodies take 128 KiB of the 160: a 64 KiB body finds no room.
     let (tx, _heads) = mpsc::unbounded_channel();
@@ -265,59 +286,117 @@ async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
     let full = || proxy.state.budget.held() == 128 * KIB;
     assert!(eventually(Duration::from_secs(5), full).await);
 
-    let get =
-        async |name: &str, value: &str| Client::new().get(&proxy.url(doc), &[(name, value)]).await;
-    let rsp = get("if-none-match", &current).await;
+    let get = async |path: &str, name: &str, value: &str| {
+        Client::new().get(&proxy.url(path), &[(name, value)]).await
+    };
+    // Judged by the tag: 304, 412 and 200 as with room.
+    let rsp = get(doc, "if-none-match", &current).await;
     assert_eq!(
         (rsp.status, rsp.etag()),
         (304, current.clone()),
         "current If-None-Match"
     );
-    let rsp = get("if-match", "\"stale\"").await;
-    rsp.assert_problem(412);
-    for (name, value) in [
-        ("if-match", current.as_str()),
-        ("if-none-match", "\"stale\""),
-    ] {
-        let rsp = get(name, value).await;
-        assert_eq!(rsp.status, 200, "{name}: {value}");
-        assert_eq!(
-            rsp.etag(),
-            current,
-            "{name}: sent under the tag it was judged by"
-        );
-        assert_eq!(rsp.body, whole, "{name}: whole");
-    }
+    get(doc, "if-match", "\"stale\"").await.assert_problem(412);
+    // A current If-Match gets the representation it names, under its tag.
+    let rsp = get(doc, "if-match", &current).await;
+    assert_eq!((rsp.status, rsp.etag()), (200, current.clone()));
+    assert_eq!(rsp.body, whole, "whole");
+    // A stale If-None-Match gets the current representation, untagged as any body without
+    // room: whole, whatever happened between the two reads.
+    let rsp = get(doc, "if-none-match", "\"stale\"").await;
+    assert_eq!((rsp.status, rsp.header("etag")), (200, None));
+    assert_eq!(rsp.body, whole, "whole");
     assert_eq!(
         proxy.state.budget.held(),
         128 * KIB,
         "none of them held its body"
     );
 
-    // A representation that changes between the read judged and the one sent is cut short,
-    // never sent whole under the first one's tag.
+    // A representation that changes between the read judged and the one sent: cut short
+    // for the If-Match that named the first, never sent whole under its tag...
+    let next = body_of(&format!("/docs/fresh-0#{}", FRESH.load(SeqCst)), 64 * KIB);
     let req = Request::get(proxy.url("/docs/fresh-0"))
-        .header("if-none-match", "\"stale\"")
+        .header("if-match", tag_of(&next))
         .body(Full::default())
         .unwrap();
-    let served = FRESH.load(SeqCst);
     let rsp = http1().request(req).await.unwrap();
     assert_eq!(rsp.status(), 200);
     assert!(
         rsp.into_body().collect().await.is_err(),
         "cut before its end"
     );
+    // ... and whole, untagged, for an If-None-Match (a backend whose bytes change on every
+    // read still gets its 200s).
+    let rsp = get("/docs/fresh-0", "if-none-match", "\"stale\"").await;
     assert_eq!(
-        FRESH.load(SeqCst),
-        served + 2,
-        "read once to judge, once to send"
+        (rsp.status, rsp.header("etag"), rsp.body.len()),
+        (200, None, 64 * KIB)
     );
+
+    // Emptied in between: hyper would send no byte of it, so it is judged on its own tag.
+    let emptied = body_of("/docs/emptied-0", 64 * KIB);
+    get("/docs/emptied-0", "if-match", &tag_of(&emptied))
+        .await
+        .assert_problem(412);
+
+    // A chunked representation, for an If-Match: checked under its tag where a cut shows
+    // (HTTP/1.1 chunked), untagged for HTTP/1.0, whose close-delimited body hides a cut.
+    let streamed = body_of("/docs/streamed-0", 64 * KIB);
+    let rsp = get("/docs/streamed-0", "if-match", &tag_of(&streamed)).await;
+    assert_eq!((rsp.status, rsp.etag()), (200, tag_of(&streamed)));
+    assert_eq!(rsp.body, streamed);
+    let http10 = format!(
+        "GET /docs/streamed-0 HTTP/1.0\r\nHost: a\r\nIf-Match: {}\r\n\r\n",
+        tag_of(&streamed)
+    );
+    let raw = common::raw_exchange(proxy.addr, http10.as_bytes()).await;
+    assert!(
+        raw.starts_with("HTTP/1.0 200"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    let head = &raw[..raw.find("\r\n\r\n").unwrap()];
+    assert!(!head.to_ascii_lowercase().contains("etag"), "{head}");
 
     gate.send(true).unwrap();
     for get in held {
         get.await.unwrap();
     }
     assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+}
+
+/// A GET judged by tags whose declared size cannot fit is hashed holding nothing: it does
+/// not take the room left from bodies that fit, only to let it go at its end.
+#[tokio::test]
+async fn a_get_judged_by_tags_that_cannot_fit_holds_none_of_the_room_left() {
+    let (proxy, gate) = behind_a_bound("180KiB").await;
+    let (tx, _heads) = mpsc::unbounded_channel();
+    let held: Vec<_> = (0..2)
+        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
+        .collect();
+    let full = || proxy.state.budget.held() == 128 * KIB;
+    assert!(eventually(Duration::from_secs(5), full).await);
+    // 52 KiB left; this one declares 64, sends 48 and waits at the gate.
+    let url = proxy.url("/docs/held-2");
+    let judged = tokio::spawn(async move {
+        Client::new()
+            .get(&url, &[("if-none-match", "\"stale\"")])
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        proxy.state.budget.held(),
+        128 * KIB,
+        "it holds none of the 52 KiB left"
+    );
+    gate.send(true).unwrap();
+    assert_eq!(
+        judged.await.unwrap().body,
+        body_of("/docs/held-2", 64 * KIB)
+    );
+    for get in held {
+        get.await.unwrap();
+    }
 }
 
 #[tokio::test]

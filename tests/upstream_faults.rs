@@ -172,6 +172,21 @@ async fn trailers_of_a_streamed_body_reach_a_client_that_accepts_them() {
     let get = b"GET /doc HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nConnection: close\r\n\r\n";
     let out = common::raw_exchange(proxy.addr, get).await;
     assert!(out.contains("\r\n0\r\nx-sum: 42\r\n\r\n"), "{out}");
+
+    // A body the proxy tags is read whole and sent with a length, its trailers dropped:
+    // they are not announced either.
+    let tagged = b"HTTP/1.1 200 OK\r\nTrailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n";
+    let backend = FaultyBackend::start(Fault::Answer(tagged)).await;
+    let proxy = Proxy::start(&route("/", ROUTE), &backend.origin()).await;
+    let out = common::raw_exchange(proxy.addr, get)
+        .await
+        .to_ascii_lowercase();
+    let head = &out[..out.find("\r\n\r\n").unwrap()];
+    assert!(
+        head.contains("etag:") && head.contains("content-length: 5"),
+        "{out}"
+    );
+    assert!(!head.contains("trailer:"), "{out}");
 }
 
 #[tokio::test]
