@@ -188,6 +188,31 @@ fn get_with(
     })
 }
 
+/// Two GETs of 64 KiB bodies the backend holds back at its gate, once the proxy holds both
+/// (128 KiB of the bound).
+async fn hold_two(proxy: &Proxy) -> Vec<tokio::task::JoinHandle<(HeaderMap, Bytes)>> {
+    let (tx, _heads) = mpsc::unbounded_channel();
+    let held = (0..2)
+        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
+        .collect();
+    let full = || proxy.state.budget.held() == 128 * KIB;
+    assert!(eventually(Duration::from_secs(5), full).await, "both held");
+    held
+}
+
+/// Opens the gate, lets the held GETs end, and sees the bound's bytes all given back.
+async fn release(
+    proxy: &Proxy,
+    gate: &watch::Sender<bool>,
+    held: Vec<tokio::task::JoinHandle<(HeaderMap, Bytes)>>,
+) {
+    gate.send(true).unwrap();
+    for get in held {
+        get.await.unwrap();
+    }
+    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+}
+
 fn metrics(proxy: &Proxy) -> String {
     let s = &proxy.state;
     s.metrics.render(&s.tags, &s.memo, &s.budget)
@@ -279,12 +304,7 @@ async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
     assert_eq!(current, tag_of(&whole));
 
     // Two held bodies take 128 KiB of the 160: a 64 KiB body finds no room.
-    let (tx, _heads) = mpsc::unbounded_channel();
-    let held: Vec<_> = (0..2)
-        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
-        .collect();
-    let full = || proxy.state.budget.held() == 128 * KIB;
-    assert!(eventually(Duration::from_secs(5), full).await);
+    let held = hold_two(&proxy).await;
 
     let get = async |path: &str, name: &str, value: &str| {
         Client::new().get(&proxy.url(path), &[(name, value)]).await
@@ -358,11 +378,7 @@ async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
     let head = &raw[..raw.find("\r\n\r\n").unwrap()];
     assert!(!head.to_ascii_lowercase().contains("etag"), "{head}");
 
-    gate.send(true).unwrap();
-    for get in held {
-        get.await.unwrap();
-    }
-    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+    release(&proxy, &gate, held).await;
 }
 
 /// A GET judged by tags whose declared size cannot fit is hashed holding nothing: it does
@@ -370,12 +386,7 @@ async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
 #[tokio::test]
 async fn a_get_judged_by_tags_that_cannot_fit_holds_none_of_the_room_left() {
     let (proxy, gate) = behind_a_bound("180KiB").await;
-    let (tx, _heads) = mpsc::unbounded_channel();
-    let held: Vec<_> = (0..2)
-        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
-        .collect();
-    let full = || proxy.state.budget.held() == 128 * KIB;
-    assert!(eventually(Duration::from_secs(5), full).await);
+    let held = hold_two(&proxy).await;
     // 52 KiB left; this one declares 64, sends 48 and waits at the gate.
     let url = proxy.url("/docs/held-2");
     let judged = tokio::spawn(async move {
@@ -470,15 +481,7 @@ async fn a_write_or_head_while_the_budget_is_full_is_judged_by_the_current_tag()
     let url = proxy.url("/docs/plain");
     let tag = client.get(&url, &[]).await.etag();
 
-    let (tx, _heads) = mpsc::unbounded_channel();
-    let held: Vec<_> = (0..2)
-        .map(|i| get_reporting_head(proxy.url(&format!("/docs/held-{i}")), i, tx.clone()))
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(5), || proxy.state.budget.held()
-            == 128 * KIB)
-        .await
-    );
+    let held = hold_two(&proxy).await;
 
     // A HEAD's body is read only for its tag: hashed without being held, it gets the tag.
     let head = client.head(&url, &[]).await;
@@ -525,11 +528,7 @@ async fn a_write_or_head_while_the_budget_is_full_is_judged_by_the_current_tag()
         "the writes hold nothing"
     );
 
-    gate.send(true).unwrap();
-    for get in held {
-        get.await.unwrap();
-    }
-    assert!(eventually(Duration::from_secs(2), || proxy.state.budget.held() == 0).await);
+    release(&proxy, &gate, held).await;
 }
 
 #[tokio::test]
