@@ -113,14 +113,18 @@ impl Preconditions {
     /// A GET's outcome depends on the representation's tag: an `If-Match` or
     /// `If-None-Match` that lists tags (`*` needs only that the resource exists).
     pub fn compares_tags(&self) -> bool {
-        matches!(self.if_match, Some(Condition::Tags(_)))
-            || matches!(self.if_none_match, Some(Condition::Tags(_)))
+        names_tags(&self.if_match) || names_tags(&self.if_none_match)
     }
 
     /// Evaluating these preconditions needs the resource's current state.
     pub fn needs_current(&self) -> bool {
         self.guards_write() || self.if_modified_since.is_some()
     }
+}
+
+/// A condition lists entity-tags (not `*`).
+pub fn names_tags(condition: &Option<Condition>) -> bool {
+    matches!(condition, Some(Condition::Tags(_)))
 }
 
 fn parse_condition(

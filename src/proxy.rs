@@ -35,7 +35,7 @@ use crate::key::{normalize_path, ResourceKey};
 use crate::lock::{WriteGuard, WriteLocks};
 use crate::memo::BodyMemo;
 use crate::metrics::{Metrics, Unheld};
-use crate::precondition::{evaluate, Condition, Decision, HeaderError, Preconditions, Resource};
+use crate::precondition::{evaluate, names_tags, Decision, HeaderError, Preconditions, Resource};
 use crate::router::Router;
 use crate::tags::{Known, TagStore, Ticket};
 use crate::upstream::{self, Peer, UpstreamClient};
@@ -1164,11 +1164,6 @@ fn changes_state(method: &Method) -> bool {
         method.as_str(),
         "OPTIONS" | "TRACE" | "PROPFIND" | "REPORT" | "SEARCH"
     )
-}
-
-/// `If-None-Match` lists entity-tags (not `*`).
-fn names_tags(condition: &Option<Condition>) -> bool {
-    matches!(condition, Some(Condition::Tags(_)))
 }
 
 /// Methods a `require_precondition` route refuses without a precondition (RFC 6585 §3).
