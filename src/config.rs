@@ -69,6 +69,10 @@ pub struct Server {
     /// backend's response (more: 502). hyper's own default; raising it past that costs every
     /// head a heap allocation.
     pub max_header_fields: usize,
+    /// Requests one HTTP/2 connection may have in flight at once (nginx's
+    /// `http2_max_concurrent_streams`): each holds its own buffers, so this bounds what one
+    /// connection can make the proxy hold, as `max_connections` bounds connections.
+    pub http2_max_concurrent_streams: u32,
     /// Largest request body forwarded; larger gets 413.
     pub max_request_body: u64,
     /// Time a client has to send a request head, also the longest a connection may sit
@@ -242,6 +246,7 @@ struct ServerToml {
     max_connections: Option<Spanned<i64>>,
     max_header_bytes: Option<Spanned<toml::Value>>,
     max_header_fields: Option<Spanned<i64>>,
+    http2_max_concurrent_streams: Option<Spanned<i64>>,
     max_request_body: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<String>>,
     tag_key: Option<Spanned<String>>,
@@ -303,6 +308,11 @@ pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
 /// hyper's, Envoy's and (near enough) HAProxy's default.
 pub const DEFAULT_MAX_HEADER_FIELDS: usize = 100;
 pub const MAX_MAX_HEADER_FIELDS: u32 = 10_000;
+/// nginx's default; hyper's is 200.
+pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 128;
+/// Far past any browser's or gRPC client's need; more only multiplies what one connection
+/// can hold.
+pub const MAX_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -581,6 +591,20 @@ impl Validator<'_> {
                     MAX_MAX_HEADER_FIELDS,
                 )
             });
+        let h2_streams = self
+            .count(
+                &s.http2_max_concurrent_streams,
+                "server.http2_max_concurrent_streams",
+                DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS,
+            )
+            .and_then(|n| {
+                self.at_most(
+                    &s.http2_max_concurrent_streams,
+                    "server.http2_max_concurrent_streams",
+                    n,
+                    MAX_HTTP2_MAX_CONCURRENT_STREAMS,
+                )
+            });
         let request_body = self.size(
             &s.max_request_body,
             "server.max_request_body",
@@ -625,6 +649,7 @@ impl Validator<'_> {
             max_connections: connections?,
             max_header_bytes: header_bytes?,
             max_header_fields: header_fields?,
+            http2_max_concurrent_streams: u32::try_from(h2_streams?).unwrap_or(u32::MAX),
             max_request_body: request_body?,
             header_read_timeout: header_read?,
         })
@@ -1015,6 +1040,7 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.upstream_max_idle, 256);
         assert_eq!(c.server.upstream_read_buffer, 256 * 1024);
         assert_eq!(c.server.max_header_fields, 100);
+        assert_eq!(c.server.http2_max_concurrent_streams, 128);
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
         assert!(docs.require_precondition);
@@ -1120,6 +1146,18 @@ upstream = "http://localhost:9001/"
                 "[server]\nlisten = \"127.0.0.1:1\"\nmax_header_fields = 10001\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
                 3,
                 "server.max_header_fields",
+                "must be at most 10000",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nhttp2_max_concurrent_streams = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.http2_max_concurrent_streams",
+                "must be at least 1",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nhttp2_max_concurrent_streams = 10001\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.http2_max_concurrent_streams",
                 "must be at most 10000",
             ),
             (

@@ -115,6 +115,7 @@ fn keep_start_settings(new: &mut Config, running: &Config) -> Vec<&'static str> 
         shutdown_delay,
         max_header_bytes,
         max_header_fields,
+        http2_max_concurrent_streams,
     );
     if n.tls.is_some() != r.tls.is_some() {
         kept.push("server.tls (on or off)");
@@ -143,6 +144,7 @@ mod tests {
         let mut new = parse(&format!(
             "[server]\nlisten = \"127.0.0.1:8081\"\nmax_connections = 7\n\
              max_header_bytes = \"256KiB\"\nheader_read_timeout = \"3s\"\n\
+             http2_max_concurrent_streams = 16\n\
              max_buffered_bytes = \"64MiB\"\n[admin]\nlisten = \"127.0.0.1:9901\"\n{ROUTE}"
         ));
         let kept = keep_start_settings(&mut new, &running);
@@ -153,6 +155,7 @@ mod tests {
                 "server.max_connections",
                 "server.header_read_timeout",
                 "server.max_header_bytes",
+                "server.http2_max_concurrent_streams",
                 "admin.listen",
             ]
         );
@@ -161,6 +164,7 @@ mod tests {
         assert_eq!(n.max_connections, r.max_connections);
         assert_eq!(n.max_header_bytes, r.max_header_bytes);
         assert_eq!(n.header_read_timeout, r.header_read_timeout);
+        assert_eq!(n.http2_max_concurrent_streams, 128);
         assert!(new.admin.is_none());
         assert_eq!(n.max_buffered_bytes, 64 << 20, "a reload applies it");
         assert!(keep_start_settings(&mut new.clone(), &running).is_empty());

@@ -75,6 +75,13 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // What one connection can make the proxy hold is its streams times each stream's
+        // buffers: with hyper's defaults (200 streams, 400 KiB queued for a slow reader
+        // each, beside 256 KiB read upstream) one client could pin about 130 MiB. A
+        // stream's queue gets what its upstream side reads at once, as an HTTP/1.1
+        // response in flight holds: 64 MiB at the defaults.
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_send_buf_size(limits.upstream_read_buffer)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let connections = Arc::new(Semaphore::new(limits.max_connections));

@@ -302,3 +302,78 @@ async fn http2_requests_at_once_on_one_connection_each_get_their_own_answer() {
     let (path, status, _, body) = get("/d/after".into()).await;
     assert_eq!((status, body), (200, format!("body of {path}").into()));
 }
+
+/// `http2_max_concurrent_streams` bounds the requests one HTTP/2 connection has in flight:
+/// the proxy announces it, so a client queues the rest, and each is served once a stream
+/// frees. 128 by default (nginx's), which the 8 requests here would not reach.
+#[tokio::test]
+async fn an_http2_connection_has_at_most_its_configured_streams_in_flight() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const SENT: usize = 8;
+    // Requests wait at the backend until `open`: the count there is what is in flight.
+    let (inflight, most, open) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (i, m, o) = (inflight.clone(), most.clone(), open.clone());
+    let backend = common::ScriptedBackend::start(move |r| {
+        let (inflight, most, open) = (i.clone(), m.clone(), o.clone());
+        async move {
+            let now = inflight.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let freed = common::eventually(std::time::Duration::from_secs(10), || {
+                open.load(Ordering::SeqCst)
+            });
+            freed.await;
+            inflight.fetch_sub(1, Ordering::SeqCst);
+            common::backend::respond(200, &[], format!("body of {}", r.uri.path()))
+        }
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "http2_max_concurrent_streams = 3",
+    )
+    .await;
+    let (mut sender, _conn) = h2_connection(proxy.addr).await;
+    // One exchange first, so that the client has the proxy's settings before the burst.
+    open.store(true, Ordering::SeqCst);
+    assert_eq!(h2_get(&mut sender, &proxy.url("/first")).await, 200);
+    open.store(false, Ordering::SeqCst);
+    most.store(0, Ordering::SeqCst);
+
+    let tasks: Vec<_> = (0..SENT)
+        .map(|n| {
+            let (mut sender, url) = (sender.clone(), proxy.url(&format!("/d/{n}")));
+            tokio::spawn(async move {
+                let req = http::Request::get(url)
+                    .body(http_body_util::Empty::new())
+                    .unwrap();
+                let rsp = sender.send_request(req).await.unwrap();
+                let status = rsp.status().as_u16();
+                (status, rsp.into_body().collect().await.unwrap().to_bytes())
+            })
+        })
+        .collect();
+    let three = common::eventually(std::time::Duration::from_secs(5), || {
+        inflight.load(Ordering::SeqCst) >= 3
+    });
+    assert!(three.await, "three requests reach the backend");
+    // Time for more to arrive, were they let through.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        inflight.load(Ordering::SeqCst),
+        3,
+        "no more than three in flight"
+    );
+    open.store(true, Ordering::SeqCst);
+    for (n, task) in tasks.into_iter().enumerate() {
+        let (status, body) = task.await.unwrap();
+        assert_eq!((status, body), (200, format!("body of /d/{n}").into()));
+    }
+    assert_eq!(most.load(Ordering::SeqCst), 3);
+}
