@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -250,6 +250,8 @@ pub struct Progress {
     base: Instant,
     /// Nanoseconds after `base`.
     last: AtomicU64,
+    /// The connection asked for the next chunk and the client has not sent it yet.
+    awaited: AtomicBool,
 }
 
 impl Progress {
@@ -257,7 +259,15 @@ impl Progress {
         Self {
             base: Instant::now(),
             last: AtomicU64::new(0),
+            awaited: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a pause now is the client's: the connection is waiting for its next chunk.
+    /// Otherwise it is the backend's, which has stopped taking what was sent (or, after the
+    /// last chunk, has not answered).
+    pub fn client_paused(&self) -> bool {
+        self.awaited.load(Ordering::Acquire)
     }
 
     fn mark(&self) {
@@ -340,8 +350,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let (Some(progress), Poll::Ready(Some(Ok(_)))) = (&this.progress, &polled) {
-            progress.mark();
+        if let Some(progress) = &this.progress {
+            progress
+                .awaited
+                .store(polled.is_pending(), Ordering::Release);
+            if let Poll::Ready(Some(Ok(_))) = &polled {
+                progress.mark();
+            }
         }
         if this.tee.is_none() {
             return polled;

@@ -19,6 +19,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -40,12 +41,19 @@ pub enum SendError {
     Http(hyper::Error),
     /// No response head within the request's timeout.
     Timeout,
+    /// The client paused its upload for the timeout: the connection was waiting for its
+    /// next chunk, not for the backend.
+    UploadPaused(Duration),
 }
 
 /// A connection to an upstream: where requests go in, and the watch on its timer.
 struct Conn {
     sender: SendRequest<UpstreamBody>,
     watch: Arc<Watch>,
+    /// Its task, to end it when a request's own deadline passes: hyper gives up a
+    /// connection whose answer nobody awaits only once it reads again, and one stuck
+    /// writing an upload to a backend that takes no more never does.
+    task: AbortHandle,
 }
 
 /// A backend closes a kept-alive connection on its keep-alive timeout, seconds at the
@@ -183,7 +191,10 @@ where
             });
             match sent.await {
                 _ if !conn.watch.end() => return Err(SendError::Timeout),
-                None => return Err(SendError::Timeout),
+                None => {
+                    conn.task.abort();
+                    return Err(deadline.map_or(SendError::Timeout, |d| d.missed()));
+                }
                 Some(Ok(rsp)) => {
                     self.checkin(origin, idle.conn);
                     return Ok(rsp);
@@ -223,10 +234,13 @@ where
                     Poll::Ready(sent) => Poll::Ready(Some(sent)),
                     Poll::Pending => deadline.poll(cx).map(|()| None),
                 });
-                // Dropped on a timeout: hyper closes a connection whose answer nobody awaits.
-                sent.await
-                    .ok_or(SendError::Timeout)?
-                    .map_err(SendError::Http)?
+                match sent.await {
+                    Some(sent) => sent.map_err(SendError::Http)?,
+                    None => {
+                        conn.task.abort();
+                        return Err(deadline.missed());
+                    }
+                }
             }
         };
         self.checkin(origin, conn);
@@ -309,7 +323,7 @@ where
         let (sender, conn) = builder.handshake(io).await.map_err(SendError::Http)?;
         let watch = Watch::new(start, timeout);
         let watched = Watched::new(conn, watch.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             match watched.await {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
@@ -318,7 +332,11 @@ where
                 None => tracing::debug!("upstream connection closed: no response head in time"),
             }
         });
-        Ok(Conn { sender, watch })
+        Ok(Conn {
+            sender,
+            watch,
+            task: task.abort_handle(),
+        })
     }
 }
 
@@ -339,6 +357,14 @@ impl Deadline {
             timer: Box::pin(tokio::time::sleep_until(at)),
             timeout,
             upload,
+        }
+    }
+
+    /// Which side a deadline that has passed was waiting for.
+    fn missed(&self) -> SendError {
+        match &self.upload {
+            Some(upload) if upload.client_paused() => SendError::UploadPaused(self.timeout),
+            _ => SendError::Timeout,
         }
     }
 

@@ -203,6 +203,8 @@ impl UpstreamClient {
                     after: timeout,
                 }
             }
+            // nginx's `client_body_timeout`: the client's doing, not the backend's.
+            SendError::UploadPaused(after) => return Error::BodyTimeout(*after),
         };
         let mut reason = top.to_string();
         let mut source = Some(top);

@@ -382,12 +382,62 @@ async fn a_slow_upload_is_timed_by_its_chunks_not_taken_for_a_slow_backend() {
         "the second upload went on the kept connection"
     );
 
-    // One that stops sending halfway is still cut off, one timeout after its last chunk.
+    // One that stops sending halfway is still cut off, one timeout after its last chunk,
+    // and as the client's doing (408, nginx's `client_body_timeout`), not the backend's.
     let started = Instant::now();
     let out = trickled_put(&proxy, 20_000, 5).await;
     let took = started.elapsed();
-    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains("application/problem+json"), "{out}");
     assert!(took < Duration::from_secs(3), "cut off after {took:?}");
     assert!(proxy.state.locks.is_empty());
     assert_eq!(backend.requests().len(), 2, "the cut upload got no answer");
+}
+
+/// The other side of the same timer: a backend that stops taking an upload the client keeps
+/// sending is the backend's fault, a 504.
+#[tokio::test]
+async fn an_upload_the_backend_stops_taking_is_a_504() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads the head and a little, then neither reads nor answers for 20 s.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            });
+        }
+    });
+    let limits = "upstream_timeout = \"1s\"\nmax_tag_body = \"1KiB\"";
+    let proxy = Proxy::start(&route("/", limits), &origin).await;
+
+    // 48 MiB, as fast as the proxy takes it: more than the sockets between it and the
+    // backend hold, so the proxy stops with chunks in hand, not waiting for more.
+    const DECLARED: usize = 48 << 20;
+    let s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rx, mut tx) = s.into_split();
+    let sender = tokio::spawn(async move {
+        let head = format!(
+            "PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: {DECLARED}\r\nConnection: close\r\n\r\n"
+        );
+        tx.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'a'; 64 << 10];
+        for _ in 0..DECLARED / chunk.len() {
+            tx.write_all(&chunk).await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let started = Instant::now();
+    // The answer, then the end of the connection: its upload can never be finished.
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rx.read_to_end(&mut out)).await;
+    let took = started.elapsed();
+    sender.abort();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert!(took < Duration::from_secs(5), "cut off after {took:?}");
+    assert!(proxy.state.locks.is_empty());
 }
