@@ -4,7 +4,11 @@
 //! §6.2.2 (percent-encodings of unreserved characters decoded, the hex digits of the others
 //! upper-cased, dot-segments removed) and runs of `/` are merged, as nginx and most servers
 //! do. So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
-//! tag. A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
+//! tag. `%2F` is decoded to `/` before dot-segments are removed, which RFC 3986 does not do
+//! but nginx does: `/docs%2F42` and `/x%2F..%2Fdocs/42` are its file `/docs/42` too. Were
+//! they other keys, writes through them would take other locks and slip past each other.
+//! A backend that tells `%2F` from `/` apart only has its keys coarser: two of its
+//! resources then share a lock, and under `cached` a remembered tag. A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
 //! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
 //! Bytes a URI carries only encoded (raw UTF-8, `"`, `{`...), which hyper lets through, are
 //! percent-encoded, so that `/é` and `/%C3%A9` share a key.
@@ -112,7 +116,7 @@ fn is_pchar(c: u8) -> bool {
     crate::host::REG_NAME[usize::from(c)] || matches!(c, b':' | b'@' | b'/')
 }
 
-/// Decodes `%XX` of unreserved characters and upper-cases the hex of the rest.
+/// Decodes `%XX` of unreserved characters and of `/`, and upper-cases the hex of the rest.
 fn normalize_percent(path: &str) -> String {
     let b = path.as_bytes();
     let mut out = String::with_capacity(b.len());
@@ -121,7 +125,9 @@ fn normalize_percent(path: &str) -> String {
         if b[i] == b'%' && i + 2 < b.len() {
             if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
                 let c = h << 4 | l;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                // `%2F` too: nginx, and most servers that map paths to files or routes,
+                // decode it before they resolve `..`, so `/a%2Fb` is `/a/b` to them.
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'/') {
                     out.push(c as char);
                 } else {
                     out.push('%');
@@ -180,6 +186,11 @@ mod tests {
             "/docs/x/../42",
             "/docs/%2E/42",
             "//docs/42",
+            "/docs%2F42",
+            "/docs%2f42",
+            "/docs/x%2F..%2F42",
+            "/x%2F..%2Fdocs/42",
+            "/docs%2F%2F42",
         ] {
             assert_eq!(normalize_path(alias), "/docs/42", "{alias}");
         }
@@ -239,10 +250,12 @@ mod tests {
     }
 
     #[test]
-    fn reserved_encodings_stay_encoded_with_upper_case_hex() {
-        assert_eq!(normalize_path("/a%2fb"), "/a%2Fb");
-        assert_eq!(normalize_path("/a%2Fb"), "/a%2Fb");
+    fn reserved_encodings_but_the_slash_stay_encoded_with_upper_case_hex() {
+        assert_eq!(normalize_path("/a%3fb"), "/a%3Fb");
+        assert_eq!(normalize_path("/a%3Bb"), "/a%3Bb");
         assert_eq!(normalize_path("/a%20b"), "/a%20b");
+        assert_eq!(normalize_path("/a%2fb"), "/a/b");
+        assert_eq!(normalize_path("/a%252Fb"), "/a%252Fb", "decoded once only");
     }
 
     #[test]
