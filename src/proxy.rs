@@ -798,6 +798,13 @@ impl Proxy {
             };
             let ticket = sending.unwrap_or_else(|| self.tags.ticket());
             self.tags.record(key, known, ticket);
+            // The tag was made with this request's key. A reload that changed the key since
+            // clears the cache only after it has swapped the key in: seen swapped here, the
+            // clear may have run before the record, so the record goes; not seen, the clear
+            // is still to come and takes it.
+            if self.routing.load().tag_key != rt.tag_key {
+                self.tags.invalidate(key);
+            }
             rsp.headers_mut().insert(ETAG, tag.to_header());
             ex.outcome = match shared {
                 true => "forwarded_unchanged",

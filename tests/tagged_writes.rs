@@ -324,3 +324,58 @@ async fn a_date_condition_after_a_tagged_put_asks_the_backend() {
     assert_eq!(backend.store.writes(), writes);
     assert_eq!(backend.store.get("/docs/a").unwrap(), "v2");
 }
+
+/// A reload that changes the tag key clears the cache; a PUT in flight across it, whose
+/// body was hashed under the old key, must not put an old-key tag back afterwards: under
+/// `cached` that tag would refuse the writer holding the right tag (412) and let through
+/// one holding an old-key tag.
+#[tokio::test]
+async fn a_put_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new("v1".to_owned()));
+    let d = doc.clone();
+    // Stores what is PUT; the write of "v2" takes 400 ms, for the reload to land in.
+    let backend = ScriptedBackend::start(move |r| {
+        let d = d.clone();
+        async move {
+            if r.method == "GET" {
+                return respond(200, &[], d.lock().unwrap().clone());
+            }
+            if r.body.as_ref() == b"v2" {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            *d.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
+            respond(204, &[], "")
+        }
+    })
+    .await;
+    let routes = route("/docs/", TAGGED);
+    let key_a = "tag_key = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
+    let key_b = "tag_key = \"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"";
+    let proxy = Proxy::start_with(&routes, &backend.origin(), key_a).await;
+    let (url, c) = (proxy.url("/docs/a"), Client::new());
+    let t1 = c.get(&url, &[]).await.etag();
+    let put = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { c.put(&url, &[("if-match", &t1)], "v2").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{key_b}\n{}",
+        routes.replace("{upstream}", &backend.origin())
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    let old_key_v2 = put.await.unwrap();
+    assert_eq!(old_key_v2.status, 204);
+    // The writer that holds v2's tag under the key now in use goes through; one holding
+    // the tag the PUT was answered with (the old key's) does not.
+    let r = c.put(&url, &[("if-match", &old_key_v2.etag())], "v3").await;
+    assert_eq!(r.status, 412, "a tag of the old key is refused");
+    let r = c
+        .put(&url, &[("if-match", &proxy.tag_of("v2"))], "v3")
+        .await;
+    assert_eq!(r.status, 204, "the current tag under the current key");
+    assert_eq!(*doc.lock().unwrap(), "v3");
+}
