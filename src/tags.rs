@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::SystemTime;
 
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -79,6 +79,9 @@ pub struct TagStore {
     map: DashMap<ResourceKey, Entry>,
     /// Insertion order, for eviction.
     order: Mutex<VecDeque<ResourceKey>>,
+    /// Held (shared) from a new entry's insertion to the end of its bookkeeping (`inserted`,
+    /// evictions included); `clear` holds it alone.
+    adding: RwLock<()>,
     len: AtomicUsize,
     capacity: usize,
     clock: AtomicU64,
@@ -94,6 +97,7 @@ impl TagStore {
         Self {
             map: DashMap::new(),
             order: Mutex::new(VecDeque::new()),
+            adding: RwLock::new(()),
             len: AtomicUsize::new(0),
             capacity: capacity.max(1),
             clock: AtomicU64::new(1),
@@ -139,6 +143,15 @@ impl TagStore {
             known,
             at: ticket.0,
         };
+        // A resource already held (the usual case) is updated in place: no new entry, so
+        // nothing for `clear` to wait for.
+        if let Some(mut held) = self.map.get_mut(key) {
+            if held.at() < ticket.0 {
+                *held = entry;
+            }
+            return;
+        }
+        let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {
                 if o.get().at() < ticket.0 {
@@ -161,6 +174,12 @@ impl TagStore {
     /// Forgets the tag of `key` after a write that may have changed it.
     pub fn invalidate(&self, key: &ResourceKey) {
         let at = self.clock.fetch_add(1, Ordering::AcqRel);
+        if let Some(mut held) = self.map.get_mut(key) {
+            let from_upstream = held.upstream_tagged();
+            *held = Entry::Invalidated { at, from_upstream };
+            return;
+        }
+        let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {
                 let from_upstream = o.get().upstream_tagged();
@@ -180,6 +199,10 @@ impl TagStore {
     pub fn clear(&self) {
         let now = self.clock.fetch_add(1, Ordering::AcqRel);
         self.floor.fetch_max(now + 1, Ordering::AcqRel);
+        // No entry half added (in the map, not yet counted) or half evicted while the count
+        // is reset: one would be counted after the reset for an entry no longer there, or
+        // taken off a count that no longer had it (and wrap).
+        let _alone = self.adding.write().unwrap_or_else(|p| p.into_inner());
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         self.map.clear();
         order.clear();
@@ -339,5 +362,45 @@ mod tests {
         // /x's mark was evicted, yet the read that began before it is still refused.
         s.record(&key("/x"), known("old"), stale);
         assert_eq!(s.get(&key("/x")), None);
+    }
+
+    /// `clear` (a reload) racing new entries and their evictions: the count must stay the
+    /// map's size, or the bound drifts (and a count taken below zero panicked in debug
+    /// builds).
+    #[test]
+    fn clear_racing_inserts_and_evictions_keeps_the_count_exact() {
+        use std::sync::{Arc, Barrier};
+        const ROUNDS: usize = 3_000;
+        let mut drift = 0;
+        for round in 0..ROUNDS {
+            let s = Arc::new(TagStore::new(4));
+            for i in 0..4 {
+                s.invalidate(&key(&format!("/pre{i}")));
+            }
+            let start = Arc::new(Barrier::new(3));
+            let writers: Vec<_> = (0..2)
+                .map(|w| {
+                    let (s, start) = (s.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        for i in 0..8 {
+                            s.invalidate(&key(&format!("/r{round}w{w}i{i}")));
+                        }
+                    })
+                })
+                .collect();
+            start.wait();
+            s.clear();
+            for w in writers {
+                w.join().unwrap();
+            }
+            if s.len() != s.map.len() || s.order.lock().unwrap().len() != s.map.len() {
+                drift += 1;
+            }
+        }
+        assert_eq!(
+            drift, 0,
+            "count and map disagreed in {drift} of {ROUNDS} rounds"
+        );
     }
 }
