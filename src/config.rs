@@ -370,7 +370,7 @@ impl Config {
             let host = raw_route
                 .host
                 .as_ref()
-                .map(|h| strip_port(h.get_ref()).to_ascii_lowercase());
+                .map(|h| host_name(h.get_ref()).to_ascii_lowercase());
             let prefix = raw_route.prefix.get_ref();
             let normal = crate::key::normalize_path(prefix).into_owned();
             if let Some(first) = seen.insert((host.clone(), normal.clone()), line) {
@@ -811,7 +811,7 @@ impl Validator<'_> {
                 );
                 return None;
             }
-            Some(h) => Some(strip_port(h.get_ref()).to_ascii_lowercase()),
+            Some(h) => Some(host_name(h.get_ref()).to_ascii_lowercase()),
             None => None,
         };
         let upstream_timeout = self.duration(
@@ -998,6 +998,14 @@ fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
+}
+
+/// The name a `Host` (or a route's `host`) stands for: no port, and no final dot, as
+/// nginx reads it: `example.com.` is the same fully qualified name as `example.com`, and a
+/// client must not step around its host's route by adding the dot.
+pub(crate) fn host_name(host: &str) -> &str {
+    let name = strip_port(host);
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// `example.com:8080` → `example.com`; IPv6 literals keep their brackets.
@@ -1381,5 +1389,8 @@ upstream = "http://localhost:9001/"
         assert_eq!(strip_port("example.com:80"), "example.com");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(host_name("example.com.:80"), "example.com");
+        assert_eq!(host_name("example.com."), "example.com");
+        assert_eq!(host_name("[::1]:80"), "[::1]");
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{strip_port, Route, Validation};
+use crate::config::{host_name, Route, Validation};
 
 #[derive(Debug, Default)]
 pub struct Router {
@@ -28,7 +28,7 @@ impl Router {
 
     /// The route for `path` (normalised) on `host` (as sent, port allowed).
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        let host = host.map(strip_port);
+        let host = host.map(host_name);
         self.routes.iter().find(|r| {
             path.starts_with(r.prefix.as_str())
                 && r.host
@@ -140,6 +140,17 @@ upstream = "http://private:1"
         );
         assert_eq!(pick(Some("ADMIN.example"), "/docs/a"), "http://admin:1");
         assert_eq!(pick(Some("other.example"), "/docs/a"), "http://docs:1");
+    }
+
+    /// `admin.example.` is the same name, as nginx takes it: a client adding the final dot
+    /// must not step around the host's route (its `require_precondition`, its validation).
+    #[test]
+    fn a_host_with_its_final_dot_gets_its_route() {
+        assert_eq!(pick(Some("admin.example."), "/docs/a"), "http://admin:1");
+        assert_eq!(
+            pick(Some("Admin.Example.:8080"), "/docs/a"),
+            "http://admin:1"
+        );
     }
 
     #[test]
