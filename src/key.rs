@@ -12,7 +12,8 @@
 //! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
 //! Bytes a URI carries only encoded (raw UTF-8, `"`, `{`...), which hyper lets through, are
 //! percent-encoded, so that `/é` and `/%C3%A9` share a key.
-//! The query is kept byte for byte: backends disagree on what it means. The request is
+//! The query is kept byte for byte (an empty one is none): backends disagree on what it
+//! means. The request is
 //! still forwarded with the path the client sent; only routing and keys use the normal form.
 
 use std::borrow::Cow;
@@ -34,7 +35,8 @@ impl ResourceKey {
         );
         s.push_str(&upstream.origin);
         s.push_str(normal_path);
-        if let Some(q) = query {
+        // An empty query (`/docs/42?`, as URL builders write) is no query to any backend.
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
             s.push('?');
             s.push_str(q);
         }
@@ -175,6 +177,21 @@ pub(crate) fn test_key(path: &str) -> ResourceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_query_is_no_query_and_any_other_is_kept_as_sent() {
+        let up = Upstream::new(http::uri::Scheme::HTTP, "a:1".parse().unwrap());
+        let bare = ResourceKey::new(&up, "/x", None);
+        assert_eq!(ResourceKey::new(&up, "/x", Some("")), bare);
+        assert_eq!(
+            ResourceKey::new(&up, "/x", Some("a=1")).as_str(),
+            "http://a:1/x?a=1"
+        );
+        assert_ne!(
+            ResourceKey::new(&up, "/x", Some("A=1")),
+            ResourceKey::new(&up, "/x", Some("a=1"))
+        );
+    }
 
     #[test]
     fn aliases_of_one_resource_normalise_alike() {
