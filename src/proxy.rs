@@ -601,7 +601,10 @@ impl Proxy {
             }
             None => Outgoing::Stream { hashed: tag_put },
         };
-        let waited = Instant::now();
+        let started = Instant::now();
+        // Time spent waiting for locks, not checking under them; observed once a write has
+        // its lock or has given up on it (a 503 is the longest wait of all).
+        let mut waited = Duration::ZERO;
         // A PUT of the very bytes whose tag it names leaves the state as it found it, so
         // such writes share the lock and run side by side: none can undo another, and a
         // write that changes the state still runs alone. Whether the bytes are the current
@@ -609,13 +612,24 @@ impl Proxy {
         // alone and is checked again.
         if let Outgoing::Whole(_, Some(tag), _) = &outgoing {
             if pre.only_matches(tag) {
-                let guard = self.locks.acquire_shared(key, route.lock_timeout).await?;
+                let shared = self.locks.acquire_shared(key, route.lock_timeout).await;
+                waited += started.elapsed();
+                let guard = match shared {
+                    Ok(guard) => guard,
+                    Err(timeout) => {
+                        self.metrics.lock_wait(waited);
+                        return Err(timeout);
+                    }
+                };
                 let current = match self.check(rt, route, key, pre, &parts, ex).await? {
                     Checked::Holds(current) => current,
-                    Checked::Answer(rsp) => return Ok(rsp),
+                    Checked::Answer(rsp) => {
+                        self.metrics.lock_wait(waited);
+                        return Ok(rsp);
+                    }
                 };
                 if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {
-                    self.metrics.lock_wait(waited.elapsed());
+                    self.metrics.lock_wait(waited);
                     self.metrics.unchanged_write(&route.prefix);
                     let guard = Some(guard);
                     let rsp = self.forward(rt, route, key, pre, parts, outgoing, guard, true, ex);
@@ -629,18 +643,18 @@ impl Proxy {
         let guard = match changes {
             true => {
                 // What is left of the wait after a try at sharing the lock.
-                let wait = route.lock_timeout.saturating_sub(waited.elapsed());
-                let guard = match destination_key(&parts, route)? {
+                let wait = route.lock_timeout.saturating_sub(started.elapsed());
+                let to = destination_key(&parts, route)?;
+                let queued = Instant::now();
+                let guard = match to {
                     Some(to) => self.locks.acquire_both(key, &to, wait).await,
                     None => self.locks.acquire(key, wait).await,
                 };
+                self.metrics.lock_wait(waited + queued.elapsed());
                 Some(guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?)
             }
             false => None,
         };
-        if changes {
-            self.metrics.lock_wait(waited.elapsed());
-        }
         if pre.guards_write() {
             if let Checked::Answer(rsp) = self.check(rt, route, key, pre, &parts, ex).await? {
                 return Ok(rsp);

@@ -135,6 +135,27 @@ async fn waiting_for_a_busy_url_is_bounded_by_a_503_with_retry_after() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(first.await.unwrap(), 204);
     assert!(proxy.state.locks.is_empty(), "no lock is left behind");
+    // Both waits are in the histogram, the 503's the longest: past 100 ms, under 1 s.
+    let s = &proxy.state;
+    let text = s.metrics.render(&s.tags, &s.memo, &s.budget);
+    let line = |name: &str| {
+        let found = text.lines().find(|l| l.starts_with(name));
+        found
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+            .to_owned()
+    };
+    assert_eq!(
+        line("ifmatch_lock_wait_seconds_count"),
+        "ifmatch_lock_wait_seconds_count 2"
+    );
+    assert_eq!(
+        line("ifmatch_lock_wait_seconds_bucket{le=\"0.1\"}"),
+        "ifmatch_lock_wait_seconds_bucket{le=\"0.1\"} 1"
+    );
+    assert_eq!(
+        line("ifmatch_lock_wait_seconds_bucket{le=\"1\"}"),
+        "ifmatch_lock_wait_seconds_bucket{le=\"1\"} 2"
+    );
 }
 
 /// A write's body of known size is read before the URL's lock is taken: a client that
