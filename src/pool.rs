@@ -43,7 +43,7 @@ pub enum SendError {
     Timeout,
     /// The client paused its upload for the timeout: the connection was waiting for its
     /// next chunk, not for the backend.
-    UploadPaused(Duration),
+    UploadPaused,
 }
 
 /// A connection to an upstream: where requests go in, and the watch on its timer.
@@ -363,7 +363,7 @@ impl Deadline {
     /// Which side a deadline that has passed was waiting for.
     fn missed(&self) -> SendError {
         match &self.upload {
-            Some(upload) if upload.client_paused() => SendError::UploadPaused(self.timeout),
+            Some(upload) if upload.client_paused() => SendError::UploadPaused,
             _ => SendError::Timeout,
         }
     }

@@ -139,18 +139,21 @@ impl TagStore {
         if ticket.0 < self.floor.load(Ordering::Acquire) {
             return;
         }
-        let entry = Entry::Known {
-            known,
-            at: ticket.0,
-        };
         // A resource already held (the usual case) is updated in place: no new entry, so
         // nothing for `clear` to wait for.
         if let Some(mut held) = self.map.get_mut(key) {
             if held.at() < ticket.0 {
-                *held = entry;
+                *held = Entry::Known {
+                    known,
+                    at: ticket.0,
+                };
             }
             return;
         }
+        let entry = Entry::Known {
+            known,
+            at: ticket.0,
+        };
         let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {

@@ -204,7 +204,7 @@ impl UpstreamClient {
                 }
             }
             // nginx's `client_body_timeout`: the client's doing, not the backend's.
-            SendError::UploadPaused(after) => return Error::BodyTimeout(*after),
+            SendError::UploadPaused => return Error::BodyTimeout(timeout),
         };
         let mut reason = top.to_string();
         let mut source = Some(top);
