@@ -230,6 +230,58 @@ impl Body for ProxyBody {
     }
 }
 
+/// A client's request body, whose end is checked. hyper ends an HTTP/2 request body that
+/// the client reset with `NO_ERROR` as if it were complete (hyper#3681); sent on as a
+/// chunked upload, it would end cleanly upstream, and the backend would store the part
+/// that came. So such an end is an error here: the upstream request is cut off instead.
+/// (An HTTP/1.1 body's end is hyper's to check: a connection that closes mid-body is an
+/// error already.)
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    h2: bool,
+}
+
+/// An HTTP/2 request body that ended without its `END_STREAM`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client reset its stream before the request body was complete")]
+pub struct StreamReset;
+
+impl ClientBody {
+    pub fn new(inner: Incoming, version: http::Version) -> Self {
+        Self {
+            inner,
+            h2: version == http::Version::HTTP_2,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(frame) => Poll::Ready(Some(frame.map_err(Into::into))),
+            None if self.h2 && !self.inner.is_end_stream() => {
+                Poll::Ready(Some(Err(StreamReset.into())))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body sent on unchanged, optionally hashed on the way: once the last byte has
 /// been handed to the connection, the tag of exactly the bytes sent is set in the slot that
 /// [`Hashed::tee`] returned. A body that fails or is cut short leaves the slot empty.
@@ -537,7 +589,7 @@ pub async fn read_tagged(
 /// of known size within the route's `max_tag_body`, `proxy.rs`): a client slow to send it
 /// then holds up nobody else's write. It must arrive within `deadline`, the time the
 /// upload had when it was part of the upstream exchange.
-pub async fn read_request(body: Incoming, deadline: Duration) -> Result<Bytes, Error> {
+pub async fn read_request(body: ClientBody, deadline: Duration) -> Result<Bytes, Error> {
     use http_body_util::BodyExt;
 
     match within(deadline, body.collect()).await {

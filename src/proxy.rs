@@ -25,7 +25,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{debug_span, Instrument};
 
-use crate::body::{read_request, read_tagged, Collected, Keep, ProxyBody, ReadError};
+use crate::body::{read_request, read_tagged, ClientBody, Collected, Keep, ProxyBody, ReadError};
 use crate::budget::{Budget, Share};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
@@ -172,10 +172,10 @@ struct Exchange {
 
 impl Exchange {
     /// The body, for the one path that forwards it.
-    fn take_body(&mut self) -> Incoming {
-        self.body
-            .take()
-            .expect("dispatch stores the body and only one path forwards it")
+    fn take_body(&mut self) -> ClientBody {
+        let body = self.body.take();
+        let body = body.expect("dispatch stores the body and only one path forwards it");
+        ClientBody::new(body, self.client_version)
     }
 }
 

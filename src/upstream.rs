@@ -18,7 +18,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
 
-use crate::body::Hashed;
+use crate::body::{ClientBody, Hashed};
 use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
@@ -28,7 +28,7 @@ use crate::pool::{Pool, ReadLimits, SendError};
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
 /// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
 /// write, or none (revalidation GETs).
-pub type UpstreamBody = Either<Hashed<Limited<Incoming>>, Full<Bytes>>;
+pub type UpstreamBody = Either<Hashed<Limited<ClientBody>>, Full<Bytes>>;
 
 /// A request body read whole already.
 pub fn whole(body: Bytes) -> UpstreamBody {
@@ -126,7 +126,7 @@ impl UpstreamClient {
 
     /// The client's body, cut off past `server.max_request_body` (the send then fails with
     /// a 413).
-    pub fn limit(&self, body: Incoming) -> UpstreamBody {
+    pub fn limit(&self, body: ClientBody) -> UpstreamBody {
         Either::Left(Hashed::plain(self.limited(body)))
     }
 
@@ -134,14 +134,14 @@ impl UpstreamClient {
     /// whole body has gone upstream.
     pub fn limit_hashed(
         &self,
-        body: Incoming,
+        body: ClientBody,
         hasher: TagHasher,
     ) -> (UpstreamBody, Arc<OnceLock<ETag>>) {
         let (body, sent) = Hashed::tee(self.limited(body), hasher);
         (Either::Left(body), sent)
     }
 
-    fn limited(&self, body: Incoming) -> Limited<Incoming> {
+    fn limited(&self, body: ClientBody) -> Limited<ClientBody> {
         let limit = usize::try_from(self.max_request_body).unwrap_or(usize::MAX);
         Limited::new(body, limit)
     }

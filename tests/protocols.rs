@@ -377,3 +377,51 @@ async fn an_http2_connection_has_at_most_its_configured_streams_in_flight() {
     }
     assert_eq!(most.load(Ordering::SeqCst), 3);
 }
+
+/// An HTTP/2 stream reset with `NO_ERROR` ends hyper's request body as if it were complete
+/// (hyper#3681). An upload of unknown length, streamed upstream chunked, must not then be
+/// ended cleanly there: the backend would store the half that came. It is cut off, the
+/// document is unchanged, and the URL's lock is free for the next writer at once.
+#[tokio::test]
+async fn an_http2_upload_reset_midway_is_not_stored_truncated() {
+    use bytes::Bytes;
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let proxy = Proxy::start(&route("/docs/", ""), &backend.origin()).await;
+    let tag = Client::h2().get(&proxy.url("/docs/a"), &[]).await.etag();
+    for reason in [h2::Reason::NO_ERROR, h2::Reason::CANCEL] {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        // No content-length: streamed upstream, chunked.
+        let req = http::Request::put(proxy.url("/docs/a"))
+            .header("if-match", &tag)
+            .body(())
+            .unwrap();
+        let (_rsp, mut stream) = client.send_request(req, false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"the first half of v2"), false)
+            .unwrap();
+        // Until the backend has the request and the first chunk.
+        let arrived = common::eventually(std::time::Duration::from_secs(5), || {
+            !proxy.state.locks.is_empty()
+        });
+        assert!(arrived.await, "{reason:?}: the write took its lock");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        stream.send_reset(reason);
+        let freed = common::eventually(std::time::Duration::from_secs(5), || {
+            proxy.state.locks.is_empty()
+        });
+        assert!(freed.await, "{reason:?}: the lock is let go");
+        assert_eq!(
+            backend.store.get("/docs/a").as_deref(),
+            Some(&b"v1"[..]),
+            "{reason:?}: the abandoned upload was not stored"
+        );
+    }
+    let r = Client::h2()
+        .put(&proxy.url("/docs/a"), &[("if-match", &tag)], "v2")
+        .await;
+    assert_eq!(r.status, 204, "the tag is still current");
+}
