@@ -164,6 +164,16 @@ impl UpstreamClient {
             .send(&route.upstream, req, route.upstream_timeout)
             .await
         {
+            // No request goes up with `Upgrade` (it is hop-by-hop): a switch is one nobody
+            // asked for, and neither an HTTP/1.1 nor an HTTP/2 client could be given it.
+            Ok(rsp) if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                Err(Error::Upstream {
+                    upstream: upstream(),
+                    reason: "it answered 101 Switching Protocols to a request that asked for no \
+                         upgrade"
+                        .into(),
+                })
+            }
             Ok(mut rsp) => match strip_response(rsp.headers_mut()) {
                 Ok(()) => Ok(rsp),
                 Err(reason) => Err(Error::Upstream {
@@ -385,10 +395,15 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         parts.uri = origin_form(&parts.uri);
     }
+    let from_h2 = parts.version == Version::HTTP_2;
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
     let named_removed = strip_hop_by_hop(h);
+    if from_h2 {
+        join_cookies(h);
+        collapse_repeated_length(h);
+    }
     // The proxy answers `Expect: 100-continue` itself (hyper sends the 100 when the body is
     // first read, i.e. only once the write passed its precondition).
     h.remove(header::EXPECT);
@@ -429,6 +444,34 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     );
     if let Some(host) = original_host {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+}
+
+/// HTTP/2 lets a client split `Cookie` into several fields, for compression (browsers do);
+/// before an HTTP/1.1 hop they are joined into one with `"; "` (RFC 9113 §8.2.3), since an
+/// HTTP/1.1 server expects one (RFC 6265 §5.4) and many read only the first.
+fn join_cookies(h: &mut HeaderMap) {
+    let mut fields = h.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (fields.next(), fields.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in h.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    let joined =
+        HeaderValue::from_bytes(&joined).expect("valid values joined by \"; \" stay valid");
+    h.insert(header::COOKIE, joined);
+}
+
+/// An equal `Content-Length` repeated, which HTTP/2 lets through (HTTP/1.1 clients sending
+/// it get 400 from the framing check): one field for the backend, which may refuse two.
+fn collapse_repeated_length(h: &mut HeaderMap) {
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
+        let first = first.clone();
+        h.insert(header::CONTENT_LENGTH, first);
     }
 }
 

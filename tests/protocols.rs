@@ -425,3 +425,57 @@ async fn an_http2_upload_reset_midway_is_not_stored_truncated() {
         .await;
     assert_eq!(r.status, 204, "the tag is still current");
 }
+
+/// HTTP/2 clients split `Cookie` into several fields; an HTTP/1.1 backend gets them as one,
+/// joined with "; " (RFC 9113 §8.2.3). An equal `Content-Length` repeated goes up once.
+#[tokio::test]
+async fn http2_fields_an_http1_backend_expects_once_reach_it_once() {
+    use bytes::Bytes;
+    let backend =
+        common::ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") })
+            .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(proxy.url("/x"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .header("content-length", "2")
+        .header("content-length", "2")
+        .body(())
+        .unwrap();
+    let (rsp, mut stream) = client.send_request(req, false).unwrap();
+    stream.send_data(Bytes::from_static(b"hi"), true).unwrap();
+    assert_eq!(rsp.await.unwrap().status(), 200);
+    let seen = backend.last();
+    let all = |name: &str| -> Vec<String> {
+        let values = seen.headers.get_all(name).iter();
+        values.map(|v| v.to_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(all("cookie"), ["a=1; b=2; c=3"]);
+    assert_eq!(all("content-length"), ["2"]);
+    assert_eq!(seen.body, "hi");
+}
+
+/// No request goes up asking for an upgrade, so a backend's 101 is a broken answer: a 502
+/// problem, over HTTP/1.1 and HTTP/2 alike (h2 has no 101; HTTP/1.1 would be switched to a
+/// protocol nobody agreed on).
+#[tokio::test]
+async fn a_switch_of_protocols_nobody_asked_for_is_a_502() {
+    let backend = common::faults::FaultyBackend::start(common::faults::Fault::Answer(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    ))
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    for c in [Client::new(), Client::h2()] {
+        let r = c.get(&proxy.url("/ws"), &[]).await;
+        let problem = r.assert_problem(502);
+        assert!(
+            problem["detail"].as_str().unwrap().contains("101"),
+            "{problem}"
+        );
+    }
+}
