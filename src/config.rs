@@ -314,6 +314,10 @@ pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 128;
 /// can hold.
 pub const MAX_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
+pub const MIN_MAX_HEADER_BYTES: u64 = 1024;
+/// The longest duration any key takes: far past any sensible timeout, far short of what
+/// `Instant` arithmetic overflows at.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 // === impl Config ===
@@ -348,8 +352,21 @@ impl Config {
         };
         let server = v.server(&raw.server);
         let admin = raw.admin.as_ref().map(|a| {
-            v.address(&a.get_ref().listen, "admin.listen")
-                .map(|listen| Admin { listen })
+            let at = &a.get_ref().listen;
+            let listen = v.address(at, "admin.listen")?;
+            // Caught here, not by a bind that fails at start.
+            // (Port 0 asks for a free port each: two different ones.)
+            if listen.port() != 0 && server.as_ref().is_some_and(|s| s.listen == listen) {
+                v.push(
+                    at,
+                    "admin.listen",
+                    format!(
+                        "{listen} is server.listen too; give the admin endpoints their own port"
+                    ),
+                );
+                return None;
+            }
+            Some(Admin { listen })
         });
         if raw.route.is_empty() {
             v.push_at_line(
@@ -572,11 +589,22 @@ impl Validator<'_> {
             "server.header_read_timeout",
             DEFAULT_HEADER_READ_TIMEOUT,
         );
-        let header_bytes = self.size(
-            &s.max_header_bytes,
-            "server.max_header_bytes",
-            DEFAULT_MAX_HEADER_BYTES,
-        );
+        let header_bytes = self
+            .size(
+                &s.max_header_bytes,
+                "server.max_header_bytes",
+                DEFAULT_MAX_HEADER_BYTES,
+            )
+            .filter(|&n| {
+                // Below it no browser's head fits: every request would get 431.
+                let fits = n >= MIN_MAX_HEADER_BYTES;
+                if let (false, Some(v)) = (fits, &s.max_header_bytes) {
+                    let msg =
+                        format!("{n} bytes is too small: at least {MIN_MAX_HEADER_BYTES} (1KiB)");
+                    self.push(v, "server.max_header_bytes", msg);
+                }
+                fits
+            });
         let header_fields = self
             .count(
                 &s.max_header_fields,
@@ -800,6 +828,14 @@ impl Validator<'_> {
                 "route.prefix",
                 format!("{prefix:?} is not a path prefix; it must start with \"/\""),
             );
+        } else if prefix.contains(['?', '#']) {
+            // Paths are matched without their query, and a fragment never reaches a server:
+            // such a route could never match.
+            self.push(
+                &r.prefix,
+                "route.prefix",
+                format!("{prefix:?} is not a path prefix: it holds a query or a fragment"),
+            );
         }
         let upstream = self.upstream(&r.upstream);
         let host = match &r.host {
@@ -809,6 +845,15 @@ impl Validator<'_> {
                     "route.host",
                     format!("{:?} is not a host name", h.get_ref()),
                 );
+                return None;
+            }
+            // nginx's `*.example.com` is a wildcard; here it would match only a literal `*`.
+            Some(h) if h.get_ref().contains('*') => {
+                let msg = format!(
+                    "{:?}: wildcards are not supported; give each host name its own route",
+                    h.get_ref()
+                );
+                self.push(h, "route.host", msg);
                 return None;
             }
             Some(h) => Some(host_name(h.get_ref()).to_ascii_lowercase()),
@@ -898,6 +943,13 @@ impl Validator<'_> {
             _ if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
                 Some("an upstream is an origin only; requests keep their own path".to_owned())
             }
+            // `http::Uri` keeps a port it cannot read (`:99999`) as text: every request
+            // would then fail to connect.
+            (_, Some(a))
+                if written_port(a).is_some_and(|p| p.parse::<u16>().is_err() || p == "0") =>
+            {
+                Some("the port must be from 1 to 65535".to_owned())
+            }
             _ => None,
         };
         if let Some(why) = problem {
@@ -932,6 +984,12 @@ impl Validator<'_> {
     ) -> Option<Duration> {
         let Some(v) = v else { return Some(default) };
         match humantime::parse_duration(v.get_ref()) {
+            // Deadlines are `now + d`: humantime reads up to ~584 billion years, and past
+            // ~292 billion the sum overflows, a panic on every request.
+            Ok(d) if d > MAX_DURATION => {
+                self.push(v, key, "must be at most 365 days".into());
+                None
+            }
             Ok(d) if zero || !d.is_zero() => Some(d),
             Ok(_) => {
                 self.push(v, key, "must be longer than zero".into());
@@ -1006,6 +1064,12 @@ fn parse_size(s: &str) -> Option<u64> {
 pub(crate) fn host_name(host: &str) -> &str {
     let name = strip_port(host);
     name.strip_suffix('.').unwrap_or(name)
+}
+
+/// The port of `a` as written, if one is (IPv6 literals' colons are not ports).
+fn written_port(a: &Authority) -> Option<&str> {
+    let (_, port) = a.as_str().rsplit_once(':')?;
+    (!port.contains(']')).then_some(port)
 }
 
 /// `example.com:8080` → `example.com`; IPv6 literals keep their brackets.
@@ -1143,6 +1207,54 @@ upstream = "http://localhost:9001/"
                 3,
                 "server.upstream_idle_timeout",
                 "longer than zero",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nheader_read_timeout = \"500000000000y\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.header_read_timeout",
+                "at most 365 days",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nupstream_timeout = \"366d\"\n",
+                6,
+                "route.upstream_timeout",
+                "at most 365 days",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:99999\"\n",
+                5,
+                "route.upstream",
+                "the port must be from 1 to 65535",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:0\"\n",
+                5,
+                "route.upstream",
+                "the port must be from 1 to 65535",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_header_bytes = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.max_header_bytes",
+                "too small: at least 1024",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/a?b\"\nupstream = \"http://a:1\"\n",
+                4,
+                "route.prefix",
+                "holds a query or a fragment",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nhost = \"*.example.com\"\nupstream = \"http://a:1\"\n",
+                5,
+                "route.host",
+                "wildcards are not supported",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                4,
+                "admin.listen",
+                "is server.listen too",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\nmax_header_fields = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
