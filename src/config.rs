@@ -450,15 +450,32 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
             return None;
         };
         let line = v.line_of(span.start);
+        let start = text[..span.start.min(text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        // A table's own problem (a missing key, `[route]` for `[[route]]`) points at its
+        // header. It is the last one looked for: blanked, the header would put the table's
+        // keys in the table above, each then reported as unknown there.
+        if let Some(table) = table_header(&text[start..end]) {
+            if !consequence {
+                let key = match message.strip_prefix("missing field `") {
+                    Some(field) => format!("{table}.{}", field.trim_end_matches('`')),
+                    None => table.to_owned(),
+                };
+                let message = match (table, message.contains("expected a sequence")) {
+                    ("route", true) => format!("{message}: write each route as [[route]]"),
+                    _ => message,
+                };
+                v.push_at_line(line, &key, message);
+            }
+            return None;
+        }
         let key = v.key_at(span.start);
         if !consequence {
             v.push_at_line(line, &key, message);
         }
         // Blank the offending line (keeping offsets) and look for the next problem.
-        let start = text[..span.start.min(text.len())]
-            .rfind('\n')
-            .map_or(0, |i| i + 1);
-        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
         if start == end || text[start..end].trim().is_empty() {
             return None;
         }
@@ -469,6 +486,13 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
         text.replace_range(start..end, &blank);
     }
     None
+}
+
+/// The table a header line opens (`[server.tls]` → `server.tls`, `[[route]]` → `route`).
+fn table_header(line: &str) -> Option<&str> {
+    let line = line.trim();
+    let inner = line.strip_prefix('[')?.split(']').next()?;
+    Some(inner.trim_start_matches('[').trim())
 }
 
 /// Turns spans into lines and collects every problem.
@@ -1392,6 +1416,38 @@ upstream = "http://localhost:9001/"
             ],
             "{p:?}"
         );
+    }
+
+    /// One mistake, one problem: a table's own problem (a missing key, a table written
+    /// `[route]` for `[[route]]`) used to be followed by its keys reported as unknown in the
+    /// table above it, and a value of the wrong type by "missing field `server`".
+    #[test]
+    fn a_mistake_in_a_table_is_one_problem_named_where_it_is() {
+        let route = "[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n";
+        let cases = [
+            (
+                format!("[server]\nlisten = 8080\n{route}"),
+                (2, "server.listen"),
+                "expected a string",
+            ),
+            (
+                format!("[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"c.pem\"\n{route}"),
+                (3, "server.tls.key"),
+                "missing field `key`",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[route]\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
+                    .to_owned(),
+                (3, "route"),
+                "write each route as [[route]]",
+            ),
+        ];
+        for (text, at, says) in cases {
+            let p = problems(&text);
+            let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+            assert_eq!(got, [at], "{text}\n{p:?}");
+            assert!(p[0].message.contains(says), "{p:?}");
+        }
     }
 
     #[test]
