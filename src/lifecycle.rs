@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
@@ -74,6 +74,16 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
                 routes = config.routes.len(),
                 "config reloaded"
             );
+        }
+        // A line per problem: one field holding them all, newlines and all, breaks text
+        // logs apart and log pipelines' one-event-per-line.
+        Err(ConfigError::Invalid(problems)) => {
+            for problem in problems {
+                tracing::error!(
+                    %problem,
+                    "config reload refused; the running config keeps serving"
+                );
+            }
         }
         Err(e) => {
             tracing::error!(

@@ -172,12 +172,21 @@ async fn sighup_with_an_invalid_file_keeps_the_old_config_and_logs_why() {
     let store = Backend::start().await;
     store.store.put("/docs/a", "doc a");
     let bin = Binary::start(&config(&[("/docs/", &store.origin(), "")]), &[]).await;
-    bin.write_config("[server]\nlisten = \"{listen}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"not a url\"\n");
+    bin.write_config("[server]\nlisten = \"{listen}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"not a url\"\nlock_timeout = \"soon\"\n");
     bin.signal("HUP");
     let line = bin
         .wait_for_log("config reload refused", Duration::from_secs(5))
         .await;
     assert!(line.contains("route.upstream"), "the log says why: {line}");
+    // Each problem on a line of its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused: Vec<String> = bin
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("config reload refused"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(refused[1].contains("route.lock_timeout"), "{refused:#?}");
     let r = Client::new().get(&bin.url("/docs/a"), &[]).await;
     assert_eq!(r.status, 200, "the old config keeps serving");
 }
