@@ -315,6 +315,7 @@ pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 128;
 pub const MAX_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 pub const MIN_MAX_HEADER_BYTES: u64 = 1024;
+pub const MAX_WORKERS: u32 = 1024;
 /// The longest duration any key takes: far past any sensible timeout, far short of what
 /// `Instant` arithmetic overflows at.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -682,7 +683,11 @@ impl Validator<'_> {
         };
         let workers = match &s.workers {
             None => Some(None),
-            Some(_) => self.count(&s.workers, "server.workers", 1).map(Some),
+            // A thread each: a typo of a few digits more would exhaust memory at start.
+            Some(_) => self
+                .count(&s.workers, "server.workers", 1)
+                .and_then(|n| self.at_most(&s.workers, "server.workers", n, MAX_WORKERS))
+                .map(Some),
         };
         Some(Server {
             workers: workers?,
@@ -1504,6 +1509,11 @@ upstream = "http://localhost:9001/"
             "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 0\n{route}"
         ));
         assert_eq!((p[0].line, p[0].key.as_str()), (3, "server.workers"));
+        let p = problems(&format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 100000\n{route}"
+        ));
+        assert_eq!((p[0].line, p[0].key.as_str()), (3, "server.workers"));
+        assert_eq!(p[0].message, "must be at most 1024");
     }
 
     #[test]
