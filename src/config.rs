@@ -130,8 +130,12 @@ pub struct Route {
 pub struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
-    /// `scheme://authority`, the prefix of every cache and lock key of this upstream.
+    /// `scheme://authority` as written: what logs name, and what the backend knows itself
+    /// by when it is sent that `Host`.
     pub origin: String,
+    /// The origin in one spelling (host in lower case, no default port): the prefix of
+    /// every cache and lock key of this upstream.
+    pub key_prefix: String,
     /// `scheme://authority/`, what the connector is given to connect to.
     pub uri: Uri,
     /// The authority as a `Host` value: made once here, not on every request.
@@ -148,8 +152,17 @@ impl Upstream {
             .expect("a scheme and an authority make a valid URI");
         let host = HeaderValue::from_str(authority.as_str())
             .expect("an authority is a valid header value");
+        // One spelling per origin for the keys, so that two routes naming one backend as
+        // `LOCALHOST` and `localhost:80` share its locks and tags.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let name = authority.host().to_ascii_lowercase();
+        let key_prefix = match authority.port_u16().filter(|&p| p != default_port) {
+            Some(port) => format!("{scheme}://{name}:{port}"),
+            None => format!("{scheme}://{name}"),
+        };
         Self {
             origin: format!("{scheme}://{authority}"),
+            key_prefix,
             scheme,
             authority,
             uri,
@@ -1153,6 +1166,22 @@ upstream = "http://localhost:9001/"
         assert!(!root.require_precondition);
         assert_eq!(root.max_tag_body, DEFAULT_MAX_TAG_BODY);
         assert_eq!(root.upstream.origin, "http://localhost:9001");
+        // Keys take one spelling of an origin.
+        for (written, key) in [
+            ("http://LocalHost:80", "http://localhost"),
+            ("http://localhost", "http://localhost"),
+            ("https://a.example:443", "https://a.example"),
+            ("https://a.example:80", "https://a.example:80"),
+            ("http://[::1]:8080", "http://[::1]:8080"),
+        ] {
+            let uri: Uri = written.parse().unwrap();
+            let up = Upstream::new(
+                uri.scheme().unwrap().clone(),
+                uri.authority().unwrap().clone(),
+            );
+            assert_eq!(up.key_prefix, key, "{written}");
+            assert_eq!(up.origin, written, "logged as written");
+        }
         assert_eq!(
             c.server.max_buffered_bytes as u64,
             DEFAULT_MAX_BUFFERED_BYTES

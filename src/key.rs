@@ -1,7 +1,7 @@
 //! The key that names one resource for the tag cache and the write locks.
 //!
-//! Key = upstream origin + normalised path + `?query`. The path is normalised by RFC 3986
-//! §6.2.2 (percent-encodings of unreserved characters decoded, the hex digits of the others
+//! Key = upstream origin (in one spelling: `Upstream::key_prefix`) + normalised path +
+//! `?query`. The path is normalised by RFC 3986 §6.2.2 (percent-encodings of unreserved characters decoded, the hex digits of the others
 //! upper-cased, dot-segments removed) and runs of `/` are merged, as nginx and most servers
 //! do. So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
 //! tag. `%2F` is decoded to `/` before dot-segments are removed, which RFC 3986 does not do
@@ -31,9 +31,9 @@ impl ResourceKey {
     /// The key of `normal_path` (already normalised) and `query` at `upstream`.
     pub fn new(upstream: &Upstream, normal_path: &str, query: Option<&str>) -> Self {
         let mut s = String::with_capacity(
-            upstream.origin.len() + normal_path.len() + 1 + query.map_or(0, str::len),
+            upstream.key_prefix.len() + normal_path.len() + 1 + query.map_or(0, str::len),
         );
-        s.push_str(&upstream.origin);
+        s.push_str(&upstream.key_prefix);
         s.push_str(normal_path);
         // An empty query (`/docs/42?`, as URL builders write) is no query to any backend.
         if let Some(q) = query.filter(|q| !q.is_empty()) {
