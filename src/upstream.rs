@@ -12,13 +12,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
 
-use crate::body::{ClientBody, Hashed};
+use crate::body::{BodyTooLong, ClientBody, Hashed};
 use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
@@ -28,7 +28,7 @@ use crate::pool::{Pool, ReadLimits, SendError};
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
 /// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
 /// write, or none (revalidation GETs).
-pub type UpstreamBody = Either<Hashed<Limited<ClientBody>>, Full<Bytes>>;
+pub type UpstreamBody = Either<Hashed<ClientBody>, Full<Bytes>>;
 
 /// A request body read whole already.
 pub fn whole(body: Bytes) -> UpstreamBody {
@@ -141,9 +141,8 @@ impl UpstreamClient {
         (Either::Left(body), sent)
     }
 
-    fn limited(&self, body: ClientBody) -> Limited<ClientBody> {
-        let limit = usize::try_from(self.max_request_body).unwrap_or(usize::MAX);
-        Limited::new(body, limit)
+    fn limited(&self, body: ClientBody) -> ClientBody {
+        body.limit(self.max_request_body)
     }
 
     /// Sends `req` and waits up to the route's `upstream_timeout` for the response head. The
@@ -219,7 +218,7 @@ impl UpstreamClient {
         let mut reason = top.to_string();
         let mut source = Some(top);
         while let Some(s) = source {
-            if s.is::<LengthLimitError>() {
+            if s.is::<BodyTooLong>() {
                 return Error::BodyTooLarge {
                     limit: self.max_request_body,
                 };
