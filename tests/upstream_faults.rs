@@ -314,21 +314,16 @@ async fn a_client_that_leaves_while_the_backend_answers_frees_the_lock_once_it_h
 #[tokio::test]
 async fn a_streamed_body_waiting_on_a_slow_backend_is_not_taken_for_a_stalled_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let head = "HTTP/1.1 200 OK\r\ncontent-length: 2000\r\n\r\n";
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&[b'a'; 1000]).await;
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                let _ = s.write_all(&[b'b'; 1000]).await;
-            });
-        }
-    });
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 2000\r\n\r\n";
+        let _ = s.write_all(head.as_bytes()).await;
+        let _ = s.write_all(&[b'a'; 1000]).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let _ = s.write_all(&[b'b'; 1000]).await;
+    })
+    .await;
     let proxy = common::Proxy::start_with(
         &route("/", "upstream_timeout = \"5s\"\nmax_tag_body = \"1KiB\""),
         &origin,
@@ -400,17 +395,12 @@ async fn a_slow_upload_is_timed_by_its_chunks_not_taken_for_a_slow_backend() {
 async fn an_upload_the_backend_stops_taking_is_a_504() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // Reads the head and a little, then neither reads nor answers for 20 s.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                tokio::time::sleep(Duration::from_secs(20)).await;
-            });
-        }
-    });
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    })
+    .await;
     let limits = "upstream_timeout = \"1s\"\nmax_tag_body = \"1KiB\"";
     let proxy = Proxy::start(&route("/", limits), &origin).await;
 
@@ -440,4 +430,21 @@ async fn an_upload_the_backend_stops_taking_is_a_504() {
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
     assert!(took < Duration::from_secs(5), "cut off after {took:?}");
     assert!(proxy.state.locks.is_empty());
+}
+
+/// A backend on raw sockets, for answers no HTTP server would give: `serve` gets each
+/// connection. Its origin.
+async fn raw_backend<F, Fut>(serve: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    origin
 }
