@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -55,6 +55,9 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// The bound on body bytes held by all requests at once (`max_buffered_bytes`).
     pub budget: Arc<Budget>,
+    /// Counts the tag keys the process has used (`Routing::key_generation` of the newest),
+    /// so that a tag made under an older one is not left in the cache (`record`).
+    key_generation: AtomicU64,
 }
 
 /// The part of the proxy that a config reload replaces.
@@ -67,6 +70,8 @@ struct Routing {
     tls: Option<Arc<rustls::ServerConfig>>,
     max_header_bytes: u64,
     max_request_body: u64,
+    /// Which tag key this is, counted from the first (see `Proxy::key_generation`).
+    key_generation: u64,
 }
 
 impl Routing {
@@ -94,6 +99,7 @@ impl Routing {
             tls: s.tls.clone(),
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
+            key_generation: 0,
         }
     }
 
@@ -238,6 +244,7 @@ impl Proxy {
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
             budget: Budget::new(config.server.max_buffered_bytes),
+            key_generation: AtomicU64::new(0),
         }
     }
 
@@ -255,11 +262,17 @@ impl Proxy {
     /// finish under the old ones. Locks are kept, and so is the tag cache (its size is not
     /// changed by a reload) unless the key changed or a route now trusts it where none did.
     pub fn reload(&self, config: &Config) {
-        let new = Arc::new(Routing::new(config, &self.random_key));
+        let mut new = Routing::new(config, &self.random_key);
+        let changed = self.routing.load().tag_key != new.tag_key;
+        new.key_generation = self.key_generation.load(Ordering::SeqCst) + u64::from(changed);
+        let new = Arc::new(new);
         let old = self.routing.swap(new.clone());
         self.budget.set_limit(config.server.max_buffered_bytes);
         if old.tag_key != new.tag_key {
             // Remembered tags were made with the old key; clients holding them get 412.
+            // The count first, then the clear: see `record`.
+            self.key_generation
+                .store(new.key_generation, Ordering::SeqCst);
             self.tags.clear();
             self.memo.clear();
             tracing::info!(
@@ -811,14 +824,7 @@ impl Proxy {
                 negotiated: false,
             };
             let ticket = sending.unwrap_or_else(|| self.tags.ticket());
-            self.tags.record(key, known, ticket);
-            // The tag was made with this request's key. A reload that changed the key since
-            // clears the cache only after it has swapped the key in: seen swapped here, the
-            // clear may have run before the record, so the record goes; not seen, the clear
-            // is still to come and takes it.
-            if self.routing.load().tag_key != rt.tag_key {
-                self.tags.invalidate(key);
-            }
+            self.record(rt, key, known, ticket);
             rsp.headers_mut().insert(ETAG, tag.to_header());
             ex.outcome = match shared {
                 true => "forwarded_unchanged",
@@ -882,6 +888,7 @@ impl Proxy {
     /// be shared (`cacheable`), and returns its tag for evaluating the request.
     fn remember(
         &self,
+        rt: &Routing,
         key: &ResourceKey,
         shared: bool,
         known: Option<Known>,
@@ -890,9 +897,21 @@ impl Proxy {
         let known = known?;
         let tag = known.tag.clone();
         if shared {
-            self.tags.record(key, known, ticket);
+            self.record(rt, key, known, ticket);
         }
         Some(tag)
+    }
+
+    /// Records a tag made with `rt`'s key. A request that began before a reload changed the
+    /// key (a write waiting for its lock, a PUT in flight) makes its tags with the old one,
+    /// under a ticket that may postdate the reload's clear: such a tag is dropped. The
+    /// reload counts the new key before it clears, and the clear takes each entry's lock:
+    /// a record the clear went past sees the new count here; one it did not, it removes.
+    fn record(&self, rt: &Routing, key: &ResourceKey, known: Known, ticket: Ticket) {
+        self.tags.record(key, known, ticket);
+        if self.key_generation.load(Ordering::SeqCst) != rt.key_generation {
+            self.tags.invalidate(key);
+        }
     }
 
     /// Tags a 200 read from the upstream (a GET, or a revalidation) and records what it
@@ -1019,7 +1038,7 @@ impl Proxy {
         let resource = Resource {
             exists: true,
             last_modified,
-            tag: self.remember(key, shared, known, ticket),
+            tag: self.remember(rt, key, shared, known, ticket),
         };
         Ok((resource, body))
     }

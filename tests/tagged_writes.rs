@@ -379,3 +379,59 @@ async fn a_put_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
     assert_eq!(r.status, 204, "the current tag under the current key");
     assert_eq!(*doc.lock().unwrap(), "v3");
 }
+
+/// The same, on a plain `cached` route: the old-key tag would come from a write's
+/// revalidation GET. The write took the routing (the old key) before the reload, waited for
+/// the URL's lock across it, then revalidated the emptied cache with a fresh ticket.
+#[tokio::test]
+async fn a_revalidation_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new("v1".to_owned()));
+    let d = doc.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let d = d.clone();
+        async move {
+            if r.method == "GET" {
+                return respond(200, &[], d.lock().unwrap().clone());
+            }
+            if r.body.as_ref() == b"v2" {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            *d.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
+            respond(204, &[], "")
+        }
+    })
+    .await;
+    let routes = route("/docs/", "validation = \"cached\"");
+    let key_a = "tag_key = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
+    let key_b = "tag_key = \"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"";
+    let proxy = Proxy::start_with(&routes, &backend.origin(), key_a).await;
+    let (url, c) = (proxy.url("/docs/a"), Client::new());
+    let t1 = c.get(&url, &[]).await.etag();
+    let w1 = {
+        let (c, url, t1) = (c.clone(), url.clone(), t1.clone());
+        tokio::spawn(async move { c.put(&url, &[("if-match", &t1)], "v2").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A stale writer (holds v1's tag), queued for the lock under the old key.
+    let w2 = {
+        let (c, url) = (c.clone(), url.clone());
+        tokio::spawn(async move { c.put(&url, &[("if-match", &t1)], "v9").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{key_b}\n{}",
+        routes.replace("{upstream}", &backend.origin())
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    assert_eq!(w1.await.unwrap().status, 204);
+    assert_eq!(w2.await.unwrap().status, 412);
+    assert_eq!(*doc.lock().unwrap(), "v2");
+    // v2's tag under the key in use must be current; the old key's must not.
+    let r = c
+        .put(&url, &[("if-match", &proxy.tag_of("v2"))], "v3")
+        .await;
+    assert_eq!(r.status, 204, "the current tag under the current key");
+}
