@@ -471,6 +471,15 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
         // A table's own problem (a missing key, `[route]` for `[[route]]`) points at its
         // header. It is the last one looked for: blanked, the header would put the table's
         // keys in the table above, each then reported as unknown there.
+        // A missing top-level table (`[server]`) is the document's problem, the last one
+        // looked for too: its span is the whole file, from whatever line 1 holds.
+        let top_level = ["missing field `server`", "missing field `route`"];
+        if span.start == 0 && top_level.contains(&message.as_str()) {
+            if !consequence {
+                v.push_at_line(1, "", message);
+            }
+            return None;
+        }
         if let Some(table) = table_header(&text[start..end]) {
             if !consequence {
                 let key = match message.strip_prefix("missing field `") {
@@ -988,7 +997,7 @@ impl Validator<'_> {
             // `http::Uri` keeps a port it cannot read (`:99999`) as text: every request
             // would then fail to connect.
             (_, Some(a))
-                if written_port(a).is_some_and(|p| p.parse::<u16>().is_err() || p == "0") =>
+                if written_port(a).is_some_and(|p| !matches!(p.parse::<u16>(), Ok(1..))) =>
             {
                 Some("the port must be from 1 to 65535".to_owned())
             }
@@ -1108,10 +1117,11 @@ pub(crate) fn host_name(host: &str) -> &str {
     name.strip_suffix('.').unwrap_or(name)
 }
 
-/// The port of `a` as written, if one is (IPv6 literals' colons are not ports).
+/// The port of `a` as written, if one is (IPv6 literals' colons are not ports; `host:`,
+/// an empty port, is the scheme's default, RFC 3986 §3.2.3).
 fn written_port(a: &Authority) -> Option<&str> {
     let (_, port) = a.as_str().rsplit_once(':')?;
-    (!port.contains(']')).then_some(port)
+    (!port.contains(']') && !port.is_empty()).then_some(port)
 }
 
 /// `example.com:8080` → `example.com`; IPv6 literals keep their brackets.
@@ -1286,6 +1296,12 @@ upstream = "http://localhost:9001/"
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:0\"\n",
+                5,
+                "route.upstream",
+                "the port must be from 1 to 65535",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:00\"\n",
                 5,
                 "route.upstream",
                 "the port must be from 1 to 65535",
@@ -1476,6 +1492,23 @@ upstream = "http://localhost:9001/"
                 "write each route as [[route]]",
             ),
         ];
+        // An empty port is the scheme's default (RFC 3986 §3.2.3), not a bad one.
+        let empty_port = "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:\"\n";
+        let c = Config::parse(empty_port, "t").unwrap();
+        assert_eq!(c.routes[0].upstream.key_prefix, "http://a");
+        // A key missing from a `[server]` on line 1 is still that table's.
+        let p = problems(&format!("[server]\nmax_connections = 5\n{route}"));
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(got, [(1, "server.listen")], "{p:?}");
+        // No `[server]` at all is the file's problem, not one of the first table's keys.
+        for first in ["[[route]]", "[admin]\nlisten = \"127.0.0.1:2\"\n[[route]]"] {
+            let p = problems(&format!(
+                "{first}\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
+            ));
+            let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+            assert_eq!(got, [(1, "")], "{p:?}");
+            assert!(p[0].message.contains("missing field `server`"), "{p:?}");
+        }
         for (text, at, says) in cases {
             let p = problems(&text);
             let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
