@@ -192,8 +192,9 @@ where
             match sent.await {
                 _ if !conn.watch.end() => return Err(SendError::Timeout),
                 None => {
+                    let missed = deadline.map_or(SendError::Timeout, |d| d.missed());
                     conn.task.abort();
-                    return Err(deadline.map_or(SendError::Timeout, |d| d.missed()));
+                    return Err(missed);
                 }
                 Some(Ok(rsp)) => {
                     self.checkin(origin, idle.conn);
@@ -237,8 +238,9 @@ where
                 match sent.await {
                     Some(sent) => sent.map_err(SendError::Http)?,
                     None => {
+                        let missed = deadline.missed();
                         conn.task.abort();
-                        return Err(deadline.missed());
+                        return Err(missed);
                     }
                 }
             }

@@ -634,11 +634,16 @@ impl Proxy {
                         return Err(timeout);
                     }
                 };
-                let current = match self.check(rt, route, key, pre, &parts, ex).await? {
-                    Checked::Holds(current) => current,
-                    Checked::Answer(rsp) => {
+                let current = match self.check(rt, route, key, pre, &parts, ex).await {
+                    Ok(Checked::Holds(current)) => current,
+                    // The revalidation's own answer, or a 412 or a failure.
+                    Ok(Checked::Answer(rsp)) => {
                         self.metrics.lock_wait(waited);
                         return Ok(rsp);
+                    }
+                    Err(e) => {
+                        self.metrics.lock_wait(waited);
+                        return Err(e);
                     }
                 };
                 if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {

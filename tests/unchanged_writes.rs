@@ -129,6 +129,20 @@ async fn puts_of_the_current_bytes_run_side_by_side() {
         "{metrics}"
     );
     assert!(proxy.state.locks.is_empty());
+    // A rewrite of bytes that are no longer current waits for the lock like the rest, and
+    // gets its 412 under it: its wait is counted too, once.
+    let old = "older bytes";
+    let r = c.put(&url, &[("if-match", &proxy.tag_of(old))], old).await;
+    assert_eq!(r.status, 412);
+    let metrics =
+        proxy
+            .state
+            .metrics
+            .render(&proxy.state.tags, &proxy.state.memo, &proxy.state.budget);
+    assert!(
+        metrics.contains("ifmatch_lock_wait_seconds_count 5"),
+        "{metrics}"
+    );
 }
 
 /// Rounds of writers all holding the same fresh tag, two in three sending the current bytes
