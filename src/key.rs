@@ -7,8 +7,9 @@
 //! tag. `%2F` is decoded to `/` before dot-segments are removed, which RFC 3986 does not do
 //! but nginx does: `/docs%2F42` and `/x%2F..%2Fdocs/42` are its file `/docs/42` too. Were
 //! they other keys, writes through them would take other locks and slip past each other.
-//! A backend that tells `%2F` from `/` apart only has its keys coarser: two of its
-//! resources then share a lock, and under `cached` a remembered tag. A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
+//! A backend that tells `%2F` from `/` apart gets coarser keys: two of its resources then
+//! share a lock, and under `cached` a remembered tag (README says to keep such a backend on
+//! `revalidate`). A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
 //! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
 //! Bytes a URI carries only encoded (raw UTF-8, `"`, `{`...), which hyper lets through, are
 //! percent-encoded, so that `/é` and `/%C3%A9` share a key.
