@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -562,6 +562,8 @@ pub async fn read_tagged(
     use http_body_util::BodyExt;
 
     let mut chunks = VecDeque::new();
+    // Small chunks past the first few, copied together (`hold`).
+    let mut tail = BytesMut::new();
     // False once a read only for the tag has found no room: it keeps nothing more.
     let mut kept = keep != Keep::Nothing;
     let mut len = 0usize;
@@ -581,6 +583,7 @@ pub async fn read_tagged(
                 }
                 None => (hasher.finish(), None),
             };
+            flush(&mut chunks, &mut tail);
             return Ok(Collected::Whole {
                 chunks,
                 held,
@@ -607,11 +610,12 @@ pub async fn read_tagged(
             None => hasher.update(&chunk),
         }
         if kept {
-            chunks.push_back(chunk);
+            hold(&mut chunks, &mut tail, chunk);
         }
         // The chunk in hand is not counted in either case: it goes out next, with the rest
         // streamed.
         if len as u64 > limit {
+            flush(&mut chunks, &mut tail);
             return Ok(Collected::TooLarge {
                 chunks,
                 held,
@@ -622,6 +626,7 @@ pub async fn read_tagged(
             continue;
         }
         if keep == Keep::ToSend {
+            flush(&mut chunks, &mut tail);
             return Ok(Collected::OverBudget {
                 chunks,
                 held,
@@ -629,8 +634,40 @@ pub async fn read_tagged(
             });
         }
         chunks.clear();
+        tail = BytesMut::new();
         held.release();
         kept = false;
+    }
+}
+
+/// Chunks kept as they came, before small ones are copied together.
+const SLICES: usize = 16;
+/// A chunk under this is small.
+const SMALL_CHUNK: usize = 4 * 1024;
+/// The most small chunks copied into one.
+const COPIED: usize = 64 * 1024;
+
+/// Keeps `chunk` of a body being read. A chunk is a slice of hyper's read buffer, which it
+/// keeps alive whole, and takes a slot of its own: a backend sending a body in one-byte
+/// chunks would make each byte the budget counts hold some 40. So past the first
+/// [`SLICES`], small chunks are copied into `tail`, up to [`COPIED`] bytes a piece. Bodies
+/// that come in a few chunks, small ones included, are kept as they came.
+fn hold(chunks: &mut VecDeque<Bytes>, tail: &mut BytesMut, chunk: Bytes) {
+    if chunks.len() < SLICES || chunk.len() >= SMALL_CHUNK {
+        flush(chunks, tail);
+        chunks.push_back(chunk);
+        return;
+    }
+    if tail.len() + chunk.len() > COPIED {
+        flush(chunks, tail);
+    }
+    tail.extend_from_slice(&chunk);
+}
+
+/// Puts what `tail` has copied, if anything, after the chunks kept.
+fn flush(chunks: &mut VecDeque<Bytes>, tail: &mut BytesMut) {
+    if !tail.is_empty() {
+        chunks.push_back(tail.split().freeze());
     }
 }
 
@@ -665,6 +702,48 @@ async fn within<F: Future>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body in one-byte chunks is held in a few pieces, not a slice of hyper's buffer
+    /// each; the bytes and their order are the body's, big chunks among them kept as they
+    /// came.
+    #[test]
+    fn small_chunks_past_the_first_few_are_held_copied_together() {
+        let (mut chunks, mut tail) = (VecDeque::new(), BytesMut::new());
+        let mut body = Vec::new();
+        for i in 0..100_000u32 {
+            let byte = Bytes::from(vec![(i % 251) as u8]);
+            body.extend_from_slice(&byte);
+            hold(&mut chunks, &mut tail, byte);
+            if i == 50_000 {
+                let big = Bytes::from(vec![7u8; SMALL_CHUNK]);
+                body.extend_from_slice(&big);
+                hold(&mut chunks, &mut tail, big);
+            }
+        }
+        flush(&mut chunks, &mut tail);
+        // 16 slices, then ~50 KB copied, the big chunk, ~50 KB copied.
+        assert_eq!(
+            chunks.len(),
+            SLICES + 3,
+            "{:?}",
+            chunks.iter().map(Bytes::len).collect::<Vec<_>>()
+        );
+        assert!(chunks.iter().all(|c| c.len() <= COPIED));
+        assert_eq!(
+            chunks
+                .iter()
+                .flat_map(|c| c.iter().copied())
+                .collect::<Vec<u8>>(),
+            body
+        );
+        // A few small chunks are kept as they came: no copy for the common case.
+        let (mut chunks, mut tail) = (VecDeque::new(), BytesMut::new());
+        for _ in 0..SLICES {
+            hold(&mut chunks, &mut tail, Bytes::from_static(b"abc"));
+        }
+        assert!(tail.is_empty());
+        assert_eq!(chunks.len(), SLICES);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn within_answers_what_is_ready_or_comes_in_time_and_refuses_a_stall() {

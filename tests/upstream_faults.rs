@@ -448,3 +448,35 @@ where
     });
     origin
 }
+
+/// A body in one-byte chunks (a hostile or odd backend) is held copied together past its
+/// first chunks (`body::hold`), and still goes out whole under the tag of its bytes.
+#[tokio::test]
+async fn a_body_of_tiny_chunks_goes_out_whole_under_its_tag() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: usize = 3000;
+    let body: Vec<u8> = (0..LEN).map(|i| b'a' + (i % 26) as u8).collect();
+    let sent = body.clone();
+    let origin = raw_backend(move |mut s| {
+        let body = sent.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for b in &body {
+                out.extend_from_slice(b"1\r\n");
+                out.push(*b);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            let _ = s.write_all(&out).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let r = Client::new().get(&proxy.url("/tiny"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, body);
+    assert_eq!(r.etag(), proxy.tag_of(&body));
+}
