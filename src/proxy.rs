@@ -440,6 +440,7 @@ impl Proxy {
         let head = parts.method == Method::HEAD;
         parts.method = Method::GET;
         strip_evaluated(&mut parts.headers, pre, true);
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
         let ticket = self.tags.ticket();
         let req = Box::new(Request::from_parts(
             parts,
@@ -464,7 +465,16 @@ impl Proxy {
         // A HEAD's body is read only for its tag: with no room in the budget it is hashed
         // and let go, and the HEAD still gets the tag a GET would.
         let tag_only = head || again.is_some();
-        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, tag_only);
+        let read = self.tag(
+            rt,
+            route,
+            key,
+            ticket,
+            &mut rparts,
+            rbody,
+            tag_only,
+            authorized,
+        );
         let (current, body) = read.await?;
         if body.is_none() && !head {
             self.over_budget(route, Unheld::Response);
@@ -884,7 +894,8 @@ impl Proxy {
             }));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, true);
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, true, authorized);
         let (current, _) = read.await?;
         Ok(Current::Known(current))
     }
@@ -942,9 +953,10 @@ impl Proxy {
         rparts: &mut response::Parts,
         body: Incoming,
         tag_only: bool,
+        authorized: bool,
     ) -> Result<(Resource, Option<ProxyBody>), Error> {
         let last_modified = last_modified(&rparts.headers);
-        let (shared, negotiated) = cacheable(route, &rparts.headers);
+        let (shared, negotiated) = cacheable(route, &rparts.headers, authorized);
         let idle = route.upstream_timeout;
         let (tag, from_upstream, body) = 'read: {
             if let Some(tag) = upstream_strong_tag(&rparts.headers) {
@@ -1161,19 +1173,38 @@ impl Drop for InFlight {
 /// varies by user (`Vary: Authorization`, `Cookie` or `*`, `Cache-Control: private`, or a
 /// `per_user` route) is not: a 412 would show one user's tag to another, so such writes
 /// always revalidate with the writer's own credentials. Nor is one marked `no-store`: its
-/// bytes must not be kept, as a copy would be. And whether it is one of several
-/// (`Known::negotiated`): it varies on anything, or has a content coding. One pass over
-/// `Vary` for both.
-fn cacheable(route: &Route, headers: &HeaderMap) -> (bool, bool) {
+/// bytes must not be kept, as a copy would be. Nor, as a shared cache must not reuse it
+/// (RFC 9111 §3.5), one answering a request with `Authorization`, unless it says it may be
+/// shared (`public`, `s-maxage`, `must-revalidate`); nor one that sets a cookie, which nginx
+/// and Varnish do not cache either. And whether it is one of several (`Known::negotiated`):
+/// it varies on anything, or has a content coding. One pass over `Vary` for both.
+fn cacheable(route: &Route, headers: &HeaderMap, authorized: bool) -> (bool, bool) {
     let vary = headers.get_all(header::VARY);
     let negotiated = vary.iter().next().is_some() || headers.contains_key(header::CONTENT_ENCODING);
     let varies_by_user = list_items(headers, header::VARY).any(|f| {
         f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
     });
+    let one_users = authorized && !shared_though_authorized(headers);
     (
-        !route.per_user && !varies_by_user && !kept_from_others(headers),
+        !route.per_user
+            && !varies_by_user
+            && !one_users
+            && !headers.contains_key(header::SET_COOKIE)
+            && !kept_from_others(headers),
         negotiated,
     )
+}
+
+/// A response to a request with `Authorization` that a shared cache may reuse all the same
+/// (RFC 9111 §3.5).
+fn shared_though_authorized(headers: &HeaderMap) -> bool {
+    list_items(headers, header::CACHE_CONTROL)
+        .map(|d| d.split('=').next().unwrap_or("").trim_end())
+        .any(|d| {
+            ["public", "s-maxage", "must-revalidate"]
+                .iter()
+                .any(|ok| d.eq_ignore_ascii_case(ok))
+        })
 }
 
 /// `Cache-Control: private` (for one user: RFC 9111 §5.2.2.7) or `no-store` (§5.2.2.5), in

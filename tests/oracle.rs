@@ -160,6 +160,52 @@ async fn under_cached_validation_a_vary_authorization_response_falls_back_to_rev
     stranger_learns_nothing(&route("/", "validation = \"cached\""), true).await;
 }
 
+/// RFC 9111 §3.5: a shared cache does not reuse a response to a request with
+/// `Authorization` unless it says it may. So under `cached`, with no `Vary` and no
+/// `per_user`, one user's tag is not remembered for another: Bob's read does not make
+/// Alice's write a 412 carrying Bob's tag.
+#[tokio::test]
+async fn under_cached_validation_an_authorized_response_falls_back_to_revalidation() {
+    stranger_learns_nothing(&route("/", "validation = \"cached\""), false).await;
+    let backend = per_user_backend(false).await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let (alice, bob) = (
+        ("authorization", "Bearer alice"),
+        ("authorization", "Bearer bob"),
+    );
+    let url = proxy.url("/me");
+    let alice_tag = c.get(&url, &[alice]).await.etag();
+    c.get(&url, &[bob]).await;
+    let r = c.put(&url, &[alice, ("if-match", &alice_tag)], "edit").await;
+    assert_eq!(r.status, 204, "{}", r.text());
+}
+
+/// What the backend marks as shared all the same is remembered, as RFC 9111 §3.5 allows;
+/// a response that sets a cookie is not (nginx and Varnish do not cache one either).
+#[tokio::test]
+async fn under_cached_validation_only_responses_fit_for_all_are_remembered() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.uri.path() {
+            "/public" => respond(200, &[("cache-control", "public, max-age=0")], "for all"),
+            "/cookie" => respond(200, &[("set-cookie", "session=1")], "for one"),
+            _ => respond(200, &[], "plain"),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let auth = [("authorization", "Bearer alice")];
+    c.get(&proxy.url("/public"), &auth).await;
+    c.get(&proxy.url("/cookie"), &[]).await;
+    c.get(&proxy.url("/plain"), &auth).await;
+    let origin = backend.origin();
+    let tags = &proxy.state.tags;
+    assert!(tags.get(&common::proxy::key(&origin, "/public")).is_some());
+    assert!(tags.get(&common::proxy::key(&origin, "/cookie")).is_none());
+    assert!(tags.get(&common::proxy::key(&origin, "/plain")).is_none());
+}
+
 #[tokio::test]
 async fn under_cached_validation_a_per_user_route_falls_back_to_revalidation() {
     stranger_learns_nothing(
