@@ -21,6 +21,16 @@ use dashmap::DashMap;
 use crate::etag::ETag;
 use crate::key::ResourceKey;
 
+/// Key bytes the cache may hold for each entry it may hold, on average: 25.6 MB at the
+/// default 100,000 entries, where URLs of a usual length take a few MB.
+const KEY_BYTES_PER_ENTRY: usize = 256;
+/// Keys longer than this are never remembered: a write to such a URL revalidates.
+const MAX_KEY_BYTES: usize = 8 * 1024;
+
+fn too_long(key: &ResourceKey) -> bool {
+    key.as_str().len() > MAX_KEY_BYTES
+}
+
 /// What is remembered of a resource's representation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Known {
@@ -84,6 +94,10 @@ pub struct TagStore {
     adding: RwLock<()>,
     len: AtomicUsize,
     capacity: usize,
+    /// Bytes of the keys held, and the most they may be: clients choose URLs (a 60 KB query
+    /// is a 60 KB key), so a bound on entries alone does not bound memory.
+    key_bytes: AtomicUsize,
+    key_budget: usize,
     clock: AtomicU64,
     /// Tickets below this are refused: an entry that could have refused them was evicted.
     floor: AtomicU64,
@@ -100,6 +114,8 @@ impl TagStore {
             adding: RwLock::new(()),
             len: AtomicUsize::new(0),
             capacity: capacity.max(1),
+            key_bytes: AtomicUsize::new(0),
+            key_budget: capacity.max(1).saturating_mul(KEY_BYTES_PER_ENTRY),
             clock: AtomicU64::new(1),
             floor: AtomicU64::new(0),
             stats: CacheStats::default(),
@@ -136,7 +152,7 @@ impl TagStore {
     /// Remembers `known` as read by the GET that took `ticket`, unless a write finished
     /// since, or a newer read was already recorded.
     pub fn record(&self, key: &ResourceKey, known: Known, ticket: Ticket) {
-        if ticket.0 < self.floor.load(Ordering::Acquire) {
+        if ticket.0 < self.floor.load(Ordering::Acquire) || too_long(key) {
             return;
         }
         // A resource already held (the usual case) is updated in place: no new entry, so
@@ -176,6 +192,10 @@ impl TagStore {
 
     /// Forgets the tag of `key` after a write that may have changed it.
     pub fn invalidate(&self, key: &ResourceKey) {
+        // Never remembered, so there is no tag to forget, nor a read to refuse.
+        if too_long(key) {
+            return;
+        }
         let at = self.clock.fetch_add(1, Ordering::AcqRel);
         if let Some(mut held) = self.map.get_mut(key) {
             let from_upstream = held.upstream_tagged();
@@ -210,6 +230,7 @@ impl TagStore {
         self.map.clear();
         order.clear();
         self.len.store(0, Ordering::Release);
+        self.key_bytes.store(0, Ordering::Release);
     }
 
     /// Entries held now (marks of invalidated tags included).
@@ -229,22 +250,27 @@ impl TagStore {
     fn inserted(&self, key: &ResourceKey) {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         order.push_back(key.clone());
-        let len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
-        if len <= self.capacity {
-            return;
-        }
-        let Some(victim) = order.pop_front() else {
-            return;
-        };
-        drop(order);
-        if let MapEntry::Occupied(victim) = self.map.entry(victim) {
-            // The floor first, while the entry's lock is held: a `record` that then finds
-            // the key vacant finds the floor raised too.
-            self.floor
-                .fetch_max(victim.get().at() + 1, Ordering::AcqRel);
-            victim.remove();
-            self.len.fetch_sub(1, Ordering::AcqRel);
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        let mut len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
+        let size = key.as_str().len();
+        let mut bytes = self.key_bytes.fetch_add(size, Ordering::AcqRel) + size;
+        // Oldest first, as many as it takes: one long key may take the room of several.
+        while len > self.capacity || bytes > self.key_budget {
+            let Some(victim) = order.pop_front() else {
+                return;
+            };
+            drop(order);
+            if let MapEntry::Occupied(victim) = self.map.entry(victim) {
+                // The floor first, while the entry's lock is held: a `record` that then
+                // finds the key vacant finds the floor raised too.
+                self.floor
+                    .fetch_max(victim.get().at() + 1, Ordering::AcqRel);
+                let size = victim.key().as_str().len();
+                victim.remove();
+                len = self.len.fetch_sub(1, Ordering::AcqRel) - 1;
+                bytes = self.key_bytes.fetch_sub(size, Ordering::AcqRel) - size;
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -365,6 +391,33 @@ mod tests {
         // /x's mark was evicted, yet the read that began before it is still refused.
         s.record(&key("/x"), known("old"), stale);
         assert_eq!(s.get(&key("/x")), None);
+    }
+
+    /// Clients choose URLs: the bytes of the keys are bounded too, not only their number.
+    /// Long keys evict the oldest as many as they need; one past `MAX_KEY_BYTES` is never
+    /// remembered (nor marked: no tag of it can be there to forget).
+    #[test]
+    fn the_bytes_of_the_keys_are_bounded_as_well_as_their_number() {
+        let s = TagStore::new(10);
+        assert_eq!(s.key_budget, 2560);
+        let long = |i: usize| key(&format!("/{i}/{}", "x".repeat(1000)));
+        for i in 0..5 {
+            s.record(&long(i), known("1"), s.ticket());
+        }
+        assert_eq!(s.len(), 2, "two 1 KB keys fit in 2.5 KB, not three");
+        assert!(s.key_bytes.load(Ordering::Relaxed) <= s.key_budget);
+        assert_eq!(s.stats.evictions.load(Ordering::Relaxed), 3);
+        assert!(s.get(&long(4)).is_some() && s.get(&long(2)).is_none());
+        // Short keys then fill the entries again as the long ones go.
+        for i in 0..10 {
+            s.record(&key(&format!("/s{i}")), known("1"), s.ticket());
+        }
+        assert_eq!(s.len(), 10);
+        let huge = key(&format!("/{}", "y".repeat(MAX_KEY_BYTES)));
+        s.record(&huge, known("1"), s.ticket());
+        s.invalidate(&huge);
+        assert_eq!(s.get(&huge), None);
+        assert_eq!(s.len(), 10, "nothing of it is kept");
     }
 
     /// `clear` (a reload) racing new entries and their evictions: the count must stay the

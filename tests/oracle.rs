@@ -177,7 +177,9 @@ async fn under_cached_validation_an_authorized_response_falls_back_to_revalidati
     let url = proxy.url("/me");
     let alice_tag = c.get(&url, &[alice]).await.etag();
     c.get(&url, &[bob]).await;
-    let r = c.put(&url, &[alice, ("if-match", &alice_tag)], "edit").await;
+    let r = c
+        .put(&url, &[alice, ("if-match", &alice_tag)], "edit")
+        .await;
     assert_eq!(r.status, 204, "{}", r.text());
 }
 
