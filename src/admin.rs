@@ -2,9 +2,11 @@
 //! (the config is loaded and the proxy listener bound, and no shutdown has begun) and
 //! `/metrics` (Prometheus text format).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +33,48 @@ pub type Ready = Arc<AtomicBool>;
 /// so that the admin port cannot take the descriptors the proxy serves with.
 const MAX_CONNECTIONS: usize = 64;
 
+/// Admin connections open at once from one address: a client that holds its share open
+/// (reconnecting every `header_read_timeout`) leaves room for the kubelet's probes and the
+/// scraper, which come from elsewhere.
+const PER_CLIENT: usize = 8;
+
+/// Admin connections open per client address.
+#[derive(Default)]
+struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`PerClient`], given back when it closes.
+struct Place {
+    all: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Place> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(Place {
+            all: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.all.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Serves the admin endpoints on `listener` until `shutdown` completes. A connection that
 /// completes no request head for `header_read_timeout` (`[server]`'s) is closed, whether it
 /// sends nothing, sends slowly, or sits idle after an answer: the proxy listener's rule.
@@ -43,11 +87,15 @@ pub async fn serve(
 ) -> io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_client = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             conn = crate::server::accept(&listener, "admin accept failed") => conn,
             () = &mut shutdown => return Ok(()),
+        };
+        let Some(place) = per_client.take(addr.ip()) else {
+            continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
@@ -77,7 +125,7 @@ pub async fn serve(
                     }
                 }
             }
-            drop(slot);
+            drop((slot, place));
         });
     }
 }

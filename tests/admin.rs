@@ -378,3 +378,41 @@ async fn admin_connections_are_bounded_in_time_and_number() {
         .await;
     assert_eq!(health.status, 200);
 }
+
+/// One client holding its admin connections open (reconnecting as each times out) takes
+/// its share, not the port: the kubelet's probes, from another address, are answered.
+#[tokio::test]
+async fn one_client_cannot_take_every_admin_connection() {
+    use tokio::net::TcpSocket;
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        backend.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    // The other client, from 127.0.0.2 (all of 127/8 is loopback).
+    let from_other = || async {
+        let s = TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        s.connect(admin).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(from_other().await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let health = Client::new()
+        .get(&format!("http://{admin}/healthz"), &[])
+        .await;
+    assert_eq!(health.status, 200, "a probe from elsewhere is answered");
+    // Its share is 8: the rest of its connections were closed at once.
+    let mut open = 0;
+    for s in &mut held {
+        if closed_within(s, Duration::from_millis(20)).await.is_none() {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 8);
+}
