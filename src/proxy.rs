@@ -1364,6 +1364,9 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
         header::EXPIRES,
         header::VARY,
         header::LAST_MODIFIED,
+        // Not in RFC 9110 §15.4.5's list, but a backend that renews a session on each read
+        // renews it on a revalidation too, as it would through nginx.
+        header::SET_COOKIE,
     ] {
         for value in rparts.headers.get_all(&name) {
             rsp.headers_mut().append(name.clone(), value.clone());

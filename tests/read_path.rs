@@ -363,3 +363,19 @@ async fn several_upstream_etags_are_replaced_and_a_200_with_content_range_is_not
     assert!(r.header("etag").is_none());
     assert_eq!(r.body, &DOC.as_bytes()[..4]);
 }
+
+/// A backend that renews a session cookie on every read renews it on a revalidation too:
+/// the 304 carries the `Set-Cookie` its 200 would have (as through nginx).
+#[tokio::test]
+async fn a_304_carries_the_cookie_the_200_sets() {
+    let backend = ScriptedBackend::start(|_| async move {
+        respond(200, &[("set-cookie", "session=renewed; Path=/")], "the doc")
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let tag = c.get(&proxy.url("/doc"), &[]).await.etag();
+    let r = c.get(&proxy.url("/doc"), &[("if-none-match", &tag)]).await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.header("set-cookie"), Some("session=renewed; Path=/"));
+}
