@@ -54,10 +54,11 @@ enum Entry {
         at: u64,
     },
     /// `from_upstream` survives the tag it describes: the upstream that tagged a resource
-    /// itself will most likely tag its next representation too.
+    /// itself will most likely tag its next representation too. So does `negotiated`.
     Invalidated {
         at: u64,
         from_upstream: bool,
+        negotiated: bool,
     },
 }
 
@@ -72,6 +73,26 @@ impl Entry {
         match self {
             Self::Known { known, .. } => known.from_upstream,
             Self::Invalidated { from_upstream, .. } => *from_upstream,
+        }
+    }
+
+    /// Whether a representation of the resource was ever one of several. It stays so: a
+    /// backend that gzips for clients that ask (nginx's default, `gzip_vary off`) marks
+    /// only its gzip answers, and an identity read after one must not make a gzip writer's
+    /// tag a 412 without the revalidation that would confirm it.
+    fn negotiated(&self) -> bool {
+        match self {
+            Self::Known { known, .. } => known.negotiated,
+            Self::Invalidated { negotiated, .. } => *negotiated,
+        }
+    }
+
+    /// The mark a write leaves on it.
+    fn invalidated(&self, at: u64) -> Self {
+        Self::Invalidated {
+            at,
+            from_upstream: self.upstream_tagged(),
+            negotiated: self.negotiated(),
         }
     }
 }
@@ -157,8 +178,10 @@ impl TagStore {
         }
         // A resource already held (the usual case) is updated in place: no new entry, so
         // nothing for `clear` to wait for.
+        let mut known = known;
         if let Some(mut held) = self.map.get_mut(key) {
             if held.at() < ticket.0 {
+                known.negotiated |= held.negotiated();
                 *held = Entry::Known {
                     known,
                     at: ticket.0,
@@ -166,15 +189,15 @@ impl TagStore {
             }
             return;
         }
-        let entry = Entry::Known {
-            known,
-            at: ticket.0,
-        };
         let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {
                 if o.get().at() < ticket.0 {
-                    o.insert(entry);
+                    known.negotiated |= o.get().negotiated();
+                    o.insert(Entry::Known {
+                        known,
+                        at: ticket.0,
+                    });
                 }
             }
             MapEntry::Vacant(v) => {
@@ -184,7 +207,10 @@ impl TagStore {
                 if ticket.0 < self.floor.load(Ordering::Acquire) {
                     return;
                 }
-                v.insert(entry);
+                v.insert(Entry::Known {
+                    known,
+                    at: ticket.0,
+                });
                 self.inserted(key);
             }
         }
@@ -198,20 +224,20 @@ impl TagStore {
         }
         let at = self.clock.fetch_add(1, Ordering::AcqRel);
         if let Some(mut held) = self.map.get_mut(key) {
-            let from_upstream = held.upstream_tagged();
-            *held = Entry::Invalidated { at, from_upstream };
+            *held = held.invalidated(at);
             return;
         }
         let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {
-                let from_upstream = o.get().upstream_tagged();
-                o.insert(Entry::Invalidated { at, from_upstream });
+                let mark = o.get().invalidated(at);
+                o.insert(mark);
             }
             MapEntry::Vacant(v) => {
                 v.insert(Entry::Invalidated {
                     at,
                     from_upstream: false,
+                    negotiated: false,
                 });
                 self.inserted(key);
             }

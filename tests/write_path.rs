@@ -716,3 +716,35 @@ async fn under_cached_a_private_or_no_store_representation_is_not_trusted_for_ot
         assert_eq!(!revalidated, trusted, "{cc}");
     }
 }
+
+/// nginx's default `gzip_vary off`: the gzip answer has `Content-Encoding` and no `Vary`,
+/// the identity answer neither. A URL once seen with more than one representation stays
+/// so, even across a write: an identity read after a gzip one must not make the gzip
+/// writer's current tag a 412 without the revalidation that confirms it.
+#[tokio::test]
+async fn under_cached_a_gzip_writer_is_not_refused_for_an_identity_read_without_vary() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let gzip = r
+            .headers
+            .get("accept-encoding")
+            .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+        match (r.method.as_str(), gzip) {
+            ("GET", true) => respond(200, &[("content-encoding", "gzip")], "pretend-gzip"),
+            ("GET", false) => respond(200, &[], "the text"),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let gz = ("accept-encoding", "gzip");
+    let gzip_tag = c.get(&url, &[gz]).await.etag();
+    c.get(&url, &[]).await;
+    let w = c.put(&url, &[("if-match", &gzip_tag), gz], "edit").await;
+    assert_eq!(w.status, 204);
+    // After the write (the backend's answers do not change here), only an identity read.
+    c.get(&url, &[]).await;
+    let w = c.put(&url, &[("if-match", &gzip_tag), gz], "edit").await;
+    assert_eq!(w.status, 204, "after a write too");
+}
