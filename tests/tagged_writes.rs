@@ -331,28 +331,10 @@ async fn a_date_condition_after_a_tagged_put_asks_the_backend() {
 /// one holding an old-key tag.
 #[tokio::test]
 async fn a_put_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
-    use std::sync::{Arc, Mutex};
-    let doc = Arc::new(Mutex::new("v1".to_owned()));
-    let d = doc.clone();
-    // Stores what is PUT; the write of "v2" takes 400 ms, for the reload to land in.
-    let backend = ScriptedBackend::start(move |r| {
-        let d = d.clone();
-        async move {
-            if r.method == "GET" {
-                return respond(200, &[], d.lock().unwrap().clone());
-            }
-            if r.body.as_ref() == b"v2" {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-            }
-            *d.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
-            respond(204, &[], "")
-        }
-    })
-    .await;
+    // The write of "v2" takes 400 ms, for the reload to land in.
+    let (backend, doc) = slow_v2_store(Duration::from_millis(400)).await;
     let routes = route("/docs/", TAGGED);
-    let key_a = "tag_key = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
-    let key_b = "tag_key = \"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"";
-    let proxy = Proxy::start_with(&routes, &backend.origin(), key_a).await;
+    let proxy = Proxy::start_with(&routes, &backend.origin(), KEY_A).await;
     let (url, c) = (proxy.url("/docs/a"), Client::new());
     let t1 = c.get(&url, &[]).await.etag();
     let put = {
@@ -360,13 +342,7 @@ async fn a_put_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
         tokio::spawn(async move { c.put(&url, &[("if-match", &t1)], "v2").await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{key_b}\n{}",
-        routes.replace("{upstream}", &backend.origin())
-    );
-    proxy
-        .state
-        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    reload_with_key_b(&proxy, &routes, &backend.origin());
     let old_key_v2 = put.await.unwrap();
     assert_eq!(old_key_v2.status, 204);
     // The writer that holds v2's tag under the key now in use goes through; one holding
@@ -385,27 +361,9 @@ async fn a_put_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
 /// the URL's lock across it, then revalidated the emptied cache with a fresh ticket.
 #[tokio::test]
 async fn a_revalidation_in_flight_across_a_key_change_leaves_no_tag_of_the_old_key() {
-    use std::sync::{Arc, Mutex};
-    let doc = Arc::new(Mutex::new("v1".to_owned()));
-    let d = doc.clone();
-    let backend = ScriptedBackend::start(move |r| {
-        let d = d.clone();
-        async move {
-            if r.method == "GET" {
-                return respond(200, &[], d.lock().unwrap().clone());
-            }
-            if r.body.as_ref() == b"v2" {
-                tokio::time::sleep(Duration::from_millis(600)).await;
-            }
-            *d.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
-            respond(204, &[], "")
-        }
-    })
-    .await;
+    let (backend, doc) = slow_v2_store(Duration::from_millis(600)).await;
     let routes = route("/docs/", "validation = \"cached\"");
-    let key_a = "tag_key = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
-    let key_b = "tag_key = \"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"";
-    let proxy = Proxy::start_with(&routes, &backend.origin(), key_a).await;
+    let proxy = Proxy::start_with(&routes, &backend.origin(), KEY_A).await;
     let (url, c) = (proxy.url("/docs/a"), Client::new());
     let t1 = c.get(&url, &[]).await.etag();
     let w1 = {
@@ -419,13 +377,7 @@ async fn a_revalidation_in_flight_across_a_key_change_leaves_no_tag_of_the_old_k
         tokio::spawn(async move { c.put(&url, &[("if-match", &t1)], "v9").await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{key_b}\n{}",
-        routes.replace("{upstream}", &backend.origin())
-    );
-    proxy
-        .state
-        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    reload_with_key_b(&proxy, &routes, &backend.origin());
     assert_eq!(w1.await.unwrap().status, 204);
     assert_eq!(w2.await.unwrap().status, 412);
     assert_eq!(*doc.lock().unwrap(), "v2");
@@ -434,4 +386,43 @@ async fn a_revalidation_in_flight_across_a_key_change_leaves_no_tag_of_the_old_k
         .put(&url, &[("if-match", &proxy.tag_of("v2"))], "v3")
         .await;
     assert_eq!(r.status, 204, "the current tag under the current key");
+}
+
+const KEY_A: &str = "tag_key = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"";
+
+/// A store of one document, "v1" at first, that keeps what is PUT; the write of "v2" takes
+/// `slow` (for a reload to land in).
+async fn slow_v2_store(
+    slow: Duration,
+) -> (ScriptedBackend, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new("v1".to_owned()));
+    let d = doc.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let d = d.clone();
+        async move {
+            if r.method == "GET" {
+                return respond(200, &[], d.lock().unwrap().clone());
+            }
+            if r.body.as_ref() == b"v2" {
+                tokio::time::sleep(slow).await;
+            }
+            *d.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
+            respond(204, &[], "")
+        }
+    })
+    .await;
+    (backend, doc)
+}
+
+/// Reloads `proxy` with `routes` and another tag key.
+fn reload_with_key_b(proxy: &Proxy, routes: &str, origin: &str) {
+    let key_b = "tag_key = \"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"";
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{key_b}\n{}",
+        routes.replace("{upstream}", origin)
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
 }

@@ -119,11 +119,7 @@ async fn puts_of_the_current_bytes_run_side_by_side() {
         log.iter().filter(|a| a.overlapped).count() >= 2,
         "the writes of the current bytes overlapped at the store: {log:?}"
     );
-    let metrics =
-        proxy
-            .state
-            .metrics
-            .render(&proxy.state.tags, &proxy.state.memo, &proxy.state.budget);
+    let metrics = metrics_of(&proxy);
     assert!(
         metrics.contains("ifmatch_unchanged_writes_total{route=\"/docs/\"} 4"),
         "{metrics}"
@@ -134,11 +130,7 @@ async fn puts_of_the_current_bytes_run_side_by_side() {
     let old = "older bytes";
     let r = c.put(&url, &[("if-match", &proxy.tag_of(old))], old).await;
     assert_eq!(r.status, 412);
-    let metrics =
-        proxy
-            .state
-            .metrics
-            .render(&proxy.state.tags, &proxy.state.memo, &proxy.state.budget);
+    let metrics = metrics_of(&proxy);
     assert!(
         metrics.contains("ifmatch_lock_wait_seconds_count 5"),
         "{metrics}"
@@ -270,4 +262,9 @@ async fn expect_100_continue_still_gets_its_412_before_sending_the_body() {
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(answer.starts_with("HTTP/1.1 412"), "{answer}");
     assert_eq!(store.take_log().len(), 1, "only the first PUT");
+}
+
+fn metrics_of(proxy: &Proxy) -> String {
+    let s = &proxy.state;
+    s.metrics.render(&s.tags, &s.memo, &s.budget)
 }
