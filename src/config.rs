@@ -1120,8 +1120,9 @@ pub(crate) fn host_name(host: &str) -> &str {
 /// The port of `a` as written, if one is (IPv6 literals' colons are not ports; `host:`,
 /// an empty port, is the scheme's default, RFC 3986 §3.2.3).
 fn written_port(a: &Authority) -> Option<&str> {
-    let (_, port) = a.as_str().rsplit_once(':')?;
-    (!port.contains(']') && !port.is_empty()).then_some(port)
+    let text = a.as_str();
+    let port = text[strip_port(text).len()..].strip_prefix(':')?;
+    (!port.is_empty()).then_some(port)
 }
 
 /// `example.com:8080` → `example.com`; IPv6 literals keep their brackets.

@@ -1198,21 +1198,20 @@ fn cacheable(route: &Route, headers: &HeaderMap, authorized: bool) -> (bool, boo
 /// A response to a request with `Authorization` that a shared cache may reuse all the same
 /// (RFC 9111 §3.5).
 fn shared_though_authorized(headers: &HeaderMap) -> bool {
-    list_items(headers, header::CACHE_CONTROL)
-        .map(|d| d.split('=').next().unwrap_or("").trim_end())
-        .any(|d| {
-            ["public", "s-maxage", "must-revalidate"]
-                .iter()
-                .any(|ok| d.eq_ignore_ascii_case(ok))
-        })
+    cache_directive(headers, &["public", "s-maxage", "must-revalidate"])
 }
 
 /// `Cache-Control: private` (for one user: RFC 9111 §5.2.2.7) or `no-store` (§5.2.2.5), in
 /// any field line, qualified or not.
 fn kept_from_others(headers: &HeaderMap) -> bool {
+    cache_directive(headers, &["private", "no-store"])
+}
+
+/// Whether `Cache-Control` holds one of `names` (with an argument or not), in any line.
+fn cache_directive(headers: &HeaderMap, names: &[&str]) -> bool {
     list_items(headers, header::CACHE_CONTROL)
         .map(|d| d.split('=').next().unwrap_or("").trim_end())
-        .any(|d| d.eq_ignore_ascii_case("private") || d.eq_ignore_ascii_case("no-store"))
+        .any(|d| names.iter().any(|n| d.eq_ignore_ascii_case(n)))
 }
 
 /// The items of a comma-separated list field, across all its lines, trimmed.
