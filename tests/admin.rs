@@ -341,14 +341,7 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> Optio
 async fn admin_connections_are_bounded_in_time_and_number() {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
-    let backend =
-        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
-    let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"500ms\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
-        backend.origin()
-    );
-    let bin = Binary::start(&config, &[]).await;
-    let admin = bin.logged_addr("admin endpoints").await;
+    let (_backend, _bin, admin) = with_admin("header_read_timeout = \"500ms\"").await;
 
     let mut silent = TcpStream::connect(admin).await.unwrap();
     let mut idle = TcpStream::connect(admin).await.unwrap();
@@ -363,12 +356,13 @@ async fn admin_connections_are_bounded_in_time_and_number() {
         assert!(took.is_some(), "{name}: still open after 3 s");
     }
 
+    // From eight addresses, eight each (one address holds at most eight).
     let mut held = Vec::new();
-    for _ in 0..64 {
-        held.push(TcpStream::connect(admin).await.unwrap());
+    for i in 0..64u8 {
+        held.push(connect_from([127, 0, 0, 2 + i / 8], admin).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut over = TcpStream::connect(admin).await.unwrap();
+    let mut over = connect_from([127, 0, 0, 10], admin).await;
     let took = closed_within(&mut over, Duration::from_millis(400)).await;
     assert!(took.is_some(), "the 65th connection is closed at once");
     // Once they have timed out, the port serves again.
@@ -383,24 +377,11 @@ async fn admin_connections_are_bounded_in_time_and_number() {
 /// its share, not the port: the kubelet's probes, from another address, are answered.
 #[tokio::test]
 async fn one_client_cannot_take_every_admin_connection() {
-    use tokio::net::TcpSocket;
-    let backend =
-        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
-    let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
-        backend.origin()
-    );
-    let bin = Binary::start(&config, &[]).await;
-    let admin = bin.logged_addr("admin endpoints").await;
-    // The other client, from 127.0.0.2 (all of 127/8 is loopback).
-    let from_other = || async {
-        let s = TcpSocket::new_v4().unwrap();
-        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        s.connect(admin).await.unwrap()
-    };
+    let (_backend, _bin, admin) = with_admin("").await;
+    // The other client, from 127.0.0.2.
     let mut held = Vec::new();
     for _ in 0..64 {
-        held.push(from_other().await);
+        held.push(connect_from([127, 0, 0, 2], admin).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let health = Client::new()
@@ -415,4 +396,25 @@ async fn one_client_cannot_take_every_admin_connection() {
         }
     }
     assert_eq!(open, 8);
+}
+
+/// The binary with `server_keys` and an admin listener, in front of a backend that answers
+/// "ok"; the admin listener's address.
+async fn with_admin(server_keys: &str) -> (ScriptedBackend, Binary, std::net::SocketAddr) {
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n{server_keys}\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        backend.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    (backend, bin, admin)
+}
+
+/// A connection to `to` from `ip` (all of 127/8 is loopback), as another client would.
+async fn connect_from(ip: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind((std::net::Ipv4Addr::from(ip), 0).into()).unwrap();
+    s.connect(to).await.unwrap()
 }
