@@ -51,7 +51,7 @@ async fn tls_1_2_and_1_3_both_handshake() {
 async fn a_client_that_never_starts_its_handshake_is_closed_after_the_head_timeout() {
     use tokio::io::AsyncReadExt;
     let backend = Backend::start().await;
-    let pki = Pki::new("silent", KeyType::EcdsaP256);
+    let pki = Pki::new("no-handshake", KeyType::EcdsaP256);
     let server = format!("header_read_timeout = \"500ms\"\n{}", pki.server_toml());
     let proxy = Proxy::start_with(&route("/docs/", ""), &backend.origin(), &server).await;
     let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

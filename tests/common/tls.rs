@@ -35,7 +35,12 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(name: &str, key_type: KeyType) -> Self {
-        let dir = std::env::temp_dir().join(format!("ifmatch-pki-{}-{name}", std::process::id()));
+        // A number per Pki as well as the name: tests of one binary run side by side, and two
+        // that picked one name would delete each other's files.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("ifmatch-pki-{}-{n}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
