@@ -303,10 +303,6 @@ impl Proxy {
         framing: Verdict,
     ) -> Response<ProxyBody> {
         let start = Instant::now();
-        let method = req.method().clone();
-        // For the access log: a clone shares the URI's bytes, where a path `String` would
-        // be copied for every request, logged or not.
-        let uri = req.uri().clone();
         // Context for what is logged while the request runs, at `debug` only: at `info` the
         // access line and a failure's line carry their own fields, and an entered span costs
         // more than the access line itself.
@@ -318,11 +314,29 @@ impl Proxy {
         let request_id = tracing::enabled!(target: "ifmatch::access", tracing::Level::INFO)
             .then(|| req.headers().get(X_REQUEST_ID).cloned())
             .flatten();
-        let mut ex = Exchange {
-            expects_continue,
-            client_version: version,
-            ..Exchange::default()
+        // Counted and logged when the response head is ready, or, if hyper drops this future
+        // first (the client closed its connection or reset its stream), when it is dropped.
+        let mut pending = Pending {
+            metrics: &self.metrics,
+            start,
+            method: req.method().clone(),
+            // A clone shares the URI's bytes, where a path `String` would be copied for
+            // every request, logged or not.
+            uri: req.uri().clone(),
+            request_id,
+            peer,
+            ex: Exchange {
+                expects_continue,
+                client_version: version,
+                ..Exchange::default()
+            },
+            done: false,
         };
+        let Pending {
+            ref peer,
+            ref mut ex,
+            ..
+        } = pending;
         // A disabled span (logs at `info` or less) records nothing; its wrapper would still
         // cost a move of the whole request future. The future is made inside each branch: bound
         // to a name first, it would be kept twice in this one (rustc keeps a moved-from
@@ -331,11 +345,9 @@ impl Proxy {
         let result = if let Err(e) = framing {
             Err(Error::BadFraming(e))
         } else if span.is_disabled() {
-            self.dispatch(req, &peer, &mut ex).await
+            self.dispatch(req, peer, ex).await
         } else {
-            self.dispatch(req, &peer, &mut ex)
-                .instrument(span.clone())
-                .await
+            self.dispatch(req, peer, ex).instrument(span.clone()).await
         };
         let mut ends = misframed;
         let mut rsp = match result {
@@ -344,7 +356,11 @@ impl Proxy {
                 ends |= e.ends_connection() && version < Version::HTTP_2;
                 ex.outcome = e.outcome();
                 ex.by_proxy = true;
-                let (path, route) = (uri.path(), ex.route.as_ref().map(|r| r.prefix.as_str()));
+                let method = &pending.method;
+                let (path, route) = (
+                    pending.uri.path(),
+                    ex.route.as_ref().map(|r| r.prefix.as_str()),
+                );
                 // A backend that fails or a proxy limit is worth an operator's look, as in
                 // nginx's error log; a client's mistake is the client's to see.
                 match e.blame() {
@@ -366,16 +382,8 @@ impl Proxy {
         } else if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
             leave_unread(body, version, expects_continue, &mut rsp);
         }
-        let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
-        self.metrics
-            .request(route, &method, rsp.status().as_u16(), ex.by_proxy);
-        let request = Logged {
-            method: &method,
-            path: uri.path(),
-            client: &peer,
-            id: request_id.as_ref(),
-        };
-        access_log(&ex, request, &rsp, start);
+        let bytes = http_body::Body::size_hint(rsp.body()).exact();
+        pending.finish(rsp.status().as_u16(), bytes);
         rsp
     }
 
@@ -398,18 +406,19 @@ impl Proxy {
             });
         }
         let routing = self.routing.load_full();
-        routing.check_limits(&parts)?;
         let host = crate::host::check(&parts)?;
         let rt = &*routing;
         let path = normalize_path(parts.uri.path());
-        let route = routing
+        // Routed before the limits are checked, so that a 413 or 431 is counted and logged
+        // under its route.
+        ex.route = routing
             .router
             .route(request_host(&parts, host.as_ref()), &path)
-            .ok_or_else(|| Error::NoRoute {
-                path: parts.uri.path().to_owned(),
-            })?
-            .clone();
-        ex.route = Some(route.clone());
+            .cloned();
+        routing.check_limits(&parts)?;
+        let route = ex.route.clone().ok_or_else(|| Error::NoRoute {
+            path: parts.uri.path().to_owned(),
+        })?;
         let pre = Preconditions::parse(&parts.headers)?;
         let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
         if !route.preserve_host {
@@ -1374,41 +1383,78 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
     rsp
 }
 
-/// What the access line says of the request itself.
-struct Logged<'a> {
-    method: &'a Method,
-    path: &'a str,
-    client: &'a Peer,
+/// A request until its response head is counted and logged (`finish`). hyper drops the
+/// request's future when the client closes its connection or resets its stream before the
+/// head is ready; dropped unfinished, it is counted and logged as nginx's 499, so that the
+/// requests clients give up on (a slow backend's, above all) do not vanish from the logs and
+/// metrics. A write already sent runs on upstream (`SentWrite`); the line says only that its
+/// client left.
+struct Pending<'a> {
+    metrics: &'a Metrics,
+    start: Instant,
+    method: Method,
+    uri: hyper::Uri,
     /// `X-Request-Id`, as the client (or an edge proxy) sent it; passed upstream unchanged.
-    id: Option<&'a HeaderValue>,
+    request_id: Option<HeaderValue>,
+    peer: Peer,
+    ex: Exchange,
+    done: bool,
+}
+
+/// The status counted and logged for a request whose client left before its answer: nginx's
+/// "client closed request", which no response carries.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Pending<'_> {
+    /// Counts the request and writes its access line: `bytes` is the response body's length
+    /// when known up front.
+    fn finish(&mut self, status: u16, bytes: Option<u64>) {
+        self.done = true;
+        let ex = &self.ex;
+        let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
+        self.metrics
+            .request(route, &self.method, status, ex.by_proxy);
+        access_log(self, status, bytes);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.ex.outcome = "client_closed";
+            self.finish(CLIENT_CLOSED, None);
+        }
+    }
 }
 
 /// The longest `X-Request-Id` written to the access line: ids are UUIDs or shorter, and a
 /// client must not fill the log with its header.
 const MAX_LOGGED_ID: usize = 128;
 
-fn access_log(ex: &Exchange, req: Logged<'_>, rsp: &Response<ProxyBody>, start: Instant) {
+/// The access line, written when the response head is ready: `duration_ms` is the time to
+/// it, and `bytes` is the body's length when known up front (buffered bodies, and upstream
+/// bodies with a `Content-Length`), absent for a chunked stream.
+fn access_log(req: &Pending<'_>, status: u16, bytes: Option<u64>) {
+    let ex = &req.ex;
     let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
     let request_id = req
-        .id
+        .request_id
+        .as_ref()
         .filter(|v| v.len() <= MAX_LOGGED_ID)
         .and_then(|v| v.to_str().ok());
-    // Bytes of the body as sent when its length is known up front (buffered bodies and
-    // upstream bodies with a Content-Length); absent for a chunked stream.
-    let bytes = http_body::Body::size_hint(rsp.body()).exact();
     tracing::info!(
         target: "ifmatch::access",
         // Its own fields say it all; the request span would repeat them.
         parent: None,
         route,
         method = %req.method,
-        path = req.path,
-        client = %req.client.addr.ip(),
+        path = req.uri.path(),
+        client = %req.peer.addr.ip(),
         request_id,
-        status = rsp.status().as_u16(),
+        status,
         upstream_status = ex.upstream_status.map(|s| s.as_u16()),
         outcome = ex.outcome,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = req.start.elapsed().as_secs_f64() * 1000.0,
         bytes,
         "access"
     );

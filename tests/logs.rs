@@ -218,3 +218,89 @@ async fn a_host_route_shadowed_by_a_longer_prefix_is_named_at_start() {
         .await;
     assert_eq!(r.text(), "from the host-less route");
 }
+
+/// A request whose client leaves before the answer (a slow backend's, typically: the client
+/// timed out) is still counted and logged once, as nginx's 499, with its route. A write that
+/// reached the backend so leaves a trace; before, hyper dropped the request and nothing did.
+#[tokio::test]
+async fn a_request_its_client_abandons_is_logged_and_counted_as_499() {
+    use tokio::io::AsyncWriteExt;
+    let slow = common::ScriptedBackend::slow(Duration::from_secs(3), "late").await;
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n",
+        docs_route(&slow.origin())
+    );
+    let bin = Binary::start(&config, &["--log-format", "json"]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    for head in [
+        "GET /docs/a HTTP/1.1\r\nHost: a\r\n\r\n",
+        "PUT /docs/b HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        // In flight at the backend, then the client gives up.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+    }
+    let access = || -> Vec<serde_json::Value> {
+        bin.log()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "ifmatch::access")
+            .collect()
+    };
+    assert!(
+        common::eventually(Duration::from_secs(2), || access().len() == 2).await,
+        "one line each, well before the backend answers: {:#?}",
+        access()
+    );
+    for (line, method) in access().iter().zip(["GET", "PUT"]) {
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["outcome"], "client_closed", "{line}");
+        assert_eq!(line["route"], "/docs/", "{line}");
+        assert_eq!(line["method"], method, "{line}");
+    }
+    let metrics = Client::new()
+        .get(&format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    for method in ["GET", "PUT"] {
+        let series = format!(
+            "ifmatch_requests_total{{route=\"/docs/\",method=\"{method}\",status=\"499\"}} 1"
+        );
+        assert!(metrics.contains(&series), "{series} in:\n{metrics}");
+    }
+}
+
+/// The limits are checked after routing: a 413 or a 431 is logged and counted under the
+/// route the request was for, as a 413 found while streaming is, not as routeless.
+#[tokio::test]
+async fn a_request_over_a_limit_is_logged_under_its_route() {
+    let store = Backend::start().await;
+    let config = docs_route(&store.origin()).replace(
+        "[[route]]",
+        "max_request_body = \"1KiB\"\nmax_header_bytes = \"2KiB\"\n[[route]]",
+    );
+    let bin = Binary::start(&config, &["--log-format", "json"]).await;
+    let c = Client::new();
+    c.put(&bin.url("/docs/a"), &[], "x".repeat(2048))
+        .await
+        .assert_problem(413);
+    let big = "y".repeat(3000);
+    c.get(&bin.url("/docs/a"), &[("x-big", &big)])
+        .await
+        .assert_problem(431);
+    let access = || -> Vec<serde_json::Value> {
+        bin.log()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "ifmatch::access")
+            .collect()
+    };
+    assert!(common::eventually(Duration::from_secs(5), || access().len() == 2).await);
+    for (line, status) in access().iter().zip([413, 431]) {
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["route"], "/docs/", "{line}");
+    }
+    assert_eq!(store.store.writes(), 0, "not forwarded");
+}
