@@ -174,7 +174,12 @@ impl UpstreamClient {
                 })
             }
             Ok(mut rsp) => match strip_response(rsp.headers_mut()) {
-                Ok(()) => Ok(rsp),
+                Ok(()) => {
+                    // The version is hop-by-hop: hyper's server would answer an HTTP/1.1
+                    // client in a 1.0 backend's version, and close its connection.
+                    *rsp.version_mut() = Version::HTTP_11;
+                    Ok(rsp)
+                }
                 Err(reason) => Err(Error::Upstream {
                     upstream: upstream(),
                     reason,

@@ -480,3 +480,52 @@ async fn a_body_of_tiny_chunks_goes_out_whole_under_its_tag() {
     assert_eq!(r.body, body);
     assert_eq!(r.etag(), proxy.tag_of(&body));
 }
+
+/// A backend that speaks HTTP/1.0 (`python3 -m http.server`, old appliances) answers one
+/// request per connection. The HTTP version is hop-by-hop: the proxy's HTTP/1.1 client
+/// still gets HTTP/1.1 answers on a connection kept open, not the backend's 1.0 and a close.
+#[tokio::test]
+async fn an_http_1_0_backend_does_not_make_the_client_connection_http_1_0() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let answer: &[u8] = if buf[..n].starts_with(b"GET ") {
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        } else {
+            b"HTTP/1.0 204 No Content\r\n\r\n"
+        };
+        let _ = s.write_all(answer).await;
+        let _ = s.shutdown().await;
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let requests = [
+        "GET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+        "PUT /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+        "GET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+    ];
+    for (i, req) in requests.iter().enumerate() {
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Each answer is one short write: read until its head and body are in.
+        while !got.windows(4).any(|w| w == b"\r\n\r\n")
+            || (got.starts_with(b"HTTP/1.1 200") && !got.ends_with(b"ok"))
+        {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .expect("answered")
+                .unwrap();
+            assert!(
+                n > 0,
+                "request {i}: the connection was closed after {got:?}"
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 "), "request {i}: {text}");
+        assert!(!text.contains("connection: close"), "request {i}: {text}");
+    }
+}
