@@ -4,7 +4,11 @@
 # (/healthz, /readyz) from the orchestrator, as config/kubernetes/pod.yaml does.
 #
 #   docker build -t ifmatch .
-#   docker run --rm -p 8080:8080 -v $PWD/config/example.toml:/etc/ifmatch/ifmatch.toml:ro ifmatch
+#   docker run --rm -p 8080:8080 ifmatch --demo --listen 0.0.0.0:8080    # see it work at once
+#   docker run --rm -p 8080:8080 -p 9901:9901 -v $PWD/my.toml:/etc/ifmatch/ifmatch.toml:ro ifmatch
+# (config/example.toml's upstream is 127.0.0.1:9000: in a container of its own that is the
+# container itself. Run it beside its backend, sharing the network namespace, as
+# config/compose/compose.yaml and config/kubernetes/pod.yaml do.)
 
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src

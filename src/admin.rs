@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{self, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -132,7 +132,11 @@ pub async fn serve(
 
 fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Ready) -> Response<Full<Bytes>> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        let mut rsp = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        // RFC 9110 §15.5.6: a 405 names the methods that are allowed.
+        rsp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return rsp;
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),

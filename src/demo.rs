@@ -282,13 +282,13 @@ Try, in another terminal:
       200, with ETag: {tag}   (keyed SHA-256 of the body)
   curl -i {u} -H 'If-None-Match: {tag}'
       304 Not Modified
-  curl -i -X PUT {u} -H 'If-Match: {tag}' -d '{{"title":"v2"}}'
+  curl -i -X PUT {u} -H 'If-Match: {tag}' -H 'Content-Type: application/json' -d '{{"title":"v2"}}'
       204: your write reached the backend
-  curl -i -X PUT {u} -H 'If-Match: {tag}' -d '{{"title":"v3"}}'
+  curl -i -X PUT {u} -H 'If-Match: {tag}' -H 'Content-Type: application/json' -d '{{"title":"v3"}}'
       412 Precondition Failed: the tag is stale, nothing was forwarded (re-fetch, retry)
-  curl -i -X PUT {u} -d '{{"title":"v4"}}'
+  curl -i -X PUT {u} -H 'Content-Type: application/json' -d '{{"title":"v4"}}'
       428 Precondition Required: this route refuses blind writes
-  curl -i -X PUT http://{listen}/docs/archived -H 'If-Match: *' -d '{{}}'
+  curl -i -X PUT http://{listen}/docs/archived -H 'If-Match: *' -H 'Content-Type: application/json' -d '{{}}'
       409 Conflict from the backend, passed through unchanged (retrying will not help)
 
 Ctrl-C stops it."#

@@ -178,6 +178,10 @@ async fn health_and_readiness_including_during_a_drain() {
     let url = |p: &str| format!("http://{admin}{p}");
     assert_eq!(c.get(&url("/healthz"), &[]).await.status, 200);
     assert_eq!(c.get(&url("/readyz"), &[]).await.status, 200);
+    // Anything but a read is refused, saying what is allowed (RFC 9110 §15.5.6).
+    let put = c.put(&url("/healthz"), &[], "x").await;
+    assert_eq!(put.status, 405);
+    assert_eq!(put.header("allow"), Some("GET, HEAD"));
     let in_flight = {
         let u = bin.url("/x");
         tokio::spawn(async move { Client::new().get(&u, &[]).await.status })

@@ -1,4 +1,4 @@
-//! Any bytes, split into the four conditional headers: parsing and evaluating never panic,
+//! Any bytes, split into the five conditional headers: parsing and evaluating never panic,
 //! and evaluation is deterministic.
 #![no_main]
 use http::header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE};
