@@ -181,8 +181,9 @@ async fn run(
     // One shutdown signal: readiness drops first; the listener goes on serving for
     // `shutdown_delay`, so that load balancers polling /readyz stop sending before any
     // connection is refused; then it stops accepting and drains. A second signal cuts the
-    // delay short.
+    // delay short, and one during the drain ends it.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<()>();
     let not_ready = ready.clone();
     let delay = config.server.shutdown_delay;
     tokio::spawn(async move {
@@ -199,6 +200,9 @@ async fn run(
             }
         }
         let _ = stop_tx.send(true);
+        // A signal during the drain ends it now, as a second Ctrl-C does elsewhere.
+        shutdown_signal().await;
+        let _ = cut_tx.send(());
     });
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -209,7 +213,12 @@ async fn run(
     let stopped = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     };
-    ifmatch::server::serve(listener, proxy, &config.server, stopped).await?;
+    tokio::select! {
+        served = ifmatch::server::serve(listener, proxy, &config.server, stopped) => served?,
+        Ok(()) = cut_rx => tracing::warn!(
+            "another signal during the drain: requests still in flight are cut off"
+        ),
+    }
     let _ = admin_stop.send(());
     tracing::info!("stopped");
     Ok(())

@@ -126,16 +126,28 @@ pub async fn serve(
                     // In the connection's own task: a stalled handshake holds nothing else.
                     // It has the time a head has (a client that sends nothing is one that
                     // sends no head), and no more than `TLS_HANDSHAKE_TIMEOUT`.
+                    // Once the proxy stops, a handshake has the grace an idle connection
+                    // has, so that a stalled one does not hold the drain.
                     let accept = TlsAcceptor::from(tls).accept(stream);
                     let within = ends.idle_timeout.min(TLS_HANDSHAKE_TIMEOUT);
-                    match tokio::time::timeout(within, accept).await {
-                        Ok(Ok(tls)) => {
+                    let mut stopping = ends.stopping.clone();
+                    let stop_grace = async move {
+                        let _ = stopping.wait_for(|stop| *stop).await;
+                        tokio::time::sleep(IDLE_CLOSE_GRACE).await;
+                    };
+                    let handshake = tokio::select! {
+                        done = tokio::time::timeout(within, accept) => Some(done),
+                        () = stop_grace => None,
+                    };
+                    match handshake {
+                        Some(Ok(Ok(tls))) => {
                             serve_connection(tls, addr, "https", proxy, builder, ends).await
                         }
-                        Ok(Err(e)) => {
+                        Some(Ok(Err(e))) => {
                             tracing::debug!(error = %e, client = %addr, "TLS handshake failed")
                         }
-                        Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
+                        Some(Err(_)) => tracing::debug!(client = %addr, "TLS handshake timed out"),
+                        None => tracing::debug!(client = %addr, "TLS handshake cut off: stopping"),
                     }
                 }
             }
@@ -329,6 +341,15 @@ async fn serve_connection<IO>(
                     stopped = true;
                     if !std::mem::replace(&mut asked, true) {
                         conn.as_mut().graceful_shutdown();
+                    }
+                    // No request in flight (a head or an HTTP/2 preface half-sent): it gets
+                    // the grace an idle connection gets, not `header_read_timeout`, which
+                    // is as long as the whole drain by default.
+                    if !activity.busy() && cut_off.is_none() {
+                        idled = true;
+                        let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
+                        let _ = grace.as_mut().poll(cx);
+                        cut_off = Some(grace);
                     }
                 }
                 if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {

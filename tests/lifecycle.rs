@@ -77,33 +77,80 @@ async fn sigint_stops_gracefully_too() {
     graceful_stop_on("INT", "workers = 2", 3).await;
 }
 
-/// A head half-sent when the proxy stops is no request in flight: it holds the drain no
-/// longer than `header_read_timeout` (and the second's grace), not to `shutdown_timeout`.
+/// Connections with no request in flight when the proxy stops (a head half-sent, an HTTP/2
+/// preface without its SETTINGS, a TLS handshake begun and not finished) get the second's
+/// grace an idle connection gets. With the default `header_read_timeout` (30 s) they held
+/// the drain to `shutdown_timeout`, which then warned of requests that never were.
 #[tokio::test]
-async fn a_half_sent_head_does_not_hold_the_drain() {
+async fn connections_without_a_request_do_not_hold_the_drain() {
     use tokio::io::AsyncWriteExt;
     let backend =
         ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
-    let text = config(&[("/", &backend.origin(), "")]).replacen(
-        "[server]\n",
-        "[server]\nheader_read_timeout = \"500ms\"\n",
-        1,
-    );
-    let mut bin = Binary::start(&text, &[]).await;
-    let mut slow = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
-    slow.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let stopped = Instant::now();
+    let plain = config(&[("/", &backend.origin(), "")]);
+    let pki = common::tls::Pki::new("drain", common::tls::KeyType::EcdsaP256);
+    let tls = plain.replacen("[[route]]", &format!("{}[[route]]", pki.server_toml()), 1);
+    let starts: [(&str, &[&[u8]]); 2] = [
+        (
+            &plain,
+            &[
+                b"GET /x HTTP/1.1\r\nHost: a\r\n",
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            ],
+        ),
+        // The first bytes of a ClientHello: a handshake begun.
+        (&tls, &[b"\x16\x03\x01\x00\xc8\x01\x00"]),
+    ];
+    for (text, sends) in starts {
+        let mut bin = Binary::start(text, &[]).await;
+        let mut held = Vec::new();
+        for bytes in sends {
+            let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+            s.write_all(bytes).await.unwrap();
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = Instant::now();
+        bin.signal("TERM");
+        assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
+        let took = stopped.elapsed();
+        assert!(
+            took < Duration::from_secs(4),
+            "the drain took {took:?} (shutdown_timeout 10s)"
+        );
+        assert!(
+            !bin.log()
+                .iter()
+                .any(|l| l.contains("did not finish in time")),
+            "no request was in flight"
+        );
+    }
+}
+
+/// A second SIGTERM or SIGINT during the drain ends it at once (a second Ctrl-C), with a
+/// WARN that requests were cut off, rather than waiting out `shutdown_timeout`.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_ends_it_now() {
+    let slow = ScriptedBackend::slow(Duration::from_secs(8), "too late").await;
+    let mut bin = Binary::start(&config(&[("/", &slow.origin(), "")]), &[]).await;
+    let in_flight = {
+        let url = bin.url("/x");
+        tokio::spawn(async move { Client::new().try_send("GET", &url, &[], "").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
     bin.signal("TERM");
-    assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
-    let took = stopped.elapsed();
+    bin.wait_for_log("shutting down", Duration::from_secs(5))
+        .await;
+    let again = Instant::now();
+    bin.signal("INT");
+    assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
+    let took = again.elapsed();
     assert!(
-        took < Duration::from_secs(4),
-        "the drain took {took:?} (shutdown_timeout 10s)"
+        took < Duration::from_secs(3),
+        "exited {took:?} after the second signal (the backend answers in 8 s)"
     );
-    drop(slow);
+    bin.wait_for_log("another signal during the drain", Duration::from_secs(1))
+        .await;
+    assert!(in_flight.await.unwrap().is_err(), "the request was cut off");
 }
 
 #[tokio::test]
