@@ -7,10 +7,14 @@
 //! of `max_connections`.
 //!
 //! It also tells when a response has been waiting on its client as long: the connection
-//! has response bodies to send and has taken no chunk of any for `header_read_timeout` (a
-//! client that stopped reading, as nginx's `send_timeout` guards against). Such a
-//! connection is cut off; else it would hold the bytes of its bodies, and their share of
-//! `max_buffered_bytes`, for as long as it stays open.
+//! has response bodies to send, has taken no chunk of any for `header_read_timeout`, and its
+//! socket's send queue has not gone down either (a client that stopped reading, as nginx's
+//! `send_timeout` guards against). Such a connection is cut off; else it would hold the
+//! bytes of its bodies, and their share of `max_buffered_bytes`, for as long as it stays
+//! open. The send queue is watched because a chunk is asked for only when the socket takes
+//! more, and Linux says it does only once a third of its send buffer (megabytes, tuned up on
+//! a fast path) has drained: a client reading slowly but steadily may take no chunk in a
+//! whole period.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +32,8 @@ use crate::body::{BodyError, ProxyBody};
 #[derive(Debug)]
 pub struct Activity {
     opened: Instant,
+    /// The client's socket, whose send queue shows a slow reader's progress.
+    socket: Option<Socket>,
     in_flight: AtomicUsize,
     /// Response bodies handed to the connection and not yet done with.
     sending: AtomicUsize,
@@ -44,8 +50,16 @@ pub struct Activity {
 
 impl Default for Activity {
     fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl Activity {
+    /// The activity of a connection over `socket` (none: its send queue is not watched).
+    pub fn new(socket: Option<Socket>) -> Self {
         Self {
             opened: Instant::now(),
+            socket,
             in_flight: AtomicUsize::new(0),
             sending: AtomicUsize::new(0),
             awaiting: AtomicUsize::new(0),
@@ -53,9 +67,7 @@ impl Default for Activity {
             last_end: AtomicU64::new(0),
         }
     }
-}
 
-impl Activity {
     /// Counts a request in until the returned guard is dropped: with its response body once
     /// that is sent or abandoned, or with the request's future if that ends first.
     pub fn begin(self: &Arc<Self>) -> InFlight {
@@ -89,19 +101,54 @@ impl Activity {
             }
             let sending = self.sending.load(Ordering::Acquire) > 0;
             let progress = self.progress.load(Ordering::Acquire);
+            let queued = self.socket.and_then(Socket::unsent);
             tokio::time::sleep_until(deadline).await;
             // A body begun in the meantime counts as progress, so the bodies still being
             // sent were there all along, and not one chunk of them was taken; and at least
             // one of them has a chunk ready that the client does not take (a body waiting
-            // on a slow upstream is that body's own timer's business).
+            // on a slow upstream is that body's own timer's business); and the client has
+            // not taken any of what the socket holds either.
             let now_sending = self.sending.load(Ordering::Acquire);
             let stalled = sending
                 && now_sending > self.awaiting.load(Ordering::Acquire)
-                && self.progress.load(Ordering::Acquire) == progress;
+                && self.progress.load(Ordering::Acquire) == progress
+                && !queued.is_some_and(|before| {
+                    self.socket
+                        .and_then(Socket::unsent)
+                        .is_some_and(|now| now < before)
+                });
             if busy && stalled {
                 return Idle::Stalled;
             }
         }
+    }
+}
+
+/// A client connection's TCP socket, for its send queue. Valid while the connection's
+/// task runs, which is where [`Activity::idle`] is polled.
+#[derive(Clone, Copy, Debug)]
+pub struct Socket(#[allow(dead_code)] i32);
+
+impl Socket {
+    #[cfg(unix)]
+    pub fn of(stream: &impl std::os::fd::AsRawFd) -> Self {
+        Self(stream.as_raw_fd())
+    }
+
+    /// Bytes written to the socket that its peer has not acknowledged yet (`SIOCOUTQ`).
+    #[cfg(target_os = "linux")]
+    fn unsent(self) -> Option<u64> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which is valid
+        // for that; a closed or reused fd makes it fail or read another socket's queue,
+        // never touch memory.
+        let rc = unsafe { libc::ioctl(self.0, libc::TIOCOUTQ, &mut n) };
+        (rc == 0).then(|| u64::try_from(n).unwrap_or(0))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn unsent(self) -> Option<u64> {
+        None
     }
 }
 

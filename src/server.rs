@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use http::{Request, Version};
 use hyper::body::Incoming;
 
-use crate::activity::{Activity, Idle, Tracked};
+use crate::activity::{Activity, Idle, Socket, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::proxy::Proxy;
@@ -115,9 +115,14 @@ pub async fn serve(
             continue;
         };
         let (proxy, builder) = (proxy.clone(), builder.clone());
+        #[cfg(unix)]
+        let socket = Some(Socket::of(&stream));
+        #[cfg(not(unix))]
+        let socket = None;
         let ends = Ends {
             stopping: stopping.clone(),
             idle_timeout,
+            socket,
         };
         tokio::spawn(async move {
             match proxy.tls() {
@@ -224,6 +229,8 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 struct Ends {
     stopping: watch::Receiver<bool>,
     idle_timeout: Duration,
+    /// The client's TCP socket, under TLS or not: its send queue.
+    socket: Option<Socket>,
 }
 
 /// The waker of the futures that end a connection: notes that one of them may be ready,
@@ -261,7 +268,7 @@ async fn serve_connection<IO>(
 {
     let peer = Peer::new(addr, scheme);
     let verdicts = Verdicts::default();
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new(ends.socket));
     let io = Inspected::new(io, verdicts.clone());
     let counted = activity.clone();
     let counts = proxy.clone();

@@ -712,3 +712,44 @@ fn the_proxy_forwards_exactly_the_well_framed_requests_before_a_refused_one() {
         panic!("{e}");
     }
 }
+
+/// A client that reads a large response slowly but steadily (a throttled or mobile
+/// download) is not taken for one that stopped reading: the proxy is asked for a chunk only
+/// once the kernel has drained a third of the socket's send buffer (megabytes), which at
+/// this rate takes longer than `header_read_timeout`, but the socket's send queue goes down.
+/// Once the client stops reading for good, it is cut off all the same.
+#[tokio::test]
+async fn a_slow_but_steady_reader_is_not_cut_off_one_that_stops_is() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend =
+        ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; 64 << 20]) }).await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"1s\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\nmax_tag_body = \"64KiB\"\n",
+        backend.origin()
+    );
+    let bin = common::binary::Binary::start(&config, &[]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut s = socket.connect(bin.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // About 200 KB/s for 5 s: five periods of the timeout.
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    let mut got = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cut = "its client stopped reading";
+    assert!(
+        !bin.log().iter().any(|l| l.contains(cut)),
+        "cut off while reading steadily ({got} bytes in 5 s)"
+    );
+    // Now it stops reading.
+    bin.wait_for_log(cut, Duration::from_secs(10)).await;
+    drop(s);
+}
