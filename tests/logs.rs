@@ -8,6 +8,15 @@ use std::time::Duration;
 use common::binary::Binary;
 use common::{raw_exchange, Backend, Client};
 
+/// The JSON access lines logged so far.
+fn access_lines(bin: &Binary) -> Vec<serde_json::Value> {
+    bin.log()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "ifmatch::access")
+        .collect()
+}
+
 /// A config with one `/docs/` route to `origin` (the listen address filled in by `Binary`).
 fn docs_route(origin: &str) -> String {
     format!("[server]\nlisten = \"{{listen}}\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"{origin}\"\n")
@@ -242,13 +251,7 @@ async fn a_request_its_client_abandons_is_logged_and_counted_as_499() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(s);
     }
-    let access = || -> Vec<serde_json::Value> {
-        bin.log()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "ifmatch::access")
-            .collect()
-    };
+    let access = || access_lines(&bin);
     assert!(
         common::eventually(Duration::from_secs(2), || access().len() == 2).await,
         "one line each, well before the backend answers: {:#?}",
@@ -290,13 +293,7 @@ async fn a_request_over_a_limit_is_logged_under_its_route() {
     c.get(&bin.url("/docs/a"), &[("x-big", &big)])
         .await
         .assert_problem(431);
-    let access = || -> Vec<serde_json::Value> {
-        bin.log()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "ifmatch::access")
-            .collect()
-    };
+    let access = || access_lines(&bin);
     assert!(common::eventually(Duration::from_secs(5), || access().len() == 2).await);
     for (line, status) in access().iter().zip([413, 431]) {
         assert_eq!(line["status"], status, "{line}");
