@@ -92,8 +92,14 @@ impl Preconditions {
 
     /// The request carries a precondition that can stop a write (for 428, RFC 6585 §3).
     pub fn guards_write(&self) -> bool {
+        // An empty `If-None-Match` holds whatever the state: it guards nothing, and a blind
+        // write that sends one is still refused with 428 where a precondition is required.
+        // (An empty `If-Match` fails whatever the state: 412.)
         self.if_match.is_some()
-            || self.if_none_match.is_some()
+            || self
+                .if_none_match
+                .as_ref()
+                .is_some_and(|c| *c != Condition::Tags(Vec::new()))
             || self.if_unmodified_since.is_some()
     }
 
@@ -170,7 +176,9 @@ fn parse_condition(
         (true, true) => Ok(Some(Condition::Any)),
         (true, false) => Err(err("* cannot be combined with entity-tags".into())),
         (false, false) => Ok(Some(Condition::Tags(tags))),
-        (false, true) => Err(err("the header is empty".into())),
+        // `#entity-tag` allows no element at all (§5.6.1.2), which clients send for "no tag
+        // yet" (`If-None-Match: `): a list no tag is in.
+        (false, true) => Ok(Some(Condition::Tags(Vec::new()))),
     }
 }
 
@@ -328,14 +336,27 @@ mod tests {
         assert!(p.guards_write());
     }
 
+    /// An empty list (`If-None-Match: `, `If-Match: ,`) is a list, not a malformed header:
+    /// no tag is in it. It fails an `If-Match`; it holds for an `If-None-Match`, which then
+    /// guards no write.
+    #[test]
+    fn an_empty_list_is_a_list_no_tag_is_in() {
+        for value in ["", " ", ",", " , ,"] {
+            let p = Preconditions::parse(&headers(&[(&IF_MATCH, value)])).unwrap();
+            assert_eq!(p.if_match, Some(Condition::Tags(vec![])), "{value:?}");
+            assert!(p.guards_write(), "{value:?}");
+            let p = Preconditions::parse(&headers(&[(&IF_NONE_MATCH, value)])).unwrap();
+            assert_eq!(p.if_none_match, Some(Condition::Tags(vec![])), "{value:?}");
+            assert!(!p.guards_write(), "{value:?}");
+        }
+    }
+
     #[test]
     fn malformed_tag_headers_are_errors_naming_the_header() {
         for (name, value) in [
             (&IF_MATCH, "abc"),
             (&IF_MATCH, "\"abc"),
             (&IF_MATCH, "*, \"a\""),
-            (&IF_MATCH, ""),
-            (&IF_MATCH, " , "),
             (&IF_NONE_MATCH, "W/abc"),
             (&IF_NONE_MATCH, "\"a\" \"b\""),
             (&IF_NONE_MATCH, "**"),

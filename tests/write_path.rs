@@ -748,3 +748,31 @@ async fn under_cached_a_gzip_writer_is_not_refused_for_an_identity_read_without_
     let w = c.put(&url, &[("if-match", &gzip_tag), gz], "edit").await;
     assert_eq!(w.status, 204, "after a write too");
 }
+
+/// An empty tag list (`If-None-Match: `, as a client with no tag yet sends it) is a list no
+/// tag is in (RFC 9110 §5.6.1.2), not a malformed header: a GET gets its 200, an `If-Match`
+/// of nothing fails (412, not forwarded), and an empty `If-None-Match` guards no write, so a
+/// route that requires a precondition still answers 428.
+#[tokio::test]
+async fn an_empty_tag_list_is_no_tag_not_a_malformed_header() {
+    for validation in ["revalidate", "cached"] {
+        let (backend, proxy) = setup(&format!(
+            "validation = \"{validation}\"\nrequire_precondition = true"
+        ))
+        .await;
+        let c = Client::new();
+        let url = proxy.url("/docs/a");
+        for empty in ["", ", ,"] {
+            let r = c.get(&url, &[("if-none-match", empty)]).await;
+            assert_eq!(r.status, 200, "{validation} {empty:?}");
+            assert_eq!(r.etag(), proxy.tag_of(DOC));
+            c.put(&url, &[("if-match", empty)], "v2")
+                .await
+                .assert_problem(412);
+            c.put(&url, &[("if-none-match", empty)], "v2")
+                .await
+                .assert_problem(428);
+        }
+        assert_eq!(backend.store.writes(), 0, "{validation}: nothing forwarded");
+    }
+}
