@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
-use http::{Method, Request, Response, Uri};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
@@ -197,7 +198,7 @@ where
                     return Err(missed);
                 }
                 Some(Ok(rsp)) => {
-                    self.checkin(origin, idle.conn);
+                    self.checkin_after(&rsp, origin, idle.conn);
                     return Ok(rsp);
                 }
                 Some(Err(mut e)) => match (e.take_message(), replay) {
@@ -245,8 +246,19 @@ where
                 }
             }
         };
-        self.checkin(origin, conn);
+        self.checkin_after(&rsp, origin, conn);
         Ok(rsp)
+    }
+
+    /// Hands a connection back after `rsp`'s head, unless that head leaves where the next
+    /// response begins in doubt: then it is closed.
+    fn checkin_after(&self, rsp: &Response<Incoming>, origin: &str, conn: Conn) {
+        if spoils_connection(rsp) {
+            tracing::debug!(origin, status = %rsp.status(), "upstream connection not reused");
+            conn.task.abort();
+        } else {
+            self.checkin(origin, conn);
+        }
     }
 
     /// An idle connection that can take a request now, and the time it was taken. Closed
@@ -431,5 +443,21 @@ where
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         pool.drop_expired();
+    }
+}
+
+/// A response after which the connection cannot be trusted with another request: a 204
+/// that declares content (RFC 9110 §8.6 and RFC 9112 §6.1 forbid `Content-Length` and
+/// `Transfer-Encoding` on it, and a backend that sends them often sends the content too,
+/// which would then be read as the next request's answer: another client's), or a switch
+/// of protocols. A 304's `Content-Length` is the representation's, and allowed.
+fn spoils_connection(rsp: &Response<Incoming>) -> bool {
+    match rsp.status() {
+        StatusCode::NO_CONTENT => {
+            let h = rsp.headers();
+            h.contains_key(TRANSFER_ENCODING) || h.get_all(CONTENT_LENGTH).iter().any(|v| v != "0")
+        }
+        StatusCode::SWITCHING_PROTOCOLS => true,
+        _ => false,
     }
 }

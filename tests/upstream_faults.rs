@@ -529,3 +529,50 @@ async fn an_http_1_0_backend_does_not_make_the_client_connection_http_1_0() {
         assert!(!text.contains("connection: close"), "request {i}: {text}");
     }
 }
+
+/// A backend that answers 204 with a `Content-Length` (which RFC 9110 §8.6 forbids on a
+/// 204) and then sends those bytes: hyper reads the 204 as bodiless, so on a reused
+/// connection the stray bytes would begin the next request's answer, another client's 502
+/// or, shaped as a response, another client's wrong answer. The connection is not reused.
+#[tokio::test]
+async fn a_204_that_declares_content_spoils_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let origin = raw_backend(move |mut s| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                if buf[..n].starts_with(b"DELETE /late") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 48\r\n\r\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+                        .await;
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let c = Client::new();
+    assert_eq!(
+        c.send("DELETE", &proxy.url("/late"), &[], "").await.status,
+        204
+    );
+    // Sent before the stray bytes come: on the same connection, it would read them.
+    let r = c.get(&proxy.url("/innocent"), &[]).await;
+    assert_eq!((r.status, r.body.as_ref()), (200, &b"ok"[..]));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+}
