@@ -350,16 +350,16 @@ fn strip_scanned(headers: &mut HeaderMap, found: Scan) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter(|v| !names_nothing(v))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            // By bytes: a line with one non-ASCII token still names the others (§7.6.1).
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
             .filter(|t| {
-                !t.eq_ignore_ascii_case("close")
+                !t.eq_ignore_ascii_case(b"close")
                     && !HOP_BY_HOP
                         .iter()
-                        .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
             })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect()
     } else {
         Vec::new()

@@ -105,6 +105,21 @@ async fn method_path_query_headers_and_body_are_forwarded() {
     }
 }
 
+/// A `Connection` line with a token that is not ASCII still names its other fields, which
+/// stay off the upstream request (RFC 9110 §7.6.1): before, the whole line was skipped.
+#[tokio::test]
+async fn a_connection_line_with_an_odd_byte_still_names_its_fields() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "body") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let head = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: X-A, \xe9t\xe9\r\nConnection: close\r\nX-A: secret\r\n\r\n";
+    let answer = common::raw_exchange(proxy.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        backend.last().headers.get("x-a").is_none(),
+        "x-a reached the backend"
+    );
+}
+
 #[tokio::test]
 async fn hop_by_hop_headers_are_dropped_and_x_forwarded_headers_set() {
     let backend = ScriptedBackend::start(|_| async {
