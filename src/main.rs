@@ -213,11 +213,13 @@ async fn run(
     let stopped = async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     };
+    let serving = proxy.clone();
     tokio::select! {
-        served = ifmatch::server::serve(listener, proxy, &config.server, stopped) => served?,
-        Ok(()) = cut_rx => tracing::warn!(
-            "another signal during the drain: requests still in flight are cut off"
-        ),
+        served = ifmatch::server::serve(listener, serving, &config.server, stopped) => served?,
+        Ok(()) = cut_rx => {
+            tracing::warn!("another signal during the drain: requests still in flight are cut off");
+            proxy.cut_off_in_flight();
+        }
     }
     let _ = admin_stop.send(());
     tracing::info!("stopped");

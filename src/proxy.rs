@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -58,6 +58,9 @@ pub struct Proxy {
     /// Counts the tag keys the process has used (`Routing::key_generation` of the newest),
     /// so that a tag made under an older one is not left in the cache (`record`).
     key_generation: AtomicU64,
+    /// The drain ended with requests in flight: those dropped now were cut off by the
+    /// proxy, not left by their clients.
+    cutting: AtomicBool,
 }
 
 /// The part of the proxy that a config reload replaces.
@@ -245,7 +248,14 @@ impl Proxy {
             metrics: Metrics::default(),
             budget: Budget::new(config.server.max_buffered_bytes),
             key_generation: AtomicU64::new(0),
+            cutting: AtomicBool::new(false),
         }
+    }
+
+    /// The drain is over: requests still in flight are about to be dropped with their
+    /// connections, and are logged as cut off by the shutdown.
+    pub fn cut_off_in_flight(&self) {
+        self.cutting.store(true, Ordering::Release);
     }
 
     /// The TLS config for the next connection, when the listener is TLS.
@@ -318,6 +328,7 @@ impl Proxy {
         // first (the client closed its connection or reset its stream), when it is dropped.
         let mut pending = Pending {
             metrics: &self.metrics,
+            cutting: &self.cutting,
             start,
             method: req.method().clone(),
             // A clone shares the URI's bytes, where a path `String` would be copied for
@@ -1391,6 +1402,7 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
 /// client left.
 struct Pending<'a> {
     metrics: &'a Metrics,
+    cutting: &'a AtomicBool,
     start: Instant,
     method: Method,
     uri: hyper::Uri,
@@ -1404,6 +1416,9 @@ struct Pending<'a> {
 /// The status counted and logged for a request whose client left before its answer: nginx's
 /// "client closed request", which no response carries.
 const CLIENT_CLOSED: u16 = 499;
+/// The status counted and logged for a request the end of the drain cut off (the client
+/// gets no answer: its connection is closed).
+const CUT_OFF: u16 = 503;
 
 impl Pending<'_> {
     /// Counts the request and writes its access line: `bytes` is the response body's length
@@ -1421,8 +1436,14 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.ex.outcome = "client_closed";
-            self.finish(CLIENT_CLOSED, None);
+            if self.cutting.load(Ordering::Acquire) {
+                self.ex.outcome = "shutdown";
+                self.ex.by_proxy = true;
+                self.finish(CUT_OFF, None);
+            } else {
+                self.ex.outcome = "client_closed";
+                self.finish(CLIENT_CLOSED, None);
+            }
         }
     }
 }

@@ -172,6 +172,7 @@ pub async fn serve(
             ?shutdown_timeout,
             "in-flight requests did not finish in time"
         );
+        proxy.cut_off_in_flight();
     }
     Ok(())
 }

@@ -126,31 +126,53 @@ async fn connections_without_a_request_do_not_hold_the_drain() {
     }
 }
 
-/// A second SIGTERM or SIGINT during the drain ends it at once (a second Ctrl-C), with a
-/// WARN that requests were cut off, rather than waiting out `shutdown_timeout`.
+/// The drain ends, with a request still in flight, at `shutdown_timeout` or at once on a
+/// second SIGTERM or SIGINT (a second Ctrl-C), with a WARN that says which. The request's
+/// access line says the shutdown cut it off (503, `outcome="shutdown"`), not that its
+/// client left.
 #[tokio::test]
-async fn a_second_signal_during_the_drain_ends_it_now() {
+async fn a_drain_ends_at_its_deadline_or_a_second_signal_and_says_what_it_cut_off() {
     let slow = ScriptedBackend::slow(Duration::from_secs(8), "too late").await;
-    let mut bin = Binary::start(&config(&[("/", &slow.origin(), "")]), &[]).await;
-    let in_flight = {
-        let url = bin.url("/x");
-        tokio::spawn(async move { Client::new().try_send("GET", &url, &[], "").await })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    bin.signal("TERM");
-    bin.wait_for_log("shutting down", Duration::from_secs(5))
-        .await;
-    let again = Instant::now();
-    bin.signal("INT");
-    assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
-    let took = again.elapsed();
-    assert!(
-        took < Duration::from_secs(3),
-        "exited {took:?} after the second signal (the backend answers in 8 s)"
-    );
-    bin.wait_for_log("another signal during the drain", Duration::from_secs(1))
-        .await;
-    assert!(in_flight.await.unwrap().is_err(), "the request was cut off");
+    let cases = [
+        (
+            "shutdown_timeout = \"10s\"",
+            true,
+            "another signal during the drain",
+        ),
+        ("shutdown_timeout = \"1s\"", false, "did not finish in time"),
+    ];
+    for (timeout, second_signal, warning) in cases {
+        let text =
+            config(&[("/", &slow.origin(), "")]).replace("shutdown_timeout = \"10s\"", timeout);
+        let mut bin = Binary::start(&text, &[]).await;
+        let in_flight = {
+            let url = bin.url("/x");
+            tokio::spawn(async move { Client::new().try_send("GET", &url, &[], "").await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bin.signal("TERM");
+        bin.wait_for_log("shutting down", Duration::from_secs(5))
+            .await;
+        let draining = Instant::now();
+        if second_signal {
+            bin.signal("INT");
+        }
+        assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
+        let took = draining.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "{timeout}: exited {took:?} into the drain (the backend answers in 8 s)"
+        );
+        bin.wait_for_log(warning, Duration::from_secs(1)).await;
+        assert!(in_flight.await.unwrap().is_err(), "the request was cut off");
+        let line = bin
+            .wait_for_log("ifmatch::access", Duration::from_secs(1))
+            .await;
+        assert!(
+            line.contains("status=503") && line.contains("outcome=\"shutdown\""),
+            "{timeout}: {line}"
+        );
+    }
 }
 
 #[tokio::test]
