@@ -75,6 +75,12 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// Bytes the client's socket holds that the client has not acknowledged (none known
+    /// without a socket, or off Linux).
+    pub fn unsent(&self) -> Option<u64> {
+        self.socket.and_then(Socket::unsent)
+    }
+
     /// A request is being answered (its response body included).
     pub fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0

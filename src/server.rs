@@ -309,9 +309,22 @@ async fn serve_connection<IO>(
     // `asked`: the connection was asked to close (keep-alive off, HTTP/2 GOAWAY).
     let (mut stopped, mut idled, mut asked) = (false, false, false);
     let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // What the socket held unacknowledged when the grace began (see below).
+    let mut queued_at_grace: Option<u64> = None;
     let ended = std::future::poll_fn(|cx| {
         if let Some(grace) = &mut cut_off {
             if grace.as_mut().poll(cx).is_ready() {
+                // The last response's body can be done with while hyper still flushes its
+                // end to a slow reader: while the socket's queue moves, another grace (also
+                // once it has just emptied: hyper may not have refilled it yet).
+                let queued = activity.unsent();
+                if !activity.busy() && queued.is_some() && queued != queued_at_grace {
+                    queued_at_grace = queued;
+                    let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
+                    let _ = grace.as_mut().poll(cx);
+                    cut_off = Some(grace);
+                    return conn.as_mut().poll(cx);
+                }
                 // A head that came whole in the meantime is a request like any other: it is
                 // answered, and then the connection closes (keep-alive is off by now).
                 if !activity.busy() {
@@ -350,11 +363,14 @@ async fn serve_connection<IO>(
                     if !std::mem::replace(&mut asked, true) {
                         conn.as_mut().graceful_shutdown();
                     }
-                    // No request in flight (a head or an HTTP/2 preface half-sent): it gets
-                    // the grace an idle connection gets, not `header_read_timeout`, which
-                    // is as long as the whole drain by default.
-                    if !activity.busy() && cut_off.is_none() {
+                    // No request in flight (a head or an HTTP/2 preface half-sent) and
+                    // nothing left to send: it gets the grace an idle connection gets, not
+                    // `header_read_timeout`, which is as long as the whole drain by default.
+                    // (A response still flushing to its client is left to the idle timer.)
+                    let queued = activity.unsent();
+                    if !activity.busy() && cut_off.is_none() && queued.is_none_or(|q| q == 0) {
                         idled = true;
+                        queued_at_grace = queued;
                         let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
                         let _ = grace.as_mut().poll(cx);
                         cut_off = Some(grace);
@@ -372,6 +388,7 @@ async fn serve_connection<IO>(
                         tracing::debug!(client = %addr, "idle connection closed");
                         conn.as_mut().graceful_shutdown();
                     }
+                    queued_at_grace = activity.unsent();
                     let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
                     // Polled once here so that it wakes this task when it expires.
                     let _ = grace.as_mut().poll(cx);
