@@ -225,6 +225,25 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// GOAWAY; one still sending a head (too slowly) does not close by itself.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// The grace before a connection with no request in flight is cut off, and what its socket
+/// held unacknowledged as it began: [`IDLE_CLOSE_GRACE`] with nothing left to send, else
+/// `send_timeout` (`header_read_timeout`, as for a stalled response). Polled once, so that
+/// it wakes the connection's task when it expires.
+fn arm_grace(
+    cx: &mut Context<'_>,
+    queued: Option<u64>,
+    send_timeout: Duration,
+) -> (Option<u64>, Option<Pin<Box<tokio::time::Sleep>>>) {
+    let period = if queued.is_some_and(|q| q > 0) {
+        send_timeout
+    } else {
+        IDLE_CLOSE_GRACE
+    };
+    let mut sleep = Box::pin(tokio::time::sleep(period));
+    let _ = sleep.as_mut().poll(cx);
+    (queued, Some(sleep))
+}
+
 /// What ends a connection besides its client: the proxy stopping, or no request for
 /// `idle_timeout`.
 struct Ends {
@@ -315,14 +334,14 @@ async fn serve_connection<IO>(
         if let Some(grace) = &mut cut_off {
             if grace.as_mut().poll(cx).is_ready() {
                 // The last response's body can be done with while hyper still flushes its
-                // end to a slow reader: while the socket's queue moves, another grace (also
-                // once it has just emptied: hyper may not have refilled it yet).
+                // end to a slow reader: while the client takes some of the socket's queue
+                // (it went down, emptied included: hyper may not have refilled it yet),
+                // another grace. A queue that grew (the client pings, reads nothing) or
+                // stood still earns none.
                 let queued = activity.unsent();
-                if !activity.busy() && queued.is_some() && queued != queued_at_grace {
-                    queued_at_grace = queued;
-                    let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
-                    let _ = grace.as_mut().poll(cx);
-                    cut_off = Some(grace);
+                let taken = matches!((queued_at_grace, queued), (Some(a), Some(b)) if b < a);
+                if !activity.busy() && taken {
+                    (queued_at_grace, cut_off) = arm_grace(cx, queued, ends.idle_timeout);
                     return conn.as_mut().poll(cx);
                 }
                 // A head that came whole in the meantime is a request like any other: it is
@@ -363,17 +382,12 @@ async fn serve_connection<IO>(
                     if !std::mem::replace(&mut asked, true) {
                         conn.as_mut().graceful_shutdown();
                     }
-                    // No request in flight (a head or an HTTP/2 preface half-sent) and
-                    // nothing left to send: it gets the grace an idle connection gets, not
-                    // `header_read_timeout`, which is as long as the whole drain by default.
-                    // (A response still flushing to its client is left to the idle timer.)
-                    let queued = activity.unsent();
-                    if !activity.busy() && cut_off.is_none() && queued.is_none_or(|q| q == 0) {
+                    // No request in flight (a head or an HTTP/2 preface half-sent): it gets
+                    // the grace an idle connection gets, not `header_read_timeout`, which is
+                    // as long as the whole drain by default.
+                    if !activity.busy() && cut_off.is_none() {
                         idled = true;
-                        queued_at_grace = queued;
-                        let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
-                        let _ = grace.as_mut().poll(cx);
-                        cut_off = Some(grace);
+                        (queued_at_grace, cut_off) = arm_grace(cx, activity.unsent(), ends.idle_timeout);
                     }
                 }
                 if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {
@@ -388,11 +402,7 @@ async fn serve_connection<IO>(
                         tracing::debug!(client = %addr, "idle connection closed");
                         conn.as_mut().graceful_shutdown();
                     }
-                    queued_at_grace = activity.unsent();
-                    let mut grace = Box::pin(tokio::time::sleep(IDLE_CLOSE_GRACE));
-                    // Polled once here so that it wakes this task when it expires.
-                    let _ = grace.as_mut().poll(cx);
-                    cut_off = Some(grace);
+                    (queued_at_grace, cut_off) = arm_grace(cx, activity.unsent(), ends.idle_timeout);
                 }
             }
         }

@@ -753,3 +753,51 @@ async fn a_slow_but_steady_reader_is_not_cut_off_one_that_stops_is() {
     bin.wait_for_log(cut, Duration::from_secs(10)).await;
     drop(s);
 }
+
+/// An HTTP/2 client that reads nothing and pings now and then makes its socket's queue
+/// grow (the pings' acks): that is no progress, and its idle connection is still closed,
+/// giving back its `max_connections` slot.
+#[tokio::test]
+async fn a_client_that_pings_and_reads_nothing_does_not_keep_its_slot() {
+    use tokio::io::AsyncWriteExt;
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let limits = "header_read_timeout = \"500ms\"\nmax_connections = 1";
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), limits).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    let ping = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    for _ in 0..400 {
+        start.extend_from_slice(&ping);
+    }
+    s.write_all(&start).await.unwrap();
+    let pinger = tokio::spawn(async move {
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if s.write_all(&ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let served = loop {
+        let rsp = raw(
+            proxy.addr,
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
+            Duration::from_secs(2),
+        )
+        .await;
+        if status_line(&rsp) == "HTTP/1.1 200 OK" {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the slot is still held: {rsp}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(served < Duration::from_secs(4), "served after {served:?}");
+    pinger.abort();
+}

@@ -216,6 +216,43 @@ async fn a_stop_does_not_cut_off_a_response_still_being_flushed() {
     assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
 
+/// The same over HTTP/2, for a stream whose end waits for the client's window (the client
+/// has not read it all and given window back): a stop must not cut the connection; hyper
+/// ends it once the stream is over. (hyper keeps the stream's body, so its request counts
+/// as in flight, until h2 has sent it.)
+#[tokio::test]
+async fn a_stop_does_not_cut_off_an_http2_stream_waiting_for_its_window() {
+    const LEN: usize = 16 * 1024;
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], vec![b'x'; LEN]) })
+            .await;
+    let mut bin = Binary::start(&config(&[("/", &backend.origin(), "")]), &[]).await;
+    let tcp = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    // A 1 KiB window: the body, one chunk, is taken whole at its first byte of window.
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(bin.url("/x")).body(()).unwrap();
+    let (rsp, _) = client.send_request(req, true).unwrap();
+    let mut body = rsp.await.unwrap().into_body();
+    // The window is used up; the rest of the body waits in the proxy's h2 buffers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bin.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let mut got = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the stream is not cut off");
+        got += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    assert_eq!(got, LEN);
+    assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
 #[tokio::test]
 async fn sighup_swaps_in_a_valid_config_keeping_in_flight_requests_and_the_tag_cache() {
     let store = Backend::start().await;
