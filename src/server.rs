@@ -383,8 +383,8 @@ async fn serve_connection<IO>(
                         conn.as_mut().graceful_shutdown();
                     }
                     // No request in flight (a head or an HTTP/2 preface half-sent): it gets
-                    // the grace an idle connection gets, not `header_read_timeout`, which is
-                    // as long as the whole drain by default.
+                    // the grace an idle connection gets (`arm_grace`: a second, or the send
+                    // timeout while bytes are still queued), not the idle timer's wait.
                     if !activity.busy() && cut_off.is_none() {
                         idled = true;
                         (queued_at_grace, cut_off) = arm_grace(cx, activity.unsent(), ends.idle_timeout);
