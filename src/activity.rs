@@ -107,7 +107,7 @@ impl Activity {
             }
             let sending = self.sending.load(Ordering::Acquire) > 0;
             let progress = self.progress.load(Ordering::Acquire);
-            let queued = self.socket.and_then(Socket::unsent);
+            let queued = self.unsent();
             tokio::time::sleep_until(deadline).await;
             // A body begun in the meantime counts as progress, so the bodies still being
             // sent were there all along, and not one chunk of them was taken; and at least
@@ -118,11 +118,7 @@ impl Activity {
             let stalled = sending
                 && now_sending > self.awaiting.load(Ordering::Acquire)
                 && self.progress.load(Ordering::Acquire) == progress
-                && !queued.is_some_and(|before| {
-                    self.socket
-                        .and_then(Socket::unsent)
-                        .is_some_and(|now| now < before)
-                });
+                && !went_down(queued, self.unsent());
             if busy && stalled {
                 return Idle::Stalled;
             }
@@ -130,10 +126,16 @@ impl Activity {
     }
 }
 
+/// Whether a socket's queue went down between two readings (both known): its client took
+/// some of it.
+pub fn went_down(before: Option<u64>, now: Option<u64>) -> bool {
+    matches!((before, now), (Some(before), Some(now)) if now < before)
+}
+
 /// A client connection's TCP socket, for its send queue. Valid while the connection's
 /// task runs, which is where [`Activity::idle`] is polled.
 #[derive(Clone, Copy, Debug)]
-pub struct Socket(#[allow(dead_code)] i32);
+pub struct Socket(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] i32);
 
 impl Socket {
     #[cfg(unix)]

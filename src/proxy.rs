@@ -327,8 +327,7 @@ impl Proxy {
         // Counted and logged when the response head is ready, or, if hyper drops this future
         // first (the client closed its connection or reset its stream), when it is dropped.
         let mut pending = Pending {
-            metrics: &self.metrics,
-            cutting: &self.cutting,
+            proxy: self,
             start,
             method: req.method().clone(),
             // A clone shares the URI's bytes, where a path `String` would be copied for
@@ -1401,8 +1400,7 @@ fn not_modified(rparts: &response::Parts) -> Response<ProxyBody> {
 /// metrics. A write already sent runs on upstream (`SentWrite`); the line says only that its
 /// client left.
 struct Pending<'a> {
-    metrics: &'a Metrics,
-    cutting: &'a AtomicBool,
+    proxy: &'a Proxy,
     start: Instant,
     method: Method,
     uri: hyper::Uri,
@@ -1427,7 +1425,8 @@ impl Pending<'_> {
         self.done = true;
         let ex = &self.ex;
         let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
-        self.metrics
+        self.proxy
+            .metrics
             .request(route, &self.method, status, ex.by_proxy);
         access_log(self, status, bytes);
     }
@@ -1436,7 +1435,7 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if !self.done {
-            if self.cutting.load(Ordering::Acquire) {
+            if self.proxy.cutting.load(Ordering::Acquire) {
                 self.ex.outcome = "shutdown";
                 self.ex.by_proxy = true;
                 self.finish(CUT_OFF, None);

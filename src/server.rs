@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use http::{Request, Version};
 use hyper::body::Incoming;
 
-use crate::activity::{Activity, Idle, Socket, Tracked};
+use crate::activity::{went_down, Activity, Idle, Socket, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::proxy::Proxy;
@@ -339,8 +339,7 @@ async fn serve_connection<IO>(
                 // another grace. A queue that grew (the client pings, reads nothing) or
                 // stood still earns none.
                 let queued = activity.unsent();
-                let taken = matches!((queued_at_grace, queued), (Some(a), Some(b)) if b < a);
-                if !activity.busy() && taken {
+                if !activity.busy() && went_down(queued_at_grace, queued) {
                     (queued_at_grace, cut_off) = arm_grace(cx, queued, ends.idle_timeout);
                     return conn.as_mut().poll(cx);
                 }
