@@ -123,6 +123,8 @@ pub struct Route {
     /// and the client config built from it at load.
     pub ca_file: Option<PathBuf>,
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Its metrics' label set (`metrics::route_labels`), made once here.
+    pub metric_labels: String,
 }
 
 /// An upstream origin: scheme and authority, nothing else.
@@ -949,11 +951,13 @@ impl Validator<'_> {
             );
             return None;
         }
+        // In the form request paths are matched in (`key::normalize_path`): `/docs/é`
+        // must match the requests for it, which arrive as `/docs/%C3%A9` or raw.
+        let prefix = prefix_ok.then(|| crate::key::normalize_path(prefix).into_owned())?;
         Some(Route {
+            metric_labels: crate::metrics::route_labels(host.as_deref(), &prefix),
             host,
-            // In the form request paths are matched in (`key::normalize_path`): `/docs/é`
-            // must match the requests for it, which arrive as `/docs/%C3%A9` or raw.
-            prefix: prefix_ok.then(|| crate::key::normalize_path(prefix).into_owned())?,
+            prefix,
             upstream: upstream?,
             validation: r
                 .validation

@@ -1,7 +1,9 @@
 //! Metrics, kept as atomics and written in the Prometheus text format by the admin server.
 //!
 //! Label sets are bounded: routes come from the config (`none` when nothing matched),
-//! methods outside the common set are `OTHER`, statuses are three digits.
+//! methods outside the common set are `OTHER`, statuses are three digits. A route is named
+//! by its prefix, and by its host too when it has one (`route_labels`): two routes may
+//! share a prefix for two hosts, and their figures must not be summed into one series.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +28,8 @@ type FastHash = foldhash::fast::RandomState;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Keyed by route prefix; looked up by `&str`, so a request allocates nothing here.
+    /// Keyed by the route's label set (`route_labels`, made once at config load); looked up
+    /// by `&str`, so a request allocates nothing here.
     routes: DashMap<String, RouteMetrics, FastHash>,
     lock_wait: Histogram,
     /// HTTP/1 request heads hyper could not parse: too large, or invalid.
@@ -153,10 +156,26 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The label set that names a route in every per-route series: `route="<prefix>"`, and
+/// `host="<host>"` beside it for a route that serves one host only. Routes for any host
+/// keep the one label they always had, so their series and the queries on them stay as
+/// they were.
+pub fn route_labels(host: Option<&str>, prefix: &str) -> String {
+    match host {
+        Some(host) => format!("route=\"{}\",host=\"{}\"", esc(prefix), esc(host)),
+        None => format!("route=\"{}\"", esc(prefix)),
+    }
+}
+
+/// The label set of requests no route took.
+pub const NO_ROUTE: &str = "route=\"none\"";
+
 // === impl Metrics ===
 
 impl Metrics {
-    /// One finished request; `by_proxy` when the proxy made the response itself.
+    /// One finished request; `by_proxy` when the proxy made the response itself. `route` is
+    /// the route's label set (`Route::metric_labels`, or [`NO_ROUTE`]), as in every method
+    /// here.
     pub fn request(&self, route: &str, method: &Method, status: u16, by_proxy: bool) {
         self.route(route, |m| {
             inc(&m.requests, (method_label(method), status));
@@ -237,7 +256,7 @@ impl Metrics {
         let rows = |f: &dyn Fn(&str, &RouteMetrics) -> Rows| -> Rows {
             self.routes
                 .iter()
-                .flat_map(|e| f(&esc(e.key()), e.value()))
+                .flat_map(|e| f(e.key(), e.value()))
                 .collect()
         };
         let value = |n: &AtomicU64| n.load(Ordering::Relaxed);
@@ -249,8 +268,7 @@ impl Metrics {
                     .iter()
                     .map(|e| {
                         let (method, status) = e.key();
-                        let labels =
-                            format!("{{route=\"{r}\",method=\"{method}\",status=\"{status}\"}}");
+                        let labels = format!("{{{r},method=\"{method}\",status=\"{status}\"}}");
                         (labels, value(e.value()))
                     })
                     .collect()
@@ -262,24 +280,24 @@ impl Metrics {
             rows(&|r, m| {
                 m.proxy_responses
                     .iter()
-                    .map(|e| (format!("{{route=\"{r}\",status=\"{}\"}}", e.key()), value(e.value())))
+                    .map(|e| (format!("{{{r},status=\"{}\"}}", e.key()), value(e.value())))
                     .collect()
             }),
         );
         counter(
             "ifmatch_revalidations_total",
             "GETs sent upstream to learn a resource's current tag before a write, by route.",
-            rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.revalidations))]),
+            rows(&|r, m| vec![(format!("{{{r}}}"), value(&m.revalidations))]),
         );
         counter(
             "ifmatch_unchanged_writes_total",
             "tag_puts PUTs that sent a resource's current bytes again and ran beside one another, the URL's lock shared, by route.",
-            rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.unchanged_writes))]),
+            rows(&|r, m| vec![(format!("{{{r}}}"), value(&m.unchanged_writes))]),
         );
         counter(
             "ifmatch_untagged_large_bodies_total",
             "GET bodies over max_tag_body, streamed through untagged, by route.",
-            rows(&|r, m| vec![(format!("{{route=\"{r}\"}}"), value(&m.untagged_large))]),
+            rows(&|r, m| vec![(format!("{{{r}}}"), value(&m.untagged_large))]),
         );
         counter(
             "ifmatch_over_budget_bodies_total",
@@ -287,11 +305,11 @@ impl Metrics {
             rows(&|r, m| {
                 vec![
                     (
-                        format!("{{route=\"{r}\",body=\"request\"}}"),
+                        format!("{{{r},body=\"request\"}}"),
                         value(&m.over_budget_requests),
                     ),
                     (
-                        format!("{{route=\"{r}\",body=\"response\"}}"),
+                        format!("{{{r},body=\"response\"}}"),
                         value(&m.over_budget_responses),
                     ),
                 ]
@@ -387,11 +405,8 @@ impl Metrics {
                 .get(&r)
                 .filter(|m| value(&m.upstream_latency.count) > 0)
             {
-                m.upstream_latency.write(
-                    &mut out,
-                    "ifmatch_upstream_latency_seconds",
-                    &format!("route=\"{}\"", esc(&r)),
-                );
+                m.upstream_latency
+                    .write(&mut out, "ifmatch_upstream_latency_seconds", &r);
             }
         }
         out
@@ -405,14 +420,21 @@ mod tests {
     #[test]
     fn renders_counters_and_histograms_in_the_text_format() {
         let m = Metrics::default();
-        m.request("/docs/", &Method::PUT, 412, true);
-        m.request("/docs/", &Method::PUT, 412, true);
-        m.request("/docs/", &Method::from_bytes(b"BREW").unwrap(), 200, false);
+        let docs = route_labels(None, "/docs/");
+        let docs = docs.as_str();
+        // The same prefix for one host only: a route of its own, a series of its own.
+        let a_docs = route_labels(Some("a.example"), "/docs/");
+        m.request(docs, &Method::PUT, 412, true);
+        m.request(docs, &Method::PUT, 412, true);
+        m.request(docs, &Method::from_bytes(b"BREW").unwrap(), 200, false);
+        m.request(&a_docs, &Method::PUT, 412, true);
+        m.request(NO_ROUTE, &Method::GET, 404, true);
         m.lock_wait(Duration::from_millis(3));
         m.lock_wait(Duration::from_millis(300));
         m.lock_wait(Duration::from_secs(9));
-        m.upstream_latency("/docs/", Duration::from_millis(20));
-        m.over_budget("/docs/", Unheld::Request);
+        m.upstream_latency(docs, Duration::from_millis(20));
+        m.upstream_latency(&a_docs, Duration::from_millis(2));
+        m.over_budget(docs, Unheld::Request);
         let budget = Budget::new(100);
         let _held = budget.take(30).unwrap();
         let text = m.render(&TagStore::new(10), &BodyMemo::new(100), &budget);
@@ -424,6 +446,11 @@ mod tests {
             "ifmatch_requests_total{route=\"/docs/\",method=\"PUT\",status=\"412\"} 2",
             "ifmatch_requests_total{route=\"/docs/\",method=\"OTHER\",status=\"200\"} 1",
             "ifmatch_proxy_responses_total{route=\"/docs/\",status=\"412\"} 2",
+            "ifmatch_requests_total{route=\"/docs/\",host=\"a.example\",method=\"PUT\",status=\"412\"} 1",
+            "ifmatch_proxy_responses_total{route=\"/docs/\",host=\"a.example\",status=\"412\"} 1",
+            "ifmatch_requests_total{route=\"none\",method=\"GET\",status=\"404\"} 1",
+            "ifmatch_upstream_latency_seconds_count{route=\"/docs/\",host=\"a.example\"} 1",
+            "ifmatch_upstream_latency_seconds_bucket{route=\"/docs/\",host=\"a.example\",le=\"0.0025\"} 1",
             "ifmatch_lock_wait_seconds_bucket{le=\"0.0025\"} 0",
             "ifmatch_lock_wait_seconds_bucket{le=\"0.005\"} 1",
             "ifmatch_lock_wait_seconds_bucket{le=\"0.25\"} 1",

@@ -677,7 +677,7 @@ impl Proxy {
                 };
                 if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {
                     self.metrics.lock_wait(waited);
-                    self.metrics.unchanged_write(&route.prefix);
+                    self.metrics.unchanged_write(&route.metric_labels);
                     let guard = Some(guard);
                     let rsp = self.forward(rt, route, key, pre, parts, outgoing, guard, true, ex);
                     return rsp.await;
@@ -878,7 +878,7 @@ impl Proxy {
         let start = Instant::now();
         let rsp = rt.upstream.send(route, req).await?;
         self.metrics
-            .upstream_latency(&route.prefix, start.elapsed());
+            .upstream_latency(&route.metric_labels, start.elapsed());
         Ok(rsp)
     }
 
@@ -892,7 +892,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Current, Error> {
         let ticket = self.tags.ticket();
-        self.metrics.revalidation(&route.prefix);
+        self.metrics.revalidation(&route.metric_labels);
         let rsp = self
             .send(rt, route, Box::new(upstream::revalidation_request(parts)))
             .await?;
@@ -986,7 +986,7 @@ impl Proxy {
             // was 230 instructions a GET).
             let declared = body.size_hint().exact();
             if declared.is_some_and(|n| n > route.max_tag_body) {
-                self.metrics.untagged_large_body(&route.prefix);
+                self.metrics.untagged_large_body(&route.metric_labels);
                 break 'read (None, false, Some(ProxyBody::stream(body, idle)));
             }
             // A body of known size takes its whole share now, so that one without room
@@ -1081,7 +1081,7 @@ impl Proxy {
 
     /// A body found no room in `max_buffered_bytes`: counted, and logged now and then.
     fn over_budget(&self, route: &Route, body: Unheld) {
-        self.metrics.over_budget(&route.prefix, body);
+        self.metrics.over_budget(&route.metric_labels, body);
         if self.budget.warn_due() {
             tracing::warn!(
                 route = %route.prefix,
@@ -1424,7 +1424,10 @@ impl Pending<'_> {
     fn finish(&mut self, status: u16, bytes: Option<u64>) {
         self.done = true;
         let ex = &self.ex;
-        let route = ex.route.as_ref().map_or("none", |r| r.prefix.as_str());
+        let route = ex
+            .route
+            .as_ref()
+            .map_or(crate::metrics::NO_ROUTE, |r| r.metric_labels.as_str());
         self.proxy
             .metrics
             .request(route, &self.method, status, ex.by_proxy);

@@ -165,6 +165,60 @@ async fn metrics_count_a_known_sequence_exactly() {
     );
 }
 
+/// Two routes with one prefix, one of them for one host only, are two routes to an operator
+/// too: each has its own series, the host-specific one labelled with its host.
+#[tokio::test]
+async fn routes_that_share_a_prefix_for_two_hosts_are_counted_apart() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "v1");
+    let o = store.origin();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[route]]\nprefix = \"/docs/\"\nhost = \"a.example\"\nupstream = \"{o}\"\n\
+         require_precondition = true\n\
+         [[route]]\nprefix = \"/docs/\"\nupstream = \"{o}\"\n"
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    let c = Client::new();
+    let a = bin.url("/docs/a");
+    for _ in 0..2 {
+        assert_eq!(c.get(&a, &[("host", "a.example")]).await.status, 200);
+    }
+    assert_eq!(c.put(&a, &[("host", "a.example")], "x").await.status, 428);
+    assert_eq!(c.get(&a, &[("host", "b.example")]).await.status, 200);
+    let t = c.get(&format!("http://{admin}/metrics"), &[]).await.text();
+    let r = |labels: &str| metric(&t, &format!("ifmatch_requests_total{{{labels}}}"));
+    assert_eq!(
+        r("route=\"/docs/\",host=\"a.example\",method=\"GET\",status=\"200\""),
+        2
+    );
+    assert_eq!(
+        r("route=\"/docs/\",host=\"a.example\",method=\"PUT\",status=\"428\""),
+        1
+    );
+    assert_eq!(r("route=\"/docs/\",method=\"GET\",status=\"200\""), 1);
+    assert_eq!(
+        metric(
+            &t,
+            "ifmatch_proxy_responses_total{route=\"/docs/\",host=\"a.example\",status=\"428\"}"
+        ),
+        1
+    );
+    assert!(
+        !t.contains("ifmatch_proxy_responses_total{route=\"/docs/\",status=\"428\"}"),
+        "the any-host route answered no 428:\n{t}"
+    );
+    let latency = |labels: &str| {
+        metric(
+            &t,
+            &format!("ifmatch_upstream_latency_seconds_count{{{labels}}}"),
+        )
+    };
+    assert_eq!(latency("route=\"/docs/\",host=\"a.example\""), 2);
+    assert_eq!(latency("route=\"/docs/\""), 1);
+}
+
 #[tokio::test]
 async fn health_and_readiness_including_during_a_drain() {
     let slow = ScriptedBackend::slow(Duration::from_millis(1500), "slow").await;
