@@ -23,7 +23,7 @@ pub enum Error {
     #[error(transparent)]
     BadFraming(#[from] FramingError),
 
-    #[error("{method} is not supported: ifmatch does not open tunnels")]
+    #[error("{method} is not supported: {}", unsupported_because(method))]
     MethodNotSupported { method: Method },
 
     #[error("the request head is larger than the limit of {limit} bytes")]
@@ -66,6 +66,15 @@ pub enum Blame {
     Client,
     Upstream,
     Proxy,
+}
+
+/// Why the proxy does not forward `method` (CONNECT or TRACE).
+fn unsupported_because(method: &Method) -> &'static str {
+    if method == Method::TRACE {
+        "ifmatch does not forward TRACE, which echoes the request's credentials back"
+    } else {
+        "ifmatch does not open tunnels"
+    }
 }
 
 // === impl Error ===

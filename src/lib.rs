@@ -33,6 +33,7 @@ pub mod host;
 pub mod key;
 pub mod lifecycle;
 pub mod lock;
+pub mod max_forwards;
 pub mod memo;
 pub mod metrics;
 pub mod pool;

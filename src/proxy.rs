@@ -33,6 +33,7 @@ use crate::etag::{ETag, TagKey};
 use crate::framing::Verdict;
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::{WriteGuard, WriteLocks};
+use crate::max_forwards::{take_hop, Hop};
 use crate::memo::BodyMemo;
 use crate::metrics::{Metrics, Unheld};
 use crate::precondition::{evaluate, names_tags, Decision, HeaderError, Preconditions, Resource};
@@ -409,10 +410,12 @@ impl Proxy {
         ex.body = Some(body);
         crate::framing::check_codings(&parts.headers)?;
         // A tunnel has no representation to tag, and a backend given `CONNECT /` (its
-        // authority-form target turned origin-form) could only misread it.
-        if parts.method == Method::CONNECT {
+        // authority-form target turned origin-form) could only misread it. A backend that
+        // answers TRACE echoes the request back, `Cookie` and `Authorization` included
+        // (cross-site tracing): nginx refuses it too.
+        if parts.method == Method::CONNECT || parts.method == Method::TRACE {
             return Err(Error::MethodNotSupported {
-                method: Method::CONNECT,
+                method: parts.method,
             });
         }
         let routing = self.routing.load_full();
@@ -429,6 +432,11 @@ impl Proxy {
         let route = ex.route.clone().ok_or_else(|| Error::NoRoute {
             path: parts.uri.path().to_owned(),
         })?;
+        if parts.method == Method::OPTIONS && take_hop(&mut parts.headers)? == Hop::Answer {
+            ex.outcome = "max_forwards";
+            ex.by_proxy = true;
+            return Ok(Response::new(ProxyBody::empty()));
+        }
         let pre = Preconditions::parse(&parts.headers)?;
         let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
         if !route.preserve_host {

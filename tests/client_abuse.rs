@@ -197,6 +197,67 @@ GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     assert_eq!(forwarded_paths(&backend, 0), ["/after"]);
 }
 
+/// TRACE makes a backend that implements it echo the request back, `Cookie` and
+/// `Authorization` included (cross-site tracing): refused like CONNECT, never forwarded, as
+/// nginx refuses it. The connection goes on.
+#[tokio::test]
+async fn trace_is_refused_and_never_forwarded() {
+    let (backend, proxy) = proxy_with("").await;
+    let bytes = b"TRACE /docs/a HTTP/1.1\r\nHost: a\r\nCookie: session=secret\r\n\r\n\
+GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        .to_vec();
+    let rsp = raw(proxy.addr, bytes, Duration::from_secs(2)).await;
+    assert_eq!(status_line(&rsp), "HTTP/1.1 501 Not Implemented", "{rsp}");
+    assert!(rsp.contains("application/problem+json"), "{rsp}");
+    assert!(rsp.contains("does not forward TRACE"), "{rsp}");
+    assert!(!rsp.contains("secret"), "{rsp}");
+    assert!(
+        rsp.contains("HTTP/1.1 200 OK"),
+        "the next request is answered: {rsp}"
+    );
+    assert_eq!(forwarded_paths(&backend, 0), ["/after"]);
+}
+
+/// `Max-Forwards` on OPTIONS (RFC 9110 §7.6.2): 0 makes the proxy the final recipient, which
+/// answers and forwards nothing; any other value reaches the backend one lower; one that
+/// cannot be counted down is a 400 naming the field. Other methods carry it untouched.
+#[tokio::test]
+async fn max_forwards_on_options_is_counted_down_and_zero_is_answered_here() {
+    let (backend, proxy) = proxy_with("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let send = |method: &'static str, value: &'static str| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.send(method, &url, &[("max-forwards", value)], "").await }
+    };
+    let here = send("OPTIONS", "0").await;
+    assert_eq!(here.status, 200);
+    assert!(here.body.is_empty());
+    assert!(
+        backend.requests().is_empty(),
+        "an OPTIONS with 0 hops left went up"
+    );
+
+    assert_eq!(send("OPTIONS", "3").await.status, 200);
+    assert_eq!(send("GET", "0").await.status, 200);
+    let bad = send("OPTIONS", "-1").await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("max-forwards"), "{}", bad.text());
+    let seen: Vec<(String, String)> = backend
+        .requests()
+        .iter()
+        .map(|r| {
+            let hops = r.headers.get("max-forwards").unwrap().to_str().unwrap();
+            (r.method.to_string(), hops.to_owned())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [("OPTIONS".into(), "2".into()), ("GET".into(), "0".into())],
+        "what the backend got"
+    );
+}
+
 /// A bare LF after the last chunk starts a trailer line to hyper (which then takes the
 /// request behind it for trailers); the inspector once took it for the end of the body and
 /// the next bytes for a head, and from then on judged each request by the verdict of the
