@@ -15,7 +15,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
@@ -450,9 +450,19 @@ where
 /// that declares content (RFC 9110 §8.6 and RFC 9112 §6.1 forbid `Content-Length` and
 /// `Transfer-Encoding` on it, and a backend that sends them often sends the content too,
 /// which would then be read as the next request's answer: another client's), or a switch
-/// of protocols. A 304's `Content-Length` is the representation's, and allowed.
+/// of protocols. A 304's `Content-Length` is the representation's, and allowed; its
+/// `Transfer-Encoding` is not, and spoils it as a 204's does.
+///
+/// So does any HTTP/1.0 answer a backend keeps the connection open after: hyper then sends
+/// the connection's next request as HTTP/1.0, which cannot frame a body of unknown length
+/// (RFC 9112 §6.1 has no chunked in 1.0): such a body would go up as no body at all, and a
+/// chunked PUT store an empty document.
 fn spoils_connection(rsp: &Response<Incoming>) -> bool {
+    if rsp.version() == Version::HTTP_10 {
+        return true;
+    }
     match rsp.status() {
+        StatusCode::NOT_MODIFIED => rsp.headers().contains_key(TRANSFER_ENCODING),
         StatusCode::NO_CONTENT => {
             let h = rsp.headers();
             h.contains_key(TRANSFER_ENCODING) || h.get_all(CONTENT_LENGTH).iter().any(|v| v != "0")

@@ -530,10 +530,115 @@ async fn an_http_1_0_backend_does_not_make_the_client_connection_http_1_0() {
     }
 }
 
+/// After an HTTP/1.0 response, hyper sends the connection's next request as HTTP/1.0 too
+/// (RFC 9112 §2.5: a 1.0 peer is not known to read 1.1 framing), and a body of unknown
+/// length, which HTTP/1.0 cannot frame, went up as no body at all: a backend that keeps
+/// 1.0 connections alive got `PUT /doc HTTP/1.0` and nothing else, stored an empty document
+/// and said 204. Such a connection is not reused, so every request goes up as HTTP/1.1.
+#[tokio::test]
+async fn a_chunked_write_after_an_http_1_0_keep_alive_answer_keeps_its_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let log = received.clone();
+    let origin = raw_backend(move |mut s| {
+        let log = log.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                // One request: its head, then its body as its head frames it.
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let end = if head.contains("transfer-encoding: chunked") {
+                    loop {
+                        if let Some(i) = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n")
+                        {
+                            break head_end + i + 5;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                } else if let Some(n) = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                {
+                    while buf.len() < head_end + n {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    head_end + n
+                } else {
+                    head_end
+                };
+                log.lock().unwrap().extend_from_slice(&buf[..end]);
+                let answer: &[u8] = if head.starts_with("get ") {
+                    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.0 204 No Content\r\nConnection: keep-alive\r\n\r\n"
+                };
+                buf.drain(..end);
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut exchange = async |req: &[u8]| {
+        c.write_all(req).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n")
+            || (got.starts_with(b"HTTP/1.1 200") && !got.ends_with(b"ok"))
+        {
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .expect("answered")
+                .unwrap();
+            assert!(n > 0, "the connection was closed after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let got = exchange(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let got = exchange(
+        b"PUT /doc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+          1b\r\nimportant document contents\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 204"), "{got}");
+    let received = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+    assert!(
+        received.contains("important document contents"),
+        "the backend never got the body:\n{received}"
+    );
+    assert!(
+        !received.contains("HTTP/1.0\r\n"),
+        "a request went up as HTTP/1.0:\n{received}"
+    );
+}
+
 /// A backend that answers 204 with a `Content-Length` (which RFC 9110 §8.6 forbids on a
 /// 204) and then sends those bytes: hyper reads the 204 as bodiless, so on a reused
 /// connection the stray bytes would begin the next request's answer, another client's 502
-/// or, shaped as a response, another client's wrong answer. The connection is not reused.
+/// or, shaped as a response, another client's wrong answer. The connection is not reused;
+/// nor is it after a 304 with `Transfer-Encoding`.
 #[tokio::test]
 async fn a_204_that_declares_content_spoils_its_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -548,10 +653,15 @@ async fn a_204_that_declares_content_spoils_its_connection() {
                 if n == 0 {
                     return;
                 }
-                if buf[..n].starts_with(b"DELETE /late") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 48\r\n\r\n")
-                        .await;
+                let late: Option<&[u8]> = if buf[..n].starts_with(b"DELETE /late") {
+                    Some(b"HTTP/1.1 204 No Content\r\nContent-Length: 48\r\n\r\n")
+                } else if buf[..n].starts_with(b"GET /late") {
+                    Some(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n")
+                } else {
+                    None
+                };
+                if let Some(head) = late {
+                    let _ = s.write_all(head).await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
@@ -575,4 +685,9 @@ async fn a_204_that_declares_content_spoils_its_connection() {
     let r = c.get(&proxy.url("/innocent"), &[]).await;
     assert_eq!((r.status, r.body.as_ref()), (200, &b"ok"[..]));
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+    // A 304 with `Transfer-Encoding` (which it cannot have, RFC 9110 §15.4.5) is as suspect.
+    assert_eq!(c.get(&proxy.url("/late"), &[]).await.status, 304);
+    let r = c.get(&proxy.url("/innocent"), &[]).await;
+    assert_eq!((r.status, r.body.as_ref()), (200, &b"ok"[..]));
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection");
 }
