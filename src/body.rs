@@ -254,6 +254,13 @@ const H2: u64 = 1 << 63;
 #[error("the client reset its stream before the request body was complete")]
 pub struct StreamReset;
 
+/// The client's request body failed as it streamed up (chunked framing hyper refused, a
+/// connection closed mid-body): the client's doing, not the backend's, though it surfaces
+/// as the upstream exchange's error.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ClientBodyFailed(hyper::Error);
+
 /// A request body longer than `max_request_body`, found while it streamed.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body is longer than max_request_body")]
@@ -303,7 +310,7 @@ impl Body for ClientBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => Poll::Ready(Some(Err(ClientBodyFailed(e).into()))),
             None if self.left & H2 != 0 && !self.inner.is_end_stream() => {
                 Poll::Ready(Some(Err(StreamReset.into())))
             }

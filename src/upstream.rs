@@ -18,7 +18,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
 
-use crate::body::{BodyTooLong, ClientBody, Hashed};
+use crate::body::{BodyTooLong, ClientBody, ClientBodyFailed, Hashed, StreamReset};
 use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
@@ -227,6 +227,11 @@ impl UpstreamClient {
                 return Error::BodyTooLarge {
                     limit: self.max_request_body,
                 };
+            }
+            // The client's body broke on its way up: a 400 for the client, not a 502 and a
+            // warning that blames the backend.
+            if s.is::<ClientBodyFailed>() || s.is::<StreamReset>() {
+                return Error::BodyRead(s.to_string());
             }
             if let Some(tls) = find_tls_error(s) {
                 return Error::UpstreamTls {

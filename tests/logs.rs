@@ -301,3 +301,35 @@ async fn a_request_over_a_limit_is_logged_under_its_route() {
     }
     assert_eq!(store.store.writes(), 0, "not forwarded");
 }
+
+/// A client whose chunked body breaks on its way to the backend (a chunk size hyper
+/// refuses) made the exchange fail; that was taken for the backend's failure: a 502 and a
+/// WARN blaming it, which any client could raise at will. It is the client's: a 400, logged
+/// as such, and no "request failed" warning.
+#[tokio::test]
+async fn a_client_body_that_breaks_on_its_way_up_is_the_clients_400_not_a_502() {
+    let store = Backend::start().await;
+    let bin = Binary::start(&docs_route(&store.origin()), &["--log-format", "json"]).await;
+    let put = "PUT /docs/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+               3\r\nabc\r\n+3\r\ndef\r\n0\r\n\r\n";
+    let rsp = raw_exchange(bin.addr, put.as_bytes()).await;
+    assert!(rsp.starts_with("HTTP/1.1 400 "), "{rsp}");
+    assert!(rsp.contains("application/problem+json"), "{rsp}");
+    assert!(rsp.contains("request body"), "{rsp}");
+    let access = || access_lines(&bin);
+    assert!(common::eventually(Duration::from_secs(5), || access().len() == 1).await);
+    let line = &access()[0];
+    assert_eq!(line["status"], 400, "{line}");
+    assert_eq!(line["outcome"], "body_error", "{line}");
+    assert!(
+        !bin.log().iter().any(|l| l.contains("request failed")),
+        "{:#?}",
+        bin.log()
+    );
+    // It may have reached the backend, cut off before its last chunk: nothing is stored.
+    assert_eq!(
+        Client::new().get(&store.url("/docs/a"), &[]).await.status,
+        404,
+        "nothing stored"
+    );
+}
