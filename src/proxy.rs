@@ -469,10 +469,19 @@ impl Proxy {
         strip_evaluated(&mut parts.headers, pre, true);
         let authorized = parts.headers.contains_key(header::AUTHORIZATION);
         let ticket = self.tags.ticket();
-        let req = Box::new(Request::from_parts(
+        let mut req = Box::new(Request::from_parts(
             parts,
             rt.upstream.limit(ex.take_body()),
         ));
+        // hyper's client sends a GET body of unknown length (chunked, or HTTP/2 with no
+        // `content-length`) as no body at all unless the head says chunked: it goes up
+        // chunked, as any other method's does, not dropped.
+        if !req.body().is_end_stream() && req.body().size_hint().exact().is_none() {
+            req.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         // A GET whose answer turns on the tag (`If-Match`, `If-None-Match`) must be judged
         // by it even when its body finds no room in `max_buffered_bytes`: it is then hashed
         // without being held, and a 200 is sent from a second fetch (`send_again`), for
