@@ -23,6 +23,9 @@ pub enum Error {
     #[error(transparent)]
     BadFraming(#[from] FramingError),
 
+    #[error("the request target {0}")]
+    BadTarget(String),
+
     #[error("{method} is not supported: {}", unsupported_because(method))]
     MethodNotSupported { method: Method },
 
@@ -83,7 +86,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::BadHeader(_) | Self::BadTarget(_) => StatusCode::BAD_REQUEST,
             Self::BadFraming(FramingError::UnsupportedEncoding(_)) => StatusCode::NOT_IMPLEMENTED,
             Self::BadFraming(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotSupported { .. } => StatusCode::NOT_IMPLEMENTED,
@@ -107,6 +110,7 @@ impl Error {
             Self::BadFraming(FramingError::Lost) => Blame::Proxy,
             Self::NoRoute { .. }
             | Self::BadHeader(_)
+            | Self::BadTarget(_)
             | Self::BadFraming(_)
             | Self::MethodNotSupported { .. }
             | Self::HeadersTooLarge { .. }
@@ -128,6 +132,7 @@ impl Error {
         match self {
             Self::NoRoute { .. } => "no_route",
             Self::BadHeader(_) => "bad_header",
+            Self::BadTarget(_) => "bad_target",
             Self::BadFraming(_) => "bad_framing",
             Self::MethodNotSupported { .. } => "method_not_supported",
             Self::HeadersTooLarge { .. } => "headers_too_large",
@@ -224,6 +229,7 @@ mod tests {
             (Error::LockTimeout(Duration::from_secs(1)), 503),
             (Error::BodyTimeout(Duration::from_secs(1)), 408),
             (Error::BodyRead("reset".into()), 400),
+            (Error::BadTarget("b:80".into()), 400),
             (
                 Error::UpstreamConnect {
                     upstream: up(),

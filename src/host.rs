@@ -6,9 +6,29 @@
 
 use http::header::HOST;
 use http::request::Parts;
-use http::{HeaderValue, Version};
+use http::{HeaderValue, Method, Version};
 
+use crate::error::Error;
 use crate::precondition::HeaderError;
+
+/// Refuses the two request-target forms that belong to one method each (RFC 9112 §3.2.3,
+/// §3.2.4; RFC 9113 §8.3.1) when another method uses them: authority-form (`GET b:80`),
+/// whose authority would otherwise replace `Host` for the router and the backend alike,
+/// and asterisk-form (`GET *`), which names no resource. CONNECT is refused before this.
+pub fn check_target(parts: &Parts) -> Result<(), Error> {
+    let uri = &parts.uri;
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(Error::BadTarget(format!(
+            "\"{uri}\" is in authority-form, which only CONNECT may use (RFC 9112 §3.2.3)"
+        )));
+    }
+    if uri.path() == "*" && parts.method != Method::OPTIONS {
+        return Err(Error::BadTarget(
+            "\"*\" names no resource: only OPTIONS may use it (RFC 9112 §3.2.4)".into(),
+        ));
+    }
+    Ok(())
+}
 
 /// The request's one `Host` value, if it has one; refuses a request whose `Host` is missing
 /// (HTTP/1.1), repeated or malformed. The value is read here once, for the router and for

@@ -419,6 +419,7 @@ impl Proxy {
             });
         }
         let routing = self.routing.load_full();
+        crate::host::check_target(&parts)?;
         let host = crate::host::check(&parts)?;
         let rt = &*routing;
         let path = normalize_path(parts.uri.path());

@@ -197,6 +197,49 @@ GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     assert_eq!(forwarded_paths(&backend, 0), ["/after"]);
 }
 
+/// Authority-form (`GET b:80`) is CONNECT's alone, and asterisk-form (`*`) OPTIONS's (RFC
+/// 9112 §3.2.3-4). Another method's `GET b:80` went up as `GET /` with `Host: b:80`: the
+/// client chose the backend's `Host` through a form no client sends. Both are refused with a
+/// 400 and never forwarded; `OPTIONS *` goes on as it is.
+#[tokio::test]
+async fn a_target_form_of_another_method_is_refused() {
+    let (backend, proxy) = proxy_with("").await;
+    for (request, names) in [
+        ("GET b:80 HTTP/1.1\r\nHost: a\r\n\r\n", "authority-form"),
+        (
+            "PUT b:80 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "authority-form",
+        ),
+        ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", "only OPTIONS"),
+    ] {
+        let bytes = format!("{request}GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let rsp = raw(proxy.addr, bytes.into_bytes(), Duration::from_secs(2)).await;
+        assert_eq!(
+            status_line(&rsp),
+            "HTTP/1.1 400 Bad Request",
+            "{request}: {rsp}"
+        );
+        assert!(rsp.contains(names), "{request}: {rsp}");
+        assert!(
+            rsp.contains("HTTP/1.1 200 OK"),
+            "{request}: the next is answered: {rsp}"
+        );
+    }
+    assert_eq!(forwarded_paths(&backend, 0), ["/after", "/after", "/after"]);
+    let rsp = raw(
+        proxy.addr,
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(status_line(&rsp), "HTTP/1.1 200 OK", "{rsp}");
+    let last = backend.requests().pop().unwrap();
+    assert_eq!(
+        (last.method.as_str(), last.uri.to_string()),
+        ("OPTIONS", "*".into())
+    );
+}
+
 /// TRACE makes a backend that implements it echo the request back, `Cookie` and
 /// `Authorization` included (cross-site tracing): refused like CONNECT, never forwarded, as
 /// nginx refuses it. The connection goes on.
