@@ -256,6 +256,10 @@ where
         if spoils_connection(rsp) {
             tracing::debug!(origin, status = %rsp.status(), "upstream connection not reused");
             conn.task.abort();
+        } else if rsp.version() == Version::HTTP_10 {
+            // Its body is still to come through the connection's task: let go of the
+            // sender, and hyper closes the connection once that body has been read.
+            drop(conn);
         } else {
             self.checkin(origin, conn);
         }
@@ -453,14 +457,12 @@ where
 /// of protocols. A 304's `Content-Length` is the representation's, and allowed; its
 /// `Transfer-Encoding` is not, and spoils it as a 204's does.
 ///
-/// So does any HTTP/1.0 answer a backend keeps the connection open after: hyper then sends
-/// the connection's next request as HTTP/1.0, which cannot frame a body of unknown length
-/// (RFC 9112 §6.1 has no chunked in 1.0): such a body would go up as no body at all, and a
-/// chunked PUT store an empty document.
+/// Those have no body, so the connection is ended at once. A connection that answered in
+/// HTTP/1.0 is not reused either (`checkin_after`), but closed after its body: hyper would
+/// send its next request as HTTP/1.0, which cannot frame a body of unknown length (RFC 9112
+/// has no chunked in 1.0), so a chunked PUT would go up as no body at all and store an empty
+/// document.
 fn spoils_connection(rsp: &Response<Incoming>) -> bool {
-    if rsp.version() == Version::HTTP_10 {
-        return true;
-    }
     match rsp.status() {
         StatusCode::NOT_MODIFIED => rsp.headers().contains_key(TRANSFER_ENCODING),
         StatusCode::NO_CONTENT => {

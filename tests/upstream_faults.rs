@@ -634,6 +634,41 @@ async fn a_chunked_write_after_an_http_1_0_keep_alive_answer_keeps_its_body() {
     );
 }
 
+/// Not reusing a connection after an HTTP/1.0 answer must not cut that answer's own body:
+/// the connection is let go once the body is read, not torn down at its head. A body that
+/// streams in slowly (over `max_tag_body`, so sent on as it comes) arrives whole.
+#[tokio::test]
+async fn an_http_1_0_answer_whose_body_streams_in_slowly_arrives_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PIECE: usize = 16 * 1024;
+    const PIECES: usize = 8;
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        if s.read(&mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let head = format!(
+            "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n",
+            PIECE * PIECES
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        for i in 0..PIECES {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = s.write_all(&vec![b'a' + i as u8; PIECE]).await;
+        }
+        // Kept open, as a 1.0 keep-alive backend does, until the proxy lets go.
+        let _ = s.read(&mut buf).await;
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"1KiB\""), &origin).await;
+    for _ in 0..2 {
+        let r = Client::new().get(&proxy.url("/big"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), PIECE * PIECES, "the whole body");
+        assert!(r.body.starts_with(b"a") && r.body.ends_with(b"h"));
+    }
+}
+
 /// A backend that answers 204 with a `Content-Length` (which RFC 9110 §8.6 forbids on a
 /// 204) and then sends those bytes: hyper reads the 204 as bodiless, so on a reused
 /// connection the stray bytes would begin the next request's answer, another client's 502
