@@ -1,16 +1,23 @@
 //! The key that names one resource for the tag cache and the write locks.
 //!
 //! Key = upstream origin (in one spelling: `Upstream::key_prefix`) + normalised path +
-//! `?query`. The path is normalised by RFC 3986 §6.2.2 (percent-encodings of unreserved characters decoded, the hex digits of the others
-//! upper-cased, dot-segments removed) and runs of `/` are merged, as nginx and most servers
-//! do. So `/docs/42`, `/docs/./42`, `/docs/%34%32` and `/docs//42` share one lock and one
-//! tag. `%2F` is decoded to `/` before dot-segments are removed, which RFC 3986 does not do
-//! but nginx does: `/docs%2F42` and `/x%2F..%2Fdocs/42` are its file `/docs/42` too. Were
-//! they other keys, writes through them would take other locks and slip past each other.
-//! A backend that tells `%2F` from `/` apart gets coarser keys: two of its resources then
-//! share a lock, and under `cached` a remembered tag (README says to keep such a backend on
-//! `revalidate`). A `%` that starts no valid escape stands for itself and becomes `%25`, so that the
-//! normal form is a fixed point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
+//! `?query`. The path is normalised as nginx and most servers read it before they look a
+//! resource up: every percent-encoding of a byte a path may carry as it is (RFC 3986
+//! `pchar`: unreserved characters, sub-delims, `:` and `@`) is decoded, the hex digits of
+//! the others are upper-cased, dot-segments are removed (RFC 3986 §6.2.2) and runs of `/`
+//! are merged. So `/docs/42`, `/docs/./42`, `/docs/%34%32`, `/docs//42` share one lock and
+//! one tag, and so do `/u/a@b` and `/u/a%40b`, which two client libraries spell apart
+//! (JavaScript's `encodeURI` keeps `@`, Python's `quote` encodes it). Were they other keys,
+//! writes through them would take other locks and slip past each other. RFC 3986 §6.2.2.2
+//! decodes unreserved characters only, since a reserved one may mean something else
+//! encoded; `%2F` is decoded to `/` too, before dot-segments are removed, as nginx does:
+//! `/docs%2F42` and `/x%2F..%2Fdocs/42` are its file `/docs/42`. A backend that tells an
+//! encoded reserved character from the plain one gets coarser keys: two of its resources
+//! then share a lock (a wait, never a lost write), and under `cached` a remembered tag
+//! (README says to keep such a backend on `revalidate`). `%3F` and `%23` stay encoded: a
+//! `?` or `#` in the path would read as the start of the query. A `%` that starts no
+//! valid escape stands for itself and becomes `%25`, so that the normal form is a fixed
+//! point (`/%3%32` would otherwise decode to `/%32`, then to `/2`).
 //! Bytes a URI carries only encoded (raw UTF-8, `"`, `{`...), which hyper lets through, are
 //! percent-encoded, so that `/é` and `/%C3%A9` share a key.
 //! The query is kept byte for byte (an empty one is none): backends disagree on what it
@@ -119,7 +126,8 @@ fn is_pchar(c: u8) -> bool {
     crate::host::REG_NAME[usize::from(c)] || matches!(c, b':' | b'@' | b'/')
 }
 
-/// Decodes `%XX` of unreserved characters and of `/`, and upper-cases the hex of the rest.
+/// Decodes `%XX` of the bytes a path may carry as they are ([`is_pchar`], `/` among them),
+/// and upper-cases the hex of the rest.
 fn normalize_percent(path: &str) -> String {
     let b = path.as_bytes();
     let mut out = String::with_capacity(b.len());
@@ -130,7 +138,7 @@ fn normalize_percent(path: &str) -> String {
                 let c = h << 4 | l;
                 // `%2F` too: nginx, and most servers that map paths to files or routes,
                 // decode it before they resolve `..`, so `/a%2Fb` is `/a/b` to them.
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'/') {
+                if is_pchar(c) {
                     out.push(c as char);
                 } else {
                     out.push('%');
@@ -215,6 +223,44 @@ mod tests {
     }
 
     #[test]
+    fn a_reserved_character_a_path_may_carry_is_one_key_raw_or_encoded() {
+        for (raw, encoded) in [
+            ("/u/a@b", "/u/a%40b"),
+            ("/u/a:b", "/u/a%3ab"),
+            ("/u/a!b", "/u/a%21b"),
+            ("/u/a$b", "/u/a%24b"),
+            ("/u/a&b", "/u/a%26b"),
+            ("/u/a'b", "/u/a%27b"),
+            ("/u/a(b)", "/u/a%28b%29"),
+            ("/u/a*b", "/u/a%2Ab"),
+            ("/u/a+b", "/u/a%2Bb"),
+            ("/u/a,b", "/u/a%2cb"),
+            ("/u/a;b", "/u/a%3Bb"),
+            ("/u/a=b", "/u/a%3Db"),
+        ] {
+            assert_eq!(normalize_path(encoded), raw, "{encoded}");
+            assert_eq!(normalize_path(raw), raw, "{raw}");
+        }
+        // What would read as the query, a fragment or an escape stays encoded, and the form
+        // is a fixed point.
+        for (path, normal) in [
+            ("/u/a%3fb", "/u/a%3Fb"),
+            ("/u/a%23b", "/u/a%23b"),
+            ("/u/a%2525", "/u/a%2525"),
+            ("/u/a%20b", "/u/a%20b"),
+            ("/u/a%5Bb%5D", "/u/a%5Bb%5D"),
+        ] {
+            assert_eq!(normalize_path(path), normal, "{path}");
+            assert_eq!(normalize_path(normal), normal, "{normal}");
+        }
+        let up = Upstream::new(http::uri::Scheme::HTTP, "a:1".parse().unwrap());
+        assert_ne!(
+            ResourceKey::new(&up, &normalize_path("/a%3Fb"), None),
+            ResourceKey::new(&up, &normalize_path("/a"), Some("b"))
+        );
+    }
+
+    #[test]
     fn the_fast_check_passes_exactly_the_paths_normalisation_leaves_alone() {
         // Every string of up to 7 of these bytes: each way a `/`, `.` or `%` can stand next
         // to another. A path the check passes must come out of normalisation unchanged, and
@@ -268,9 +314,10 @@ mod tests {
     }
 
     #[test]
-    fn reserved_encodings_but_the_slash_stay_encoded_with_upper_case_hex() {
+    fn encodings_of_what_a_path_cannot_carry_stay_encoded_with_upper_case_hex() {
         assert_eq!(normalize_path("/a%3fb"), "/a%3Fb");
-        assert_eq!(normalize_path("/a%3Bb"), "/a%3Bb");
+        // `;` a path carries as it is: decoded (see the test above).
+        assert_eq!(normalize_path("/a%3Bb"), "/a;b");
         assert_eq!(normalize_path("/a%20b"), "/a%20b");
         assert_eq!(normalize_path("/a%2fb"), "/a/b");
         assert_eq!(normalize_path("/a%252Fb"), "/a%252Fb", "decoded once only");
