@@ -15,6 +15,13 @@
 //! more, and Linux says it does only once a third of its send buffer (megabytes, tuned up on
 //! a fast path) has drained: a client reading slowly but steadily may take no chunk in a
 //! whole period.
+//!
+//! On HTTP/2 one connection sends many bodies, and a client can starve one stream of window
+//! while it reads the others: that stream's body, and its share of `max_buffered_bytes`,
+//! would be held for as long as the connection lives. So each body also counts whether it
+//! took a chunk in the current period; a connection on which some bodies moved and another,
+//! not waiting on its upstream, took nothing for the whole period is cut off too (nginx
+//! resets such a stream at its `send_timeout`; hyper gives no handle on one stream).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -46,6 +53,10 @@ pub struct Activity {
     /// When the last request ended, in microseconds since `opened`: an atomic, not a lock,
     /// since every response writes it.
     last_end: AtomicU64,
+    /// The watch period [`Activity::idle`] is in; a body notes the last one it moved in.
+    period: AtomicU64,
+    /// Bodies still being sent that began, or took a chunk, in this period.
+    moved: AtomicUsize,
 }
 
 impl Default for Activity {
@@ -65,6 +76,8 @@ impl Activity {
             awaiting: AtomicUsize::new(0),
             progress: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
+            period: AtomicU64::new(0),
+            moved: AtomicUsize::new(0),
         }
     }
 
@@ -108,6 +121,11 @@ impl Activity {
             let sending = self.sending.load(Ordering::Acquire) > 0;
             let progress = self.progress.load(Ordering::Acquire);
             let queued = self.unsent();
+            // A new period: no body has moved in it yet. (A body that moves just as it
+            // begins may go uncounted: then it is taken for stuck only if it takes nothing
+            // more for the whole period.)
+            self.period.fetch_add(1, Ordering::AcqRel);
+            self.moved.store(0, Ordering::Release);
             tokio::time::sleep_until(deadline).await;
             // A body begun in the meantime counts as progress, so the bodies still being
             // sent were there all along, and not one chunk of them was taken; and at least
@@ -121,6 +139,17 @@ impl Activity {
                 && !went_down(queued, self.unsent());
             if busy && stalled {
                 return Idle::Stalled;
+            }
+            // Bodies moved (some may be done with by now), and one still here, not waiting
+            // on its upstream, did not: `moved` counts the bodies still here that did (one
+            // both waiting and moved is subtracted twice: never a false cut).
+            let moved = self.moved.load(Ordering::Acquire);
+            let stuck = now_sending
+                .saturating_sub(self.awaiting.load(Ordering::Acquire))
+                .saturating_sub(moved);
+            let progressed = self.progress.load(Ordering::Acquire) != progress;
+            if busy && progressed && stuck > 0 {
+                return Idle::StreamStalled;
             }
         }
     }
@@ -167,6 +196,8 @@ pub enum Idle {
     NoRequest,
     /// Responses to send, and none of their chunks taken for the timeout.
     Stalled,
+    /// HTTP/2: one response took no chunk for the timeout while others did.
+    StreamStalled,
 }
 
 /// A request being answered; see [`Activity::begin`].
@@ -190,6 +221,8 @@ pub struct Tracked {
     request: InFlight,
     /// Counted in `awaiting`: last asked, it had no chunk ready.
     pending: bool,
+    /// The last watch period it was counted in `moved` for.
+    period: u64,
 }
 
 impl Tracked {
@@ -197,10 +230,13 @@ impl Tracked {
         let activity = &request.0;
         activity.sending.fetch_add(1, Ordering::AcqRel);
         activity.progress.fetch_add(1, Ordering::Relaxed);
+        let period = activity.period.load(Ordering::Acquire);
+        activity.moved.fetch_add(1, Ordering::AcqRel);
         Self {
             body,
             request,
             pending: false,
+            period,
         }
     }
 }
@@ -210,6 +246,13 @@ impl Drop for Tracked {
         let activity = &self.request.0;
         if self.pending {
             activity.awaiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        // Counted out of `moved` if counted in this period. Saturating: the period may
+        // have turned, and `moved` been reset, in between.
+        if self.period == activity.period.load(Ordering::Acquire) {
+            let _ = activity
+                .moved
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         }
         activity.sending.fetch_sub(1, Ordering::AcqRel);
     }
@@ -223,7 +266,13 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.request.0.progress.fetch_add(1, Ordering::Relaxed);
+        let activity = &self.request.0;
+        activity.progress.fetch_add(1, Ordering::Relaxed);
+        let period = activity.period.load(Ordering::Acquire);
+        if self.period != period {
+            activity.moved.fetch_add(1, Ordering::AcqRel);
+            self.period = period;
+        }
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         // Atomics only when the body goes from waiting on its upstream to not, or back.
         if polled.is_pending() != self.pending {
@@ -270,6 +319,37 @@ mod tests {
             waited >= Duration::from_secs(130) && waited < Duration::from_secs(160),
             "{waited:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_body_nobody_takes_while_another_is_read_is_a_stalled_stream() {
+        let t = Duration::from_secs(30);
+        let activity = Arc::new(Activity::default());
+        let _starved = Tracked::new(ProxyBody::full(Bytes::from("x")), activity.begin());
+        let mut read = Tracked::new(ProxyBody::full(Bytes::from("y")), activity.begin());
+        let start = Instant::now();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle(t).await }
+        });
+        // The other stream is read every 10 s (polling counts, as above).
+        let reader = tokio::spawn(async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let _ = std::future::poll_fn(|cx| {
+                    let _ = Pin::new(&mut read).poll_frame(cx);
+                    Poll::Ready(())
+                })
+                .await;
+            }
+        });
+        assert_eq!(idle.await.unwrap(), Idle::StreamStalled);
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(30) && waited <= Duration::from_secs(31),
+            "one period: {waited:?}"
+        );
+        reader.abort();
     }
 
     #[tokio::test(start_paused = true)]

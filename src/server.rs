@@ -396,6 +396,11 @@ async fn serve_connection<IO>(
                         tracing::info!(client = %addr, "connection cut off: its client stopped reading its responses");
                         return Poll::Ready(Ok(()));
                     }
+                    if why == Idle::StreamStalled {
+                        // A GOAWAY would wait for that stream for ever: cut, as above.
+                        tracing::info!(client = %addr, "connection cut off: its client stopped reading one of its HTTP/2 streams");
+                        return Poll::Ready(Ok(()));
+                    }
                     idled = true;
                     if !std::mem::replace(&mut asked, true) {
                         tracing::debug!(client = %addr, "idle connection closed");

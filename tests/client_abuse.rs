@@ -905,3 +905,68 @@ async fn a_client_that_pings_and_reads_nothing_does_not_keep_its_slot() {
     assert!(served < Duration::from_secs(4), "served after {served:?}");
     pinger.abort();
 }
+
+/// An HTTP/2 client that starves one stream of window while it reads its other streams
+/// held that stream's body, and its share of `max_buffered_bytes`, for as long as it kept
+/// the connection: the connection-wide check saw the other streams move. A body not waiting
+/// on its upstream that takes nothing for `header_read_timeout` while others move now gets
+/// its connection cut, as a client that reads nothing does; the budget is given back.
+#[tokio::test]
+async fn an_http2_client_that_starves_one_stream_while_reading_others_is_cut_off() {
+    const BIG: usize = 4 << 20;
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.uri.path() {
+            "/big" => respond(200, &[], vec![b'x'; BIG]),
+            _ => respond(200, &[], "ok"),
+        }
+    })
+    .await;
+    let limits = "header_read_timeout = \"500ms\"";
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), limits).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    // Small stream windows, a large connection window: the big body's stream is stuck once
+    // its first KiB is in, and the small ones still flow.
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1024)
+        .initial_connection_window_size(8 << 20)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let get = |path: &str| http::Request::get(proxy.url(path)).body(()).unwrap();
+    let (big, _) = client.send_request(get("/big"), true).unwrap();
+    let big = big.await.unwrap();
+    assert_eq!(big.status(), 200);
+    let _starved = big.into_body(); // never read: its window is never given back
+    let started = Instant::now();
+    let cut_after = loop {
+        let small = async {
+            let mut c = client.clone().ready().await.ok()?;
+            let (rsp, _) = c.send_request(get("/small"), true).ok()?;
+            let mut body = rsp.await.ok()?.into_body();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.ok()?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            Some(())
+        };
+        if tokio::time::timeout(Duration::from_secs(2), small)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the connection still serves with one stream starved"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        cut_after < Duration::from_secs(3),
+        "cut after {cut_after:?}"
+    );
+}
