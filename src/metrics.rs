@@ -331,7 +331,7 @@ impl Metrics {
         );
         counter(
             "ifmatch_connections_refused_total",
-            "Client connections answered 503 and closed because max_connections were open.",
+            "Client connections refused because max_connections were open: answered 503 and closed on plain HTTP, closed at once on TLS.",
             vec![(String::new(), value(&self.connections_refused))],
         );
         let s = &tags.stats;

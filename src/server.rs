@@ -106,12 +106,13 @@ pub async fn serve(
             if refusals.due() {
                 tracing::warn!(
                     max_connections = limits.max_connections,
-                    "max_connections reached: connections are refused with 503 \
-                     (ifmatch_connections_refused_total counts them; this line comes at \
-                     most once a minute)"
+                    "max_connections reached: connections are refused (503 on plain \
+                     HTTP, closed at once on TLS; ifmatch_connections_refused_total counts \
+                     them; this line comes at most once a minute)"
                 );
             }
-            tokio::spawn(refuse_connection(stream));
+            // A TLS client would read the plain-text 503 as a broken handshake.
+            tokio::spawn(refuse_connection(stream, proxy.tls().is_none()));
             continue;
         };
         let (proxy, builder) = (proxy.clone(), builder.clone());
@@ -177,9 +178,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// Over `max_connections`: a 503 problem in plain HTTP/1.1, then close, rather than leaving
-/// the client in the accept backlog with no answer.
-async fn refuse_connection(mut stream: TcpStream) {
+/// Over `max_connections`: a 503 problem in plain HTTP/1.1 (`plain`), then close, rather
+/// than leaving the client in the accept backlog with no answer. A TLS listener's client
+/// gets the close alone: a handshake would cost what the limit is there to save, and bytes
+/// outside TLS would only read as a broken handshake.
+async fn refuse_connection(mut stream: TcpStream, plain: bool) {
+    if !plain {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        return;
+    }
     let body = serde_json::json!({
         "type": "about:blank",
         "title": "Service Unavailable",

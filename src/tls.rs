@@ -43,7 +43,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| format!("the key does not fit the certificate: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `http/1.0` too: rustls ends a handshake whose client offers nothing in this list, and
+    // an HTTP/1.0 client offering only that would get a fatal alert (nginx lists it too).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -227,3 +227,58 @@ async fn an_https_upstream_that_never_finishes_its_handshake_is_a_504_at_the_tim
     }
     silent.abort();
 }
+
+/// Over `max_connections`, a plain listener answers a 503 in plain text; on a TLS listener
+/// those bytes reached clients as a broken handshake ("wrong version number"), while the log
+/// and the metric said 503. A TLS client is closed at once, with no byte, and counted.
+#[tokio::test]
+async fn over_max_connections_a_tls_client_is_closed_not_sent_plain_text() {
+    use tokio::io::AsyncReadExt;
+    let backend = Backend::start().await;
+    let pki = Pki::new("refused", KeyType::EcdsaP256);
+    let server = format!("max_connections = 1\n{}", pki.server_toml());
+    let proxy = Proxy::start_with(&route("/docs/", ""), &backend.origin(), &server).await;
+    // Holds the one slot (its handshake not begun: the head timeout is 30 s).
+    let _held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut refused = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), refused.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "closed at once");
+    assert!(
+        got.is_empty(),
+        "no plain text on a TLS port: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// An HTTP/1.0 client whose ALPN offers only `http/1.0` (curl --http1.0) got a fatal
+/// "no application protocol" alert: the listener offered h2 and http/1.1 alone.
+#[tokio::test]
+async fn an_http_1_0_client_offering_only_http_1_0_by_alpn_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let pki = Pki::new("alpn-1-0", KeyType::EcdsaP256);
+    let proxy =
+        Proxy::start_with(&route("/docs/", ""), &backend.origin(), &pki.server_toml()).await;
+    let mut config = client_tls(&pki.ca_pem, rustls::ALL_VERSIONS);
+    config.alpn_protocols = vec![b"http/1.0".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the handshake succeeds");
+    tls.write_all(b"GET /docs/a HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.starts_with("HTTP/1.0 200") || got.starts_with("HTTP/1.1 200"),
+        "{got}"
+    );
+    assert!(got.ends_with("v1"), "{got}");
+}
