@@ -1279,8 +1279,12 @@ fn changes_state(method: &Method) -> bool {
 }
 
 /// Methods a `require_precondition` route refuses without a precondition (RFC 6585 §3).
+/// In any case: methods are case-sensitive (RFC 9110 §9.1), but many frameworks
+/// (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a PUT.
 fn requires_precondition(method: &Method) -> bool {
-    matches!(*method, Method::PUT | Method::PATCH | Method::DELETE)
+    ["PUT", "PATCH", "DELETE"]
+        .iter()
+        .any(|m| method.as_str().eq_ignore_ascii_case(m))
 }
 
 /// Removes the conditions the proxy evaluated (the backend does not know its tags), and the
