@@ -18,14 +18,16 @@
 //!
 //! On HTTP/2 one connection sends many bodies, and a client can starve one stream of window
 //! while it reads the others: that stream's body, and its share of `max_buffered_bytes`,
-//! would be held for as long as the connection lives. So each body also counts whether it
-//! took a chunk in the current period; a connection on which some bodies moved and another,
-//! not waiting on its upstream, took nothing for the whole period is cut off too (nginx
-//! resets such a stream at its `send_timeout`; hyper gives no handle on one stream).
+//! would be held for as long as the connection lives, though the connection as a whole
+//! moves. So an HTTP/2 body ([`Tracked::stream`]) also notes the period it last took a chunk
+//! in, and one that took none for a whole period, not waiting on its upstream, is cut off
+//! alone, as nginx resets such a stream at its `send_timeout`: the watch drops its bytes
+//! (their share of the budget with them), and its next poll fails, so hyper resets the
+//! stream and the connection's other streams go on.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,11 +55,29 @@ pub struct Activity {
     /// When the last request ended, in microseconds since `opened`: an atomic, not a lock,
     /// since every response writes it.
     last_end: AtomicU64,
-    /// The watch period [`Activity::idle`] is in; a body notes the last one it moved in.
+    /// The watch period [`Activity::idle`] is in; an HTTP/2 body notes the last one it
+    /// took a chunk in.
     period: AtomicU64,
-    /// Bodies still being sent that began, or took a chunk, in this period.
-    moved: AtomicUsize,
+    /// The HTTP/2 bodies being sent (dead ones pruned as the list grows and at each watch).
+    streams: Mutex<Vec<Weak<Stream>>>,
 }
+
+/// An HTTP/2 response body, shared between the stream that sends it and the connection's
+/// watch, which may cut it off.
+#[derive(Debug)]
+struct Stream {
+    /// `None` once cut off.
+    body: Mutex<Option<ProxyBody>>,
+    /// The watch period it last took a chunk in (or began in).
+    moved: AtomicU64,
+    /// Last asked, it had no chunk ready: it waits on its upstream, not on its client.
+    awaiting: AtomicBool,
+}
+
+/// The error an HTTP/2 body cut off by the watch ends with: hyper then resets its stream.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took nothing of this response for the send timeout")]
+pub struct StreamCut;
 
 impl Default for Activity {
     fn default() -> Self {
@@ -77,7 +97,7 @@ impl Activity {
             progress: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
             period: AtomicU64::new(0),
-            moved: AtomicUsize::new(0),
+            streams: Mutex::new(Vec::new()),
         }
     }
 
@@ -121,12 +141,12 @@ impl Activity {
             let sending = self.sending.load(Ordering::Acquire) > 0;
             let progress = self.progress.load(Ordering::Acquire);
             let queued = self.unsent();
-            // A new period: no body has moved in it yet. (A body that moves just as it
-            // begins may go uncounted: then it is taken for stuck only if it takes nothing
-            // more for the whole period.)
-            self.period.fetch_add(1, Ordering::AcqRel);
-            self.moved.store(0, Ordering::Release);
+            // A new period: a body moved in it once it notes this number or a later one. (A
+            // chunk taken as the period turns may note the one before: that body is cut
+            // only if it takes nothing more for the whole period either.)
+            let period = self.period.fetch_add(1, Ordering::AcqRel) + 1;
             tokio::time::sleep_until(deadline).await;
+            self.cut_stuck_streams(period, timeout);
             // A body begun in the meantime counts as progress, so the bodies still being
             // sent were there all along, and not one chunk of them was taken; and at least
             // one of them has a chunk ready that the client does not take (a body waiting
@@ -140,19 +160,40 @@ impl Activity {
             if busy && stalled {
                 return Idle::Stalled;
             }
-            // Bodies moved (some may be done with by now), and one still here, not waiting
-            // on its upstream, did not: `moved` counts the bodies still here that did (one
-            // both waiting and moved is subtracted twice: never a false cut).
-            let moved = self.moved.load(Ordering::Acquire);
-            let stuck = now_sending
-                .saturating_sub(self.awaiting.load(Ordering::Acquire))
-                .saturating_sub(moved);
-            let progressed = self.progress.load(Ordering::Acquire) != progress;
-            if busy && progressed && stuck > 0 {
-                return Idle::StreamStalled;
-            }
         }
     }
+}
+
+impl Activity {
+    /// Cuts off the HTTP/2 bodies that took no chunk since `period` began and do not wait
+    /// on their upstream: their bytes are dropped now, and each fails at its next poll.
+    fn cut_stuck_streams(&self, period: u64, timeout: Duration) {
+        let mut cut = 0;
+        let mut streams = lock(&self.streams);
+        streams.retain(|weak| {
+            let Some(stream) = weak.upgrade() else {
+                return false;
+            };
+            if stream.moved.load(Ordering::Acquire) < period
+                && !stream.awaiting.load(Ordering::Acquire)
+            {
+                cut += usize::from(lock(&stream.body).take().is_some());
+            }
+            true
+        });
+        drop(streams);
+        if cut > 0 {
+            tracing::info!(
+                streams = cut,
+                after = ?timeout,
+                "HTTP/2 streams cut off: their client took nothing of them"
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether a socket's queue went down between two readings (both known): its client took
@@ -196,8 +237,6 @@ pub enum Idle {
     NoRequest,
     /// Responses to send, and none of their chunks taken for the timeout.
     Stalled,
-    /// HTTP/2: one response took no chunk for the timeout while others did.
-    StreamStalled,
 }
 
 /// A request being answered; see [`Activity::begin`].
@@ -217,26 +256,52 @@ impl Drop for InFlight {
 /// chunks asked of it.
 #[derive(Debug)]
 pub struct Tracked {
-    body: ProxyBody,
+    body: Inner,
     request: InFlight,
     /// Counted in `awaiting`: last asked, it had no chunk ready.
     pending: bool,
-    /// The last watch period it was counted in `moved` for.
-    period: u64,
+}
+
+#[derive(Debug)]
+enum Inner {
+    /// HTTP/1.1: one body at a time, watched with the connection.
+    Own(ProxyBody),
+    /// HTTP/2: watched on its own as well (see the module doc).
+    Shared(Arc<Stream>),
 }
 
 impl Tracked {
+    /// An HTTP/1.1 response body.
     pub fn new(body: ProxyBody, request: InFlight) -> Self {
+        Self::with(Inner::Own(body), request)
+    }
+
+    /// An HTTP/2 response body, which the connection's watch may cut off alone.
+    pub fn stream(body: ProxyBody, request: InFlight) -> Self {
+        let activity = &request.0;
+        let stream = Arc::new(Stream {
+            body: Mutex::new(Some(body)),
+            moved: AtomicU64::new(activity.period.load(Ordering::Acquire)),
+            awaiting: AtomicBool::new(false),
+        });
+        let mut streams = lock(&activity.streams);
+        // Pruned where the list would grow: it stays within twice the live streams.
+        if streams.len() == streams.capacity() {
+            streams.retain(|w| w.strong_count() > 0);
+        }
+        streams.push(Arc::downgrade(&stream));
+        drop(streams);
+        Self::with(Inner::Shared(stream), request)
+    }
+
+    fn with(body: Inner, request: InFlight) -> Self {
         let activity = &request.0;
         activity.sending.fetch_add(1, Ordering::AcqRel);
         activity.progress.fetch_add(1, Ordering::Relaxed);
-        let period = activity.period.load(Ordering::Acquire);
-        activity.moved.fetch_add(1, Ordering::AcqRel);
         Self {
             body,
             request,
             pending: false,
-            period,
         }
     }
 }
@@ -246,13 +311,6 @@ impl Drop for Tracked {
         let activity = &self.request.0;
         if self.pending {
             activity.awaiting.fetch_sub(1, Ordering::AcqRel);
-        }
-        // Counted out of `moved` if counted in this period. Saturating: the period may
-        // have turned, and `moved` been reset, in between.
-        if self.period == activity.period.load(Ordering::Acquire) {
-            let _ = activity
-                .moved
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         }
         activity.sending.fetch_sub(1, Ordering::AcqRel);
     }
@@ -266,14 +324,25 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let activity = &self.request.0;
+        let this = &mut *self;
+        let activity = &this.request.0;
         activity.progress.fetch_add(1, Ordering::Relaxed);
-        let period = activity.period.load(Ordering::Acquire);
-        if self.period != period {
-            activity.moved.fetch_add(1, Ordering::AcqRel);
-            self.period = period;
-        }
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let polled = match &mut this.body {
+            Inner::Own(body) => Pin::new(body).poll_frame(cx),
+            Inner::Shared(stream) => {
+                let period = activity.period.load(Ordering::Acquire);
+                stream.moved.fetch_max(period, Ordering::AcqRel);
+                let mut body = lock(&stream.body);
+                let polled = match body.as_mut() {
+                    Some(body) => Pin::new(body).poll_frame(cx),
+                    None => Poll::Ready(Some(Err(StreamCut.into()))),
+                };
+                stream
+                    .awaiting
+                    .store(polled.is_pending(), Ordering::Release);
+                polled
+            }
+        };
         // Atomics only when the body goes from waiting on its upstream to not, or back.
         if polled.is_pending() != self.pending {
             self.pending = polled.is_pending();
@@ -287,11 +356,20 @@ impl Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Inner::Own(body) => body.is_end_stream(),
+            // Cut off: not ended, so that it is polled and fails.
+            Inner::Shared(s) => lock(&s.body).as_ref().is_some_and(Body::is_end_stream),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Inner::Own(body) => body.size_hint(),
+            Inner::Shared(s) => lock(&s.body)
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint),
+        }
     }
 }
 
@@ -321,35 +399,33 @@ mod tests {
         );
     }
 
+    /// Polls `body` once.
+    fn poll_once(body: &mut Tracked) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let waker = std::task::Waker::noop();
+        Pin::new(body).poll_frame(&mut Context::from_waker(waker))
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn one_body_nobody_takes_while_another_is_read_is_a_stalled_stream() {
+    async fn an_http2_body_nobody_takes_is_cut_off_alone_while_another_is_read() {
         let t = Duration::from_secs(30);
         let activity = Arc::new(Activity::default());
-        let _starved = Tracked::new(ProxyBody::full(Bytes::from("x")), activity.begin());
-        let mut read = Tracked::new(ProxyBody::full(Bytes::from("y")), activity.begin());
-        let start = Instant::now();
+        let mut starved = Tracked::stream(ProxyBody::full(Bytes::from("x")), activity.begin());
+        let mut read = Tracked::stream(ProxyBody::full(Bytes::from("y")), activity.begin());
         let idle = tokio::spawn({
             let activity = activity.clone();
             async move { activity.idle(t).await }
         });
-        // The other stream is read every 10 s (polling counts, as above).
-        let reader = tokio::spawn(async move {
-            for _ in 0..6 {
-                tokio::time::sleep(Duration::from_secs(10)).await;
-                let _ = std::future::poll_fn(|cx| {
-                    let _ = Pin::new(&mut read).poll_frame(cx);
-                    Poll::Ready(())
-                })
-                .await;
-            }
-        });
-        assert_eq!(idle.await.unwrap(), Idle::StreamStalled);
-        let waited = start.elapsed();
-        assert!(
-            waited >= Duration::from_secs(30) && waited <= Duration::from_secs(31),
-            "one period: {waited:?}"
-        );
-        reader.abort();
+        // The other stream is read every 10 s: the connection moves, for 70 s.
+        for _ in 0..7 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            assert!(!matches!(poll_once(&mut read), Poll::Ready(Some(Err(_)))));
+        }
+        assert!(!idle.is_finished(), "the connection is not cut off");
+        match poll_once(&mut starved) {
+            Poll::Ready(Some(Err(e))) => assert!(e.is::<StreamCut>(), "{e}"),
+            other => panic!("the starved body was not cut off: {other:?}"),
+        }
+        idle.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -303,9 +303,10 @@ async fn serve_connection<IO>(
     let service = service_fn(move |req: Request<Incoming>| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         let request = counted.begin();
+        let version = req.version();
         // Every HTTP/1 head hyper hands over was read through the inspector first, so its
         // verdict is queued; none means the inspector lost its place: fail closed.
-        let verdict = match req.version() {
+        let verdict = match version {
             Version::HTTP_2 => Ok(()),
             _ => verdicts
                 .lock()
@@ -318,7 +319,10 @@ async fn serve_connection<IO>(
         let mut boxed = spare.take();
         boxed.as_mut().set(Some(async move {
             let rsp = proxy.handle(req, peer, verdict).await;
-            Ok::<_, Infallible>(rsp.map(|body| Tracked::new(body, request)))
+            Ok::<_, Infallible>(rsp.map(|body| match version {
+                Version::HTTP_2 => Tracked::stream(body, request),
+                _ => Tracked::new(body, request),
+            }))
         }));
         spare.reused(boxed)
     });
@@ -401,11 +405,6 @@ async fn serve_connection<IO>(
                         // The client takes nothing of what it asked for: no goodbye would
                         // be read either. Dropping the connection drops its bodies.
                         tracing::info!(client = %addr, "connection cut off: its client stopped reading its responses");
-                        return Poll::Ready(Ok(()));
-                    }
-                    if why == Idle::StreamStalled {
-                        // A GOAWAY would wait for that stream for ever: cut, as above.
-                        tracing::info!(client = %addr, "connection cut off: its client stopped reading one of its HTTP/2 streams");
                         return Poll::Ready(Ok(()));
                     }
                     idled = true;
