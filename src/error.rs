@@ -73,7 +73,7 @@ pub enum Blame {
 
 /// Why the proxy does not forward `method` (CONNECT or TRACE).
 fn unsupported_because(method: &Method) -> &'static str {
-    if method == Method::TRACE {
+    if method.as_str().eq_ignore_ascii_case("TRACE") {
         "ifmatch does not forward TRACE, which echoes the request's credentials back"
     } else {
         "ifmatch does not open tunnels"

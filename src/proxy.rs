@@ -413,7 +413,10 @@ impl Proxy {
         // authority-form target turned origin-form) could only misread it. A backend that
         // answers TRACE echoes the request back, `Cookie` and `Authorization` included
         // (cross-site tracing): nginx refuses it too.
-        if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+        // In any case, as `requires_precondition`: a backend that upper-cases methods would
+        // run `trace` as TRACE.
+        let m = parts.method.as_str();
+        if m.eq_ignore_ascii_case("CONNECT") || m.eq_ignore_ascii_case("TRACE") {
             return Err(Error::MethodNotSupported {
                 method: parts.method,
             });

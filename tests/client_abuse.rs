@@ -246,6 +246,14 @@ async fn a_target_form_of_another_method_is_refused() {
 #[tokio::test]
 async fn trace_is_refused_and_never_forwarded() {
     let (backend, proxy) = proxy_with("").await;
+    // In any case: a backend that upper-cases methods would run `trace` as TRACE.
+    let rsp = raw(
+        proxy.addr,
+        b"trace / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(status_line(&rsp), "HTTP/1.1 501 Not Implemented", "{rsp}");
     let bytes = b"TRACE /docs/a HTTP/1.1\r\nHost: a\r\nCookie: session=secret\r\n\r\n\
 GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
         .to_vec();

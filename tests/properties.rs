@@ -265,6 +265,13 @@ fn path() -> impl Strategy<Value = String> {
             Just("..%2F".to_owned()),
             Just("%2F..%2Fa".to_owned()),
             Just("x%20y".to_owned()),
+            // Reserved characters a path carries as they are, raw and encoded, and the two
+            // that must stay encoded (`?`, `#`).
+            Just("a@b".to_owned()),
+            Just("a%40b".to_owned()),
+            Just("%3bx=1".to_owned()),
+            Just("a+b%2B".to_owned()),
+            Just("%3F%23".to_owned()),
             // Bare and broken escapes next to real ones (a fuzz find: "%3%32").
             "[%23]{1,6}",
         ],
@@ -284,6 +291,10 @@ proptest! {
         prop_assert!(!n.contains("%61") && !n.contains("%2E"), "unreserved stays decoded: {}", n);
         // nginx decodes `%2F` before it resolves `..`: so does the key.
         prop_assert!(!n.contains("%2F"), "an encoded slash is a slash: {}", n);
+        for kept in ["%40", "%3B", "%2B"] {
+            prop_assert!(!n.contains(kept), "a character a path carries raw is decoded: {}", n);
+        }
+        prop_assert!(!n.contains('?') && !n.contains('#'), "`?` and `#` stay encoded: {}", n);
     }
 
     #[test]
