@@ -319,7 +319,10 @@ impl Proxy {
         // more than the access line itself.
         let span = debug_span!("request", method = %req.method(), path = %req.uri().path());
         let version = req.version();
-        let expects_continue = req.headers().contains_key(header::EXPECT);
+        // hyper's HTTP/2 server sends no `100 Continue`: an HTTP/2 client that asks for one
+        // sends its body after its own timeout, so its write is read whole as any other.
+        let expects_continue =
+            version < Version::HTTP_2 && req.headers().contains_key(header::EXPECT);
         // The id an edge proxy or the client gave the request, to find its access line by;
         // looked up only when that line is written.
         let request_id = tracing::enabled!(target: "ifmatch::access", tracing::Level::INFO)

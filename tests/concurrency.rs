@@ -431,3 +431,40 @@ async fn writers_spelling_one_document_two_ways_still_cannot_both_win() {
         assert_eq!(docs.lock().unwrap()["/docs/a@b"], winner, "{validation}");
     }
 }
+
+/// hyper's HTTP/2 server sends no `100 Continue`, so an HTTP/2 client that asks for one
+/// waits its own timeout (curl: 1 s) before it sends its body. Such a write went to the
+/// path that streams its body under the URL's lock, and held every other writer of the URL
+/// for that second; it is read whole before the lock, as any write of known size.
+#[tokio::test]
+async fn an_http2_write_waiting_for_100_continue_holds_up_no_other_writer() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let proxy = Proxy::start(
+        &route("/docs/", "lock_timeout = \"300ms\""),
+        &backend.origin(),
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::put(proxy.url("/docs/a"))
+        .header("expect", "100-continue")
+        .header("content-length", "2")
+        .body(())
+        .unwrap();
+    let (waiting, mut upload) = client.send_request(req, false).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let c = Client::new();
+    let started = std::time::Instant::now();
+    let r = c.put(&proxy.url("/docs/a"), &[], "v2").await;
+    assert_eq!(r.status, 204, "not held past lock_timeout");
+    assert!(started.elapsed() < Duration::from_millis(300));
+
+    // The waiting client sends its body after all, as curl does after its timeout.
+    upload.send_data(bytes::Bytes::from("v3"), true).unwrap();
+    assert_eq!(waiting.await.unwrap().status(), 204);
+    assert_eq!(backend.store.get("/docs/a").unwrap(), "v3");
+}
