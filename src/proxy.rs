@@ -171,6 +171,9 @@ struct Exchange {
     by_proxy: bool,
     /// The client's body, until a path forwards it.
     body: Option<Incoming>,
+    /// A path took the body while some of it was still to come: should the exchange fail,
+    /// the rest is unread, and an HTTP/1.1 connection cannot take another request.
+    streamed: bool,
     /// The client sent `Expect: 100-continue` (a header not passed on).
     expects_continue: bool,
     /// The client's HTTP version (the upstream request's is always 1.1).
@@ -185,6 +188,7 @@ impl Exchange {
     fn take_body(&mut self) -> ClientBody {
         let body = self.body.take();
         let body = body.expect("dispatch stores the body and only one path forwards it");
+        self.streamed = !body.is_end_stream();
         ClientBody::new(body, self.client_version)
     }
 }
@@ -367,7 +371,10 @@ impl Proxy {
         let mut rsp = match result {
             Ok(rsp) => rsp,
             Err(e) => {
-                ends |= e.ends_connection() && version < Version::HTTP_2;
+                // A body that failed on its way up (502, 504, 413 past the limit) is left
+                // part-read: hyper would close the connection without a word, and a
+                // request the client sent after it on the connection would go unanswered.
+                ends |= (e.ends_connection() || ex.streamed) && version < Version::HTTP_2;
                 ex.outcome = e.outcome();
                 ex.by_proxy = true;
                 let method = &pending.method;
@@ -662,6 +669,7 @@ impl Proxy {
         let outgoing = match whole {
             Some(share) => {
                 let body = read_request(ex.take_body(), route.upstream_timeout).await?;
+                ex.streamed = false; // read to its end
                 let tag = tag_put.then(|| self.put_tag(rt, key, &body));
                 Outgoing::Whole(body, tag, share)
             }

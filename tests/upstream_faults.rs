@@ -726,3 +726,32 @@ async fn a_204_that_declares_content_spoils_its_connection() {
     assert_eq!((r.status, r.body.as_ref()), (200, &b"ok"[..]));
     assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection");
 }
+
+/// A write whose body was streaming to the backend when the exchange failed (here the
+/// backend refuses the connection) leaves the rest of the body unread, and hyper then closes
+/// the client's connection: the answer says so (`Connection: close`), so a client does not
+/// send its next request on a connection that will never answer it.
+#[tokio::test]
+async fn a_failed_write_with_its_body_part_read_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = Proxy::start(
+        &route("/", "max_tag_body = \"1KiB\""),
+        &format!("http://{dead}"),
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut req = b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 60000\r\n\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'y', 60000));
+    req.extend(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+    let _ = c.write_all(&req).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 502"), "{got}");
+    let head = got.split("\r\n\r\n").next().unwrap();
+    assert!(head.contains("connection: close"), "{head}");
+}
