@@ -360,6 +360,8 @@ pub struct Progress {
     last: AtomicU64,
     /// The connection asked for the next chunk and the client has not sent it yet.
     awaited: AtomicBool,
+    /// The body's last chunk has been handed to the connection.
+    done: AtomicBool,
 }
 
 impl Progress {
@@ -368,7 +370,13 @@ impl Progress {
             base: Instant::now(),
             last: AtomicU64::new(0),
             awaited: AtomicBool::new(false),
+            done: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the whole body has been handed to the connection.
+    pub fn done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     /// Whether a pause now is the client's: the connection is waiting for its next chunk.
@@ -464,6 +472,10 @@ where
                 .store(polled.is_pending(), Ordering::Release);
             if let Poll::Ready(Some(Ok(_))) = &polled {
                 progress.mark();
+            }
+            // The connection stops polling once the body says it has ended.
+            if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+                progress.done.store(true, Ordering::Release);
             }
         }
         if this.tee.is_none() {

@@ -198,7 +198,7 @@ where
                     return Err(missed);
                 }
                 Some(Ok(rsp)) => {
-                    self.checkin_after(&rsp, origin, idle.conn);
+                    self.checkin_after(&rsp, origin, idle.conn, unsent(&uploading));
                     return Ok(rsp);
                 }
                 Some(Err(mut e)) => match (e.take_message(), replay) {
@@ -220,7 +220,7 @@ where
         let mut conn = tokio::time::timeout_at(start + timeout, connect)
             .await
             .map_err(|_| SendError::Timeout)??;
-        let rsp = match uploading {
+        let rsp = match &uploading {
             None => {
                 conn.watch.begin(start, timeout);
                 let sent = conn.sender.send_request(*req).await;
@@ -230,7 +230,7 @@ where
                 sent.map_err(SendError::Http)?
             }
             Some(progress) => {
-                let mut deadline = Deadline::new(start + timeout, timeout, Some(progress));
+                let mut deadline = Deadline::new(start + timeout, timeout, Some(progress.clone()));
                 let mut exchange = pin!(conn.sender.send_request(*req));
                 let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
                     Poll::Ready(sent) => Poll::Ready(Some(sent)),
@@ -246,19 +246,25 @@ where
                 }
             }
         };
-        self.checkin_after(&rsp, origin, conn);
+        self.checkin_after(&rsp, origin, conn, unsent(&uploading));
         Ok(rsp)
     }
 
     /// Hands a connection back after `rsp`'s head, unless that head leaves where the next
-    /// response begins in doubt: then it is closed.
-    fn checkin_after(&self, rsp: &Response<Incoming>, origin: &str, conn: Conn) {
+    /// response begins in doubt: then it is closed. `unsent`: the request's body was still
+    /// going up when the answer came.
+    fn checkin_after(&self, rsp: &Response<Incoming>, origin: &str, conn: Conn, unsent: bool) {
         if spoils_connection(rsp) {
             tracing::debug!(origin, status = %rsp.status(), "upstream connection not reused");
             conn.task.abort();
-        } else if rsp.version() == Version::HTTP_10 {
-            // Its body is still to come through the connection's task: let go of the
-            // sender, and hyper closes the connection once that body has been read.
+        } else if rsp.version() == Version::HTTP_10 || unsent {
+            // Its answer's body, or the rest of the request's, is still to go through the
+            // connection's task: let go of the sender, and hyper closes the connection once
+            // the exchange is over. After an HTTP/1.0 answer hyper would send the next
+            // request as HTTP/1.0 (`spoils_connection`); after an answer that came before
+            // the request's body had gone up, a backend that answered without reading the
+            // body (a legacy handler's early 409) would read the rest as the next request:
+            // another client's answer would be its error page.
             drop(conn);
         } else {
             self.checkin(origin, conn);
@@ -448,6 +454,11 @@ where
         let Some(pool) = pool.upgrade() else { return };
         pool.drop_expired();
     }
+}
+
+/// Whether a request's streamed body (`uploading`) had not all gone up yet.
+fn unsent(uploading: &Option<Arc<Progress>>) -> bool {
+    uploading.as_ref().is_some_and(|p| !p.done())
 }
 
 /// A response after which the connection cannot be trusted with another request: a 204

@@ -755,3 +755,69 @@ async fn a_failed_write_with_its_body_part_read_says_the_connection_closes() {
     let head = got.split("\r\n\r\n").next().unwrap();
     assert!(head.contains("connection: close"), "{head}");
 }
+
+/// A legacy handler that answers a write (409) without reading its body, and keeps the
+/// connection: the body still going up then reaches it as the next "request", and the
+/// connection, back in the pool, carried another client's GET behind it: that client got
+/// the handler's error page about the first client's body. A connection whose answer came
+/// before the request's body had all gone up is not reused.
+#[tokio::test]
+async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let answer: Vec<u8> = if head.starts_with(b"PUT ") {
+                b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno".to_vec()
+            } else if head.starts_with(b"GET /other ") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother".to_vec()
+            } else {
+                // What it took for a request line: the first write's body.
+                let mut a = format!(
+                    "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
+                    head.len()
+                )
+                .into_bytes();
+                a.extend_from_slice(&head);
+                a
+            };
+            if s.write_all(&answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    // A body over `max_tag_body` streams up as it comes.
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"4B\""), &origin).await;
+    let mut a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    a.write_all(b"PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), a.read(&mut got))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(
+        got[..n].starts_with(b"HTTP/1.1 409"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..n])
+    );
+    // The body, after the answer (no line end in it: the handler waits for the rest of
+    // what it takes for a head); then another client's GET.
+    a.write_all(b"helloworld").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = Client::new().get(&proxy.url("/other"), &[]).await;
+    assert_eq!((r.status, r.body.as_ref()), (200, &b"other"[..]));
+}
