@@ -239,6 +239,9 @@ impl Body for ProxyBody {
 /// error already.)
 #[derive(Debug)]
 pub struct ClientBody {
+    /// Bytes read already, sent first: the start of a body whose read-whole found no room
+    /// in the budget, and which streams instead (`read_request`).
+    prefix: Option<Bytes>,
     inner: Incoming,
     /// The bytes still allowed, with [`H2`] set for an HTTP/2 body: one word for both, as
     /// every upstream request carries this and moves it about (a flag of its own made each
@@ -275,13 +278,15 @@ impl ClientBody {
             0
         };
         Self {
+            prefix: None,
             inner,
             left: h2 | !H2,
         }
     }
 
-    /// At most `max` bytes of it (`max` past 2^63 is no limit).
+    /// At most `max` bytes of it (`max` past 2^63 is no limit), the prefix included.
     pub fn limit(mut self, max: u64) -> Self {
+        let max = max.saturating_sub(self.prefix.as_ref().map_or(0, |p| p.len() as u64));
         self.left = (self.left & H2) | max.min(!H2);
         self
     }
@@ -299,6 +304,9 @@ impl Body for ClientBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -319,12 +327,28 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_none() && self.inner.is_end_stream()
     }
 
     /// The body's own hint, bounded by what is still allowed (as `http_body_util::Limited`
-    /// does): a body declared longer is refused before it is sent.
+    /// does): a body declared longer is refused before it is sent. The prefix is added.
     fn size_hint(&self) -> SizeHint {
+        let hint = self.rest_hint();
+        let Some(p) = self.prefix.as_ref().map(|p| p.len() as u64) else {
+            return hint;
+        };
+        let mut with = SizeHint::new();
+        with.set_lower(hint.lower() + p);
+        if let Some(upper) = hint.upper() {
+            with.set_upper(upper + p);
+        }
+        with
+    }
+}
+
+impl ClientBody {
+    /// The hint of what is still to come from the client (see `size_hint`).
+    fn rest_hint(&self) -> SizeHint {
         let left = self.remaining();
         let mut hint = self.inner.size_hint();
         if hint.lower() >= left {
@@ -692,16 +716,64 @@ fn flush(chunks: &mut VecDeque<Bytes>, tail: &mut BytesMut) {
 
 /// A client's request body, read whole before the write it belongs to takes its lock (one
 /// of known size within the route's `max_tag_body`, `proxy.rs`): a client slow to send it
-/// then holds up nobody else's write. It must arrive within `deadline`, the time the
-/// upload had when it was part of the upstream exchange.
-pub async fn read_request(body: ClientBody, deadline: Duration) -> Result<Bytes, Error> {
+/// then holds up nobody else's write. Each chunk must come within `idle` of the one before
+/// (nginx's `client_body_timeout`), as a streamed body's must.
+///
+/// The bytes are counted in `share` as they arrive, not as declared: a client that declares
+/// a large body and sends none holds none of `max_buffered_bytes`. When the budget has no
+/// room for the next chunk, the read stops and the body is given back with what was read as
+/// its prefix ([`Read::NoRoom`]), to stream to the backend as a larger body does.
+pub async fn read_request(
+    mut body: ClientBody,
+    idle: Duration,
+    share: &mut Share,
+) -> Result<Read, Error> {
     use http_body_util::BodyExt;
 
-    match within(deadline, body.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) => Err(Error::BodyRead(e.to_string())),
-        Err(_) => Err(Error::BodyTimeout(deadline)),
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0;
+    loop {
+        let frame = match within(idle, body.frame()).await {
+            Err(_) => return Err(Error::BodyTimeout(idle)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not forwarded with a body read whole
+        };
+        if !share.reserve(len + data.len()) {
+            chunks.push(data);
+            body.prefix = Some(concat(chunks, None));
+            return Ok(Read::NoRoom(body));
+        }
+        len += data.len();
+        chunks.push(data);
     }
+    Ok(Read::Whole(concat(chunks, Some(len))))
+}
+
+/// What [`read_request`] read.
+#[derive(Debug)]
+pub enum Read {
+    /// The whole body, its bytes counted in the share.
+    Whole(Bytes),
+    /// The budget had no room: the body, with what was read of it as its prefix.
+    NoRoom(ClientBody),
+}
+
+/// The chunks as one `Bytes` (`len`: their total, if known), copied only if there are two
+/// or more.
+fn concat(mut chunks: Vec<Bytes>, len: Option<usize>) -> Bytes {
+    if chunks.len() <= 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let len = len.unwrap_or_else(|| chunks.iter().map(Bytes::len).sum());
+    let mut out = BytesMut::with_capacity(len);
+    for c in &chunks {
+        out.extend_from_slice(c);
+    }
+    out.freeze()
 }
 
 /// `fut`'s output, or an error once `idle` has passed. The timer is made only if `fut` is not

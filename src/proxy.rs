@@ -25,7 +25,9 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{debug_span, Instrument};
 
-use crate::body::{read_request, read_tagged, ClientBody, Collected, Keep, ProxyBody, ReadError};
+use crate::body::{
+    read_request, read_tagged, ClientBody, Collected, Keep, ProxyBody, Read, ReadError,
+};
 use crate::budget::{Budget, Share};
 use crate::config::{Config, Route, Validation};
 use crate::error::{Blame, Error};
@@ -171,6 +173,9 @@ struct Exchange {
     by_proxy: bool,
     /// The client's body, until a path forwards it.
     body: Option<Incoming>,
+    /// The client's body after a read-whole found no room for it (`read_request`): what
+    /// was read, then the rest. Taken instead of `body`.
+    resumed: Option<ClientBody>,
     /// A path took the body while some of it was still to come: should the exchange fail,
     /// the rest is unread, and an HTTP/1.1 connection cannot take another request.
     streamed: bool,
@@ -186,6 +191,10 @@ struct Exchange {
 impl Exchange {
     /// The body, for the one path that forwards it.
     fn take_body(&mut self) -> ClientBody {
+        if let Some(rest) = self.resumed.take() {
+            self.streamed = !rest.is_end_stream();
+            return rest;
+        }
         let body = self.body.take();
         let body = body.expect("dispatch stores the body and only one path forwards it");
         self.streamed = !body.is_end_stream();
@@ -655,25 +664,28 @@ impl Proxy {
         // writer of the URL, and a `tag_puts` PUT's tag is known before the lock is chosen.
         // Not one that waits for `100 Continue`: it sends its body only once its
         // preconditions have passed, and a 412 spares it the upload.
-        // Past `max_buffered_bytes`, it streams as a larger one does.
-        let whole = match declared_length(&parts.headers) {
-            Some(n) if changes && !ex.expects_continue && n <= route.max_tag_body => {
-                let share = self.budget.take(usize::try_from(n).unwrap_or(usize::MAX));
-                if share.is_none() {
-                    self.over_budget(route, Unheld::Request);
+        // Its bytes count in `max_buffered_bytes` as they arrive; past it, the rest streams
+        // (after what was read) as a larger body does.
+        let read_whole = matches!(
+            declared_length(&parts.headers),
+            Some(n) if changes && !ex.expects_continue && n <= route.max_tag_body
+        );
+        let outgoing = if read_whole {
+            let mut share = self.budget.share();
+            match read_request(ex.take_body(), route.upstream_timeout, &mut share).await? {
+                Read::Whole(body) => {
+                    ex.streamed = false; // read to its end
+                    let tag = tag_put.then(|| self.put_tag(rt, key, &body));
+                    Outgoing::Whole(body, tag, share)
                 }
-                share
+                Read::NoRoom(rest) => {
+                    self.over_budget(route, Unheld::Request);
+                    ex.resumed = Some(rest);
+                    Outgoing::Stream { hashed: tag_put }
+                }
             }
-            _ => None,
-        };
-        let outgoing = match whole {
-            Some(share) => {
-                let body = read_request(ex.take_body(), route.upstream_timeout).await?;
-                ex.streamed = false; // read to its end
-                let tag = tag_put.then(|| self.put_tag(rt, key, &body));
-                Outgoing::Whole(body, tag, share)
-            }
-            None => Outgoing::Stream { hashed: tag_put },
+        } else {
+            Outgoing::Stream { hashed: tag_put }
         };
         let started = Instant::now();
         // Time spent waiting for locks, not checking under them; observed once a write has

@@ -622,3 +622,92 @@ async fn a_client_that_stops_reading_its_responses_is_cut_off_and_gives_its_shar
     let r = Client::new().get(&proxy.url("/doc"), &[]).await;
     assert!(r.header("etag").is_some(), "tagged again");
 }
+
+/// A write's body read whole counts in the budget as its bytes arrive, not as its
+/// `Content-Length` declares: two clients that declare 16 KiB and send 2 KiB hold 4 KiB,
+/// not the whole bound, so a GET still finds room and is tagged (any client could once
+/// strip every GET of its tag by declaring bodies it never sent). And a body that finds no
+/// room halfway streams on to the backend, what was read first, whole.
+#[tokio::test]
+async fn a_write_body_counts_in_the_budget_as_it_arrives_not_as_declared() {
+    let backend = common::Backend::start().await;
+    backend.store.put("/docs/read", "r".repeat(8 * KIB));
+    let proxy = Proxy::start_with(
+        &route("/docs/", "max_tag_body = \"16KiB\""),
+        &backend.origin(),
+        "max_buffered_bytes = \"16KiB\"",
+    )
+    .await;
+    let mut declared = Vec::new();
+    for i in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "PUT /docs/w{i} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            16 * KIB
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'w'; 2 * KIB]).await.unwrap();
+        declared.push(s);
+    }
+    let held = || metrics(&proxy).contains(&format!("\nifmatch_buffered_bytes {}\n", 4 * KIB));
+    assert!(
+        eventually(Duration::from_secs(5), held).await,
+        "{}",
+        metrics(&proxy)
+    );
+
+    let c = Client::new();
+    let r = c.get(&proxy.url("/docs/read"), &[]).await;
+    assert!(r.header("etag").is_some(), "the GET found room");
+
+    // 14 KiB at once, with 12 KiB of room: the read stops, and the body streams on whole.
+    let body: Vec<u8> = (0..14 * KIB).map(|i| (i % 251) as u8).collect();
+    let r = c.put(&proxy.url("/docs/big"), &[], body.clone()).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(backend.store.get("/docs/big").unwrap(), body);
+    assert!(metrics(&proxy)
+        .contains("ifmatch_over_budget_bodies_total{route=\"/docs/\",body=\"request\"} 1"));
+    // Refused once read in part (a stale tag): the rest is unread, and the answer says the
+    // connection closes (hyper says so itself for a body still open).
+    let r = c
+        .put(&proxy.url("/docs/big"), &[("if-match", "\"stale\"")], body)
+        .await;
+    assert_eq!(r.status, 412);
+    assert_eq!(r.header("connection"), Some("close"));
+    drop(declared);
+}
+
+/// A body read whole must arrive chunk by chunk within `upstream_timeout` of the one before
+/// (nginx's `client_body_timeout`), as a streamed body must: a slow but steady upload of
+/// a small body once got 408 while a larger one at the same rate streamed through.
+#[tokio::test]
+async fn a_slow_but_steady_upload_read_whole_is_not_timed_out() {
+    let backend = common::Backend::start().await;
+    let proxy = Proxy::start(
+        &route(
+            "/docs/",
+            "upstream_timeout = \"1s\"\nmax_tag_body = \"16KiB\"",
+        ),
+        &backend.origin(),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /docs/slow HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        8 * KIB
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // 8 KiB in eight pieces 300 ms apart: 2.4 s in all, each within the second.
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&vec![b's'; KIB]).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(backend.store.get("/docs/slow").unwrap().len(), 8 * KIB);
+}
