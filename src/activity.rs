@@ -256,24 +256,20 @@ impl Drop for InFlight {
 /// chunks asked of it.
 #[derive(Debug)]
 pub struct Tracked {
-    body: Inner,
+    /// HTTP/1.1's body, watched with the connection (empty for HTTP/2's).
+    body: ProxyBody,
+    /// HTTP/2's body, watched on its own as well (see the module doc). Beside `body`, not
+    /// an enum with it: HTTP/1.1's path stays one field access, inlined.
+    shared: Option<Arc<Stream>>,
     request: InFlight,
     /// Counted in `awaiting`: last asked, it had no chunk ready.
     pending: bool,
 }
 
-#[derive(Debug)]
-enum Inner {
-    /// HTTP/1.1: one body at a time, watched with the connection.
-    Own(ProxyBody),
-    /// HTTP/2: watched on its own as well (see the module doc).
-    Shared(Arc<Stream>),
-}
-
 impl Tracked {
     /// An HTTP/1.1 response body.
     pub fn new(body: ProxyBody, request: InFlight) -> Self {
-        Self::with(Inner::Own(body), request)
+        Self::with(body, None, request)
     }
 
     /// An HTTP/2 response body, which the connection's watch may cut off alone.
@@ -291,15 +287,16 @@ impl Tracked {
         }
         streams.push(Arc::downgrade(&stream));
         drop(streams);
-        Self::with(Inner::Shared(stream), request)
+        Self::with(ProxyBody::empty(), Some(stream), request)
     }
 
-    fn with(body: Inner, request: InFlight) -> Self {
+    fn with(body: ProxyBody, shared: Option<Arc<Stream>>, request: InFlight) -> Self {
         let activity = &request.0;
         activity.sending.fetch_add(1, Ordering::AcqRel);
         activity.progress.fetch_add(1, Ordering::Relaxed);
         Self {
             body,
+            shared,
             request,
             pending: false,
         }
@@ -327,9 +324,9 @@ impl Body for Tracked {
         let this = &mut *self;
         let activity = &this.request.0;
         activity.progress.fetch_add(1, Ordering::Relaxed);
-        let polled = match &mut this.body {
-            Inner::Own(body) => Pin::new(body).poll_frame(cx),
-            Inner::Shared(stream) => {
+        let polled = match &this.shared {
+            None => Pin::new(&mut this.body).poll_frame(cx),
+            Some(stream) => {
                 let period = activity.period.load(Ordering::Acquire);
                 stream.moved.fetch_max(period, Ordering::AcqRel);
                 let mut body = lock(&stream.body);
@@ -356,17 +353,17 @@ impl Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.body {
-            Inner::Own(body) => body.is_end_stream(),
+        match &self.shared {
+            None => self.body.is_end_stream(),
             // Cut off: not ended, so that it is polled and fails.
-            Inner::Shared(s) => lock(&s.body).as_ref().is_some_and(Body::is_end_stream),
+            Some(s) => lock(&s.body).as_ref().is_some_and(Body::is_end_stream),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.body {
-            Inner::Own(body) => body.size_hint(),
-            Inner::Shared(s) => lock(&s.body)
+        match &self.shared {
+            None => self.body.size_hint(),
+            Some(s) => lock(&s.body)
                 .as_ref()
                 .map_or_else(SizeHint::default, Body::size_hint),
         }

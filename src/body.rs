@@ -241,7 +241,8 @@ impl Body for ProxyBody {
 pub struct ClientBody {
     /// Bytes read already, sent first: the start of a body whose read-whole found no room
     /// in the budget, and which streams instead (`read_request`).
-    prefix: Option<Bytes>,
+    /// Boxed: one word in every upstream request, which carries and moves this.
+    prefix: Option<Box<Bytes>>,
     inner: Incoming,
     /// The bytes still allowed, with [`H2`] set for an HTTP/2 body: one word for both, as
     /// every upstream request carries this and moves it about (a flag of its own made each
@@ -305,7 +306,7 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(prefix) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+            return Poll::Ready(Some(Ok(Frame::data(*prefix))));
         }
         match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
@@ -744,8 +745,8 @@ pub async fn read_request(
         };
         if !share.reserve(len + data.len()) {
             chunks.push(data);
-            body.prefix = Some(concat(chunks, None));
-            return Ok(Read::NoRoom(body));
+            body.prefix = Some(Box::new(concat(chunks, None)));
+            return Ok(Read::NoRoom(Box::new(body)));
         }
         len += data.len();
         chunks.push(data);
@@ -759,7 +760,7 @@ pub enum Read {
     /// The whole body, its bytes counted in the share.
     Whole(Bytes),
     /// The budget had no room: the body, with what was read of it as its prefix.
-    NoRoom(ClientBody),
+    NoRoom(Box<ClientBody>),
 }
 
 /// The chunks as one `Bytes` (`len`: their total, if known), copied only if there are two

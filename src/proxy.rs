@@ -175,7 +175,8 @@ struct Exchange {
     body: Option<Incoming>,
     /// The client's body after a read-whole found no room for it (`read_request`): what
     /// was read, then the rest. Taken instead of `body`.
-    resumed: Option<ClientBody>,
+    /// Boxed: rare, and every request's future carries this.
+    resumed: Option<Box<ClientBody>>,
     /// A path took the body while some of it was still to come: should the exchange fail,
     /// the rest is unread, and an HTTP/1.1 connection cannot take another request.
     streamed: bool,
@@ -193,7 +194,7 @@ impl Exchange {
     fn take_body(&mut self) -> ClientBody {
         if let Some(rest) = self.resumed.take() {
             self.streamed = !rest.is_end_stream();
-            return rest;
+            return *rest;
         }
         let body = self.body.take();
         let body = body.expect("dispatch stores the body and only one path forwards it");
