@@ -239,10 +239,11 @@ impl Body for ProxyBody {
 /// error already.)
 #[derive(Debug)]
 pub struct ClientBody {
-    /// Bytes read already, sent first: the start of a body whose read-whole found no room
-    /// in the budget, and which streams instead (`read_request`).
-    /// Boxed: one word in every upstream request, which carries and moves this.
-    prefix: Option<Box<Bytes>>,
+    /// Bytes read already, sent first, with their share of the budget until then: the
+    /// start of a body whose read-whole found no room, which streams instead
+    /// (`read_request`). Boxed: one word in every upstream request, which carries and moves
+    /// this.
+    prefix: Option<Box<(Bytes, Share)>>,
     inner: Incoming,
     /// The bytes still allowed, with [`H2`] set for an HTTP/2 body: one word for both, as
     /// every upstream request carries this and moves it about (a flag of its own made each
@@ -287,7 +288,7 @@ impl ClientBody {
 
     /// At most `max` bytes of it (`max` past 2^63 is no limit), the prefix included.
     pub fn limit(mut self, max: u64) -> Self {
-        let max = max.saturating_sub(self.prefix.as_ref().map_or(0, |p| p.len() as u64));
+        let max = max.saturating_sub(self.prefix.as_ref().map_or(0, |p| p.0.len() as u64));
         self.left = (self.left & H2) | max.min(!H2);
         self
     }
@@ -306,7 +307,9 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(prefix) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(*prefix))));
+            // Its share goes with it: the bytes are the connection's from here.
+            let (prefix, _share) = *prefix;
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
         match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
@@ -335,7 +338,7 @@ impl Body for ClientBody {
     /// does): a body declared longer is refused before it is sent. The prefix is added.
     fn size_hint(&self) -> SizeHint {
         let hint = self.rest_hint();
-        let Some(p) = self.prefix.as_ref().map(|p| p.len() as u64) else {
+        let Some(p) = self.prefix.as_ref().map(|p| p.0.len() as u64) else {
             return hint;
         };
         let mut with = SizeHint::new();
@@ -498,8 +501,13 @@ where
             if let Poll::Ready(Some(Ok(_))) = &polled {
                 progress.mark();
             }
-            // The connection stops polling once the body says it has ended.
-            if matches!(polled, Poll::Ready(None)) || this.inner.is_end_stream() {
+            // The connection stops polling once the body says it has ended, or once the
+            // length it declared has gone (an HTTP/2 client may end its stream only later,
+            // with an empty frame).
+            if matches!(polled, Poll::Ready(None))
+                || this.inner.is_end_stream()
+                || this.inner.size_hint().exact() == Some(0)
+            {
                 progress.done.store(true, Ordering::Release);
             }
         }
@@ -745,7 +753,8 @@ pub async fn read_request(
         };
         if !share.reserve(len + data.len()) {
             chunks.push(data);
-            body.prefix = Some(Box::new(concat(chunks, None)));
+            // Held until sent, counted as read (the chunk in hand aside, which goes first).
+            body.prefix = Some(Box::new((concat(chunks, None), share.split_off())));
             return Ok(Read::NoRoom(Box::new(body)));
         }
         len += data.len();

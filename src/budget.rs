@@ -109,6 +109,15 @@ impl Share {
         self.bytes
     }
 
+    /// What this share holds, moved into a new one (for bytes that change hands); this one
+    /// is left empty.
+    pub fn split_off(&mut self) -> Share {
+        Share {
+            budget: self.budget.clone(),
+            bytes: std::mem::take(&mut self.bytes),
+        }
+    }
+
     /// Gives all of it back now.
     pub fn release(&mut self) {
         if self.bytes > 0 {

@@ -711,3 +711,80 @@ async fn a_slow_but_steady_upload_read_whole_is_not_timed_out() {
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert_eq!(backend.store.get("/docs/slow").unwrap().len(), 8 * KIB);
 }
+
+/// A body whose read-whole found no room streams on after what was read of it; until that
+/// prefix has gone, it still counts in the budget (it waits for the URL's lock meanwhile),
+/// else a client could hold up to `max_tag_body` uncounted per connection.
+#[tokio::test]
+async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
+    let backend = common::Backend::start().await;
+    let proxy = Proxy::start_with(
+        &route("/docs/", "max_tag_body = \"16KiB\"\nlock_timeout = \"5s\""),
+        &backend.origin(),
+        "max_buffered_bytes = \"16KiB\"",
+    )
+    .await;
+    let held = |n: usize| {
+        let p = &proxy;
+        move || metrics(p).contains(&format!("\nifmatch_buffered_bytes {n}\n"))
+    };
+    // 4 KiB held by a client that declared more.
+    let mut declared = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /docs/other HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        16 * KIB
+    );
+    declared.write_all(head.as_bytes()).await.unwrap();
+    declared.write_all(&vec![b'd'; 4 * KIB]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), held(4 * KIB)).await,
+        "{}",
+        metrics(&proxy)
+    );
+    // The URL's lock, held by a chunked write still uploading.
+    let mut locker = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    locker
+        .write_all(
+            b"PUT /docs/big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // 8 KiB fits, the next 6 KiB does not: the write waits for the lock with 8 KiB read.
+    let mut big = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /docs/big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        14 * KIB
+    );
+    big.write_all(head.as_bytes()).await.unwrap();
+    big.write_all(&vec![b'b'; 8 * KIB]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), held(12 * KIB)).await,
+        "{}",
+        metrics(&proxy)
+    );
+    big.write_all(&vec![b'b'; 6 * KIB]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        held(12 * KIB)(),
+        "the 8 KiB read still count: {}",
+        metrics(&proxy)
+    );
+
+    // The lock is let go; the big write streams on, whole, and its share goes.
+    locker.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 20"), "{answer}");
+    assert_eq!(backend.store.get("/docs/big").unwrap().len(), 14 * KIB);
+    assert!(
+        eventually(Duration::from_secs(5), held(4 * KIB)).await,
+        "{}",
+        metrics(&proxy)
+    );
+    drop(declared);
+}
