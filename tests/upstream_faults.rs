@@ -434,6 +434,31 @@ async fn an_upload_the_backend_stops_taking_is_a_504() {
 
 /// A backend on raw sockets, for answers no HTTP server would give: `serve` gets each
 /// connection. Its origin.
+/// Reads from `s` into `buf` until `found` finds where what is wanted ends in it (that
+/// offset), or the connection ends (`None`).
+async fn read_until(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    found: impl Fn(&[u8]) -> Option<usize>,
+) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = found(buf) {
+            return Some(end);
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Where a request or response head ends in `buf`, once it has all of it.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
 async fn raw_backend<F, Fut>(serve: F) -> String
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
@@ -544,44 +569,26 @@ async fn a_chunked_write_after_an_http_1_0_keep_alive_answer_keeps_its_body() {
         let log = log.clone();
         async move {
             let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
             loop {
                 // One request: its head, then its body as its head frames it.
-                let head_end = loop {
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                let Some(head_end) = read_until(&mut s, &mut buf, head_end).await else {
+                    return;
                 };
                 let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                let end = if head.contains("transfer-encoding: chunked") {
-                    loop {
-                        if let Some(i) = buf[head_end..].windows(5).position(|w| w == b"0\r\n\r\n")
-                        {
-                            break head_end + i + 5;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                } else if let Some(n) = head
+                let length = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length: "))
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                {
-                    while buf.len() < head_end + n {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-                        }
-                    }
-                    head_end + n
-                } else {
-                    head_end
+                    .and_then(|n| n.trim().parse::<usize>().ok());
+                let body_end = |b: &[u8]| match length {
+                    _ if head.contains("transfer-encoding: chunked") => b[head_end..]
+                        .windows(5)
+                        .position(|w| w == b"0\r\n\r\n")
+                        .map(|i| head_end + i + 5),
+                    Some(n) => (b.len() >= head_end + n).then_some(head_end + n),
+                    None => Some(head_end),
+                };
+                let Some(end) = read_until(&mut s, &mut buf, body_end).await else {
+                    return;
                 };
                 log.lock().unwrap().extend_from_slice(&buf[..end]);
                 let answer: &[u8] = if head.starts_with("get ") {
@@ -766,16 +773,9 @@ async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin = raw_backend(|mut s| async move {
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
         loop {
-            let end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
+            let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
+                return;
             };
             let head: Vec<u8> = buf.drain(..end).collect();
             let answer: Vec<u8> = if head.starts_with(b"PUT ") {
