@@ -454,6 +454,19 @@ async fn read_until(
     }
 }
 
+/// One short answer read from `c`: its head, and for a 200 its body, `ok`.
+async fn short_answer(c: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let whole = |b: &[u8]| {
+        let ok = !b.starts_with(b"HTTP/1.1 200") || b.ends_with(b"ok");
+        head_end(b).filter(|_| ok)
+    };
+    let read = tokio::time::timeout(Duration::from_secs(5), read_until(c, &mut got, whole));
+    let end = read.await.expect("answered");
+    assert!(end.is_some(), "the connection was closed after {got:?}");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// Where a request or response head ends in `buf`, once it has all of it.
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
@@ -533,23 +546,7 @@ async fn an_http_1_0_backend_does_not_make_the_client_connection_http_1_0() {
     ];
     for (i, req) in requests.iter().enumerate() {
         c.write_all(req.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        // Each answer is one short write: read until its head and body are in.
-        while !got.windows(4).any(|w| w == b"\r\n\r\n")
-            || (got.starts_with(b"HTTP/1.1 200") && !got.ends_with(b"ok"))
-        {
-            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-                .await
-                .expect("answered")
-                .unwrap();
-            assert!(
-                n > 0,
-                "request {i}: the connection was closed after {got:?}"
-            );
-            got.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let text = short_answer(&mut c).await.to_ascii_lowercase();
         assert!(text.starts_with("http/1.1 "), "request {i}: {text}");
         assert!(!text.contains("connection: close"), "request {i}: {text}");
     }
@@ -562,7 +559,7 @@ async fn an_http_1_0_backend_does_not_make_the_client_connection_http_1_0() {
 /// and said 204. Such a connection is not reused, so every request goes up as HTTP/1.1.
 #[tokio::test]
 async fn a_chunked_write_after_an_http_1_0_keep_alive_answer_keeps_its_body() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
     let log = received.clone();
     let origin = raw_backend(move |mut s| {
@@ -608,19 +605,7 @@ async fn a_chunked_write_after_an_http_1_0_keep_alive_answer_keeps_its_body() {
     let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut exchange = async |req: &[u8]| {
         c.write_all(req).await.unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !got.windows(4).any(|w| w == b"\r\n\r\n")
-            || (got.starts_with(b"HTTP/1.1 200") && !got.ends_with(b"ok"))
-        {
-            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
-                .await
-                .expect("answered")
-                .unwrap();
-            assert!(n > 0, "the connection was closed after {got:?}");
-            got.extend_from_slice(&buf[..n]);
-        }
-        String::from_utf8_lossy(&got).into_owned()
+        short_answer(&mut c).await
     };
     let got = exchange(b"GET /doc HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
