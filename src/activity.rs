@@ -163,9 +163,7 @@ impl Activity {
             }
         }
     }
-}
 
-impl Activity {
     /// Cuts off the HTTP/2 bodies that took no chunk since `period` began and do not wait
     /// on their upstream: their bytes are dropped now, and each fails at its next poll.
     ///
@@ -413,8 +411,8 @@ mod tests {
         Pin::new(body).poll_frame(&mut Context::from_waker(waker))
     }
 
-    /// A loopback connection's server end, with `fill` bytes sent that the client end has
-    /// not read (its socket's queue is then not empty), and the client end.
+    /// A loopback connection's server end and its client end; with `fill`, the server end
+    /// has sent more than the client end takes unread, so its socket's queue is not empty.
     #[cfg(target_os = "linux")]
     fn socket_pair(fill: bool) -> (std::net::TcpStream, std::net::TcpStream) {
         use std::io::Write;
