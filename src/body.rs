@@ -731,7 +731,9 @@ fn flush(chunks: &mut VecDeque<Bytes>, tail: &mut BytesMut) {
 /// The bytes are counted in `share` as they arrive, not as declared: a client that declares
 /// a large body and sends none holds none of `max_buffered_bytes`. When the budget has no
 /// room for the next chunk, the read stops and the body is given back with what was read as
-/// its prefix ([`Read::NoRoom`]), to stream to the backend as a larger body does.
+/// its prefix ([`Read::NoRoom`]), to stream to the backend as a larger body does. So it
+/// does, past `idle`, if it has come slower than [`MIN_READ_RATE`] ([`Read::TooSlow`]): a
+/// client that drips its body a byte per `idle` would otherwise hold its share for hours.
 pub async fn read_request(
     mut body: ClientBody,
     idle: Duration,
@@ -739,6 +741,7 @@ pub async fn read_request(
 ) -> Result<Read, Error> {
     use http_body_util::BodyExt;
 
+    let started = Instant::now();
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut len = 0;
     loop {
@@ -759,9 +762,20 @@ pub async fn read_request(
         }
         len += data.len();
         chunks.push(data);
+        let elapsed = started.elapsed();
+        if elapsed > idle && (len as f64) < MIN_READ_RATE * elapsed.as_secs_f64() {
+            body.prefix = Some(Box::new((concat(chunks, Some(len)), share.split_off())));
+            return Ok(Read::TooSlow(Box::new(body)));
+        }
     }
     Ok(Read::Whole(concat(chunks, Some(len))))
 }
+
+/// Bytes a second below which a body read whole, once it has taken longer than the idle
+/// timeout, streams on instead (its share of the budget then goes with what was read). A
+/// client that slow still gets its write through, holding its URL's lock while it uploads
+/// rather than memory.
+pub const MIN_READ_RATE: f64 = 8.0 * 1024.0;
 
 /// What [`read_request`] read.
 #[derive(Debug)]
@@ -770,6 +784,8 @@ pub enum Read {
     Whole(Bytes),
     /// The budget had no room: the body, with what was read of it as its prefix.
     NoRoom(Box<ClientBody>),
+    /// It came slower than [`MIN_READ_RATE`]: the same.
+    TooSlow(Box<ClientBody>),
 }
 
 /// The chunks as one `Bytes` (`len`: their total, if known), copied only if there are two

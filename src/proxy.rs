@@ -684,6 +684,10 @@ impl Proxy {
                     ex.resumed = Some(rest);
                     Outgoing::Stream { hashed: tag_put }
                 }
+                Read::TooSlow(rest) => {
+                    ex.resumed = Some(rest);
+                    Outgoing::Stream { hashed: tag_put }
+                }
             }
         } else {
             Outgoing::Stream { hashed: tag_put }

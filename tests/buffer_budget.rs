@@ -788,3 +788,56 @@ async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
     );
     drop(declared);
 }
+
+/// A body read whole that drips in (a byte per period, each within the idle timeout) once
+/// held its share of the budget for as long as the client liked: sixteen such clients
+/// could strip every GET of its tag for hours. Past the idle timeout, a body slower than
+/// `MIN_READ_RATE` streams on instead, and its share goes as soon as what was read has gone
+/// up; the write still succeeds, whole.
+#[tokio::test]
+async fn a_dripping_upload_read_whole_gives_its_share_back_and_still_goes_through() {
+    let backend = common::Backend::start().await;
+    let proxy = Proxy::start(
+        &route(
+            "/docs/",
+            "upstream_timeout = \"1s\"\nmax_tag_body = \"16KiB\"",
+        ),
+        &backend.origin(),
+    )
+    .await;
+    let held = |n: usize| {
+        let p = &proxy;
+        move || metrics(p).contains(&format!("\nifmatch_buffered_bytes {n}\n"))
+    };
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let len = 4 * KIB + 10;
+    let head = format!(
+        "PUT /docs/drip HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'd'; 4 * KIB]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), held(4 * KIB)).await,
+        "{}",
+        metrics(&proxy)
+    );
+    let mut gave_back = false;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b"x").await.unwrap();
+        gave_back |= held(0)();
+    }
+    assert!(
+        gave_back,
+        "the share was held to the end: {}",
+        metrics(&proxy)
+    );
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(backend.store.get("/docs/drip").unwrap().len(), len);
+}
