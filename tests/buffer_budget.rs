@@ -218,6 +218,32 @@ fn metrics(proxy: &Proxy) -> String {
     s.metrics.render(&s.tags, &s.memo, &s.budget)
 }
 
+/// Whether the budget's gauge reads `n` bytes now.
+fn holds(proxy: &Proxy, n: usize) -> impl Fn() -> bool + '_ {
+    move || metrics(proxy).contains(&format!("\nifmatch_buffered_bytes {n}\n"))
+}
+
+/// A raw connection that has sent a PUT's head declaring `len` bytes (and `Connection:
+/// close`), none of the body yet.
+async fn put_head(proxy: &Proxy, path: &str, len: usize) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Everything the proxy answers on `s` until it closes.
+async fn answer(s: &mut tokio::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn wait_for_heads(heads: &mut mpsc::UnboundedReceiver<usize>, n: usize) -> Vec<usize> {
     let mut seen = Vec::new();
     while seen.len() < n {
@@ -640,18 +666,12 @@ async fn a_write_body_counts_in_the_budget_as_it_arrives_not_as_declared() {
     .await;
     let mut declared = Vec::new();
     for i in 0..2 {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let head = format!(
-            "PUT /docs/w{i} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-            16 * KIB
-        );
-        s.write_all(head.as_bytes()).await.unwrap();
+        let mut s = put_head(&proxy, &format!("/docs/w{i}"), 16 * KIB).await;
         s.write_all(&vec![b'w'; 2 * KIB]).await.unwrap();
         declared.push(s);
     }
-    let held = || metrics(&proxy).contains(&format!("\nifmatch_buffered_bytes {}\n", 4 * KIB));
     assert!(
-        eventually(Duration::from_secs(5), held).await,
+        eventually(Duration::from_secs(5), holds(&proxy, 4 * KIB)).await,
         "{}",
         metrics(&proxy)
     );
@@ -677,37 +697,31 @@ async fn a_write_body_counts_in_the_budget_as_it_arrives_not_as_declared() {
     drop(declared);
 }
 
+/// A document store behind a proxy whose bodies read whole (up to 16 KiB) must come chunk by
+/// chunk within a second.
+async fn with_a_one_second_idle_timeout() -> (common::Backend, Proxy) {
+    let backend = common::Backend::start().await;
+    let route = route(
+        "/docs/",
+        "upstream_timeout = \"1s\"\nmax_tag_body = \"16KiB\"",
+    );
+    let proxy = Proxy::start(&route, &backend.origin()).await;
+    (backend, proxy)
+}
+
 /// A body read whole must arrive chunk by chunk within `upstream_timeout` of the one before
 /// (nginx's `client_body_timeout`), as a streamed body must: a slow but steady upload of
 /// a small body once got 408 while a larger one at the same rate streamed through.
 #[tokio::test]
 async fn a_slow_but_steady_upload_read_whole_is_not_timed_out() {
-    let backend = common::Backend::start().await;
-    let proxy = Proxy::start(
-        &route(
-            "/docs/",
-            "upstream_timeout = \"1s\"\nmax_tag_body = \"16KiB\"",
-        ),
-        &backend.origin(),
-    )
-    .await;
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "PUT /docs/slow HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        8 * KIB
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let (backend, proxy) = with_a_one_second_idle_timeout().await;
+    let mut s = put_head(&proxy, "/docs/slow", 8 * KIB).await;
     // 8 KiB in eight pieces 300 ms apart: 2.4 s in all, each within the second.
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         s.write_all(&vec![b's'; KIB]).await.unwrap();
     }
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert_eq!(backend.store.get("/docs/slow").unwrap().len(), 8 * KIB);
 }
@@ -724,20 +738,11 @@ async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
         "max_buffered_bytes = \"16KiB\"",
     )
     .await;
-    let held = |n: usize| {
-        let p = &proxy;
-        move || metrics(p).contains(&format!("\nifmatch_buffered_bytes {n}\n"))
-    };
     // 4 KiB held by a client that declared more.
-    let mut declared = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "PUT /docs/other HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
-        16 * KIB
-    );
-    declared.write_all(head.as_bytes()).await.unwrap();
+    let mut declared = put_head(&proxy, "/docs/other", 16 * KIB).await;
     declared.write_all(&vec![b'd'; 4 * KIB]).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(5), held(4 * KIB)).await,
+        eventually(Duration::from_secs(5), holds(&proxy, 4 * KIB)).await,
         "{}",
         metrics(&proxy)
     );
@@ -751,38 +756,28 @@ async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // 8 KiB fits, the next 6 KiB does not: the write waits for the lock with 8 KiB read.
-    let mut big = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!(
-        "PUT /docs/big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        14 * KIB
-    );
-    big.write_all(head.as_bytes()).await.unwrap();
+    let mut big = put_head(&proxy, "/docs/big", 14 * KIB).await;
     big.write_all(&vec![b'b'; 8 * KIB]).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(5), held(12 * KIB)).await,
+        eventually(Duration::from_secs(5), holds(&proxy, 12 * KIB)).await,
         "{}",
         metrics(&proxy)
     );
     big.write_all(&vec![b'b'; 6 * KIB]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        held(12 * KIB)(),
+        holds(&proxy, 12 * KIB)(),
         "the 8 KiB read still count: {}",
         metrics(&proxy)
     );
 
     // The lock is let go; the big write streams on, whole, and its share goes.
     locker.write_all(b"0\r\n\r\n").await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), big.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer(&mut big).await;
     assert!(answer.starts_with("HTTP/1.1 20"), "{answer}");
     assert_eq!(backend.store.get("/docs/big").unwrap().len(), 14 * KIB);
     assert!(
-        eventually(Duration::from_secs(5), held(4 * KIB)).await,
+        eventually(Duration::from_secs(5), holds(&proxy, 4 * KIB)).await,
         "{}",
         metrics(&proxy)
     );
@@ -796,28 +791,12 @@ async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
 /// up; the write still succeeds, whole.
 #[tokio::test]
 async fn a_dripping_upload_read_whole_gives_its_share_back_and_still_goes_through() {
-    let backend = common::Backend::start().await;
-    let proxy = Proxy::start(
-        &route(
-            "/docs/",
-            "upstream_timeout = \"1s\"\nmax_tag_body = \"16KiB\"",
-        ),
-        &backend.origin(),
-    )
-    .await;
-    let held = |n: usize| {
-        let p = &proxy;
-        move || metrics(p).contains(&format!("\nifmatch_buffered_bytes {n}\n"))
-    };
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (backend, proxy) = with_a_one_second_idle_timeout().await;
     let len = 4 * KIB + 10;
-    let head = format!(
-        "PUT /docs/drip HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let mut s = put_head(&proxy, "/docs/drip", len).await;
     s.write_all(&vec![b'd'; 4 * KIB]).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(2), held(4 * KIB)).await,
+        eventually(Duration::from_secs(2), holds(&proxy, 4 * KIB)).await,
         "{}",
         metrics(&proxy)
     );
@@ -825,19 +804,14 @@ async fn a_dripping_upload_read_whole_gives_its_share_back_and_still_goes_throug
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         s.write_all(b"x").await.unwrap();
-        gave_back |= held(0)();
+        gave_back |= holds(&proxy, 0)();
     }
     assert!(
         gave_back,
         "the share was held to the end: {}",
         metrics(&proxy)
     );
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = answer(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert_eq!(backend.store.get("/docs/drip").unwrap().len(), len);
 }
