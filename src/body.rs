@@ -757,18 +757,18 @@ pub async fn read_request(
         if !share.reserve(len + data.len()) {
             chunks.push(data);
             // Held until sent, counted as read (the chunk in hand aside, which goes first).
-            body.prefix = Some(Box::new((concat(chunks, None), share.split_off())));
+            body.prefix = Some(Box::new((concat(chunks), share.split_off())));
             return Ok(Read::NoRoom(Box::new(body)));
         }
         len += data.len();
         chunks.push(data);
         let elapsed = started.elapsed();
         if elapsed > idle && (len as f64) < MIN_READ_RATE * elapsed.as_secs_f64() {
-            body.prefix = Some(Box::new((concat(chunks, Some(len)), share.split_off())));
+            body.prefix = Some(Box::new((concat(chunks), share.split_off())));
             return Ok(Read::TooSlow(Box::new(body)));
         }
     }
-    Ok(Read::Whole(concat(chunks, Some(len))))
+    Ok(Read::Whole(concat(chunks)))
 }
 
 /// Bytes a second below which a body read whole, once it has taken longer than the idle
@@ -788,14 +788,12 @@ pub enum Read {
     TooSlow(Box<ClientBody>),
 }
 
-/// The chunks as one `Bytes` (`len`: their total, if known), copied only if there are two
-/// or more.
-fn concat(mut chunks: Vec<Bytes>, len: Option<usize>) -> Bytes {
+/// The chunks as one `Bytes`, copied only if there are two or more.
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
     if chunks.len() <= 1 {
         return chunks.pop().unwrap_or_default();
     }
-    let len = len.unwrap_or_else(|| chunks.iter().map(Bytes::len).sum());
-    let mut out = BytesMut::with_capacity(len);
+    let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
     for c in &chunks {
         out.extend_from_slice(c);
     }
