@@ -321,7 +321,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
 /// transfer coding, which wins over a `Content-Length` (RFC 9112 §6.3) but leaves that
 /// field in place; sent on, it would frame the body anew, wrongly, so it goes. A coding
 /// besides the final `chunked` cannot be passed on (the field goes as hop-by-hop): the
-/// error names it, for a 502, as nginx gives. Then the hop-by-hop headers go.
+/// error names it, for a 502, as nginx gives. A length repeated becomes one. Then the
+/// hop-by-hop headers go.
 fn strip_response(headers: &mut HeaderMap) -> Result<(), String> {
     let found = scan(headers);
     if found.present & TRANSFER_ENCODING_BIT != 0 {
@@ -335,6 +336,8 @@ fn strip_response(headers: &mut HeaderMap) -> Result<(), String> {
             });
         }
         headers.remove(header::CONTENT_LENGTH);
+    } else {
+        collapse_repeated_length(headers);
     }
     strip_scanned(headers, found);
     Ok(())
@@ -474,14 +477,28 @@ fn join_cookies(h: &mut HeaderMap) {
     h.insert(header::COOKIE, joined);
 }
 
-/// An equal `Content-Length` repeated, which HTTP/2 lets through (HTTP/1.1 clients sending
-/// it get 400 from the framing check): one field for the backend, which may refuse two.
+/// A `Content-Length` repeated, as fields or as a list in one (`5, 5`), whose values hyper
+/// found equal before framing the body by them. One field with the one number goes on:
+/// HTTP/2 lets a request's repeats through (an HTTP/1.1 client's get 400 from the framing
+/// check) and a backend may refuse two; a backend's list, sent on as it came, is no number
+/// to clients that parse one (Python's `http.client`, Go), which then read to a close that
+/// a kept-alive connection never gives.
 fn collapse_repeated_length(h: &mut HeaderMap) {
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
-    if let (Some(first), Some(_)) = (lengths.next(), lengths.next()) {
-        let first = first.clone();
-        h.insert(header::CONTENT_LENGTH, first);
+    let Some(first) = lengths.next() else {
+        return;
+    };
+    if lengths.next().is_none() && !first.as_bytes().contains(&b',') {
+        return;
     }
+    let number = first
+        .as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or_default();
+    let number = HeaderValue::from_bytes(number.trim_ascii())
+        .expect("a part of a valid value between commas is valid");
+    h.insert(header::CONTENT_LENGTH, number);
 }
 
 /// The origin the client addressed, `scheme://authority`, when it named one.

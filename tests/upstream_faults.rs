@@ -806,3 +806,40 @@ async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
     let r = Client::new().get(&proxy.url("/other"), &[]).await;
     assert_eq!((r.status, r.body.as_ref()), (200, &b"other"[..]));
 }
+
+/// A backend that repeats its `Content-Length` as a list (`5, 5`, as some frameworks do when
+/// two layers each add it): hyper reads it as one length (RFC 9112 §6.3 lets a recipient),
+/// but sent on as it came, clients that parse one number (Python's `http.client`, Go) find
+/// no length and read to the close, which on a kept-alive connection never comes. The
+/// client gets the one number, on a tagged 200 and on an answer passed through.
+#[tokio::test]
+async fn a_length_repeated_as_a_list_reaches_the_client_as_one_number() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            let answer: &[u8] = if buf[..n].starts_with(b"GET ") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
+            } else {
+                b"HTTP/1.1 409 Conflict\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nnope!"
+            };
+            let _ = s.write_all(answer).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let get = "GET /doc HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let put = "PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx";
+    for (req, status, body) in [(get, "200", "hello"), (put, "409", "nope!")] {
+        let out = common::raw_exchange(proxy.addr, req.as_bytes()).await;
+        let lower = out.to_ascii_lowercase();
+        assert!(out.starts_with(&format!("HTTP/1.1 {status}")), "{out}");
+        assert_eq!(lower.matches("content-length:").count(), 1, "{out}");
+        assert!(lower.contains("content-length: 5\r\n"), "{out}");
+        assert!(out.ends_with(&format!("\r\n\r\n{body}")), "{out}");
+    }
+}
