@@ -843,3 +843,39 @@ async fn a_length_repeated_as_a_list_reaches_the_client_as_one_number() {
         assert!(out.ends_with(&format!("\r\n\r\n{body}")), "{out}");
     }
 }
+
+/// An HTTP/2 client may send the last bytes of its declared length and end its stream only
+/// later, in an empty frame. hyper's HTTP/1.1 client stops taking the body once the length
+/// has gone up, so that is when the upload has ended: the connection goes back to the pool
+/// when the answer comes, and the next request reuses it.
+#[tokio::test]
+async fn an_http2_upload_ended_by_a_late_empty_frame_leaves_its_connection_reusable() {
+    let backend = ScriptedBackend::start(|_| async { respond(204, &[], "") }).await;
+    // A body over `max_tag_body` streams up as it comes.
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"4B\""), &backend.origin()).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::put(proxy.url("/doc"))
+        .header("content-length", "10")
+        .body(())
+        .unwrap();
+    let (answer, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(bytes::Bytes::from("helloworld"), false)
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer);
+    assert_eq!(answer.await.expect("answered").unwrap().status(), 204);
+    // Too late, maybe: the proxy may have reset the stream's upload half once answered.
+    let _ = upload.send_data(bytes::Bytes::new(), true);
+    assert_eq!(backend.last().body, "helloworld");
+
+    let r = Client::new().get(&proxy.url("/other"), &[]).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        backend.connections(),
+        1,
+        "the write's connection was reused"
+    );
+}
