@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, ETAG, RETRY_AFTER};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, RETRY_AFTER};
 use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::body::ProxyBody;
@@ -153,6 +153,21 @@ impl Error {
     /// request after this answer (RFC 9110 §15.5.9).
     pub fn ends_connection(&self) -> bool {
         matches!(self, Self::BodyTimeout(_) | Self::BodyRead(_))
+    }
+
+    /// The problem+json response for this error, to a request of `method`: a HEAD's keeps
+    /// the head (its `Content-Length` too) and has no body. hyper's HTTP/1 code leaves a
+    /// HEAD response's body out itself; its HTTP/2 code sends it, which clients take for a
+    /// protocol error (RFC 9113 §8.1.1) and never see the status.
+    pub fn into_response_to(self, method: &Method) -> Response<ProxyBody> {
+        let mut rsp = self.into_response();
+        if method == Method::HEAD {
+            let length = http_body::Body::size_hint(rsp.body()).exact().unwrap_or(0);
+            rsp.headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+            *rsp.body_mut() = ProxyBody::empty();
+        }
+        rsp
     }
 
     /// The problem+json response for this error.

@@ -401,7 +401,7 @@ impl Proxy {
                     }
                     Blame::Client => tracing::debug!(parent: &span, error = %e, "request refused"),
                 }
-                e.into_response()
+                e.into_response_to(method)
             }
         };
         if let (Some(origin), Some(route)) = (&ex.client_origin, &ex.route) {
