@@ -44,7 +44,7 @@ pub enum Error {
     #[error("{method} on this route requires If-Match, If-None-Match or If-Unmodified-Since; fetch the resource, then send its ETag in If-Match")]
     PreconditionRequired { method: Method },
 
-    #[error("the precondition failed: the resource changed since the client read it; fetch it again and retry")]
+    #[error("the precondition failed: {}; fetch it again and retry", failed_because(current.as_ref()))]
     PreconditionFailed { current: Option<ETag> },
 
     #[error("another write to this URL held its lock for longer than {0:?}; retry later")]
@@ -77,6 +77,14 @@ fn unsupported_because(method: &Method) -> &'static str {
         "ifmatch does not forward TRACE, which echoes the request's credentials back"
     } else {
         "ifmatch does not open tunnels"
+    }
+}
+
+/// What a failed precondition found, for the 412's `detail`.
+fn failed_because(current: Option<&ETag>) -> &'static str {
+    match current {
+        None => "the resource has no current representation (it was deleted, or does not exist yet)",
+        Some(_) => "the resource changed since the client read it (or, for If-None-Match: *, it exists already)",
     }
 }
 
@@ -188,11 +196,16 @@ impl Error {
     }
 }
 
-/// A problem+json response (RFC 9457) with the status's reason as title.
+/// A problem+json response (RFC 9457) with the status's reason as title: RFC 9110's, which
+/// renamed 413 (the `http` crate still says "Payload Too Large").
 pub fn problem(status: StatusCode, detail: &str) -> Response<ProxyBody> {
+    let title = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "Content Too Large",
+        _ => status.canonical_reason().unwrap_or("Error"),
+    };
     let body = serde_json::json!({
         "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("Error"),
+        "title": title,
         "status": status.as_u16(),
         "detail": detail,
     });
@@ -228,6 +241,9 @@ mod tests {
         assert_eq!(json["status"], 412);
         assert_eq!(json["title"], "Precondition Failed");
         assert!(json["detail"].as_str().unwrap().contains("changed"));
+        // With no current representation, the detail does not say it changed.
+        let gone = Error::PreconditionFailed { current: None }.to_string();
+        assert!(gone.contains("no current representation"), "{gone}");
     }
 
     #[test]
