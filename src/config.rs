@@ -96,6 +96,20 @@ pub enum Validation {
     Cached,
 }
 
+/// What the proxy makes of a strong `ETag` the upstream sends on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamEtag {
+    /// Keep it, and judge writes by it: the upstream vouches that it changes with every
+    /// change of bytes (RFC 9110 §8.8.1).
+    #[default]
+    Keep,
+    /// Replace it with the proxy's own tag, as a weak one is: for upstreams whose tags do
+    /// not change with every write (nginx's `etag on`: modification time in whole seconds
+    /// and size).
+    Replace,
+}
+
 #[derive(Clone, Debug)]
 pub struct Route {
     /// Only requests for this host (the `Host` header or `:authority`, port ignored).
@@ -119,6 +133,7 @@ pub struct Route {
     /// stores): a successful PUT's body tag is remembered and sent back as its `ETag`, so the
     /// next write needs no revalidation.
     pub tag_puts: bool,
+    pub upstream_etag: UpstreamEtag,
     /// For an `https://` upstream: the CA file to trust instead of the platform's roots,
     /// and the client config built from it at load.
     pub ca_file: Option<PathBuf>,
@@ -294,6 +309,8 @@ struct RouteToml {
     #[serde(default)]
     per_user: bool,
     tag_puts: Option<Spanned<bool>>,
+    #[serde(default)]
+    upstream_etag: UpstreamEtag,
     ca_file: Option<Spanned<String>>,
 }
 
@@ -970,6 +987,7 @@ impl Validator<'_> {
             preserve_host: r.preserve_host,
             per_user: r.per_user,
             tag_puts,
+            upstream_etag: r.upstream_etag,
             ca_file,
             upstream_tls: upstream_tls?,
         })
@@ -1153,6 +1171,7 @@ validation = "cached"
 require_precondition = true
 max_tag_body = "1MiB"
 upstream_timeout = "2s"
+upstream_etag = "replace"
 
 [[route]]
 prefix = "/"
@@ -1172,12 +1191,14 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.http2_max_concurrent_streams, 128);
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
+        assert_eq!(docs.upstream_etag, UpstreamEtag::Replace);
         assert!(docs.require_precondition);
         assert_eq!(docs.max_tag_body, 1 << 20);
         assert_eq!(docs.upstream_timeout, Duration::from_secs(2));
         assert_eq!(docs.upstream.origin, "http://127.0.0.1:9000");
         let root = &c.routes[1];
         assert_eq!(root.validation, Validation::Revalidate);
+        assert_eq!(root.upstream_etag, UpstreamEtag::Keep);
         assert!(!root.require_precondition);
         assert_eq!(root.max_tag_body, DEFAULT_MAX_TAG_BODY);
         assert_eq!(root.upstream.origin, "http://localhost:9001");
@@ -1262,6 +1283,12 @@ upstream = "http://localhost:9001/"
                 6,
                 "route.validation",
                 "unknown variant",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nupstream_etag = \"trust\"\n",
+                6,
+                "route.upstream_etag",
+                "expected `keep` or `replace`",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nupstrem_timeout = \"1s\"\n",

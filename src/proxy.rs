@@ -29,7 +29,7 @@ use crate::body::{
     read_request, read_tagged, ClientBody, Collected, Keep, ProxyBody, Read, ReadError,
 };
 use crate::budget::{Budget, Share};
-use crate::config::{Config, Route, Validation};
+use crate::config::{Config, Route, UpstreamEtag, Validation};
 use crate::error::{Blame, Error};
 use crate::etag::{ETag, TagKey};
 use crate::framing::Verdict;
@@ -884,6 +884,10 @@ impl Proxy {
                 i.disarm();
             }
         }
+        // A tag of the backend's that its GETs' would be replaced by means nothing here.
+        if route.upstream_etag == UpstreamEtag::Replace {
+            rsp.headers_mut().remove(ETAG);
+        }
         // `tag_puts`: the backend stored the body that went up, so its tag is the new tag.
         // Only when the whole body went up, the backend says it is done, and it keeps no
         // validator of its own.
@@ -1027,7 +1031,8 @@ impl Proxy {
         let (shared, negotiated) = cacheable(route, &rparts.headers, authorized);
         let idle = route.upstream_timeout;
         let (tag, from_upstream, body) = 'read: {
-            if let Some(tag) = upstream_strong_tag(&rparts.headers) {
+            let kept = route.upstream_etag == UpstreamEtag::Keep;
+            if let Some(tag) = upstream_strong_tag(&rparts.headers).filter(|_| kept) {
                 break 'read (Some(tag), true, Some(ProxyBody::stream(body, idle)));
             }
             rparts.headers.remove(ETAG);

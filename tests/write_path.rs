@@ -777,3 +777,59 @@ async fn an_empty_tag_list_is_no_tag_not_a_malformed_header() {
         assert_eq!(backend.store.writes(), 0, "{validation}: nothing forwarded");
     }
 }
+
+/// A backend whose strong `ETag` does not change with every write: nginx's default
+/// (`etag on`) makes it from the modification time in whole seconds and the size, so a
+/// document rewritten within a second at the same length keeps its tag. Kept (the default),
+/// a writer holding the tag of the bytes before the last write would pass; with
+/// `upstream_etag = "replace"` the proxy tags the bytes itself, and that writer gets 412.
+#[tokio::test]
+async fn with_upstream_etag_replace_a_tag_the_backend_never_changes_cannot_hide_a_write() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new(String::from("aa")));
+    let stored = doc.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let doc = stored.clone();
+        async move {
+            // The tag nginx would give every same-length body within one second.
+            let tag = [("etag", "\"6b150583-2\"")];
+            if r.method == http::Method::PUT {
+                *doc.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
+                return respond(204, &tag, "");
+            }
+            let body = doc.lock().unwrap().clone();
+            respond(200, &tag, body)
+        }
+    })
+    .await;
+    let proxy = Proxy::start(
+        &route("/", "upstream_etag = \"replace\""),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+
+    let r = c.get(&url, &[]).await;
+    assert_eq!(
+        r.etag(),
+        proxy.tag_of("aa"),
+        "the proxy's tag, not the backend's"
+    );
+    let r = c.put(&url, &[("if-match", &r.etag())], "bb").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("etag"),
+        None,
+        "the backend's tag means nothing here"
+    );
+    // Two writers read "bb"; the first one's write lands.
+    let held = c.get(&url, &[]).await.etag();
+    assert_eq!(held, proxy.tag_of("bb"));
+    assert_eq!(c.put(&url, &[("if-match", &held)], "cc").await.status, 204);
+    // The second still holds the tag of "bb": refused, "cc" stays.
+    let r = c.put(&url, &[("if-match", &held)], "dd").await;
+    assert_eq!(r.status, 412);
+    assert_eq!(r.etag(), proxy.tag_of("cc"));
+    assert_eq!(*doc.lock().unwrap(), "cc");
+}
