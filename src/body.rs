@@ -742,7 +742,9 @@ pub async fn read_request(
     use http_body_util::BodyExt;
 
     let started = Instant::now();
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // Held as a GET's body is (`hold`): a client sending one-byte frames would make each
+    // byte counted in the share keep a slice of hyper's read buffer alive.
+    let (mut chunks, mut tail) = (VecDeque::new(), BytesMut::new());
     let mut len = 0;
     loop {
         let frame = match within(idle, body.frame()).await {
@@ -755,20 +757,20 @@ pub async fn read_request(
             continue; // trailers: not forwarded with a body read whole
         };
         if !share.reserve(len + data.len()) {
-            chunks.push(data);
+            hold(&mut chunks, &mut tail, data);
             // Held until sent, counted as read (the chunk in hand aside, which goes first).
-            body.prefix = Some(Box::new((concat(chunks), share.split_off())));
+            body.prefix = Some(Box::new((concat(chunks, tail), share.split_off())));
             return Ok(Read::NoRoom(Box::new(body)));
         }
         len += data.len();
-        chunks.push(data);
+        hold(&mut chunks, &mut tail, data);
         let elapsed = started.elapsed();
         if elapsed > idle && (len as f64) < MIN_READ_RATE * elapsed.as_secs_f64() {
-            body.prefix = Some(Box::new((concat(chunks), share.split_off())));
+            body.prefix = Some(Box::new((concat(chunks, tail), share.split_off())));
             return Ok(Read::TooSlow(Box::new(body)));
         }
     }
-    Ok(Read::Whole(concat(chunks)))
+    Ok(Read::Whole(concat(chunks, tail)))
 }
 
 /// Bytes a second below which a body read whole, once it has taken longer than the idle
@@ -788,10 +790,11 @@ pub enum Read {
     TooSlow(Box<ClientBody>),
 }
 
-/// The chunks as one `Bytes`, copied only if there are two or more.
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+/// The chunks held (`hold`) as one `Bytes`, copied only if there are two or more.
+fn concat(mut chunks: VecDeque<Bytes>, mut tail: BytesMut) -> Bytes {
+    flush(&mut chunks, &mut tail);
     if chunks.len() <= 1 {
-        return chunks.pop().unwrap_or_default();
+        return chunks.pop_back().unwrap_or_default();
     }
     let mut out = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
     for c in &chunks {
