@@ -291,6 +291,10 @@ impl Proxy {
         let changed = self.routing.load().tag_key != new.tag_key;
         new.key_generation = self.key_generation.load(Ordering::SeqCst) + u64::from(changed);
         let new = Arc::new(new);
+        // Judged before the swap, so that requests under the new routes meet the tags it
+        // distrusts for as short a time as may be. (Reloads run one at a time.)
+        let current = self.routing.load_full();
+        let trusting = new.router.trusts_more_than(&current.router).cloned();
         let old = self.routing.swap(new.clone());
         self.budget.set_limit(config.server.max_buffered_bytes);
         if old.tag_key != new.tag_key {
@@ -304,7 +308,7 @@ impl Proxy {
                 key = new.tag_key.fingerprint(),
                 "tag key changed: tag cache cleared"
             );
-        } else if let Some(route) = new.router.trusts_more_than(&old.router) {
+        } else if let Some(route) = trusting {
             // Requests this route now takes were not all guarded before: writes may have
             // gone around the proxy, so what it remembers of them may be stale. The copies
             // stay; they vouch only for bytes compared in full.

@@ -73,17 +73,31 @@ impl Router {
     /// the proxy while `old` was in force, so a tag remembered then may be stale.
     ///
     /// Exact without enumerating paths: a request's route depends only on its host and on
-    /// which configured prefixes its path starts with, and the longest of those, taken as a
-    /// path, starts with the same ones. So every prefix of either router, on every host
-    /// either names and on any other host, stands for all the paths there are.
+    /// which prefixes of the routes that host may take its path starts with, and the
+    /// longest of those, taken as a path, starts with the same ones. So on every host either
+    /// router names, and on any other host, the prefixes of the routes for it (its own and
+    /// the host-less) stand for all the paths there are. Only those are tried: every prefix
+    /// on every host made a reload of 1,000 host routes take 18 s.
     pub fn trusts_more_than(&self, old: &Router) -> Option<&Arc<Route>> {
         let both = || self.routes.iter().chain(&old.routes);
-        let hosts = both()
-            .filter_map(|r| r.host.as_deref().map(Some))
-            .chain([None]);
+        let mut hosts: Vec<&str> = both().filter_map(|r| r.host.as_deref()).collect();
+        hosts.sort_unstable_by_key(|h| h.to_ascii_lowercase());
+        hosts.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
         let trusting = |r: &&Arc<Route>| r.validation == Validation::Cached && !r.per_user;
+        let for_host = |host: Option<&str>, r: &Arc<Route>| match (&r.host, host) {
+            (None, _) => true,
+            (Some(want), Some(h)) => want.eq_ignore_ascii_case(h),
+            (Some(_), None) => false,
+        };
         hosts
-            .flat_map(|host| both().map(move |p| (host, p.prefix.as_str())))
+            .into_iter()
+            .map(Some)
+            .chain([None])
+            .flat_map(|host| {
+                both()
+                    .filter(move |r| for_host(host, r))
+                    .map(move |r| (host, r.prefix.as_str()))
+            })
             .find_map(|(host, path)| {
                 let new = self.route(host, path).filter(trusting)?;
                 let kept = old
@@ -267,6 +281,25 @@ upstream = "http://private:1"
         assert_eq!(
             newly_trusted(&admin_cached, &any_host).as_deref(),
             Some("/docs/")
+        );
+        // Each host is tried with its own routes' prefixes (and the host-less ones'), in
+        // whatever case the two files spell it.
+        let a = (Some("a.example"), "/", "http://a:1", CACHED);
+        let b_cached = (Some("B.example"), "/b/", "http://a:1", CACHED);
+        let b_revalidated = (Some("b.example"), "/b/", "http://a:1", "");
+        assert_eq!(
+            newly_trusted(&routes(&[a]), &routes(&[a, b_cached])).as_deref(),
+            Some("/b/"),
+            "a cached host route added"
+        );
+        assert_eq!(
+            newly_trusted(&routes(&[a, b_revalidated]), &routes(&[a, b_cached])).as_deref(),
+            Some("/b/"),
+            "a host route turned cached"
+        );
+        assert_eq!(
+            newly_trusted(&routes(&[a, b_cached]), &routes(&[a, b_cached])),
+            None
         );
     }
 
