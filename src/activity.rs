@@ -61,7 +61,22 @@ pub struct Activity {
     period: AtomicU64,
     /// The HTTP/2 bodies being sent (dead ones pruned as the list grows and at each watch).
     streams: Mutex<Vec<Weak<Stream>>>,
+    /// HTTP/2 requests begun, and those of them their client reset before their answer's
+    /// head ([`Answering`]).
+    requests: AtomicU64,
+    resets: AtomicU64,
+    /// Told once resets make the connection look like a rapid-reset attack.
+    abused: tokio::sync::Notify,
 }
+
+/// Resets of requests in progress an HTTP/2 connection may make before it is closed, if
+/// they are half of its requests or more. A stream reset before hyper hands it over costs
+/// little, and hyper and h2 limit those; one reset later has had its request sent upstream,
+/// where the backend goes on working on it: one connection resetting each request it opens
+/// at once could keep a backend busy with thousands (CVE-2023-44487's pattern, past h2's
+/// guard). Envoy closes such connections the same way (`premature_reset_total_stream_count`);
+/// a browser that cancels a few fetches stays far below.
+pub const MAX_RESETS: u64 = 100;
 
 /// An HTTP/2 response body, shared between the stream that sends it and the connection's
 /// watch, which may cut it off.
@@ -99,7 +114,23 @@ impl Activity {
             last_end: AtomicU64::new(0),
             period: AtomicU64::new(0),
             streams: Mutex::new(Vec::new()),
+            requests: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+            abused: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Counts an HTTP/2 request in; dropped before [`Answering::answered`], it counts as
+    /// reset by its client.
+    pub fn answering(self: &Arc<Self>) -> Answering {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Answering(Some(self.clone()))
+    }
+
+    /// Completes once the connection's client has reset [`MAX_RESETS`] requests in progress,
+    /// half of its requests or more: the server then closes it with a GOAWAY.
+    pub fn abused(&self) -> tokio::sync::futures::Notified<'_> {
+        self.abused.notified()
     }
 
     /// Counts a request in until the returned guard is dropped: with its response body once
@@ -246,6 +277,28 @@ pub enum Idle {
     NoRequest,
     /// Responses to send, and none of their chunks taken for the timeout.
     Stalled,
+}
+
+/// An HTTP/2 request whose answer's head is not ready yet; see [`Activity::answering`].
+#[derive(Debug)]
+pub struct Answering(Option<Arc<Activity>>);
+
+impl Answering {
+    /// The answer's head is ready: the request was not reset early.
+    pub fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let Some(a) = self.0.take() else { return };
+        let resets = a.resets.fetch_add(1, Ordering::Relaxed) + 1;
+        if resets >= MAX_RESETS && resets * 2 >= a.requests.load(Ordering::Relaxed) {
+            // One permit is kept however often this is told.
+            a.abused.notify_one();
+        }
+    }
 }
 
 /// A request being answered; see [`Activity::begin`].

@@ -304,6 +304,7 @@ async fn serve_connection<IO>(
         let (proxy, peer) = (proxy.clone(), peer.clone());
         let request = counted.begin();
         let version = req.version();
+        let answering = (version == Version::HTTP_2).then(|| counted.answering());
         // Every HTTP/1 head hyper hands over was read through the inspector first, so its
         // verdict is queued; none means the inspector lost its place: fail closed.
         let verdict = match version {
@@ -319,6 +320,9 @@ async fn serve_connection<IO>(
         let mut boxed = spare.take();
         boxed.as_mut().set(Some(async move {
             let rsp = proxy.handle(req, peer, verdict).await;
+            if let Some(a) = answering {
+                a.answered();
+            }
             Ok::<_, Infallible>(rsp.map(|body| match version {
                 Version::HTTP_2 => Tracked::stream(body, request),
                 _ => Tracked::new(body, request),
@@ -332,6 +336,8 @@ async fn serve_connection<IO>(
     tokio::pin!(stopping);
     let idle = activity.idle(ends.idle_timeout);
     tokio::pin!(idle);
+    let abused = activity.abused();
+    tokio::pin!(abused);
     // The connection wakes this task several times per request; the proxy stopping and
     // the idle timer hardly ever do. So they get their own waker, and are polled only
     // once it has fired, not on every wake-up (a `select!` would poll all three).
@@ -399,6 +405,15 @@ async fn serve_connection<IO>(
                         idled = true;
                         (queued_at_grace, cut_off) = arm_grace(cx, activity.unsent(), ends.idle_timeout);
                     }
+                }
+                if !asked && abused.as_mut().poll(&mut ecx).is_ready() {
+                    asked = true;
+                    tracing::warn!(
+                        client = %addr,
+                        resets = crate::activity::MAX_RESETS,
+                        "HTTP/2 connection closed: its client reset that many requests in progress (rapid reset)"
+                    );
+                    conn.as_mut().graceful_shutdown();
                 }
                 if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {
                     if why == Idle::Stalled {

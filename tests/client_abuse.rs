@@ -1007,3 +1007,74 @@ async fn an_http2_stream_starved_of_window_is_cut_off_alone_and_gives_its_budget
         "reset after {got} bytes: {ended:?}"
     );
 }
+
+/// Opens an HTTP/2 stream for `GET /slow` on `client`, waits until the backend has it (the
+/// proxy sent it upstream), then resets it. `Err` once the connection takes no more streams.
+async fn open_and_reset(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    proxy: &Proxy,
+    backend: &ScriptedBackend,
+) -> Result<(), h2::Error> {
+    let seen = backend.requests().len();
+    let mut ready = client.clone().ready().await?;
+    let req = http::Request::get(proxy.url("/slow")).body(()).unwrap();
+    let (_answer, mut stream) = ready.send_request(req, true)?;
+    *client = ready;
+    let arrived = common::eventually(Duration::from_secs(5), || backend.requests().len() > seen);
+    assert!(arrived.await, "the request reached the backend");
+    stream.send_reset(h2::Reason::CANCEL);
+    Ok(())
+}
+
+/// A client that resets each HTTP/2 request once the proxy has sent it upstream (the rapid
+/// reset pattern, past h2's own guard, which counts only streams reset before they are
+/// handed over) keeps the backend working on requests nobody waits for, thousands of them
+/// from one connection. Past `MAX_RESETS` such resets, half of its requests or more, the
+/// connection gets a GOAWAY; a client that resets fewer keeps its connection.
+#[tokio::test]
+async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
+    let backend = ScriptedBackend::slow(Duration::from_secs(10), "late").await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let max = ifmatch::activity::MAX_RESETS as usize;
+
+    // Fewer resets than that: the connection stays.
+    let mut client = connect().await;
+    for _ in 0..max - 1 {
+        open_and_reset(&mut client, &proxy, &backend).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    open_and_reset(&mut client, &proxy, &backend)
+        .await
+        .expect("still open after one reset fewer than the limit");
+
+    // A new connection resetting every request is sent away at the limit.
+    let mut client = connect().await;
+    let before = backend.requests().len();
+    let mut opened = 0;
+    let refused = loop {
+        if opened == 3 * max {
+            break false;
+        }
+        match open_and_reset(&mut client, &proxy, &backend).await {
+            Ok(()) => opened += 1,
+            Err(_) => break true,
+        }
+        // The GOAWAY reaches the client's side of the connection between two requests.
+        tokio::task::yield_now().await;
+    };
+    assert!(
+        refused,
+        "{opened} requests reset and the connection still open"
+    );
+    assert!(
+        opened <= max + 5,
+        "{opened} requests sent upstream before the GOAWAY"
+    );
+    assert_eq!(backend.requests().len() - before, opened);
+}
