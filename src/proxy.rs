@@ -208,8 +208,11 @@ const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-requ
 
 /// The most of a request body the proxy reads and drops to keep a connection open.
 const DISCARD_LIMIT: u64 = 1 << 20;
-/// How long it waits for that body.
-const DISCARD_TIME: Duration = Duration::from_secs(5);
+/// How long it waits for each chunk of that body, and for all of it: nginx's
+/// `lingering_timeout` and `lingering_time`. A slow client's body still arrives whole
+/// (20 KB/s sends a megabyte in time); one that stops is let go.
+const DISCARD_IDLE: Duration = Duration::from_secs(5);
+const DISCARD_TIME: Duration = Duration::from_secs(30);
 
 /// A request body the proxy answered without forwarding (412, 428, 400, 503…). An
 /// HTTP/1.1 connection cannot take its next request until that body has been read, and
@@ -237,7 +240,7 @@ fn leave_unread(
         use http_body_util::BodyExt;
         let mut body = body;
         let _ = tokio::time::timeout(DISCARD_TIME, async {
-            while let Some(Ok(_)) = body.frame().await {}
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(DISCARD_IDLE, body.frame()).await {}
         })
         .await;
     });

@@ -433,11 +433,30 @@ async fn a_failing_write_with_expect_100_continue_is_answered_412_without_readin
 /// answer, then sends a GET on the same connection. Returns both answers' heads; the second
 /// is empty if the proxy closed the connection.
 fn two_on_one_connection(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> (String, String) {
+    let pieces = [(Duration::from_millis(50), body)];
+    two_on_one_connection_in_pieces(addr, head, &pieces, false)
+}
+
+/// As [`two_on_one_connection`], the body sent in `pieces`, each after its pause; with
+/// `answered_first`, only once the first answer has been read.
+fn two_on_one_connection_in_pieces(
+    addr: std::net::SocketAddr,
+    head: &str,
+    pieces: &[(Duration, &[u8])],
+    answered_first: bool,
+) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(head.as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    let _ = s.write_all(body);
+    let send = |s: &mut std::net::TcpStream| {
+        for (pause, piece) in pieces {
+            std::thread::sleep(*pause);
+            let _ = s.write_all(piece);
+        }
+    };
+    if !answered_first {
+        send(&mut s);
+    }
     let read_head = |s: &mut std::net::TcpStream| {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
@@ -466,6 +485,9 @@ fn two_on_one_connection(addr: std::net::SocketAddr, head: &str, body: &[u8]) ->
             Ok(0) | Err(_) => break,
             Ok(n) => rest = rest.saturating_sub(n),
         }
+    }
+    if answered_first {
+        send(&mut s);
     }
     let second = match s.write_all(b"GET /docs/a HTTP/1.1\r\nHost: x\r\n\r\n") {
         Ok(()) => read_head(&mut s),
@@ -508,6 +530,37 @@ async fn a_refused_write_keeps_the_connection_usable_or_says_it_closes() {
     assert!(
         first.to_ascii_lowercase().contains("connection: close"),
         "{first}"
+    );
+    assert_eq!(backend.store.writes(), 0);
+}
+
+/// A refused write's body that comes slowly but steadily, for longer than one pause may
+/// last, is still read and dropped whole (5 s at most between chunks, 30 s in all, as
+/// nginx's `lingering_timeout` and `lingering_time`), and the connection's next request is
+/// served. With 5 s for the whole body, a client on a slow link found its kept-alive
+/// connection closed without a word.
+#[tokio::test]
+async fn a_refused_writes_body_that_trickles_in_is_dropped_whole_and_the_connection_kept() {
+    let (backend, proxy) = setup("require_precondition = true").await;
+    let addr = proxy.addr;
+    let (first, second) = tokio::task::spawn_blocking(move || {
+        let piece = [b'x'; 1000];
+        let pieces: Vec<(Duration, &[u8])> = (0..14)
+            .map(|_| (Duration::from_millis(500), &piece[..]))
+            .collect();
+        let head = "PUT /docs/a HTTP/1.1\r\nHost: x\r\nContent-Length: 14000\r\n\r\n";
+        two_on_one_connection_in_pieces(addr, head, &pieces, true)
+    })
+    .await
+    .unwrap();
+    assert!(first.starts_with("HTTP/1.1 428"), "{first}");
+    assert!(
+        !first.to_ascii_lowercase().contains("connection: close"),
+        "{first}"
+    );
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "the next request was served after 7 s of body: {second:?}"
     );
     assert_eq!(backend.store.writes(), 0);
 }
