@@ -44,6 +44,9 @@ pub enum Error {
     #[error("{method} on this route requires If-Match, If-None-Match or If-Unmodified-Since; fetch the resource, then send its ETag in If-Match")]
     PreconditionRequired { method: Method },
 
+    #[error("{method} on this route requires a precondition, and this resource has no Last-Modified date, so If-Unmodified-Since guards nothing (RFC 9110 §13.1.4); fetch the resource, then send its ETag in If-Match")]
+    PreconditionUndated { method: Method },
+
     #[error("the precondition failed: {}; fetch it again and retry", failed_because(current.as_ref()))]
     PreconditionFailed { current: Option<ETag> },
 
@@ -102,7 +105,9 @@ impl Error {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
-            Self::PreconditionRequired { .. } => StatusCode::PRECONDITION_REQUIRED,
+            Self::PreconditionRequired { .. } | Self::PreconditionUndated { .. } => {
+                StatusCode::PRECONDITION_REQUIRED
+            }
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::LockTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
@@ -126,6 +131,7 @@ impl Error {
             | Self::BodyTimeout(_)
             | Self::BodyRead(_)
             | Self::PreconditionRequired { .. }
+            | Self::PreconditionUndated { .. }
             | Self::PreconditionFailed { .. } => Blame::Client,
             Self::UpstreamConnect { .. }
             | Self::UpstreamTls { .. }
@@ -147,7 +153,9 @@ impl Error {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyTimeout(_) => "body_timeout",
             Self::BodyRead(_) => "body_error",
-            Self::PreconditionRequired { .. } => "precondition_required",
+            Self::PreconditionRequired { .. } | Self::PreconditionUndated { .. } => {
+                "precondition_required"
+            }
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::LockTimeout(_) => "lock_timeout",
             Self::UpstreamConnect { .. } => "upstream_connect",

@@ -103,6 +103,17 @@ impl Preconditions {
             || self.if_unmodified_since.is_some()
     }
 
+    /// The write's one guard is `If-Unmodified-Since`: no `If-Match`, and no `If-None-Match`
+    /// that could stop it.
+    pub fn guards_only_by_date(&self) -> bool {
+        self.if_unmodified_since.is_some()
+            && self.if_match.is_none()
+            && self
+                .if_none_match
+                .as_ref()
+                .is_none_or(|c| *c == Condition::Tags(Vec::new()))
+    }
+
     /// A write's outcome depends on the modification date: `If-Unmodified-Since` without
     /// an `If-Match` to take precedence (§13.2.2).
     pub fn compares_dates(&self) -> bool {

@@ -816,6 +816,21 @@ impl Proxy {
                 // An `If-None-Match` tag that differs from one representation's may still
                 // be another's: a pass is confirmed too.
                 Decision::Proceed if negotiated && names_tags(&pre.if_none_match) => continue,
+                // A date condition is ignored when there is no date to judge (§13.1.4): on
+                // a route that requires a precondition, that write would overwrite the
+                // resource unguarded. (A create, with no resource to judge, goes on as the
+                // condition asks: only `If-None-Match: *` guards it against another.)
+                Decision::Proceed
+                    if current.exists
+                        && current.last_modified.is_none()
+                        && pre.guards_only_by_date()
+                        && route.require_precondition
+                        && requires_precondition(&parts.method) =>
+                {
+                    return Err(Error::PreconditionUndated {
+                        method: parts.method.clone(),
+                    })
+                }
                 Decision::Proceed => return Ok(Checked::Holds(current)),
                 // `remembered` is taken: the next turn revalidates.
                 _ if negotiated => continue,

@@ -886,3 +886,43 @@ async fn with_upstream_etag_replace_a_tag_the_backend_never_changes_cannot_hide_
     assert_eq!(r.etag(), proxy.tag_of("cc"));
     assert_eq!(*doc.lock().unwrap(), "cc");
 }
+
+/// A backend without `Last-Modified` (most legacy ones): a write whose only precondition is
+/// `If-Unmodified-Since` would be judged by nothing (the date is ignored, RFC 9110 §13.1.4)
+/// and overwrite the document unguarded, though it met `require_precondition`. Such a write
+/// gets 428, saying why; with `If-Match` it goes through, and without the requirement the
+/// date condition is ignored as the RFC says.
+#[tokio::test]
+async fn if_unmodified_since_alone_does_not_meet_require_precondition_where_there_is_no_date() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.method.as_str() {
+            "GET" => respond(200, &[], "no date"),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let since = [("if-unmodified-since", "Sat, 01 Jan 2000 00:00:00 GMT")];
+    for (required, want) in [(true, 428), (false, 204)] {
+        let extra = format!("require_precondition = {required}");
+        let proxy = Proxy::start(&route("/", &extra), &backend.origin()).await;
+        let c = Client::new();
+        let url = proxy.url("/doc");
+        let r = c.put(&url, &since, "x").await;
+        assert_eq!(r.status, want, "require_precondition = {required}");
+        if required {
+            let p = r.assert_problem(428);
+            assert!(
+                p["detail"].as_str().unwrap().contains("Last-Modified"),
+                "{p}"
+            );
+            let tag = c.get(&url, &[]).await.etag();
+            assert_eq!(c.put(&url, &[("if-match", &tag)], "x").await.status, 204);
+        }
+    }
+    let puts = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(puts, 2, "the refused write never reached the backend");
+}
