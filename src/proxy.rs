@@ -554,6 +554,18 @@ impl Proxy {
                     "untagged"
                 };
                 let body = if head {
+                    // The length a GET's answer would have, known once the body was held
+                    // whole (a chunked one's, whose head had none), as RFC 9110 §9.3.2 asks.
+                    let held = body
+                        .as_ref()
+                        .and_then(|b| http_body::Body::size_hint(b).exact());
+                    if let Some(n) =
+                        held.filter(|_| !rparts.headers.contains_key(header::CONTENT_LENGTH))
+                    {
+                        rparts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                    }
                     ProxyBody::empty()
                 } else if let Some(body) = body {
                     body

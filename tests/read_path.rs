@@ -379,3 +379,41 @@ async fn a_304_carries_the_cookie_the_200_sets() {
     assert_eq!(r.status, 304);
     assert_eq!(r.header("set-cookie"), Some("session=renewed; Path=/"));
 }
+
+/// A backend that sends its bodies chunked: the GET's answer, held whole to be tagged,
+/// goes out with its length, and a HEAD says the same length (RFC 9110 §9.3.2: the fields
+/// a GET would have), with the same tag, over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn a_head_of_a_chunked_body_has_the_length_and_tag_its_get_has() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                                   5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    for c in [Client::new(), Client::h2()] {
+        let get = c.get(&proxy.url("/doc"), &[]).await;
+        assert_eq!(get.body, "hello world");
+        assert_eq!(get.header("content-length"), Some("11"));
+        let head = c.head(&proxy.url("/doc"), &[]).await;
+        assert_eq!(head.status, 200);
+        assert!(head.body.is_empty());
+        assert_eq!(head.header("content-length"), Some("11"), "{head:?}");
+        assert_eq!(head.etag(), get.etag());
+    }
+}
