@@ -670,8 +670,7 @@ impl Proxy {
         parts: Parts,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
-        if route.require_precondition && requires_precondition(&parts.method) && !pre.guards_write()
-        {
+        if route.require_precondition && requires_precondition(&parts) && !pre.guards_write() {
             return Err(Error::PreconditionRequired {
                 method: parts.method.clone(),
             });
@@ -837,7 +836,7 @@ impl Proxy {
                         && current.last_modified.is_none()
                         && pre.guards_only_by_date()
                         && route.require_precondition
-                        && requires_precondition(&parts.method) =>
+                        && requires_precondition(parts) =>
                 {
                     return Err(Error::PreconditionUndated {
                         method: parts.method.clone(),
@@ -1348,14 +1347,31 @@ fn changes_state(method: &Method) -> bool {
     )
 }
 
-/// Methods a `require_precondition` route refuses without a precondition (RFC 6585 §3).
-/// In any case: methods are case-sensitive (RFC 9110 §9.1), but many frameworks
-/// (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a PUT.
-fn requires_precondition(method: &Method) -> bool {
-    ["PUT", "PATCH", "DELETE"]
-        .iter()
-        .any(|m| method.as_str().eq_ignore_ascii_case(m))
+/// Requests a `require_precondition` route refuses without a precondition (RFC 6585 §3):
+/// PUT, PATCH and DELETE. In any case: methods are case-sensitive (RFC 9110 §9.1), but many
+/// frameworks (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a
+/// PUT. And a POST that names one of them in a method-override header: a backend that
+/// honours it (Express's `method-override`, Rails, ASP.NET, Google's APIs) runs it as that.
+fn requires_precondition(parts: &Parts) -> bool {
+    let guarded = |m: &str| {
+        ["PUT", "PATCH", "DELETE"]
+            .iter()
+            .any(|g| m.trim().eq_ignore_ascii_case(g))
+    };
+    guarded(parts.method.as_str())
+        || (parts.method == Method::POST
+            && METHOD_OVERRIDES.iter().any(|h| {
+                let named = parts.headers.get_all(*h).iter();
+                named.filter_map(|v| v.to_str().ok()).any(guarded)
+            }))
 }
+
+/// The headers by which a POST asks a backend to run it as another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Removes the conditions the proxy evaluated (the backend does not know its tags), and the
 /// date conditions that a tag condition takes precedence over (§13.2.2). A date condition
