@@ -44,25 +44,35 @@ fn cases(pki: &Pki) -> Vec<Case> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_core_cases_behave_alike_on_every_protocol() {
-    let pki = Pki::new("protocols", KeyType::EcdsaP256);
-    for case in cases(&pki) {
+impl Case {
+    /// A backend holding `/docs/a` = "v1", and a proxy in front of it with `routes`, on
+    /// TLS if the case is.
+    async fn start(&self, pki: &Pki, routes: &str) -> (Backend, Proxy) {
         let backend = Backend::start().await;
         backend.store.put("/docs/a", "v1");
-        let extra = if case.tls {
+        let extra = if self.tls {
             pki.server_toml()
         } else {
             String::new()
         };
-        let proxy = Proxy::start_with(&route("/docs/", ""), &backend.origin(), &extra).await;
-        let url = |p: &str| {
-            if case.tls {
-                proxy.https_url(p)
-            } else {
-                proxy.url(p)
-            }
-        };
+        let proxy = Proxy::start_with(routes, &backend.origin(), &extra).await;
+        (backend, proxy)
+    }
+
+    fn url(&self, proxy: &Proxy, path: &str) -> String {
+        match self.tls {
+            true => proxy.https_url(path),
+            false => proxy.url(path),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_cases_behave_alike_on_every_protocol() {
+    let pki = Pki::new("protocols", KeyType::EcdsaP256);
+    for case in cases(&pki) {
+        let (backend, proxy) = case.start(&pki, &route("/docs/", "")).await;
+        let url = |p: &str| case.url(&proxy, p);
         let c = &case.client;
         let n = case.name;
 
@@ -105,22 +115,12 @@ async fn a_head_the_proxy_refuses_gets_the_problems_head_and_no_body_on_every_pr
         format!("http://{}", l.local_addr().unwrap())
     };
     for case in cases(&pki) {
-        let backend = Backend::start().await;
-        backend.store.put("/docs/a", "v1");
-        let extra = if case.tls {
-            pki.server_toml()
-        } else {
-            String::new()
-        };
         let routes = format!(
             "{}\n[[route]]\nprefix = \"/dead/\"\nupstream = \"{dead}\"\n",
             route("/docs/", "")
         );
-        let proxy = Proxy::start_with(&routes, &backend.origin(), &extra).await;
-        let url = |p: &str| match case.tls {
-            true => proxy.https_url(p),
-            false => proxy.url(p),
-        };
+        let (_backend, proxy) = case.start(&pki, &routes).await;
+        let url = |p: &str| case.url(&proxy, p);
         let n = case.name;
         let asks = [
             ("/elsewhere", None, 404),
