@@ -173,7 +173,7 @@ impl UpstreamClient {
                         .into(),
                 })
             }
-            Ok(mut rsp) => match strip_response(rsp.headers_mut()) {
+            Ok(mut rsp) => match strip_response(rsp.status(), rsp.headers_mut()) {
                 Ok(()) => {
                     // The version is hop-by-hop: hyper's server would answer an HTTP/1.1
                     // client in a 1.0 backend's version, and close its connection.
@@ -321,9 +321,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
 /// transfer coding, which wins over a `Content-Length` (RFC 9112 §6.3) but leaves that
 /// field in place; sent on, it would frame the body anew, wrongly, so it goes. A coding
 /// besides the final `chunked` cannot be passed on (the field goes as hop-by-hop): the
-/// error names it, for a 502, as nginx gives. A length repeated becomes one. Then the
-/// hop-by-hop headers go.
-fn strip_response(headers: &mut HeaderMap) -> Result<(), String> {
+/// error names it, for a 502, as nginx gives. A length repeated becomes one, and a 1xx or
+/// 204 loses the one it must not have (RFC 9110 §8.6; hyper leaves it on a HEAD's). Then
+/// the hop-by-hop headers go.
+fn strip_response(status: http::StatusCode, headers: &mut HeaderMap) -> Result<(), String> {
     let found = scan(headers);
     if found.present & TRANSFER_ENCODING_BIT != 0 {
         if let Err(e) = crate::framing::check_codings(headers) {
@@ -335,6 +336,8 @@ fn strip_response(headers: &mut HeaderMap) -> Result<(), String> {
                 e => e.to_string(),
             });
         }
+        headers.remove(header::CONTENT_LENGTH);
+    } else if status == http::StatusCode::NO_CONTENT || status.is_informational() {
         headers.remove(header::CONTENT_LENGTH);
     } else {
         collapse_repeated_length(headers);

@@ -822,7 +822,9 @@ async fn a_length_repeated_as_a_list_reaches_the_client_as_one_number() {
             if n == 0 {
                 return;
             }
-            let answer: &[u8] = if buf[..n].starts_with(b"GET ") {
+            let answer: &[u8] = if buf[..n].starts_with(b"GET /nothing ") {
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 5, 5\r\n\r\n"
+            } else if buf[..n].starts_with(b"GET ") {
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
             } else {
                 b"HTTP/1.1 409 Conflict\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nnope!"
@@ -842,6 +844,14 @@ async fn a_length_repeated_as_a_list_reaches_the_client_as_one_number() {
         assert!(lower.contains("content-length: 5\r\n"), "{out}");
         assert!(out.ends_with(&format!("\r\n\r\n{body}")), "{out}");
     }
+    // A 204 has no length at all (RFC 9110 §8.6), to a HEAD (sent up as a GET) too.
+    let head = "HEAD /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let out = common::raw_exchange(proxy.addr, head.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 204"), "{out}");
+    assert!(
+        !out.to_ascii_lowercase().contains("content-length"),
+        "{out}"
+    );
 }
 
 /// An HTTP/2 client may send the last bytes of its declared length and end its stream only
