@@ -526,7 +526,7 @@ impl Proxy {
         ex.upstream_status = Some(rsp.status());
         if !whole_representation(&rsp) {
             ex.outcome = "passthrough";
-            return Ok(pass(rsp, head, route));
+            return Ok(pass_read(rsp, head, route));
         }
         let (mut rparts, rbody) = rsp.into_parts();
         // A HEAD's body is read only for its tag: with no room in the budget it is hashed
@@ -616,7 +616,7 @@ impl Proxy {
         ex.upstream_status = Some(rsp.status());
         if !whole_representation(&rsp) {
             ex.outcome = "passthrough";
-            return Ok(pass(rsp, false, route));
+            return Ok(pass_read(rsp, false, route));
         }
         let (mut rparts, body) = rsp.into_parts();
         rparts.headers.remove(ETAG);
@@ -819,7 +819,7 @@ impl Proxy {
                     Current::Answer(rsp) => {
                         ex.upstream_status = Some(rsp.status());
                         ex.outcome = "revalidation_refused";
-                        return Ok(Checked::Answer(pass(rsp, false, route)));
+                        return Ok(Checked::Answer(pass_read(rsp, false, route)));
                     }
                 },
             };
@@ -1466,6 +1466,16 @@ fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
 /// that are not the whole).
 fn whole_representation(rsp: &Response<Incoming>) -> bool {
     rsp.status() == StatusCode::OK && !rsp.headers().contains_key(header::CONTENT_RANGE)
+}
+
+/// [`pass`] for a read's answer that is not tagged (a 206, a 404, a revalidation's
+/// refusal): under `upstream_etag = "replace"` without the backend's `ETag`, which no
+/// request could use, as a write's answer is (`forward`).
+fn pass_read(mut rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
+    if route.upstream_etag == UpstreamEtag::Replace {
+        rsp.headers_mut().remove(ETAG);
+    }
+    pass(rsp, head, route)
 }
 
 fn pass(rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
