@@ -68,7 +68,9 @@ impl Router {
     }
 
     /// A route of this router that trusts remembered tags (`cached`, not `per_user`) for
-    /// some requests that `old` did not send to such a route of the same upstream; `None`
+    /// some requests that `old` did not send to such a route of the same upstream, taking
+    /// its `ETag`s the same way (`upstream_etag`: a tag remembered under "keep" is the
+    /// backend's, which "replace" no longer sends or accepts); `None`
     /// if there is none. For those requests, writes may have reached the backend without
     /// the proxy while `old` was in force, so a tag remembered then may be stale.
     ///
@@ -100,10 +102,9 @@ impl Router {
             })
             .find_map(|(host, path)| {
                 let new = self.route(host, path).filter(trusting)?;
-                let kept = old
-                    .route(host, path)
-                    .filter(trusting)
-                    .is_some_and(|o| o.upstream.origin == new.upstream.origin);
+                let kept = old.route(host, path).filter(trusting).is_some_and(|o| {
+                    o.upstream.origin == new.upstream.origin && o.upstream_etag == new.upstream_etag
+                });
                 (!kept).then_some(new)
             })
     }
@@ -300,6 +301,22 @@ upstream = "http://private:1"
         assert_eq!(
             newly_trusted(&routes(&[a, b_cached]), &routes(&[a, b_cached])),
             None
+        );
+        // The tags remembered under "keep" are the backend's, which "replace" does not take.
+        let replacing = (
+            None,
+            "/",
+            "http://a:1",
+            "validation = \"cached\"\nupstream_etag = \"replace\"",
+        );
+        let keeping = (None, "/", "http://a:1", CACHED);
+        assert_eq!(
+            newly_trusted(&routes(&[keeping]), &routes(&[replacing])).as_deref(),
+            Some("/")
+        );
+        assert_eq!(
+            newly_trusted(&routes(&[replacing]), &routes(&[keeping])).as_deref(),
+            Some("/")
         );
     }
 
