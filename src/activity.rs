@@ -69,14 +69,19 @@ pub struct Activity {
     abused: tokio::sync::Notify,
 }
 
-/// Resets of requests in progress an HTTP/2 connection may make before it is closed, if
-/// they are half of its requests or more. A stream reset before hyper hands it over costs
-/// little, and hyper and h2 limit those; one reset later has had its request sent upstream,
+/// Early resets an HTTP/2 connection may make before it is closed, if they are half of its
+/// requests or more: requests its client reset within [`EARLY_RESET`] of sending them,
+/// before their answer's head. A stream reset before hyper hands it over costs little, and
+/// hyper and h2 limit those; one reset later has usually had its request sent upstream,
 /// where the backend goes on working on it: one connection resetting each request it opens
-/// at once could keep a backend busy with thousands (CVE-2023-44487's pattern, past h2's
-/// guard). Envoy closes such connections the same way (`premature_reset_total_stream_count`);
-/// a browser that cancels a few fetches stays far below.
+/// at once kept a backend busy with thousands (CVE-2023-44487's pattern, past h2's guard).
+/// Envoy closes such connections by the same rule (`premature_reset_total_stream_count`,
+/// 500 there); a client that cancels now and then stays far below.
 pub const MAX_RESETS: u64 = 100;
+/// How soon after its request a reset counts as early (Envoy's
+/// `premature_reset_min_stream_lifetime_seconds`): a client giving up on a slow answer is
+/// not an attack.
+pub const EARLY_RESET: Duration = Duration::from_secs(1);
 
 /// An HTTP/2 response body, shared between the stream that sends it and the connection's
 /// watch, which may cut it off.
@@ -124,11 +129,11 @@ impl Activity {
     /// reset by its client.
     pub fn answering(self: &Arc<Self>) -> Answering {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        Answering(Some(self.clone()))
+        Answering(Some((self.clone(), Instant::now())))
     }
 
-    /// Completes once the connection's client has reset [`MAX_RESETS`] requests in progress,
-    /// half of its requests or more: the server then closes it with a GOAWAY.
+    /// Completes once the connection's client has reset [`MAX_RESETS`] requests early, half
+    /// of its requests or more: the server then closes it with a GOAWAY.
     pub fn abused(&self) -> tokio::sync::futures::Notified<'_> {
         self.abused.notified()
     }
@@ -279,9 +284,10 @@ pub enum Idle {
     Stalled,
 }
 
-/// An HTTP/2 request whose answer's head is not ready yet; see [`Activity::answering`].
+/// An HTTP/2 request whose answer's head is not ready yet, and when it came; see
+/// [`Activity::answering`].
 #[derive(Debug)]
-pub struct Answering(Option<Arc<Activity>>);
+pub struct Answering(Option<(Arc<Activity>, Instant)>);
 
 impl Answering {
     /// The answer's head is ready: the request was not reset early.
@@ -292,7 +298,12 @@ impl Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        let Some(a) = self.0.take() else { return };
+        let Some((a, began)) = self.0.take() else {
+            return;
+        };
+        if began.elapsed() >= EARLY_RESET {
+            return;
+        }
         let resets = a.resets.fetch_add(1, Ordering::Relaxed) + 1;
         if resets >= MAX_RESETS && resets * 2 >= a.requests.load(Ordering::Relaxed) {
             // One permit is kept however often this is told.

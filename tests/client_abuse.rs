@@ -1029,17 +1029,34 @@ async fn open_and_reset(
 /// A client that resets each HTTP/2 request once the proxy has sent it upstream (the rapid
 /// reset pattern, past h2's own guard, which counts only streams reset before they are
 /// handed over) keeps the backend working on requests nobody waits for, thousands of them
-/// from one connection. Past `MAX_RESETS` such resets, half of its requests or more, the
-/// connection gets a GOAWAY; a client that resets fewer keeps its connection.
+/// from one connection. Past `MAX_RESETS` resets within `EARLY_RESET` of their request,
+/// half of its requests or more, the connection gets a GOAWAY. A client that resets fewer,
+/// or as many among more answered requests, or only after waiting a while, keeps it.
 #[tokio::test]
 async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
-    let backend = ScriptedBackend::slow(Duration::from_secs(10), "late").await;
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        respond(200, &[], "ok")
+    })
+    .await;
     let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
     let connect = || async {
         let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         let (client, conn) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(conn);
         client
+    };
+    let answered = |client: &h2::client::SendRequest<bytes::Bytes>| {
+        let client = client.clone();
+        let url = proxy.url("/fast");
+        async move {
+            let mut ready = client.ready().await?;
+            let req = http::Request::get(url).body(()).unwrap();
+            let (answer, _) = ready.send_request(req, true)?;
+            answer.await.map(|a| a.status())
+        }
     };
     let max = ifmatch::activity::MAX_RESETS as usize;
 
@@ -1052,6 +1069,39 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
     open_and_reset(&mut client, &proxy, &backend)
         .await
         .expect("still open after one reset fewer than the limit");
+
+    // As many among more answered requests: the connection stays.
+    let mut client = connect().await;
+    for _ in 0..max + 2 {
+        assert_eq!(answered(&client).await.unwrap(), 200);
+    }
+    for _ in 0..max {
+        open_and_reset(&mut client, &proxy, &backend).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let still = answered(&client).await;
+    assert_eq!(still.expect("open: under half were reset"), 200);
+
+    // As many reset after waiting past `EARLY_RESET`: the connection stays.
+    let client = connect().await;
+    let before = backend.requests().len();
+    let mut streams = Vec::new();
+    for _ in 0..max {
+        let mut ready = client.clone().ready().await.unwrap();
+        let req = http::Request::get(proxy.url("/slow")).body(()).unwrap();
+        streams.push(ready.send_request(req, true).unwrap());
+    }
+    let arrived = common::eventually(Duration::from_secs(5), || {
+        backend.requests().len() == before + max
+    });
+    assert!(arrived.await);
+    tokio::time::sleep(ifmatch::activity::EARLY_RESET + Duration::from_millis(100)).await;
+    for (_, stream) in &mut streams {
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let still = answered(&client).await;
+    assert_eq!(still.expect("open: the resets came late"), 200);
 
     // A new connection resetting every request is sent away at the limit.
     let mut client = connect().await;
