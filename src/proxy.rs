@@ -694,6 +694,14 @@ impl Proxy {
             match read_request(ex.take_body(), route.upstream_timeout, &mut share).await? {
                 Read::Whole(body) => {
                     ex.streamed = false; // read to its end
+                    if route.require_precondition
+                        && !pre.guards_write()
+                        && form_overrides(&parts, &body)
+                    {
+                        return Err(Error::PreconditionRequired {
+                            method: parts.method.clone(),
+                        });
+                    }
                     let tag = tag_put.then(|| self.put_tag(rt, key, &body));
                     Outgoing::Whole(body, tag, share)
                 }
@@ -1350,20 +1358,53 @@ fn changes_state(method: &Method) -> bool {
 /// Requests a `require_precondition` route refuses without a precondition (RFC 6585 §3):
 /// PUT, PATCH and DELETE. In any case: methods are case-sensitive (RFC 9110 §9.1), but many
 /// frameworks (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a
-/// PUT. And a POST that names one of them in a method-override header: a backend that
-/// honours it (Express's `method-override`, Rails, ASP.NET, Google's APIs) runs it as that.
+/// PUT. And a POST that names one of them in a method-override header or a `_method` query
+/// parameter: a backend that honours it (Express's `method-override`, Laravel, ASP.NET,
+/// Google's APIs) runs it as that. (A `_method` form field is [`form_overrides`]'.)
 fn requires_precondition(parts: &Parts) -> bool {
-    let guarded = |m: &str| {
-        ["PUT", "PATCH", "DELETE"]
-            .iter()
-            .any(|g| m.trim().eq_ignore_ascii_case(g))
-    };
-    guarded(parts.method.as_str())
-        || (parts.method == Method::POST
-            && METHOD_OVERRIDES.iter().any(|h| {
-                let named = parts.headers.get_all(*h).iter();
-                named.filter_map(|v| v.to_str().ok()).any(guarded)
-            }))
+    if guarded(parts.method.as_str()) {
+        return true;
+    }
+    if parts.method != Method::POST {
+        return false;
+    }
+    let in_headers = METHOD_OVERRIDES.iter().any(|h| {
+        let mut items = (parts.headers.get_all(*h).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','));
+        items.any(guarded)
+    });
+    in_headers
+        || parts
+            .uri
+            .query()
+            .is_some_and(|q| form_field(q.as_bytes()).is_some_and(guarded))
+}
+
+/// A POST whose form body (read whole) asks, in a `_method` field, to be run as a guarded
+/// method, as Rails' and Laravel's forms do.
+fn form_overrides(parts: &Parts, body: &[u8]) -> bool {
+    parts.method == Method::POST
+        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+            t.as_bytes()
+                .starts_with(b"application/x-www-form-urlencoded")
+        })
+        && form_field(body).is_some_and(guarded)
+}
+
+/// The value of the `_method` field of a URL-encoded form or query, if it is one a client
+/// may send unencoded (letters).
+fn form_field(form: &[u8]) -> Option<&str> {
+    form.split(|&b| b == b'&')
+        .find_map(|pair| pair.strip_prefix(b"_method="))
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// PUT, PATCH or DELETE, in any case.
+fn guarded(method: &str) -> bool {
+    ["PUT", "PATCH", "DELETE"]
+        .iter()
+        .any(|g| method.trim().eq_ignore_ascii_case(g))
 }
 
 /// The headers by which a POST asks a backend to run it as another method.

@@ -183,10 +183,19 @@ async fn a_route_that_requires_preconditions_answers_428_to_blind_writes() {
         ("x-http-method-override", "PUT"),
         ("x-http-method", "delete"),
         ("x-method-override", "PATCH"),
+        ("x-http-method-override", "POST, PUT"),
     ] {
         let r = c.send("POST", &url, &[(name, method)], "x").await;
         r.assert_problem(428);
     }
+    // Or in a `_method` query parameter or form field (Laravel, Rails' forms).
+    let r = c
+        .send("POST", &format!("{url}?_method=DELETE"), &[], "x")
+        .await;
+    r.assert_problem(428);
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let r = c.send("POST", &url, &form, "title=x&_method=patch").await;
+    r.assert_problem(428);
     assert_eq!(backend.store.writes(), writes, "none was forwarded");
     let r = c
         .send(
@@ -196,6 +205,8 @@ async fn a_route_that_requires_preconditions_answers_428_to_blind_writes() {
             "new",
         )
         .await;
+    assert_eq!(r.status, 201);
+    let r = c.send("POST", &proxy.url("/docs/"), &form, "title=x").await;
     assert_eq!(r.status, 201);
 }
 
