@@ -56,8 +56,13 @@ pub enum Error {
     #[error("cannot connect to upstream {upstream}: {reason}")]
     UpstreamConnect { upstream: String, reason: String },
 
-    #[error("TLS with upstream {upstream} failed: {reason}; if it uses a private CA, set the route's ca_file")]
-    UpstreamTls { upstream: String, reason: String },
+    #[error("TLS with upstream {upstream} failed: {reason}{hint}")]
+    UpstreamTls {
+        upstream: String,
+        reason: String,
+        /// What to do about it, where that is known (`upstream::tls_hint`); may be empty.
+        hint: &'static str,
+    },
 
     #[error("upstream {upstream} did not answer within {after:?}")]
     UpstreamTimeout { upstream: String, after: Duration },

@@ -96,6 +96,10 @@ pub struct Pool<C> {
     /// What a connection reads: at most this at once, and at most so many header fields in
     /// a response head.
     limits: ReadLimits,
+    /// The longest a new connection may take to open, TLS handshake included (the TCP
+    /// connect has the connector's own timer too): nginx's `proxy_connect_timeout` covers
+    /// the handshake as well.
+    connect_timeout: Duration,
     /// Itself, for the reaper task, which must not keep the pool alive.
     me: Weak<Self>,
     reaper: AtomicBool,
@@ -123,6 +127,7 @@ where
         idle_timeout: Duration,
         max_idle_per_origin: usize,
         limits: ReadLimits,
+        connect_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             connector,
@@ -130,6 +135,7 @@ where
             idle_timeout,
             max_idle_per_origin,
             limits,
+            connect_timeout,
             me: me.clone(),
             reaper: AtomicBool::new(false),
         })
@@ -331,11 +337,11 @@ where
         if !self.reaper.swap(true, Ordering::Relaxed) {
             tokio::spawn(reap(self.me.clone(), self.idle_timeout / 2));
         }
-        let io = self
-            .connector
-            .clone()
-            .call(target)
+        let io = tokio::time::timeout(self.connect_timeout, self.connector.clone().call(target))
             .await
+            .map_err(|_| {
+                SendError::Connect(std::io::Error::from(std::io::ErrorKind::TimedOut).into())
+            })?
             .map_err(|e| SendError::Connect(e.into()))?;
         let mut builder = http1::Builder::new();
         builder.max_buf_size(self.limits.read_buffer);
@@ -434,6 +440,9 @@ fn unanswered(e: &hyper::Error) -> bool {
                     std::io::ErrorKind::ConnectionReset
                         | std::io::ErrorKind::ConnectionAborted
                         | std::io::ErrorKind::BrokenPipe
+                        // A TLS connection closed without its close_notify, as many servers
+                        // close an idle one: what `is_incomplete_message` is over plain TCP.
+                        | std::io::ErrorKind::UnexpectedEof
                 )
             })
 }

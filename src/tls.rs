@@ -69,7 +69,8 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
             }
         }
     }
-    // No ALPN here: the connector sets it (http/1.1) and refuses a config that has one.
+    // No ALPN here: hyper-rustls refuses a config that has one, and offers none itself for
+    // HTTP/1.1 alone; a backend then speaks HTTP/1.1 (it picks no protocol).
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| e.to_string())?

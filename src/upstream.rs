@@ -82,6 +82,7 @@ fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
         s.upstream_idle_timeout,
         s.upstream_max_idle,
         read_limits(s),
+        s.connect_timeout,
     )
 }
 
@@ -185,7 +186,7 @@ impl UpstreamClient {
                     reason,
                 }),
             },
-            Err(e) => Err(self.classify(&e, upstream(), route.upstream_timeout)),
+            Err(e) => Err(self.classify(&e, upstream(), route)),
         }
     }
 }
@@ -193,7 +194,8 @@ impl UpstreamClient {
 impl UpstreamClient {
     /// Turns a send error into the proxy's error, keeping the innermost cause as the reason.
     /// `timeout` is the one the request was sent with.
-    fn classify(&self, e: &SendError, upstream: String, timeout: Duration) -> Error {
+    fn classify(&self, e: &SendError, upstream: String, route: &Route) -> Error {
+        let timeout = route.upstream_timeout;
         let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
             SendError::Connect(c) => (&**c, true),
             // hyper says "message head is too large" for both limits alike.
@@ -237,6 +239,7 @@ impl UpstreamClient {
                 return Error::UpstreamTls {
                     upstream,
                     reason: tls.to_string(),
+                    hint: tls_hint(tls, route.ca_file.is_some()),
                 };
             }
             if let Some(io) = s.downcast_ref::<std::io::Error>() {
@@ -255,6 +258,29 @@ impl UpstreamClient {
         } else {
             Error::Upstream { upstream, reason }
         }
+    }
+}
+
+/// What an operator can do about a TLS failure with an upstream, where it is one thing.
+fn tls_hint(e: &rustls::Error, has_ca_file: bool) -> &'static str {
+    use rustls::CertificateError;
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) if has_ca_file => {
+            "; the route's ca_file holds no CA that issued it"
+        }
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "; if it uses a private CA, set the route's ca_file"
+        }
+        // webpki's error, which rustls passes on as `Other`: `openssl req -x509` makes a
+        // self-signed certificate a CA (basicConstraints CA:TRUE) unless told otherwise.
+        rustls::Error::InvalidCertificate(CertificateError::Other(other))
+            if other.to_string().contains("CaUsedAsEndEntity") =>
+        {
+            "; the backend's certificate is a CA certificate (basicConstraints CA:TRUE), which \
+             may not serve a connection: give it one issued by that CA, or make the \
+             self-signed one with -addext basicConstraints=critical,CA:FALSE"
+        }
+        _ => "",
     }
 }
 

@@ -187,7 +187,7 @@ async fn sighup_swaps_in_a_new_certificate() {
 
 /// A TLS upstream that accepts the connection and never answers the handshake: the route's
 /// `upstream_timeout` counts from before the connection is made, so the client gets a 504
-/// at that timeout, not a hang (`connect_timeout`, 5 s here, bounds only the TCP connect).
+/// at that timeout, not a hang (`connect_timeout`, 5 s here, is the longer).
 #[tokio::test]
 async fn an_https_upstream_that_never_finishes_its_handshake_is_a_504_at_the_timeout() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -281,4 +281,197 @@ async fn an_http_1_0_client_offering_only_http_1_0_by_alpn_is_served() {
         "{got}"
     );
     assert!(got.ends_with("v1"), "{got}");
+}
+
+/// An HTTPS backend on raw TLS streams (`tls`): `serve` gets each connection, and what the
+/// handshake settled (the protocol ALPN chose). Its origin, by the name its certificate has.
+async fn raw_https_backend<F, Fut>(tls: rustls::ServerConfig, serve: F) -> String
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Option<Vec<u8>>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(stream) = acceptor.accept(tcp).await {
+                    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    serve(stream, alpn).await;
+                }
+            });
+        }
+    });
+    origin
+}
+
+/// Reads one request head from `s`; false once the connection has ended.
+async fn read_head(s: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
+/// The pool speaks HTTP/1.1 only. hyper-rustls offers no protocol by ALPN unless HTTP/2 is
+/// on too (and refuses a config that names one), so a backend that prefers h2 picks none,
+/// and HTTP/1.1 is spoken.
+#[tokio::test]
+async fn an_https_upstream_that_prefers_h2_is_spoken_http_1_1() {
+    let pki = Pki::new("alpn", KeyType::EcdsaP256);
+    let mut tls = (*pki.server_config()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let chosen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = chosen.clone();
+    let origin = raw_https_backend(tls, move |mut s, alpn| {
+        seen.lock().unwrap().push(alpn);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            while read_head(&mut s).await {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            }
+        }
+    })
+    .await;
+    let trusted = format!("ca_file = \"{}\"", pki.ca().display());
+    let proxy = Proxy::start(&route("/", &trusted), &origin).await;
+    let r = Client::new().get(&proxy.url("/doc"), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(*chosen.lock().unwrap(), [None]);
+}
+
+/// Many HTTPS servers close an idle kept-alive connection without a TLS close_notify. A GET
+/// that went out on it just then is sent again on a new connection, as over plain HTTP
+/// (`upstream_pool`'s test of the same race): it got a 502 "peer closed connection without
+/// sending TLS close_notify".
+#[tokio::test]
+async fn a_get_meeting_an_https_backend_closing_without_close_notify_is_sent_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pki = Pki::new("eof", KeyType::EcdsaP256);
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let origin = raw_https_backend((*pki.server_config()).clone(), move |mut s, _| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            if !read_head(&mut s).await {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = s.flush().await;
+            // The next request, then a close with no close_notify: the stream is dropped.
+            read_head(&mut s).await;
+        }
+    })
+    .await;
+    let trusted = format!("ca_file = \"{}\"", pki.ca().display());
+    let proxy = Proxy::start(&route("/", &trusted), &origin).await;
+    let c = Client::new();
+    assert_eq!(c.get(&proxy.url("/a"), &[]).await.status, 200);
+    // Idle long enough to meet a keep-alive timeout (`REPLAY_AFTER`).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = c.get(&proxy.url("/b"), &[]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{}", r.text());
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// `connect_timeout` bounds the TLS handshake as well as the TCP connect (nginx's
+/// `proxy_connect_timeout` does): a backend that takes the connection and never answers
+/// its ClientHello is a 504 then, not after the whole `upstream_timeout`, during which a
+/// write would hold its URL's lock.
+#[tokio::test]
+async fn an_https_upstream_handshake_is_bounded_by_connect_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let pki = Pki::new("slow-handshake", KeyType::EcdsaP256);
+    let extra = format!(
+        "ca_file = \"{}\"\nupstream_timeout = \"10s\"",
+        pki.ca().display()
+    );
+    let proxy = Proxy::start_with(
+        &route("/", &extra),
+        &format!("https://{addr}"),
+        "connect_timeout = \"300ms\"",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = Client::new().put(&proxy.url("/doc"), &[], "x").await;
+    let waited = started.elapsed();
+    r.assert_problem(504);
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    assert!(proxy.state.locks.is_empty());
+    silent.abort();
+}
+
+/// A TLS failure's detail says what to do where that is one thing: set `ca_file` for an
+/// unknown issuer; the `ca_file` does not hold the issuer; the certificate is a CA's (what
+/// `openssl req -x509` makes unless told otherwise), which webpki refuses to see serve.
+#[tokio::test]
+async fn an_https_upstreams_certificate_failure_says_what_to_do() {
+    let pki = Pki::new("hint", KeyType::EcdsaP256);
+    let other = Pki::new("hint-other", KeyType::EcdsaP256);
+    let backend = HttpsBackend::start(pki.server_config()).await;
+    let c = Client::new();
+    let detail = |proxy: Proxy| {
+        let c = c.clone();
+        async move {
+            let r = c.get(&proxy.url("/doc"), &[]).await;
+            r.assert_problem(502)["detail"].as_str().unwrap().to_owned()
+        }
+    };
+    let none = Proxy::start(&route("/", ""), &backend.origin()).await;
+    assert!(detail(none).await.contains("set the route's ca_file"));
+    let wrong = format!("ca_file = \"{}\"", other.ca().display());
+    let wrong = Proxy::start(&route("/", &wrong), &backend.origin()).await;
+    let said = detail(wrong).await;
+    assert!(
+        said.contains("ca_file holds no CA that issued it"),
+        "{said}"
+    );
+
+    // A self-signed certificate that is a CA, trusted as its own ca_file.
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (
+        pki.dir.join("ca-as-leaf.pem"),
+        pki.dir.join("ca-as-leaf.key"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let tls = ifmatch::tls::server_config(&cert_path, &key_path).unwrap();
+    let backend = HttpsBackend::start(tls).await;
+    let trusted = format!("ca_file = \"{}\"", cert_path.display());
+    let proxy = Proxy::start(&route("/", &trusted), &backend.origin()).await;
+    let said = detail(proxy).await;
+    assert!(
+        said.contains("basicConstraints=critical,CA:FALSE"),
+        "{said}"
+    );
 }

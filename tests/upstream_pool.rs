@@ -32,7 +32,7 @@ fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
         read_buffer: ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize,
         max_header_fields: ifmatch::config::DEFAULT_MAX_HEADER_FIELDS,
     };
-    Pool::new(http, idle_timeout, max_idle, limits)
+    Pool::new(http, idle_timeout, max_idle, limits, Duration::from_secs(5))
 }
 
 /// A GET as the proxy hands it to the pool: origin-form, `Host` set.
