@@ -733,12 +733,16 @@ fn flush(chunks: &mut VecDeque<Bytes>, tail: &mut BytesMut) {
 /// room for the next chunk, the read stops and the body is given back with what was read as
 /// its prefix ([`Read::NoRoom`]), to stream to the backend as a larger body does. So it
 /// does, past `idle`, if it has come slower than [`MIN_READ_RATE`] ([`Read::TooSlow`]): a
-/// client that drips its body a byte per `idle` would otherwise hold its share for hours.
+/// client that drips its body a byte per `idle` would otherwise hold its share for hours;
+/// and a body of unknown length once longer than `limits.0` ([`Read::TooLong`]). One longer
+/// than `limits.1` is a 413.
 pub async fn read_request(
     mut body: ClientBody,
     idle: Duration,
+    limits: (u64, u64),
     share: &mut Share,
 ) -> Result<Read, Error> {
+    let (whole, max) = limits;
     use http_body_util::BodyExt;
 
     let started = Instant::now();
@@ -756,6 +760,17 @@ pub async fn read_request(
         let Ok(data) = frame.into_data() else {
             continue; // trailers: not forwarded with a body read whole
         };
+        // A body of unknown length that turns out longer than `whole` streams on too, and
+        // one longer than `max` (`max_request_body`) is refused, as it would be streaming.
+        let so_far = (len + data.len()) as u64;
+        if so_far > max {
+            return Err(Error::BodyTooLarge { limit: max });
+        }
+        if so_far > whole {
+            hold(&mut chunks, &mut tail, data);
+            body.prefix = Some(Box::new((concat(chunks, tail), share.split_off())));
+            return Ok(Read::TooLong(Box::new(body)));
+        }
         if !share.reserve(len + data.len()) {
             hold(&mut chunks, &mut tail, data);
             // Held until sent, counted as read (the chunk in hand aside, which goes first).
@@ -788,6 +803,8 @@ pub enum Read {
     NoRoom(Box<ClientBody>),
     /// It came slower than [`MIN_READ_RATE`]: the same.
     TooSlow(Box<ClientBody>),
+    /// It came without a declared length and grew past the limit: the same.
+    TooLong(Box<ClientBody>),
 }
 
 /// The chunks held (`hold`) as one `Bytes`, copied only if there are two or more.

@@ -685,13 +685,18 @@ impl Proxy {
         // preconditions have passed, and a 412 spares it the upload.
         // Its bytes count in `max_buffered_bytes` as they arrive; past it, the rest streams
         // (after what was read) as a larger body does.
-        let read_whole = matches!(
-            declared_length(&parts.headers),
-            Some(n) if changes && !ex.expects_continue && n <= route.max_tag_body
-        );
+        // So is one of unknown length (chunked, or HTTP/2 without `content-length`) until it
+        // proves longer: it then goes up with a `Content-Length`, as nginx sends bodies it
+        // buffered, where many legacy backends mishandle a chunked request body or refuse it
+        // (411). Past `max_tag_body` it streams on; past `max_request_body` it is a 413.
+        let read_whole = changes
+            && !ex.expects_continue
+            && declared_length(&parts.headers).is_none_or(|n| n <= route.max_tag_body);
         let outgoing = if read_whole {
             let mut share = self.budget.share();
-            match read_request(ex.take_body(), route.upstream_timeout, &mut share).await? {
+            let limits = (route.max_tag_body, rt.max_request_body);
+            let body = ex.take_body();
+            match read_request(body, route.upstream_timeout, limits, &mut share).await? {
                 Read::Whole(body) => {
                     ex.streamed = false; // read to its end
                     if route.require_precondition
@@ -710,7 +715,7 @@ impl Proxy {
                     ex.resumed = Some(rest);
                     Outgoing::Stream { hashed: tag_put }
                 }
-                Read::TooSlow(rest) => {
+                Read::TooSlow(rest) | Read::TooLong(rest) => {
                     ex.resumed = Some(rest);
                     Outgoing::Stream { hashed: tag_put }
                 }
@@ -890,6 +895,17 @@ impl Proxy {
         // by then it has been sent, or never will be.
         let (body, sent, held) = match outgoing {
             Outgoing::Whole(body, tag, share) => {
+                // With its length, declared or not (see `dispatch`); an empty one only where
+                // the method defines content (RFC 9110 §8.6): hyper's client sends neither
+                // a length nor chunks for an empty PUT, which some backends answer 411.
+                let defines_content =
+                    [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method);
+                if !parts.headers.contains_key(header::CONTENT_LENGTH)
+                    && (!body.is_empty() || defines_content)
+                {
+                    let length = HeaderValue::from(body.len());
+                    parts.headers.insert(header::CONTENT_LENGTH, length);
+                }
                 let sent = tag.map(|t| Arc::new(t.into()));
                 (upstream::whole(body), sent, Some(share))
             }

@@ -746,14 +746,9 @@ async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
         "{}",
         metrics(&proxy)
     );
-    // The URL's lock, held by a chunked write still uploading.
-    let mut locker = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    locker
-        .write_all(
-            b"PUT /docs/big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-        )
-        .await
-        .unwrap();
+    // The URL's lock, held by a write over `max_tag_body` (so streamed) still uploading.
+    let mut locker = put_head(&proxy, "/docs/big", 20 * KIB).await;
+    locker.write_all(b"abc").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     // 8 KiB fits, the next 6 KiB does not: the write waits for the lock with 8 KiB read.
     let mut big = put_head(&proxy, "/docs/big", 14 * KIB).await;
@@ -772,7 +767,7 @@ async fn a_body_that_found_no_room_counts_what_was_read_until_it_goes() {
     );
 
     // The lock is let go; the big write streams on, whole, and its share goes.
-    locker.write_all(b"0\r\n\r\n").await.unwrap();
+    locker.write_all(&vec![b'l'; 20 * KIB - 3]).await.unwrap();
     let answer = answer(&mut big).await;
     assert!(answer.starts_with("HTTP/1.1 20"), "{answer}");
     assert_eq!(backend.store.get("/docs/big").unwrap().len(), 14 * KIB);

@@ -436,51 +436,60 @@ async fn an_http2_connection_has_at_most_its_configured_streams_in_flight() {
 }
 
 /// An HTTP/2 stream reset with `NO_ERROR` ends hyper's request body as if it were complete
-/// (hyper#3681). An upload of unknown length, streamed upstream chunked, must not then be
-/// ended cleanly there: the backend would store the half that came. It is cut off, the
-/// document is unchanged, and the URL's lock is free for the next writer at once.
+/// (hyper#3681). An upload of unknown length must not then be taken for a whole body: read
+/// whole before the lock (up to `max_tag_body`), it would go up with the length of the half
+/// that came; streamed upstream chunked (past it), it would be ended cleanly there. Either
+/// way the backend would store the half. It is refused, or cut off, the document is
+/// unchanged, and the URL's lock is free for the next writer at once.
 #[tokio::test]
 async fn an_http2_upload_reset_midway_is_not_stored_truncated() {
     use bytes::Bytes;
-    let backend = Backend::start().await;
-    backend.store.put("/docs/a", "v1");
-    let proxy = Proxy::start(&route("/docs/", ""), &backend.origin()).await;
-    let tag = Client::h2().get(&proxy.url("/docs/a"), &[]).await.etag();
-    for reason in [h2::Reason::NO_ERROR, h2::Reason::CANCEL] {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        let mut client = client.ready().await.unwrap();
-        // No content-length: streamed upstream, chunked.
-        let req = http::Request::put(proxy.url("/docs/a"))
-            .header("if-match", &tag)
-            .body(())
-            .unwrap();
-        let (_rsp, mut stream) = client.send_request(req, false).unwrap();
-        stream
-            .send_data(Bytes::from_static(b"the first half of v2"), false)
-            .unwrap();
-        // Until the backend has the request and the first chunk.
-        let arrived = common::eventually(std::time::Duration::from_secs(5), || {
-            !proxy.state.locks.is_empty()
-        });
-        assert!(arrived.await, "{reason:?}: the write took its lock");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        stream.send_reset(reason);
-        let freed = common::eventually(std::time::Duration::from_secs(5), || {
-            proxy.state.locks.is_empty()
-        });
-        assert!(freed.await, "{reason:?}: the lock is let go");
-        assert_eq!(
-            backend.store.get("/docs/a").as_deref(),
-            Some(&b"v1"[..]),
-            "{reason:?}: the abandoned upload was not stored"
-        );
+    // Read whole (the default `max_tag_body`), and streamed (past a tiny one).
+    for (max_tag_body, streamed) in [("8MiB", false), ("8B", true)] {
+        let backend = Backend::start().await;
+        backend.store.put("/docs/a", "v1");
+        let extra = format!("max_tag_body = \"{max_tag_body}\"");
+        let proxy = Proxy::start(&route("/docs/", &extra), &backend.origin()).await;
+        let tag = Client::h2().get(&proxy.url("/docs/a"), &[]).await.etag();
+        for reason in [h2::Reason::NO_ERROR, h2::Reason::CANCEL] {
+            let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            let mut client = client.ready().await.unwrap();
+            // No content-length.
+            let req = http::Request::put(proxy.url("/docs/a"))
+                .header("if-match", &tag)
+                .body(())
+                .unwrap();
+            let (_rsp, mut stream) = client.send_request(req, false).unwrap();
+            stream
+                .send_data(Bytes::from_static(b"the first half of v2"), false)
+                .unwrap();
+            if streamed {
+                // Until the backend has the request and the first chunk.
+                let arrived = common::eventually(std::time::Duration::from_secs(5), || {
+                    !proxy.state.locks.is_empty()
+                });
+                assert!(arrived.await, "{reason:?}: the write took its lock");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            stream.send_reset(reason);
+            let freed = common::eventually(std::time::Duration::from_secs(5), || {
+                proxy.state.locks.is_empty()
+            });
+            assert!(freed.await, "{reason:?}: the lock is let go");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert_eq!(
+                backend.store.get("/docs/a").as_deref(),
+                Some(&b"v1"[..]),
+                "{reason:?}, streamed {streamed}: the abandoned upload was not stored"
+            );
+        }
+        let r = Client::h2()
+            .put(&proxy.url("/docs/a"), &[("if-match", &tag)], "v2")
+            .await;
+        assert_eq!(r.status, 204, "the tag is still current");
     }
-    let r = Client::h2()
-        .put(&proxy.url("/docs/a"), &[("if-match", &tag)], "v2")
-        .await;
-    assert_eq!(r.status, 204, "the tag is still current");
 }
 
 /// HTTP/2 clients split `Cookie` into several fields; an HTTP/1.1 backend gets them as one,

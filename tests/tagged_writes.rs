@@ -238,11 +238,12 @@ async fn a_chunked_put_is_tagged_once_its_last_chunk_went_up() {
     assert_eq!(backend.store.get("/docs/a").unwrap(), "v2-body");
 }
 
-/// A chunked PUT (size unknown) streams upstream under the lock as it arrives; cut short,
-/// it leaves no tag: neither the old one nor one of a partial body.
+/// A chunked PUT (size unknown) that proves longer than `max_tag_body` streams upstream
+/// under the lock as it arrives; cut short, it leaves no tag: neither the old one nor one of
+/// a partial body.
 #[tokio::test]
 async fn a_streamed_put_cut_short_by_its_client_leaves_no_tag() {
-    let (backend, proxy) = setup(TAGGED).await;
+    let (backend, proxy) = setup(&format!("{TAGGED}\nmax_tag_body = \"8B\"")).await;
     let c = Client::new();
     let url = proxy.url("/docs/a");
     let tag = c.get(&url, &[]).await.etag();
