@@ -427,8 +427,8 @@ pub(crate) fn head_only(req: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     copy
 }
 
-/// The connection ended or was reset before any byte of an answer: the request may never
-/// have reached the backend's application. A malformed answer is not this.
+/// The connection ended or was reset before a whole answer head came: the request may
+/// never have reached the backend's application. A malformed answer is not this.
 fn unanswered(e: &hyper::Error) -> bool {
     use std::error::Error as _;
     e.is_incomplete_message()

@@ -689,8 +689,11 @@ impl Proxy {
         // proves longer: it then goes up with a `Content-Length`, as nginx sends bodies it
         // buffered, where many legacy backends mishandle a chunked request body or refuse it
         // (411). Past `max_tag_body` it streams on; past `max_request_body` it is a 413.
+        // Not one that announces trailers (`Trailer`): a body read whole goes up without
+        // them, so it streams, and they reach the backend.
         let read_whole = changes
             && !ex.expects_continue
+            && !parts.headers.contains_key(header::TRAILER)
             && declared_length(&parts.headers).is_none_or(|n| n <= route.max_tag_body);
         let outgoing = if read_whole {
             let mut share = self.budget.share();

@@ -622,7 +622,8 @@ async fn a_chunked_get_body_reaches_the_backend() {
 /// A write body of unknown length (HTTP/1.1 chunked, HTTP/2 without `content-length`) up
 /// to `max_tag_body` is read whole and goes up with a `Content-Length`, as nginx sends the
 /// bodies it buffers: many legacy backends mishandle a chunked request body, or answer 411.
-/// An empty PUT says `Content-Length: 0`. A longer body streams on, chunked, whole.
+/// An empty PUT says `Content-Length: 0`. A longer body streams on, chunked, whole, and so
+/// does one that announces trailers, which a body read whole would go up without.
 #[tokio::test]
 async fn a_write_body_of_unknown_length_goes_up_with_its_length() {
     let backend = ScriptedBackend::start(|_| async { respond(204, &[], "") }).await;
@@ -636,10 +637,12 @@ async fn a_write_body_of_unknown_length_goes_up_with_its_length() {
                 5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n\
                 PUT /long HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
                 a\r\n0123456789\r\na\r\nabcdefghij\r\n0\r\n\r\n\
-                PUT /empty HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n\
-                0\r\n\r\n";
+                PUT /empty HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+                0\r\n\r\n\
+                PUT /summed HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\
+                Trailer: X-Sum\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n";
     let rsp = common::raw_exchange(proxy.addr, put).await;
-    assert_eq!(rsp.matches("HTTP/1.1 204").count(), 3, "{rsp}");
+    assert_eq!(rsp.matches("HTTP/1.1 204").count(), 4, "{rsp}");
     let seen: Vec<_> = backend.requests().iter().map(framing).collect();
     let length = |n: &str| (Some(n.to_owned()), None);
     assert_eq!((seen[0].0.clone(), seen[0].1.clone()), length("11"));
@@ -647,6 +650,9 @@ async fn a_write_body_of_unknown_length_goes_up_with_its_length() {
     assert_eq!(seen[1].1.as_deref(), Some("chunked"), "past max_tag_body");
     assert_eq!(seen[1].2, "0123456789abcdefghij");
     assert_eq!((seen[2].0.clone(), seen[2].1.clone()), length("0"));
+    // One that announces trailers streams, so that they reach the backend.
+    assert_eq!(seen[3].1.as_deref(), Some("chunked"), "trailers announced");
+    assert_eq!(seen[3].2, "hello");
 
     // HTTP/2 without content-length, its body in two frames; and an empty PUT.
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -661,7 +667,7 @@ async fn a_write_body_of_unknown_length_goes_up_with_its_length() {
     let req = http::Request::put(proxy.url("/h2-empty")).body(()).unwrap();
     let (answer, _) = client.send_request(req, true).unwrap();
     assert_eq!(answer.await.unwrap().status(), 204);
-    let seen: Vec<_> = backend.requests().iter().skip(3).map(framing).collect();
+    let seen: Vec<_> = backend.requests().iter().skip(4).map(framing).collect();
     assert_eq!((seen[0].0.clone(), seen[0].1.clone()), length("8"));
     assert_eq!(seen[0].2, "hello h2");
     assert_eq!((seen[1].0.clone(), seen[1].1.clone()), length("0"));
