@@ -185,19 +185,26 @@ async fn sighup_swaps_in_a_new_certificate() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A TLS upstream that accepts the connection and never answers the handshake: the route's
-/// `upstream_timeout` counts from before the connection is made, so the client gets a 504
-/// at that timeout, not a hang (`connect_timeout`, 5 s here, is the longer).
-#[tokio::test]
-async fn an_https_upstream_that_never_finishes_its_handshake_is_a_504_at_the_timeout() {
+/// A listener that accepts connections and holds them, reading nothing and answering never
+/// (a TLS upstream stuck before its handshake): its address, and its task to abort.
+async fn silent_listener() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let silent = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket); // open, read by nobody, answered never
+            held.push(socket);
         }
     });
+    (addr, silent)
+}
+
+/// A TLS upstream that accepts the connection and never answers the handshake: the route's
+/// `upstream_timeout` counts from before the connection is made, so the client gets a 504
+/// at that timeout, not a hang (`connect_timeout`, 5 s here, is the longer).
+#[tokio::test]
+async fn an_https_upstream_that_never_finishes_its_handshake_is_a_504_at_the_timeout() {
+    let (addr, silent) = silent_listener().await;
     let pki = Pki::new("silent", KeyType::EcdsaP256);
     let extra = format!(
         "ca_file = \"{}\"\nupstream_timeout = \"300ms\"",
@@ -400,14 +407,7 @@ async fn a_get_meeting_an_https_backend_closing_without_close_notify_is_sent_aga
 /// write would hold its URL's lock.
 #[tokio::test]
 async fn an_https_upstream_handshake_is_bounded_by_connect_timeout() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let (addr, silent) = silent_listener().await;
     let pki = Pki::new("slow-handshake", KeyType::EcdsaP256);
     let extra = format!(
         "ca_file = \"{}\"\nupstream_timeout = \"10s\"",
