@@ -742,9 +742,9 @@ pub async fn read_request(
     limits: (u64, u64),
     share: &mut Share,
 ) -> Result<Read, Error> {
-    let (whole, max) = limits;
     use http_body_util::BodyExt;
 
+    let (whole, max) = limits;
     let started = Instant::now();
     // Held as a GET's body is (`hold`): a client sending one-byte frames would make each
     // byte counted in the share keep a slice of hyper's read buffer alive.

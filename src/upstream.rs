@@ -193,7 +193,7 @@ impl UpstreamClient {
 
 impl UpstreamClient {
     /// Turns a send error into the proxy's error, keeping the innermost cause as the reason.
-    /// `timeout` is the one the request was sent with.
+    /// `route` is the one the request was sent for (its timeout, its `ca_file`).
     fn classify(&self, e: &SendError, upstream: String, route: &Route) -> Error {
         let timeout = route.upstream_timeout;
         let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
