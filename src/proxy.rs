@@ -1405,8 +1405,10 @@ fn requires_precondition(parts: &Parts) -> bool {
 fn form_overrides(parts: &Parts, body: &[u8]) -> bool {
     parts.method == Method::POST
         && parts.headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+            const FORM: &[u8] = b"application/x-www-form-urlencoded";
             t.as_bytes()
-                .starts_with(b"application/x-www-form-urlencoded")
+                .get(..FORM.len())
+                .is_some_and(|m| m.eq_ignore_ascii_case(FORM))
         })
         && form_field(body).is_some_and(guarded)
 }

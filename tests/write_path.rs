@@ -196,6 +196,12 @@ async fn a_route_that_requires_preconditions_answers_428_to_blind_writes() {
     let form = [("content-type", "application/x-www-form-urlencoded")];
     let r = c.send("POST", &url, &form, "title=x&_method=patch").await;
     r.assert_problem(428);
+    let spelled = [(
+        "content-type",
+        "Application/X-WWW-Form-URLEncoded; charset=utf-8",
+    )];
+    let r = c.send("POST", &url, &spelled, "_method=PUT").await;
+    r.assert_problem(428);
     assert_eq!(backend.store.writes(), writes, "none was forwarded");
     let r = c
         .send(
