@@ -37,6 +37,17 @@ pub struct Metrics {
     malformed_invalid: AtomicU64,
     /// Connections answered 503 and closed at `max_connections`.
     connections_refused: AtomicU64,
+    /// Connections the proxy closed on its client's conduct: HTTP/2 rapid reset (a GOAWAY),
+    /// a client that stopped reading its responses (cut off).
+    closed_rapid_reset: AtomicU64,
+    closed_stalled: AtomicU64,
+}
+
+/// Why the proxy closed a client's connection itself.
+#[derive(Clone, Copy, Debug)]
+pub enum Closed {
+    RapidReset,
+    Stalled,
 }
 
 /// One route's figures.
@@ -237,6 +248,15 @@ impl Metrics {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A client's connection closed for its conduct.
+    pub fn connection_closed(&self, why: Closed) {
+        let n = match why {
+            Closed::RapidReset => &self.closed_rapid_reset,
+            Closed::Stalled => &self.closed_stalled,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn lock_wait(&self, d: Duration) {
         self.lock_wait.observe(d);
     }
@@ -333,6 +353,20 @@ impl Metrics {
             "ifmatch_connections_refused_total",
             "Client connections refused because max_connections were open: answered 503 and closed on plain HTTP, closed at once on TLS.",
             vec![(String::new(), value(&self.connections_refused))],
+        );
+        counter(
+            "ifmatch_connections_closed_total",
+            "Client connections the proxy closed for their conduct: rapid_reset, an HTTP/2 client resetting its requests in progress (GOAWAY); stalled, a client that took nothing of its responses for header_read_timeout (cut off).",
+            vec![
+                (
+                    "{reason=\"rapid_reset\"}".to_owned(),
+                    value(&self.closed_rapid_reset),
+                ),
+                (
+                    "{reason=\"stalled\"}".to_owned(),
+                    value(&self.closed_stalled),
+                ),
+            ],
         );
         let s = &tags.stats;
         counter(

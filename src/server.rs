@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use crate::activity::{went_down, Activity, Idle, Socket, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
+use crate::metrics::Closed;
 use crate::proxy::Proxy;
 use crate::reuse::Spare;
 use crate::upstream::Peer;
@@ -413,6 +414,7 @@ async fn serve_connection<IO>(
                         resets = crate::activity::MAX_RESETS,
                         "HTTP/2 connection closed: its client reset that many requests in progress (rapid reset)"
                     );
+                    counts.metrics.connection_closed(Closed::RapidReset);
                     conn.as_mut().graceful_shutdown();
                 }
                 if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {
@@ -420,6 +422,7 @@ async fn serve_connection<IO>(
                         // The client takes nothing of what it asked for: no goodbye would
                         // be read either. Dropping the connection drops its bodies.
                         tracing::info!(client = %addr, "connection cut off: its client stopped reading its responses");
+                        counts.metrics.connection_closed(Closed::Stalled);
                         return Poll::Ready(Ok(()));
                     }
                     idled = true;

@@ -460,7 +460,17 @@ async fn a_head_finished_in_the_idle_grace_then_never_read_is_still_cut_off() {
         "HTTP/1.1 200 OK",
         "the slot was given back"
     );
+    assert!(closed(&proxy, "stalled", 1), "counted");
     drop(client);
+}
+
+/// Whether `ifmatch_connections_closed_total` says `n` for `reason`.
+fn closed(proxy: &Proxy, reason: &str, n: u64) -> bool {
+    let s = &proxy.state;
+    let text = s.metrics.render(&s.tags, &s.memo, &s.budget);
+    text.contains(&format!(
+        "\nifmatch_connections_closed_total{{reason=\"{reason}\"}} {n}\n"
+    ))
 }
 
 /// Writes `first`, then one more header line every 100 ms (a slowloris that never stops
@@ -1127,4 +1137,6 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
         "{opened} requests sent upstream before the GOAWAY"
     );
     assert_eq!(backend.requests().len() - before, opened);
+    // The first connection, at its 100th reset, and this one: counted for operators.
+    assert!(closed(&proxy, "rapid_reset", 2), "counted");
 }
