@@ -1052,12 +1052,6 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
     })
     .await;
     let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
-    let connect = || async {
-        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
-        client
-    };
     let answered = |client: &h2::client::SendRequest<bytes::Bytes>| {
         let client = client.clone();
         let url = proxy.url("/fast");
@@ -1071,7 +1065,7 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
     let max = ifmatch::activity::MAX_RESETS as usize;
 
     // Fewer resets than that: the connection stays.
-    let mut client = connect().await;
+    let mut client = common::h2_client(proxy.addr).await;
     for _ in 0..max - 1 {
         open_and_reset(&mut client, &proxy, &backend).await.unwrap();
     }
@@ -1081,7 +1075,7 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
         .expect("still open after one reset fewer than the limit");
 
     // As many among more answered requests: the connection stays.
-    let mut client = connect().await;
+    let mut client = common::h2_client(proxy.addr).await;
     for _ in 0..max + 2 {
         assert_eq!(answered(&client).await.unwrap(), 200);
     }
@@ -1093,7 +1087,7 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
     assert_eq!(still.expect("open: under half were reset"), 200);
 
     // As many reset after waiting past `EARLY_RESET`: the connection stays.
-    let client = connect().await;
+    let client = common::h2_client(proxy.addr).await;
     let before = backend.requests().len();
     let mut streams = Vec::new();
     for _ in 0..max {
@@ -1114,7 +1108,7 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
     assert_eq!(still.expect("open: the resets came late"), 200);
 
     // A new connection resetting every request is sent away at the limit.
-    let mut client = connect().await;
+    let mut client = common::h2_client(proxy.addr).await;
     let before = backend.requests().len();
     let mut opened = 0;
     let refused = loop {

@@ -445,10 +445,7 @@ async fn an_http2_write_waiting_for_100_continue_holds_up_no_other_writer() {
         &backend.origin(),
     )
     .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = common::h2_client(proxy.addr).await;
     let req = http::Request::put(proxy.url("/docs/a"))
         .header("expect", "100-continue")
         .header("content-length", "2")

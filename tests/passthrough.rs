@@ -655,10 +655,7 @@ async fn a_write_body_of_unknown_length_goes_up_with_its_length() {
     assert_eq!(seen[3].2, "hello");
 
     // HTTP/2 without content-length, its body in two frames; and an empty PUT.
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = common::h2_client(proxy.addr).await;
     let req = http::Request::put(proxy.url("/h2")).body(()).unwrap();
     let (answer, mut body) = client.send_request(req, false).unwrap();
     body.send_data(Bytes::from_static(b"hello"), false).unwrap();

@@ -452,10 +452,7 @@ async fn an_http2_upload_reset_midway_is_not_stored_truncated() {
         let proxy = Proxy::start(&route("/docs/", &extra), &backend.origin()).await;
         let tag = Client::h2().get(&proxy.url("/docs/a"), &[]).await.etag();
         for reason in [h2::Reason::NO_ERROR, h2::Reason::CANCEL] {
-            let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-            tokio::spawn(conn);
-            let mut client = client.ready().await.unwrap();
+            let mut client = common::h2_client(proxy.addr).await;
             // No content-length.
             let req = http::Request::put(proxy.url("/docs/a"))
                 .header("if-match", &tag)
@@ -501,10 +498,7 @@ async fn http2_fields_an_http1_backend_expects_once_reach_it_once() {
         common::ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") })
             .await;
     let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = common::h2_client(proxy.addr).await;
     let req = http::Request::post(proxy.url("/x"))
         .header("cookie", "a=1")
         .header("cookie", "b=2")

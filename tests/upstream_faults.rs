@@ -863,10 +863,7 @@ async fn an_http2_upload_ended_by_a_late_empty_frame_leaves_its_connection_reusa
     let backend = ScriptedBackend::start(|_| async { respond(204, &[], "") }).await;
     // A body over `max_tag_body` streams up as it comes.
     let proxy = Proxy::start(&route("/", "max_tag_body = \"4B\""), &backend.origin()).await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
+    let mut client = common::h2_client(proxy.addr).await;
     let req = http::Request::put(proxy.url("/doc"))
         .header("content-length", "10")
         .body(())

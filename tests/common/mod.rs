@@ -37,3 +37,12 @@ pub async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
         .unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A raw HTTP/2 (prior knowledge) client on a new connection to `addr`, the connection driven
+/// by a task of its own, ready for a request: for frames hyper's client will not send.
+pub async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
