@@ -52,6 +52,10 @@ pub struct Server {
     /// Idle connections kept open per upstream origin (nginx's `keepalive`); more are closed
     /// once their response is read. 0: a new connection for every request.
     pub upstream_max_idle: usize,
+    /// Connections open at once per upstream origin, busy and idle together (nginx's
+    /// `max_conns`, HAProxy's `maxconn`); a request finding them all busy waits for one up
+    /// to `connect_timeout`, then gets 503. `None`: no limit.
+    pub upstream_max_connections: Option<usize>,
     /// The most an upstream connection reads at once: the largest response head a backend
     /// may send (a larger one is a 502), and about what each body streaming through holds
     /// in the proxy on its upstream side. Larger reads move large bodies faster.
@@ -270,6 +274,7 @@ struct ServerToml {
     connect_timeout: Option<Spanned<String>>,
     upstream_idle_timeout: Option<Spanned<String>>,
     upstream_max_idle: Option<Spanned<i64>>,
+    upstream_max_connections: Option<Spanned<i64>>,
     upstream_read_buffer: Option<Spanned<toml::Value>>,
     shutdown_timeout: Option<Spanned<String>>,
     shutdown_delay: Option<Spanned<String>>,
@@ -637,6 +642,15 @@ impl Validator<'_> {
             DEFAULT_UPSTREAM_MAX_IDLE,
             0,
         );
+        let max_upstream = match &s.upstream_max_connections {
+            None => Some(None),
+            Some(_) => {
+                let key = "server.upstream_max_connections";
+                self.count(&s.upstream_max_connections, key, 0)
+                    .and_then(|n| self.at_most(&s.upstream_max_connections, key, n, u32::MAX))
+                    .map(Some)
+            }
+        };
         let read_buffer = self
             .size(
                 &s.upstream_read_buffer,
@@ -741,6 +755,7 @@ impl Validator<'_> {
             connect_timeout: connect?,
             upstream_idle_timeout: upstream_idle?,
             upstream_max_idle: max_idle?,
+            upstream_max_connections: max_upstream?,
             upstream_read_buffer: read_buffer?,
             shutdown_timeout: shutdown?,
             shutdown_delay: shutdown_delay?,
@@ -1186,6 +1201,7 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.tag_memo_bytes as u64, DEFAULT_TAG_MEMO_BYTES);
         assert_eq!(c.server.upstream_idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.upstream_max_idle, 256);
+        assert_eq!(c.server.upstream_max_connections, None, "no limit");
         assert_eq!(c.server.upstream_read_buffer, 256 * 1024);
         assert_eq!(c.server.max_header_fields, 100);
         assert_eq!(c.server.http2_max_concurrent_streams, 128);
@@ -1403,6 +1419,18 @@ upstream = "http://localhost:9001/"
                 3,
                 "server.upstream_max_idle",
                 "must be at least 0",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nupstream_max_connections = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.upstream_max_connections",
+                "must be at least 1",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nupstream_max_connections = 4294967296\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.upstream_max_connections",
+                "must be at most 4294967295",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\nshutdown_delay = \"soon\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",

@@ -69,6 +69,13 @@ pub enum Error {
 
     #[error("upstream {upstream} failed: {reason}")]
     Upstream { upstream: String, reason: String },
+
+    #[error("all {limit} connections to upstream {upstream} allowed by upstream_max_connections stayed busy for {waited:?}; retry later")]
+    UpstreamBusy {
+        upstream: String,
+        limit: usize,
+        waited: Duration,
+    },
 }
 
 /// Whose fault an error is: it picks the status class and the log level.
@@ -114,7 +121,7 @@ impl Error {
                 StatusCode::PRECONDITION_REQUIRED
             }
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Self::LockTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LockTimeout(_) | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -141,6 +148,7 @@ impl Error {
             Self::UpstreamConnect { .. }
             | Self::UpstreamTls { .. }
             | Self::UpstreamTimeout { .. }
+            | Self::UpstreamBusy { .. }
             | Self::Upstream { .. } => Blame::Upstream,
             Self::LockTimeout(_) => Blame::Proxy,
         }
@@ -167,6 +175,7 @@ impl Error {
             Self::UpstreamTls { .. } => "upstream_tls",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Upstream { .. } => "upstream_error",
+            Self::UpstreamBusy { .. } => "upstream_busy",
         }
     }
 
@@ -200,7 +209,7 @@ impl Error {
             Self::PreconditionFailed { current: Some(tag) } => {
                 headers.insert(ETAG, tag.to_header());
             }
-            Self::LockTimeout(_) => {
+            Self::LockTimeout(_) | Self::UpstreamBusy { .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

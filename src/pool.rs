@@ -20,6 +20,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tower_service::Service;
@@ -45,6 +46,12 @@ pub enum SendError {
     /// The client paused its upload for the timeout: the connection was waiting for its
     /// next chunk, not for the backend.
     UploadPaused,
+    /// The origin had `upstream_max_connections` open and none came free within the
+    /// connect timeout.
+    Saturated {
+        limit: usize,
+        waited: Duration,
+    },
 }
 
 /// A connection to an upstream: where requests go in, and the watch on its timer.
@@ -55,6 +62,16 @@ struct Conn {
     /// connection whose answer nobody awaits only once it reads again, and one stuck
     /// writing an upload to a backend that takes no more never does.
     task: AbortHandle,
+    /// Its origin's limit, if there is one: told when the connection is handed back.
+    slots: Option<Arc<Slots>>,
+}
+
+/// An origin's share of `upstream_max_connections`: a permit for each open connection,
+/// held by the connection's task until it ends, and a signal to requests waiting for a
+/// connection that one has been handed back.
+struct Slots {
+    open: Arc<Semaphore>,
+    returned: Notify,
 }
 
 /// A backend closes a kept-alive connection on its keep-alive timeout, seconds at the
@@ -93,6 +110,11 @@ pub struct Pool<C> {
     idle: Mutex<HashMap<String, Vec<Idle>, foldhash::fast::RandomState>>,
     idle_timeout: Duration,
     max_idle_per_origin: usize,
+    /// Open connections per origin at most (`upstream_max_connections`); `None`: no limit.
+    max_per_origin: Option<usize>,
+    /// Each origin's permits, made at its first new connection and kept: origins come from
+    /// the config, so they are few.
+    slots: Mutex<HashMap<String, Arc<Slots>, foldhash::fast::RandomState>>,
     /// What a connection reads: at most this at once, and at most so many header fields in
     /// a response head.
     limits: ReadLimits,
@@ -126,6 +148,7 @@ where
         connector: C,
         idle_timeout: Duration,
         max_idle_per_origin: usize,
+        max_per_origin: Option<usize>,
         limits: ReadLimits,
         connect_timeout: Duration,
     ) -> Arc<Self> {
@@ -134,6 +157,8 @@ where
             idle: Mutex::new(HashMap::default()),
             idle_timeout,
             max_idle_per_origin,
+            max_per_origin,
+            slots: Mutex::new(HashMap::default()),
             limits,
             connect_timeout,
             me: me.clone(),
@@ -172,57 +197,73 @@ where
             Either::Left(body) => body.uploading(),
             Either::Right(_) => None,
         };
-        while let Some((mut idle, now)) = self.checkout(origin) {
-            let start = *start.get_or_insert(now);
-            let conn = &mut idle.conn;
-            // The copy costs 3-5% of a request's instructions: only where the race can be.
-            let replay =
-                (!replayed && now.duration_since(idle.since) >= REPLAY_AFTER && replayable(&req))
-                    .then(|| head_only(&req));
-            // A timeout shorter than the one the connection was opened with (another
-            // route's) needs a timer of its own, and so does a second attempt: its deadline
-            // began before the watch's timer was last set, which could fire late for it.
-            // So does an upload, whose deadline moves with its chunks.
-            let own_timer =
-                uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
-            let mut deadline = own_timer
-                .then(|| Box::new(Deadline::new(start + timeout, timeout, uploading.clone())));
-            // One place that polls the exchange, so that it is inlined there.
-            let mut exchange = pin!(conn.sender.try_send_request(*req));
-            let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
-                Poll::Ready(sent) => Poll::Ready(Some(sent)),
-                Poll::Pending => match deadline.as_mut().map(|d| d.poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(None),
-                    _ => Poll::Pending,
-                },
-            });
-            match sent.await {
-                _ if !conn.watch.end() => return Err(SendError::Timeout),
-                None => {
-                    let missed = deadline.map_or(SendError::Timeout, |d| d.missed());
-                    conn.task.abort();
-                    return Err(missed);
-                }
-                Some(Ok(rsp)) => {
-                    self.checkin_after(&rsp, origin, idle.conn, unsent(&uploading));
-                    return Ok(rsp);
-                }
-                Some(Err(mut e)) => match (e.take_message(), replay) {
-                    (Some(unsent), _) => *req = unsent,
-                    (None, Some(copy)) if unanswered(e.error()) => {
-                        let error = e.error();
-                        tracing::debug!(origin, %error, "sent again: an idle connection closed");
-                        *req = copy;
-                        replayed = true;
+        // With `upstream_max_connections`, a request finding none ready waits its turn.
+        let permit = loop {
+            while let Some((mut idle, now)) = self.checkout(origin) {
+                let start = *start.get_or_insert(now);
+                let conn = &mut idle.conn;
+                // The copy costs 3-5% of a request's instructions: only where the race can be.
+                let replay = (!replayed
+                    && now.duration_since(idle.since) >= REPLAY_AFTER
+                    && replayable(&req))
+                .then(|| head_only(&req));
+                // A timeout shorter than the one the connection was opened with (another
+                // route's) needs a timer of its own, and so does a second attempt: its
+                // deadline began before the watch's timer was last set, which could fire late
+                // for it. So does an upload, whose deadline moves with its chunks.
+                let own_timer =
+                    uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
+                let mut deadline = own_timer
+                    .then(|| Box::new(Deadline::new(start + timeout, timeout, uploading.clone())));
+                // One place that polls the exchange, so that it is inlined there.
+                let mut exchange = pin!(conn.sender.try_send_request(*req));
+                let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                    Poll::Ready(sent) => Poll::Ready(Some(sent)),
+                    Poll::Pending => match deadline.as_mut().map(|d| d.poll(cx)) {
+                        Some(Poll::Ready(())) => Poll::Ready(None),
+                        _ => Poll::Pending,
+                    },
+                });
+                match sent.await {
+                    _ if !conn.watch.end() => return Err(SendError::Timeout),
+                    None => {
+                        let missed = deadline.map_or(SendError::Timeout, |d| d.missed());
+                        conn.task.abort();
+                        return Err(missed);
                     }
-                    (None, _) => return Err(SendError::Http(e.into_error())),
-                },
+                    Some(Ok(rsp)) => {
+                        self.checkin_after(&rsp, origin, idle.conn, unsent(&uploading));
+                        return Ok(rsp);
+                    }
+                    Some(Err(mut e)) => match (e.take_message(), replay) {
+                        (Some(unsent), _) => *req = unsent,
+                        (None, Some(copy)) if unanswered(e.error()) => {
+                            let error = e.error();
+                            tracing::debug!(origin, %error, "sent again: an idle connection closed");
+                            *req = copy;
+                            replayed = true;
+                        }
+                        (None, _) => return Err(SendError::Http(e.into_error())),
+                    },
+                }
             }
-        }
+            let Some(slots) = self.slots(origin) else {
+                break None;
+            };
+            let start = *start.get_or_insert_with(Instant::now);
+            match self
+                .wait_turn(origin, slots.clone(), start + timeout)
+                .await?
+            {
+                Some(permit) => break Some((slots, permit)),
+                // A connection was handed back: the idle list again.
+                None => continue,
+            }
+        };
         // A new connection: the timeout counts from before it is made, or from the first
         // attempt on an idle one.
         let start = start.unwrap_or_else(Instant::now);
-        let connect = self.connect_boxed(upstream.uri.clone(), start, timeout);
+        let connect = self.connect_boxed(upstream.uri.clone(), start, timeout, permit);
         let mut conn = tokio::time::timeout_at(start + timeout, connect)
             .await
             .map_err(|_| SendError::Timeout)??;
@@ -291,7 +332,17 @@ where
 
     /// Hands a connection back right after its response head: it becomes ready once the
     /// response body has been read to the end.
+    /// A request waiting for a turn at the origin is told (`wait_turn`).
     fn checkin(&self, origin: &str, conn: Conn) {
+        let slots = conn.slots.clone();
+        self.keep(origin, conn);
+        if let Some(slots) = slots {
+            slots.returned.notify_one();
+        }
+    }
+
+    /// Puts a connection in the origin's idle list, if there is room.
+    fn keep(&self, origin: &str, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = match idle.get_mut(origin) {
             Some(list) => list,
@@ -303,6 +354,121 @@ where
                 since: Instant::now(),
             });
         }
+    }
+
+    /// The origin's permits, under `upstream_max_connections`.
+    fn slots(&self, origin: &str) -> Option<Arc<Slots>> {
+        let limit = self.max_per_origin?;
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = match slots.get(origin) {
+            Some(slots) => slots,
+            None => slots.entry(origin.to_owned()).or_insert_with(|| {
+                Arc::new(Slots {
+                    open: Arc::new(Semaphore::new(limit)),
+                    returned: Notify::new(),
+                })
+            }),
+        };
+        Some(slots.clone())
+    }
+
+    /// Waits for a new connection's permit or for an open connection, at an origin that may
+    /// have `upstream_max_connections` open: a permit is free at once, or comes when one of
+    /// them closes; `None` says one was handed back, ready, to the idle list. A connection
+    /// handed back while its response body still streams is taken out of the list and
+    /// waited on, since nothing else says when it is free. Waits within the connect timeout
+    /// (HAProxy's `timeout queue` defaults to its `timeout connect`) and `deadline`.
+    ///
+    /// Boxed, as `connect_boxed` is: rare, and `send`'s future should not carry it.
+    #[inline(never)]
+    fn wait_turn<'a>(
+        &'a self,
+        origin: &'a str,
+        slots: Arc<Slots>,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Option<OwnedSemaphorePermit>, SendError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            if let Ok(permit) = slots.open.clone().try_acquire_owned() {
+                return Ok(Some(permit));
+            }
+            let began = Instant::now();
+            let until = deadline.min(began + self.connect_timeout);
+            let mut expired = pin!(tokio::time::sleep_until(until));
+            let mut acquire = pin!(slots.open.clone().acquire_owned());
+            let mut busy: Option<Idle> = None;
+            let turn = loop {
+                let mut returned = pin!(slots.returned.notified());
+                returned.as_mut().enable();
+                // After `enable`: one handed back since the last look is not missed.
+                if self.any_ready(origin) {
+                    break Ok(None);
+                }
+                if busy.is_none() {
+                    busy = self.take_busy(origin);
+                }
+                let turn = poll_fn(|cx| {
+                    if let Poll::Ready(permit) = acquire.as_mut().poll(cx) {
+                        return Poll::Ready(Turn::Permit(permit.expect("never closed")));
+                    }
+                    if returned.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Turn::Returned);
+                    }
+                    if let Some(busy) = busy.as_mut() {
+                        if let Poll::Ready(ready) = busy.conn.sender.poll_ready(cx) {
+                            return Poll::Ready(Turn::Ready(ready.is_ok()));
+                        }
+                    }
+                    expired.as_mut().poll(cx).map(|()| Turn::Expired)
+                })
+                .await;
+                match turn {
+                    Turn::Permit(permit) => break Ok(Some(permit)),
+                    // Another look, still waiting on the connection taken, if any.
+                    Turn::Returned => {}
+                    Turn::Ready(true) => {
+                        // For this request: the others are not told.
+                        if let Some(free) = busy.take() {
+                            self.keep(origin, free.conn);
+                        }
+                        break Ok(None);
+                    }
+                    Turn::Ready(false) => busy = None,
+                    Turn::Expired if until >= deadline => break Err(SendError::Timeout),
+                    Turn::Expired => {
+                        break Err(SendError::Saturated {
+                            limit: self.max_per_origin.unwrap_or_default(),
+                            waited: until.duration_since(began),
+                        })
+                    }
+                }
+            };
+            // A connection waited on and not taken goes back, for the others to wait on.
+            if let Some(busy) = busy {
+                self.checkin(origin, busy.conn);
+            }
+            turn
+        })
+    }
+
+    /// Whether the origin has an idle connection ready to take a request.
+    fn any_ready(&self, origin: &str) -> bool {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        idle.get(origin).is_some_and(|list| {
+            list.iter()
+                .any(|c| c.conn.sender.is_ready() && c.usable(now, self.idle_timeout))
+        })
+    }
+
+    /// A connection of the origin's whose response body still streams, out of the list.
+    fn take_busy(&self, origin: &str) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(origin)?;
+        let busy = list
+            .iter()
+            .position(|c| !c.conn.sender.is_ready() && !c.conn.sender.is_closed())?;
+        Some(list.swap_remove(busy))
     }
 
     /// Closes the connections idle past the timeout, so that a pool with no traffic does
@@ -326,12 +492,21 @@ where
         target: Uri,
         start: Instant,
         timeout: Duration,
+        permit: Option<(Arc<Slots>, OwnedSemaphorePermit)>,
     ) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
-        Box::pin(self.connect(target, start, timeout))
+        Box::pin(self.connect(target, start, timeout, permit))
     }
 
     /// A new connection, its task spawned. Its watch's period is `timeout`, from `start`.
-    async fn connect(&self, target: Uri, start: Instant, timeout: Duration) -> Connected {
+    /// `permit`, its place under `upstream_max_connections`, is held by its task: it is
+    /// given back when the connection closes.
+    async fn connect(
+        &self,
+        target: Uri,
+        start: Instant,
+        timeout: Duration,
+        permit: Option<(Arc<Slots>, OwnedSemaphorePermit)>,
+    ) -> Connected {
         // Started with the first connection: only then is there something to reap, and a
         // runtime to run on.
         if !self.reaper.swap(true, Ordering::Relaxed) {
@@ -353,7 +528,9 @@ where
         let (sender, conn) = builder.handshake(io).await.map_err(SendError::Http)?;
         let watch = Watch::new(start, timeout);
         let watched = Watched::new(conn, watch.clone());
+        let (slots, permit) = permit.unzip();
         let task = tokio::spawn(async move {
+            let _permit = permit;
             match watched.await {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
@@ -366,8 +543,18 @@ where
             sender,
             watch,
             task: task.abort_handle(),
+            slots,
         })
     }
+}
+
+/// What ended a wait for a turn at a saturated origin (`Pool::wait_turn`).
+enum Turn {
+    Permit(OwnedSemaphorePermit),
+    Returned,
+    /// The busy connection waited on is free (`true`) or closed.
+    Ready(bool),
+    Expired,
 }
 
 /// A request's own upstream timer, for requests the connection's watch cannot time. For an

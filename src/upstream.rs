@@ -81,6 +81,7 @@ fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
         https,
         s.upstream_idle_timeout,
         s.upstream_max_idle,
+        s.upstream_max_connections,
         read_limits(s),
         s.connect_timeout,
     )
@@ -221,6 +222,13 @@ impl UpstreamClient {
             }
             // nginx's `client_body_timeout`: the client's doing, not the backend's.
             SendError::UploadPaused => return Error::BodyTimeout(timeout),
+            &SendError::Saturated { limit, waited } => {
+                return Error::UpstreamBusy {
+                    upstream,
+                    limit,
+                    waited,
+                }
+            }
         };
         let mut reason = top.to_string();
         let mut source = Some(top);

@@ -565,6 +565,77 @@ async fn upstream_max_idle_bounds_the_backend_connections_kept_open() {
     }
 }
 
+/// `upstream_max_connections` bounds the connections open to a backend at once: eight
+/// requests at once, two connections allowed, take turns on two, and every one is answered
+/// whole.
+#[tokio::test]
+async fn upstream_max_connections_bounds_the_connections_open_to_a_backend() {
+    let backend = ScriptedBackend::slow(Duration::from_millis(100), "whole body").await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "upstream_max_connections = 2\nconnect_timeout = \"5s\"",
+    )
+    .await;
+    let c = Client::new();
+    let mut at_once = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (c, url) = (c.clone(), proxy.url(&format!("/{i}")));
+        at_once.spawn(async move { c.get(&url, &[]).await });
+    }
+    while let Some(r) = at_once.join_next().await {
+        let r = r.unwrap();
+        assert_eq!((r.status, r.text()), (200, "whole body".into()));
+    }
+    assert_eq!(backend.most_open(), 2, "never more than two open at once");
+    assert_eq!(
+        backend.connections(),
+        2,
+        "the two were taken in turn, not reopened"
+    );
+}
+
+/// A request that finds every allowed connection busy for `connect_timeout` gets a 503
+/// problem that says why, with `Retry-After`; the busy request is answered, and the next
+/// request has the connection.
+#[tokio::test]
+async fn a_request_finding_every_allowed_connection_busy_gets_503_after_connect_timeout() {
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        respond(200, &[], "done")
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "upstream_max_connections = 1\nconnect_timeout = \"300ms\"",
+    )
+    .await;
+    let c = Client::new();
+    let slow = {
+        let (c, url) = (c.clone(), proxy.url("/slow"));
+        tokio::spawn(async move { c.get(&url, &[]).await })
+    };
+    let sent = || backend.requests().iter().any(|r| r.uri.path() == "/slow");
+    assert!(common::eventually(Duration::from_secs(5), sent).await);
+    let refused = c.get(&proxy.url("/fast"), &[]).await;
+    let problem = refused.assert_problem(503);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("upstream_max_connections"), "{detail}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "the refused request never reached the backend"
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!((slow.status, slow.text()), (200, "done".into()));
+    assert_eq!(c.get(&proxy.url("/fast"), &[]).await.status, 200);
+    assert_eq!(backend.connections(), 1);
+}
+
 #[tokio::test]
 async fn aliases_of_one_path_share_one_tag() {
     let backend = Backend::start().await;

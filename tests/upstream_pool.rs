@@ -32,7 +32,25 @@ fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
         read_buffer: ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize,
         max_header_fields: ifmatch::config::DEFAULT_MAX_HEADER_FIELDS,
     };
-    Pool::new(http, idle_timeout, max_idle, limits, Duration::from_secs(5))
+    Pool::new(
+        http,
+        idle_timeout,
+        max_idle,
+        None,
+        limits,
+        Duration::from_secs(5),
+    )
+}
+
+/// A pool that keeps at most `limit` connections open per origin (`upstream_max_connections`).
+fn limited_pool(limit: usize) -> Arc<Pool<HttpConnector>> {
+    let limits = ifmatch::pool::ReadLimits {
+        read_buffer: ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize,
+        max_header_fields: ifmatch::config::DEFAULT_MAX_HEADER_FIELDS,
+    };
+    let http = HttpConnector::new();
+    let idle = Duration::from_secs(60);
+    Pool::new(http, idle, 8, Some(limit), limits, Duration::from_secs(5))
 }
 
 /// A GET as the proxy hands it to the pool: origin-form, `Host` set.
@@ -111,6 +129,48 @@ async fn a_connection_whose_body_is_still_streaming_is_not_reused() {
     let (a, b) = tokio::join!(fetch(&p, &origin, "/c"), fetch(&p, &origin, "/d"));
     assert_eq!((a.0, b.0), (200, 200));
     assert_eq!(backend.connections(), 2);
+}
+
+/// Under a limit of one connection, a request waits while the one connection's response
+/// body streams, and takes that connection as the body ends.
+#[tokio::test]
+async fn a_request_waiting_its_turn_takes_the_connection_whose_body_ends() {
+    let backend = big_body_backend().await;
+    let origin = backend.origin();
+    let p = limited_pool(1);
+    let first = p
+        .send(&upstream(&origin), get(&origin, "/a"), TIMEOUT)
+        .await
+        .unwrap();
+    let second = {
+        let (p, origin) = (p.clone(), origin.clone());
+        tokio::spawn(async move { fetch(&p, &origin, "/b").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "waits while the body streams");
+    assert_eq!(backend.requests().len(), 1);
+    let body = first.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), BIG);
+    assert_eq!(second.await.unwrap().1.len(), BIG);
+    assert_eq!(backend.connections(), 1, "on the same connection");
+}
+
+/// A connection that closes gives its place to a request waiting for one.
+#[tokio::test]
+async fn a_closed_connection_gives_its_place_to_a_waiting_request() {
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        respond(200, &[("connection", "close")], "ok")
+    })
+    .await;
+    let origin = backend.origin();
+    let p = limited_pool(1);
+    let (a, b) = tokio::join!(fetch(&p, &origin, "/slow"), fetch(&p, &origin, "/b"));
+    assert_eq!((a, b.clone()), (b, (200, Bytes::from("ok"))));
+    assert_eq!(backend.connections(), 2);
+    assert_eq!(backend.most_open(), 1);
 }
 
 #[tokio::test]

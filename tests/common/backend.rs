@@ -69,6 +69,8 @@ pub struct ScriptedBackend {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Recorded>>>,
     connections: Arc<AtomicUsize>,
+    /// Connections open now, and the most open at once.
+    open: Arc<(AtomicUsize, AtomicUsize)>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -83,8 +85,9 @@ impl ScriptedBackend {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
         let (stop, mut stopped) = oneshot::channel::<()>();
-        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let (seen2, conns2, open2) = (seen.clone(), connections.clone(), open.clone());
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Heads as large as any the proxy can be configured to pass on.
@@ -95,6 +98,9 @@ impl ScriptedBackend {
                     _ = &mut stopped => return,
                 };
                 conns2.fetch_add(1, Ordering::SeqCst);
+                let now = open2.0.fetch_add(1, Ordering::SeqCst) + 1;
+                open2.1.fetch_max(now, Ordering::SeqCst);
+                let open = open2.clone();
                 let (handler, seen) = (handler.clone(), seen2.clone());
                 let service = service_fn(move |req: Request<Incoming>| {
                     let (handler, seen) = (handler.clone(), seen.clone());
@@ -120,6 +126,7 @@ impl ScriptedBackend {
                     let _ = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    open.0.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -127,6 +134,7 @@ impl ScriptedBackend {
             addr,
             seen,
             connections,
+            open,
             _stop: stop,
         }
     }
@@ -159,6 +167,11 @@ impl ScriptedBackend {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most TCP connections that were open at once.
+    pub fn most_open(&self) -> usize {
+        self.open.1.load(Ordering::SeqCst)
     }
 }
 
