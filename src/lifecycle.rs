@@ -8,56 +8,102 @@
 //! value everywhere, so that no part of the proxy runs with the new one beside another that
 //! keeps the old.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
 
-/// Completes on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
+/// SIGTERM and SIGINT (Ctrl-C), listened for from the moment this is made. tokio installs a
+/// signal's handler when its stream is made, not when it is first awaited: streams made in
+/// a task that has not run yet leave a signal sent meanwhile (say, right after "ifmatch
+/// started") to its default action, which kills the process. One stream for every signal
+/// after the first too, so that a second one sent at once is not lost between two.
+pub struct Shutdown {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Shutdown {
+    /// Must be called on the runtime.
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind: SignalKind, name: &str| {
+                signal(kind)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot listen for {name}"))
+                    .ok()
+            };
+            Self {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                int: listen(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Completes on the next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+                s.as_mut()?.recv().await
+            }
+            let Self { term, int } = self;
+            tokio::select! {
+                Some(()) = next(term) => tracing::info!("SIGTERM received"),
+                Some(()) = next(int) => tracing::info!("SIGINT received"),
+                else => std::future::pending().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C), listened for from the call on.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    let mut signals = Shutdown::listen();
+    async move { signals.recv().await }
 }
 
 /// Reloads `path` into `proxy` on every SIGHUP, for as long as the process runs. `running`
 /// is the config the process started with, to spot settings a reload cannot change.
-pub async fn reload_on_sighup(path: PathBuf, proxy: Arc<Proxy>, running: Config) {
+/// SIGHUP is listened for from the call on, not from the future's first poll (see
+/// [`Shutdown`]): its default action kills the process.
+pub fn reload_on_sighup(
+    path: PathBuf,
+    proxy: Arc<Proxy>,
+    running: Config,
+) -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload is disabled");
-                return;
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let mut hup = match hup {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; reload is disabled");
+                    return;
+                }
+            };
+            while hup.recv().await.is_some() {
+                reload(&path, &proxy, &running);
             }
-        };
-        while hup.recv().await.is_some() {
-            reload(&path, &proxy, &running);
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (path, proxy, running);
-        std::future::pending::<()>().await;
+        #[cfg(not(unix))]
+        {
+            let _ = (path, proxy, running);
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ifmatch::admin::Ready;
 use ifmatch::config::Config;
-use ifmatch::lifecycle::{self, shutdown_signal};
+use ifmatch::lifecycle::{self, shutdown_signal, Shutdown};
 use ifmatch::proxy::Proxy;
 use ifmatch::telemetry::{self, LogFormat};
 use tokio::net::TcpListener;
@@ -171,8 +171,11 @@ async fn run(
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
     // Ready once bound (connections made before the first accept wait in the backlog), and
     // before two things: the line "ifmatch started", so that whoever reads it finds /readyz
-    // at 200, and the signal task, so that a SIGTERM always leaves it not ready.
+    // at 200, and the signal task, so that a SIGTERM always leaves it not ready. Signals
+    // are listened for from here on, before that line: one sent just after it is handled,
+    // not left to kill the process.
     ready.store(true, Ordering::Release);
+    let mut signals = Shutdown::listen();
     tokio::spawn(lifecycle::reload_on_sighup(
         path,
         proxy.clone(),
@@ -187,7 +190,7 @@ async fn run(
     let not_ready = ready.clone();
     let delay = config.server.shutdown_delay;
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signals.recv().await;
         not_ready.store(false, Ordering::Release);
         if !delay.is_zero() {
             tracing::info!(
@@ -196,12 +199,12 @@ async fn run(
             );
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shutdown_signal() => tracing::info!("second signal: delay cut short"),
+                () = signals.recv() => tracing::info!("second signal: delay cut short"),
             }
         }
         let _ = stop_tx.send(true);
         // A signal during the drain ends it now, as a second Ctrl-C does elsewhere.
-        shutdown_signal().await;
+        signals.recv().await;
         let _ = cut_tx.send(());
     });
     tracing::info!(
