@@ -111,7 +111,7 @@ pub fn reload_on_sighup(
 pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
     match Config::load(path) {
         Ok(mut config) => {
-            for key in keep_start_settings(&mut config, running) {
+            for key in keep_start_settings(&mut config, running, proxy.tls()) {
                 tracing::warn!("{key} changed: it takes effect after a restart");
             }
             proxy.reload(&config);
@@ -148,8 +148,13 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
 /// `max_header_fields` are kept for the routes and upstream connections too: the proxy's
 /// own check of a head's size must agree with the buffer hyper read it into. TLS stays on or
 /// off as it started (a plain listener turned TLS would fail every client at once); the
-/// certificates of a TLS listener are reloaded.
-fn keep_start_settings(new: &mut Config, running: &Config) -> Vec<&'static str> {
+/// certificates of a TLS listener are reloaded, so the ones kept are those in use now
+/// (`tls_now`), not those of the start.
+fn keep_start_settings(
+    new: &mut Config,
+    running: &Config,
+    tls_now: Option<Arc<rustls::ServerConfig>>,
+) -> Vec<&'static str> {
     let mut kept = Vec::new();
     let (n, r) = (&mut new.server, &running.server);
     macro_rules! keep {
@@ -175,7 +180,7 @@ fn keep_start_settings(new: &mut Config, running: &Config) -> Vec<&'static str> 
     );
     if n.tls.is_some() != r.tls.is_some() {
         kept.push("server.tls (on or off)");
-        n.tls = r.tls.clone();
+        n.tls = tls_now;
     }
     if new.admin.as_ref().map(|a| a.listen) != running.admin.as_ref().map(|a| a.listen) {
         kept.push("admin.listen");
@@ -203,7 +208,7 @@ mod tests {
              http2_max_concurrent_streams = 16\n\
              max_buffered_bytes = \"64MiB\"\n[admin]\nlisten = \"127.0.0.1:9901\"\n{ROUTE}"
         ));
-        let kept = keep_start_settings(&mut new, &running);
+        let kept = keep_start_settings(&mut new, &running, None);
         assert_eq!(
             kept,
             [
@@ -223,6 +228,6 @@ mod tests {
         assert_eq!(n.http2_max_concurrent_streams, 128);
         assert!(new.admin.is_none());
         assert_eq!(n.max_buffered_bytes, 64 << 20, "a reload applies it");
-        assert!(keep_start_settings(&mut new.clone(), &running).is_empty());
+        assert!(keep_start_settings(&mut new.clone(), &running, None).is_empty());
     }
 }

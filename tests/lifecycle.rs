@@ -435,19 +435,6 @@ async fn sighup_applies_a_new_upstream_idle_timeout() {
     );
 }
 
-/// Writes `text` as the config, sends SIGHUP and waits for the reload to be logged.
-async fn reload(bin: &Binary, text: &str) {
-    let done = |log: Vec<String>| log.iter().filter(|l| l.contains("config reloaded")).count();
-    let before = done(bin.log());
-    bin.write_config(text);
-    bin.signal("HUP");
-    assert!(
-        common::eventually(Duration::from_secs(5), || done(bin.log()) > before).await,
-        "no reload logged: {:#?}",
-        bin.log()
-    );
-}
-
 /// The write of a client that read the document before somebody wrote it around the proxy:
 /// it must get 412, and the document must stay as that somebody left it.
 async fn assert_stale_write_refused(bin: &Binary, store: &Backend, path: &str, stale_tag: &str) {
@@ -482,7 +469,7 @@ async fn sighup_that_makes_a_route_cached_forgets_the_tags_read_before() {
     store.store.put("/docs/a", "written around the proxy");
 
     let cached = config(&[("/docs/", &store.origin(), "validation = \"cached\"")]);
-    reload(&bin, &cached).await;
+    bin.reload(&cached).await;
     bin.wait_for_log("tag cache cleared", Duration::from_secs(1))
         .await;
     assert_stale_write_refused(&bin, &store, "/docs/a", &tag).await;
@@ -501,9 +488,9 @@ async fn sighup_that_brings_a_cached_route_back_forgets_the_tags_from_before_it_
     let tag = Client::new().get(&bin.url("/docs/a"), &[]).await.etag();
 
     // The route goes (the backend is written directly meanwhile), and comes back.
-    reload(&bin, &config(&[(other.0, &other.1, &other.2)])).await;
+    bin.reload(&config(&[(other.0, &other.1, &other.2)])).await;
     store.store.put("/docs/a", "written around the proxy");
-    reload(&bin, &with_docs).await;
+    bin.reload(&with_docs).await;
     assert_stale_write_refused(&bin, &store, "/docs/a", &tag).await;
 }
 
@@ -527,7 +514,8 @@ async fn sighup_that_drops_a_route_inside_a_cached_one_forgets_the_tags_read_thr
         .store
         .put("/docs/shared/a", "written around the proxy");
 
-    reload(&bin, &config(&[(cached.0, &cached.1, cached.2)])).await;
+    bin.reload(&config(&[(cached.0, &cached.1, cached.2)]))
+        .await;
     assert_stale_write_refused(&bin, &store, "/docs/shared/a", &tag).await;
 }
 
@@ -555,7 +543,7 @@ async fn sighup_keeps_the_settings_read_at_start_and_names_each_one() {
         1,
     )
     .replacen("[[route]]", &format!("{}[[route]]", pki.server_toml()), 1);
-    reload(&bin, &new).await;
+    bin.reload(&new).await;
     for key in [
         "server.max_header_bytes",
         "server.max_connections",

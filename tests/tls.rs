@@ -182,6 +182,33 @@ async fn sighup_swaps_in_a_new_certificate() {
         200,
         "new connections get the new certificate"
     );
+
+    // A reload that turns TLS off is refused that part, and keeps the certificate in use
+    // now, not the one the process started with.
+    let plain = config.replace(
+        &format!(
+            "[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        "",
+    );
+    assert!(!plain.contains("[server.tls]"));
+    bin.reload(&plain).await;
+    bin.wait_for_log("server.tls (on or off) changed", Duration::from_secs(1))
+        .await;
+    assert_eq!(
+        Client::tls(&new.ca_pem, false).get(&url, &[]).await.status,
+        200,
+        "the certificate in use is kept"
+    );
+    assert!(
+        Client::tls(&old.ca_pem, false)
+            .try_send("GET", &url, &[], "")
+            .await
+            .is_err(),
+        "the certificate from start is not served again"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -121,6 +121,20 @@ impl Binary {
         std::fs::write(&self.config, config.replace("{listen}", LISTEN_ANY)).unwrap();
     }
 
+    /// Writes `config` as the config file, sends SIGHUP and waits for the reload to be
+    /// logged.
+    pub async fn reload(&self, config: &str) {
+        let done = |log: Vec<String>| log.iter().filter(|l| l.contains("config reloaded")).count();
+        let before = done(self.log());
+        self.write_config(config);
+        self.signal("HUP");
+        assert!(
+            super::eventually(Duration::from_secs(5), || done(self.log()) > before).await,
+            "no reload logged: {:#?}",
+            self.log()
+        );
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .arg(format!("-{sig}"))
