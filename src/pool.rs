@@ -330,32 +330,6 @@ where
         Some((list.swap_remove(ready), now))
     }
 
-    /// Hands a connection back right after its response head: it becomes ready once the
-    /// response body has been read to the end.
-    /// A request waiting for a turn at the origin is told (`wait_turn`).
-    fn checkin(&self, origin: &str, conn: Conn) {
-        let slots = conn.slots.clone();
-        self.keep(origin, conn);
-        if let Some(slots) = slots {
-            slots.returned.notify_one();
-        }
-    }
-
-    /// Puts a connection in the origin's idle list, if there is room.
-    fn keep(&self, origin: &str, conn: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = match idle.get_mut(origin) {
-            Some(list) => list,
-            None => idle.entry(origin.to_owned()).or_default(),
-        };
-        if list.len() < self.max_idle_per_origin {
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
-        }
-    }
-
     /// The origin's permits, under `upstream_max_connections`.
     fn slots(&self, origin: &str) -> Option<Arc<Slots>> {
         let limit = self.max_per_origin?;
@@ -396,17 +370,22 @@ where
             let until = deadline.min(began + self.connect_timeout);
             let mut expired = pin!(tokio::time::sleep_until(until));
             let mut acquire = pin!(slots.open.clone().acquire_owned());
-            let mut busy: Option<Idle> = None;
-            let turn = loop {
+            let mut taken = Taken {
+                pool: self,
+                origin,
+                idle: None,
+            };
+            loop {
                 let mut returned = pin!(slots.returned.notified());
                 returned.as_mut().enable();
                 // After `enable`: one handed back since the last look is not missed.
                 if self.any_ready(origin) {
-                    break Ok(None);
+                    return Ok(None);
                 }
-                if busy.is_none() {
-                    busy = self.take_busy(origin);
+                if taken.idle.is_none() {
+                    taken.idle = self.take_busy(origin);
                 }
+                let busy = &mut taken.idle;
                 let turn = poll_fn(|cx| {
                     if let Poll::Ready(permit) = acquire.as_mut().poll(cx) {
                         return Poll::Ready(Turn::Permit(permit.expect("never closed")));
@@ -423,31 +402,26 @@ where
                 })
                 .await;
                 match turn {
-                    Turn::Permit(permit) => break Ok(Some(permit)),
+                    Turn::Permit(permit) => return Ok(Some(permit)),
                     // Another look, still waiting on the connection taken, if any.
                     Turn::Returned => {}
                     Turn::Ready(true) => {
                         // For this request: the others are not told.
-                        if let Some(free) = busy.take() {
+                        if let Some(free) = taken.idle.take() {
                             self.keep(origin, free.conn);
                         }
-                        break Ok(None);
+                        return Ok(None);
                     }
-                    Turn::Ready(false) => busy = None,
-                    Turn::Expired if until >= deadline => break Err(SendError::Timeout),
+                    Turn::Ready(false) => taken.idle = None,
+                    Turn::Expired if until >= deadline => return Err(SendError::Timeout),
                     Turn::Expired => {
-                        break Err(SendError::Saturated {
+                        return Err(SendError::Saturated {
                             limit: self.max_per_origin.unwrap_or_default(),
                             waited: until.duration_since(began),
                         })
                     }
                 }
-            };
-            // A connection waited on and not taken goes back, for the others to wait on.
-            if let Some(busy) = busy {
-                self.checkin(origin, busy.conn);
             }
-            turn
         })
     }
 
@@ -545,6 +519,53 @@ where
             task: task.abort_handle(),
             slots,
         })
+    }
+}
+
+/// The hand-back of connections, which the connector's type has no part in (`Taken` uses it
+/// when dropped).
+impl<C> Pool<C> {
+    /// Hands a connection back right after its response head: it becomes ready once the
+    /// response body has been read to the end. A request waiting for a turn at the origin
+    /// is told (`wait_turn`).
+    fn checkin(&self, origin: &str, conn: Conn) {
+        let slots = conn.slots.clone();
+        self.keep(origin, conn);
+        if let Some(slots) = slots {
+            slots.returned.notify_one();
+        }
+    }
+
+    /// Puts a connection in the origin's idle list, if there is room.
+    fn keep(&self, origin: &str, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = match idle.get_mut(origin) {
+            Some(list) => list,
+            None => idle.entry(origin.to_owned()).or_default(),
+        };
+        if list.len() < self.max_idle_per_origin {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A busy connection that a request waiting for its turn took out of the idle list
+/// (`Pool::wait_turn`). Unless the request takes it, it goes back when the wait ends, or
+/// when the request is dropped mid-wait (its client gone): not lost to the others.
+struct Taken<'a, C> {
+    pool: &'a Pool<C>,
+    origin: &'a str,
+    idle: Option<Idle>,
+}
+
+impl<C> Drop for Taken<'_, C> {
+    fn drop(&mut self) {
+        if let Some(idle) = self.idle.take() {
+            self.pool.checkin(self.origin, idle.conn);
+        }
     }
 }
 

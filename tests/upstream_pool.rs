@@ -155,6 +155,29 @@ async fn a_request_waiting_its_turn_takes_the_connection_whose_body_ends() {
     assert_eq!(backend.connections(), 1, "on the same connection");
 }
 
+/// A request dropped while it waits (its client gone) puts back the busy connection it was
+/// waiting on: the next request still has it once its body ends.
+#[tokio::test]
+async fn a_request_dropped_while_it_waits_leaves_the_connection_to_the_others() {
+    let backend = big_body_backend().await;
+    let origin = backend.origin();
+    let p = limited_pool(1);
+    let first = p
+        .send(&upstream(&origin), get(&origin, "/a"), TIMEOUT)
+        .await
+        .unwrap();
+    let gone = {
+        let (p, origin) = (p.clone(), origin.clone());
+        tokio::spawn(async move { fetch(&p, &origin, "/gone").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    first.into_body().collect().await.unwrap();
+    assert_eq!(fetch(&p, &origin, "/c").await.1.len(), BIG);
+    assert_eq!(backend.connections(), 1, "the one connection was kept");
+}
+
 /// A connection that closes gives its place to a request waiting for one.
 #[tokio::test]
 async fn a_closed_connection_gives_its_place_to_a_waiting_request() {
