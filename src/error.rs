@@ -70,7 +70,7 @@ pub enum Error {
     #[error("upstream {upstream} failed: {reason}")]
     Upstream { upstream: String, reason: String },
 
-    #[error("all {limit} connections to upstream {upstream} allowed by upstream_max_connections stayed busy for {waited:?}; retry later")]
+    #[error("upstream {upstream} has its upstream_max_connections ({limit}) open and busy, and none came free within {waited:?}; retry later")]
     UpstreamBusy {
         upstream: String,
         limit: usize,

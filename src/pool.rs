@@ -74,6 +74,40 @@ struct Slots {
     returned: Notify,
 }
 
+/// `upstream_max_connections`: connections open at once per origin, shared by every pool
+/// of one client (one per trust root), so that routes to one origin with different
+/// `ca_file`s share it too.
+pub struct ConnectionCap {
+    limit: usize,
+    /// Each origin's permits, made at its first new connection and kept: origins come from
+    /// the config, so they are few.
+    slots: Mutex<HashMap<String, Arc<Slots>, foldhash::fast::RandomState>>,
+}
+
+impl ConnectionCap {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            slots: Mutex::new(HashMap::default()),
+        })
+    }
+
+    /// The origin's permits.
+    fn slots(&self, origin: &str) -> Arc<Slots> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = match slots.get(origin) {
+            Some(slots) => slots,
+            None => slots.entry(origin.to_owned()).or_insert_with(|| {
+                Arc::new(Slots {
+                    open: Arc::new(Semaphore::new(self.limit)),
+                    returned: Notify::new(),
+                })
+            }),
+        };
+        slots.clone()
+    }
+}
+
 /// A backend closes a kept-alive connection on its keep-alive timeout, seconds at the
 /// least (Node and Apache 5 s, gunicorn 2 s). A request sent on a connection idle this long
 /// may meet that close, and is kept to be sent again (see [`Pool::send`]).
@@ -111,10 +145,7 @@ pub struct Pool<C> {
     idle_timeout: Duration,
     max_idle_per_origin: usize,
     /// Open connections per origin at most (`upstream_max_connections`); `None`: no limit.
-    max_per_origin: Option<usize>,
-    /// Each origin's permits, made at its first new connection and kept: origins come from
-    /// the config, so they are few.
-    slots: Mutex<HashMap<String, Arc<Slots>, foldhash::fast::RandomState>>,
+    cap: Option<Arc<ConnectionCap>>,
     /// What a connection reads: at most this at once, and at most so many header fields in
     /// a response head.
     limits: ReadLimits,
@@ -148,7 +179,7 @@ where
         connector: C,
         idle_timeout: Duration,
         max_idle_per_origin: usize,
-        max_per_origin: Option<usize>,
+        cap: Option<Arc<ConnectionCap>>,
         limits: ReadLimits,
         connect_timeout: Duration,
     ) -> Arc<Self> {
@@ -157,8 +188,7 @@ where
             idle: Mutex::new(HashMap::default()),
             idle_timeout,
             max_idle_per_origin,
-            max_per_origin,
-            slots: Mutex::new(HashMap::default()),
+            cap,
             limits,
             connect_timeout,
             me: me.clone(),
@@ -192,6 +222,8 @@ where
         // idle connection.
         let mut start = None;
         let mut replayed = false;
+        // Since when it has waited for a turn, under `upstream_max_connections`.
+        let mut waiting = None;
         // A body still to be sent: the timeout runs from its last chunk (see `Deadline`).
         let uploading = match req.body_mut() {
             Either::Left(body) => body.uploading(),
@@ -251,8 +283,9 @@ where
                 break None;
             };
             let start = *start.get_or_insert_with(Instant::now);
+            let since = *waiting.get_or_insert_with(Instant::now);
             match self
-                .wait_turn(origin, slots.clone(), start + timeout)
+                .wait_turn(origin, slots.clone(), since, start + timeout)
                 .await?
             {
                 Some(permit) => break Some((slots, permit)),
@@ -332,18 +365,7 @@ where
 
     /// The origin's permits, under `upstream_max_connections`.
     fn slots(&self, origin: &str) -> Option<Arc<Slots>> {
-        let limit = self.max_per_origin?;
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slots = match slots.get(origin) {
-            Some(slots) => slots,
-            None => slots.entry(origin.to_owned()).or_insert_with(|| {
-                Arc::new(Slots {
-                    open: Arc::new(Semaphore::new(limit)),
-                    returned: Notify::new(),
-                })
-            }),
-        };
-        Some(slots.clone())
+        Some(self.cap.as_ref()?.slots(origin))
     }
 
     /// Waits for a new connection's permit or for an open connection, at an origin that may
@@ -359,6 +381,7 @@ where
         &'a self,
         origin: &'a str,
         slots: Arc<Slots>,
+        since: Instant,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Option<OwnedSemaphorePermit>, SendError>> + Send + 'a>>
     {
@@ -366,14 +389,13 @@ where
             if let Ok(permit) = slots.open.clone().try_acquire_owned() {
                 return Ok(Some(permit));
             }
-            let began = Instant::now();
-            let until = deadline.min(began + self.connect_timeout);
+            let until = deadline.min(since + self.connect_timeout);
             let mut expired = pin!(tokio::time::sleep_until(until));
             let mut acquire = pin!(slots.open.clone().acquire_owned());
             let mut taken = Taken {
                 pool: self,
                 origin,
-                idle: None,
+                idle: Vec::new(),
             };
             loop {
                 let mut returned = pin!(slots.returned.notified());
@@ -382,9 +404,9 @@ where
                 if self.any_ready(origin) {
                     return Ok(None);
                 }
-                if taken.idle.is_none() {
-                    taken.idle = self.take_busy(origin);
-                }
+                // Every busy one: a waiter that watched one only would miss another coming
+                // free, and leave it idle while the others wait.
+                self.take_busy(origin, &mut taken.idle);
                 let busy = &mut taken.idle;
                 let turn = poll_fn(|cx| {
                     if let Poll::Ready(permit) = acquire.as_mut().poll(cx) {
@@ -393,9 +415,9 @@ where
                     if returned.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Turn::Returned);
                     }
-                    if let Some(busy) = busy.as_mut() {
+                    for (i, busy) in busy.iter_mut().enumerate() {
                         if let Poll::Ready(ready) = busy.conn.sender.poll_ready(cx) {
-                            return Poll::Ready(Turn::Ready(ready.is_ok()));
+                            return Poll::Ready(Turn::Ready(i, ready.is_ok()));
                         }
                     }
                     expired.as_mut().poll(cx).map(|()| Turn::Expired)
@@ -403,21 +425,20 @@ where
                 .await;
                 match turn {
                     Turn::Permit(permit) => return Ok(Some(permit)),
-                    // Another look, still waiting on the connection taken, if any.
+                    // Another look, still waiting on the connections taken.
                     Turn::Returned => {}
-                    Turn::Ready(true) => {
-                        // For this request: the others are not told.
-                        if let Some(free) = taken.idle.take() {
-                            self.keep(origin, free.conn);
-                        }
+                    Turn::Ready(i, true) => {
+                        // For this request: the others are told of the rest (`Taken`).
+                        let free = taken.idle.swap_remove(i);
+                        self.keep(origin, free.conn);
                         return Ok(None);
                     }
-                    Turn::Ready(false) => taken.idle = None,
+                    Turn::Ready(i, false) => drop(taken.idle.swap_remove(i)),
                     Turn::Expired if until >= deadline => return Err(SendError::Timeout),
                     Turn::Expired => {
                         return Err(SendError::Saturated {
-                            limit: self.max_per_origin.unwrap_or_default(),
-                            waited: until.duration_since(began),
+                            limit: self.cap.as_ref().map_or(0, |c| c.limit),
+                            waited: until.duration_since(since),
                         })
                     }
                 }
@@ -435,14 +456,22 @@ where
         })
     }
 
-    /// A connection of the origin's whose response body still streams, out of the list.
-    fn take_busy(&self, origin: &str) -> Option<Idle> {
+    /// The origin's connections whose response bodies still stream, out of the list and
+    /// into `into`.
+    fn take_busy(&self, origin: &str, into: &mut Vec<Idle>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(origin)?;
-        let busy = list
-            .iter()
-            .position(|c| !c.conn.sender.is_ready() && !c.conn.sender.is_closed())?;
-        Some(list.swap_remove(busy))
+        let Some(list) = idle.get_mut(origin) else {
+            return;
+        };
+        let mut i = 0;
+        while i < list.len() {
+            let sender = &list[i].conn.sender;
+            if !sender.is_ready() && !sender.is_closed() {
+                into.push(list.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// Closes the connections idle past the timeout, so that a pool with no traffic does
@@ -552,18 +581,19 @@ impl<C> Pool<C> {
     }
 }
 
-/// A busy connection that a request waiting for its turn took out of the idle list
-/// (`Pool::wait_turn`). Unless the request takes it, it goes back when the wait ends, or
-/// when the request is dropped mid-wait (its client gone): not lost to the others.
+/// The busy connections that a request waiting for its turn took out of the idle list
+/// (`Pool::wait_turn`). Those it does not take go back when the wait ends, or when the
+/// request is dropped mid-wait (its client gone), and the waiting are told: not lost to
+/// the others.
 struct Taken<'a, C> {
     pool: &'a Pool<C>,
     origin: &'a str,
-    idle: Option<Idle>,
+    idle: Vec<Idle>,
 }
 
 impl<C> Drop for Taken<'_, C> {
     fn drop(&mut self) {
-        if let Some(idle) = self.idle.take() {
+        for idle in self.idle.drain(..) {
             self.pool.checkin(self.origin, idle.conn);
         }
     }
@@ -573,8 +603,8 @@ impl<C> Drop for Taken<'_, C> {
 enum Turn {
     Permit(OwnedSemaphorePermit),
     Returned,
-    /// The busy connection waited on is free (`true`) or closed.
-    Ready(bool),
+    /// The busy connection waited on at this index is free (`true`) or closed.
+    Ready(usize, bool),
     Expired,
 }
 

@@ -23,7 +23,7 @@ use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::framing::FramingError;
-use crate::pool::{Pool, ReadLimits, SendError};
+use crate::pool::{ConnectionCap, Pool, ReadLimits, SendError};
 
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
 /// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
@@ -67,7 +67,7 @@ pub struct UpstreamClient {
     read_limits: ReadLimits,
 }
 
-fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
+fn build(tls: &ClientConfig, s: &Server, cap: Option<Arc<ConnectionCap>>) -> Arc<Pool<Connector>> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(s.connect_timeout));
     http.set_nodelay(true);
@@ -81,7 +81,7 @@ fn build(tls: &ClientConfig, s: &Server) -> Arc<Pool<Connector>> {
         https,
         s.upstream_idle_timeout,
         s.upstream_max_idle,
-        s.upstream_max_connections,
+        cap,
         read_limits(s),
         s.connect_timeout,
     )
@@ -111,14 +111,16 @@ impl UpstreamClient {
                 .with_no_client_auth(),
             )
         });
+        // One cap for all the pools: it is per origin, whichever roots a route trusts.
+        let cap = s.upstream_max_connections.map(ConnectionCap::new);
         let by_ca_file = config
             .routes
             .iter()
             .filter_map(|r| Some((r.ca_file.clone()?, r.upstream_tls.as_ref()?)))
-            .map(|(path, tls)| (path, build(tls, s)))
+            .map(|(path, tls)| (path, build(tls, s, cap.clone())))
             .collect();
         Self {
-            pool: build(&platform, s),
+            pool: build(&platform, s, cap),
             by_ca_file,
             connect_timeout: s.connect_timeout,
             max_request_body: s.max_request_body,

@@ -15,7 +15,7 @@ use http::{header, Request};
 use http_body_util::{BodyExt, Either, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use ifmatch::config::Upstream;
-use ifmatch::pool::{Pool, SendError};
+use ifmatch::pool::{ConnectionCap, Pool, SendError};
 use ifmatch::upstream::UpstreamBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -44,13 +44,35 @@ fn pool(idle_timeout: Duration, max_idle: usize) -> Arc<Pool<HttpConnector>> {
 
 /// A pool that keeps at most `limit` connections open per origin (`upstream_max_connections`).
 fn limited_pool(limit: usize) -> Arc<Pool<HttpConnector>> {
+    capped_pool(ConnectionCap::new(limit), Duration::from_secs(5))
+}
+
+/// A pool under `cap`, which other pools may share, with `connect_timeout`.
+fn capped_pool(cap: Arc<ConnectionCap>, connect_timeout: Duration) -> Arc<Pool<HttpConnector>> {
     let limits = ifmatch::pool::ReadLimits {
         read_buffer: ifmatch::config::DEFAULT_UPSTREAM_READ_BUFFER as usize,
         max_header_fields: ifmatch::config::DEFAULT_MAX_HEADER_FIELDS,
     };
-    let http = HttpConnector::new();
     let idle = Duration::from_secs(60);
-    Pool::new(http, idle, 8, Some(limit), limits, Duration::from_secs(5))
+    Pool::new(
+        HttpConnector::new(),
+        idle,
+        8,
+        Some(cap),
+        limits,
+        connect_timeout,
+    )
+}
+
+/// Sends a GET and leaves its response body unread, its connection busy.
+async fn hold(
+    p: &Pool<HttpConnector>,
+    origin: &str,
+    path: &str,
+) -> http::Response<hyper::body::Incoming> {
+    p.send(&upstream(origin), get(origin, path), TIMEOUT)
+        .await
+        .unwrap()
 }
 
 /// A GET as the proxy hands it to the pool: origin-form, `Host` set.
@@ -176,6 +198,80 @@ async fn a_request_dropped_while_it_waits_leaves_the_connection_to_the_others() 
     first.into_body().collect().await.unwrap();
     assert_eq!(fetch(&p, &origin, "/c").await.1.len(), BIG);
     assert_eq!(backend.connections(), 1, "the one connection was kept");
+}
+
+/// Two waiting requests, two connections allowed and busy, the second's head still to
+/// come when they begin to wait: each connection that comes free goes to a waiting request,
+/// whichever it is. (A waiter that watched one connection only took the word of the
+/// second's hand-back for itself, and the other waiter sat out its connect timeout while a
+/// connection was idle, unless some other hand-back woke it.)
+#[tokio::test]
+async fn every_connection_that_comes_free_goes_to_a_waiting_request() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.uri.path() {
+            "/late" => tokio::time::sleep(Duration::from_millis(500)).await,
+            // The first waiter's answer is slow: no hand-back comes from it meanwhile.
+            "/c" => tokio::time::sleep(Duration::from_secs(3)).await,
+            _ => {}
+        }
+        respond(200, &[], vec![b'x'; BIG])
+    })
+    .await;
+    let origin = backend.origin();
+    let p = capped_pool(ConnectionCap::new(2), Duration::from_secs(5));
+    let first = hold(&p, &origin, "/a").await;
+    let second = {
+        let (p, origin) = (p.clone(), origin.clone());
+        tokio::spawn(async move { hold(&p, &origin, "/late").await })
+    };
+    let mut waiting = Vec::new();
+    for path in ["/c", "/d"] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (p, origin) = (p.clone(), origin.clone());
+        waiting.push(tokio::spawn(async move { fetch(&p, &origin, path).await }));
+    }
+    let second = second.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        second.into_body().collect().await.unwrap().to_bytes().len(),
+        BIG
+    );
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes().len(),
+        BIG
+    );
+    let [c, d] = <[_; 2]>::try_from(waiting).unwrap();
+    let answered = tokio::time::timeout(Duration::from_millis(1500), d).await;
+    let answered = answered.expect("at once, not when /c is answered or at connect_timeout");
+    assert_eq!(answered.unwrap().1.len(), BIG);
+    assert_eq!(c.await.unwrap().1.len(), BIG);
+    assert_eq!(backend.connections(), 2);
+}
+
+/// Pools that share one cap (the pools of one client, one per trust root) share its count:
+/// a request to an origin whose one allowed connection another pool holds waits, then gets
+/// `Saturated` at the connect timeout.
+#[tokio::test]
+async fn pools_sharing_a_cap_share_its_count_per_origin() {
+    let backend = big_body_backend().await;
+    let origin = backend.origin();
+    let cap = ConnectionCap::new(1);
+    let (a, b) = (
+        capped_pool(cap.clone(), Duration::from_millis(300)),
+        capped_pool(cap, Duration::from_millis(300)),
+    );
+    let held = hold(&a, &origin, "/a").await;
+    match b
+        .send(&upstream(&origin), get(&origin, "/b"), TIMEOUT)
+        .await
+    {
+        Err(SendError::Saturated { limit: 1, waited }) => {
+            assert_eq!(waited, Duration::from_millis(300))
+        }
+        other => panic!("{:?}", other.map(|r| r.status())),
+    }
+    drop(held);
+    assert_eq!(backend.connections(), 1);
 }
 
 /// A connection that closes gives its place to a request waiting for one.
