@@ -64,6 +64,16 @@ fn capped_pool(cap: Arc<ConnectionCap>, connect_timeout: Duration) -> Arc<Pool<H
     )
 }
 
+/// [`fetch`] on a task of its own.
+fn spawn_fetch(
+    p: &Arc<Pool<HttpConnector>>,
+    origin: &str,
+    path: &'static str,
+) -> tokio::task::JoinHandle<(u16, Bytes)> {
+    let (p, origin) = (p.clone(), origin.to_owned());
+    tokio::spawn(async move { fetch(&p, &origin, path).await })
+}
+
 /// Sends a GET and leaves its response body unread, its connection busy.
 async fn hold(
     p: &Pool<HttpConnector>,
@@ -160,14 +170,8 @@ async fn a_request_waiting_its_turn_takes_the_connection_whose_body_ends() {
     let backend = big_body_backend().await;
     let origin = backend.origin();
     let p = limited_pool(1);
-    let first = p
-        .send(&upstream(&origin), get(&origin, "/a"), TIMEOUT)
-        .await
-        .unwrap();
-    let second = {
-        let (p, origin) = (p.clone(), origin.clone());
-        tokio::spawn(async move { fetch(&p, &origin, "/b").await })
-    };
+    let first = hold(&p, &origin, "/a").await;
+    let second = spawn_fetch(&p, &origin, "/b");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!second.is_finished(), "waits while the body streams");
     assert_eq!(backend.requests().len(), 1);
@@ -184,14 +188,8 @@ async fn a_request_dropped_while_it_waits_leaves_the_connection_to_the_others() 
     let backend = big_body_backend().await;
     let origin = backend.origin();
     let p = limited_pool(1);
-    let first = p
-        .send(&upstream(&origin), get(&origin, "/a"), TIMEOUT)
-        .await
-        .unwrap();
-    let gone = {
-        let (p, origin) = (p.clone(), origin.clone());
-        tokio::spawn(async move { fetch(&p, &origin, "/gone").await })
-    };
+    let first = hold(&p, &origin, "/a").await;
+    let gone = spawn_fetch(&p, &origin, "/gone");
     tokio::time::sleep(Duration::from_millis(100)).await;
     gone.abort();
     assert!(gone.await.unwrap_err().is_cancelled());
@@ -227,8 +225,7 @@ async fn every_connection_that_comes_free_goes_to_a_waiting_request() {
     let mut waiting = Vec::new();
     for path in ["/c", "/d"] {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (p, origin) = (p.clone(), origin.clone());
-        waiting.push(tokio::spawn(async move { fetch(&p, &origin, path).await }));
+        waiting.push(spawn_fetch(&p, &origin, path));
     }
     let second = second.await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
