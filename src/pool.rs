@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -72,6 +72,28 @@ struct Conn {
 struct Slots {
     open: Arc<Semaphore>,
     returned: Notify,
+    /// The requests waiting for a turn queue here (tokio's mutex is fair): the first
+    /// watches for one, the others wait behind it, so that turns go in the order they came.
+    line: tokio::sync::Mutex<()>,
+    /// Requests waiting for a turn: while there are any, a new request queues behind them
+    /// rather than take a connection that comes free.
+    waiting: AtomicUsize,
+}
+
+/// A request counted among those waiting for a turn (`Slots::waiting`) while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// `upstream_max_connections`: connections open at once per origin, shared by every pool
@@ -101,6 +123,8 @@ impl ConnectionCap {
                 Arc::new(Slots {
                     open: Arc::new(Semaphore::new(self.limit)),
                     returned: Notify::new(),
+                    line: tokio::sync::Mutex::new(()),
+                    waiting: AtomicUsize::new(0),
                 })
             }),
         };
@@ -222,7 +246,10 @@ where
         // idle connection.
         let mut start = None;
         let mut replayed = false;
-        // Since when it has waited for a turn, under `upstream_max_connections`.
+        // Under `upstream_max_connections`: the origin's permits, a connection handed over
+        // by a wait for a turn, and since when this request has waited.
+        let slots = self.slots(origin);
+        let mut handed: Option<Box<Idle>> = None;
         let mut waiting = None;
         // A body still to be sent: the timeout runs from its last chunk (see `Deadline`).
         let uploading = match req.body_mut() {
@@ -231,7 +258,16 @@ where
         };
         // With `upstream_max_connections`, a request finding none ready waits its turn.
         let permit = loop {
-            while let Some((mut idle, now)) = self.checkout(origin) {
+            // Requests waiting for a turn come first: a new one queues behind them.
+            let queue = waiting.is_none()
+                && slots
+                    .as_ref()
+                    .is_some_and(|s| s.waiting.load(Ordering::Acquire) > 0);
+            while let Some((mut idle, now)) = match handed.take() {
+                Some(idle) => Some((*idle, Instant::now())),
+                None if queue => None,
+                None => self.checkout(origin),
+            } {
                 let start = *start.get_or_insert(now);
                 let conn = &mut idle.conn;
                 // The copy costs 3-5% of a request's instructions: only where the race can be.
@@ -279,7 +315,7 @@ where
                     },
                 }
             }
-            let Some(slots) = self.slots(origin) else {
+            let Some(slots) = &slots else {
                 break None;
             };
             let start = *start.get_or_insert_with(Instant::now);
@@ -288,9 +324,8 @@ where
                 .wait_turn(origin, slots.clone(), since, start + timeout)
                 .await?
             {
-                Some(permit) => break Some((slots, permit)),
-                // A connection was handed back: the idle list again.
-                None => continue,
+                Turn::Permit(permit) => break Some((slots.clone(), permit)),
+                Turn::Conn(idle) => handed = Some(idle),
             }
         };
         // A new connection: the timeout counts from before it is made, or from the first
@@ -368,12 +403,13 @@ where
         Some(self.cap.as_ref()?.slots(origin))
     }
 
-    /// Waits for a new connection's permit or for an open connection, at an origin that may
-    /// have `upstream_max_connections` open: a permit is free at once, or comes when one of
-    /// them closes; `None` says one was handed back, ready, to the idle list. A connection
-    /// handed back while its response body still streams is taken out of the list and
-    /// waited on, since nothing else says when it is free. Waits within the connect timeout
-    /// (HAProxy's `timeout queue` defaults to its `timeout connect`) and `deadline`.
+    /// Waits for a turn at an origin that may have `upstream_max_connections` open: a
+    /// permit for a new connection, free at once or when one of them closes, or one of them
+    /// that is free. Requests that wait queue in the order they came, and the first of them
+    /// watches: for a permit, for a connection handed back to the idle list, and for every
+    /// busy one there (taken out of it, since nothing else says when a response body has
+    /// ended). Waits within the connect timeout from `since`, when the request began to wait
+    /// (HAProxy's `timeout queue` defaults to its `timeout connect`), and `deadline`.
     ///
     /// Boxed, as `connect_boxed` is: rare, and `send`'s future should not carry it.
     #[inline(never)]
@@ -383,14 +419,27 @@ where
         slots: Arc<Slots>,
         since: Instant,
         deadline: Instant,
-    ) -> Pin<Box<dyn Future<Output = Result<Option<OwnedSemaphorePermit>, SendError>> + Send + 'a>>
-    {
+    ) -> Pin<Box<dyn Future<Output = Result<Turn, SendError>> + Send + 'a>> {
         Box::pin(async move {
             if let Ok(permit) = slots.open.clone().try_acquire_owned() {
-                return Ok(Some(permit));
+                return Ok(Turn::Permit(permit));
             }
             let until = deadline.min(since + self.connect_timeout);
-            let mut expired = pin!(tokio::time::sleep_until(until));
+            let expired = || {
+                if until >= deadline {
+                    SendError::Timeout
+                } else {
+                    SendError::Saturated {
+                        limit: self.cap.as_ref().map_or(0, |c| c.limit),
+                        waited: until.duration_since(since),
+                    }
+                }
+            };
+            let _waiting = Waiting::enter(&slots.waiting);
+            let Ok(_first) = tokio::time::timeout_at(until, slots.line.lock()).await else {
+                return Err(expired());
+            };
+            let mut timer = pin!(tokio::time::sleep_until(until));
             let mut acquire = pin!(slots.open.clone().acquire_owned());
             let mut taken = Taken {
                 pool: self,
@@ -401,58 +450,38 @@ where
                 let mut returned = pin!(slots.returned.notified());
                 returned.as_mut().enable();
                 // After `enable`: one handed back since the last look is not missed.
-                if self.any_ready(origin) {
-                    return Ok(None);
+                if let Some((idle, _)) = self.checkout(origin) {
+                    return Ok(Turn::Conn(Box::new(idle)));
                 }
-                // Every busy one: a waiter that watched one only would miss another coming
-                // free, and leave it idle while the others wait.
                 self.take_busy(origin, &mut taken.idle);
                 let busy = &mut taken.idle;
-                let turn = poll_fn(|cx| {
+                let woke = poll_fn(|cx| {
                     if let Poll::Ready(permit) = acquire.as_mut().poll(cx) {
-                        return Poll::Ready(Turn::Permit(permit.expect("never closed")));
+                        return Poll::Ready(Woke::Permit(permit.expect("never closed")));
                     }
                     if returned.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Turn::Returned);
+                        return Poll::Ready(Woke::Returned);
                     }
                     for (i, busy) in busy.iter_mut().enumerate() {
                         if let Poll::Ready(ready) = busy.conn.sender.poll_ready(cx) {
-                            return Poll::Ready(Turn::Ready(i, ready.is_ok()));
+                            return Poll::Ready(Woke::Ready(i, ready.is_ok()));
                         }
                     }
-                    expired.as_mut().poll(cx).map(|()| Turn::Expired)
+                    timer.as_mut().poll(cx).map(|()| Woke::Expired)
                 })
                 .await;
-                match turn {
-                    Turn::Permit(permit) => return Ok(Some(permit)),
-                    // Another look, still waiting on the connections taken.
-                    Turn::Returned => {}
-                    Turn::Ready(i, true) => {
-                        // For this request: the others are told of the rest (`Taken`).
-                        let free = taken.idle.swap_remove(i);
-                        self.keep(origin, free.conn);
-                        return Ok(None);
+                match woke {
+                    Woke::Permit(permit) => return Ok(Turn::Permit(permit)),
+                    // Another look, still watching the connections taken.
+                    Woke::Returned => {}
+                    // The rest go back, and whoever is next in line is told (`Taken`).
+                    Woke::Ready(i, true) => {
+                        return Ok(Turn::Conn(Box::new(taken.idle.swap_remove(i))))
                     }
-                    Turn::Ready(i, false) => drop(taken.idle.swap_remove(i)),
-                    Turn::Expired if until >= deadline => return Err(SendError::Timeout),
-                    Turn::Expired => {
-                        return Err(SendError::Saturated {
-                            limit: self.cap.as_ref().map_or(0, |c| c.limit),
-                            waited: until.duration_since(since),
-                        })
-                    }
+                    Woke::Ready(i, false) => drop(taken.idle.swap_remove(i)),
+                    Woke::Expired => return Err(expired()),
                 }
             }
-        })
-    }
-
-    /// Whether the origin has an idle connection ready to take a request.
-    fn any_ready(&self, origin: &str) -> bool {
-        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        idle.get(origin).is_some_and(|list| {
-            list.iter()
-                .any(|c| c.conn.sender.is_ready() && c.usable(now, self.idle_timeout))
         })
     }
 
@@ -599,11 +628,18 @@ impl<C> Drop for Taken<'_, C> {
     }
 }
 
-/// What ended a wait for a turn at a saturated origin (`Pool::wait_turn`).
+/// A turn at an origin under `upstream_max_connections` (`Pool::wait_turn`): a new
+/// connection's permit, or a connection that is free.
 enum Turn {
     Permit(OwnedSemaphorePermit),
+    Conn(Box<Idle>),
+}
+
+/// What woke the first request in line (`Pool::wait_turn`).
+enum Woke {
+    Permit(OwnedSemaphorePermit),
     Returned,
-    /// The busy connection waited on at this index is free (`true`) or closed.
+    /// The busy connection watched at this index is free (`true`) or closed.
     Ready(usize, bool),
     Expired,
 }

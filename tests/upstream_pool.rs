@@ -245,6 +245,37 @@ async fn every_connection_that_comes_free_goes_to_a_waiting_request() {
     assert_eq!(backend.connections(), 2);
 }
 
+/// Under a cap, turns go in the order requests came: three that wait are sent in order,
+/// and a request that comes as the connection frees queues behind them rather than take it.
+#[tokio::test]
+async fn turns_go_in_the_order_requests_came_and_a_newcomer_queues_behind() {
+    let backend = big_body_backend().await;
+    let origin = backend.origin();
+    let p = limited_pool(1);
+    let first = hold(&p, &origin, "/a").await;
+    let mut waiting = Vec::new();
+    for path in ["/w0", "/w1", "/w2"] {
+        waiting.push(spawn_fetch(&p, &origin, path));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes().len(),
+        BIG
+    );
+    // Comes as the one connection frees: it must not take it from the three.
+    assert_eq!(fetch(&p, &origin, "/new").await.1.len(), BIG);
+    for w in waiting {
+        assert_eq!(w.await.unwrap().1.len(), BIG);
+    }
+    let order: Vec<_> = backend
+        .requests()
+        .iter()
+        .map(|r| r.uri.path().to_owned())
+        .collect();
+    assert_eq!(order, ["/a", "/w0", "/w1", "/w2", "/new"]);
+    assert_eq!(backend.connections(), 1);
+}
+
 /// Pools that share one cap (the pools of one client, one per trust root) share its count:
 /// a request to an origin whose one allowed connection another pool holds waits, then gets
 /// `Saturated` at the connect timeout.
