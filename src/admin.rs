@@ -144,11 +144,7 @@ fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Ready) -> Response<Ful
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => {
             let mut rsp = text(StatusCode::OK, "");
-            *rsp.body_mut() = Full::new(Bytes::from(proxy.metrics.render(
-                &proxy.tags,
-                &proxy.memo,
-                &proxy.budget,
-            )));
+            *rsp.body_mut() = Full::new(Bytes::from(proxy.render_metrics()));
             rsp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

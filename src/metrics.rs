@@ -14,6 +14,7 @@ use http::Method;
 
 use crate::budget::Budget;
 use crate::memo::BodyMemo;
+use crate::pool::ConnectionCap;
 use crate::tags::TagStore;
 
 /// Upper bounds of the latency histograms, in seconds.
@@ -176,6 +177,32 @@ pub fn route_labels(host: Option<&str>, prefix: &str) -> String {
         Some(host) => format!("route=\"{}\",host=\"{}\"", esc(prefix), esc(host)),
         None => format!("route=\"{}\"", esc(prefix)),
     }
+}
+
+/// The gauges of `upstream_max_connections`, per origin that has had a connection under it.
+pub fn write_connection_cap(out: &mut String, cap: &ConnectionCap) {
+    let rows = cap.snapshot();
+    let mut gauge = |name: &str, help: &str, value: &dyn Fn(&(String, usize, usize)) -> usize| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for row in &rows {
+            let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", esc(&row.0), value(row));
+        }
+    };
+    gauge(
+        "ifmatch_upstream_connections_limit",
+        "upstream_max_connections: the most connections open at once to each backend origin.",
+        &|_| cap.limit(),
+    );
+    gauge(
+        "ifmatch_upstream_connections_open",
+        "Connections open now to each backend origin, busy and idle, under upstream_max_connections.",
+        &|r| r.1,
+    );
+    gauge(
+        "ifmatch_upstream_connections_waiting",
+        "Requests waiting now for a connection to each backend origin, under upstream_max_connections.",
+        &|r| r.2,
+    );
 }
 
 /// The label set of requests no route took.

@@ -106,12 +106,39 @@ pub struct ConnectionCap {
     slots: Mutex<HashMap<String, Arc<Slots>, foldhash::fast::RandomState>>,
 }
 
+impl std::fmt::Debug for ConnectionCap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionCap")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConnectionCap {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             limit,
             slots: Mutex::new(HashMap::default()),
         })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Per origin that has had a connection under the cap, sorted: the connections open
+    /// now and the requests waiting for a turn.
+    pub fn snapshot(&self) -> Vec<(String, usize, usize)> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<_> = slots
+            .iter()
+            .map(|(origin, s)| {
+                let open = self.limit.saturating_sub(s.open.available_permits());
+                (origin.clone(), open, s.waiting.load(Ordering::Acquire))
+            })
+            .collect();
+        rows.sort();
+        rows
     }
 
     /// The origin's permits.

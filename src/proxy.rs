@@ -276,6 +276,16 @@ impl Proxy {
         self.cutting.store(true, Ordering::Release);
     }
 
+    /// The Prometheus text of `/metrics`: the counters, the caches' and budget's gauges,
+    /// and those of `upstream_max_connections` when it is set.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render(&self.tags, &self.memo, &self.budget);
+        if let Some(cap) = self.routing.load().upstream.cap() {
+            crate::metrics::write_connection_cap(&mut out, cap);
+        }
+        out
+    }
+
     /// The TLS config for the next connection, when the listener is TLS.
     pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.routing.load().tls.clone()

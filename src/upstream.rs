@@ -65,6 +65,8 @@ pub struct UpstreamClient {
     max_request_body: u64,
     /// For the reason given when a response head is over them.
     read_limits: ReadLimits,
+    /// `upstream_max_connections`, shared by the pools, for its metrics.
+    cap: Option<Arc<ConnectionCap>>,
 }
 
 fn build(tls: &ClientConfig, s: &Server, cap: Option<Arc<ConnectionCap>>) -> Arc<Pool<Connector>> {
@@ -120,12 +122,18 @@ impl UpstreamClient {
             .map(|(path, tls)| (path, build(tls, s, cap.clone())))
             .collect();
         Self {
-            pool: build(&platform, s, cap),
+            pool: build(&platform, s, cap.clone()),
+            cap,
             by_ca_file,
             connect_timeout: s.connect_timeout,
             max_request_body: s.max_request_body,
             read_limits: read_limits(s),
         }
+    }
+
+    /// `upstream_max_connections`, when set.
+    pub fn cap(&self) -> Option<&Arc<ConnectionCap>> {
+        self.cap.as_ref()
     }
 
     /// The client's body, cut off past `server.max_request_body` (the send then fails with

@@ -597,12 +597,13 @@ async fn upstream_max_connections_bounds_the_connections_open_to_a_backend() {
 
 /// A request that finds every allowed connection busy for `connect_timeout` gets a 503
 /// problem that says why, with `Retry-After`; the busy request is answered, and the next
-/// request has the connection.
+/// request has the connection. Meanwhile the metrics show the one connection open and the
+/// one request waiting.
 #[tokio::test]
 async fn a_request_finding_every_allowed_connection_busy_gets_503_after_connect_timeout() {
     let backend = ScriptedBackend::start(|r| async move {
         if r.uri.path() == "/slow" {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
         }
         respond(200, &[], "done")
     })
@@ -610,9 +611,13 @@ async fn a_request_finding_every_allowed_connection_busy_gets_503_after_connect_
     let proxy = Proxy::start_with(
         &route("/", ""),
         &backend.origin(),
-        "upstream_max_connections = 1\nconnect_timeout = \"300ms\"",
+        "upstream_max_connections = 1\nconnect_timeout = \"1s\"",
     )
     .await;
+    let gauge = |name: &str, n: usize| {
+        let line = format!("\n{name}{{upstream=\"{}\"}} {n}\n", backend.origin());
+        proxy.state.render_metrics().contains(&line)
+    };
     let c = Client::new();
     let slow = {
         let (c, url) = (c.clone(), proxy.url("/slow"));
@@ -620,7 +625,15 @@ async fn a_request_finding_every_allowed_connection_busy_gets_503_after_connect_
     };
     let sent = || backend.requests().iter().any(|r| r.uri.path() == "/slow");
     assert!(common::eventually(Duration::from_secs(5), sent).await);
-    let refused = c.get(&proxy.url("/fast"), &[]).await;
+    let refused = {
+        let (c, url) = (c.clone(), proxy.url("/fast"));
+        tokio::spawn(async move { c.get(&url, &[]).await })
+    };
+    let waiting = || gauge("ifmatch_upstream_connections_waiting", 1);
+    assert!(common::eventually(Duration::from_secs(1), waiting).await);
+    assert!(gauge("ifmatch_upstream_connections_open", 1));
+    assert!(gauge("ifmatch_upstream_connections_limit", 1));
+    let refused = refused.await.unwrap();
     let problem = refused.assert_problem(503);
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.contains("upstream_max_connections"), "{detail}");
@@ -634,6 +647,7 @@ async fn a_request_finding_every_allowed_connection_busy_gets_503_after_connect_
     assert_eq!((slow.status, slow.text()), (200, "done".into()));
     assert_eq!(c.get(&proxy.url("/fast"), &[]).await.status, 200);
     assert_eq!(backend.connections(), 1);
+    assert!(gauge("ifmatch_upstream_connections_waiting", 0));
 }
 
 #[tokio::test]
