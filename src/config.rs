@@ -141,7 +141,7 @@ pub struct Route {
     /// For an `https://` upstream: the CA file to trust instead of the platform's roots,
     /// and the client config built from it at load.
     pub ca_file: Option<PathBuf>,
-    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    pub upstream_tls: Option<crate::tls::ClientTls>,
     /// Its metrics' label set (`metrics::route_labels`), made once here.
     pub metric_labels: String,
 }

@@ -81,7 +81,9 @@ struct Routing {
 }
 
 impl Routing {
-    fn new(config: &Config, random_key: &TagKey) -> Self {
+    /// `previous`: the routing a reload replaces, whose upstream pools are kept where the
+    /// new config would make them again.
+    fn new(config: &Config, random_key: &TagKey, previous: Option<&Routing>) -> Self {
         let s = &config.server;
         let router = Router::new(config.routes.iter().cloned());
         for (host_route, other) in router.shadowed_host_routes() {
@@ -101,7 +103,10 @@ impl Routing {
         Self {
             router,
             tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
-            upstream: UpstreamClient::new(config),
+            upstream: match previous {
+                Some(p) => p.upstream.reloaded(config),
+                None => UpstreamClient::new(config),
+            },
             tls: s.tls.clone(),
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
@@ -258,7 +263,7 @@ impl Proxy {
             );
         }
         Self {
-            routing: ArcSwap::from_pointee(Routing::new(config, &random_key)),
+            routing: ArcSwap::from_pointee(Routing::new(config, &random_key, None)),
             random_key,
             tags: TagStore::new(config.server.tag_cache_entries),
             memo: BodyMemo::new(config.server.tag_memo_bytes),
@@ -300,13 +305,13 @@ impl Proxy {
     /// finish under the old ones. Locks are kept, and so is the tag cache (its size is not
     /// changed by a reload) unless the key changed or a route now trusts it where none did.
     pub fn reload(&self, config: &Config) {
-        let mut new = Routing::new(config, &self.random_key);
-        let changed = self.routing.load().tag_key != new.tag_key;
+        let current = self.routing.load_full();
+        let mut new = Routing::new(config, &self.random_key, Some(&current));
+        let changed = current.tag_key != new.tag_key;
         new.key_generation = self.key_generation.load(Ordering::SeqCst) + u64::from(changed);
         let new = Arc::new(new);
         // Judged before the swap, so that requests under the new routes meet the tags it
         // distrusts for as short a time as may be. (Reloads run one at a time.)
-        let current = self.routing.load_full();
         let trusting = new.router.trusts_more_than(&current.router).cloned();
         let old = self.routing.swap(new.clone());
         self.budget.set_limit(config.server.max_buffered_bytes);

@@ -49,13 +49,29 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
     Ok(Arc::new(config))
 }
 
+/// A client config for `https://` upstreams, and a digest of the roots it trusts: a reload
+/// keeps the connections of a pool whose roots did not change (`UpstreamClient::reloaded`).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub config: Arc<ClientConfig>,
+    /// SHA-256 over the roots' DER, each with its length, in the order read.
+    pub roots: [u8; 32],
+}
+
 /// A client config for `https://` upstreams trusting `ca_file` alone (a private CA), or the
 /// platform's roots when there is none.
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+pub fn client_config(ca_file: Option<&Path>) -> Result<ClientTls, String> {
+    use sha2::Digest as _;
     let mut roots = RootCertStore::empty();
+    let mut digest = sha2::Sha256::new();
+    let mut read = |c: &CertificateDer<'_>| {
+        digest.update((c.len() as u64).to_be_bytes());
+        digest.update(c);
+    };
     match ca_file {
         Some(path) => {
             for c in certs(path)? {
+                read(&c);
                 roots
                     .add(c)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -63,6 +79,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         }
         None => {
             let found = rustls_native_certs::load_native_certs();
+            found.certs.iter().for_each(&mut read);
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
                 tracing::warn!("no platform CA certificates found; https upstreams need ca_file");
@@ -76,5 +93,8 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, String
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(ClientTls {
+        config: Arc::new(config),
+        roots: digest.finalize().into(),
+    })
 }

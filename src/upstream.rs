@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::framing::FramingError;
 use crate::pool::{ConnectionCap, Pool, ReadLimits, SendError};
+use crate::tls::ClientTls;
 
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
 /// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
@@ -61,12 +62,58 @@ type Connector = HttpsConnector<HttpConnector>;
 pub struct UpstreamClient {
     pool: Arc<Pool<Connector>>,
     by_ca_file: HashMap<PathBuf, Arc<Pool<Connector>>>,
+    /// Every pool by the digest of the roots it trusts (`ClientTls::roots`), and the
+    /// settings they were made with: a reload keeps those it would make again, and their
+    /// open connections (`reloaded`).
+    by_roots: HashMap<[u8; 32], Arc<Pool<Connector>>>,
+    settings: PoolSettings,
     connect_timeout: Duration,
     max_request_body: u64,
     /// For the reason given when a response head is over them.
     read_limits: ReadLimits,
     /// `upstream_max_connections`, shared by the pools, for its metrics.
     cap: Option<Arc<ConnectionCap>>,
+}
+
+/// What a pool is made with besides its roots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PoolSettings {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    max_connections: Option<usize>,
+    read_buffer: usize,
+    max_header_fields: usize,
+}
+
+impl PoolSettings {
+    fn of(s: &Server) -> Self {
+        Self {
+            connect_timeout: s.connect_timeout,
+            idle_timeout: s.upstream_idle_timeout,
+            max_idle: s.upstream_max_idle,
+            max_connections: s.upstream_max_connections,
+            read_buffer: s.upstream_read_buffer,
+            max_header_fields: s.max_header_fields,
+        }
+    }
+}
+
+/// The platform's roots, or none (https upstreams then need `ca_file`).
+fn platform_tls() -> ClientTls {
+    crate::tls::client_config(None).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no platform roots; https upstreams need ca_file");
+        let config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+        ClientTls {
+            config: Arc::new(config),
+            roots: [0; 32],
+        }
+    })
 }
 
 fn build(tls: &ClientConfig, s: &Server, cap: Option<Arc<ConnectionCap>>) -> Arc<Pool<Connector>> {
@@ -100,29 +147,45 @@ fn read_limits(s: &Server) -> ReadLimits {
 
 impl UpstreamClient {
     pub fn new(config: &Config) -> Self {
+        Self::made(config, None)
+    }
+
+    /// The client for a reloaded `config`: the pools of this one that it would make again
+    /// (the same settings, the same roots) are kept, with their open connections and their
+    /// count under `upstream_max_connections`; a reload used to close every kept-alive
+    /// backend connection, and the cap's count began again beside the old one's.
+    pub fn reloaded(&self, config: &Config) -> Self {
+        Self::made(config, Some(self))
+    }
+
+    fn made(config: &Config, previous: Option<&Self>) -> Self {
         let s = &config.server;
-        let platform = crate::tls::client_config(None).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "no platform roots; https upstreams need ca_file");
-            Arc::new(
-                ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-            )
-        });
+        let settings = PoolSettings::of(s);
+        let previous = previous.filter(|p| p.settings == settings);
         // One cap for all the pools: it is per origin, whichever roots a route trusts.
-        let cap = s.upstream_max_connections.map(ConnectionCap::new);
+        let cap = match previous {
+            Some(p) => p.cap.clone(),
+            None => s.upstream_max_connections.map(ConnectionCap::new),
+        };
+        let mut by_roots = HashMap::new();
+        let mut pool_for = |tls: &ClientTls| {
+            let kept = || previous.and_then(|p| p.by_roots.get(&tls.roots).cloned());
+            by_roots
+                .entry(tls.roots)
+                .or_insert_with(|| kept().unwrap_or_else(|| build(&tls.config, s, cap.clone())))
+                .clone()
+        };
+        let pool = pool_for(&platform_tls());
         let by_ca_file = config
             .routes
             .iter()
             .filter_map(|r| Some((r.ca_file.clone()?, r.upstream_tls.as_ref()?)))
-            .map(|(path, tls)| (path, build(tls, s, cap.clone())))
+            .map(|(path, tls)| (path, pool_for(tls)))
             .collect();
         Self {
-            pool: build(&platform, s, cap.clone()),
+            pool,
+            by_roots,
+            settings,
             cap,
             by_ca_file,
             connect_timeout: s.connect_timeout,
@@ -620,6 +683,53 @@ pub fn revalidation_request(parts: &Parts) -> Request<UpstreamBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed CA certificate in PEM, a new one each call.
+    fn ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn a_reload_keeps_the_pools_it_would_make_again() {
+        let dir = std::env::temp_dir().join(format!("ifmatch-pools-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, ca_pem()).unwrap();
+        let text = |server: &str, routes: &str| {
+            format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\nupstream_max_connections = 4\n{server}\n\
+                 [[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n\
+                 [[route]]\nprefix = \"/s/\"\nupstream = \"https://localhost:9\"\nca_file = \"{}\"\n{routes}",
+                ca.display()
+            )
+        };
+        let file = dir.join("t.toml");
+        let parse = |t: String| Config::parse(&t, file.to_str().unwrap()).unwrap();
+        let same = |a: &UpstreamClient, b: &UpstreamClient| {
+            let ca_pool = |c: &UpstreamClient| c.by_ca_file[&ca].clone();
+            (
+                Arc::ptr_eq(&a.pool, &b.pool),
+                Arc::ptr_eq(&ca_pool(a), &ca_pool(b)),
+                Arc::ptr_eq(a.cap.as_ref().unwrap(), b.cap.as_ref().unwrap()),
+            )
+        };
+        let first = UpstreamClient::new(&parse(text("", "")));
+        // Routes changed, nothing the pools are made with: all kept, the cap's count too.
+        let more = "[[route]]\nprefix = \"/x/\"\nupstream = \"http://127.0.0.1:8\"\n";
+        let second = first.reloaded(&parse(text("", more)));
+        assert_eq!(same(&first, &second), (true, true, true));
+        // The CA file rewritten with another CA: its pool is made anew, the rest kept.
+        std::fs::write(&ca, ca_pem()).unwrap();
+        let third = second.reloaded(&parse(text("", more)));
+        assert_eq!(same(&second, &third), (true, false, true));
+        // An upstream setting changed: every pool made anew.
+        let fourth = third.reloaded(&parse(text("connect_timeout = \"4s\"", more)));
+        assert_eq!(same(&third, &fourth), (false, false, false));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn requests_go_upstream_in_origin_form() {

@@ -401,6 +401,36 @@ async fn sighup_with_an_invalid_file_keeps_the_old_config_and_logs_why() {
     assert_eq!(r.status, 200, "the old config keeps serving");
 }
 
+/// A reload that changes routes only keeps the kept-alive backend connections: the next
+/// request goes on the one open before it. One that changes an upstream setting opens anew.
+#[tokio::test]
+async fn sighup_keeps_backend_connections_unless_an_upstream_setting_changes() {
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let origin = backend.origin();
+    let routes = config(&[("/", &origin, "")]);
+    let bin = Binary::start(&routes, &[]).await;
+    let c = Client::new();
+    for _ in 0..2 {
+        assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
+    }
+    assert_eq!(backend.connections(), 1);
+
+    bin.reload(&config(&[("/", &origin, ""), ("/other/", &origin, "")]))
+        .await;
+    assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
+    assert_eq!(backend.connections(), 1, "kept across a reload of routes");
+
+    let slower = config(&[("/", &origin, "")]).replacen(
+        "[server]\n",
+        "[server]\nconnect_timeout = \"4s\"\n",
+        1,
+    );
+    bin.reload(&slower).await;
+    assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
+    assert_eq!(backend.connections(), 2, "made anew with the new setting");
+}
+
 #[tokio::test]
 async fn sighup_applies_a_new_upstream_idle_timeout() {
     let backend =
