@@ -1,8 +1,10 @@
 //! Turns under `upstream_max_connections`: how evenly clients that queue for a capped
 //! backend are served. 20 clients loop over GETs through the upstream pool (`ifmatch::pool`,
 //! in process) to a backend on 127.0.0.1 that answers after 5 ms, with 2 connections
-//! allowed and a 2 s connect timeout (the queue's bound). Prints requests per client (min
-//! and max), the 503s (`Saturated`), and the mean and longest time a request took.
+//! allowed and a 2 s connect timeout (the queue's bound); then 6 clients, one connection
+//! allowed, 300 KiB answers at once: more than a connection reads ahead, so that the connection is
+//! still busy with its body when handed back, and comes free later. Prints requests per client (min and max), the 503s
+//! (`Saturated`), and the mean and longest time a request took.
 //!
 //!     cargo bench --bench queue -- --seconds 10
 //!
@@ -22,10 +24,6 @@ use hyper_util::rt::TokioIo;
 use ifmatch::config::{Upstream, DEFAULT_MAX_HEADER_FIELDS, DEFAULT_UPSTREAM_READ_BUFFER};
 use ifmatch::pool::{ConnectionCap, Pool, ReadLimits, SendError};
 
-const CLIENTS: usize = 20;
-const CAP: usize = 2;
-const SERVICE: Duration = Duration::from_millis(5);
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` passes --bench; only --seconds matters here.
@@ -39,18 +37,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(run(Duration::from_secs(seconds)));
+        .block_on(async {
+            let ms = Duration::from_millis;
+            run(Duration::from_secs(seconds), 20, 2, 2, ms(5)).await;
+            run(Duration::from_secs(seconds), 6, 1, 300 << 10, ms(0)).await;
+        });
 }
 
-/// A backend that answers every request with "ok" after `SERVICE`.
-async fn backend() -> String {
+/// A backend that answers every request with `body` bytes after `service`.
+async fn backend(body: usize, service: Duration) -> String {
+    let body = Bytes::from(vec![b'x'; body]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let service = service_fn(|_req| async {
-                tokio::time::sleep(SERVICE).await;
-                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            let body = body.clone();
+            let service = service_fn(move |_req| {
+                let body = body.clone();
+                async move {
+                    tokio::time::sleep(service).await;
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(body)))
+                }
             });
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -62,8 +69,8 @@ async fn backend() -> String {
     origin
 }
 
-async fn run(duration: Duration) {
-    let origin = backend().await;
+async fn run(duration: Duration, n: usize, cap: usize, body: usize, service: Duration) {
+    let origin = backend(body, service).await;
     let uri: http::Uri = origin.parse().unwrap();
     let upstream = Arc::new(Upstream::new(
         uri.scheme().unwrap().clone(),
@@ -77,13 +84,13 @@ async fn run(duration: Duration) {
         HttpConnector::new(),
         Duration::from_secs(60),
         256,
-        Some(ConnectionCap::new(CAP)),
+        Some(ConnectionCap::new(cap)),
         limits,
         Duration::from_secs(2),
     );
     let end = Instant::now() + duration;
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..CLIENTS {
+    for _ in 0..n {
         let (pool, upstream) = (pool.clone(), upstream.clone());
         let host = uri.authority().unwrap().to_string();
         clients.spawn(async move {
@@ -123,7 +130,7 @@ async fn run(duration: Duration) {
     let mean = rows.iter().map(|r| r.2).sum::<Duration>() / u32::try_from(requests.max(1)).unwrap();
     let longest = rows.iter().map(|r| r.3).max().unwrap();
     println!(
-        "{CLIENTS} clients, cap {CAP}, {duration:?}: {} answered, per client {}–{}; {refused} refused (503); mean {:.1} ms, longest {:.1} ms",
+        "{n} clients, cap {cap}, {body} B answers after {service:?}, {duration:?}: {} answered, per client {}–{}; {refused} refused (503); mean {:.1} ms, longest {:.1} ms",
         done.iter().sum::<u64>(),
         done.iter().min().unwrap(),
         done.iter().max().unwrap(),

@@ -62,37 +62,49 @@ struct Conn {
     /// connection whose answer nobody awaits only once it reads again, and one stuck
     /// writing an upload to a backend that takes no more never does.
     task: AbortHandle,
-    /// Its origin's limit, if there is one: told when the connection is handed back.
-    slots: Option<Arc<Slots>>,
+    /// The line of requests waiting for a turn at its origin, under a cap: told when the
+    /// connection is handed back.
+    line: Option<Arc<Line>>,
 }
 
-/// An origin's share of `upstream_max_connections`: a permit for each open connection,
-/// held by the connection's task until it ends, and a signal to requests waiting for a
-/// connection that one has been handed back.
-struct Slots {
+/// An origin's share of `upstream_max_connections`, which the pools of one client share: a
+/// permit for each open connection, held by the connection's task until it ends, and the
+/// count of requests waiting for a turn in any of the pools (for the metrics).
+struct Share {
     open: Arc<Semaphore>,
-    returned: Notify,
-    /// The requests waiting for a turn queue here (tokio's mutex is fair): the first
-    /// watches for one, the others wait behind it, so that turns go in the order they came.
-    line: tokio::sync::Mutex<()>,
-    /// Requests waiting for a turn: while there are any, a new request queues behind them
-    /// rather than take a connection that comes free.
     waiting: AtomicUsize,
 }
 
-/// A request counted among those waiting for a turn (`Slots::waiting`) while it lives.
-struct Waiting<'a>(&'a AtomicUsize);
+/// The requests of one pool waiting for a turn at one origin. Its own per pool: a request
+/// can take only its own pool's connections (they trust its roots).
+struct Line {
+    share: Arc<Share>,
+    /// Told when a connection is handed back after its response head.
+    returned: Notify,
+    /// The waiting queue here (tokio's mutex is fair): the first watches for a turn, the
+    /// others wait behind it, so that turns go in the order they came.
+    order: tokio::sync::Mutex<()>,
+    /// Requests in this line: while there are any, a new request queues behind them rather
+    /// than take a connection that comes free.
+    waiting: AtomicUsize,
+}
+
+/// A request counted among those waiting for a turn (`Line::waiting`, `Share::waiting`)
+/// while it lives.
+struct Waiting<'a>(&'a Line);
 
 impl<'a> Waiting<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count)
+    fn enter(line: &'a Line) -> Self {
+        line.waiting.fetch_add(1, Ordering::AcqRel);
+        line.share.waiting.fetch_add(1, Ordering::Relaxed);
+        Self(line)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.share.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -101,9 +113,9 @@ impl Drop for Waiting<'_> {
 /// `ca_file`s share it too.
 pub struct ConnectionCap {
     limit: usize,
-    /// Each origin's permits, made at its first new connection and kept: origins come from
-    /// the config, so they are few.
-    slots: Mutex<HashMap<String, Arc<Slots>, foldhash::fast::RandomState>>,
+    /// Each origin's share, made at its first request and kept: origins come from the
+    /// config, so they are few.
+    shares: Mutex<HashMap<String, Arc<Share>, foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for ConnectionCap {
@@ -118,7 +130,7 @@ impl ConnectionCap {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             limit,
-            slots: Mutex::new(HashMap::default()),
+            shares: Mutex::new(HashMap::default()),
         })
     }
 
@@ -126,36 +138,34 @@ impl ConnectionCap {
         self.limit
     }
 
-    /// Per origin that has had a connection under the cap, sorted: the connections open
-    /// now and the requests waiting for a turn.
+    /// Per origin that has had a request under the cap, sorted: the connections open now
+    /// and the requests waiting for a turn.
     pub fn snapshot(&self) -> Vec<(String, usize, usize)> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<_> = slots
+        let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<_> = shares
             .iter()
             .map(|(origin, s)| {
                 let open = self.limit.saturating_sub(s.open.available_permits());
-                (origin.clone(), open, s.waiting.load(Ordering::Acquire))
+                (origin.clone(), open, s.waiting.load(Ordering::Relaxed))
             })
             .collect();
         rows.sort();
         rows
     }
 
-    /// The origin's permits.
-    fn slots(&self, origin: &str) -> Arc<Slots> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slots = match slots.get(origin) {
-            Some(slots) => slots,
-            None => slots.entry(origin.to_owned()).or_insert_with(|| {
-                Arc::new(Slots {
+    /// The origin's share.
+    fn share(&self, origin: &str) -> Arc<Share> {
+        let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        let share = match shares.get(origin) {
+            Some(share) => share,
+            None => shares.entry(origin.to_owned()).or_insert_with(|| {
+                Arc::new(Share {
                     open: Arc::new(Semaphore::new(self.limit)),
-                    returned: Notify::new(),
-                    line: tokio::sync::Mutex::new(()),
                     waiting: AtomicUsize::new(0),
                 })
             }),
         };
-        slots.clone()
+        share.clone()
     }
 }
 
@@ -197,6 +207,8 @@ pub struct Pool<C> {
     max_idle_per_origin: usize,
     /// Open connections per origin at most (`upstream_max_connections`); `None`: no limit.
     cap: Option<Arc<ConnectionCap>>,
+    /// Under a cap, each origin's line of waiting requests, made at its first request.
+    lines: Mutex<HashMap<String, Arc<Line>, foldhash::fast::RandomState>>,
     /// What a connection reads: at most this at once, and at most so many header fields in
     /// a response head.
     limits: ReadLimits,
@@ -240,6 +252,7 @@ where
             idle_timeout,
             max_idle_per_origin,
             cap,
+            lines: Mutex::new(HashMap::default()),
             limits,
             connect_timeout,
             me: me.clone(),
@@ -275,7 +288,7 @@ where
         let mut replayed = false;
         // Under `upstream_max_connections`: the origin's permits, a connection handed over
         // by a wait for a turn, and since when this request has waited.
-        let slots = self.slots(origin);
+        let line = self.line(origin);
         let mut handed: Option<Box<Idle>> = None;
         let mut waiting = None;
         // A body still to be sent: the timeout runs from its last chunk (see `Deadline`).
@@ -287,9 +300,9 @@ where
         let permit = loop {
             // Requests waiting for a turn come first: a new one queues behind them.
             let queue = waiting.is_none()
-                && slots
+                && line
                     .as_ref()
-                    .is_some_and(|s| s.waiting.load(Ordering::Acquire) > 0);
+                    .is_some_and(|l| l.waiting.load(Ordering::Acquire) > 0);
             while let Some((mut idle, now)) = match handed.take() {
                 Some(idle) => Some((*idle, Instant::now())),
                 None if queue => None,
@@ -342,16 +355,16 @@ where
                     },
                 }
             }
-            let Some(slots) = &slots else {
+            let Some(line) = &line else {
                 break None;
             };
             let start = *start.get_or_insert_with(Instant::now);
             let since = *waiting.get_or_insert_with(Instant::now);
             match self
-                .wait_turn(origin, slots.clone(), since, start + timeout)
+                .wait_turn(origin, line.clone(), since, start + timeout)
                 .await?
             {
-                Turn::Permit(permit) => break Some((slots.clone(), permit)),
+                Turn::Permit(permit) => break Some((line.clone(), permit)),
                 Turn::Conn(idle) => handed = Some(idle),
             }
         };
@@ -426,8 +439,21 @@ where
     }
 
     /// The origin's permits, under `upstream_max_connections`.
-    fn slots(&self, origin: &str) -> Option<Arc<Slots>> {
-        Some(self.cap.as_ref()?.slots(origin))
+    fn line(&self, origin: &str) -> Option<Arc<Line>> {
+        let cap = self.cap.as_ref()?;
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let line = match lines.get(origin) {
+            Some(line) => line,
+            None => lines.entry(origin.to_owned()).or_insert_with(|| {
+                Arc::new(Line {
+                    share: cap.share(origin),
+                    returned: Notify::new(),
+                    order: tokio::sync::Mutex::new(()),
+                    waiting: AtomicUsize::new(0),
+                })
+            }),
+        };
+        Some(line.clone())
     }
 
     /// Waits for a turn at an origin that may have `upstream_max_connections` open: a
@@ -443,12 +469,13 @@ where
     fn wait_turn<'a>(
         &'a self,
         origin: &'a str,
-        slots: Arc<Slots>,
+        line: Arc<Line>,
         since: Instant,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Turn, SendError>> + Send + 'a>> {
         Box::pin(async move {
-            if let Ok(permit) = slots.open.clone().try_acquire_owned() {
+            let open = &line.share.open;
+            if let Ok(permit) = open.clone().try_acquire_owned() {
                 return Ok(Turn::Permit(permit));
             }
             let until = deadline.min(since + self.connect_timeout);
@@ -462,25 +489,24 @@ where
                     }
                 }
             };
-            let _waiting = Waiting::enter(&slots.waiting);
-            let Ok(_first) = tokio::time::timeout_at(until, slots.line.lock()).await else {
+            let _waiting = Waiting::enter(&line);
+            let Ok(_first) = tokio::time::timeout_at(until, line.order.lock()).await else {
                 return Err(expired());
             };
             let mut timer = pin!(tokio::time::sleep_until(until));
-            let mut acquire = pin!(slots.open.clone().acquire_owned());
+            let mut acquire = pin!(open.clone().acquire_owned());
             let mut taken = Taken {
                 pool: self,
                 origin,
                 idle: Vec::new(),
             };
             loop {
-                let mut returned = pin!(slots.returned.notified());
+                let mut returned = pin!(line.returned.notified());
                 returned.as_mut().enable();
                 // After `enable`: one handed back since the last look is not missed.
-                if let Some((idle, _)) = self.checkout(origin) {
+                if let Some(idle) = self.claim(origin, &mut taken.idle) {
                     return Ok(Turn::Conn(Box::new(idle)));
                 }
-                self.take_busy(origin, &mut taken.idle);
                 let busy = &mut taken.idle;
                 let woke = poll_fn(|cx| {
                     if let Poll::Ready(permit) = acquire.as_mut().poll(cx) {
@@ -503,7 +529,11 @@ where
                     Woke::Returned => {}
                     // The rest go back, and whoever is next in line is told (`Taken`).
                     Woke::Ready(i, true) => {
-                        return Ok(Turn::Conn(Box::new(taken.idle.swap_remove(i))))
+                        // Busy until now: not a connection idle long enough to meet a
+                        // backend's keep-alive close (`REPLAY_AFTER`).
+                        let mut free = taken.idle.swap_remove(i);
+                        free.since = Instant::now();
+                        return Ok(Turn::Conn(Box::new(free)));
                     }
                     Woke::Ready(i, false) => drop(taken.idle.swap_remove(i)),
                     Woke::Expired => return Err(expired()),
@@ -512,22 +542,21 @@ where
         })
     }
 
-    /// The origin's connections whose response bodies still stream, out of the list and
-    /// into `into`.
-    fn take_busy(&self, origin: &str, into: &mut Vec<Idle>) {
+    /// For the first request in line: a connection of the origin's that is ready, or else
+    /// all those whose response bodies still stream, out of the list and into `busy` to be
+    /// watched. One pass under one lock: a connection that came free between a look for a
+    /// ready one and a look for busy ones would be in neither, and nothing would say so.
+    fn claim(&self, origin: &str, busy: &mut Vec<Idle>) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = idle.get_mut(origin) else {
-            return;
-        };
-        let mut i = 0;
-        while i < list.len() {
-            let sender = &list[i].conn.sender;
-            if !sender.is_ready() && !sender.is_closed() {
-                into.push(list.swap_remove(i));
-            } else {
-                i += 1;
-            }
+        let list = idle.get_mut(origin)?;
+        let now = Instant::now();
+        list.retain(|c| c.usable(now, self.idle_timeout));
+        if let Some(ready) = list.iter().position(|c| c.conn.sender.is_ready()) {
+            return Some(list.swap_remove(ready));
         }
+        // Open and not ready: busy, every one.
+        busy.append(list);
+        None
     }
 
     /// Closes the connections idle past the timeout, so that a pool with no traffic does
@@ -551,7 +580,7 @@ where
         target: Uri,
         start: Instant,
         timeout: Duration,
-        permit: Option<(Arc<Slots>, OwnedSemaphorePermit)>,
+        permit: Option<(Arc<Line>, OwnedSemaphorePermit)>,
     ) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
         Box::pin(self.connect(target, start, timeout, permit))
     }
@@ -564,7 +593,7 @@ where
         target: Uri,
         start: Instant,
         timeout: Duration,
-        permit: Option<(Arc<Slots>, OwnedSemaphorePermit)>,
+        permit: Option<(Arc<Line>, OwnedSemaphorePermit)>,
     ) -> Connected {
         // Started with the first connection: only then is there something to reap, and a
         // runtime to run on.
@@ -587,7 +616,7 @@ where
         let (sender, conn) = builder.handshake(io).await.map_err(SendError::Http)?;
         let watch = Watch::new(start, timeout);
         let watched = Watched::new(conn, watch.clone());
-        let (slots, permit) = permit.unzip();
+        let (line, permit) = permit.unzip();
         let task = tokio::spawn(async move {
             let _permit = permit;
             match watched.await {
@@ -602,7 +631,7 @@ where
             sender,
             watch,
             task: task.abort_handle(),
-            slots,
+            line,
         })
     }
 }
@@ -614,10 +643,10 @@ impl<C> Pool<C> {
     /// response body has been read to the end. A request waiting for a turn at the origin
     /// is told (`wait_turn`).
     fn checkin(&self, origin: &str, conn: Conn) {
-        let slots = conn.slots.clone();
+        let line = conn.line.clone();
         self.keep(origin, conn);
-        if let Some(slots) = slots {
-            slots.returned.notify_one();
+        if let Some(line) = line {
+            line.returned.notify_one();
         }
     }
 
