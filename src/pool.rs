@@ -73,6 +73,35 @@ struct Conn {
 struct Share {
     open: Arc<Semaphore>,
     waiting: AtomicUsize,
+    /// The pools whose connections to the origin count here, so that a request of one can
+    /// have another close an idle connection it could not use (`Pool::wait_turn`).
+    pools: Mutex<Vec<Weak<dyn CloseIdle>>>,
+}
+
+impl Share {
+    /// Closes one idle connection to `origin` that is ready, in whichever pool has one:
+    /// its permit comes free once its task ends. Says whether other pools than one count
+    /// here at all (then a connection of theirs may come free later, and nothing says so).
+    fn close_idle(&self, origin: &str) -> (bool, bool) {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.retain(|p| p.strong_count() > 0);
+        let closed = pools
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|pool| pool.close_idle(origin));
+        (closed, pools.len() > 1)
+    }
+}
+
+/// How often the first request in line looks again for an idle connection of another pool
+/// to close, while all the permits are held and this pool has no connection to watch: a
+/// connection of another pool coming free is not told to this pool's line.
+const RECHECK: Duration = Duration::from_millis(50);
+
+/// A pool, to a share of a cap it counts under (`Share::pools`).
+trait CloseIdle: Send + Sync {
+    /// Closes one idle, ready connection to `origin`, if there is one.
+    fn close_idle(&self, origin: &str) -> bool;
 }
 
 /// The requests of one pool waiting for a turn at one origin. Its own per pool: a request
@@ -162,6 +191,7 @@ impl ConnectionCap {
                 Arc::new(Share {
                     open: Arc::new(Semaphore::new(self.limit)),
                     waiting: AtomicUsize::new(0),
+                    pools: Mutex::new(Vec::new()),
                 })
             }),
         };
@@ -445,8 +475,15 @@ where
         let line = match lines.get(origin) {
             Some(line) => line,
             None => lines.entry(origin.to_owned()).or_insert_with(|| {
+                let share = cap.share(origin);
+                let me: Weak<dyn CloseIdle> = self.me.clone();
+                share
+                    .pools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(me);
                 Arc::new(Line {
-                    share: cap.share(origin),
+                    share,
                     returned: Notify::new(),
                     order: tokio::sync::Mutex::new(()),
                     waiting: AtomicUsize::new(0),
@@ -507,6 +544,16 @@ where
                 if let Some(idle) = self.claim(origin, &mut taken.idle) {
                     return Ok(Turn::Conn(Box::new(idle)));
                 }
+                // Every permit held, and none of this pool's connections busy: an idle one
+                // of another pool under the cap (another `ca_file`'s, or one a reload
+                // replaced), which this request cannot use, gives its place.
+                let mut recheck = None;
+                if taken.idle.is_empty() && open.available_permits() == 0 {
+                    let (closed, others) = line.share.close_idle(origin);
+                    if !closed && others {
+                        recheck = Some(Box::pin(tokio::time::sleep(RECHECK)));
+                    }
+                }
                 let busy = &mut taken.idle;
                 let woke = poll_fn(|cx| {
                     if let Poll::Ready(permit) = acquire.as_mut().poll(cx) {
@@ -518,6 +565,11 @@ where
                     for (i, busy) in busy.iter_mut().enumerate() {
                         if let Poll::Ready(ready) = busy.conn.sender.poll_ready(cx) {
                             return Poll::Ready(Woke::Ready(i, ready.is_ok()));
+                        }
+                    }
+                    if let Some(recheck) = recheck.as_mut() {
+                        if recheck.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Woke::Returned);
                         }
                     }
                     timer.as_mut().poll(cx).map(|()| Woke::Expired)
@@ -633,6 +685,24 @@ where
             task: task.abort_handle(),
             line,
         })
+    }
+}
+
+impl<C: Send + Sync> CloseIdle for Pool<C> {
+    fn close_idle(&self, origin: &str) -> bool {
+        let closed = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(list) = idle.get_mut(origin) else {
+                return false;
+            };
+            let Some(ready) = list.iter().position(|c| c.conn.sender.is_ready()) else {
+                return false;
+            };
+            list.swap_remove(ready)
+        };
+        // Outside the lock: letting go of the sender ends the connection's task.
+        drop(closed);
+        true
     }
 }
 

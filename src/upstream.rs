@@ -161,12 +161,14 @@ impl UpstreamClient {
     fn made(config: &Config, previous: Option<&Self>) -> Self {
         let s = &config.server;
         let settings = PoolSettings::of(s);
-        let previous = previous.filter(|p| p.settings == settings);
-        // One cap for all the pools: it is per origin, whichever roots a route trusts.
+        // One cap for all the pools: it is per origin, whichever roots a route trusts. Kept
+        // while its limit is, so that connections of pools a reload replaces still count
+        // (and an idle one gives its place to a request of the new pools).
         let cap = match previous {
-            Some(p) => p.cap.clone(),
-            None => s.upstream_max_connections.map(ConnectionCap::new),
+            Some(p) if p.settings.max_connections == settings.max_connections => p.cap.clone(),
+            _ => s.upstream_max_connections.map(ConnectionCap::new),
         };
+        let previous = previous.filter(|p| p.settings == settings);
         let mut by_roots = HashMap::new();
         let mut pool_for = |tls: &ClientTls| {
             let kept = || previous.and_then(|p| p.by_roots.get(&tls.roots).cloned());
@@ -725,9 +727,14 @@ mod tests {
         std::fs::write(&ca, ca_pem()).unwrap();
         let third = second.reloaded(&parse(text("", more)));
         assert_eq!(same(&second, &third), (true, false, true));
-        // An upstream setting changed: every pool made anew.
+        // An upstream setting changed: every pool made anew; the cap kept, its limit unchanged.
         let fourth = third.reloaded(&parse(text("connect_timeout = \"4s\"", more)));
-        assert_eq!(same(&third, &fourth), (false, false, false));
+        assert_eq!(same(&third, &fourth), (false, false, true));
+        // The limit changed: a new cap.
+        let fifth = fourth.reloaded(&parse(
+            text("connect_timeout = \"4s\"", more).replace("= 4\n", "= 5\n"),
+        ));
+        assert!(!same(&fourth, &fifth).2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

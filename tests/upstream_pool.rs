@@ -304,24 +304,27 @@ async fn pools_sharing_a_cap_share_its_count_per_origin() {
 
 /// Pools that share a cap keep lines of their own: a request through one pool does not
 /// queue behind a request of another pool that waits for a turn (it could never use this
-/// pool's connections), and takes this pool's idle connection at once.
+/// pool's connections), and takes this pool's connection as it comes free; the other
+/// pool's request has it next (closed for it once idle), not a refusal at its timeout.
 #[tokio::test]
 async fn a_request_does_not_queue_behind_another_pools_waiting_request() {
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let backend = big_body_backend().await;
     let origin = backend.origin();
     let cap = ConnectionCap::new(1);
     let (a, b) = (
         capped_pool(cap.clone(), Duration::from_secs(2)),
         capped_pool(cap, Duration::from_secs(2)),
     );
-    assert_eq!(fetch(&a, &origin, "/x").await.0, 200);
-    // B's request waits: the one connection allowed is A's, idle.
+    let first = hold(&a, &origin, "/a").await;
+    // B's request waits: the one connection allowed is A's, busy.
     let waiting = spawn_fetch(&b, &origin, "/b");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    first.into_body().collect().await.unwrap();
     let answered = tokio::time::timeout(Duration::from_millis(500), fetch(&a, &origin, "/y")).await;
-    assert_eq!(answered.expect("at once, on A's idle connection").0, 200);
-    assert_eq!(backend.connections(), 1);
-    waiting.abort();
+    assert_eq!(answered.expect("at once, on A's connection").1.len(), BIG);
+    let answered = tokio::time::timeout(Duration::from_millis(1500), waiting).await;
+    assert_eq!(answered.expect("before its timeout").unwrap().1.len(), BIG);
+    assert_eq!(backend.most_open(), 1);
 }
 
 /// A connection handed to a waiting request as its response body ends was busy until
@@ -408,6 +411,30 @@ async fn under_load_on_a_cap_of_one_no_request_is_refused_while_the_connection_i
         refused += r.unwrap();
     }
     assert_eq!(refused, 0);
+    assert_eq!(backend.most_open(), 1);
+}
+
+/// An idle connection of one pool under a shared cap gives its place to a request of
+/// another pool, which cannot use it (another trust root; or a pool a reload replaced):
+/// that request is answered at once, not refused at its connect timeout, and the cap holds.
+#[tokio::test]
+async fn an_idle_connection_of_another_pool_gives_its_place() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let origin = backend.origin();
+    let cap = ConnectionCap::new(1);
+    let (a, b) = (
+        capped_pool(cap.clone(), Duration::from_secs(2)),
+        capped_pool(cap, Duration::from_secs(2)),
+    );
+    assert_eq!(fetch(&a, &origin, "/a").await.0, 200);
+    let answered = tokio::time::timeout(Duration::from_millis(500), fetch(&b, &origin, "/b")).await;
+    assert_eq!(
+        answered
+            .expect("at once, A's idle connection closed for it")
+            .0,
+        200
+    );
+    assert_eq!(backend.connections(), 2);
     assert_eq!(backend.most_open(), 1);
 }
 
