@@ -74,6 +74,18 @@ fn spawn_fetch(
     tokio::spawn(async move { fetch(&p, &origin, path).await })
 }
 
+/// Two pools under one cap of one connection per origin (as the pools of one client, one
+/// per trust root), with `connect_timeout`.
+fn pools_sharing_a_cap_of_one(
+    connect_timeout: Duration,
+) -> (Arc<Pool<HttpConnector>>, Arc<Pool<HttpConnector>>) {
+    let cap = ConnectionCap::new(1);
+    (
+        capped_pool(cap.clone(), connect_timeout),
+        capped_pool(cap, connect_timeout),
+    )
+}
+
 /// Sends a GET and leaves its response body unread, its connection busy.
 async fn hold(
     p: &Pool<HttpConnector>,
@@ -283,11 +295,7 @@ async fn turns_go_in_the_order_requests_came_and_a_newcomer_queues_behind() {
 async fn pools_sharing_a_cap_share_its_count_per_origin() {
     let backend = big_body_backend().await;
     let origin = backend.origin();
-    let cap = ConnectionCap::new(1);
-    let (a, b) = (
-        capped_pool(cap.clone(), Duration::from_millis(300)),
-        capped_pool(cap, Duration::from_millis(300)),
-    );
+    let (a, b) = pools_sharing_a_cap_of_one(Duration::from_millis(300));
     let held = hold(&a, &origin, "/a").await;
     match b
         .send(&upstream(&origin), get(&origin, "/b"), TIMEOUT)
@@ -310,11 +318,7 @@ async fn pools_sharing_a_cap_share_its_count_per_origin() {
 async fn a_request_does_not_queue_behind_another_pools_waiting_request() {
     let backend = big_body_backend().await;
     let origin = backend.origin();
-    let cap = ConnectionCap::new(1);
-    let (a, b) = (
-        capped_pool(cap.clone(), Duration::from_secs(2)),
-        capped_pool(cap, Duration::from_secs(2)),
-    );
+    let (a, b) = pools_sharing_a_cap_of_one(Duration::from_secs(2));
     let first = hold(&a, &origin, "/a").await;
     // B's request waits: the one connection allowed is A's, busy.
     let waiting = spawn_fetch(&b, &origin, "/b");
@@ -421,11 +425,7 @@ async fn under_load_on_a_cap_of_one_no_request_is_refused_while_the_connection_i
 async fn an_idle_connection_of_another_pool_gives_its_place() {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
     let origin = backend.origin();
-    let cap = ConnectionCap::new(1);
-    let (a, b) = (
-        capped_pool(cap.clone(), Duration::from_secs(2)),
-        capped_pool(cap, Duration::from_secs(2)),
-    );
+    let (a, b) = pools_sharing_a_cap_of_one(Duration::from_secs(2));
     assert_eq!(fetch(&a, &origin, "/a").await.0, 200);
     let answered = tokio::time::timeout(Duration::from_millis(500), fetch(&b, &origin, "/b")).await;
     assert_eq!(
