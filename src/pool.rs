@@ -206,7 +206,7 @@ const REPLAY_AFTER: Duration = Duration::from_millis(500);
 
 /// What an upstream connection may read (`[server]` `upstream_read_buffer` and
 /// `max_header_fields`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadLimits {
     /// hyper's `max_buf_size`: the most read at once, and the largest response head.
     pub read_buffer: usize,
@@ -560,7 +560,7 @@ where
                         return Poll::Ready(Woke::Permit(permit.expect("never closed")));
                     }
                     if returned.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Woke::Returned);
+                        return Poll::Ready(Woke::Look);
                     }
                     for (i, busy) in busy.iter_mut().enumerate() {
                         if let Poll::Ready(ready) = busy.conn.sender.poll_ready(cx) {
@@ -569,7 +569,7 @@ where
                     }
                     if let Some(recheck) = recheck.as_mut() {
                         if recheck.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Woke::Returned);
+                            return Poll::Ready(Woke::Look);
                         }
                     }
                     timer.as_mut().poll(cx).map(|()| Woke::Expired)
@@ -578,7 +578,7 @@ where
                 match woke {
                     Woke::Permit(permit) => return Ok(Turn::Permit(permit)),
                     // Another look, still watching the connections taken.
-                    Woke::Returned => {}
+                    Woke::Look => {}
                     // The rest go back, and whoever is next in line is told (`Taken`).
                     Woke::Ready(i, true) => {
                         // Busy until now: not a connection idle long enough to meet a
@@ -764,7 +764,9 @@ enum Turn {
 /// What woke the first request in line (`Pool::wait_turn`).
 enum Woke {
     Permit(OwnedSemaphorePermit),
-    Returned,
+    /// Time to look again: a connection was handed back, or (`RECHECK`) one of another
+    /// pool may have come free.
+    Look,
     /// The busy connection watched at this index is free (`true`) or closed.
     Ready(usize, bool),
     Expired,

@@ -66,11 +66,9 @@ pub struct UpstreamClient {
     /// settings they were made with: a reload keeps those it would make again, and their
     /// open connections (`reloaded`).
     by_roots: HashMap<[u8; 32], Arc<Pool<Connector>>>,
+    /// Also the connect timeout and read limits named in errors.
     settings: PoolSettings,
-    connect_timeout: Duration,
     max_request_body: u64,
-    /// For the reason given when a response head is over them.
-    read_limits: ReadLimits,
     /// `upstream_max_connections`, shared by the pools, for its metrics.
     cap: Option<Arc<ConnectionCap>>,
 }
@@ -82,8 +80,7 @@ struct PoolSettings {
     idle_timeout: Duration,
     max_idle: usize,
     max_connections: Option<usize>,
-    read_buffer: usize,
-    max_header_fields: usize,
+    read: ReadLimits,
 }
 
 impl PoolSettings {
@@ -93,8 +90,7 @@ impl PoolSettings {
             idle_timeout: s.upstream_idle_timeout,
             max_idle: s.upstream_max_idle,
             max_connections: s.upstream_max_connections,
-            read_buffer: s.upstream_read_buffer,
-            max_header_fields: s.max_header_fields,
+            read: read_limits(s),
         }
     }
 }
@@ -190,9 +186,7 @@ impl UpstreamClient {
             settings,
             cap,
             by_ca_file,
-            connect_timeout: s.connect_timeout,
             max_request_body: s.max_request_body,
-            read_limits: read_limits(s),
         }
     }
 
@@ -279,7 +273,7 @@ impl UpstreamClient {
                 let ReadLimits {
                     read_buffer,
                     max_header_fields,
-                } = self.read_limits;
+                } = self.settings.read;
                 return Error::Upstream {
                     upstream,
                     reason: format!(
@@ -329,7 +323,7 @@ impl UpstreamClient {
                 if io.kind() == std::io::ErrorKind::TimedOut && is_connect {
                     return Error::UpstreamTimeout {
                         upstream,
-                        after: self.connect_timeout,
+                        after: self.settings.connect_timeout,
                     };
                 }
             }
