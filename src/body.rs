@@ -48,7 +48,7 @@ struct Tail {
 }
 
 /// A body streamed under a tag that was computed from another read of the same URL (a
-/// conditional GET with no room in `max_buffered_bytes`, `proxy.rs`): it is hashed as it
+/// conditional GET with no room in `max_buffered_bytes`, `proxy/read.rs`): it is hashed as it
 /// goes, and its last chunk is held back until the hash is known, so that a body that is
 /// not the one tagged never reaches its client whole: it ends in an error, which aborts the
 /// response, instead.
@@ -724,7 +724,7 @@ fn flush(chunks: &mut VecDeque<Bytes>, tail: &mut BytesMut) {
 }
 
 /// A client's request body, read whole before the write it belongs to takes its lock (one
-/// of known size within the route's `max_tag_body`, `proxy.rs`): a client slow to send it
+/// of known size within the route's `max_tag_body`, `proxy/write.rs`): a client slow to send it
 /// then holds up nobody else's write. Each chunk must come within `idle` of the one before
 /// (nginx's `client_body_timeout`), as a streamed body's must.
 ///

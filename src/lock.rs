@@ -3,7 +3,7 @@
 //! only after the first one's write is done, and sees the new state.
 //!
 //! A write that cannot change the state (a `tag_puts` PUT of the very bytes whose tag it
-//! holds, `proxy.rs`) may share the lock with others of its kind: in any order they leave the
+//! holds, `proxy/write.rs`) may share the lock with others of its kind: in any order they leave the
 //! same state, so none can undo another. A write that may change the state holds it alone.
 //! The lock is fair: once a sole writer waits, later sharers queue behind it. A write that
 //! changes two URLs (COPY, MOVE) holds both locks, taken in key order.

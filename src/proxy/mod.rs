@@ -1,0 +1,666 @@
+//! The per-request pipeline. It orchestrates the steps and decides nothing itself:
+//!
+//! 1. route the request (404 without a route);
+//! 2. parse its preconditions (400 when malformed);
+//! 3. GET/HEAD: forward, tag a 200 body as it streams, remember the tag, answer 304/412 if
+//!    the preconditions say so;
+//! 4. any other method: 428 if the route demands a precondition and none came; take the URL's
+//!    write lock; learn the current state (revalidate or cached); 412 if a precondition
+//!    fails; otherwise forward and pass the backend's answer (409 included) through.
+//!
+//! This module routes, checks limits and turns errors into responses (`handle`,
+//! `dispatch`); the read path (3) is `read.rs` and the write path (4) `write.rs`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderValue, ETAG};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use tracing::{debug_span, Instrument};
+
+use crate::body::{ClientBody, ProxyBody};
+use crate::budget::Budget;
+use crate::config::{Config, Route, UpstreamEtag};
+use crate::error::{Blame, Error};
+use crate::etag::TagKey;
+use crate::framing::Verdict;
+use crate::key::{normalize_path, ResourceKey};
+use crate::lock::WriteLocks;
+use crate::max_forwards::{take_hop, Hop};
+use crate::memo::BodyMemo;
+use crate::metrics::{Metrics, Unheld};
+use crate::precondition::Preconditions;
+use crate::router::Router;
+use crate::tags::TagStore;
+use crate::upstream::{self, Peer, UpstreamClient};
+
+mod read;
+mod write;
+
+/// Everything a request needs, shared by all connections.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Swapped whole on reload: a request keeps the snapshot it started with.
+    routing: ArcSwap<Routing>,
+    /// The key used when the config names none: made once, so reloads keep it.
+    random_key: TagKey,
+    /// Tags and locks outlive reloads: their keys name upstream resources, not routes.
+    pub tags: TagStore,
+    /// Copies of tagged bodies, so that an unchanged one is compared, not hashed.
+    pub memo: BodyMemo,
+    pub locks: WriteLocks,
+    pub metrics: Metrics,
+    /// The bound on body bytes held by all requests at once (`max_buffered_bytes`).
+    pub budget: Arc<Budget>,
+    /// Counts the tag keys the process has used (`Routing::key_generation` of the newest),
+    /// so that a tag made under an older one is not left in the cache (`record`).
+    key_generation: AtomicU64,
+    /// The drain ended with requests in flight: those dropped now were cut off by the
+    /// proxy, not left by their clients.
+    cutting: AtomicBool,
+}
+
+/// The part of the proxy that a config reload replaces.
+#[derive(Debug)]
+struct Routing {
+    router: Router,
+    upstream: UpstreamClient,
+    tag_key: TagKey,
+    /// The listener's TLS config: swapped by a reload like the rest (new certificates).
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_header_bytes: u64,
+    max_request_body: u64,
+    /// Which tag key this is, counted from the first (see `Proxy::key_generation`).
+    key_generation: u64,
+}
+
+impl Routing {
+    /// `previous`: the routing a reload replaces, whose upstream pools are kept where the
+    /// new config would make them again.
+    fn new(config: &Config, random_key: &TagKey, previous: Option<&Routing>) -> Self {
+        let s = &config.server;
+        let router = Router::new(config.routes.iter().cloned());
+        for (host_route, other) in router.shadowed_host_routes() {
+            tracing::warn!(
+                host = host_route.host.as_deref().unwrap_or_default(),
+                host_route = %host_route.prefix,
+                taken_by = %other.prefix,
+                upstream = %other.upstream.origin,
+                "the route for any host on {} takes this host's requests under it from the \
+                 host's route on {} (the longest prefix wins); give the host a route of its \
+                 own on {} if that is not meant",
+                other.prefix,
+                host_route.prefix,
+                other.prefix,
+            );
+        }
+        Self {
+            router,
+            tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
+            upstream: match previous {
+                Some(p) => p.upstream.reloaded(config),
+                None => UpstreamClient::new(config),
+            },
+            tls: s.tls.clone(),
+            max_header_bytes: s.max_header_bytes,
+            max_request_body: s.max_request_body,
+            key_generation: 0,
+        }
+    }
+
+    /// Refuses a request over the size limits before any work is done for it.
+    fn check_limits(&self, req: &Parts) -> Result<(), Error> {
+        if head_size(req) > self.max_header_bytes {
+            return Err(Error::HeadersTooLarge {
+                limit: self.max_header_bytes,
+            });
+        }
+        if declared_length(&req.headers).is_some_and(|n| n > self.max_request_body) {
+            return Err(Error::BodyTooLarge {
+                limit: self.max_request_body,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The size of a request head as sent: request line and header lines.
+fn head_size(req: &Parts) -> u64 {
+    let uri = &req.uri;
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |pq| pq.as_str().len());
+    let line = req.method.as_str().len() + target + 12;
+    let fields: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    (line + fields) as u64
+}
+
+/// What the access log and span report about one request, and its body until forwarded.
+#[derive(Default)]
+struct Exchange {
+    route: Option<Arc<Route>>,
+    upstream_status: Option<StatusCode>,
+    outcome: &'static str,
+    /// The proxy made the response itself (an error, a 304), rather than pass one on.
+    by_proxy: bool,
+    /// The client's body, until a path forwards it.
+    body: Option<Incoming>,
+    /// The client's body after a read-whole found no room for it (`read_request`): what
+    /// was read, then the rest. Taken instead of `body`.
+    /// Boxed: rare, and every request's future carries this.
+    resumed: Option<Box<ClientBody>>,
+    /// A path took the body while some of it was still to come: should the exchange fail,
+    /// the rest is unread, and an HTTP/1.1 connection cannot take another request.
+    streamed: bool,
+    /// The client sent `Expect: 100-continue` (a header not passed on).
+    expects_continue: bool,
+    /// The client's HTTP version (the upstream request's is always 1.1).
+    client_version: Version,
+    /// The origin the client addressed, on a `preserve_host = false` route: the backend's
+    /// `Location` is pointed back at it (`upstream::point_back`).
+    client_origin: Option<String>,
+}
+
+impl Exchange {
+    /// The body, for the one path that forwards it.
+    fn take_body(&mut self) -> ClientBody {
+        if let Some(rest) = self.resumed.take() {
+            self.streamed = !rest.is_end_stream();
+            return *rest;
+        }
+        let body = self.body.take();
+        let body = body.expect("dispatch stores the body and only one path forwards it");
+        self.streamed = !body.is_end_stream();
+        ClientBody::new(body, self.client_version)
+    }
+}
+
+/// The request id header edge proxies (Envoy, nginx's `$request_id`, load balancers) set.
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The most of a request body the proxy reads and drops to keep a connection open.
+const DISCARD_LIMIT: u64 = 1 << 20;
+/// How long it waits for each chunk of that body, and for all of it: nginx's
+/// `lingering_timeout` and `lingering_time`. A slow client's body still arrives whole
+/// (20 KB/s sends a megabyte in time); one that stops is let go.
+const DISCARD_IDLE: Duration = Duration::from_secs(5);
+const DISCARD_TIME: Duration = Duration::from_secs(30);
+
+/// A request body the proxy answered without forwarding (412, 428, 400, 503…). An
+/// HTTP/1.1 connection cannot take its next request until that body has been read, and
+/// hyper would otherwise close it after the response without saying so, so a client that
+/// reuses it races the close. A body of known size up to `DISCARD_LIMIT` is read and dropped
+/// after the response and the connection stays open, as nginx does. A larger or chunked one,
+/// or one the client sends only after a `100 Continue` (which must not follow a final
+/// answer), closes the connection, and the response says `Connection: close`.
+fn leave_unread(
+    body: Incoming,
+    version: Version,
+    expects_continue: bool,
+    rsp: &mut Response<ProxyBody>,
+) {
+    if version >= Version::HTTP_2 {
+        return; // dropping it resets only this stream
+    }
+    let small = body.size_hint().upper().is_some_and(|n| n <= DISCARD_LIMIT);
+    if expects_continue || !small {
+        rsp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return;
+    }
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(DISCARD_IDLE, body.frame()).await {}
+        })
+        .await;
+    });
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    pub fn new(config: &Config) -> Self {
+        let random_key = TagKey::random();
+        if config.server.tag_key.is_none() {
+            tracing::warn!(
+                "no server.tag_key_file: tags use a random key, so they change on restart and \
+                 differ between replicas; set a shared key in production"
+            );
+        }
+        Self {
+            routing: ArcSwap::from_pointee(Routing::new(config, &random_key, None)),
+            random_key,
+            tags: TagStore::new(config.server.tag_cache_entries),
+            memo: BodyMemo::new(config.server.tag_memo_bytes),
+            locks: WriteLocks::new(),
+            metrics: Metrics::default(),
+            budget: Budget::new(config.server.max_buffered_bytes),
+            key_generation: AtomicU64::new(0),
+            cutting: AtomicBool::new(false),
+        }
+    }
+
+    /// The drain is over: requests still in flight are about to be dropped with their
+    /// connections, and are logged as cut off by the shutdown.
+    pub fn cut_off_in_flight(&self) {
+        self.cutting.store(true, Ordering::Release);
+    }
+
+    /// The Prometheus text of `/metrics`: the counters, the caches' and budget's gauges,
+    /// and those of `upstream_max_connections` when it is set.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self.metrics.render(&self.tags, &self.memo, &self.budget);
+        if let Some(cap) = self.routing.load().upstream.cap() {
+            crate::metrics::write_connection_cap(&mut out, cap);
+        }
+        out
+    }
+
+    /// The TLS config for the next connection, when the listener is TLS.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.routing.load().tls.clone()
+    }
+
+    /// The key tags are made with now (tests compute expected tags with it).
+    pub fn tag_key(&self) -> TagKey {
+        self.routing.load().tag_key.clone()
+    }
+
+    /// Swaps in a new config's routes and upstream settings atomically. Requests in flight
+    /// finish under the old ones. Locks are kept, and so is the tag cache (its size is not
+    /// changed by a reload) unless the key changed or a route now trusts it where none did.
+    pub fn reload(&self, config: &Config) {
+        let current = self.routing.load_full();
+        let mut new = Routing::new(config, &self.random_key, Some(&current));
+        let changed = current.tag_key != new.tag_key;
+        new.key_generation = self.key_generation.load(Ordering::SeqCst) + u64::from(changed);
+        let new = Arc::new(new);
+        // Judged before the swap, so that requests under the new routes meet the tags it
+        // distrusts for as short a time as may be. (Reloads run one at a time.)
+        let trusting = new.router.trusts_more_than(&current.router).cloned();
+        let old = self.routing.swap(new.clone());
+        self.budget.set_limit(config.server.max_buffered_bytes);
+        if old.tag_key != new.tag_key {
+            // Remembered tags were made with the old key; clients holding them get 412.
+            // The count first, then the clear: see `record`.
+            self.key_generation
+                .store(new.key_generation, Ordering::SeqCst);
+            self.tags.clear();
+            self.memo.clear();
+            tracing::info!(
+                key = new.tag_key.fingerprint(),
+                "tag key changed: tag cache cleared"
+            );
+        } else if let Some(route) = trusting {
+            // Requests this route now takes were not all guarded before: writes may have
+            // gone around the proxy, so what it remembers of them may be stale. The copies
+            // stay; they vouch only for bytes compared in full.
+            self.tags.clear();
+            tracing::info!(
+                prefix = %route.prefix,
+                host = route.host.as_deref().unwrap_or("*"),
+                upstream = %route.upstream.origin,
+                "a route now trusts remembered tags where none did: tag cache cleared"
+            );
+        }
+    }
+
+    /// Answers one request. Never fails: errors become problem responses here. `framing` is
+    /// the framing inspector's verdict on an HTTP/1 head: a refused one is answered (400 and
+    /// close, since where the request ends is unknowable) and counted like any other.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: Peer,
+        framing: Verdict,
+    ) -> Response<ProxyBody> {
+        let start = Instant::now();
+        // Context for what is logged while the request runs, at `debug` only: at `info` the
+        // access line and a failure's line carry their own fields, and an entered span costs
+        // more than the access line itself.
+        let span = debug_span!("request", method = %req.method(), path = %req.uri().path());
+        let version = req.version();
+        // hyper's HTTP/2 server sends no `100 Continue`: an HTTP/2 client that asks for one
+        // sends its body after its own timeout, so its write is read whole as any other.
+        let expects_continue =
+            version < Version::HTTP_2 && req.headers().contains_key(header::EXPECT);
+        // The id an edge proxy or the client gave the request, to find its access line by;
+        // looked up only when that line is written.
+        let request_id = tracing::enabled!(target: "ifmatch::access", tracing::Level::INFO)
+            .then(|| req.headers().get(X_REQUEST_ID).cloned())
+            .flatten();
+        // Counted and logged when the response head is ready, or, if hyper drops this future
+        // first (the client closed its connection or reset its stream), when it is dropped.
+        let mut pending = Pending {
+            proxy: self,
+            start,
+            method: req.method().clone(),
+            // A clone shares the URI's bytes, where a path `String` would be copied for
+            // every request, logged or not.
+            uri: req.uri().clone(),
+            request_id,
+            peer,
+            ex: Exchange {
+                expects_continue,
+                client_version: version,
+                ..Exchange::default()
+            },
+            done: false,
+        };
+        let Pending {
+            ref peer,
+            ref mut ex,
+            ..
+        } = pending;
+        // A disabled span (logs at `info` or less) records nothing; its wrapper would still
+        // cost a move of the whole request future. The future is made inside each branch: bound
+        // to a name first, it would be kept twice in this one (rustc keeps a moved-from
+        // local's space until its scope ends).
+        let misframed = framing.is_err();
+        let result = if let Err(e) = framing {
+            Err(Error::BadFraming(e))
+        } else if span.is_disabled() {
+            self.dispatch(req, peer, ex).await
+        } else {
+            self.dispatch(req, peer, ex).instrument(span.clone()).await
+        };
+        let mut ends = misframed;
+        let mut rsp = match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                // A body that failed on its way up (502, 504, 413 past the limit) is left
+                // part-read: hyper would close the connection without a word, and a
+                // request the client sent after it on the connection would go unanswered.
+                ends |= (e.ends_connection() || ex.streamed) && version < Version::HTTP_2;
+                ex.outcome = e.outcome();
+                ex.by_proxy = true;
+                let method = &pending.method;
+                let (path, route) = (
+                    pending.uri.path(),
+                    ex.route.as_ref().map(|r| r.prefix.as_str()),
+                );
+                // A backend that fails or a proxy limit is worth an operator's look, as in
+                // nginx's error log; a client's mistake is the client's to see.
+                match e.blame() {
+                    Blame::Proxy | Blame::Upstream => {
+                        let route = route.unwrap_or("-");
+                        tracing::warn!(parent: &span, route, %method, path, error = %e, "request failed")
+                    }
+                    Blame::Client => tracing::debug!(parent: &span, error = %e, "request refused"),
+                }
+                e.into_response_to(method)
+            }
+        };
+        if let (Some(origin), Some(route)) = (&ex.client_origin, &ex.route) {
+            upstream::point_back(rsp.headers_mut(), route, origin);
+        }
+        if ends {
+            rsp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
+            leave_unread(body, version, expects_continue, &mut rsp);
+        }
+        let bytes = http_body::Body::size_hint(rsp.body()).exact();
+        pending.finish(rsp.status().as_u16(), bytes);
+        rsp
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: &Peer,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        // The body waits in `ex` until a path forwards it; whatever is left is dealt with
+        // once the response is known (`leave_unread`).
+        let (mut parts, body) = req.into_parts();
+        ex.body = Some(body);
+        crate::framing::check_codings(&parts.headers)?;
+        // A tunnel has no representation to tag, and a backend given `CONNECT /` (its
+        // authority-form target turned origin-form) could only misread it. A backend that
+        // answers TRACE echoes the request back, `Cookie` and `Authorization` included
+        // (cross-site tracing): nginx refuses it too.
+        // In any case, as `requires_precondition`: a backend that upper-cases methods would
+        // run `trace` as TRACE.
+        let m = parts.method.as_str();
+        if m.eq_ignore_ascii_case("CONNECT") || m.eq_ignore_ascii_case("TRACE") {
+            return Err(Error::MethodNotSupported {
+                method: parts.method,
+            });
+        }
+        let routing = self.routing.load_full();
+        crate::host::check_target(&parts)?;
+        let host = crate::host::check(&parts)?;
+        let rt = &*routing;
+        let path = normalize_path(parts.uri.path());
+        // Routed before the limits are checked, so that a 413 or 431 is counted and logged
+        // under its route.
+        ex.route = routing
+            .router
+            .route(request_host(&parts, host.as_ref()), &path)
+            .cloned();
+        routing.check_limits(&parts)?;
+        let route = ex.route.clone().ok_or_else(|| Error::NoRoute {
+            path: parts.uri.path().to_owned(),
+        })?;
+        if parts.method == Method::OPTIONS && take_hop(&mut parts.headers)? == Hop::Answer {
+            ex.outcome = "max_forwards";
+            ex.by_proxy = true;
+            return Ok(Response::new(ProxyBody::empty()));
+        }
+        let pre = Preconditions::parse(&parts.headers)?;
+        let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
+        if !route.preserve_host {
+            ex.client_origin = upstream::client_origin(&parts, host.as_ref(), peer);
+        }
+        upstream::prepare(&mut parts, host, &route, peer);
+        if matches!(parts.method, Method::GET | Method::HEAD) {
+            self.read(rt, &route, &key, &pre, parts, ex).await
+        } else {
+            // Boxed: the write path's future (lock wait, revalidation, forward) is twice the
+            // read path's, and every GET would otherwise carry and move that space.
+            Box::pin(self.write(&routing, &route, &key, &pre, parts, ex)).await
+        }
+    }
+
+    /// Sends a request upstream, timing it to the response head.
+    async fn send(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        req: Box<Request<upstream::UpstreamBody>>,
+    ) -> Result<Response<Incoming>, Error> {
+        let start = Instant::now();
+        let rsp = rt.upstream.send(route, req).await?;
+        self.metrics
+            .upstream_latency(&route.metric_labels, start.elapsed());
+        Ok(rsp)
+    }
+
+    /// A body found no room in `max_buffered_bytes`: counted, and logged now and then.
+    fn over_budget(&self, route: &Route, body: Unheld) {
+        self.metrics.over_budget(&route.metric_labels, body);
+        if self.budget.warn_due() {
+            tracing::warn!(
+                route = %route.prefix,
+                body = body.as_str(),
+                held = self.budget.held(),
+                limit = self.budget.limit(),
+                "max_buffered_bytes reached: GET bodies stream through untagged and write \
+                 bodies stream unbuffered until memory frees (ifmatch_over_budget_bodies_total \
+                 counts them; this line comes at most once a minute)"
+            );
+        }
+    }
+}
+
+/// Removes the conditions the proxy evaluated (the backend does not know its tags), and the
+/// date conditions that a tag condition takes precedence over (§13.2.2). A date condition
+/// without such a tag condition stays for the backend to judge as well, with one exception:
+/// on a read the proxy answers `If-Modified-Since` itself from the 200's `Last-Modified`,
+/// because a 304 from the backend would not carry the proxy's ETag (§15.4.5).
+/// A read the proxy judges loses its `Range`.
+fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
+    if !pre.any_present {
+        return;
+    }
+    if pre.if_match.is_some() {
+        headers.remove(header::IF_MATCH);
+        headers.remove(header::IF_UNMODIFIED_SINCE);
+    }
+    if pre.if_none_match.is_some() || read {
+        headers.remove(header::IF_NONE_MATCH);
+        headers.remove(header::IF_MODIFIED_SINCE);
+    }
+    // The proxy judges a read's conditions on a whole 200 only: a 206 would pass them
+    // unjudged (a stale If-Match resuming a download, an If-None-Match that matches). So a
+    // read it judges asks for the whole representation, as it does for an `If-Range` tag;
+    // ignoring `Range` is allowed (§14.2).
+    let judged_read = read
+        && (pre.if_match.is_some()
+            || pre.if_none_match.is_some()
+            || pre.if_modified_since.is_some());
+    if pre.if_range_tag || judged_read {
+        headers.remove(header::IF_RANGE);
+        headers.remove(header::RANGE);
+    }
+}
+
+/// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.
+fn request_host<'a>(req: &'a Parts, host: Option<&'a HeaderValue>) -> Option<&'a str> {
+    req.uri.host().or_else(|| host?.to_str().ok())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
+    crate::date::parse(headers.get(header::LAST_MODIFIED)?.to_str().ok()?)
+}
+
+/// [`pass`] for a read's answer that is not tagged (a 206, a 404, a revalidation's
+/// refusal): under `upstream_etag = "replace"` without the backend's `ETag`, which no
+/// request could use, as a write's answer is (`forward`).
+fn pass_read(mut rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
+    if route.upstream_etag == UpstreamEtag::Replace {
+        rsp.headers_mut().remove(ETAG);
+    }
+    pass(rsp, head, route)
+}
+
+fn pass(rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
+    let (parts, body) = rsp.into_parts();
+    let body = if head {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::stream(body, route.upstream_timeout)
+    };
+    Response::from_parts(parts, body)
+}
+
+/// A request until its response head is counted and logged (`finish`). hyper drops the
+/// request's future when the client closes its connection or resets its stream before the
+/// head is ready; dropped unfinished, it is counted and logged as nginx's 499, so that the
+/// requests clients give up on (a slow backend's, above all) do not vanish from the logs and
+/// metrics. A write already sent runs on upstream (`SentWrite`); the line says only that its
+/// client left.
+struct Pending<'a> {
+    proxy: &'a Proxy,
+    start: Instant,
+    method: Method,
+    uri: hyper::Uri,
+    /// `X-Request-Id`, as the client (or an edge proxy) sent it; passed upstream unchanged.
+    request_id: Option<HeaderValue>,
+    peer: Peer,
+    ex: Exchange,
+    done: bool,
+}
+
+/// The status counted and logged for a request whose client left before its answer: nginx's
+/// "client closed request", which no response carries.
+const CLIENT_CLOSED: u16 = 499;
+/// The status counted and logged for a request the end of the drain cut off (the client
+/// gets no answer: its connection is closed).
+const CUT_OFF: u16 = 503;
+
+impl Pending<'_> {
+    /// Counts the request and writes its access line: `bytes` is the response body's length
+    /// when known up front.
+    fn finish(&mut self, status: u16, bytes: Option<u64>) {
+        self.done = true;
+        let ex = &self.ex;
+        let route = ex
+            .route
+            .as_ref()
+            .map_or(crate::metrics::NO_ROUTE, |r| r.metric_labels.as_str());
+        self.proxy
+            .metrics
+            .request(route, &self.method, status, ex.by_proxy);
+        access_log(self, status, bytes);
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if self.proxy.cutting.load(Ordering::Acquire) {
+                self.ex.outcome = "shutdown";
+                self.ex.by_proxy = true;
+                self.finish(CUT_OFF, None);
+            } else {
+                self.ex.outcome = "client_closed";
+                self.finish(CLIENT_CLOSED, None);
+            }
+        }
+    }
+}
+
+/// The longest `X-Request-Id` written to the access line: ids are UUIDs or shorter, and a
+/// client must not fill the log with its header.
+const MAX_LOGGED_ID: usize = 128;
+
+/// The access line, written when the response head is ready: `duration_ms` is the time to
+/// it, and `bytes` is the body's length when known up front (buffered bodies, and upstream
+/// bodies with a `Content-Length`), absent for a chunked stream.
+fn access_log(req: &Pending<'_>, status: u16, bytes: Option<u64>) {
+    let ex = &req.ex;
+    let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
+    let request_id = req
+        .request_id
+        .as_ref()
+        .filter(|v| v.len() <= MAX_LOGGED_ID)
+        .and_then(|v| v.to_str().ok());
+    tracing::info!(
+        target: "ifmatch::access",
+        // Its own fields say it all; the request span would repeat them.
+        parent: None,
+        route,
+        method = %req.method,
+        path = req.uri.path(),
+        client = %req.peer.addr.ip(),
+        request_id,
+        status,
+        upstream_status = ex.upstream_status.map(|s| s.as_u16()),
+        outcome = ex.outcome,
+        duration_ms = req.start.elapsed().as_secs_f64() * 1000.0,
+        bytes,
+        "access"
+    );
+}

@@ -1,0 +1,612 @@
+//! Every other method: the guarded write path. 428 where a precondition is required and
+//! none came; the URL's write lock; the current state (remembered, or a revalidation GET);
+//! 412 if a condition fails; otherwise the write goes up under the lock, and what it did to
+//! the resource's tag is recorded when the backend answers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue, ETAG};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::{read_request, ProxyBody, Read};
+use crate::budget::Share;
+use crate::config::{Route, UpstreamEtag, Validation};
+use crate::error::Error;
+use crate::etag::ETag;
+use crate::key::{normalize_path, ResourceKey};
+use crate::lock::WriteGuard;
+use crate::metrics::Unheld;
+use crate::precondition::{evaluate, names_tags, Decision, HeaderError, Preconditions, Resource};
+use crate::tags::Known;
+use crate::upstream;
+
+use super::{
+    declared_length, last_modified, pass, pass_read, strip_evaluated, Exchange, Proxy, Routing,
+};
+
+/// What the proxy learnt of a resource before a write.
+enum Current {
+    Known(Resource),
+    /// The revalidation GET got an answer that is neither 2xx nor 404/410: the writer gets it.
+    Answer(Response<Incoming>),
+}
+
+/// A write's preconditions, evaluated: they hold (with the state they held against), or the
+/// revalidation got an answer that goes to the writer as it is.
+enum Checked {
+    Holds(Resource),
+    Answer(Response<ProxyBody>),
+}
+
+/// A write's body on its way upstream.
+enum Outgoing {
+    /// Streamed through as it arrives; `hashed` for `tag_puts`.
+    Stream { hashed: bool },
+    /// Read whole before the lock, holding its share of the budget until sent; with its
+    /// tag for `tag_puts`.
+    Whole(Bytes, Option<ETag>, Share),
+}
+
+impl Proxy {
+    /// Every other method: the guarded write path.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn write(
+        self: &Arc<Self>,
+        rt: &Arc<Routing>,
+        route: &Arc<Route>,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        parts: Parts,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        if route.require_precondition && requires_precondition(&parts) && !pre.guards_write() {
+            return Err(Error::PreconditionRequired {
+                method: parts.method.clone(),
+            });
+        }
+        let changes = changes_state(&parts.method);
+        // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
+        let tag_put = route.tag_puts && stores_verbatim(&parts) && !self.tags.upstream_tags(key);
+        // A write's body of known size within `max_tag_body` is read whole before the lock
+        // (as nginx buffers request bodies): a client slow to send it then holds up no other
+        // writer of the URL, and a `tag_puts` PUT's tag is known before the lock is chosen.
+        // Not one that waits for `100 Continue`: it sends its body only once its
+        // preconditions have passed, and a 412 spares it the upload.
+        // Its bytes count in `max_buffered_bytes` as they arrive; past it, the rest streams
+        // (after what was read) as a larger body does.
+        // So is one of unknown length (chunked, or HTTP/2 without `content-length`) until it
+        // proves longer: it then goes up with a `Content-Length`, as nginx sends bodies it
+        // buffered, where many legacy backends mishandle a chunked request body or refuse it
+        // (411). Past `max_tag_body` it streams on; past `max_request_body` it is a 413.
+        // Not one that announces trailers (`Trailer`): a body read whole goes up without
+        // them, so it streams, and they reach the backend.
+        let read_whole = changes
+            && !ex.expects_continue
+            && !parts.headers.contains_key(header::TRAILER)
+            && declared_length(&parts.headers).is_none_or(|n| n <= route.max_tag_body);
+        let outgoing = if read_whole {
+            let mut share = self.budget.share();
+            let limits = (route.max_tag_body, rt.max_request_body);
+            let body = ex.take_body();
+            match read_request(body, route.upstream_timeout, limits, &mut share).await? {
+                Read::Whole(body) => {
+                    ex.streamed = false; // read to its end
+                    if route.require_precondition
+                        && !pre.guards_write()
+                        && form_overrides(&parts, &body)
+                    {
+                        return Err(Error::PreconditionRequired {
+                            method: parts.method.clone(),
+                        });
+                    }
+                    let tag = tag_put.then(|| self.put_tag(rt, key, &body));
+                    Outgoing::Whole(body, tag, share)
+                }
+                Read::NoRoom(rest) => {
+                    self.over_budget(route, Unheld::Request);
+                    ex.resumed = Some(rest);
+                    Outgoing::Stream { hashed: tag_put }
+                }
+                Read::TooSlow(rest) | Read::TooLong(rest) => {
+                    ex.resumed = Some(rest);
+                    Outgoing::Stream { hashed: tag_put }
+                }
+            }
+        } else {
+            Outgoing::Stream { hashed: tag_put }
+        };
+        let started = Instant::now();
+        // Time spent waiting for locks, not checking under them; observed once a write has
+        // its lock or has given up on it (a 503 is the longest wait of all).
+        let mut waited = Duration::ZERO;
+        // A PUT of the very bytes whose tag it names leaves the state as it found it, so
+        // such writes share the lock and run side by side: none can undo another, and a
+        // write that changes the state still runs alone. Whether the bytes are the current
+        // ones is known only under the lock; when they are not, the write queues to run
+        // alone and is checked again.
+        if let Outgoing::Whole(_, Some(tag), _) = &outgoing {
+            if pre.only_matches(tag) {
+                let shared = self.locks.acquire_shared(key, route.lock_timeout).await;
+                waited += started.elapsed();
+                let guard = match shared {
+                    Ok(guard) => guard,
+                    Err(timeout) => {
+                        self.metrics.lock_wait(waited);
+                        return Err(timeout);
+                    }
+                };
+                let current = match self.check(rt, route, key, pre, &parts, ex).await {
+                    Ok(Checked::Holds(current)) => current,
+                    // The revalidation's own answer, or a 412 or a failure.
+                    Ok(Checked::Answer(rsp)) => {
+                        self.metrics.lock_wait(waited);
+                        return Ok(rsp);
+                    }
+                    Err(e) => {
+                        self.metrics.lock_wait(waited);
+                        return Err(e);
+                    }
+                };
+                if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {
+                    self.metrics.lock_wait(waited);
+                    self.metrics.unchanged_write(&route.metric_labels);
+                    let guard = Some(guard);
+                    let rsp = self.forward(rt, route, key, pre, parts, outgoing, guard, true, ex);
+                    return rsp.await;
+                }
+                drop(guard);
+            }
+        }
+        // From here until the backend has answered, no other write to this URL runs, nor to
+        // the destination of a COPY or MOVE, which the write changes too.
+        let guard = match changes {
+            true => {
+                // What is left of the wait after a try at sharing the lock.
+                let wait = route.lock_timeout.saturating_sub(started.elapsed());
+                let to = destination_key(&parts, route)?;
+                let queued = Instant::now();
+                let guard = match to {
+                    Some(to) => self.locks.acquire_both(key, &to, wait).await,
+                    None => self.locks.acquire(key, wait).await,
+                };
+                self.metrics.lock_wait(waited + queued.elapsed());
+                Some(guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?)
+            }
+            false => None,
+        };
+        if pre.guards_write() {
+            if let Checked::Answer(rsp) = self.check(rt, route, key, pre, &parts, ex).await? {
+                return Ok(rsp);
+            }
+        }
+        self.forward(rt, route, key, pre, parts, outgoing, guard, false, ex)
+            .await
+    }
+
+    /// Evaluates a write's preconditions against the resource's current state, under the
+    /// caller's lock: the state, if they hold; a 412 if not; or the revalidation's own
+    /// answer for the writer. The state is the remembered tag under `cached` (not per user),
+    /// else what a revalidation GET finds.
+    ///
+    /// A remembered tag of one representation among several (`Known::negotiated`: gzip for
+    /// one client, identity for another) that fails the preconditions does not decide: the
+    /// writer may hold another representation's tag for the same state. A revalidation with
+    /// the writer's own request head then fetches the representation it would be given,
+    /// and that decides; a 412 names its tag. Nor does one that passes an `If-None-Match`
+    /// naming tags: they may name the writer's representation of the current state.
+    async fn check(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        parts: &Parts,
+        ex: &mut Exchange,
+    ) -> Result<Checked, Error> {
+        let mut remembered = (route.validation == Validation::Cached && !route.per_user)
+            .then(|| {
+                // A tag remembered from a PUT may come without the date the backend gave the
+                // new representation: a date condition then needs the backend's answer.
+                let usable = |k: &Known| k.last_modified.is_some() || !pre.compares_dates();
+                self.tags.get(key).filter(usable)
+            })
+            .flatten();
+        loop {
+            let negotiated = remembered.as_ref().is_some_and(|k| k.negotiated);
+            let current = match remembered.take() {
+                Some(known) => Resource {
+                    exists: true,
+                    tag: Some(known.tag),
+                    last_modified: known.last_modified,
+                },
+                None => match self.revalidate(rt, route, key, parts, ex).await? {
+                    Current::Known(resource) => resource,
+                    Current::Answer(rsp) => {
+                        ex.upstream_status = Some(rsp.status());
+                        ex.outcome = "revalidation_refused";
+                        return Ok(Checked::Answer(pass_read(rsp, false, route)));
+                    }
+                },
+            };
+            match evaluate(pre, false, &current) {
+                // An `If-None-Match` tag that differs from one representation's may still
+                // be another's: a pass is confirmed too.
+                Decision::Proceed if negotiated && names_tags(&pre.if_none_match) => continue,
+                // A date condition is ignored when there is no date to judge (§13.1.4): on
+                // a route that requires a precondition, that write would overwrite the
+                // resource unguarded. (A create, with no resource to judge, goes on as the
+                // condition asks: only `If-None-Match: *` guards it against another.)
+                Decision::Proceed
+                    if current.exists
+                        && current.last_modified.is_none()
+                        && pre.guards_only_by_date()
+                        && route.require_precondition
+                        && requires_precondition(parts) =>
+                {
+                    return Err(Error::PreconditionUndated {
+                        method: parts.method.clone(),
+                    })
+                }
+                Decision::Proceed => return Ok(Checked::Holds(current)),
+                // `remembered` is taken: the next turn revalidates.
+                _ if negotiated => continue,
+                _ => {
+                    return Err(Error::PreconditionFailed {
+                        current: current.tag,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Sends a write upstream under its URL's lock (`guard`; none for a method that changes
+    /// nothing), and records what it did to the resource's tag. The lock is let go when this
+    /// returns, or, if the client leaves first, once the backend has answered (`InFlight`).
+    /// `shared`: the write holds the lock beside others that send the current bytes again.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        self: &Arc<Self>,
+        rt: &Arc<Routing>,
+        route: &Arc<Route>,
+        key: &ResourceKey,
+        pre: &Preconditions,
+        mut parts: Parts,
+        outgoing: Outgoing,
+        guard: Option<WriteGuard>,
+        shared: bool,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Error> {
+        strip_evaluated(&mut parts.headers, pre, false);
+        let changes = changes_state(&parts.method);
+        let destination = destination_key(&parts, route)?;
+        let invalidation = changes.then(|| Invalidation {
+            proxy: self.clone(),
+            keys: [Some(key.clone()), destination],
+        });
+        // A whole body's share of the budget is given back once the backend has answered:
+        // by then it has been sent, or never will be.
+        let (body, sent, held) = match outgoing {
+            Outgoing::Whole(body, tag, share) => {
+                // With its length, declared or not (see `dispatch`); an empty one only where
+                // the method defines content (RFC 9110 §8.6): hyper's client sends neither
+                // a length nor chunks for an empty PUT, which some backends answer 411.
+                let defines_content =
+                    [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method);
+                if !parts.headers.contains_key(header::CONTENT_LENGTH)
+                    && (!body.is_empty() || defines_content)
+                {
+                    let length = HeaderValue::from(body.len());
+                    parts.headers.insert(header::CONTENT_LENGTH, length);
+                }
+                let sent = tag.map(|t| Arc::new(t.into()));
+                (upstream::whole(body), sent, Some(share))
+            }
+            Outgoing::Stream { hashed: true } => {
+                let hasher = rt.tag_key.hasher();
+                let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher);
+                (body, Some(sent), None)
+            }
+            Outgoing::Stream { hashed: false } => (rt.upstream.limit(ex.take_body()), None, None),
+        };
+        // A shared write sends bytes equal to the current ones, so a read in flight records
+        // the right tag whenever it lands. What must not be overwritten is a mark left by
+        // another shared write that failed while this one was on its way: its effects may
+        // have landed after this one's.
+        let sending = shared.then(|| self.tags.ticket());
+        let req = Box::new(Request::from_parts(parts, body));
+        let (me, rt2, route2) = (self.clone(), rt.clone(), route.clone());
+        let mut in_flight = InFlight {
+            answer: Some(Box::pin(async move { me.send(&rt2, &route2, req).await })),
+            invalidation,
+            guard,
+            held,
+        };
+        let mut rsp = in_flight.answer().await?;
+        in_flight.held = None;
+        // Declared after `in_flight`, so dropped before it lets the lock go.
+        let mut invalidation = in_flight.invalidation.take();
+        ex.upstream_status = Some(rsp.status());
+        ex.outcome = "forwarded";
+        // A 4xx (409 Conflict among them) means the backend refused: the state is unchanged.
+        if rsp.status().is_client_error() {
+            if let Some(i) = invalidation.take() {
+                i.disarm();
+            }
+        }
+        // A tag of the backend's that its GETs' would be replaced by means nothing here.
+        if route.upstream_etag == UpstreamEtag::Replace {
+            rsp.headers_mut().remove(ETAG);
+        }
+        // `tag_puts`: the backend stored the body that went up, so its tag is the new tag.
+        // Only when the whole body went up, the backend says it is done, and it keeps no
+        // validator of its own.
+        let stored = matches!(
+            rsp.status(),
+            StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT
+        ) && !rsp.headers().contains_key(ETAG);
+        if let Some(tag) = sent.and_then(|s| s.get().cloned()).filter(|_| stored) {
+            if let Some(i) = invalidation.take() {
+                i.disarm();
+            }
+            // Recorded under the lock, with a ticket newer than any read in flight: a read
+            // that fetched the old body cannot put its tag back. (A shared write's ticket is
+            // the one taken before it was sent, above.)
+            // Not known to be negotiated: the PUT's bytes are one representation, and a GET
+            // that finds several records that when it comes.
+            let known = Known {
+                tag: tag.clone(),
+                last_modified: last_modified(rsp.headers()),
+                from_upstream: false,
+                negotiated: false,
+            };
+            let ticket = sending.unwrap_or_else(|| self.tags.ticket());
+            self.record(rt, key, known, ticket);
+            rsp.headers_mut().insert(ETAG, tag.to_header());
+            ex.outcome = match shared {
+                true => "forwarded_unchanged",
+                false => "forwarded_tagged",
+            };
+        }
+        Ok(pass(rsp, false, route))
+    }
+
+    /// Fetches the current representation with the writer's own request head and tags it.
+    async fn revalidate(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        key: &ResourceKey,
+        parts: &Parts,
+        ex: &mut Exchange,
+    ) -> Result<Current, Error> {
+        let ticket = self.tags.ticket();
+        self.metrics.revalidation(&route.metric_labels);
+        let rsp = self
+            .send(rt, route, Box::new(upstream::revalidation_request(parts)))
+            .await?;
+        ex.upstream_status = Some(rsp.status());
+        let status = rsp.status();
+        if matches!(status, StatusCode::NOT_FOUND | StatusCode::GONE) {
+            return Ok(Current::Known(Resource::default()));
+        }
+        if !status.is_success() {
+            return Ok(Current::Answer(rsp));
+        }
+        if status != StatusCode::OK {
+            // Another 2xx: the resource exists, and its body is no representation to tag.
+            return Ok(Current::Known(Resource {
+                exists: true,
+                tag: None,
+                last_modified: last_modified(rsp.headers()),
+            }));
+        }
+        let (mut rparts, rbody) = rsp.into_parts();
+        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, true, authorized);
+        let (current, _) = read.await?;
+        Ok(Current::Known(current))
+    }
+
+    /// The tag of a `tag_puts` PUT's body. Equal to the URL's kept copy (a rewrite of the
+    /// bytes last read, or a retried write), it is the copy's: a compare, where hashing a
+    /// 256 KiB body takes ~155 µs. Counted as a GET's body is.
+    fn put_tag(&self, rt: &Routing, key: &ResourceKey, body: &Bytes) -> ETag {
+        if !self.memo.is_on() {
+            return rt.tag_key.tag_of(body);
+        }
+        match self.memo.get(key, &rt.tag_key) {
+            Some(m) if m.body == *body => {
+                self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
+                m.tag.clone()
+            }
+            _ => {
+                self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
+                rt.tag_key.tag_of(body)
+            }
+        }
+    }
+}
+
+/// Drops the remembered tags of a write's targets when it ends, unless disarmed because the
+/// backend refused the write. Being a guard, it also fires when the write fails or its client
+/// leaves: the outcome is then unknown, so the tag must go. Once the write is sent, that is
+/// when the backend has answered (`InFlight`), not when the client left.
+struct Invalidation {
+    proxy: Arc<Proxy>,
+    keys: [Option<ResourceKey>; 2],
+}
+
+impl Invalidation {
+    fn disarm(mut self) {
+        self.keys = [None, None];
+    }
+}
+
+impl Drop for Invalidation {
+    fn drop(&mut self) {
+        for key in self.keys.iter().flatten() {
+            self.proxy.tags.invalidate(key);
+        }
+    }
+}
+
+/// The backend's answer to a write sent under its URL's lock.
+type Answer = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + Send>>;
+
+/// A write on its way to the backend, with the URL's lock and the invalidation of its tags.
+/// Once sent, the write is the backend's to carry out, whether or not its client stays: a
+/// legacy backend does not stop a write because the connection closed. So if this is dropped
+/// before the answer (the client left), the exchange runs on in a task of its own, and the
+/// invalidation and the lock are let go only once the backend has answered (or
+/// `upstream_timeout` has passed). Otherwise a later writer would be checked against a state
+/// this write may still change, and both could land.
+struct InFlight {
+    answer: Option<Answer>,
+    // Field order: the tags are dropped before the lock is let go.
+    invalidation: Option<Invalidation>,
+    guard: Option<WriteGuard>,
+    /// The budget a body read whole holds while it is being sent.
+    held: Option<Share>,
+}
+
+impl InFlight {
+    /// Waits for the backend's answer. From here, dropping `self` lets the lock go at once.
+    async fn answer(&mut self) -> Result<Response<Incoming>, Error> {
+        let answer = self.answer.as_mut().expect("answered once");
+        let rsp = answer.await;
+        self.answer = None;
+        rsp
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        let (invalidation, guard) = (self.invalidation.take(), self.guard.take());
+        if invalidation.is_none() && guard.is_none() {
+            return; // a write that changes nothing: nothing to hold (nor a body read whole)
+        }
+        let held = self.held.take();
+        // Without a runtime (the process is ending) there is nobody left to wait for.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = answer.await;
+                drop((held, invalidation));
+                drop(guard);
+            });
+        }
+    }
+}
+
+/// Whether a PUT's body is what the backend will serve: not a partial update
+/// (`Content-Range`) and not an encoding the backend may undo (`Content-Encoding`).
+fn stores_verbatim(parts: &Parts) -> bool {
+    parts.method == Method::PUT
+        && !parts.headers.contains_key(header::CONTENT_RANGE)
+        && !parts.headers.contains_key(header::CONTENT_ENCODING)
+}
+
+/// Methods that never change state (RFC 9110 §9.2.1, RFC 4918 PROPFIND): no lock, no
+/// invalidation. Every other method, extension methods included, is treated as a write.
+fn changes_state(method: &Method) -> bool {
+    !matches!(
+        method.as_str(),
+        "OPTIONS" | "TRACE" | "PROPFIND" | "REPORT" | "SEARCH"
+    )
+}
+
+/// Requests a `require_precondition` route refuses without a precondition (RFC 6585 §3):
+/// PUT, PATCH and DELETE. In any case: methods are case-sensitive (RFC 9110 §9.1), but many
+/// frameworks (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a
+/// PUT. And a POST that names one of them in a method-override header or a `_method` query
+/// parameter: a backend that honours it (Express's `method-override`, Laravel, ASP.NET,
+/// Google's APIs) runs it as that. (A `_method` form field is [`form_overrides`]'.)
+fn requires_precondition(parts: &Parts) -> bool {
+    if guarded(parts.method.as_str()) {
+        return true;
+    }
+    if parts.method != Method::POST {
+        return false;
+    }
+    let in_headers = METHOD_OVERRIDES.iter().any(|h| {
+        let mut items = (parts.headers.get_all(*h).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','));
+        items.any(guarded)
+    });
+    in_headers
+        || parts
+            .uri
+            .query()
+            .is_some_and(|q| form_field(q.as_bytes()).is_some_and(guarded))
+}
+
+/// A POST whose form body (read whole) asks, in a `_method` field, to be run as a guarded
+/// method, as Rails' and Laravel's forms do.
+fn form_overrides(parts: &Parts, body: &[u8]) -> bool {
+    parts.method == Method::POST
+        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+            const FORM: &[u8] = b"application/x-www-form-urlencoded";
+            t.as_bytes()
+                .get(..FORM.len())
+                .is_some_and(|m| m.eq_ignore_ascii_case(FORM))
+        })
+        && form_field(body).is_some_and(guarded)
+}
+
+/// The value of the `_method` field of a URL-encoded form or query, if it is one a client
+/// may send unencoded (letters).
+fn form_field(form: &[u8]) -> Option<&str> {
+    form.split(|&b| b == b'&')
+        .find_map(|pair| pair.strip_prefix(b"_method="))
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// PUT, PATCH or DELETE, in any case.
+fn guarded(method: &str) -> bool {
+    ["PUT", "PATCH", "DELETE"]
+        .iter()
+        .any(|g| method.trim().eq_ignore_ascii_case(g))
+}
+
+/// The headers by which a POST asks a backend to run it as another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
+/// resource changes too, so its remembered tag must go as well.
+/// One that cannot be read is refused (400): forwarded, its resource would change with
+/// neither its lock held nor its tag forgotten. A missing one is the backend's to refuse.
+fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, HeaderError> {
+    if !matches!(parts.method.as_str(), "COPY" | "MOVE") {
+        return Ok(None);
+    }
+    let Some(value) = parts.headers.get("destination") else {
+        return Ok(None);
+    };
+    let malformed = |reason: &str| HeaderError {
+        name: HeaderName::from_static("destination"),
+        reason: reason.to_owned(),
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| malformed("not visible ASCII (RFC 4918 §10.3: a URI)"))?;
+    let dest: http::Uri = text.parse().map_err(|_| malformed("not a URI"))?;
+    Ok(Some(ResourceKey::new(
+        &route.upstream,
+        &normalize_path(dest.path()),
+        dest.query(),
+    )))
+}
