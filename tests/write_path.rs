@@ -225,6 +225,17 @@ async fn if_unmodified_since_is_evaluated_unless_if_match_is_present() {
     let r = c.put(&url, &[("if-unmodified-since", past)], "x").await;
     r.assert_problem(412);
     assert_eq!(backend.store.writes(), 0);
+    // The grammar takes any day name with any date (§5.6.7), as nginx reads it: a date
+    // under the wrong one is still that date, not an invalid one to ignore.
+    for past in [
+        "Mon, 06 Nov 1994 08:49:37 GMT",
+        "Monday, 06-Nov-94 08:49:37 GMT",
+        "Mon Nov  6 08:49:37 1994",
+    ] {
+        let r = c.put(&url, &[("if-unmodified-since", past)], "x").await;
+        r.assert_problem(412);
+    }
+    assert_eq!(backend.store.writes(), 0);
     // An If-Match takes precedence (§13.2.2 step 1): the date is ignored.
     let tag = c.get(&url, &[]).await.etag();
     let r = c
