@@ -27,7 +27,7 @@ use crate::body::{ClientBody, ProxyBody};
 use crate::budget::Budget;
 use crate::config::{Config, Route, UpstreamEtag};
 use crate::error::{Blame, Error};
-use crate::etag::TagKey;
+use crate::etag::{ETag, TagKey};
 use crate::framing::Verdict;
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::WriteLocks;
@@ -557,13 +557,34 @@ fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
 }
 
 /// [`pass`] for a read's answer that is not tagged (a 206, a 404, a revalidation's
-/// refusal): under `upstream_etag = "replace"` without the backend's `ETag`, which no
-/// request could use, as a write's answer is (`forward`).
+/// refusal), without a backend `ETag` that no request could use ([`drop_replaced_tag`]), as
+/// a write's answer is (`forward`).
 fn pass_read(mut rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
-    if route.upstream_etag == UpstreamEtag::Replace {
-        rsp.headers_mut().remove(ETAG);
-    }
+    drop_replaced_tag(rsp.headers_mut(), route);
     pass(rsp, head, route)
+}
+
+/// Drops the backend's `ETag` from an answer that passes through untagged where a GET's
+/// would be replaced by the proxy's own: any under `upstream_etag = "replace"`, and a weak
+/// one or several lines under `"keep"` (`upstream_strong_tag`). The proxy judges its own
+/// tags for such a resource, so a client that sent this one in `If-Match` would get 412
+/// every time.
+fn drop_replaced_tag(headers: &mut HeaderMap, route: &Route) {
+    let kept = route.upstream_etag == UpstreamEtag::Keep && upstream_strong_tag(headers).is_some();
+    if !kept {
+        headers.remove(ETAG);
+    }
+}
+
+/// The backend's own strong tag, if it sent exactly one: of several `ETag` lines none can
+/// be told to be the representation's, and the proxy's own tag replaces them all.
+fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {
+    let mut lines = headers.get_all(ETAG).iter();
+    let (Some(only), None) = (lines.next(), lines.next()) else {
+        return None;
+    };
+    let tag = ETag::parse(only.as_bytes()).ok()?;
+    (!tag.is_weak()).then_some(tag)
 }
 
 fn pass(rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {

@@ -20,7 +20,9 @@ use crate::precondition::{evaluate, names_tags, Decision, Preconditions, Resourc
 use crate::tags::{Known, Ticket};
 use crate::upstream;
 
-use super::{last_modified, pass_read, strip_evaluated, Exchange, Proxy, Routing};
+use super::{
+    last_modified, pass_read, strip_evaluated, upstream_strong_tag, Exchange, Proxy, Routing,
+};
 
 impl Proxy {
     /// GET and HEAD: forward as a GET, tag a 200 body, then answer 200, 304 or 412.
@@ -414,17 +416,6 @@ fn list_items(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<It
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-}
-
-/// The backend's own strong tag, if it sent exactly one: of several `ETag` lines none can
-/// be told to be the representation's, and the proxy's own tag replaces them all.
-fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {
-    let mut lines = headers.get_all(ETAG).iter();
-    let (Some(only), None) = (lines.next(), lines.next()) else {
-        return None;
-    };
-    let tag = ETag::parse(only.as_bytes()).ok()?;
-    (!tag.is_weak()).then_some(tag)
 }
 
 /// An upstream response passed through unchanged (`send` already dropped hop-by-hop headers).

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::body::{read_request, ProxyBody, Read};
 use crate::budget::Share;
-use crate::config::{Route, UpstreamEtag, Validation};
+use crate::config::{Route, Validation};
 use crate::error::Error;
 use crate::etag::ETag;
 use crate::key::{normalize_path, ResourceKey};
@@ -28,7 +28,8 @@ use crate::tags::Known;
 use crate::upstream;
 
 use super::{
-    declared_length, last_modified, pass, pass_read, strip_evaluated, Exchange, Proxy, Routing,
+    declared_length, drop_replaced_tag, last_modified, pass, pass_read, strip_evaluated, Exchange,
+    Proxy, Routing,
 };
 
 /// What the proxy learnt of a resource before a write.
@@ -341,9 +342,7 @@ impl Proxy {
             }
         }
         // A tag of the backend's that its GETs' would be replaced by means nothing here.
-        if route.upstream_etag == UpstreamEtag::Replace {
-            rsp.headers_mut().remove(ETAG);
-        }
+        drop_replaced_tag(rsp.headers_mut(), route);
         // `tag_puts`: the backend stored the body that went up, so its tag is the new tag.
         // Only when the whole body went up, the backend says it is done, and it keeps no
         // validator of its own.
