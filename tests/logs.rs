@@ -275,6 +275,49 @@ async fn a_request_its_client_abandons_is_logged_and_counted_as_499() {
     }
 }
 
+/// A write its client abandons after its revalidation: the line's `upstream_status` is the
+/// write's, still unknown, not the revalidation GET's 200 (which would read as the write's).
+#[tokio::test]
+async fn an_abandoned_write_is_not_logged_with_its_revalidations_status() {
+    use tokio::io::AsyncWriteExt;
+    let backend = common::ScriptedBackend::start(|r| async move {
+        if r.method == http::Method::PUT {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return common::backend::respond(204, &[], "");
+        }
+        common::backend::respond(200, &[], "doc")
+    })
+    .await;
+    let config = format!(
+        "{}validation = \"revalidate\"\n",
+        docs_route(&backend.origin())
+    );
+    let bin = Binary::start(&config, &["--log-format", "json"]).await;
+    let tag = Client::new().get(&bin.url("/docs/a"), &[]).await.etag();
+    let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    let head =
+        format!("PUT /docs/a HTTP/1.1\r\nHost: a\r\nIf-Match: {tag}\r\nContent-Length: 1\r\n\r\nx");
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Revalidated and in flight at the backend, then the client gives up.
+    let sent = || {
+        backend
+            .requests()
+            .iter()
+            .any(|r| r.method == http::Method::PUT)
+    };
+    assert!(common::eventually(Duration::from_secs(2), sent).await);
+    drop(s);
+    let put = || {
+        access_lines(&bin)
+            .into_iter()
+            .find(|l| l["method"] == "PUT")
+    };
+    assert!(common::eventually(Duration::from_secs(2), || put().is_some()).await);
+    let line = put().unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert!(line.get("upstream_status").is_none(), "{line}");
+}
+
 /// The limits are checked after routing: a 413 or a 431 is logged and counted under the
 /// route the request was for, as a 413 found while streaming is, not as routeless.
 #[tokio::test]

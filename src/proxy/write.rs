@@ -329,6 +329,9 @@ impl Proxy {
             guard,
             held,
         };
+        // A revalidation's status is not this write's: should the client leave before the
+        // answer, its line says the write's status is unknown.
+        ex.upstream_status = None;
         let mut rsp = in_flight.answer().await?;
         in_flight.held = None;
         // Declared after `in_flight`, so dropped before it lets the lock go.
