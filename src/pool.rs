@@ -326,6 +326,7 @@ where
             Either::Left(body) => body.uploading(),
             Either::Right(_) => None,
         };
+        let carries_body = !req.body().is_end_stream();
         // With `upstream_max_connections`, a request finding none ready waits its turn.
         let permit = loop {
             // Requests waiting for a turn come first: a new one queues behind them.
@@ -370,7 +371,8 @@ where
                         return Err(missed);
                     }
                     Some(Ok(rsp)) => {
-                        self.checkin_after(&rsp, origin, idle.conn, unsent(&uploading));
+                        let unread = unread(&rsp, carries_body, &uploading);
+                        self.checkin_after(&rsp, origin, idle.conn, unread);
                         return Ok(rsp);
                     }
                     Some(Err(mut e)) => match (e.take_message(), replay) {
@@ -431,25 +433,26 @@ where
                 }
             }
         };
-        self.checkin_after(&rsp, origin, conn, unsent(&uploading));
+        let unread = unread(&rsp, carries_body, &uploading);
+        self.checkin_after(&rsp, origin, conn, unread);
         Ok(rsp)
     }
 
     /// Hands a connection back after `rsp`'s head, unless that head leaves where the next
-    /// response begins in doubt: then it is closed. `unsent`: the request's body was still
-    /// going up when the answer came.
-    fn checkin_after(&self, rsp: &Response<Incoming>, origin: &str, conn: Conn, unsent: bool) {
+    /// response begins in doubt: then it is closed. `unread`: the backend may not have read
+    /// the request's body ([`unread`]).
+    fn checkin_after(&self, rsp: &Response<Incoming>, origin: &str, conn: Conn, unread: bool) {
         if spoils_connection(rsp) {
             tracing::debug!(origin, status = %rsp.status(), "upstream connection not reused");
             conn.task.abort();
-        } else if rsp.version() == Version::HTTP_10 || unsent {
+        } else if rsp.version() == Version::HTTP_10 || unread {
             // Its answer's body, or the rest of the request's, is still to go through the
             // connection's task: let go of the sender, and hyper closes the connection once
             // the exchange is over. After an HTTP/1.0 answer hyper would send the next
-            // request as HTTP/1.0 (`spoils_connection`); after an answer that came before
-            // the request's body had gone up, a backend that answered without reading the
-            // body (a legacy handler's early 409) would read the rest as the next request:
-            // another client's answer would be its error page.
+            // request as HTTP/1.0 (`spoils_connection`); after an answer by a backend that
+            // did not read the request's body (a legacy handler's early 409), it would read
+            // that body as the next request: another client's answer would be its answer to
+            // the body.
             drop(conn);
         } else {
             self.checkin(origin, conn);
@@ -870,6 +873,16 @@ where
 /// Whether a request's streamed body (`uploading`) had not all gone up yet.
 fn unsent(uploading: &Option<Arc<Progress>>) -> bool {
     uploading.as_ref().is_some_and(|p| !p.done())
+}
+
+/// Whether the backend may not have read the request's body: it was still going up when
+/// `rsp` came, or `rsp` is not a 2xx, which a legacy handler may send without reading the
+/// body (a 409 or 413 it decides on from the head) while it keeps the connection. The body
+/// it left then reads as its next request, and a body shaped like one gets an answer, which
+/// would be taken for the next request's. After a 2xx the body was taken in; a connection
+/// closed after each refused write costs a handshake, where refusals are few.
+fn unread(rsp: &Response<Incoming>, carries_body: bool, uploading: &Option<Arc<Progress>>) -> bool {
+    unsent(uploading) || (carries_body && !rsp.status().is_success())
 }
 
 /// A response after which the connection cannot be trusted with another request: a 204

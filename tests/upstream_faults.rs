@@ -807,6 +807,46 @@ async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
     assert_eq!((r.status, r.body.as_ref()), (200, &b"other"[..]));
 }
 
+/// The same handler, with a body the proxy read whole and sent with its head: the handler
+/// answers 409 without reading it, then takes the body for the next request on the
+/// connection (here a GET it answers after a while) and answers that too. Put back in the
+/// pool, the connection carried another client's GET, which got the answer to the first
+/// client's body, with the proxy's tag on it. A connection whose request carried a body
+/// and was answered with anything but a 2xx is not reused: the backend may not have read
+/// that body.
+#[tokio::test]
+async fn an_error_answer_to_a_write_whose_body_went_up_whole_does_not_put_its_connection_back() {
+    use tokio::io::AsyncWriteExt;
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = Vec::new();
+        loop {
+            let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
+                return;
+            };
+            let head: Vec<u8> = buf.drain(..end).collect();
+            let answer: &[u8] = if head.starts_with(b"PUT ") {
+                b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno"
+            } else if head.starts_with(b"GET /secret ") {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother"
+            };
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let c = Client::new();
+    let body = "GET /secret HTTP/1.1\r\nHost: a\r\n\r\n";
+    let r = c.put(&proxy.url("/doc"), &[], body).await;
+    assert_eq!(r.status, 409);
+    let r = Client::new().get(&proxy.url("/other"), &[]).await;
+    assert_eq!((r.status, r.body.as_ref()), (200, &b"other"[..]));
+}
+
 /// A backend that repeats its `Content-Length` as a list (`5, 5`, as some frameworks do when
 /// two layers each add it): hyper reads it as one length (RFC 9112 §6.3 lets a recipient),
 /// but sent on as it came, clients that parse one number (Python's `http.client`, Go) find
