@@ -14,7 +14,9 @@
 //! open. The send queue is watched because a chunk is asked for only when the socket takes
 //! more, and Linux says it does only once a third of its send buffer (megabytes, tuned up on
 //! a fast path) has drained: a client reading slowly but steadily may take no chunk in a
-//! whole period.
+//! whole period. And a client whose TCP stack acknowledged not one byte in the whole period
+//! while some wait for it reads nothing, whatever else it does: requests it keeps sending
+//! (each answer begun counts as progress) do not keep such a connection open.
 //!
 //! On HTTP/2 one connection sends many bodies, and a client can starve one stream of window
 //! while it reads the others: that stream's body, and its share of `max_buffered_bytes`,
@@ -178,6 +180,7 @@ impl Activity {
             let sending = self.sending.load(Ordering::Acquire) > 0;
             let progress = self.progress.load(Ordering::Acquire);
             let queued = self.unsent();
+            let acked = self.socket.and_then(Socket::acked);
             // A new period: a body moved in it once it notes this number or a later one. (A
             // chunk taken as the period turns may note the one before: that body is cut
             // only if it takes nothing more for the whole period either.)
@@ -189,11 +192,17 @@ impl Activity {
             // one of them has a chunk ready that the client does not take (a body waiting
             // on a slow upstream is that body's own timer's business); and the client has
             // not taken any of what the socket holds either.
+            // Or, whatever it asked and was answered meanwhile, the client's TCP stack took
+            // not one byte of what waits for it: its receive buffer is full, unread.
             let now_sending = self.sending.load(Ordering::Acquire);
+            let unsent = self.unsent();
+            let took_nothing = unsent.is_some_and(|n| n > 0)
+                && acked.is_some()
+                && acked == self.socket.and_then(Socket::acked);
             let stalled = sending
                 && now_sending > self.awaiting.load(Ordering::Acquire)
-                && self.progress.load(Ordering::Acquire) == progress
-                && !went_down(queued, self.unsent());
+                && (self.progress.load(Ordering::Acquire) == progress || took_nothing)
+                && !went_down(queued, unsent);
             if busy && stalled {
                 return Idle::Stalled;
             }
@@ -271,6 +280,33 @@ impl Socket {
 
     #[cfg(not(target_os = "linux"))]
     fn unsent(self) -> Option<u64> {
+        None
+    }
+
+    /// Bytes of the connection its peer has acknowledged so far (`tcpi_bytes_acked`, Linux
+    /// 4.2 and later; `None` before, or for a socket that is not TCP).
+    #[cfg(target_os = "linux")]
+    fn acked(self) -> Option<u64> {
+        // SAFETY: `tcp_info` is plain integers, for which zero is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes through the pointer, which is valid
+        // for that many; a closed or reused fd makes it fail or read another socket's.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.0,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+        (rc == 0 && len as usize >= end).then_some(info.tcpi_bytes_acked)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn acked(self) -> Option<u64> {
         None
     }
 }
@@ -500,7 +536,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_http2_body_nobody_takes_is_cut_off_alone_unless_the_socket_is_still_full() {
         for full in [false, true] {
-            let (server, _client) = socket_pair(full);
+            let (server, mut client) = socket_pair(full);
             let socket = Socket::of(&server);
             assert_eq!(socket.unsent() == Some(0), !full, "the queue as set up");
             let t = Duration::from_secs(30);
@@ -511,10 +547,19 @@ mod tests {
                 let activity = activity.clone();
                 async move { activity.idle(t).await }
             });
-            // The other stream is read every 10 s: the connection moves, for 70 s.
+            // The other stream is read every 10 s: the connection moves, for 70 s. A slow
+            // reader takes some of what the socket holds each time (its TCP stack
+            // acknowledges it), and the socket is still not empty.
             for _ in 0..7 {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 assert!(!matches!(poll_once(&mut read), Poll::Ready(Some(Err(_)))));
+                if full {
+                    use std::io::Read;
+                    let _ = client.read(&mut [0u8; 16 * 1024]);
+                    // The acknowledgement is the kernel's, in real time.
+                    std::thread::sleep(Duration::from_millis(20));
+                    assert_ne!(socket.unsent(), Some(0), "still a slow reader");
+                }
             }
             assert!(!idle.is_finished(), "the connection is not cut off");
             match (full, poll_once(&mut starved)) {

@@ -925,6 +925,77 @@ async fn a_client_that_pings_and_reads_nothing_does_not_keep_its_slot() {
     pinger.abort();
 }
 
+/// HEADERS with END_STREAM and END_HEADERS on stream `id`: a request for `path` on authority
+/// `a`, by a client writing raw frames (HPACK: `GET` indexed or another method literal,
+/// `:scheme http` indexed, `:path` and `:authority` literal without indexing).
+fn h2_headers(id: u32, method: &str, path: &str) -> Vec<u8> {
+    let mut block = match method {
+        "GET" => vec![0x82],
+        m => [&[0x02, m.len() as u8], m.as_bytes()].concat(),
+    };
+    block.push(0x86);
+    block.extend([0x04, path.len() as u8]);
+    block.extend(path.as_bytes());
+    block.extend([0x01, 1, b'a']);
+    let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([1, 0x5]);
+    frame.extend(id.to_be_bytes());
+    frame.extend(block);
+    frame
+}
+
+/// An HTTP/2 client that reads nothing (its receive buffer full) but sends a cheap request
+/// now and then: each answer begun counted as progress, so the connection was never taken
+/// for stalled, and its tagged bodies held their share of `max_buffered_bytes` for as long as
+/// it kept asking (every other client's GET then went out untagged). A client whose TCP
+/// stack acknowledges not one byte for a whole period is now cut off, whatever it sends.
+#[tokio::test]
+async fn an_http2_client_that_reads_nothing_but_keeps_asking_is_still_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.uri.path() {
+            "/big" => respond(200, &[], vec![b'x'; 600 << 10]),
+            _ => respond(200, &[], "ok"),
+        }
+    })
+    .await;
+    let limits = "header_read_timeout = \"500ms\"\nmax_buffered_bytes = \"1MiB\"";
+    let routes = route("/", "max_tag_body = \"1MiB\"");
+    let proxy = Proxy::start_with(&routes, &backend.origin(), limits).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    let mut s = socket.connect(proxy.addr).await.unwrap();
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    start.extend(h2_headers(1, "GET", "/big"));
+    s.write_all(&start).await.unwrap();
+    let budget = proxy.state.budget.clone();
+    let held = || budget.held() > 0;
+    assert!(
+        common::eventually(Duration::from_secs(2), held).await,
+        "the tagged body is held"
+    );
+    // A TRACE every 100 ms (the proxy answers it itself, 501) for 4 s: eight periods.
+    let asker = tokio::spawn(async move {
+        for i in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(&h2_headers(3 + 2 * i, "TRACE", "/t"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let freed = common::eventually(Duration::from_secs(3), || budget.held() == 0).await;
+    asker.abort();
+    assert!(
+        freed,
+        "its share was never given back: {} held",
+        budget.held()
+    );
+}
+
 /// An HTTP/2 client that starves one stream of window while it reads its other streams
 /// held that stream's body, and its share of `max_buffered_bytes`, for as long as it kept
 /// the connection (the connection-wide check saw the other streams move): every other
