@@ -326,11 +326,23 @@ pub enum Idle {
 pub struct Answering(Option<(Arc<Activity>, Instant)>);
 
 impl Answering {
-    /// The answer's head is ready: the request was not reset early.
-    pub fn answered(mut self) {
-        self.0 = None;
+    /// The answer's head is ready: the request was not reset early. `local`: the proxy
+    /// answered it without the backend ([`AnsweredLocally`]); it is not counted among the
+    /// connection's requests, since it cost the backend nothing: else a client could keep its
+    /// resets under half with free requests (a TRACE refused, a 404) between them.
+    pub fn answered(mut self, local: bool) {
+        if let Some((a, _)) = self.0.take() {
+            if local {
+                a.requests.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 }
+
+/// Marks an HTTP/2 response the proxy made without a word from the backend (see
+/// [`Answering::answered`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AnsweredLocally;
 
 impl Drop for Answering {
     fn drop(&mut self) {

@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use http::{Request, Version};
 use hyper::body::Incoming;
 
-use crate::activity::{went_down, Activity, Idle, Socket, Tracked};
+use crate::activity::{went_down, Activity, AnsweredLocally, Idle, Socket, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::metrics::Closed;
@@ -322,7 +322,7 @@ async fn serve_connection<IO>(
         boxed.as_mut().set(Some(async move {
             let rsp = proxy.handle(req, peer, verdict).await;
             if let Some(a) = answering {
-                a.answered();
+                a.answered(rsp.extensions().get::<AnsweredLocally>().is_some());
             }
             Ok::<_, Infallible>(rsp.map(|body| match version {
                 Version::HTTP_2 => Tracked::stream(body, request),

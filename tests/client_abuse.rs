@@ -1205,3 +1205,55 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
     // The first connection, at its 100th reset, and this one: counted for operators.
     assert!(closed(&proxy, "rapid_reset", 2), "counted");
 }
+
+/// Requests the proxy answers itself (a TRACE refused, a 404, a 412 from a remembered tag)
+/// cost the backend nothing: counted among a connection's requests, two of them after each
+/// reset kept its resets under half, and hundreds of requests reset in flight reached the
+/// backend from one connection. They are not counted.
+#[tokio::test]
+async fn requests_answered_without_the_backend_do_not_hide_a_client_resetting_the_rest() {
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        respond(200, &[], "ok")
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let trace = |client: &h2::client::SendRequest<bytes::Bytes>| {
+        let client = client.clone();
+        let url = proxy.url("/t");
+        async move {
+            let mut ready = client.ready().await?;
+            let req = http::Request::builder().method("TRACE").uri(url);
+            let (answer, _) = ready.send_request(req.body(()).unwrap(), true)?;
+            answer.await.map(|a| a.status())
+        }
+    };
+    let max = ifmatch::activity::MAX_RESETS as usize;
+    let mut client = common::h2_client(proxy.addr).await;
+    let mut opened = 0;
+    let refused = 'cycles: loop {
+        if opened == 3 * max {
+            break false;
+        }
+        match open_and_reset(&mut client, &proxy, &backend).await {
+            Ok(()) => opened += 1,
+            Err(_) => break true,
+        }
+        for _ in 0..2 {
+            match trace(&client).await {
+                Ok(status) => assert_eq!(status, 501),
+                Err(_) => break 'cycles true,
+            }
+        }
+    };
+    assert!(
+        refused,
+        "{opened} requests reset and the connection still open"
+    );
+    assert!(
+        opened <= max + 5,
+        "{opened} requests sent upstream before the GOAWAY"
+    );
+}

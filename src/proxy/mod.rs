@@ -23,6 +23,7 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{debug_span, Instrument};
 
+use crate::activity::AnsweredLocally;
 use crate::body::{ClientBody, ProxyBody};
 use crate::budget::Budget;
 use crate::config::{Config, Route, UpstreamEtag};
@@ -410,6 +411,10 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
             leave_unread(body, version, expects_continue, &mut rsp);
+        }
+        // For the rapid-reset guard's count; HTTP/1 has no streams to reset.
+        if version >= Version::HTTP_2 && ex.upstream_status.is_none() {
+            rsp.extensions_mut().insert(AnsweredLocally);
         }
         let bytes = http_body::Body::size_hint(rsp.body()).exact();
         pending.finish(rsp.status().as_u16(), bytes);
