@@ -47,8 +47,8 @@ pub enum Error {
     #[error("{method} on this route requires a precondition, and this resource has no Last-Modified date, so If-Unmodified-Since guards nothing (RFC 9110 §13.1.4); fetch the resource, then send its ETag in If-Match")]
     PreconditionUndated { method: Method },
 
-    #[error("the precondition failed: {}; fetch it again and retry", failed_because(current.as_ref()))]
-    PreconditionFailed { current: Option<ETag> },
+    #[error("the precondition failed: {}", failed_because(current.as_ref(), *exists))]
+    PreconditionFailed { current: Option<ETag>, exists: bool },
 
     #[error("another write to this URL held its lock for longer than {0:?}; retry later")]
     LockTimeout(Duration),
@@ -96,10 +96,12 @@ fn unsupported_because(method: &Method) -> &'static str {
 }
 
 /// What a failed precondition found, for the 412's `detail`.
-fn failed_because(current: Option<&ETag>) -> &'static str {
-    match current {
-        None => "the resource has no current representation (it was deleted, or does not exist yet)",
-        Some(_) => "the resource changed since the client read it (or, for If-None-Match: *, it exists already)",
+fn failed_because(current: Option<&ETag>, exists: bool) -> &'static str {
+    match (current, exists) {
+        (Some(_), _) => "the resource changed since the client read it (or, for If-None-Match: *, it exists already); fetch it again and retry",
+        (None, false) => "the resource has no current representation (it was deleted, or does not exist yet); fetch it again and retry",
+        // A body over the route's `max_tag_body`, or an answer that is not a whole 200.
+        (None, true) => "the resource exists but has no tag (its body is larger than the route's max_tag_body, or its answer is not a whole 200), so no tag can match it; use If-Match: * or If-Unmodified-Since, or raise max_tag_body",
     }
 }
 
@@ -206,7 +208,9 @@ impl Error {
         let mut rsp = problem(status, &self.to_string());
         let headers = rsp.headers_mut();
         match &self {
-            Self::PreconditionFailed { current: Some(tag) } => {
+            Self::PreconditionFailed {
+                current: Some(tag), ..
+            } => {
                 headers.insert(ETAG, tag.to_header());
             }
             Self::LockTimeout(_) | Self::UpstreamBusy { .. } => {
@@ -253,6 +257,7 @@ mod tests {
         let tag = ETag::strong("abc").unwrap();
         let rsp = Error::PreconditionFailed {
             current: Some(tag.clone()),
+            exists: true,
         }
         .into_response();
         assert_eq!(rsp.status(), StatusCode::PRECONDITION_FAILED);
@@ -264,8 +269,17 @@ mod tests {
         assert_eq!(json["title"], "Precondition Failed");
         assert!(json["detail"].as_str().unwrap().contains("changed"));
         // With no current representation, the detail does not say it changed.
-        let gone = Error::PreconditionFailed { current: None }.to_string();
-        assert!(gone.contains("no current representation"), "{gone}");
+        let gone = Error::PreconditionFailed {
+            current: None,
+            exists: false,
+        };
+        assert!(gone.to_string().contains("no current representation"));
+        // One that exists with no tag (over `max_tag_body`) is not said to be gone.
+        let untagged = Error::PreconditionFailed {
+            current: None,
+            exists: true,
+        };
+        assert!(untagged.to_string().contains("max_tag_body"), "{untagged}");
     }
 
     #[test]

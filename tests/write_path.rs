@@ -79,7 +79,11 @@ async fn if_match_star_holds_only_when_the_resource_exists() {
     let r = c
         .put(&proxy.url("/docs/new"), &[("if-match", "*")], "x")
         .await;
-    r.assert_problem(412);
+    let p = r.assert_problem(412);
+    assert!(p["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no current representation"));
     assert!(
         r.header("etag").is_none(),
         "nothing exists, so no current tag"
@@ -89,6 +93,24 @@ async fn if_match_star_holds_only_when_the_resource_exists() {
         .put(&proxy.url("/docs/a"), &[("if-match", "*")], "x")
         .await;
     assert_eq!(r.status, 204);
+}
+
+/// A document over `max_tag_body` exists but has no tag: a tag in `If-Match` cannot match
+/// it (412), and the 412 says why, not that the document is gone; `*` still holds.
+#[tokio::test]
+async fn a_412_for_a_document_with_no_tag_says_why_and_star_holds() {
+    let (backend, proxy) = setup("max_tag_body = \"4B\"").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let r = c.put(&url, &[("if-match", "\"some-tag\"")], "x").await;
+    let p = r.assert_problem(412);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("has no tag") && detail.contains("max_tag_body"),
+        "{detail}"
+    );
+    assert_eq!(backend.store.writes(), 0);
+    assert_eq!(c.put(&url, &[("if-match", "*")], "x").await.status, 204);
 }
 
 #[tokio::test]

@@ -129,6 +129,7 @@ impl Proxy {
             }
             Decision::PreconditionFailed => Err(Error::PreconditionFailed {
                 current: current.tag,
+                exists: current.exists,
             }),
         }
     }
@@ -183,6 +184,7 @@ impl Proxy {
                 }
                 Decision::PreconditionFailed => Err(Error::PreconditionFailed {
                     current: Some(empty),
+                    exists: true,
                 }),
             };
         }

@@ -261,6 +261,7 @@ impl Proxy {
                 _ => {
                     return Err(Error::PreconditionFailed {
                         current: current.tag,
+                        exists: current.exists,
                     })
                 }
             }
