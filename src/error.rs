@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Response, StatusCode};
 use crate::body::ProxyBody;
 use crate::etag::ETag;
 use crate::framing::FramingError;
-use crate::precondition::HeaderError;
+use crate::precondition::{Failure, HeaderError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,8 +47,8 @@ pub enum Error {
     #[error("{method} on this route requires a precondition, and this resource has no Last-Modified date, so If-Unmodified-Since guards nothing (RFC 9110 §13.1.4); fetch the resource, then send its ETag in If-Match")]
     PreconditionUndated { method: Method },
 
-    #[error("the precondition failed: {}", failed_because(current.as_ref(), *exists))]
-    PreconditionFailed { current: Option<ETag>, exists: bool },
+    #[error("the precondition failed: {}", failed_because(*why))]
+    PreconditionFailed { current: Option<ETag>, why: Failure },
 
     #[error("another write to this URL held its lock for longer than {0:?}; retry later")]
     LockTimeout(Duration),
@@ -96,12 +96,14 @@ fn unsupported_because(method: &Method) -> &'static str {
 }
 
 /// What a failed precondition found, for the 412's `detail`.
-fn failed_because(current: Option<&ETag>, exists: bool) -> &'static str {
-    match (current, exists) {
-        (Some(_), _) => "the resource changed since the client read it (or, for If-None-Match: *, it exists already); fetch it again and retry",
-        (None, false) => "the resource has no current representation (it was deleted, or does not exist yet); fetch it again and retry",
-        // A body over the route's `max_tag_body`, or an answer that is not a whole 200.
-        (None, true) => "the resource exists but has no tag (its body is larger than the route's max_tag_body, or its answer is not a whole 200), so no tag can match it; use If-Match: * or If-Unmodified-Since, or raise max_tag_body",
+fn failed_because(why: Failure) -> &'static str {
+    match why {
+        Failure::Gone => "the resource has no current representation (it was deleted, or does not exist yet); fetch it again and retry",
+        Failure::Untagged => "the resource exists but has no tag to match (its body is larger than the route's max_tag_body, or its answer is not a whole 200); send If-Match: * or If-Unmodified-Since instead, or raise max_tag_body",
+        Failure::Changed => "the resource changed since the client read it; fetch it again and retry",
+        Failure::ModifiedSince => "the resource was modified after the date in If-Unmodified-Since; fetch it again and retry",
+        Failure::Exists => "the resource exists already (If-None-Match: *)",
+        Failure::Matches => "the resource's current tag is one that If-None-Match names; fetch it again and retry",
     }
 }
 
@@ -257,7 +259,7 @@ mod tests {
         let tag = ETag::strong("abc").unwrap();
         let rsp = Error::PreconditionFailed {
             current: Some(tag.clone()),
-            exists: true,
+            why: Failure::Changed,
         }
         .into_response();
         assert_eq!(rsp.status(), StatusCode::PRECONDITION_FAILED);
@@ -268,18 +270,20 @@ mod tests {
         assert_eq!(json["status"], 412);
         assert_eq!(json["title"], "Precondition Failed");
         assert!(json["detail"].as_str().unwrap().contains("changed"));
-        // With no current representation, the detail does not say it changed.
-        let gone = Error::PreconditionFailed {
-            current: None,
-            exists: false,
-        };
-        assert!(gone.to_string().contains("no current representation"));
-        // One that exists with no tag (over `max_tag_body`) is not said to be gone.
-        let untagged = Error::PreconditionFailed {
-            current: None,
-            exists: true,
-        };
-        assert!(untagged.to_string().contains("max_tag_body"), "{untagged}");
+        // Each failure says what failed, not that the resource changed.
+        for (why, says) in [
+            (Failure::Gone, "no current representation"),
+            (Failure::Untagged, "max_tag_body"),
+            (
+                Failure::ModifiedSince,
+                "after the date in If-Unmodified-Since",
+            ),
+            (Failure::Exists, "exists already"),
+            (Failure::Matches, "one that If-None-Match names"),
+        ] {
+            let e = Error::PreconditionFailed { current: None, why };
+            assert!(e.to_string().contains(says), "{why:?}: {e}");
+        }
     }
 
     #[test]

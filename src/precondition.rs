@@ -265,6 +265,49 @@ pub fn evaluate(pre: &Preconditions, read: bool, current: &Resource) -> Decision
     Decision::Proceed
 }
 
+/// Which condition a request that [`evaluate`] refused (412) failed: the 412's `detail`
+/// says it, and what to send instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// `If-Match`: no current representation.
+    Gone,
+    /// `If-Match` naming tags: the resource exists with no tag to match (a body over
+    /// `max_tag_body`, an answer that is not a whole 200).
+    Untagged,
+    /// `If-Match`: its tag is none the request names.
+    Changed,
+    /// `If-Unmodified-Since`: modified after the date.
+    ModifiedSince,
+    /// `If-None-Match: *`: it exists.
+    Exists,
+    /// `If-None-Match` naming tags, on a write: its tag is one of them.
+    Matches,
+}
+
+/// Why `evaluate` refused `pre` against `current` (call it only when it did).
+pub fn failure(pre: &Preconditions, current: &Resource) -> Failure {
+    match &pre.if_match {
+        Some(cond) if !if_match_holds(cond, current) => {
+            return match (current.exists, &current.tag, cond) {
+                (false, _, _) => Failure::Gone,
+                (true, None, Condition::Tags(_)) => Failure::Untagged,
+                _ => Failure::Changed,
+            };
+        }
+        Some(_) => {}
+        None => {
+            let later = |since| current.last_modified.is_some_and(|lm| lm > since);
+            if pre.if_unmodified_since.is_some_and(later) {
+                return Failure::ModifiedSince;
+            }
+        }
+    }
+    match pre.if_none_match {
+        Some(Condition::Any) => Failure::Exists,
+        _ => Failure::Matches,
+    }
+}
+
 /// §13.1.1: `*` holds when a current representation exists; a list holds when one member
 /// matches the current tag by the strong comparison.
 fn if_match_holds(cond: &Condition, current: &Resource) -> bool {

@@ -109,6 +109,16 @@ async fn a_412_for_a_document_with_no_tag_says_why_and_star_holds() {
         detail.contains("has no tag") && detail.contains("max_tag_body"),
         "{detail}"
     );
+    // Other conditions that fail on it say what failed, not that it has no tag.
+    let past = ("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT");
+    for (condition, says) in [
+        (past, "after the date in If-Unmodified-Since"),
+        (("if-none-match", "*"), "exists already"),
+    ] {
+        let p = c.put(&url, &[condition], "x").await.assert_problem(412);
+        let detail = p["detail"].as_str().unwrap();
+        assert!(detail.contains(says), "{condition:?}: {detail}");
+    }
     assert_eq!(backend.store.writes(), 0);
     assert_eq!(c.put(&url, &[("if-match", "*")], "x").await.status, 204);
 }

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::etag::ETag;
 use crate::key::ResourceKey;
 use crate::metrics::Unheld;
-use crate::precondition::{evaluate, names_tags, Decision, Preconditions, Resource};
+use crate::precondition::{evaluate, failure, names_tags, Decision, Preconditions, Resource};
 use crate::tags::{Known, Ticket};
 use crate::upstream;
 
@@ -128,8 +128,8 @@ impl Proxy {
                 Ok(not_modified(&rparts))
             }
             Decision::PreconditionFailed => Err(Error::PreconditionFailed {
+                why: failure(pre, &current),
                 current: current.tag,
-                exists: current.exists,
             }),
         }
     }
@@ -183,8 +183,8 @@ impl Proxy {
                     Ok(not_modified(&rparts))
                 }
                 Decision::PreconditionFailed => Err(Error::PreconditionFailed {
+                    why: failure(pre, &current),
                     current: Some(empty),
-                    exists: true,
                 }),
             };
         }

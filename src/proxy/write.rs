@@ -23,7 +23,9 @@ use crate::etag::ETag;
 use crate::key::{normalize_path, ResourceKey};
 use crate::lock::WriteGuard;
 use crate::metrics::Unheld;
-use crate::precondition::{evaluate, names_tags, Decision, HeaderError, Preconditions, Resource};
+use crate::precondition::{
+    evaluate, failure, names_tags, Decision, HeaderError, Preconditions, Resource,
+};
 use crate::tags::Known;
 use crate::upstream;
 
@@ -260,8 +262,8 @@ impl Proxy {
                 _ if negotiated => continue,
                 _ => {
                     return Err(Error::PreconditionFailed {
+                        why: failure(pre, &current),
                         current: current.tag,
-                        exists: current.exists,
                     })
                 }
             }
