@@ -16,7 +16,9 @@ use crate::error::Error;
 use crate::etag::ETag;
 use crate::key::ResourceKey;
 use crate::metrics::Unheld;
-use crate::precondition::{evaluate, failure, names_tags, Decision, Preconditions, Resource};
+use crate::precondition::{
+    evaluate, failure, names_tags, Decision, Failure, Preconditions, Resource,
+};
 use crate::tags::{Known, Ticket};
 use crate::upstream;
 
@@ -67,6 +69,21 @@ impl Proxy {
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if !whole_representation(&rsp) {
+            // A part, asked for with `If-Unmodified-Since` alone (`strip_evaluated` kept its
+            // `Range`), is judged by its date, which its head carries: a download resumed
+            // after the document changed would splice two versions (§13.1.4).
+            if rsp.status() == StatusCode::PARTIAL_CONTENT && pre.if_match.is_none() {
+                let lm = last_modified(rsp.headers());
+                if pre
+                    .if_unmodified_since
+                    .is_some_and(|d| lm.is_some_and(|lm| lm > d))
+                {
+                    return Err(Error::PreconditionFailed {
+                        current: None,
+                        why: Failure::ModifiedSince,
+                    });
+                }
+            }
             ex.outcome = "passthrough";
             return Ok(pass_read(rsp, head, route));
         }
