@@ -193,10 +193,13 @@ impl Activity {
             // on a slow upstream is that body's own timer's business); and the client has
             // not taken any of what the socket holds either.
             // Or, whatever it asked and was answered meanwhile, the client's TCP stack took
-            // not one byte of what waits for it: its receive buffer is full, unread.
+            // not one byte of what waited for it all period: its receive buffer is full,
+            // unread.
             let now_sending = self.sending.load(Ordering::Acquire);
             let unsent = self.unsent();
-            let took_nothing = unsent.is_some_and(|n| n > 0)
+            let waiting = |q: Option<u64>| q.is_some_and(|n| n > 0);
+            let took_nothing = waiting(queued)
+                && waiting(unsent)
                 && acked.is_some()
                 && acked == self.socket.and_then(Socket::acked);
             let stalled = sending
