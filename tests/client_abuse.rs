@@ -1257,3 +1257,51 @@ async fn requests_answered_without_the_backend_do_not_hide_a_client_resetting_th
         "{opened} requests sent upstream before the GOAWAY"
     );
 }
+
+/// A request the backend failed to answer in time (504) still cost it a request: it counts
+/// among the connection's requests, so a client whose backend is slow does not reach "half
+/// reset" sooner for the requests it did not reset.
+#[tokio::test]
+async fn requests_the_backend_failed_count_among_a_connections_requests() {
+    let backend = ScriptedBackend::start(|_| async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        respond(200, &[], "late")
+    })
+    .await;
+    let proxy = Proxy::start(
+        &route("/", "upstream_timeout = \"200ms\""),
+        &backend.origin(),
+    )
+    .await;
+    let max = ifmatch::activity::MAX_RESETS as usize;
+    let mut client = common::h2_client(proxy.addr).await;
+    let mut timed_out = tokio::task::JoinSet::new();
+    for _ in 0..max + 2 {
+        let client = client.clone();
+        let url = proxy.url("/slow");
+        timed_out.spawn(async move {
+            let mut ready = client.ready().await?;
+            let req = http::Request::get(url).body(()).unwrap();
+            let (answer, _) = ready.send_request(req, true)?;
+            answer.await.map(|a| a.status())
+        });
+    }
+    while let Some(status) = timed_out.join_next().await {
+        assert_eq!(status.unwrap().unwrap(), 504);
+    }
+    for _ in 0..max {
+        open_and_reset(&mut client, &proxy, &backend).await.unwrap();
+    }
+    // The GOAWAY, had it come, would be in by now: the next request still goes up.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = backend.requests().len();
+    let ready = client.ready().await;
+    let mut ready = ready.expect("open: under half of its requests were reset");
+    let req = http::Request::get(proxy.url("/after")).body(()).unwrap();
+    let _answer = ready.send_request(req, true).expect("open");
+    let arrived = common::eventually(Duration::from_secs(5), || backend.requests().len() > seen);
+    assert!(
+        arrived.await,
+        "the request after the resets reached the backend"
+    );
+}

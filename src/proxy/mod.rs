@@ -164,6 +164,9 @@ struct Exchange {
     streamed: bool,
     /// The client sent `Expect: 100-continue` (a header not passed on).
     expects_continue: bool,
+    /// The request, or a revalidation for it, went to the backend: it cost the backend a
+    /// request, answered or not (for the rapid-reset guard: `AnsweredLocally`).
+    sent: bool,
     /// The client's HTTP version (the upstream request's is always 1.1).
     client_version: Version,
     /// The origin the client addressed, on a `preserve_host = false` route: the backend's
@@ -413,7 +416,7 @@ impl Proxy {
             leave_unread(body, version, expects_continue, &mut rsp);
         }
         // For the rapid-reset guard's count; HTTP/1 has no streams to reset.
-        if version >= Version::HTTP_2 && ex.upstream_status.is_none() {
+        if version >= Version::HTTP_2 && !ex.sent {
             rsp.extensions_mut().insert(AnsweredLocally);
         }
         let bytes = http_body::Body::size_hint(rsp.body()).exact();

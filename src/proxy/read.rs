@@ -66,6 +66,7 @@ impl Proxy {
         let again = (!head && pre.compares_tags())
             .then(|| Box::new(crate::pool::head_only(&req)))
             .filter(|_| req.body().is_end_stream());
+        ex.sent = true;
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if !whole_representation(&rsp) {
@@ -172,6 +173,7 @@ impl Proxy {
         pre: &Preconditions,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
+        ex.sent = true;
         let rsp = self.send(rt, route, req).await?;
         ex.upstream_status = Some(rsp.status());
         if !whole_representation(&rsp) {

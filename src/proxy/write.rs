@@ -335,6 +335,7 @@ impl Proxy {
         // A revalidation's status is not this write's: should the client leave before the
         // answer, its line says the write's status is unknown.
         ex.upstream_status = None;
+        ex.sent = true;
         let mut rsp = in_flight.answer().await?;
         in_flight.held = None;
         // Declared after `in_flight`, so dropped before it lets the lock go.
@@ -393,6 +394,7 @@ impl Proxy {
     ) -> Result<Current, Error> {
         let ticket = self.tags.ticket();
         self.metrics.revalidation(&route.metric_labels);
+        ex.sent = true;
         let rsp = self
             .send(rt, route, Box::new(upstream::revalidation_request(parts)))
             .await?;
