@@ -748,6 +748,34 @@ async fn a_failed_write_with_its_body_part_read_says_the_connection_closes() {
     assert!(head.contains("connection: close"), "{head}");
 }
 
+/// A legacy handler on raw sockets that answers a PUT 409 from its head, without reading
+/// its body, keeps the connection, and answers every other head it then reads (the body's
+/// bytes among them, taken for a request) with `answer(head)`. Its origin.
+async fn early_409_handler<F, Fut>(answer: F) -> String
+where
+    F: Fn(Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
+{
+    use tokio::io::AsyncWriteExt;
+    raw_backend(move |mut s| {
+        let answer = answer.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(end) = read_until(&mut s, &mut buf, head_end).await {
+                let head: Vec<u8> = buf.drain(..end).collect();
+                let reply = match head.starts_with(b"PUT ") {
+                    true => b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno".to_vec(),
+                    false => answer(head).await,
+                };
+                if s.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+}
+
 /// A legacy handler that answers a write (409) without reading its body, and keeps the
 /// connection: the body still going up then reaches it as the next "request", and the
 /// connection, back in the pool, carried another client's GET behind it: that client got
@@ -756,31 +784,18 @@ async fn a_failed_write_with_its_body_part_read_says_the_connection_closes() {
 #[tokio::test]
 async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let origin = raw_backend(|mut s| async move {
-        let mut buf = Vec::new();
-        loop {
-            let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
-                return;
-            };
-            let head: Vec<u8> = buf.drain(..end).collect();
-            let answer: Vec<u8> = if head.starts_with(b"PUT ") {
-                b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno".to_vec()
-            } else if head.starts_with(b"GET /other ") {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother".to_vec()
-            } else {
-                // What it took for a request line: the first write's body.
-                let mut a = format!(
-                    "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
-                    head.len()
-                )
-                .into_bytes();
-                a.extend_from_slice(&head);
-                a
-            };
-            if s.write_all(&answer).await.is_err() {
-                return;
-            }
+    let origin = early_409_handler(|head| async move {
+        if head.starts_with(b"GET /other ") {
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother".to_vec();
         }
+        // What it took for a request line: the first write's body.
+        let mut a = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n",
+            head.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(&head);
+        a
     })
     .await;
     // A body over `max_tag_body` streams up as it comes.
@@ -816,26 +831,12 @@ async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
 /// that body.
 #[tokio::test]
 async fn an_error_answer_to_a_write_whose_body_went_up_whole_does_not_put_its_connection_back() {
-    use tokio::io::AsyncWriteExt;
-    let origin = raw_backend(|mut s| async move {
-        let mut buf = Vec::new();
-        loop {
-            let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
-                return;
-            };
-            let head: Vec<u8> = buf.drain(..end).collect();
-            let answer: &[u8] = if head.starts_with(b"PUT ") {
-                b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno"
-            } else if head.starts_with(b"GET /secret ") {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret"
-            } else {
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother"
-            };
-            if s.write_all(answer).await.is_err() {
-                return;
-            }
+    let origin = early_409_handler(|head| async move {
+        if !head.starts_with(b"GET /secret ") {
+            return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother".to_vec();
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret".to_vec()
     })
     .await;
     let proxy = Proxy::start(&route("/", ""), &origin).await;
