@@ -1107,6 +1107,32 @@ async fn open_and_reset(
     Ok(())
 }
 
+/// A backend that answers `/slow` after 10 s and anything else at once, and the proxy in
+/// front of it with `route_keys`.
+async fn slow_path_backend(route_keys: &str) -> (ScriptedBackend, Proxy) {
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        respond(200, &[], "ok")
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", route_keys), &backend.origin()).await;
+    (backend, proxy)
+}
+
+/// The status of a `method` request for `url` on HTTP/2 connection `client`, waited for.
+async fn h2_status(
+    client: h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    url: String,
+) -> Result<http::StatusCode, h2::Error> {
+    let mut ready = client.ready().await?;
+    let req = http::Request::builder().method(method).uri(url);
+    let (answer, _) = ready.send_request(req.body(()).unwrap(), true)?;
+    answer.await.map(|a| a.status())
+}
+
 /// A client that resets each HTTP/2 request once the proxy has sent it upstream (the rapid
 /// reset pattern, past h2's own guard, which counts only streams reset before they are
 /// handed over) keeps the backend working on requests nobody waits for, thousands of them
@@ -1115,24 +1141,9 @@ async fn open_and_reset(
 /// or as many among more answered requests, or only after waiting a while, keeps it.
 #[tokio::test]
 async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
-    let backend = ScriptedBackend::start(|r| async move {
-        if r.uri.path() == "/slow" {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        }
-        respond(200, &[], "ok")
-    })
-    .await;
-    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
-    let answered = |client: &h2::client::SendRequest<bytes::Bytes>| {
-        let client = client.clone();
-        let url = proxy.url("/fast");
-        async move {
-            let mut ready = client.ready().await?;
-            let req = http::Request::get(url).body(()).unwrap();
-            let (answer, _) = ready.send_request(req, true)?;
-            answer.await.map(|a| a.status())
-        }
-    };
+    let (backend, proxy) = slow_path_backend("").await;
+    let answered =
+        |client: &h2::client::SendRequest<_>| h2_status(client.clone(), "GET", proxy.url("/fast"));
     let max = ifmatch::activity::MAX_RESETS as usize;
 
     // Fewer resets than that: the connection stays.
@@ -1212,24 +1223,9 @@ async fn an_http2_client_resetting_its_requests_in_progress_is_sent_away() {
 /// backend from one connection. They are not counted.
 #[tokio::test]
 async fn requests_answered_without_the_backend_do_not_hide_a_client_resetting_the_rest() {
-    let backend = ScriptedBackend::start(|r| async move {
-        if r.uri.path() == "/slow" {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        }
-        respond(200, &[], "ok")
-    })
-    .await;
-    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
-    let trace = |client: &h2::client::SendRequest<bytes::Bytes>| {
-        let client = client.clone();
-        let url = proxy.url("/t");
-        async move {
-            let mut ready = client.ready().await?;
-            let req = http::Request::builder().method("TRACE").uri(url);
-            let (answer, _) = ready.send_request(req.body(()).unwrap(), true)?;
-            answer.await.map(|a| a.status())
-        }
-    };
+    let (backend, proxy) = slow_path_backend("").await;
+    let trace =
+        |client: &h2::client::SendRequest<_>| h2_status(client.clone(), "TRACE", proxy.url("/t"));
     let max = ifmatch::activity::MAX_RESETS as usize;
     let mut client = common::h2_client(proxy.addr).await;
     let mut opened = 0;
@@ -1263,28 +1259,13 @@ async fn requests_answered_without_the_backend_do_not_hide_a_client_resetting_th
 /// reset" sooner for the requests it did not reset.
 #[tokio::test]
 async fn requests_the_backend_failed_count_among_a_connections_requests() {
-    let backend = ScriptedBackend::start(|_| async move {
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        respond(200, &[], "late")
-    })
-    .await;
-    let proxy = Proxy::start(
-        &route("/", "upstream_timeout = \"200ms\""),
-        &backend.origin(),
-    )
-    .await;
+    let (backend, proxy) = slow_path_backend("upstream_timeout = \"200ms\"").await;
     let max = ifmatch::activity::MAX_RESETS as usize;
     let mut client = common::h2_client(proxy.addr).await;
     let mut timed_out = tokio::task::JoinSet::new();
     for _ in 0..max + 2 {
-        let client = client.clone();
-        let url = proxy.url("/slow");
-        timed_out.spawn(async move {
-            let mut ready = client.ready().await?;
-            let req = http::Request::get(url).body(()).unwrap();
-            let (answer, _) = ready.send_request(req, true)?;
-            answer.await.map(|a| a.status())
-        });
+        let (client, url) = (client.clone(), proxy.url("/slow"));
+        timed_out.spawn(h2_status(client, "GET", url));
     }
     while let Some(status) = timed_out.join_next().await {
         assert_eq!(status.unwrap().unwrap(), 504);
