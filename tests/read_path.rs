@@ -326,6 +326,12 @@ async fn a_ranged_get_with_conditions_is_judged_and_never_answered_with_an_unjud
     // Without a condition the proxy judges, Range is the backend's.
     let r = c.get(&proxy.url("/a"), &[range]).await;
     assert_eq!(r.status, 206);
+    // Only a GET's: a HEAD gets the head of the whole 200, with its tag (§14.2).
+    let since = ("if-unmodified-since", "Mon, 07 Nov 1994 08:49:37 GMT");
+    for headers in [&[range][..], &[range, since]] {
+        let r = c.head(&proxy.url("/a"), headers).await;
+        assert_eq!((r.status, r.etag()), (200, tag.clone()), "{headers:?}");
+    }
     // §13.1.4 names this use: a download resumed after the document changed. The date is
     // judged on the part's own head, so a resume that holds stays a part.
     let unmodified = ("if-unmodified-since", "Sat, 05 Nov 1994 08:49:37 GMT");

@@ -38,9 +38,14 @@ impl Proxy {
         mut parts: Parts,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
-        // HEAD is sent as a GET so that it gets the tag a GET would give.
+        // HEAD is sent as a GET so that it gets the tag a GET would give: without `Range`,
+        // which only a GET may honour (RFC 9110 §14.2), so a HEAD gets the head of the 200.
         let head = parts.method == Method::HEAD;
         parts.method = Method::GET;
+        if head {
+            parts.headers.remove(header::RANGE);
+            parts.headers.remove(header::IF_RANGE);
+        }
         strip_evaluated(&mut parts.headers, pre, true);
         let authorized = parts.headers.contains_key(header::AUTHORIZATION);
         let ticket = self.tags.ticket();
