@@ -101,6 +101,7 @@ fn failed_because(why: Failure) -> &'static str {
         Failure::Gone => "the resource has no current representation (it was deleted, or does not exist yet); fetch it again and retry",
         Failure::Untagged => "the resource exists but has no tag to match (its body is larger than the route's max_tag_body, or its answer is not a whole 200); send If-Match: * or If-Unmodified-Since instead, or raise max_tag_body",
         Failure::Changed => "the resource changed since the client read it; fetch it again and retry",
+        Failure::WeakOrEmpty => "If-Match names the current tag only as a weak one (W/), which If-Match never matches (it compares strongly), or names no tag at all; send the ETag as the resource gave it",
         Failure::ModifiedSince => "the resource was modified after the date in If-Unmodified-Since; fetch it again and retry",
         Failure::Exists => "the resource exists already (If-None-Match: *)",
         Failure::Matches => "the resource's current tag is one that If-None-Match names; fetch it again and retry",
@@ -273,6 +274,7 @@ mod tests {
         // Each failure says what failed, not that the resource changed.
         for (why, says) in [
             (Failure::Gone, "no current representation"),
+            (Failure::WeakOrEmpty, "compares strongly"),
             (Failure::Untagged, "max_tag_body"),
             (
                 Failure::ModifiedSince,

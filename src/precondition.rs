@@ -276,6 +276,9 @@ pub enum Failure {
     Untagged,
     /// `If-Match`: its tag is none the request names.
     Changed,
+    /// `If-Match`: the request names its tag only as a weak one (`W/`), which `If-Match`
+    /// never matches (it compares strongly), or names none at all (an empty list).
+    WeakOrEmpty,
     /// `If-Unmodified-Since`: modified after the date.
     ModifiedSince,
     /// `If-None-Match: *`: it exists.
@@ -291,6 +294,11 @@ pub fn failure(pre: &Preconditions, current: &Resource) -> Failure {
             return match (current.exists, &current.tag, cond) {
                 (false, _, _) => Failure::Gone,
                 (true, None, Condition::Tags(_)) => Failure::Untagged,
+                (true, Some(cur), Condition::Tags(tags))
+                    if tags.is_empty() || tags.iter().any(|t| t.weak_eq(cur)) =>
+                {
+                    Failure::WeakOrEmpty
+                }
                 _ => Failure::Changed,
             };
         }

@@ -63,7 +63,12 @@ async fn a_weak_tag_in_if_match_never_matches() {
     let url = proxy.url("/docs/a");
     let tag = c.get(&url, &[]).await.etag();
     let r = c.put(&url, &[("if-match", &format!("W/{tag}"))], "x").await;
-    assert_eq!(r.status, 412);
+    let p = r.assert_problem(412);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("compares strongly"),
+        "not said to have changed: {detail}"
+    );
     assert_eq!(backend.store.writes(), 0);
     // A list holding the right strong tag matches.
     let r = c
