@@ -90,6 +90,13 @@ impl Preconditions {
         })
     }
 
+    /// `If-Unmodified-Since` fails against a representation last modified at
+    /// `last_modified`; it is ignored when there is no such date (§13.1.4).
+    pub fn unmodified_since_fails(&self, last_modified: Option<SystemTime>) -> bool {
+        self.if_unmodified_since
+            .is_some_and(|since| last_modified.is_some_and(|lm| lm > since))
+    }
+
     /// The request carries a precondition that can stop a write (for 428, RFC 6585 §3).
     pub fn guards_write(&self) -> bool {
         // An empty `If-None-Match` holds whatever the state: it guards nothing, and a blind
@@ -242,11 +249,8 @@ pub fn evaluate(pre: &Preconditions, read: bool, current: &Resource) -> Decision
         if !if_match_holds(cond, current) {
             return Decision::PreconditionFailed;
         }
-    } else if let Some(since) = pre.if_unmodified_since {
-        // §13.1.4: ignored when the resource has no modification date.
-        if current.last_modified.is_some_and(|lm| lm > since) {
-            return Decision::PreconditionFailed;
-        }
+    } else if pre.unmodified_since_fails(current.last_modified) {
+        return Decision::PreconditionFailed;
     }
     // Step 3 and 4: If-None-Match, else If-Modified-Since (GET and HEAD only).
     if let Some(cond) = &pre.if_none_match {
@@ -303,12 +307,10 @@ pub fn failure(pre: &Preconditions, current: &Resource) -> Failure {
             };
         }
         Some(_) => {}
-        None => {
-            let later = |since| current.last_modified.is_some_and(|lm| lm > since);
-            if pre.if_unmodified_since.is_some_and(later) {
-                return Failure::ModifiedSince;
-            }
+        None if pre.unmodified_since_fails(current.last_modified) => {
+            return Failure::ModifiedSince;
         }
+        None => {}
     }
     match pre.if_none_match {
         Some(Condition::Any) => Failure::Exists,

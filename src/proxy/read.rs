@@ -78,17 +78,14 @@ impl Proxy {
             // A part, asked for with `If-Unmodified-Since` alone (`strip_evaluated` kept its
             // `Range`), is judged by its date, which its head carries: a download resumed
             // after the document changed would splice two versions (§13.1.4).
-            if rsp.status() == StatusCode::PARTIAL_CONTENT && pre.if_match.is_none() {
-                let lm = last_modified(rsp.headers());
-                if pre
-                    .if_unmodified_since
-                    .is_some_and(|d| lm.is_some_and(|lm| lm > d))
-                {
-                    return Err(Error::PreconditionFailed {
-                        current: None,
-                        why: Failure::ModifiedSince,
-                    });
-                }
+            if rsp.status() == StatusCode::PARTIAL_CONTENT
+                && pre.if_match.is_none()
+                && pre.unmodified_since_fails(last_modified(rsp.headers()))
+            {
+                return Err(Error::PreconditionFailed {
+                    current: None,
+                    why: Failure::ModifiedSince,
+                });
             }
             ex.outcome = "passthrough";
             return Ok(pass_read(rsp, head, route));
