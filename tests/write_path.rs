@@ -761,19 +761,34 @@ async fn under_cached_a_tag_of_another_content_coding_of_the_current_state_is_no
 }
 
 /// A COPY or MOVE changes its `Destination` too: one the proxy cannot read would go to the
-/// backend with that resource neither locked nor its tag forgotten, so it is refused.
+/// backend with that resource neither locked nor its tag forgotten, so it is refused. So is
+/// one with a query or a fragment, which backends read in ways the proxy cannot know: nginx
+/// writes `http://h?/b` to `/b`, `/b?x` to `/b`, and `/b#x` to a file named `b#x`, where the
+/// proxy would key `/?/b`, `/b?x` and `/b`, and another client's stale write to `/b` would
+/// pass its `If-Match`.
 #[tokio::test]
 async fn a_copy_or_move_whose_destination_cannot_be_read_is_refused_with_a_400() {
     let backend = ScriptedBackend::start(|_| async { respond(201, &[], "") }).await;
     let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
     let c = Client::new();
+    let unreadable = [
+        "/b c".to_owned(),
+        format!("{}?/b", proxy.url("")),
+        format!("{}#/b", proxy.url("")),
+        proxy.url("/b?x"),
+        proxy.url("/b#x"),
+        "/b?x".to_owned(),
+        "/b#x".to_owned(),
+    ];
     for method in ["COPY", "MOVE"] {
-        let r = c
-            .send(method, &proxy.url("/a"), &[("destination", "/b c")], "")
-            .await;
-        let p = r.assert_problem(400);
-        let detail = p["detail"].as_str().unwrap().to_lowercase();
-        assert!(detail.contains("destination"), "{method}: {detail}");
+        for to in &unreadable {
+            let r = c
+                .send(method, &proxy.url("/a"), &[("destination", to)], "")
+                .await;
+            let p = r.assert_problem(400);
+            let detail = p["detail"].as_str().unwrap().to_lowercase();
+            assert!(detail.contains("destination"), "{method} to {to}: {detail}");
+        }
     }
     assert!(backend.requests().is_empty(), "neither reached the backend");
     // A readable one goes ahead, and so does one the backend must judge (none at all).

@@ -595,7 +595,10 @@ const METHOD_OVERRIDES: [&str; 3] = [
 /// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
 /// resource changes too, so its remembered tag must go as well.
 /// One that cannot be read is refused (400): forwarded, its resource would change with
-/// neither its lock held nor its tag forgotten. A missing one is the backend's to refuse.
+/// neither its lock held nor its tag forgotten. So is one with a query or a fragment:
+/// backends read those their own ways (nginx writes `http://h?/b` and `/b?x` to `/b`, and
+/// `/b#x` to a file named `b#x`), so which resource would change is not known here.
+/// A missing one is the backend's to refuse.
 fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, HeaderError> {
     if !matches!(parts.method.as_str(), "COPY" | "MOVE") {
         return Ok(None);
@@ -610,10 +613,16 @@ fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, 
     let text = value
         .to_str()
         .map_err(|_| malformed("not visible ASCII (RFC 4918 §10.3: a URI)"))?;
+    if text.contains(['?', '#']) {
+        return Err(malformed(
+            "has a query or a fragment, which backends read differently: send a \
+             destination that is a path only",
+        ));
+    }
     let dest: http::Uri = text.parse().map_err(|_| malformed("not a URI"))?;
     Ok(Some(ResourceKey::new(
         &route.upstream,
         &normalize_path(dest.path()),
-        dest.query(),
+        None,
     )))
 }
