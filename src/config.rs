@@ -363,9 +363,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = crate::file::read_text(path, crate::file::MAX_FILE).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Self::parse(&text, &path.display().to_string())
     }
@@ -784,7 +786,7 @@ impl Validator<'_> {
             (Some(k), None) => (k.get_ref().trim().as_bytes().to_vec(), k, "server.tag_key"),
             (None, Some(f)) => {
                 let path = self.base.join(f.get_ref());
-                match std::fs::read(&path) {
+                match crate::file::read(&path, crate::file::MAX_KEY_FILE) {
                     Ok(bytes) => (trim_ascii(&bytes).to_vec(), f, "server.tag_key_file"),
                     Err(e) => {
                         let msg = format!("cannot read {}: {e}", path.display());

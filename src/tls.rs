@@ -19,10 +19,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A PEM file's bytes, read within [`crate::file::MAX_FILE`].
+fn pem(path: &Path) -> Result<Vec<u8>, String> {
+    crate::file::read(path, crate::file::MAX_FILE)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let iter = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs: Vec<_> = iter
+    let pem = pem(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
     if certs.is_empty() {
@@ -35,7 +40,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let chain = certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
+    let key = PrivateKeyDer::from_pem_slice(&pem(key)?)
         .map_err(|e| format!("no usable private key in {}: {e}", key.display()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)

@@ -174,6 +174,65 @@ fn a_missing_config_file_is_a_clear_error() {
         .contains("cannot read config /nonexistent/ifmatch.toml"));
 }
 
+/// A file that never ends, named where a config file, a key or a certificate belongs, is
+/// refused within a bound instead of read until memory runs out (on a reload, the running
+/// proxy's memory); a config that is not UTF-8 is refused naming the line.
+#[test]
+fn files_that_never_end_or_are_not_text_are_refused_saying_so() {
+    let run = |args: &[&str]| {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(20) {
+                child.kill().unwrap();
+                panic!("{args:?} still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let out = run(&["--config", "/dev/zero", "--check"]);
+    assert!(
+        out.contains("cannot read config /dev/zero: longer than 16384 KiB"),
+        "{out}"
+    );
+    let base = "[server]\nlisten = \"127.0.0.1:1\"\n";
+    let route = "[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n";
+    let (ok, out) = check(&format!("{base}tag_key_file = \"/dev/urandom\"\n{route}"));
+    assert!(!ok);
+    assert!(
+        out.contains(":3: server.tag_key_file: cannot read /dev/urandom: longer than 64 KiB"),
+        "{out}"
+    );
+    let (ok, out) = check(&format!(
+        "{base}[server.tls]\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\n{route}"
+    ));
+    assert!(!ok);
+    assert!(out.contains("cannot read /dev/zero: longer than"), "{out}");
+    let (ok, out) = check(&format!("{base}# caf\u{e9}\n{route}"));
+    assert!(ok, "UTF-8 is fine: {out}");
+    let dir = std::env::temp_dir().join(format!("ifmatch-cli-latin1-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ifmatch.toml");
+    let mut latin1 = base.as_bytes().to_vec();
+    latin1.extend_from_slice(b"# caf\xe9\n");
+    latin1.extend_from_slice(route.as_bytes());
+    std::fs::write(&path, latin1).unwrap();
+    let out = run(&["--config", path.to_str().unwrap(), "--check"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.contains("not UTF-8 text: line 3 holds a byte that is not"),
+        "{out}"
+    );
+}
+
 /// Kills the child on drop so a failing test leaves no process behind.
 struct Child(std::process::Child);
 impl Drop for Child {
