@@ -390,12 +390,14 @@ where
             let Some(line) = &line else {
                 break None;
             };
-            let start = *start.get_or_insert_with(Instant::now);
             let since = *waiting.get_or_insert_with(Instant::now);
-            match self
-                .wait_turn(origin, line.clone(), since, start + timeout)
-                .await?
-            {
+            let turn = self.wait_turn(origin, line.clone(), since).await?;
+            // The timeout runs from the turn, as HAProxy's `timeout server` runs after its
+            // `timeout queue`: counted from before the wait, a request whose turn came late
+            // would go up with little time left, and be cut off while the backend, scarce
+            // enough to be capped, works on it (a write then lands with its client told 504).
+            start = None;
+            match turn {
                 Turn::Permit(permit) => break Some((line.clone(), permit)),
                 Turn::Conn(idle) => handed = Some(idle),
             }
@@ -502,7 +504,7 @@ where
     /// watches: for a permit, for a connection handed back to the idle list, and for every
     /// busy one there (taken out of it, since nothing else says when a response body has
     /// ended). Waits within the connect timeout from `since`, when the request began to wait
-    /// (HAProxy's `timeout queue` defaults to its `timeout connect`), and `deadline`.
+    /// (HAProxy's `timeout queue` defaults to its `timeout connect`).
     ///
     /// Boxed, as `connect_boxed` is: rare, and `send`'s future should not carry it.
     #[inline(never)]
@@ -511,23 +513,16 @@ where
         origin: &'a str,
         line: Arc<Line>,
         since: Instant,
-        deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Turn, SendError>> + Send + 'a>> {
         Box::pin(async move {
             let open = &line.share.open;
             if let Ok(permit) = open.clone().try_acquire_owned() {
                 return Ok(Turn::Permit(permit));
             }
-            let until = deadline.min(since + self.connect_timeout);
-            let expired = || {
-                if until >= deadline {
-                    SendError::Timeout
-                } else {
-                    SendError::Saturated {
-                        limit: self.cap.as_ref().map_or(0, |c| c.limit),
-                        waited: until.duration_since(since),
-                    }
-                }
+            let until = since + self.connect_timeout;
+            let expired = || SendError::Saturated {
+                limit: self.cap.as_ref().map_or(0, |c| c.limit),
+                waited: self.connect_timeout,
             };
             let _waiting = Waiting::enter(&line);
             let Ok(_first) = tokio::time::timeout_at(until, line.order.lock()).await else {

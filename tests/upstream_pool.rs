@@ -193,6 +193,33 @@ async fn a_request_waiting_its_turn_takes_the_connection_whose_body_ends() {
     assert_eq!(backend.connections(), 1, "on the same connection");
 }
 
+/// A request's timeout runs from its turn, not from when it began to wait: the second of two
+/// requests to a capped backend that takes 600 ms each gets its answer at ~1.2 s under a 1 s
+/// timeout. Counted from before the wait, it went up with 400 ms left and was cut off while
+/// the backend worked on it.
+#[tokio::test]
+async fn a_request_that_waited_its_turn_has_its_whole_timeout_after_it() {
+    let backend = ScriptedBackend::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        respond(200, &[], "ok")
+    })
+    .await;
+    let origin = backend.origin();
+    let p = limited_pool(1);
+    let timeout = Duration::from_secs(1);
+    let (first, second) = tokio::join!(
+        timed(&p, &origin, "/a", timeout),
+        timed(&p, &origin, "/b", timeout)
+    );
+    assert_eq!(
+        (first.0, second.0),
+        (Some(200), Some(200)),
+        "{first:?} {second:?}"
+    );
+    assert!(second.1 >= Duration::from_millis(1200), "{second:?}");
+    assert_eq!(backend.requests().len(), 2);
+}
+
 /// A request dropped while it waits (its client gone) puts back the busy connection it was
 /// waiting on: the next request still has it once its body ends.
 #[tokio::test]
