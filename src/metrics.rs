@@ -98,24 +98,30 @@ fn inc<K: std::hash::Hash + Eq + Copy>(map: &Counters<K>, key: K) {
 }
 
 /// A fixed-bucket histogram. Each observation lands in one bucket (the first whose bound
-/// holds it); the cumulative counts Prometheus wants are summed when rendered, so a request
-/// costs one atomic increment here, not one per bucket above its value.
+/// holds it, or the last, past every bound); the cumulative counts Prometheus wants are
+/// summed when rendered, so a request costs one atomic increment here, not one per bucket
+/// above its value. `+Inf` and `_count` are that same sum, never a counter of their own: a
+/// scrape between an observation's two increments would show a bucket above `+Inf`.
 #[derive(Debug, Default)]
 struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
 }
 
 impl Histogram {
     fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|le| secs <= *le) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
+        let i = BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     fn write(&self, out: &mut String, name: &str, labels: &str) {
@@ -125,7 +131,7 @@ impl Histogram {
             n += self.buckets[i].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
         }
-        let count = self.count.load(Ordering::Relaxed);
+        let count = n + self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let braces = |s: &str| {
@@ -455,7 +461,7 @@ impl Metrics {
             .write(&mut out, "ifmatch_lock_wait_seconds", "");
         let _ = writeln!(
             out,
-            "# HELP ifmatch_upstream_latency_seconds Time from sending a request upstream to its response head, by route.\n# TYPE ifmatch_upstream_latency_seconds histogram"
+            "# HELP ifmatch_upstream_latency_seconds Time from sending a request upstream to its response head, by route; a request that timed out counts with the time it waited.\n# TYPE ifmatch_upstream_latency_seconds histogram"
         );
         let mut routes: Vec<String> = self.routes.iter().map(|e| e.key().clone()).collect();
         routes.sort();
@@ -464,7 +470,7 @@ impl Metrics {
             if let Some(m) = self
                 .routes
                 .get(&r)
-                .filter(|m| value(&m.upstream_latency.count) > 0)
+                .filter(|m| m.upstream_latency.count() > 0)
             {
                 m.upstream_latency
                     .write(&mut out, "ifmatch_upstream_latency_seconds", &r);

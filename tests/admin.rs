@@ -20,13 +20,16 @@ async fn metrics_count_a_known_sequence_exactly() {
     store.store.put("/docs/a", "v1");
     store.store.put("/big/x", "a body longer than ten bytes");
     let dead = free_port();
+    let slow = ScriptedBackend::slow(Duration::from_secs(5), "late").await;
     let o = store.origin();
     let config = format!(
         "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
          [[route]]\nprefix = \"/docs/\"\nupstream = \"{o}\"\nvalidation = \"cached\"\n\
          [[route]]\nprefix = \"/strict/\"\nupstream = \"{o}\"\nrequire_precondition = true\n\
          [[route]]\nprefix = \"/dead/\"\nupstream = \"http://127.0.0.1:{dead}\"\n\
-         [[route]]\nprefix = \"/big/\"\nupstream = \"{o}\"\nmax_tag_body = \"10B\"\n"
+         [[route]]\nprefix = \"/slow/\"\nupstream = \"{}\"\nupstream_timeout = \"300ms\"\n\
+         [[route]]\nprefix = \"/big/\"\nupstream = \"{o}\"\nmax_tag_body = \"10B\"\n",
+        slow.origin()
     );
     let bin = Binary::start(&config, &[]).await;
     let admin = bin.logged_addr("admin endpoints").await;
@@ -47,6 +50,7 @@ async fn metrics_count_a_known_sequence_exactly() {
     assert_eq!(c.put(&bin.url("/strict/a"), &[], "x").await.status, 428);
     assert_eq!(c.put(&a, &[("if-match", "abc")], "x").await.status, 400);
     assert_eq!(c.get(&bin.url("/dead/x"), &[]).await.status, 502);
+    assert_eq!(c.get(&bin.url("/slow/x"), &[]).await.status, 504);
     assert_eq!(c.get(&bin.url("/nowhere"), &[]).await.status, 404);
     let big = c.get(&bin.url("/big/x"), &[]).await;
     assert!(big.header("etag").is_none());
@@ -162,6 +166,19 @@ async fn metrics_count_a_known_sequence_exactly() {
             "ifmatch_upstream_latency_seconds_count{route=\"/docs/\"}"
         ),
         7
+    );
+    // A timeout counts with the time it waited, so a backend slowing past it shows in the
+    // quantiles; a refused connection has no latency to count.
+    let slow = |le: &str| {
+        metric(
+            &t,
+            &format!("ifmatch_upstream_latency_seconds_bucket{{route=\"/slow/\",le=\"{le}\"}}"),
+        )
+    };
+    assert_eq!((slow("0.25"), slow("0.5"), slow("+Inf")), (0, 1, 1));
+    assert!(
+        !t.contains("ifmatch_upstream_latency_seconds_count{route=\"/dead/\"}"),
+        "{t}"
     );
 }
 

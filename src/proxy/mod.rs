@@ -482,7 +482,9 @@ impl Proxy {
         }
     }
 
-    /// Sends a request upstream, timing it to the response head.
+    /// Sends a request upstream, timing it to the response head. One that timed out counts
+    /// with the time it waited: left out, a backend slowing past the timeout would show as
+    /// a healthy latency.
     async fn send(
         &self,
         rt: &Routing,
@@ -490,10 +492,12 @@ impl Proxy {
         req: Box<Request<upstream::UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
         let start = Instant::now();
-        let rsp = rt.upstream.send(route, req).await?;
-        self.metrics
-            .upstream_latency(&route.metric_labels, start.elapsed());
-        Ok(rsp)
+        let rsp = rt.upstream.send(route, req).await;
+        if matches!(rsp, Ok(_) | Err(Error::UpstreamTimeout { .. })) {
+            self.metrics
+                .upstream_latency(&route.metric_labels, start.elapsed());
+        }
+        rsp
     }
 
     /// A body found no room in `max_buffered_bytes`: counted, and logged now and then.
