@@ -88,10 +88,11 @@ pub async fn serve(
     let builder = auto::Builder::new(TokioExecutor::new());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_client = Arc::new(PerClient::default());
+    let failures = crate::telemetry::Every::new(Duration::from_secs(60));
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
-            conn = crate::server::accept(&listener, "admin accept failed") => conn,
+            conn = crate::server::accept(&listener, "admin accept failed", &failures) => conn,
             () = &mut shutdown => return Ok(()),
         };
         let Some(place) = per_client.take(addr.ip()) else {

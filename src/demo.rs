@@ -214,10 +214,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
+    let failures = crate::telemetry::Every::new(Duration::from_secs(60));
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
-            conn = crate::server::accept(&listener, "demo store: accept failed") => conn,
+            conn = crate::server::accept(&listener, "demo store: accept failed", &failures) => conn,
             () = &mut shutdown => return Ok(()),
         };
         let store = store.clone();

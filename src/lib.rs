@@ -28,6 +28,7 @@ pub mod date;
 pub mod demo;
 pub mod error;
 pub mod etag;
+pub mod fds;
 pub mod file;
 pub mod framing;
 pub mod host;

@@ -144,6 +144,7 @@ async fn run(
     path: PathBuf,
     config: Config,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ifmatch::fds::raise_limit(config.server.max_connections);
     let proxy = Arc::new(Proxy::new(&config));
     let ready = Ready::default();
     // The admin listener is bound first (a bound proxy port then implies a bound admin

@@ -95,10 +95,11 @@ pub async fn serve(
     // Refusals come in floods when they come: the metric counts each, the log says so
     // once a minute.
     let refusals = crate::telemetry::Every::new(Duration::from_secs(60));
+    let failures = crate::telemetry::Every::new(Duration::from_secs(60));
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
-            conn = accept(&listener, "accept failed") => conn,
+            conn = accept(&listener, "accept failed", &failures) => conn,
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -210,15 +211,22 @@ async fn refuse_connection(mut stream: TcpStream, plain: bool) {
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The next connection on `listener`. An accept that fails (out of file descriptors, most
-/// often) is logged as `failed` and tried again after a pause: the pending connection keeps
-/// the listener readable, so trying again at once would spin a core and flood the log just
-/// when the process is short of resources.
-pub async fn accept(listener: &TcpListener, failed: &str) -> (TcpStream, SocketAddr) {
+/// often) is tried again after a pause: the pending connection keeps the listener readable,
+/// so trying again at once would spin a core just when the process is short of resources.
+/// Such failures come 20 a second while they last: `warn` lets the log say `failed` at
+/// most once a minute.
+pub async fn accept(
+    listener: &TcpListener,
+    failed: &str,
+    warn: &crate::telemetry::Every,
+) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(conn) => return conn,
             Err(e) => {
-                tracing::warn!(error = %e, "{failed}");
+                if warn.due() {
+                    tracing::warn!(error = %e, "{failed} (this line comes at most once a minute)");
+                }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }

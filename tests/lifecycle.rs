@@ -600,3 +600,76 @@ async fn sighup_keeps_the_settings_read_at_start_and_names_each_one() {
     let r = c.get(&bin.url("/docs/a"), &[("x-big", &big)]).await;
     r.assert_problem(431);
 }
+
+/// Starts the binary with an open-file limit of `soft`:`hard`.
+async fn with_file_limit(config: &str, soft: u64, hard: u64) -> Binary {
+    use std::os::unix::process::CommandExt;
+    Binary::start_with(config, &[], move |c| {
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            c.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &lim) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+    })
+    .await
+}
+
+/// A soft open-file limit below the hard one (what shells and service managers often give)
+/// is raised to it at start. One still short of `max_connections` is logged; when it runs
+/// out, the failed accepts are logged once, not twenty times a second, and the proxy
+/// serves again as soon as connections close.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_checked_and_running_out_is_survived() {
+    let backend = Backend::start().await;
+    backend.store.put("/a", "v1");
+    let config = config(&[("/", &backend.origin(), "")]);
+    let roomy = with_file_limit(&config, 64, 4096).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", roomy.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{open_files}"
+    );
+    drop(roomy);
+
+    let bin = with_file_limit(&config, 64, 64).await;
+    bin.wait_for_log(
+        "open-file limit is short of max_connections",
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(bin.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let failed = |b: &Binary| {
+        b.log()
+            .iter()
+            .filter(|l| l.contains("accept failed"))
+            .count()
+    };
+    assert_eq!(failed(&bin), 1, "{:?}", bin.log());
+    drop(idle);
+    let c = Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(2), c.get(&bin.url("/a"), &[])).await;
+        if matches!(r, Ok(ref r) if r.status == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "does not serve again");
+    }
+}

@@ -38,6 +38,16 @@ impl Binary {
     /// `127.0.0.1:0`), learns the bound address from its start-up log line and waits until
     /// it accepts connections.
     pub async fn start(config: &str, extra_args: &[&str]) -> Self {
+        Self::start_with(config, extra_args, |_| {}).await
+    }
+
+    /// [`Binary::start`], with `prepare` run on the command before it is spawned (to set
+    /// its environment or limits).
+    pub async fn start_with(
+        config: &str,
+        extra_args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Self {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "ifmatch-bin-{}-{}",
@@ -47,15 +57,16 @@ impl Binary {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ifmatch.toml");
         std::fs::write(&path, config.replace("{listen}", LISTEN_ANY)).unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("--config")
             .arg(&path)
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        prepare(&mut command);
+        let mut child = command.spawn().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
