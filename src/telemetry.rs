@@ -21,9 +21,22 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`).
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`); one
+/// that cannot be read is logged and `info` used instead.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let (filter, unread) = match EnvFilter::try_new(&env) {
+        Ok(f) if !env.trim().is_empty() => (f, None),
+        Ok(_) => (EnvFilter::new("info"), None),
+        Err(e) => (EnvFilter::new("info"), Some(e)),
+    };
+    // rustls logs what a peer did wrong at `warn`, once per handshake (an IP address sent
+    // as SNI: wrk and `openssl s_client` do it): any client could fill the log. Errors
+    // only, unless `RUST_LOG` names rustls.
+    let filter = match env.contains("rustls") {
+        true => filter,
+        false => filter.add_directive(QUIET_RUSTLS.parse().expect("a valid directive")),
+    };
     // Colour only for a person at a terminal; a pipe or a log collector gets plain text.
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
@@ -38,7 +51,12 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.fmt_fields(plain_fields()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if let Some(error) = unread {
+        tracing::warn!(%error, rust_log = env, "RUST_LOG cannot be read: logging at info");
+    }
 }
+
+const QUIET_RUSTLS: &str = "rustls=error";
 
 /// `message name=value …`, as the default text format without colour writes them.
 fn plain_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {

@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use common::binary::Binary;
 use common::proxy::route;
 use common::tls::{client_tls, HttpsBackend, KeyType, Pki};
@@ -501,4 +503,77 @@ async fn an_https_upstreams_certificate_failure_says_what_to_do() {
         said.contains("basicConstraints=critical,CA:FALSE"),
         "{said}"
     );
+}
+
+/// A TLS ClientHello (TLS 1.3's one suite) naming `name` by SNI.
+fn client_hello(name: &str) -> Vec<u8> {
+    let name = name.as_bytes();
+    let len = |n: usize| u16::try_from(n).unwrap().to_be_bytes();
+    let mut sni = len(name.len() + 3).to_vec();
+    sni.push(0); // host_name
+    sni.extend(len(name.len()));
+    sni.extend(name);
+    let mut ext = vec![0, 0]; // server_name
+    ext.extend(len(sni.len()));
+    ext.extend(sni);
+    let mut hello = vec![3, 3];
+    hello.extend([7; 32]); // random
+    hello.push(0); // no session id
+    hello.extend([0, 2, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    hello.extend([1, 0]); // no compression
+    hello.extend(len(ext.len()));
+    hello.extend(ext);
+    let mut handshake = vec![1]; // ClientHello
+    handshake.extend(&u32::try_from(hello.len()).unwrap().to_be_bytes()[1..]);
+    handshake.extend(hello);
+    let mut record = vec![0x16, 3, 1];
+    record.extend(len(handshake.len()));
+    record.extend(handshake);
+    record
+}
+
+/// What a client does wrong in its handshake is its own business: rustls logs an IP address
+/// sent as SNI (wrk and `openssl s_client` send one) at `warn`, once per handshake, which
+/// any client could use to fill the log. Kept to errors; and a `RUST_LOG` that cannot be
+/// read is said so, not dropped in silence.
+#[tokio::test]
+async fn a_client_cannot_fill_the_log_through_rustls_and_a_bad_rust_log_is_named() {
+    let backend = Backend::start().await;
+    let pki = Pki::new("sni", KeyType::EcdsaP256);
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        pki.cert().display(),
+        pki.key().display(),
+        backend.origin()
+    );
+    for rust_log in ["info", "debug,hyper=info,h2=info", "info,ifmatch=nope"] {
+        let bin = Binary::start_with(&config, &[], |c| {
+            c.env("RUST_LOG", rust_log);
+        })
+        .await;
+        for _ in 0..5 {
+            let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+            s.write_all(&client_hello("127.0.0.1")).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await;
+            assert!(!answer.is_empty(), "the server answered the hello");
+        }
+        let url = format!("https://localhost:{}/", bin.addr.port());
+        assert_eq!(
+            Client::tls(&pki.ca_pem, false).get(&url, &[]).await.status,
+            404
+        );
+        bin.wait_for_log("status=404", Duration::from_secs(5)).await;
+        let log = bin.log();
+        assert!(
+            !log.iter().any(|l| l.contains("SNI")),
+            "RUST_LOG={rust_log}: {log:#?}"
+        );
+        let named = log.iter().any(|l| l.contains("RUST_LOG cannot be read"));
+        assert_eq!(
+            named,
+            rust_log.contains("nope"),
+            "RUST_LOG={rust_log}: {log:#?}"
+        );
+    }
 }
