@@ -358,6 +358,15 @@ pub const MAX_WORKERS: u32 = 1024;
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Whether two listeners would take one port: the same address, or a wildcard one that
+/// covers the other (`0.0.0.0` every IPv4 address, `[::]` every address, as Linux binds it
+/// dual-stack). Port 0 asks for a free port each: two different ones.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, x: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
 // === impl Config ===
 
 impl Config {
@@ -395,14 +404,16 @@ impl Config {
             let at = &a.get_ref().listen;
             let listen = v.address(at, "admin.listen")?;
             // Caught here, not by a bind that fails at start.
-            // (Port 0 asks for a free port each: two different ones.)
-            if listen.port() != 0 && server.as_ref().is_some_and(|s| s.listen == listen) {
+            if let Some(s) = server.as_ref().filter(|s| overlap(s.listen, listen)) {
+                let main = s.listen;
+                let what = match main == listen {
+                    true => "is server.listen too".to_owned(),
+                    false => format!("shares its port with server.listen {main}, which one of them binds on every address"),
+                };
                 v.push(
                     at,
                     "admin.listen",
-                    format!(
-                        "{listen} is server.listen too; give the admin endpoints their own port"
-                    ),
+                    format!("{listen} {what}; give the admin endpoints their own port"),
                 );
                 return None;
             }
@@ -1381,6 +1392,18 @@ upstream = "http://localhost:9001/"
                 "is server.listen too",
             ),
             (
+                "[server]\nlisten = \"0.0.0.0:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                4,
+                "admin.listen",
+                "shares its port with server.listen 0.0.0.0:9000",
+            ),
+            (
+                "[server]\nlisten = \"0.0.0.0:9000\"\n[admin]\nlisten = \"[::]:9000\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                4,
+                "admin.listen",
+                "shares its port with server.listen",
+            ),
+            (
                 "[server]\nlisten = \"127.0.0.1:1\"\nmax_header_fields = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
                 3,
                 "server.max_header_fields",
@@ -1619,6 +1642,30 @@ upstream = "http://localhost:9001/"
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn listeners_overlap_on_one_port_where_a_wildcard_covers_the_other() {
+        let o = |a: &str, b: &str| overlap(a.parse().unwrap(), b.parse().unwrap());
+        for (a, b) in [
+            ("127.0.0.1:9000", "127.0.0.1:9000"),
+            ("0.0.0.0:9000", "127.0.0.1:9000"),
+            ("127.0.0.1:9000", "0.0.0.0:9000"),
+            ("[::]:9000", "127.0.0.1:9000"),
+            ("[::]:9000", "[::1]:9000"),
+            ("0.0.0.0:9000", "[::]:9000"),
+        ] {
+            assert!(o(a, b), "{a} {b}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:9000", "127.0.0.1:9001"),
+            ("127.0.0.1:9000", "127.0.0.2:9000"),
+            ("127.0.0.1:9000", "[::1]:9000"),
+            ("0.0.0.0:9000", "[::1]:9000"),
+            ("0.0.0.0:0", "127.0.0.1:0"),
+        ] {
+            assert!(!o(a, b), "{a} {b}");
+        }
     }
 
     #[test]
