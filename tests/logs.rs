@@ -114,6 +114,14 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
     assert_eq!(access[0]["bytes"], "SECRET-DOC-BODY".len());
     assert_eq!(access[1]["upstream_status"], 204);
     assert_eq!(access[2]["upstream_status"], 200, "the revalidation GET");
+    // Each write revalidated (the route's default); the GETs did not.
+    for (line, revalidated) in access.iter().zip([None, Some(200), Some(200), None]) {
+        assert_eq!(
+            line.get("revalidation_status").and_then(|s| s.as_u64()),
+            revalidated,
+            "{line}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -226,6 +234,22 @@ async fn a_host_route_shadowed_by_a_longer_prefix_is_named_at_start() {
         .get(&bin.url("/docs/x"), &[("host", "admin.example")])
         .await;
     assert_eq!(r.text(), "from the host-less route");
+    // The access line names a host route's host: two routes may share a prefix.
+    let r = Client::new()
+        .get(&bin.url("/a"), &[("host", "admin.example")])
+        .await;
+    assert_eq!(r.status, 404);
+    let line = bin
+        .wait_for_log("path=\"/a\"", Duration::from_secs(5))
+        .await;
+    assert!(
+        line.contains("route=\"/\" host=\"admin.example\""),
+        "{line}"
+    );
+    let line = bin
+        .wait_for_log("path=\"/docs/x\"", Duration::from_secs(5))
+        .await;
+    assert!(!line.contains("host="), "a route for any host: {line}");
 }
 
 /// A request whose client leaves before the answer (a slow backend's, typically: the client

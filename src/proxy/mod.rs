@@ -149,7 +149,12 @@ fn head_size(req: &Parts) -> u64 {
 #[derive(Default)]
 struct Exchange {
     route: Option<Arc<Route>>,
+    /// The backend's last answer for this request, a revalidation's included (as nginx's
+    /// `$upstream_status`).
     upstream_status: Option<StatusCode>,
+    /// The answer to the revalidation GET a write made, if it made one: so that a 412's
+    /// line tells the backend's answer to that GET from one to the write.
+    revalidation_status: Option<StatusCode>,
     outcome: &'static str,
     /// The proxy made the response itself (an error, a 304), rather than pass one on.
     by_proxy: bool,
@@ -676,6 +681,8 @@ const MAX_LOGGED_ID: usize = 128;
 fn access_log(req: &Pending<'_>, status: u16, bytes: Option<u64>) {
     let ex = &req.ex;
     let route = ex.route.as_ref().map_or("-", |r| r.prefix.as_str());
+    // A route for one host: two routes may share the prefix.
+    let host = ex.route.as_ref().and_then(|r| r.host.as_deref());
     let request_id = req
         .request_id
         .as_ref()
@@ -686,12 +693,14 @@ fn access_log(req: &Pending<'_>, status: u16, bytes: Option<u64>) {
         // Its own fields say it all; the request span would repeat them.
         parent: None,
         route,
+        host,
         method = %req.method,
         path = req.uri.path(),
         client = %req.peer.addr.ip(),
         request_id,
         status,
         upstream_status = ex.upstream_status.map(|s| s.as_u16()),
+        revalidation_status = ex.revalidation_status.map(|s| s.as_u16()),
         outcome = ex.outcome,
         duration_ms = req.start.elapsed().as_secs_f64() * 1000.0,
         bytes,

@@ -399,6 +399,7 @@ impl Proxy {
             .send(rt, route, Box::new(upstream::revalidation_request(parts)))
             .await?;
         ex.upstream_status = Some(rsp.status());
+        ex.revalidation_status = Some(rsp.status());
         let status = rsp.status();
         if matches!(status, StatusCode::NOT_FOUND | StatusCode::GONE) {
             return Ok(Current::Known(Resource::default()));
