@@ -115,6 +115,7 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
                 tracing::warn!("{key} changed: it takes effect after a restart");
             }
             proxy.reload(&config);
+            proxy.metrics.reload(true);
             tracing::info!(
                 config = %path.display(),
                 routes = config.routes.len(),
@@ -124,6 +125,7 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
         // A line per problem: one field holding them all, newlines and all, breaks text
         // logs apart and log pipelines' one-event-per-line.
         Err(ConfigError::Invalid(problems)) => {
+            proxy.metrics.reload(false);
             for problem in problems {
                 tracing::error!(
                     %problem,
@@ -132,6 +134,7 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
             }
         }
         Err(e) => {
+            proxy.metrics.reload(false);
             tracing::error!(
                 config = %path.display(),
                 error = %e,

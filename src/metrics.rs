@@ -42,6 +42,22 @@ pub struct Metrics {
     /// a client that stopped reading its responses (cut off).
     closed_rapid_reset: AtomicU64,
     closed_stalled: AtomicU64,
+    /// Client connections open now (served, not refused), and `max_connections`.
+    connections_open: AtomicU64,
+    connections_limit: AtomicU64,
+    /// Config reloads applied and refused, and whether the last one was refused.
+    reloads_applied: AtomicU64,
+    reloads_refused: AtomicU64,
+    last_reload_refused: std::sync::atomic::AtomicBool,
+}
+
+/// A client connection counted as open until dropped ([`Metrics::connection_opened`]).
+pub struct OpenConnection<'a>(&'a Metrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why the proxy closed a client's connection itself.
@@ -290,6 +306,28 @@ impl Metrics {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The server's `max_connections`, for the gauge beside the open ones.
+    pub fn connection_limit(&self, limit: usize) {
+        self.connections_limit
+            .store(limit as u64, Ordering::Relaxed);
+    }
+
+    /// A client connection taken in: open until the guard drops.
+    pub fn connection_opened(&self) -> OpenConnection<'_> {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
+    /// A config reload, applied or refused.
+    pub fn reload(&self, applied: bool) {
+        let n = match applied {
+            true => &self.reloads_applied,
+            false => &self.reloads_refused,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        self.last_reload_refused.store(!applied, Ordering::Relaxed);
+    }
+
     pub fn lock_wait(&self, d: Duration) {
         self.lock_wait.observe(d);
     }
@@ -401,6 +439,20 @@ impl Metrics {
                 ),
             ],
         );
+        counter(
+            "ifmatch_config_reloads_total",
+            "Config reloads (SIGHUP): applied, or refused with the running config kept (the log names each problem).",
+            vec![
+                (
+                    "{result=\"applied\"}".to_owned(),
+                    value(&self.reloads_applied),
+                ),
+                (
+                    "{result=\"refused\"}".to_owned(),
+                    value(&self.reloads_refused),
+                ),
+            ],
+        );
         let s = &tags.stats;
         counter(
             "ifmatch_tag_cache_hits_total",
@@ -432,6 +484,18 @@ impl Metrics {
             "ifmatch_tag_memo_evictions_total",
             "Body copies dropped to keep within tag_memo_bytes.",
             vec![(String::new(), m.evictions.load(Ordering::Relaxed))],
+        );
+        let refused = self.last_reload_refused.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_config_last_reload_successful 1 unless the last reload was refused (the running config is then older than the file).\n# TYPE ifmatch_config_last_reload_successful gauge\nifmatch_config_last_reload_successful {}",
+            u8::from(!refused)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ifmatch_connections_open Client connections open now.\n# TYPE ifmatch_connections_open gauge\nifmatch_connections_open {}\n# HELP ifmatch_connections_limit max_connections.\n# TYPE ifmatch_connections_limit gauge\nifmatch_connections_limit {}",
+            value(&self.connections_open),
+            value(&self.connections_limit)
         );
         let _ = writeln!(
             out,

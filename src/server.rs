@@ -86,6 +86,7 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    proxy.metrics.connection_limit(limits.max_connections);
     let shutdown_timeout = limits.shutdown_timeout;
     let idle_timeout = limits.header_read_timeout;
 
@@ -128,6 +129,8 @@ pub async fn serve(
             socket,
         };
         tokio::spawn(async move {
+            let counted = proxy.clone();
+            let _open = counted.metrics.connection_opened();
             match proxy.tls() {
                 None => serve_connection(stream, addr, "http", proxy, builder, ends).await,
                 Some(tls) => {

@@ -493,3 +493,65 @@ async fn connect_from(ip: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpS
     s.bind((std::net::Ipv4Addr::from(ip), 0).into()).unwrap();
     s.connect(to).await.unwrap()
 }
+
+/// What an operator needs to see that `max_connections` is near, and that the file on disk
+/// is not what runs: open client connections beside the limit, and reloads applied and
+/// refused, with the last one's result.
+#[tokio::test]
+async fn open_connections_and_reload_results_are_gauged() {
+    let store = Backend::start().await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nmax_connections = 50\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        store.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    let c = Client::new();
+    let scrape = || async { c.get(&format!("http://{admin}/metrics"), &[]).await.text() };
+    let t = scrape().await;
+    assert_eq!(metric(&t, "ifmatch_connections_limit"), 50);
+    assert_eq!(metric(&t, "ifmatch_config_last_reload_successful"), 1);
+    // Each connection is counted once its task runs: wait for it (5 s at most).
+    let open_reaches = |n: u64| {
+        let scrape = &scrape;
+        async move {
+            for _ in 0..100 {
+                if metric(&scrape().await, "ifmatch_connections_open") == n {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(bin.addr).await.unwrap());
+    }
+    assert!(open_reaches(3).await);
+    drop(idle);
+    assert!(open_reaches(0).await);
+
+    bin.write_config("[server]\nlisten = \"{listen}\"\nnot_a_key = 1\n");
+    bin.signal("HUP");
+    bin.wait_for_log("config reload refused", Duration::from_secs(5))
+        .await;
+    let t = scrape().await;
+    assert_eq!(
+        metric(&t, "ifmatch_config_reloads_total{result=\"refused\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&t, "ifmatch_config_reloads_total{result=\"applied\"}"),
+        0
+    );
+    assert_eq!(metric(&t, "ifmatch_config_last_reload_successful"), 0);
+    bin.reload(&config).await;
+    let t = scrape().await;
+    assert_eq!(
+        metric(&t, "ifmatch_config_reloads_total{result=\"applied\"}"),
+        1
+    );
+    assert_eq!(metric(&t, "ifmatch_config_last_reload_successful"), 1);
+}
