@@ -920,11 +920,20 @@ impl Validator<'_> {
         let r = r.get_ref();
         let prefix = r.prefix.get_ref();
         let prefix_ok = prefix.starts_with('/') && prefix.parse::<Uri>().is_ok();
-        if !prefix_ok {
+        if !prefix.starts_with('/') {
             self.push(
                 &r.prefix,
                 "route.prefix",
                 format!("{prefix:?} is not a path prefix; it must start with \"/\""),
+            );
+        } else if !prefix_ok {
+            self.push(
+                &r.prefix,
+                "route.prefix",
+                format!(
+                    "{prefix:?} is not a path prefix: it holds a character a path cannot \
+                     (a space, a quote, a control byte); percent-encode it"
+                ),
             );
         } else if prefix.contains(['?', '#']) {
             // Paths are matched without their query, and a fragment never reaches a server:
@@ -936,6 +945,12 @@ impl Validator<'_> {
             );
         }
         let upstream = self.upstream(&r.upstream);
+        // Held to the rule requests' `Host` is: a route for a host no request may name
+        // (`user@host`) would never match.
+        let unfit = r
+            .host
+            .as_ref()
+            .and_then(|h| crate::host::invalid(h.get_ref().as_bytes()));
         let host = match &r.host {
             Some(h) if h.get_ref().parse::<Authority>().is_err() || h.get_ref().contains('/') => {
                 self.push(
@@ -943,6 +958,12 @@ impl Validator<'_> {
                     "route.host",
                     format!("{:?} is not a host name", h.get_ref()),
                 );
+                return None;
+            }
+            Some(h) if unfit.is_some() => {
+                let why = unfit.unwrap_or_default();
+                let msg = format!("{:?} {why}: requests naming it are refused", h.get_ref());
+                self.push(h, "route.host", msg);
                 return None;
             }
             // nginx's `*.example.com` is a wildcard; here it would match only a literal `*`.
@@ -1384,6 +1405,18 @@ upstream = "http://localhost:9001/"
                 5,
                 "route.host",
                 "wildcards are not supported",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nhost = \"user@a.example\"\nupstream = \"http://a:1\"\n",
+                5,
+                "route.host",
+                "is not a host name or IP address (RFC 3986 §3.2.2): requests naming it are refused",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/a b/\"\nupstream = \"http://a:1\"\n",
+                4,
+                "route.prefix",
+                "holds a character a path cannot",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",

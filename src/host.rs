@@ -62,7 +62,7 @@ pub fn check(parts: &Parts) -> Result<Option<HeaderValue>, HeaderError> {
 }
 
 /// Why `value` is not `uri-host [":" port]`, or `None` when it is.
-fn invalid(value: &[u8]) -> Option<&'static str> {
+pub(crate) fn invalid(value: &[u8]) -> Option<&'static str> {
     let (host_ok, port) = match value.strip_prefix(b"[") {
         // IP-literal: an IPv6 address (IPvFuture has never been assigned).
         Some(rest) => {
