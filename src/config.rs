@@ -133,6 +133,9 @@ pub struct Route {
     /// Representations differ by user: never trust a remembered tag, always revalidate
     /// with the writer's own credentials (for `validation = "cached"`).
     pub per_user: bool,
+    /// The backend serves a path whatever its query (static files, WebDAV): the query is
+    /// left out of the resource key, so `/doc` and `/doc?v=2` share a lock and a tag.
+    pub ignore_query: bool,
     /// The backend stores a PUT body as the new representation, byte for byte (WebDAV, object
     /// stores): a successful PUT's body tag is remembered and sent back as its `ETag`, so the
     /// next write needs no revalidation.
@@ -313,6 +316,8 @@ struct RouteToml {
     preserve_host: bool,
     #[serde(default)]
     per_user: bool,
+    #[serde(default)]
+    ignore_query: bool,
     tag_puts: Option<Spanned<bool>>,
     #[serde(default)]
     upstream_etag: UpstreamEtag,
@@ -1035,6 +1040,7 @@ impl Validator<'_> {
             lock_timeout: lock_timeout?,
             preserve_host: r.preserve_host,
             per_user: r.per_user,
+            ignore_query: r.ignore_query,
             tag_puts,
             upstream_etag: r.upstream_etag,
             ca_file,

@@ -1033,3 +1033,30 @@ async fn if_unmodified_since_alone_does_not_meet_require_precondition_where_ther
         .count();
     assert_eq!(puts, 2, "the refused write never reached the backend");
 }
+
+/// A backend that serves a path whatever its query (static files, WebDAV, this store) has
+/// one document at `/docs/a` and `/docs/a?v=2`. Keyed apart, a client reading and writing
+/// at one of them overwrites a write made at the other with its stale tag; with
+/// `ignore_query` they share one key (one lock, one tag), and the stale write gets 412.
+#[tokio::test]
+async fn ignore_query_keys_a_path_as_one_resource_whatever_its_query() {
+    for (extra, stale_write) in [
+        ("validation = \"cached\"", 204),
+        ("validation = \"cached\"\nignore_query = true", 412),
+        ("ignore_query = true", 412),
+    ] {
+        let (backend, proxy) = setup(extra).await;
+        let c = Client::new();
+        let (plain, queried) = (proxy.url("/docs/a"), proxy.url("/docs/a?v=2"));
+        let tag = c.get(&plain, &[]).await.etag();
+        assert_eq!(c.get(&queried, &[]).await.etag(), tag, "one document");
+        assert_eq!(
+            c.put(&plain, &[("if-match", &tag)], "A's").await.status,
+            204
+        );
+        let r = c.put(&queried, &[("if-match", &tag)], "B's").await;
+        assert_eq!(r.status, stale_write, "{extra}");
+        let kept = if stale_write == 412 { "A's" } else { "B's" };
+        assert_eq!(backend.store.get("/docs/a").unwrap(), kept, "{extra}");
+    }
+}

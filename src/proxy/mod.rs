@@ -473,7 +473,8 @@ impl Proxy {
             return Ok(Response::new(ProxyBody::empty()));
         }
         let pre = Preconditions::parse(&parts.headers)?;
-        let key = ResourceKey::new(&route.upstream, &path, parts.uri.query());
+        let query = parts.uri.query().filter(|_| !route.ignore_query);
+        let key = ResourceKey::new(&route.upstream, &path, query);
         if !route.preserve_host {
             ex.client_origin = upstream::client_origin(&parts, host.as_ref(), peer);
         }
