@@ -523,6 +523,7 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
             return None;
         }
         if let Some(table) = table_header(&text[start..end]) {
+            let unknown = message.starts_with("unknown field");
             if !consequence {
                 let key = match message.strip_prefix("missing field `") {
                     Some(field) => format!("{table}.{}", field.trim_end_matches('`')),
@@ -534,7 +535,27 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
                 };
                 v.push_at_line(line, &key, message);
             }
-            return None;
+            // A table that should not be there at all (`[[routes]]`): blanked with its keys,
+            // which then belong nowhere, the search goes on. Any other problem of a table
+            // ends it (see above).
+            if !unknown {
+                return None;
+            }
+            let next_header = text[end..]
+                .split_inclusive('\n')
+                .scan(end, |at, l| {
+                    let here = *at;
+                    *at += l.len();
+                    Some((here, l))
+                })
+                .find(|(_, l)| table_header(l).is_some_and(|t| !t.is_empty()))
+                .map_or(text.len(), |(at, _)| at);
+            let blank: String = text[start..next_header]
+                .chars()
+                .map(|c| if c == '\n' { '\n' } else { ' ' })
+                .collect();
+            text.replace_range(start..next_header, &blank);
+            continue;
         }
         let key = v.key_at(span.start);
         if !consequence {
@@ -1588,6 +1609,20 @@ upstream = "http://localhost:9001/"
                 (7, "route.validation"),
                 (8, "route.retries")
             ],
+            "{p:?}"
+        );
+    }
+
+    /// A table that should not be there does not hide the problems after it.
+    #[test]
+    fn an_unknown_table_is_reported_and_the_search_goes_on() {
+        let p = problems(
+            "[server]\nlisten = \"127.0.0.1:1\"\nfoo = 1\n[[routes]]\nprefix = \"/\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nbar = 2\n",
+        );
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![(3, "server.foo"), (4, "routes"), (9, "route.bar")],
             "{p:?}"
         );
     }
