@@ -486,7 +486,14 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
         if let Err(e) = text.parse::<toml::Table>() {
             if pass == 0 {
                 let line = e.span().map_or(1, |s| v.line_of(s.start));
-                v.push_at_line(line, "", e.message().trim_end().to_owned());
+                let mut message = e.message().trim_end().to_owned();
+                // "duplicate key" names none: the span holds it (a key, or a table header).
+                if message.starts_with("duplicate") {
+                    if let Some(what) = e.span().and_then(|s| text.get(s)) {
+                        message = format!("{message} `{}`", what.trim());
+                    }
+                }
+                v.push_at_line(line, "", message);
             }
             return None;
         }
@@ -1611,6 +1618,26 @@ upstream = "http://localhost:9001/"
             ],
             "{p:?}"
         );
+    }
+
+    /// TOML's "duplicate key" names no key: the problem does.
+    #[test]
+    fn a_duplicate_key_or_table_is_named() {
+        let route = "[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n";
+        for (text, named) in [
+            (
+                format!("[server]\nlisten = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n{route}"),
+                "duplicate key `listen`",
+            ),
+            (
+                format!("[server]\nlisten = \"127.0.0.1:1\"\n[server]\n{route}"),
+                "duplicate key `server`",
+            ),
+        ] {
+            let p = problems(&text);
+            assert_eq!((p.len(), p[0].line), (1, 3), "{p:?}");
+            assert_eq!(p[0].message, named, "{p:?}");
+        }
     }
 
     /// A table that should not be there does not hide the problems after it.
