@@ -70,7 +70,9 @@ impl Router {
     /// A route of this router that trusts remembered tags (`cached`, not `per_user`) for
     /// some requests that `old` did not send to such a route of the same upstream, taking
     /// its `ETag`s the same way (`upstream_etag`: a tag remembered under "keep" is the
-    /// backend's, which "replace" no longer sends or accepts); `None`
+    /// backend's, which "replace" no longer sends or accepts) and keying them as finely
+    /// (`ignore_query` turned on merges keys: a write to `/doc?v=2` did not forget `/doc`'s
+    /// tag, which now stands for both); `None`
     /// if there is none. For those requests, writes may have reached the backend without
     /// the proxy while `old` was in force, so a tag remembered then may be stale.
     ///
@@ -103,7 +105,9 @@ impl Router {
             .find_map(|(host, path)| {
                 let new = self.route(host, path).filter(trusting)?;
                 let kept = old.route(host, path).filter(trusting).is_some_and(|o| {
-                    o.upstream.origin == new.upstream.origin && o.upstream_etag == new.upstream_etag
+                    o.upstream.origin == new.upstream.origin
+                        && o.upstream_etag == new.upstream_etag
+                        && (o.ignore_query || !new.ignore_query)
                 });
                 (!kept).then_some(new)
             })
@@ -255,6 +259,18 @@ upstream = "http://private:1"
             Some("/docs/"),
             "the carved-out part falls to the cached route"
         );
+        let merged = routes(&[(
+            None,
+            "/docs/",
+            "http://a:1",
+            "validation = \"cached\"\nignore_query = true",
+        )]);
+        assert_eq!(
+            newly_trusted(&docs, &merged).as_deref(),
+            Some("/docs/"),
+            "queries merged into one key"
+        );
+        assert_eq!(newly_trusted(&merged, &docs), None, "and split again");
     }
 
     #[test]
