@@ -392,13 +392,16 @@ where
             };
             let since = *waiting.get_or_insert_with(Instant::now);
             let turn = self.wait_turn(origin, line.clone(), since).await?;
-            // The timeout runs from the turn, as HAProxy's `timeout server` runs after its
-            // `timeout queue`: counted from before the wait, a request whose turn came late
-            // would go up with little time left, and be cut off while the backend, scarce
-            // enough to be capped, works on it (a write then lands with its client told 504).
-            start = None;
+            // After a wait, the timeout runs from the turn, as HAProxy's `timeout server`
+            // runs after its `timeout queue`: counted from before the wait, a request whose
+            // turn came late would go up with little time left, and be cut off while the
+            // backend, scarce enough to be capped, works on it (a write then lands with its
+            // client told 504). Not for a request sent again: its attempts share one timeout.
+            if !matches!(turn, Turn::Free(_)) && !replayed {
+                start = None;
+            }
             match turn {
-                Turn::Permit(permit) => break Some((line.clone(), permit)),
+                Turn::Free(permit) | Turn::Permit(permit) => break Some((line.clone(), permit)),
                 Turn::Conn(idle) => handed = Some(idle),
             }
         };
@@ -517,7 +520,7 @@ where
         Box::pin(async move {
             let open = &line.share.open;
             if let Ok(permit) = open.clone().try_acquire_owned() {
-                return Ok(Turn::Permit(permit));
+                return Ok(Turn::Free(permit));
             }
             let until = since + self.connect_timeout;
             let expired = || SendError::Saturated {
@@ -755,6 +758,9 @@ impl<C> Drop for Taken<'_, C> {
 /// A turn at an origin under `upstream_max_connections` (`Pool::wait_turn`): a new
 /// connection's permit, or a connection that is free.
 enum Turn {
+    /// A permit for a new connection, free without waiting.
+    Free(OwnedSemaphorePermit),
+    /// A permit that came free while the request waited.
     Permit(OwnedSemaphorePermit),
     Conn(Box<Idle>),
 }

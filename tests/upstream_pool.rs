@@ -616,6 +616,44 @@ async fn a_get_that_meets_the_backend_closing_an_idle_connection_is_sent_again()
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// A request sent again after an idle connection closed on it has what is left of its one
+/// timeout, under a connection cap too: there it found a connection free without waiting,
+/// and its timeout once started over (2.7 s for a 2 s timeout).
+#[tokio::test]
+async fn a_request_sent_again_under_a_cap_keeps_its_one_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let pooled = std::mem::replace(&mut first, false);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if pooled {
+                    // Answers, then holds the next request 1.5 s and closes unanswered.
+                    let _ = s.write_all(rsp.as_bytes()).await;
+                    let _ = s.read(&mut buf).await;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                    let _ = s.write_all(rsp.as_bytes()).await;
+                    let _ = s.read(&mut buf).await;
+                }
+            });
+        }
+    });
+    let p = limited_pool(4);
+    assert_eq!(fetch(&p, &origin, "/a").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, took) = timed(&p, &origin, "/b", Duration::from_secs(2)).await;
+    assert_eq!(status, None, "answered after {took:?}");
+    assert!(took < Duration::from_millis(2300), "{took:?}");
+}
+
 /// A keep-alive backend that answers every request with "ok" except `GET /boom`, which it
 /// reads and then closes the connection on, unanswered (a handler that crashes its worker).
 /// Returns its origin and how many `/boom` requests reached it.
