@@ -61,6 +61,8 @@ fn main() -> ExitCode {
             .exit();
     }
     if args.check {
+        // Warnings at load (a shadowed host route, no platform roots) are shown too.
+        telemetry::init(args.log_format);
         return check(
             args.config
                 .as_deref()
@@ -125,6 +127,7 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
+            ifmatch::proxy::warn_about(&c);
             println!(
                 "{}: ok ({} route{})",
                 path.display(),

@@ -174,6 +174,19 @@ fn a_missing_config_file_is_a_clear_error() {
         .contains("cannot read config /nonexistent/ifmatch.toml"));
 }
 
+/// `--check` shows the warnings a valid config gets at start, so that CI validating a config
+/// sees them: a host's route that a longer host-less prefix takes requests from, no key.
+#[test]
+fn check_shows_the_warnings_a_start_would_log() {
+    let (ok, out) = check(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nhost = \"admin.example\"\nupstream = \"http://a:1\"\n[[route]]\nprefix = \"/docs/\"\nupstream = \"http://a:1\"\n",
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("ok (2 routes)"), "{out}");
+    assert!(out.contains("takes this host's requests"), "{out}");
+    assert!(out.contains("no server.tag_key_file"), "{out}");
+}
+
 /// A file that never ends, named where a config file, a key or a certificate belongs, is
 /// refused within a bound instead of read until memory runs out (on a reload, the running
 /// proxy's memory); a config that is not UTF-8 is refused naming the line.

@@ -86,20 +86,7 @@ impl Routing {
     fn new(config: &Config, random_key: &TagKey, previous: Option<&Routing>) -> Self {
         let s = &config.server;
         let router = Router::new(config.routes.iter().cloned());
-        for (host_route, other) in router.shadowed_host_routes() {
-            tracing::warn!(
-                host = host_route.host.as_deref().unwrap_or_default(),
-                host_route = %host_route.prefix,
-                taken_by = %other.prefix,
-                upstream = %other.upstream.origin,
-                "the route for any host on {} takes this host's requests under it from the \
-                 host's route on {} (the longest prefix wins); give the host a route of its \
-                 own on {} if that is not meant",
-                other.prefix,
-                host_route.prefix,
-                other.prefix,
-            );
-        }
+        warn_shadowed(&router);
         Self {
             router,
             tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
@@ -238,15 +225,44 @@ fn leave_unread(
 
 // === impl Proxy ===
 
+/// A host's route that a longer host-less prefix takes requests from: valid, and likely
+/// not meant (nginx and Envoy would pick the host first).
+fn warn_shadowed(router: &Router) {
+    for (host_route, other) in router.shadowed_host_routes() {
+        tracing::warn!(
+            host = host_route.host.as_deref().unwrap_or_default(),
+            host_route = %host_route.prefix,
+            taken_by = %other.prefix,
+            upstream = %other.upstream.origin,
+            "the route for any host on {} takes this host's requests under it from the \
+             host's route on {} (the longest prefix wins); give the host a route of its \
+             own on {} if that is not meant",
+            other.prefix,
+            host_route.prefix,
+            other.prefix,
+        );
+    }
+}
+
+fn warn_random_key(config: &Config) {
+    if config.server.tag_key.is_none() {
+        tracing::warn!(
+            "no server.tag_key_file: tags use a random key, so they change on restart and \
+             differ between replicas; set a shared key in production"
+        );
+    }
+}
+
+/// The warnings a valid config gets at start, for `--check` to show without starting.
+pub fn warn_about(config: &Config) {
+    warn_random_key(config);
+    warn_shadowed(&Router::new(config.routes.iter().cloned()));
+}
+
 impl Proxy {
     pub fn new(config: &Config) -> Self {
         let random_key = TagKey::random();
-        if config.server.tag_key.is_none() {
-            tracing::warn!(
-                "no server.tag_key_file: tags use a random key, so they change on restart and \
-                 differ between replicas; set a shared key in production"
-            );
-        }
+        warn_random_key(config);
         Self {
             routing: ArcSwap::from_pointee(Routing::new(config, &random_key, None)),
             random_key,
