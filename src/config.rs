@@ -775,8 +775,12 @@ impl Validator<'_> {
                 );
                 match crate::tls::server_config(&cert, &key) {
                     Ok(c) => Some(Some(c)),
-                    Err(e) => {
-                        self.push(&t.cert, "server.tls", e);
+                    Err((crate::tls::PemFile::Cert, e)) => {
+                        self.push(&t.cert, "server.tls.cert", e);
+                        None
+                    }
+                    Err((crate::tls::PemFile::Key, e)) => {
+                        self.push(&t.key, "server.tls.key", e);
                         None
                     }
                 }

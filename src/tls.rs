@@ -36,18 +36,35 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// Which of the listener's two files a problem is with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PemFile {
+    Cert,
+    Key,
+}
+
 /// The listener's config: the certificate chain and key from PEM files (RSA, ECDSA or
-/// Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
-    let chain = certs(cert)?;
-    let key = PrivateKeyDer::from_pem_slice(&pem(key)?)
-        .map_err(|e| format!("no usable private key in {}: {e}", key.display()))?;
+/// Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1. An error names the
+/// file it is with (a key that does not fit its certificate: the key).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemFile, String)> {
+    let chain = certs(cert).map_err(|e| (PemFile::Cert, e))?;
+    let key = pem(key)
+        .and_then(|pem| {
+            PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| format!("no usable private key in {}: {e}", key.display()))
+        })
+        .map_err(|e| (PemFile::Key, e))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| (PemFile::Cert, e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| format!("the key does not fit the certificate: {e}"))?;
+        .map_err(|e| {
+            (
+                PemFile::Key,
+                format!("the key does not fit the certificate: {e}"),
+            )
+        })?;
     // `http/1.0` too: rustls ends a handshake whose client offers nothing in this list, and
     // an HTTP/1.0 client offering only that would get a fatal alert (nginx lists it too).
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];

@@ -75,27 +75,38 @@ fn with_tls(cert: &str, key: &str) -> String {
 fn broken_certificates_are_refused_at_load_naming_key_and_line() {
     let a = Pki::new("load-a", KeyType::EcdsaP256);
     let b = Pki::new("load-b", KeyType::EcdsaP256);
+    // Each problem on the line of the file it is with; a key that does not fit: the key.
+    let (cert, key) = ("t.toml:4: server.tls.cert: ", "t.toml:5: server.tls.key: ");
     let cases = [
         (
             with_tls(a.cert().to_str().unwrap(), b.key().to_str().unwrap()),
+            key,
             "does not fit",
         ),
         (
             with_tls("/nonexistent/cert.pem", a.key().to_str().unwrap()),
+            cert,
             "cannot read /nonexistent/cert.pem",
         ),
         (
             with_tls(a.key().to_str().unwrap(), a.key().to_str().unwrap()),
+            cert,
             "holds no PEM certificate",
         ),
         (
             with_tls(a.cert().to_str().unwrap(), a.cert().to_str().unwrap()),
+            key,
             "no usable private key",
         ),
+        (
+            with_tls(a.cert().to_str().unwrap(), "/nonexistent/key.pem"),
+            key,
+            "cannot read /nonexistent/key.pem",
+        ),
     ];
-    for (text, needle) in cases {
+    for (text, at, needle) in cases {
         let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(e.starts_with("t.toml:4: server.tls: "), "{e}");
+        assert!(e.starts_with(at), "{e}");
         assert!(e.contains(needle), "{needle:?} not in {e}");
     }
 }
