@@ -254,6 +254,11 @@ impl TagStore {
         let _alone = self.adding.write().unwrap_or_else(|p| p.into_inner());
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         self.map.clear();
+        // A write's mark placed since the floor was raised (`invalidate`'s fast path takes
+        // no lock here) may have been swept away with the rest: raised again, the floor
+        // refuses every read begun before the sweep, as the mark would have.
+        let swept = self.clock.fetch_add(1, Ordering::AcqRel);
+        self.floor.fetch_max(swept + 1, Ordering::AcqRel);
         order.clear();
         self.len.store(0, Ordering::Release);
         self.key_bytes.store(0, Ordering::Release);
@@ -324,6 +329,46 @@ mod tests {
         assert_eq!(s.get(&key("/b")), None);
         assert_eq!(s.stats.hits.load(Ordering::Relaxed), 1);
         assert_eq!(s.stats.misses.load(Ordering::Relaxed), 1);
+    }
+
+    /// A write's mark that `clear` sweeps away as it is placed (a reload emptying the cache
+    /// as a write's answer comes) still refuses the reads that began before it: else a read
+    /// of the old body, begun after `clear` raised the floor but before the sweep, would
+    /// find the slot empty and remember a tag the write had made stale. A race of a few
+    /// instructions: each round clears on a thread of its own while the test thread marks
+    /// the key until it sees its own mark swept away, then records as such a read would.
+    #[test]
+    fn a_mark_cleared_away_as_it_is_placed_still_refuses_older_reads() {
+        let k = key("/k");
+        let mut swept = 0;
+        for _ in 0..5_000 {
+            let s = std::sync::Arc::new(TagStore::new(1000));
+            s.record(&k, known("old"), s.ticket());
+            let clearing = {
+                let s = s.clone();
+                std::thread::spawn(move || s.clear())
+            };
+            let mut read = None;
+            while !clearing.is_finished() {
+                let t = s.ticket();
+                s.invalidate(&k);
+                if s.map.get(&k).is_none() {
+                    read = Some(t);
+                    break;
+                }
+            }
+            clearing.join().unwrap();
+            if let Some(t) = read {
+                swept += 1;
+                s.record(&k, known("old"), t);
+                assert_eq!(
+                    s.get(&k),
+                    None,
+                    "a stale tag remembered after {swept} sweeps"
+                );
+            }
+        }
+        eprintln!("{swept} marks swept away as they were placed");
     }
 
     #[test]
