@@ -216,3 +216,118 @@ async fn under_cached_validation_a_per_user_route_falls_back_to_revalidation() {
     )
     .await;
 }
+
+/// A backend with one document per user at one URL (`/me/settings`), stored as PUT and
+/// served `private`; strangers get 401.
+async fn own_documents_backend() -> ScriptedBackend {
+    let docs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    ScriptedBackend::start(move |r| {
+        let docs = docs.clone();
+        async move {
+            let who = r
+                .headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let Some(who) = who else {
+                return respond(401, &[("www-authenticate", "Bearer")], "log in");
+            };
+            let mut docs = docs.lock().unwrap();
+            match r.method.as_str() {
+                "GET" => {
+                    let doc = docs
+                        .get(&who)
+                        .cloned()
+                        .unwrap_or_else(|| format!("{who}: empty"));
+                    respond(200, &[("cache-control", "private")], doc)
+                }
+                _ => {
+                    docs.insert(who, String::from_utf8(r.body.to_vec()).unwrap());
+                    respond(204, &[], "")
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Under `tag_puts`, a PUT's body becomes the remembered tag. Sent with credentials, it may
+/// be its writer's own document: remembered as such, it must neither lock another user out
+/// (Bob's writes with his own current tag were 412s carrying Alice's tag, and his private
+/// reads could never replace it) nor show Alice's tag to anyone else.
+#[tokio::test]
+async fn a_tag_puts_write_with_credentials_locks_no_one_out_and_shows_no_one_its_tag() {
+    let backend = own_documents_backend().await;
+    let proxy = Proxy::start(
+        &route("/", "validation = \"cached\"\ntag_puts = true"),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/me/settings");
+    let (alice, bob) = (
+        ("authorization", "Bearer alice"),
+        ("authorization", "Bearer bob"),
+    );
+    let a = c.get(&url, &[alice]).await.etag();
+    let r = c.put(&url, &[alice, ("if-match", &a)], "alice v2").await;
+    assert_eq!(r.status, 204);
+    let alice_now = r.etag();
+    let b = c.get(&url, &[bob]).await.etag();
+    let r = c.put(&url, &[bob, ("if-match", &b)], "bob v2").await;
+    assert_eq!(r.status, 204, "Bob holds his current tag: {}", r.text());
+    let r = c.put(&url, &[("if-match", "\"x\"")], "x").await;
+    assert_ne!(r.header("etag"), Some(alice_now.as_str()), "{}", r.status);
+    assert_eq!(r.status, 401, "a stranger gets the backend's answer");
+    let r = c
+        .put(&url, &[alice, ("if-match", &alice_now)], "alice v3")
+        .await;
+    assert_eq!(r.status, 204, "Alice's own tag still holds for her");
+    let r = c.put(&url, &[bob, ("if-match", &b)], "bob v3").await;
+    assert_eq!(r.status, 412, "Bob's old tag is stale");
+    assert_eq!(
+        r.etag(),
+        proxy.tag_of("bob v2"),
+        "and the 412 shows him his own"
+    );
+}
+
+/// A document whose anonymous readers get a summary and whose users get it whole
+/// (`private`, with `Vary: Authorization` or without): the remembered tag is the summary's.
+/// A writer with credentials is judged on its own representation, as a revalidation with
+/// them gives it: Alice's current tag passes `If-Match` (it was a 412 on every retry) and
+/// fails `If-None-Match` (it went through).
+#[tokio::test]
+async fn a_writer_with_credentials_is_judged_on_its_own_representation_not_the_remembered_one() {
+    for vary in [false, true] {
+        let backend = ScriptedBackend::start(move |r| async move {
+            let auth = r.headers.get("authorization").cloned();
+            match (r.method.as_str(), auth) {
+                ("GET", None) => respond(200, &[], "summary"),
+                ("GET", Some(who)) => {
+                    let mut headers = vec![("cache-control", "private")];
+                    if vary {
+                        headers.push(("vary", "Authorization"));
+                    }
+                    respond(
+                        200,
+                        &headers,
+                        format!("whole, for {}", who.to_str().unwrap()),
+                    )
+                }
+                _ => respond(204, &[], ""),
+            }
+        })
+        .await;
+        let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+        let c = Client::new();
+        let url = proxy.url("/doc");
+        let alice = ("authorization", "Bearer alice");
+        c.get(&url, &[]).await;
+        let a = c.get(&url, &[alice]).await.etag();
+        let r = c.put(&url, &[alice, ("if-none-match", &a)], "x").await;
+        assert_eq!(r.status, 412, "vary {vary}: Alice's tag is current for her");
+        assert_eq!(r.etag(), a);
+        let r = c.put(&url, &[alice, ("if-match", &a)], "edit").await;
+        assert_eq!(r.status, 204, "vary {vary}: {}", r.text());
+    }
+}

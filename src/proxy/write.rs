@@ -221,8 +221,15 @@ impl Proxy {
                 self.tags.get(key).filter(usable)
             })
             .flatten();
+        // A writer with credentials may be given a representation of its own (a private
+        // document, or more of it than anonymous readers get), which the remembered tag,
+        // being one any client could be given, may not be: it does not decide against
+        // such a writer either, as for one of several representations.
+        let credentialed = credentialed(parts);
         loop {
-            let negotiated = remembered.as_ref().is_some_and(|k| k.negotiated);
+            let negotiated = remembered
+                .as_ref()
+                .is_some_and(|k| k.negotiated || credentialed);
             let current = match remembered.take() {
                 Some(known) => Resource {
                     exists: true,
@@ -288,6 +295,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         strip_evaluated(&mut parts.headers, pre, false);
+        let credentialed = credentialed(&parts);
         let changes = changes_state(&parts.method);
         let destination = destination_key(&parts, route)?;
         let invalidation = changes.then(|| Invalidation {
@@ -365,12 +373,15 @@ impl Proxy {
             // that fetched the old body cannot put its tag back. (A shared write's ticket is
             // the one taken before it was sent, above.)
             // Not known to be negotiated: the PUT's bytes are one representation, and a GET
-            // that finds several records that when it comes.
+            // that finds several records that when it comes. But one sent with credentials
+            // may be its writer's own (`/me/settings`): as one of several, its tag then
+            // decides no write that fails it (nor leaks in the 412) without a revalidation
+            // with the other writer's credentials.
             let known = Known {
                 tag: tag.clone(),
                 last_modified: last_modified(rsp.headers()),
                 from_upstream: false,
-                negotiated: false,
+                negotiated: credentialed,
             };
             let ticket = sending.unwrap_or_else(|| self.tags.ticket());
             self.record(rt, key, known, ticket);
@@ -592,6 +603,12 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method",
     "x-method-override",
 ];
+
+/// A request with credentials (`Authorization`, or a `Cookie` that may carry a session):
+/// its representations may be its user's own.
+fn credentialed(parts: &Parts) -> bool {
+    parts.headers.contains_key(header::AUTHORIZATION) || parts.headers.contains_key(header::COOKIE)
+}
 
 /// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
 /// resource changes too, so its remembered tag must go as well.
