@@ -96,7 +96,7 @@ impl PoolSettings {
 }
 
 /// The platform's roots, or none (https upstreams then need `ca_file`).
-fn platform_tls() -> ClientTls {
+pub(crate) fn platform_tls() -> ClientTls {
     crate::tls::client_config(None).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no platform roots; https upstreams need ca_file");
         let config =

@@ -185,6 +185,28 @@ fn check_shows_the_warnings_a_start_would_log() {
     assert!(out.contains("ok (2 routes)"), "{out}");
     assert!(out.contains("takes this host's requests"), "{out}");
     assert!(out.contains("no server.tag_key_file"), "{out}");
+
+    // An https route without `ca_file` on a host with no CA roots (none where
+    // SSL_CERT_FILE and SSL_CERT_DIR point): said too.
+    let dir = std::env::temp_dir().join(format!("ifmatch-cli-roots-{}", rand_suffix()));
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    std::fs::write(dir.join("roots.pem"), "not a certificate\n").unwrap();
+    let config = dir.join("ifmatch.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"https://a:1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "--check"])
+        .env("SSL_CERT_FILE", dir.join("roots.pem"))
+        .env("SSL_CERT_DIR", dir.join("certs"))
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("https upstreams need ca_file"), "{err}");
 }
 
 /// A file that never ends, named where a config file, a key or a certificate belongs, is

@@ -217,33 +217,28 @@ async fn under_cached_validation_a_per_user_route_falls_back_to_revalidation() {
     .await;
 }
 
-/// A backend with one document per user at one URL (`/me/settings`), stored as PUT and
-/// served `private`; strangers get 401.
+/// A backend with one document per user at each URL (`/me/settings`), stored as PUT and
+/// served `private`; a user's missing document is a 404, and strangers get 401.
 async fn own_documents_backend() -> ScriptedBackend {
-    let docs = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    type Docs = std::collections::HashMap<(http::HeaderValue, String), String>;
+    let docs = std::sync::Arc::new(std::sync::Mutex::new(Docs::new()));
     ScriptedBackend::start(move |r| {
         let docs = docs.clone();
         async move {
-            let who = r
-                .headers
-                .get("authorization")
-                .map(|v| v.to_str().unwrap().to_owned());
-            let Some(who) = who else {
+            let Some(who) = r.headers.get("authorization").cloned() else {
                 return respond(401, &[("www-authenticate", "Bearer")], "log in");
             };
+            let doc = (who, r.uri.path().to_owned());
             let mut docs = docs.lock().unwrap();
             match r.method.as_str() {
-                "GET" => {
-                    let doc = docs
-                        .get(&who)
-                        .cloned()
-                        .unwrap_or_else(|| format!("{who}: empty"));
-                    respond(200, &[("cache-control", "private")], doc)
-                }
-                _ => {
-                    docs.insert(who, String::from_utf8(r.body.to_vec()).unwrap());
-                    respond(204, &[], "")
-                }
+                "GET" => match docs.get(&doc) {
+                    Some(body) => respond(200, &[("cache-control", "private")], body.clone()),
+                    None => respond(404, &[], ""),
+                },
+                _ => match docs.insert(doc, String::from_utf8(r.body.to_vec()).unwrap()) {
+                    Some(_) => respond(204, &[], ""),
+                    None => respond(201, &[], ""),
+                },
             }
         }
     })
@@ -251,11 +246,14 @@ async fn own_documents_backend() -> ScriptedBackend {
 }
 
 /// Under `tag_puts`, a PUT's body becomes the remembered tag. Sent with credentials, it may
-/// be its writer's own document: remembered as such, it must neither lock another user out
-/// (Bob's writes with his own current tag were 412s carrying Alice's tag, and his private
-/// reads could never replace it) nor show Alice's tag to anyone else.
+/// be its writer's own document (one per user at one URL): remembered, it judged other
+/// users' writes. A failing one locked Bob out (412s carrying Alice's tag on every retry)
+/// and showed her tag to anyone; a passing one let Bob's stale write through when his
+/// document and Alice's held the same bytes, created Alice's document under an
+/// `If-Match: *` her missing document fails, and told a guesser what another's document
+/// holds. Its writer is answered with it; it is not remembered.
 #[tokio::test]
-async fn a_tag_puts_write_with_credentials_locks_no_one_out_and_shows_no_one_its_tag() {
+async fn a_tag_puts_write_with_credentials_is_not_remembered_for_other_users() {
     let backend = own_documents_backend().await;
     let proxy = Proxy::start(
         &route("/", "validation = \"cached\"\ntag_puts = true"),
@@ -268,27 +266,39 @@ async fn a_tag_puts_write_with_credentials_locks_no_one_out_and_shows_no_one_its
         ("authorization", "Bearer alice"),
         ("authorization", "Bearer bob"),
     );
-    let a = c.get(&url, &[alice]).await.etag();
-    let r = c.put(&url, &[alice, ("if-match", &a)], "alice v2").await;
+    for who in [alice, bob] {
+        assert_eq!(c.put(&url, &[who], "{}").await.status, 201);
+    }
+    // Bob reads on one device, and writes on another.
+    let stale = c.get(&url, &[bob]).await.etag();
+    let r = c.put(&url, &[bob, ("if-match", &stale)], "dark").await;
     assert_eq!(r.status, 204);
-    let alice_now = r.etag();
-    let b = c.get(&url, &[bob]).await.etag();
-    let r = c.put(&url, &[bob, ("if-match", &b)], "bob v2").await;
-    assert_eq!(r.status, 204, "Bob holds his current tag: {}", r.text());
+    assert_eq!(r.etag(), proxy.tag_of("dark"), "its writer gets its tag");
+    // Alice's document holds what Bob's held: her tag is his stale one.
+    let a = c.get(&url, &[alice]).await.etag();
+    assert_eq!(a, stale);
+    let r = c.put(&url, &[alice, ("if-match", &a)], "{}").await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = c.put(&url, &[bob, ("if-match", &stale)], "fr").await;
+    assert_eq!(r.status, 412, "Bob's first device is stale");
+    assert_eq!(r.etag(), proxy.tag_of("dark"), "and is shown its own tag");
+    // A stranger gets the backend's answer, and no one's tag.
     let r = c.put(&url, &[("if-match", "\"x\"")], "x").await;
-    assert_ne!(r.header("etag"), Some(alice_now.as_str()), "{}", r.status);
-    assert_eq!(r.status, 401, "a stranger gets the backend's answer");
+    assert_eq!((r.status, r.header("etag")), (401, None));
+    // Bob creates /me/doc2; Alice has none there, so `*` fails for her.
+    let doc2 = proxy.url("/me/doc2");
+    assert_eq!(c.put(&doc2, &[bob], "bob's").await.status, 201);
+    let r = c.put(&doc2, &[alice, ("if-match", "*")], "alice's").await;
+    assert_eq!(r.status, 412, "{}", r.text());
+    // Bob's own next write needs no re-read: his tag holds for him.
     let r = c
-        .put(&url, &[alice, ("if-match", &alice_now)], "alice v3")
+        .put(
+            &url,
+            &[bob, ("if-match", &proxy.tag_of("dark"))],
+            "dark, fr",
+        )
         .await;
-    assert_eq!(r.status, 204, "Alice's own tag still holds for her");
-    let r = c.put(&url, &[bob, ("if-match", &b)], "bob v3").await;
-    assert_eq!(r.status, 412, "Bob's old tag is stale");
-    assert_eq!(
-        r.etag(),
-        proxy.tag_of("bob v2"),
-        "and the 412 shows him his own"
-    );
+    assert_eq!(r.status, 204);
 }
 
 /// A document whose anonymous readers get a summary and whose users get it whole

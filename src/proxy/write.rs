@@ -366,25 +366,29 @@ impl Proxy {
             StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT
         ) && !rsp.headers().contains_key(ETAG);
         if let Some(tag) = sent.and_then(|s| s.get().cloned()).filter(|_| stored) {
-            if let Some(i) = invalidation.take() {
-                i.disarm();
+            // Sent with credentials, the body may be its writer's own document
+            // (`/me/settings`, one per user at one URL): remembered, its tag would judge
+            // other users' writes (and a match tell them what the document holds). The
+            // writer is still answered with it; the URL's tag is forgotten, as after any
+            // write, and the next write revalidates with its own credentials.
+            if !credentialed {
+                if let Some(i) = invalidation.take() {
+                    i.disarm();
+                }
+                // Recorded under the lock, with a ticket newer than any read in flight: a
+                // read that fetched the old body cannot put its tag back. (A shared write's
+                // ticket is the one taken before it was sent, above.)
+                // Not known to be negotiated: the PUT's bytes are one representation, and
+                // a GET that finds several records that when it comes.
+                let known = Known {
+                    tag: tag.clone(),
+                    last_modified: last_modified(rsp.headers()),
+                    from_upstream: false,
+                    negotiated: false,
+                };
+                let ticket = sending.unwrap_or_else(|| self.tags.ticket());
+                self.record(rt, key, known, ticket);
             }
-            // Recorded under the lock, with a ticket newer than any read in flight: a read
-            // that fetched the old body cannot put its tag back. (A shared write's ticket is
-            // the one taken before it was sent, above.)
-            // Not known to be negotiated: the PUT's bytes are one representation, and a GET
-            // that finds several records that when it comes. But one sent with credentials
-            // may be its writer's own (`/me/settings`): as one of several, its tag then
-            // decides no write that fails it (nor leaks in the 412) without a revalidation
-            // with the other writer's credentials.
-            let known = Known {
-                tag: tag.clone(),
-                last_modified: last_modified(rsp.headers()),
-                from_upstream: false,
-                negotiated: credentialed,
-            };
-            let ticket = sending.unwrap_or_else(|| self.tags.ticket());
-            self.record(rt, key, known, ticket);
             rsp.headers_mut().insert(ETAG, tag.to_header());
             ex.outcome = match shared {
                 true => "forwarded_unchanged",
