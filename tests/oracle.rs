@@ -341,3 +341,96 @@ async fn a_writer_with_credentials_is_judged_on_its_own_representation_not_the_r
         assert_eq!(r.status, 204, "vary {vary}: {}", r.text());
     }
 }
+
+/// Users start from a default document that anonymous readers get too, and each has a
+/// copy of their own once they write (`private`). Equal bytes are equal tags: Alice's old
+/// tag is the default's, which an anonymous read remembers. A remembered tag cannot vouch
+/// for a writer with credentials, passing or failing: Alice's stale device got a 204 and
+/// overwrote her other device's write.
+#[tokio::test]
+async fn a_remembered_tag_never_judges_a_writer_with_credentials() {
+    const DEFAULT: &str = r#"{"theme":"light"}"#;
+    type Docs = std::collections::HashMap<http::HeaderValue, String>;
+    let docs = std::sync::Arc::new(std::sync::Mutex::new(Docs::new()));
+    let backend = ScriptedBackend::start(move |r| {
+        let docs = docs.clone();
+        async move {
+            let mut docs = docs.lock().unwrap();
+            let who = r
+                .headers
+                .get("authorization")
+                .or(r.headers.get("cookie"))
+                .cloned();
+            match (r.method.as_str(), who) {
+                ("GET", None) => respond(200, &[], DEFAULT),
+                ("GET", Some(who)) => {
+                    let doc = docs.get(&who).cloned().unwrap_or(DEFAULT.to_owned());
+                    respond(200, &[("cache-control", "private")], doc)
+                }
+                (_, None) => respond(401, &[], "log in"),
+                (_, Some(who)) => {
+                    docs.insert(who, String::from_utf8(r.body.to_vec()).unwrap());
+                    respond(204, &[], "")
+                }
+            }
+        }
+    })
+    .await;
+    for (who, routes) in [
+        (("authorization", "Bearer alice"), "validation = \"cached\""),
+        (("cookie", "session=alice"), "validation = \"cached\""),
+        (
+            ("authorization", "Bearer alice"),
+            "validation = \"cached\"\ntag_puts = true",
+        ),
+    ] {
+        let proxy = Proxy::start(&route("/", routes), &backend.origin()).await;
+        let c = Client::new();
+        let url = proxy.url(&format!("/prefs-{}", who.0));
+        let stale = c.get(&url, &[who]).await.etag();
+        let r = c.put(&url, &[who, ("if-match", &stale)], "dark").await;
+        assert_eq!(r.status, 204, "{who:?}");
+        assert_eq!(c.get(&url, &[]).await.etag(), stale, "the default's tag");
+        let r = c.put(&url, &[who, ("if-match", &stale)], "big font").await;
+        assert_eq!(r.status, 412, "{who:?} {routes}: the stale device");
+        assert_eq!(r.etag(), proxy.tag_of("dark"), "shown its own current tag");
+        // Reset for the next case.
+        c.put(&url, &[who], DEFAULT).await;
+    }
+}
+
+/// A response to a request with a `Cookie` may be that session's own, as one to a request
+/// with `Authorization` may be its user's: it is not remembered (unless marked `public`),
+/// so an anonymous 412 cannot show it and a guess about it cannot be confirmed.
+#[tokio::test]
+async fn a_response_to_a_request_with_a_cookie_is_not_remembered() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match (r.headers.get("cookie"), r.uri.path()) {
+            (None, _) => respond(401, &[], "log in"),
+            (Some(_), "/public") => respond(200, &[("cache-control", "public")], "for all"),
+            (Some(c), _) => respond(200, &[], format!("secret of {}", c.to_str().unwrap())),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let alice = ("cookie", "session=alice");
+    let tag = c.get(&proxy.url("/me"), &[alice]).await.etag();
+    c.get(&proxy.url("/public"), &[alice]).await;
+    let origin = backend.origin();
+    assert!(proxy
+        .state
+        .tags
+        .get(&common::proxy::key(&origin, "/me"))
+        .is_none());
+    assert!(proxy
+        .state
+        .tags
+        .get(&common::proxy::key(&origin, "/public"))
+        .is_some());
+    let r = c
+        .put(&proxy.url("/me"), &[("if-match", "\"nope\"")], "x")
+        .await;
+    assert_eq!(r.status, 401, "the backend's answer");
+    assert_ne!(r.header("etag"), Some(tag.as_str()));
+}

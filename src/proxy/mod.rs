@@ -577,6 +577,12 @@ fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
     }
 }
 
+/// A request with credentials (`Authorization`, or a `Cookie`, which may carry a session):
+/// what it is given may be its user's own.
+fn credentialed(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::AUTHORIZATION) || headers.contains_key(header::COOKIE)
+}
+
 /// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.
 fn request_host<'a>(req: &'a Parts, host: Option<&'a HeaderValue>) -> Option<&'a str> {
     req.uri.host().or_else(|| host?.to_str().ok())

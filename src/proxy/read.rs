@@ -23,7 +23,8 @@ use crate::tags::{Known, Ticket};
 use crate::upstream;
 
 use super::{
-    last_modified, pass_read, strip_evaluated, upstream_strong_tag, Exchange, Proxy, Routing,
+    credentialed, last_modified, pass_read, strip_evaluated, upstream_strong_tag, Exchange, Proxy,
+    Routing,
 };
 
 impl Proxy {
@@ -47,7 +48,7 @@ impl Proxy {
             parts.headers.remove(header::IF_RANGE);
         }
         strip_evaluated(&mut parts.headers, pre, true);
-        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let authorized = credentialed(&parts.headers);
         let ticket = self.tags.ticket();
         let mut req = Box::new(Request::from_parts(
             parts,
@@ -392,8 +393,10 @@ impl Proxy {
 /// always revalidate with the writer's own credentials. Nor is one marked `no-store`: its
 /// bytes must not be kept, as a copy would be. Nor, as a shared cache must not reuse it
 /// (RFC 9111 §3.5), one answering a request with `Authorization`, unless it says it may be
-/// shared (`public`, `s-maxage`, `must-revalidate`); nor one that sets a cookie, which nginx
-/// and Varnish do not cache either. And whether it is one of several (`Known::negotiated`):
+/// shared (`public`, `s-maxage`, `must-revalidate`), nor, by the same rule, one answering a
+/// request with a `Cookie`, which may carry a session (Varnish passes such requests by
+/// default); nor one that sets a cookie, which nginx and Varnish do not cache either. And
+/// whether it is one of several (`Known::negotiated`):
 /// it varies on anything, or has a content coding. One pass over `Vary` for both.
 fn cacheable(route: &Route, headers: &HeaderMap, authorized: bool) -> (bool, bool) {
     let vary = headers.get_all(header::VARY);

@@ -30,8 +30,8 @@ use crate::tags::Known;
 use crate::upstream;
 
 use super::{
-    declared_length, drop_replaced_tag, last_modified, pass, pass_read, strip_evaluated, Exchange,
-    Proxy, Routing,
+    credentialed, declared_length, drop_replaced_tag, last_modified, pass, pass_read,
+    strip_evaluated, Exchange, Proxy, Routing,
 };
 
 /// What the proxy learnt of a resource before a write.
@@ -213,23 +213,24 @@ impl Proxy {
         parts: &Parts,
         ex: &mut Exchange,
     ) -> Result<Checked, Error> {
-        let mut remembered = (route.validation == Validation::Cached && !route.per_user)
-            .then(|| {
-                // A tag remembered from a PUT may come without the date the backend gave the
-                // new representation: a date condition then needs the backend's answer.
-                let usable = |k: &Known| k.last_modified.is_some() || !pre.compares_dates();
-                self.tags.get(key).filter(usable)
-            })
-            .flatten();
-        // A writer with credentials may be given a representation of its own (a private
-        // document, or more of it than anonymous readers get), which the remembered tag,
-        // being one any client could be given, may not be: it does not decide against
-        // such a writer either, as for one of several representations.
-        let credentialed = credentialed(parts);
+        // A remembered tag is one any client could be given. A writer with credentials may
+        // be given a representation of its own (its private document at a URL every user
+        // writes, or more of a document than anonymous readers get), whose bytes, and so
+        // whose tag, may equal another representation's at some other state: the
+        // remembered tag cannot vouch for it, passing or failing. Such a writer is judged
+        // by a revalidation with its own credentials, as on a `per_user` route.
+        let mut remembered = (route.validation == Validation::Cached
+            && !route.per_user
+            && !credentialed(&parts.headers))
+        .then(|| {
+            // A tag remembered from a PUT may come without the date the backend gave the
+            // new representation: a date condition then needs the backend's answer.
+            let usable = |k: &Known| k.last_modified.is_some() || !pre.compares_dates();
+            self.tags.get(key).filter(usable)
+        })
+        .flatten();
         loop {
-            let negotiated = remembered
-                .as_ref()
-                .is_some_and(|k| k.negotiated || credentialed);
+            let negotiated = remembered.as_ref().is_some_and(|k| k.negotiated);
             let current = match remembered.take() {
                 Some(known) => Resource {
                     exists: true,
@@ -295,7 +296,7 @@ impl Proxy {
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
         strip_evaluated(&mut parts.headers, pre, false);
-        let credentialed = credentialed(&parts);
+        let credentialed = credentialed(&parts.headers);
         let changes = changes_state(&parts.method);
         let destination = destination_key(&parts, route)?;
         let invalidation = changes.then(|| Invalidation {
@@ -431,7 +432,7 @@ impl Proxy {
             }));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let authorized = parts.headers.contains_key(header::AUTHORIZATION);
+        let authorized = credentialed(&parts.headers);
         let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, true, authorized);
         let (current, _) = read.await?;
         Ok(Current::Known(current))
@@ -607,12 +608,6 @@ const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method",
     "x-method-override",
 ];
-
-/// A request with credentials (`Authorization`, or a `Cookie` that may carry a session):
-/// its representations may be its user's own.
-fn credentialed(parts: &Parts) -> bool {
-    parts.headers.contains_key(header::AUTHORIZATION) || parts.headers.contains_key(header::COOKIE)
-}
 
 /// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
 /// resource changes too, so its remembered tag must go as well.
