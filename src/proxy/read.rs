@@ -48,7 +48,7 @@ impl Proxy {
             parts.headers.remove(header::IF_RANGE);
         }
         strip_evaluated(&mut parts.headers, pre, true);
-        let authorized = credentialed(&parts.headers);
+        let credentials = credentialed(&parts.headers);
         let ticket = self.tags.ticket();
         let mut req = Box::new(Request::from_parts(
             parts,
@@ -103,7 +103,7 @@ impl Proxy {
             &mut rparts,
             rbody,
             tag_only,
-            authorized,
+            credentials,
         );
         let (current, body) = read.await?;
         if body.is_none() && !head {
@@ -278,10 +278,10 @@ impl Proxy {
         rparts: &mut response::Parts,
         body: Incoming,
         tag_only: bool,
-        authorized: bool,
+        credentials: bool,
     ) -> Result<(Resource, Option<ProxyBody>), Error> {
         let last_modified = last_modified(&rparts.headers);
-        let (shared, negotiated) = cacheable(route, &rparts.headers, authorized);
+        let (shared, negotiated) = cacheable(route, &rparts.headers, credentials);
         let idle = route.upstream_timeout;
         let (tag, from_upstream, body) = 'read: {
             let kept = route.upstream_etag == UpstreamEtag::Keep;
@@ -398,13 +398,13 @@ impl Proxy {
 /// default); nor one that sets a cookie, which nginx and Varnish do not cache either. And
 /// whether it is one of several (`Known::negotiated`):
 /// it varies on anything, or has a content coding. One pass over `Vary` for both.
-fn cacheable(route: &Route, headers: &HeaderMap, authorized: bool) -> (bool, bool) {
+fn cacheable(route: &Route, headers: &HeaderMap, credentials: bool) -> (bool, bool) {
     let vary = headers.get_all(header::VARY);
     let negotiated = vary.iter().next().is_some() || headers.contains_key(header::CONTENT_ENCODING);
     let varies_by_user = list_items(headers, header::VARY).any(|f| {
         f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
     });
-    let one_users = authorized && !shared_though_authorized(headers);
+    let one_users = credentials && !shared_though_credentialed(headers);
     (
         !route.per_user
             && !varies_by_user
@@ -415,9 +415,9 @@ fn cacheable(route: &Route, headers: &HeaderMap, authorized: bool) -> (bool, boo
     )
 }
 
-/// A response to a request with `Authorization` that a shared cache may reuse all the same
-/// (RFC 9111 §3.5).
-fn shared_though_authorized(headers: &HeaderMap) -> bool {
+/// A response to a request with credentials that a shared cache may reuse all the same
+/// (RFC 9111 §3.5, for `Authorization`).
+fn shared_though_credentialed(headers: &HeaderMap) -> bool {
     cache_directive(headers, &["public", "s-maxage", "must-revalidate"])
 }
 

@@ -432,8 +432,17 @@ impl Proxy {
             }));
         }
         let (mut rparts, rbody) = rsp.into_parts();
-        let authorized = credentialed(&parts.headers);
-        let read = self.tag(rt, route, key, ticket, &mut rparts, rbody, true, authorized);
+        let credentials = credentialed(&parts.headers);
+        let read = self.tag(
+            rt,
+            route,
+            key,
+            ticket,
+            &mut rparts,
+            rbody,
+            true,
+            credentials,
+        );
         let (current, _) = read.await?;
         Ok(Current::Known(current))
     }
