@@ -183,8 +183,11 @@ async fn under_cached_validation_an_authorized_response_falls_back_to_revalidati
     assert_eq!(r.status, 204, "{}", r.text());
 }
 
-/// What the backend marks as shared all the same is remembered, as RFC 9111 §3.5 allows;
-/// a response that sets a cookie is not (nginx and Varnish do not cache one either).
+/// Only what any client could be given is remembered: not a response to a request with
+/// credentials, even one the backend marks as shared (`public`), which RFC 9111 §3.5 lets a
+/// shared cache reuse but which would judge other writers (see
+/// `a_response_to_a_request_with_a_cookie_is_not_remembered`); nor a response that sets a
+/// cookie (nginx and Varnish do not cache one either).
 #[tokio::test]
 async fn under_cached_validation_only_responses_fit_for_all_are_remembered() {
     let backend = ScriptedBackend::start(|r| async move {
@@ -203,9 +206,14 @@ async fn under_cached_validation_only_responses_fit_for_all_are_remembered() {
     c.get(&proxy.url("/plain"), &auth).await;
     let origin = backend.origin();
     let tags = &proxy.state.tags;
-    assert!(tags.get(&common::proxy::key(&origin, "/public")).is_some());
+    assert!(tags.get(&common::proxy::key(&origin, "/public")).is_none());
     assert!(tags.get(&common::proxy::key(&origin, "/cookie")).is_none());
     assert!(tags.get(&common::proxy::key(&origin, "/plain")).is_none());
+    // Fit for all: no credentials, and nothing that says it is one user's.
+    c.get(&proxy.url("/public"), &[]).await;
+    c.get(&proxy.url("/plain"), &[]).await;
+    assert!(tags.get(&common::proxy::key(&origin, "/public")).is_some());
+    assert!(tags.get(&common::proxy::key(&origin, "/plain")).is_some());
 }
 
 #[tokio::test]
@@ -400,14 +408,18 @@ async fn a_remembered_tag_never_judges_a_writer_with_credentials() {
 }
 
 /// A response to a request with a `Cookie` may be that session's own, as one to a request
-/// with `Authorization` may be its user's: it is not remembered (unless marked `public`),
-/// so an anonymous 412 cannot show it and a guess about it cannot be confirmed.
+/// with `Authorization` may be its user's: it is not remembered, not even when the backend
+/// says a cache may reuse it (`public`, `must-revalidate`, which WordPress sent logged-in
+/// users before 6.3), so an anonymous 412 cannot show it and a guess about it cannot be
+/// confirmed.
 #[tokio::test]
 async fn a_response_to_a_request_with_a_cookie_is_not_remembered() {
     let backend = ScriptedBackend::start(|r| async move {
+        let reusable = [("cache-control", "no-cache, must-revalidate, max-age=0")];
         match (r.headers.get("cookie"), r.uri.path()) {
             (None, _) => respond(401, &[], "log in"),
             (Some(_), "/public") => respond(200, &[("cache-control", "public")], "for all"),
+            (Some(c), "/wp") => respond(200, &reusable, format!("pin of {}", c.to_str().unwrap())),
             (Some(c), _) => respond(200, &[], format!("secret of {}", c.to_str().unwrap())),
         }
     })
@@ -415,22 +427,15 @@ async fn a_response_to_a_request_with_a_cookie_is_not_remembered() {
     let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
     let c = Client::new();
     let alice = ("cookie", "session=alice");
-    let tag = c.get(&proxy.url("/me"), &[alice]).await.etag();
-    c.get(&proxy.url("/public"), &[alice]).await;
     let origin = backend.origin();
-    assert!(proxy
-        .state
-        .tags
-        .get(&common::proxy::key(&origin, "/me"))
-        .is_none());
-    assert!(proxy
-        .state
-        .tags
-        .get(&common::proxy::key(&origin, "/public"))
-        .is_some());
-    let r = c
-        .put(&proxy.url("/me"), &[("if-match", "\"nope\"")], "x")
-        .await;
-    assert_eq!(r.status, 401, "the backend's answer");
-    assert_ne!(r.header("etag"), Some(tag.as_str()));
+    for path in ["/me", "/public", "/wp"] {
+        let tag = c.get(&proxy.url(path), &[alice]).await.etag();
+        let key = common::proxy::key(&origin, path);
+        assert!(proxy.state.tags.get(&key).is_none(), "{path}");
+        let r = c
+            .put(&proxy.url(path), &[("if-match", "\"nope\"")], "x")
+            .await;
+        assert_eq!(r.status, 401, "{path}: the backend's answer");
+        assert_ne!(r.header("etag"), Some(tag.as_str()), "{path}");
+    }
 }

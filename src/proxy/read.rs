@@ -391,34 +391,29 @@ impl Proxy {
 /// varies by user (`Vary: Authorization`, `Cookie` or `*`, `Cache-Control: private`, or a
 /// `per_user` route) is not: a 412 would show one user's tag to another, so such writes
 /// always revalidate with the writer's own credentials. Nor is one marked `no-store`: its
-/// bytes must not be kept, as a copy would be. Nor, as a shared cache must not reuse it
-/// (RFC 9111 §3.5), one answering a request with `Authorization`, unless it says it may be
-/// shared (`public`, `s-maxage`, `must-revalidate`), nor, by the same rule, one answering a
-/// request with a `Cookie`, which may carry a session (Varnish passes such requests by
-/// default); nor one that sets a cookie, which nginx and Varnish do not cache either. And
-/// whether it is one of several (`Known::negotiated`):
-/// it varies on anything, or has a content coding. One pass over `Vary` for both.
+/// bytes must not be kept, as a copy would be. Nor one answering a request with
+/// credentials (`Authorization`, or a `Cookie`, which may carry a session: Varnish passes
+/// such requests), even one marked `public`, `s-maxage` or `must-revalidate`, which RFC 9111
+/// §3.5 lets a shared cache reuse: such a cache serves those very bytes, but a remembered tag
+/// judges other writers, who may be given other bytes (WordPress marks its logged-in pages
+/// `must-revalidate`): a 412 showed a user's tag to an anonymous writer, and equal bytes let
+/// a stale write pass. Nor one that sets a cookie, which nginx and Varnish do not
+/// cache either. And whether it is one of several (`Known::negotiated`): it varies on
+/// anything, or has a content coding. One pass over `Vary` for both.
 fn cacheable(route: &Route, headers: &HeaderMap, credentials: bool) -> (bool, bool) {
     let vary = headers.get_all(header::VARY);
     let negotiated = vary.iter().next().is_some() || headers.contains_key(header::CONTENT_ENCODING);
     let varies_by_user = list_items(headers, header::VARY).any(|f| {
         f == "*" || f.eq_ignore_ascii_case("authorization") || f.eq_ignore_ascii_case("cookie")
     });
-    let one_users = credentials && !shared_though_credentialed(headers);
     (
         !route.per_user
             && !varies_by_user
-            && !one_users
+            && !credentials
             && !headers.contains_key(header::SET_COOKIE)
             && !kept_from_others(headers),
         negotiated,
     )
-}
-
-/// A response to a request with credentials that a shared cache may reuse all the same
-/// (RFC 9111 §3.5, for `Authorization`).
-fn shared_though_credentialed(headers: &HeaderMap) -> bool {
-    cache_directive(headers, &["public", "s-maxage", "must-revalidate"])
 }
 
 /// `Cache-Control: private` (for one user: RFC 9111 §5.2.2.7) or `no-store` (§5.2.2.5), in
