@@ -101,10 +101,10 @@ impl Proxy {
             match read_request(body, route.upstream_timeout, limits, &mut share).await? {
                 Read::Whole(body) => {
                     ex.streamed = false; // read to its end
-                    if route.require_precondition
-                        && !pre.guards_write()
-                        && form_overrides(&parts, &body)
-                    {
+                                         // Also for a date-only guard, which `check` refuses where the resource
+                                         // has no date to judge (see there).
+                    ex.overridden = route.require_precondition && form_overrides(&parts, &body);
+                    if ex.overridden && !pre.guards_write() {
                         return Err(Error::PreconditionRequired {
                             method: parts.method.clone(),
                         });
@@ -259,7 +259,7 @@ impl Proxy {
                         && current.last_modified.is_none()
                         && pre.guards_only_by_date()
                         && route.require_precondition
-                        && requires_precondition(parts) =>
+                        && (requires_precondition(parts) || ex.overridden) =>
                 {
                     return Err(Error::PreconditionUndated {
                         method: parts.method.clone(),
@@ -567,7 +567,8 @@ fn requires_precondition(parts: &Parts) -> bool {
     if guarded(parts.method.as_str()) {
         return true;
     }
-    if parts.method != Method::POST {
+    // In any case too: the frameworks that honour overrides upper-case the method first.
+    if !parts.method.as_str().eq_ignore_ascii_case("POST") {
         return false;
     }
     let in_headers = METHOD_OVERRIDES.iter().any(|h| {
@@ -580,28 +581,30 @@ fn requires_precondition(parts: &Parts) -> bool {
         || parts
             .uri
             .query()
-            .is_some_and(|q| form_field(q.as_bytes()).is_some_and(guarded))
+            .is_some_and(|q| form_fields(q.as_bytes()).any(guarded))
 }
 
 /// A POST whose form body (read whole) asks, in a `_method` field, to be run as a guarded
-/// method, as Rails' and Laravel's forms do.
+/// method, as Rails' and Laravel's forms do. A body with no `Content-Type` counts as a
+/// form, as Rack reads it.
 fn form_overrides(parts: &Parts, body: &[u8]) -> bool {
-    parts.method == Method::POST
-        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|t| {
+    parts.method.as_str().eq_ignore_ascii_case("POST")
+        && parts.headers.get(header::CONTENT_TYPE).is_none_or(|t| {
             const FORM: &[u8] = b"application/x-www-form-urlencoded";
             t.as_bytes()
                 .get(..FORM.len())
                 .is_some_and(|m| m.eq_ignore_ascii_case(FORM))
         })
-        && form_field(body).is_some_and(guarded)
+        && form_fields(body).any(guarded)
 }
 
-/// The value of the `_method` field of a URL-encoded form or query, if it is one a client
-/// may send unencoded (letters).
-fn form_field(form: &[u8]) -> Option<&str> {
+/// The values of the `_method` fields of a URL-encoded form or query that a client may send
+/// unencoded (letters): every one, since frameworks differ on which of several they take
+/// (PHP and Rack the last).
+fn form_fields(form: &[u8]) -> impl Iterator<Item = &str> {
     form.split(|&b| b == b'&')
-        .find_map(|pair| pair.strip_prefix(b"_method="))
-        .and_then(|v| std::str::from_utf8(v).ok())
+        .filter_map(|pair| pair.strip_prefix(b"_method="))
+        .filter_map(|v| std::str::from_utf8(v).ok())
 }
 
 /// PUT, PATCH or DELETE, in any case.
