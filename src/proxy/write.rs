@@ -100,9 +100,10 @@ impl Proxy {
             let body = ex.take_body();
             match read_request(body, route.upstream_timeout, limits, &mut share).await? {
                 Read::Whole(body) => {
-                    ex.streamed = false; // read to its end
-                                         // Also for a date-only guard, which `check` refuses where the resource
-                                         // has no date to judge (see there).
+                    // Read to its end.
+                    ex.streamed = false;
+                    // Noted for a date-only guard too, which `check` refuses where the
+                    // resource has no date to judge (see there).
                     ex.overridden = route.require_precondition && form_overrides(&parts, &body);
                     if ex.overridden && !pre.guards_write() {
                         return Err(Error::PreconditionRequired {
