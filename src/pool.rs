@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Body as _;
@@ -327,6 +327,13 @@ where
             Either::Right(_) => None,
         };
         let carries_body = !req.body().is_end_stream();
+        // A body a handler may leave unread whatever it answers goes up as the connection's
+        // last request ([`body_may_be_ignored`]).
+        let last = carries_body && body_may_be_ignored(req.method());
+        if last {
+            req.headers_mut()
+                .insert(CONNECTION, http::HeaderValue::from_static("close"));
+        }
         // With `upstream_max_connections`, a request finding none ready waits its turn.
         let permit = loop {
             // Requests waiting for a turn come first: a new one queues behind them.
@@ -371,7 +378,7 @@ where
                         return Err(missed);
                     }
                     Some(Ok(rsp)) => {
-                        let unread = unread(&rsp, carries_body, &uploading);
+                        let unread = last || unread(&rsp, carries_body, &uploading);
                         self.checkin_after(&rsp, origin, idle.conn, unread);
                         return Ok(rsp);
                     }
@@ -438,7 +445,7 @@ where
                 }
             }
         };
-        let unread = unread(&rsp, carries_body, &uploading);
+        let unread = last || unread(&rsp, carries_body, &uploading);
         self.checkin_after(&rsp, origin, conn, unread);
         Ok(rsp)
     }
@@ -880,10 +887,25 @@ fn unsent(uploading: &Option<Arc<Progress>>) -> bool {
 /// `rsp` came, or `rsp` is not a 2xx, which a legacy handler may send without reading the
 /// body (a 409 or 413 it decides on from the head) while it keeps the connection. The body
 /// it left then reads as its next request, and a body shaped like one gets an answer, which
-/// would be taken for the next request's. After a 2xx the body was taken in; a connection
+/// would be taken for the next request's. After a 2xx a write's body was taken in (bodies a
+/// handler may ignore even then are sent last: [`body_may_be_ignored`]); a connection
 /// closed after each refused write costs a handshake, where refusals are few.
 fn unread(rsp: &Response<Incoming>, carries_body: bool, uploading: &Option<Arc<Progress>>) -> bool {
     unsent(uploading) || (carries_body && !rsp.status().is_success())
+}
+
+/// Whether a handler may leave a request's body unread even when it answers 2xx: the body of
+/// a GET, HEAD (sent up as a GET), DELETE or OPTIONS has no defined meaning (RFC 9110
+/// §9.3), and many legacy handlers never read it (Python's `http.server`, most routes that
+/// expect none). Left in the connection, it is read as the next request: one shaped like a
+/// write is then carried out without ever being judged or locked, and one shaped like the
+/// head of a write with a body takes the next client's request, credentials and all, as
+/// that body. Such a request asks the backend to close after it (`Connection: close`,
+/// after which a server reads nothing more) and its connection is not reused: closing only
+/// after the answer would be too late, since the backend may have parsed the rest already.
+/// The bodies of other methods are what their handlers are for.
+fn body_may_be_ignored(method: &Method) -> bool {
+    [Method::GET, Method::HEAD, Method::DELETE, Method::OPTIONS].contains(method)
 }
 
 /// A response after which the connection cannot be trusted with another request: a 204

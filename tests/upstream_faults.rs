@@ -848,6 +848,63 @@ async fn an_error_answer_to_a_write_whose_body_went_up_whole_does_not_put_its_co
     assert_eq!((r.status, r.body.as_ref()), (200, &b"other"[..]));
 }
 
+/// A legacy handler that never reads a body it has no use for (Python's `http.server`, a
+/// route that expects none) and keeps its connections, closing one only after a request
+/// that asks it to. A GET, HEAD, DELETE or OPTIONS body shaped like a request was then read
+/// as the connection's next request: a write nobody judged or locked (here a DELETE the
+/// route would answer 428), carried out behind a 200. Each goes up asking the backend to
+/// close after it, so the backend parses the one request it was sent, and a later request
+/// gets its own answer.
+#[tokio::test]
+async fn a_body_a_handler_may_ignore_is_never_read_as_a_request_of_its_own() {
+    use tokio::io::AsyncWriteExt;
+    let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    let origin = raw_backend(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(end) = read_until(&mut s, &mut buf, head_end).await {
+                let head: Vec<u8> = buf.drain(..end).collect();
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                seen.lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap_or("").to_owned());
+                let reply: &[u8] = match head.starts_with("get ") {
+                    true => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ndoc",
+                    false => b"HTTP/1.1 204 No Content\r\n\r\n",
+                };
+                if s.write_all(reply).await.is_err() || head.contains("connection: close") {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "require_precondition = true"), &origin).await;
+    let c = Client::new();
+    let smuggled = "DELETE /victim HTTP/1.1\r\nHost: a\r\n\r\n";
+    let any = [("if-match", "*")];
+    for (method, want) in [
+        ("GET", 200),
+        ("HEAD", 200),
+        ("OPTIONS", 204),
+        ("DELETE", 204),
+    ] {
+        heads.lock().unwrap().clear();
+        let headers: &[_] = if method == "DELETE" { &any } else { &[] };
+        let r = c.send(method, &proxy.url("/doc"), headers, smuggled).await;
+        assert_eq!(r.status, want, "{method}");
+        let r = c.get(&proxy.url("/other"), &[]).await;
+        assert_eq!((r.status, r.body.as_ref()), (200, &b"doc"[..]), "{method}");
+        let seen = heads.lock().unwrap().clone();
+        assert!(
+            !seen.iter().any(|h| h.contains("/victim")),
+            "{method}: the body was read as a request: {seen:?}"
+        );
+    }
+}
+
 /// A backend that repeats its `Content-Length` as a list (`5, 5`, as some frameworks do when
 /// two layers each add it): hyper reads it as one length (RFC 9112 §6.3 lets a recipient),
 /// but sent on as it came, clients that parse one number (Python's `http.client`, Go) find
