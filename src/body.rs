@@ -368,14 +368,23 @@ impl ClientBody {
 
 /// A request body sent on unchanged, optionally hashed on the way: once the last byte has
 /// been handed to the connection, the tag of exactly the bytes sent is set in the slot that
-/// [`Hashed::tee`] returned. A body that fails or is cut short leaves the slot empty.
+/// [`Hashed::tee`] returned. A body that fails or is cut short, or outgrows the bound it was
+/// hashed under, leaves the slot empty.
 pub struct Hashed<B> {
     inner: B,
     /// Boxed: only `tag_puts` writes hash, and the hasher's state would otherwise add some
     /// 200 bytes to every upstream request, which the request futures carry and move.
-    tee: Option<Box<(TagHasher, Arc<OnceLock<ETag>>)>>,
+    tee: Option<Box<Tee>>,
     /// When the last chunk went up, once the pool asks ([`Hashed::uploading`]).
     progress: Option<Arc<Progress>>,
+}
+
+/// A [`Hashed`] body's hashing.
+struct Tee {
+    hasher: TagHasher,
+    slot: Arc<OnceLock<ETag>>,
+    /// How many more bytes may come before the body is too large to be tagged.
+    left: u64,
 }
 
 /// When a request body streaming upstream last handed a chunk to its connection. The
@@ -459,12 +468,16 @@ impl<B: Body<Data = Bytes>> Hashed<B> {
         )
     }
 
-    /// `inner`, hashed by `hasher` as it is sent.
-    pub fn tee(inner: B, hasher: TagHasher) -> (Self, Arc<OnceLock<ETag>>) {
+    /// `inner`, hashed by `hasher` as it is sent: tagged if it ends within `most` bytes.
+    pub fn tee(inner: B, hasher: TagHasher, most: u64) -> (Self, Arc<OnceLock<ETag>>) {
         let slot = Arc::new(OnceLock::new());
         let mut body = Self {
             inner,
-            tee: Some(Box::new((hasher, slot.clone()))),
+            tee: Some(Box::new(Tee {
+                hasher,
+                slot: slot.clone(),
+                left: most,
+            })),
             progress: None,
         };
         // An empty body is never polled: its tag is known now.
@@ -475,8 +488,8 @@ impl<B: Body<Data = Bytes>> Hashed<B> {
     }
 
     fn finish(&mut self) {
-        if let Some((hasher, slot)) = self.tee.take().map(|t| *t) {
-            let _ = slot.set(hasher.finish());
+        if let Some(tee) = self.tee.take() {
+            let _ = tee.slot.set(tee.hasher.finish());
         }
     }
 }
@@ -516,9 +529,14 @@ where
         }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some((hasher, _))) = (frame.data_ref(), this.tee.as_deref_mut())
-                {
-                    hasher.update(data);
+                if let (Some(data), Some(tee)) = (frame.data_ref(), this.tee.as_deref_mut()) {
+                    match tee.left.checked_sub(data.len() as u64) {
+                        Some(rest) => {
+                            tee.left = rest;
+                            tee.hasher.update(data);
+                        }
+                        None => this.tee = None,
+                    }
                 }
                 // The connection stops polling once the body says it has ended, so the
                 // last data frame may be the last poll.
@@ -933,7 +951,7 @@ mod tests {
     async fn a_hashed_body_is_sent_unchanged_and_tagged_once_it_ends() {
         use http_body_util::BodyExt;
         let body = chunks(vec![Ok("ab"), Ok("c"), Ok("de")]);
-        let (hashed, sent) = Hashed::tee(body, key().hasher());
+        let (hashed, sent) = Hashed::tee(body, key().hasher(), 5);
         assert!(sent.get().is_none(), "no tag before the body went up");
         let bytes = hashed.collect().await.unwrap().to_bytes();
         assert_eq!(bytes, "abcde");
@@ -944,7 +962,7 @@ mod tests {
     async fn a_body_whose_last_frame_ends_it_is_tagged_without_another_poll() {
         // `Full` reports its end right after its one frame; hyper then stops polling.
         let full = http_body_util::Full::new(Bytes::from("whole"));
-        let (mut hashed, sent) = Hashed::tee(full, key().hasher());
+        let (mut hashed, sent) = Hashed::tee(full, key().hasher(), u64::MAX);
         let frame = std::future::poll_fn(|cx| Pin::new(&mut hashed).poll_frame(cx)).await;
         assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "whole");
         assert!(hashed.is_end_stream());
@@ -954,11 +972,21 @@ mod tests {
     #[tokio::test]
     async fn an_empty_body_is_tagged_at_once_and_a_failed_one_never() {
         use http_body_util::BodyExt;
-        let (_, sent) = Hashed::tee(http_body_util::Empty::<Bytes>::new(), key().hasher());
+        let (_, sent) = Hashed::tee(http_body_util::Empty::<Bytes>::new(), key().hasher(), 0);
         assert_eq!(sent.get(), Some(&key().tag_of(b"")));
 
-        let (hashed, sent) = Hashed::tee(chunks(vec![Ok("ab"), Err("cut")]), key().hasher());
+        let (hashed, sent) = Hashed::tee(chunks(vec![Ok("ab"), Err("cut")]), key().hasher(), 9);
         assert!(hashed.collect().await.is_err());
         assert!(sent.get().is_none(), "a body cut short has no tag");
+    }
+
+    /// A body past the bound it is hashed under goes up whole, untagged: a GET of it would
+    /// stream untagged (`max_tag_body`), so a tag from its PUT could never be confirmed.
+    #[tokio::test]
+    async fn a_body_past_its_bound_goes_up_whole_and_untagged() {
+        use http_body_util::BodyExt;
+        let (hashed, sent) = Hashed::tee(chunks(vec![Ok("ab"), Ok("cd")]), key().hasher(), 3);
+        assert_eq!(hashed.collect().await.unwrap().to_bytes(), "abcd");
+        assert!(sent.get().is_none(), "4 bytes past a bound of 3");
     }
 }

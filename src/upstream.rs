@@ -202,13 +202,14 @@ impl UpstreamClient {
     }
 
     /// [`limit`](Self::limit), and the slot that holds the tag of the bytes sent once the
-    /// whole body has gone upstream.
+    /// whole body has gone upstream, if they were no more than `most`.
     pub fn limit_hashed(
         &self,
         body: ClientBody,
         hasher: TagHasher,
+        most: u64,
     ) -> (UpstreamBody, Arc<OnceLock<ETag>>) {
-        let (body, sent) = Hashed::tee(self.limited(body), hasher);
+        let (body, sent) = Hashed::tee(self.limited(body), hasher, most);
         (Either::Left(body), sent)
     }
 

@@ -238,6 +238,59 @@ async fn a_chunked_put_is_tagged_once_its_last_chunk_went_up() {
     assert_eq!(backend.store.get("/docs/a").unwrap(), "v2-body");
 }
 
+/// A PUT over `max_tag_body` is stored but gets no tag, whether its size was declared or
+/// it proved larger as it came, as a GET of it gets none: a tag the proxy could never give
+/// again left its writer with a 412 carrying no tag on its next write (under `revalidate`),
+/// or let it chain writes no reader could join (under `cached`). A PUT within it in a
+/// stream of its own (behind `Expect: 100-continue`) is tagged as before.
+#[tokio::test]
+async fn a_put_over_max_tag_body_is_stored_untagged_as_a_get_of_it_would_be() {
+    for validation in ["cached", "revalidate"] {
+        let extra =
+            format!("validation = \"{validation}\"\ntag_puts = true\nmax_tag_body = \"8B\"");
+        let (backend, proxy) = setup(&extra).await;
+        let c = Client::new();
+        let url = proxy.url("/docs/a");
+        let tag = c.get(&url, &[]).await.etag();
+        let r = c.put(&url, &[("if-match", &tag)], "0123456789").await;
+        assert_eq!(r.status, 204, "{validation}");
+        assert_eq!(
+            r.header("etag"),
+            None,
+            "{validation}: declared over the limit"
+        );
+        assert_eq!(backend.store.get("/docs/a").unwrap(), "0123456789");
+        let r = c.get(&url, &[]).await;
+        assert_eq!(
+            r.header("etag"),
+            None,
+            "{validation}: nor does a GET give one"
+        );
+
+        // Of unknown length, proving longer than the limit as it comes.
+        let req = "PUT /docs/b HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+                   transfer-encoding: chunked\r\n\r\n5\r\n01234\r\n5\r\n56789\r\n0\r\n\r\n";
+        let head = common::raw_exchange(proxy.addr, req.as_bytes()).await;
+        assert!(head.starts_with("HTTP/1.1 201"), "{validation}: {head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("etag:"),
+            "{validation}: {head}"
+        );
+        assert_eq!(backend.store.get("/docs/b").unwrap(), "0123456789");
+
+        // Within the limit, streamed behind `Expect: 100-continue`: tagged.
+        let r = c
+            .put(
+                &proxy.url("/docs/c"),
+                &[("expect", "100-continue")],
+                "small",
+            )
+            .await;
+        assert_eq!(r.status, 201, "{validation}");
+        assert_eq!(r.etag(), proxy.tag_of(b"small"), "{validation}");
+    }
+}
+
 /// A chunked PUT (size unknown) that proves longer than `max_tag_body` streams upstream
 /// under the lock as it arrives; cut short, it leaves no tag: neither the old one nor one of
 /// a partial body.

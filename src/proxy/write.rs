@@ -323,8 +323,11 @@ impl Proxy {
                 (upstream::whole(body), sent, Some(share))
             }
             Outgoing::Stream { hashed: true } => {
+                // Tagged only within `max_tag_body`, as a GET is: a GET of a larger body
+                // streams untagged, so its tag could be neither confirmed nor used.
                 let hasher = rt.tag_key.hasher();
-                let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher);
+                let most = route.max_tag_body;
+                let (body, sent) = rt.upstream.limit_hashed(ex.take_body(), hasher, most);
                 (body, Some(sent), None)
             }
             Outgoing::Stream { hashed: false } => (rt.upstream.limit(ex.take_body()), None, None),
