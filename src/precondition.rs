@@ -409,6 +409,9 @@ mod tests {
             let p = Preconditions::parse(&headers(&[(&IF_MATCH, value)])).unwrap();
             assert_eq!(p.if_match, Some(Condition::Tags(vec![])), "{value:?}");
             assert!(p.guards_write(), "{value:?}");
+            // Its 412 says so, not that the resource changed.
+            let failed = failure(&p, &existing("\"a\""));
+            assert!(matches!(failed, Failure::WeakOrEmpty), "{value:?}");
             let p = Preconditions::parse(&headers(&[(&IF_NONE_MATCH, value)])).unwrap();
             assert_eq!(p.if_none_match, Some(Condition::Tags(vec![])), "{value:?}");
             assert!(!p.guards_write(), "{value:?}");

@@ -129,7 +129,10 @@ async fn waiting_for_a_busy_url_is_bounded_by_a_503_with_retry_after() {
         let (c, u) = (client.clone(), proxy.url("/doc"));
         tokio::spawn(async move { c.put(&u, &[], "slow").await.status })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Once the first write holds the lock (a fixed sleep could let the second come first
+    // on a loaded machine, and the first then wait out the 100 ms).
+    let held = || !proxy.state.locks.is_empty();
+    assert!(common::eventually(Duration::from_secs(5), held).await);
     let r = client.put(&proxy.url("/doc"), &[], "impatient").await;
     r.assert_problem(503);
     assert_eq!(r.header("retry-after"), Some("1"));

@@ -187,13 +187,15 @@ async fn under_cached_validation_an_authorized_response_falls_back_to_revalidati
 /// credentials, even one the backend marks as shared (`public`), which RFC 9111 §3.5 lets a
 /// shared cache reuse but which would judge other writers (see
 /// `a_response_to_a_request_with_a_cookie_is_not_remembered`); nor a response that sets a
-/// cookie (nginx and Varnish do not cache one either).
+/// cookie (nginx and Varnish do not cache one either), nor one with `Vary: *`.
 #[tokio::test]
 async fn under_cached_validation_only_responses_fit_for_all_are_remembered() {
     let backend = ScriptedBackend::start(|r| async move {
         match r.uri.path() {
             "/public" => respond(200, &[("cache-control", "public, max-age=0")], "for all"),
             "/cookie" => respond(200, &[("set-cookie", "session=1")], "for one"),
+            // Varies on what no request header names: the user, for all the proxy knows.
+            "/star" => respond(200, &[("vary", "*")], "for one"),
             _ => respond(200, &[], "plain"),
         }
     })
@@ -203,11 +205,13 @@ async fn under_cached_validation_only_responses_fit_for_all_are_remembered() {
     let auth = [("authorization", "Bearer alice")];
     c.get(&proxy.url("/public"), &auth).await;
     c.get(&proxy.url("/cookie"), &[]).await;
+    c.get(&proxy.url("/star"), &[]).await;
     c.get(&proxy.url("/plain"), &auth).await;
     let origin = backend.origin();
     let tags = &proxy.state.tags;
     assert!(tags.get(&common::proxy::key(&origin, "/public")).is_none());
     assert!(tags.get(&common::proxy::key(&origin, "/cookie")).is_none());
+    assert!(tags.get(&common::proxy::key(&origin, "/star")).is_none());
     assert!(tags.get(&common::proxy::key(&origin, "/plain")).is_none());
     // Fit for all: no credentials, and nothing that says it is one user's.
     c.get(&proxy.url("/public"), &[]).await;

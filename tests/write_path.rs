@@ -1045,6 +1045,9 @@ async fn if_unmodified_since_alone_does_not_meet_require_precondition_where_ther
         let url = proxy.url("/doc");
         let r = c.put(&url, &since, "x").await;
         assert_eq!(r.status, want, "require_precondition = {required}");
+        // Nor does an empty `If-None-Match` beside it, which holds whatever the state.
+        let r = c.put(&url, &[since[0], ("if-none-match", "")], "x").await;
+        assert_eq!(r.status, want, "with an empty If-None-Match");
         // So does a POST that asks, in its form body, to be run as a PUT.
         let form = [
             since[0],
@@ -1067,7 +1070,7 @@ async fn if_unmodified_since_alone_does_not_meet_require_precondition_where_ther
         .iter()
         .filter(|r| r.method != "GET")
         .count();
-    assert_eq!(writes, 3, "the refused writes never reached the backend");
+    assert_eq!(writes, 4, "the refused writes never reached the backend");
 }
 
 /// A backend that serves a path whatever its query (static files, WebDAV, this store) has
@@ -1095,4 +1098,80 @@ async fn ignore_query_keys_a_path_as_one_resource_whatever_its_query() {
         let kept = if stale_write == 412 { "A's" } else { "B's" };
         assert_eq!(backend.store.get("/docs/a").unwrap(), kept, "{extra}");
     }
+}
+
+/// A write the backend answers 5xx may have been carried out (a handler that stored the
+/// body, then failed): the URL's remembered tag is forgotten as after a 2xx, so a writer
+/// still holding it is judged by a revalidation, not passed from the cache and let
+/// overwrite. Only a 4xx (the backend refused: nothing changed) leaves the tag standing.
+#[tokio::test]
+async fn under_cached_a_write_answered_5xx_forgets_the_tag_and_a_4xx_keeps_it() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new(String::from("v1")));
+    let stored = doc.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let stored = stored.clone();
+        async move {
+            if r.method == "GET" {
+                let body = stored.lock().unwrap().clone();
+                return respond(200, &[], body);
+            }
+            if r.body.starts_with(b"refused") {
+                return respond(409, &[], "no");
+            }
+            *stored.lock().unwrap() = String::from_utf8_lossy(&r.body).into_owned();
+            respond(500, &[], "stored, then failed")
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let t1 = c.get(&url, &[]).await.etag();
+    let gets = |b: &ScriptedBackend| b.requests().iter().filter(|r| r.method == "GET").count();
+    assert_eq!(
+        c.put(&url, &[("if-match", &t1)], "refused").await.status,
+        409
+    );
+    let before = gets(&backend);
+    // After the 409 the tag stands: this write is judged from the cache.
+    assert_eq!(c.put(&url, &[("if-match", &t1)], "v2").await.status, 500);
+    assert_eq!(gets(&backend), before, "judged by the remembered tag");
+    // The backend stored v2: a writer still holding v1's tag is stale.
+    let r = c.put(&url, &[("if-match", &t1)], "v3").await;
+    r.assert_problem(412);
+    assert_eq!(r.etag(), proxy.tag_of(b"v2"));
+    assert_eq!(*doc.lock().unwrap(), "v2");
+}
+
+/// A 410 from the revalidation is a resource that does not exist, as a 404 is: a create
+/// (`If-None-Match: *`) goes up, and `If-Match: *` gets 412.
+#[tokio::test]
+async fn a_gone_resource_does_not_exist_for_its_preconditions() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.method.as_str() {
+            "GET" => respond(410, &[], "gone"),
+            _ => respond(201, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/old");
+    let r = c.put(&url, &[("if-none-match", "*")], "new").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let writes = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    c.put(&url, &[("if-match", "*")], "x")
+        .await
+        .assert_problem(412);
+    let after = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(after, writes, "the 412 was not forwarded");
 }

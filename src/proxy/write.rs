@@ -537,6 +537,8 @@ impl Drop for InFlight {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = answer.await;
+                // The tag is forgotten before the lock goes: in the other order, a writer
+                // taking the lock on another worker could be judged by the old tag.
                 drop((held, invalidation));
                 drop(guard);
             });
