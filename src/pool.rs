@@ -894,18 +894,33 @@ fn unread(rsp: &Response<Incoming>, carries_body: bool, uploading: &Option<Arc<P
     unsent(uploading) || (carries_body && !rsp.status().is_success())
 }
 
-/// Whether a handler may leave a request's body unread even when it answers 2xx: the body of
-/// a GET, HEAD (sent up as a GET), DELETE or OPTIONS has no defined meaning (RFC 9110
-/// §9.3), and many legacy handlers never read it (Python's `http.server`, most routes that
-/// expect none). Left in the connection, it is read as the next request: one shaped like a
-/// write is then carried out without ever being judged or locked, and one shaped like the
-/// head of a write with a body takes the next client's request, credentials and all, as
-/// that body. Such a request asks the backend to close after it (`Connection: close`,
-/// after which a server reads nothing more) and its connection is not reused: closing only
-/// after the answer would be too late, since the backend may have parsed the rest already.
-/// The bodies of other methods are what their handlers are for.
+/// Whether a handler may leave a request's body unread even when it answers 2xx: one of a
+/// method whose content has no defined meaning (GET, HEAD, sent up as a GET, DELETE and
+/// OPTIONS: RFC 9110 §9.3), or of an extension method ifmatch does not know. Many legacy
+/// handlers never read such a body (Python's `http.server`, most routes that expect none).
+/// Left in the connection, it is read as the next request: one shaped like a write is then
+/// carried out without ever being judged or locked, and one shaped like the head of a
+/// write with a body takes the next client's request, credentials and all, as that body.
+/// Such a request asks the backend to close after it (`Connection: close`, after which a
+/// server reads nothing more) and its connection is not reused: closing only after the
+/// answer would be too late, since the backend may have parsed the rest already.
+///
+/// The bodies of POST, PUT, PATCH and WebDAV's methods are what their handlers are for, and
+/// RFC 9112 §9 has a server read them or close: they keep the connection, as behind nginx
+/// and HAProxy (`upstream_max_idle = 0` is there for a backend that breaks the rule). Any
+/// case: Werkzeug and Symfony upper-case the method they are given.
 fn body_may_be_ignored(method: &Method) -> bool {
-    [Method::GET, Method::HEAD, Method::DELETE, Method::OPTIONS].contains(method)
+    const READ: [&str; 8] = [
+        "POST",
+        "PUT",
+        "PATCH",
+        "PROPFIND",
+        "PROPPATCH",
+        "LOCK",
+        "REPORT",
+        "SEARCH",
+    ];
+    !READ.iter().any(|m| method.as_str().eq_ignore_ascii_case(m))
 }
 
 /// A response after which the connection cannot be trusted with another request: a 204
