@@ -1448,7 +1448,7 @@ upstream = "http://localhost:9001/"
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nhost = \"user@a.example\"\nupstream = \"http://a:1\"\n",
                 5,
                 "route.host",
-                "is not a host name or IP address (RFC 3986 §3.2.2): requests naming it are refused",
+                "carries userinfo (user@), which a request may not (RFC 9110 §4.2.4): requests naming it are refused",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/a b/\"\nupstream = \"http://a:1\"\n",

@@ -42,10 +42,11 @@ pub enum Error {
     BodyRead(String),
 
     #[error("{method} on this route requires If-Match, If-None-Match or If-Unmodified-Since; fetch the resource, then send its ETag in If-Match")]
-    PreconditionRequired { method: Method },
+    /// `method`: the method, or what a POST asked to be run as (`POST run as PUT by ...`).
+    PreconditionRequired { method: String },
 
     #[error("{method} on this route requires a precondition, and this resource has no Last-Modified date, so If-Unmodified-Since guards nothing (RFC 9110 §13.1.4); fetch the resource, then send its ETag in If-Match")]
-    PreconditionUndated { method: Method },
+    PreconditionUndated { method: String },
 
     #[error("the precondition failed: {}", failed_because(*why))]
     PreconditionFailed { current: Option<ETag>, why: Failure },
@@ -295,7 +296,7 @@ mod tests {
             (Error::NoRoute { path: "/x".into() }, 404),
             (
                 Error::PreconditionRequired {
-                    method: Method::PUT,
+                    method: "PUT".into(),
                 },
                 428,
             ),

@@ -39,8 +39,8 @@ pub fn check(parts: &Parts) -> Result<Option<HeaderValue>, HeaderError> {
     if let Some(authority) = parts.uri.authority() {
         if let Some(why) = invalid(authority.as_str().as_bytes()) {
             let reason = format!(
-                "the request target's authority {:?} {why}",
-                authority.as_str()
+                "the request target's authority {} {why}",
+                quoted(authority.as_str().as_bytes())
             );
             return Err(HeaderError { name: HOST, reason });
         }
@@ -55,14 +55,27 @@ pub fn check(parts: &Parts) -> Result<Option<HeaderValue>, HeaderError> {
         (Some(_), Some(_)) => "a request may carry only one Host header".to_owned(),
         (Some(value), None) => match invalid(value.as_bytes()) {
             None => return Ok(Some(value.clone())),
-            Some(why) => format!("{:?} {why}", String::from_utf8_lossy(value.as_bytes())),
+            Some(why) => format!("{} {why}", quoted(value.as_bytes())),
         },
     };
     Err(HeaderError { name: HOST, reason })
 }
 
+/// `value` quoted for a problem's detail, unless it carries userinfo: `user:password@host`
+/// is not echoed back (nor into a log), only named.
+fn quoted(value: &[u8]) -> String {
+    match value.contains(&b'@') {
+        true => "(its user@ part left out)".to_owned(),
+        false => format!("{:?}", String::from_utf8_lossy(value)),
+    }
+}
+
 /// Why `value` is not `uri-host [":" port]`, or `None` when it is.
 pub(crate) fn invalid(value: &[u8]) -> Option<&'static str> {
+    // Userinfo first: split at its `:`, `u:pw@a` would read as a host with a bad port.
+    if value.contains(&b'@') {
+        return Some("carries userinfo (user@), which a request may not (RFC 9110 §4.2.4)");
+    }
     let (host_ok, port) = match value.strip_prefix(b"[") {
         // IP-literal: an IPv6 address (IPvFuture has never been assigned).
         Some(rest) => {
@@ -146,10 +159,13 @@ mod tests {
     fn an_absolute_form_target_s_authority_is_held_to_the_host_form() {
         let ok = parts(Version::HTTP_11, "http://a:1/b", &[b"a"]);
         assert!(check(&ok).is_ok());
-        for target in ["http://user@a:1/b", "http://u:p@a/b"] {
+        for target in ["http://user@a:1/b", "http://u:secret@a/b"] {
             let e = check(&parts(Version::HTTP_11, target, &[b"a"])).unwrap_err();
             assert_eq!(e.name, HOST, "{target}");
             assert!(e.reason.contains("authority"), "{target}: {}", e.reason);
+            // Said for what it is, and a password is not echoed.
+            assert!(e.reason.contains("userinfo"), "{target}: {}", e.reason);
+            assert!(!e.reason.contains("secret"), "{target}: {}", e.reason);
         }
     }
 
@@ -177,12 +193,11 @@ mod tests {
 
     #[test]
     fn malformed_hosts_are_refused_with_the_value_and_why() {
-        let cases: [(&[u8], &str); 14] = [
+        let cases: [(&[u8], &str); 13] = [
             (b"", "not a host name"),
             (b":80", "not a host name"),
             (b"a b", "not a host name"),
             (b"a/b", "not a host name"),
-            (b"user@docs.example", "not a host name"),
             (b"docs.example?x", "not a host name"),
             (b"docs.example#x", "not a host name"),
             (b"a\\b", "not a host name"),
@@ -204,6 +219,12 @@ mod tests {
                 "{}",
                 e.reason
             );
+        }
+        // Userinfo is named, and its value (a password, perhaps) not echoed.
+        for host in [&b"user@docs.example"[..], b"u:secret@docs.example"] {
+            let e = check(&parts(Version::HTTP_11, "/x", &[host])).unwrap_err();
+            assert!(e.reason.contains("userinfo"), "{}", e.reason);
+            assert!(!e.reason.contains("secret"), "{}", e.reason);
         }
         for literal in [&b"[]"[..], b"[::g]", b"[v1.x]", b"[1.2.3.4]", b"[1::2::3]"] {
             assert!(check(&parts(Version::HTTP_11, "/x", &[literal])).is_err());

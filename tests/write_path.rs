@@ -223,16 +223,33 @@ async fn a_route_that_requires_preconditions_answers_428_to_blind_writes() {
         ("x-http-method-override", "POST, PUT"),
     ] {
         let r = c.send("POST", &url, &[(name, method)], "x").await;
-        r.assert_problem(428);
+        let p = r.assert_problem(428);
+        // Its detail says what the POST asked for, and where, not that POST needs one.
+        let detail = p["detail"].as_str().unwrap();
+        let to = method.rsplit(',').next().unwrap().trim();
+        assert!(
+            detail.starts_with(&format!("POST run as {to} by its {name} header")),
+            "{detail}"
+        );
     }
     // Or in a `_method` query parameter or form field (Laravel, Rails' forms).
     let r = c
         .send("POST", &format!("{url}?_method=DELETE"), &[], "x")
         .await;
-    r.assert_problem(428);
+    let p = r.assert_problem(428);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("POST run as DELETE by its _method query parameter"),
+        "{detail}"
+    );
     let form = [("content-type", "application/x-www-form-urlencoded")];
     let r = c.send("POST", &url, &form, "title=x&_method=patch").await;
-    r.assert_problem(428);
+    let p = r.assert_problem(428);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("POST run as patch by its form's _method field"),
+        "{detail}"
+    );
     let spelled = [(
         "content-type",
         "Application/X-WWW-Form-URLEncoded; charset=utf-8",

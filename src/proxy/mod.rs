@@ -157,8 +157,8 @@ struct Exchange {
     /// The client sent `Expect: 100-continue` (a header not passed on).
     expects_continue: bool,
     /// A POST whose form body asks to run as PUT, PATCH or DELETE (`_method`), on a route
-    /// that requires preconditions.
-    overridden: bool,
+    /// that requires preconditions: what it asks for, as a 428 names it.
+    overridden: Option<String>,
     /// The request, or a revalidation for it, went to the backend: it cost the backend a
     /// request, answered or not (for the rapid-reset guard: `AnsweredLocally`).
     sent: bool,

@@ -69,10 +69,10 @@ impl Proxy {
         parts: Parts,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
-        if route.require_precondition && requires_precondition(&parts) && !pre.guards_write() {
-            return Err(Error::PreconditionRequired {
-                method: parts.method.clone(),
-            });
+        if route.require_precondition && !pre.guards_write() {
+            if let Some(method) = requires_precondition(&parts) {
+                return Err(Error::PreconditionRequired { method });
+            }
         }
         let changes = changes_state(&parts.method);
         // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
@@ -104,11 +104,12 @@ impl Proxy {
                     ex.streamed = false;
                     // Noted for a date-only guard too, which `check` refuses where the
                     // resource has no date to judge (see there).
-                    ex.overridden = route.require_precondition && form_overrides(&parts, &body);
-                    if ex.overridden && !pre.guards_write() {
-                        return Err(Error::PreconditionRequired {
-                            method: parts.method.clone(),
-                        });
+                    ex.overridden = (route.require_precondition)
+                        .then(|| form_overrides(&parts, &body))
+                        .flatten();
+                    if let Some(method) = ex.overridden.as_ref().filter(|_| !pre.guards_write()) {
+                        let method = method.clone();
+                        return Err(Error::PreconditionRequired { method });
                     }
                     let tag = tag_put.then(|| self.put_tag(rt, key, &body));
                     Outgoing::Whole(body, tag, share)
@@ -260,11 +261,12 @@ impl Proxy {
                         && current.last_modified.is_none()
                         && pre.guards_only_by_date()
                         && route.require_precondition
-                        && (requires_precondition(parts) || ex.overridden) =>
+                        && (requires_precondition(parts).is_some() || ex.overridden.is_some()) =>
                 {
+                    let method = requires_precondition(parts).or_else(|| ex.overridden.clone());
                     return Err(Error::PreconditionUndated {
-                        method: parts.method.clone(),
-                    })
+                        method: method.unwrap_or_default(),
+                    });
                 }
                 Decision::Proceed => return Ok(Checked::Holds(current)),
                 // `remembered` is taken: the next turn revalidates.
@@ -568,40 +570,50 @@ fn changes_state(method: &Method) -> bool {
 /// frameworks (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a
 /// PUT. And a POST that names one of them in a method-override header or a `_method` query
 /// parameter: a backend that honours it (Express's `method-override`, Laravel, ASP.NET,
-/// Google's APIs) runs it as that. (A `_method` form field is [`form_overrides`]'.)
-fn requires_precondition(parts: &Parts) -> bool {
-    if guarded(parts.method.as_str()) {
-        return true;
+/// Google's APIs) runs it as that. (A `_method` form field is [`form_overrides`]'.) What
+/// the request is, as a 428's detail names it: `PUT`, or `POST run as PUT by ...`.
+fn requires_precondition(parts: &Parts) -> Option<String> {
+    let method = parts.method.as_str();
+    if guarded(method) {
+        return Some(method.to_owned());
     }
     // In any case too: the frameworks that honour overrides upper-case the method first.
-    if !parts.method.as_str().eq_ignore_ascii_case("POST") {
-        return false;
+    if !method.eq_ignore_ascii_case("POST") {
+        return None;
     }
-    let in_headers = METHOD_OVERRIDES.iter().any(|h| {
-        let mut items = (parts.headers.get_all(*h).iter())
+    let as_run = |to: &str, by: &str| Some(format!("{method} run as {} by {by}", to.trim()));
+    for h in METHOD_OVERRIDES {
+        let mut items = (parts.headers.get_all(h).iter())
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','));
-        items.any(guarded)
-    });
-    in_headers
-        || parts
-            .uri
-            .query()
-            .is_some_and(|q| form_fields(q.as_bytes()).any(guarded))
+        if let Some(to) = items.find(|m| guarded(m)) {
+            return as_run(to, &format!("its {h} header"));
+        }
+    }
+    let query = parts.uri.query().map(str::as_bytes).unwrap_or_default();
+    let to = form_fields(query).find(|m| guarded(m))?;
+    as_run(to, "its _method query parameter")
 }
 
 /// A POST whose form body (read whole) asks, in a `_method` field, to be run as a guarded
-/// method, as Rails' and Laravel's forms do. A body with no `Content-Type` counts as a
-/// form, as Rack reads it.
-fn form_overrides(parts: &Parts, body: &[u8]) -> bool {
-    parts.method.as_str().eq_ignore_ascii_case("POST")
+/// method, as Rails' and Laravel's forms do, and what it asks for. A body with no
+/// `Content-Type` counts as a form, as Rack reads it.
+fn form_overrides(parts: &Parts, body: &[u8]) -> Option<String> {
+    let method = parts.method.as_str();
+    let form = method.eq_ignore_ascii_case("POST")
         && parts.headers.get(header::CONTENT_TYPE).is_none_or(|t| {
             const FORM: &[u8] = b"application/x-www-form-urlencoded";
             t.as_bytes()
                 .get(..FORM.len())
                 .is_some_and(|m| m.eq_ignore_ascii_case(FORM))
-        })
-        && form_fields(body).any(guarded)
+        });
+    let to = form
+        .then(|| form_fields(body).find(|m| guarded(m)))
+        .flatten()?;
+    Some(format!(
+        "{method} run as {} by its form's _method field",
+        to.trim()
+    ))
 }
 
 /// The values of the `_method` fields of a URL-encoded form or query that a client may send
