@@ -772,7 +772,7 @@ pub async fn read_request(
         let frame = match within(idle, body.frame()).await {
             Err(_) => return Err(Error::BodyTimeout(idle)),
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
+            Ok(Some(Err(e))) => return Err(Error::BodyRead(crate::error::with_sources(&*e))),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {

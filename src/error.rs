@@ -88,6 +88,22 @@ pub enum Blame {
 }
 
 /// Why the proxy does not forward `method` (CONNECT or TRACE).
+/// `e` and its sources, joined by ": ": hyper says "error reading a body from connection",
+/// and only its source says what was wrong (an invalid chunk size, a connection closed).
+pub fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // `#[error(transparent)]` wrappers repeat their source's text.
+        if !text.ends_with(&next) {
+            text = format!("{text}: {next}");
+        }
+        source = s.source();
+    }
+    text
+}
+
 fn unsupported_because(method: &Method) -> &'static str {
     if method.as_str().eq_ignore_ascii_case("TRACE") {
         "ifmatch does not forward TRACE, which echoes the request's credentials back"

@@ -311,7 +311,7 @@ impl UpstreamClient {
             // The client's body broke on its way up: a 400 for the client, not a 502 and a
             // warning that blames the backend.
             if s.is::<ClientBodyFailed>() || s.is::<StreamReset>() {
-                return Error::BodyRead(s.to_string());
+                return Error::BodyRead(crate::error::with_sources(s));
             }
             if let Some(tls) = find_tls_error(s) {
                 return Error::UpstreamTls {

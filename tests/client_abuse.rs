@@ -1286,3 +1286,31 @@ async fn requests_the_backend_failed_count_among_a_connections_requests() {
         "the request after the resets reached the backend"
     );
 }
+
+/// A chunked write body hyper cannot read (a chunk size that is not hexadecimal, a chunk
+/// longer than its size) gets a 400 whose detail says what was wrong with it, not only that
+/// it "could not be read", and nothing reaches the backend.
+#[tokio::test]
+async fn a_broken_chunked_body_gets_a_400_that_says_what_broke() {
+    let (backend, proxy) = proxy_with("").await;
+    for (body, why) in [
+        ("zz\r\nhello\r\n0\r\n\r\n", "chunk size"),
+        ("2\r\nhello\r\n0\r\n\r\n", "chunk body"),
+    ] {
+        let head = "PUT /doc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let rsp = raw(
+            proxy.addr,
+            format!("{head}{body}").into_bytes(),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(
+            status_line(&rsp),
+            "HTTP/1.1 400 Bad Request",
+            "{body:?}: {rsp}"
+        );
+        let detail = rsp.split("\"detail\":").nth(1).unwrap_or("");
+        assert!(detail.to_ascii_lowercase().contains(why), "{body:?}: {rsp}");
+    }
+    assert!(backend.requests().is_empty());
+}
