@@ -87,7 +87,6 @@ pub enum Blame {
     Proxy,
 }
 
-/// Why the proxy does not forward `method` (CONNECT or TRACE).
 /// `e` and its sources, joined by ": ": hyper says "error reading a body from connection",
 /// and only its source says what was wrong (an invalid chunk size, a connection closed).
 pub fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
@@ -104,6 +103,7 @@ pub fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Why the proxy does not forward `method` (CONNECT or TRACE).
 fn unsupported_because(method: &Method) -> &'static str {
     if method.as_str().eq_ignore_ascii_case("TRACE") {
         "ifmatch does not forward TRACE, which echoes the request's credentials back"

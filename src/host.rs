@@ -19,7 +19,8 @@ pub fn check_target(parts: &Parts) -> Result<(), Error> {
     let uri = &parts.uri;
     if uri.scheme().is_none() && uri.authority().is_some() {
         return Err(Error::BadTarget(format!(
-            "\"{uri}\" is in authority-form, which only CONNECT may use (RFC 9112 §3.2.3)"
+            "{} is in authority-form, which only CONNECT may use (RFC 9112 §3.2.3)",
+            quoted(uri.to_string().as_bytes())
         )));
     }
     if uri.path() == "*" && parts.method != Method::OPTIONS {
@@ -153,6 +154,23 @@ mod tests {
             b = b.header(HOST, *h);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    /// An authority-form target is refused, and a password in it is not echoed.
+    #[test]
+    fn an_authority_form_target_is_refused_without_echoing_userinfo() {
+        for (target, shown) in [("a:80", "\"a:80\""), ("u:secret@a:80", "user@ part")] {
+            let p = Request::get("/")
+                .uri(target)
+                .header(HOST, "a")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0;
+            let e = check_target(&p).unwrap_err().to_string();
+            assert!(e.contains("authority-form") && e.contains(shown), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
     }
 
     #[test]

@@ -905,20 +905,26 @@ fn unread(rsp: &Response<Incoming>, carries_body: bool, uploading: &Option<Arc<P
 /// server reads nothing more) and its connection is not reused: closing only after the
 /// answer would be too late, since the backend may have parsed the rest already.
 ///
-/// The bodies of POST, PUT, PATCH and WebDAV's methods are what their handlers are for, and
-/// RFC 9112 §9 has a server read them or close: they keep the connection, as behind nginx
-/// and HAProxy (`upstream_max_idle = 0` is there for a backend that breaks the rule). Any
-/// case: Werkzeug and Symfony upper-case the method they are given.
+/// The bodies of POST, PUT, PATCH, QUERY and WebDAV's methods (and CalDAV's MKCALENDAR) are
+/// what their handlers are for, and RFC 9112 §9 has a server read them or close: they keep
+/// the connection, as behind nginx and HAProxy (`upstream_max_idle = 0` is there for a
+/// backend that breaks the rule). Any case: Werkzeug and Symfony upper-case the method they
+/// are given.
 fn body_may_be_ignored(method: &Method) -> bool {
-    const READ: [&str; 8] = [
+    const READ: [&str; 13] = [
         "POST",
         "PUT",
         "PATCH",
+        "QUERY",
         "PROPFIND",
         "PROPPATCH",
         "LOCK",
         "REPORT",
         "SEARCH",
+        "MKCOL",
+        "ACL",
+        "BIND",
+        "MKCALENDAR",
     ];
     !READ.iter().any(|m| method.as_str().eq_ignore_ascii_case(m))
 }

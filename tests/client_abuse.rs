@@ -1313,4 +1313,15 @@ async fn a_broken_chunked_body_gets_a_400_that_says_what_broke() {
         assert!(detail.to_ascii_lowercase().contains(why), "{body:?}: {rsp}");
     }
     assert!(backend.requests().is_empty());
+    // So does one that breaks after it began to stream upstream (past `max_tag_body`).
+    let backend = ScriptedBackend::start(|_| async { respond(204, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"1KiB\""), &backend.origin()).await;
+    let mut req =
+        b"PUT /doc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nbb8\r\n".to_vec();
+    req.extend(std::iter::repeat_n(b'x', 3000));
+    req.extend(b"\r\n2\r\nhello\r\n0\r\n\r\n");
+    let rsp = raw(proxy.addr, req, Duration::from_secs(5)).await;
+    assert_eq!(status_line(&rsp), "HTTP/1.1 400 Bad Request", "{rsp}");
+    let detail = rsp.split("\"detail\":").nth(1).unwrap_or("");
+    assert!(detail.to_ascii_lowercase().contains("chunk body"), "{rsp}");
 }
