@@ -256,19 +256,19 @@ impl Proxy {
                 // a route that requires a precondition, that write would overwrite the
                 // resource unguarded. (A create, with no resource to judge, goes on as the
                 // condition asks: only `If-None-Match: *` guards it against another.)
-                Decision::Proceed
-                    if current.exists
+                Decision::Proceed => {
+                    let unguarded = current.exists
                         && current.last_modified.is_none()
                         && pre.guards_only_by_date()
-                        && route.require_precondition
-                        && (requires_precondition(parts).is_some() || ex.overridden.is_some()) =>
-                {
-                    let method = requires_precondition(parts).or_else(|| ex.overridden.clone());
-                    return Err(Error::PreconditionUndated {
-                        method: method.unwrap_or_default(),
-                    });
+                        && route.require_precondition;
+                    let blind = unguarded
+                        .then(|| requires_precondition(parts).or_else(|| ex.overridden.clone()))
+                        .flatten();
+                    return match blind {
+                        Some(method) => Err(Error::PreconditionUndated { method }),
+                        None => Ok(Checked::Holds(current)),
+                    };
                 }
-                Decision::Proceed => return Ok(Checked::Holds(current)),
                 // `remembered` is taken: the next turn revalidates.
                 _ if negotiated => continue,
                 _ => {
