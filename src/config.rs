@@ -361,6 +361,8 @@ pub const MAX_WORKERS: u32 = 1024;
 /// The longest duration any key takes: far past any sensible timeout, far short of what
 /// `Instant` arithmetic overflows at.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The shortest duration a key takes, besides zero where zero is allowed.
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether two listeners would take one port: the same address, or a wildcard one that
@@ -1150,6 +1152,20 @@ impl Validator<'_> {
                 self.push(v, key, "must be at most 365 days".into());
                 None
             }
+            // Under a millisecond is a slip of the unit ("30ns" for "30ms"): every timeout
+            // would fire before any answer could come, and every wait would be none.
+            Ok(d) if !d.is_zero() && d < MIN_DURATION => {
+                self.push(
+                    v,
+                    key,
+                    format!(
+                        "{:?} is under a millisecond; durations are from \"1ms\" up{}",
+                        v.get_ref(),
+                        if zero { " (or \"0s\" for none)" } else { "" }
+                    ),
+                );
+                None
+            }
             Ok(d) if zero || !d.is_zero() => Some(d),
             Ok(_) => {
                 self.push(v, key, "must be longer than zero".into());
@@ -1395,6 +1411,18 @@ upstream = "http://localhost:9001/"
                 3,
                 "server.upstream_idle_timeout",
                 "longer than zero",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nupstream_timeout = \"30ns\"\n",
+                6,
+                "route.upstream_timeout",
+                "\"30ns\" is under a millisecond; durations are from \"1ms\" up",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nshutdown_delay = \"999us\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.shutdown_delay",
+                "under a millisecond; durations are from \"1ms\" up (or \"0s\" for none)",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\nheader_read_timeout = \"500000000000y\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
@@ -1793,6 +1821,16 @@ upstream = "http://localhost:9001/"
     }
 
     #[test]
+    fn a_timeout_of_a_millisecond_is_taken() {
+        let c = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nupstream_timeout = \"1ms\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].upstream_timeout, Duration::from_millis(1));
+    }
+
+    #[test]
     fn a_shutdown_delay_is_none_unless_set_and_may_be_zero() {
         let toml = |extra: &str| {
             format!("[server]\nlisten = \"127.0.0.1:1\"\n{extra}\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n")
@@ -1801,6 +1839,7 @@ upstream = "http://localhost:9001/"
             ("", Duration::ZERO),
             ("shutdown_delay = \"0s\"", Duration::ZERO),
             ("shutdown_delay = \"5s\"", Duration::from_secs(5)),
+            ("shutdown_delay = \"1ms\"", Duration::from_millis(1)),
         ] {
             let c =
                 Config::parse(&toml(extra), "t.toml").unwrap_or_else(|e| panic!("{extra}: {e}"));
