@@ -158,6 +158,28 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(5);
 
+    /// A write that needs two URLs (a MOVE's source and destination) takes them in one
+    /// order whatever the order it names them in, so it holds neither while it waits for
+    /// the first: two MOVEs in opposite directions cannot each hold one and wait for the
+    /// other until `lock_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_needing_two_urls_holds_neither_while_it_waits_for_the_first() {
+        let locks = Arc::new(WriteLocks::new());
+        let a = locks.acquire(&key("/a"), WAIT).await.unwrap();
+        let waiting = locks.clone();
+        let both = tokio::spawn(async move {
+            waiting
+                .acquire_both(&key("/b"), &key("/a"), WAIT)
+                .await
+                .map(|_| ())
+        });
+        tokio::task::yield_now().await;
+        let b = locks.acquire(&key("/b"), Duration::from_millis(1)).await;
+        assert!(b.is_ok(), "/b is held by a write still waiting for /a");
+        drop((b, a));
+        both.await.unwrap().unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn one_holder_per_url_and_others_wait_their_turn() {
         let locks = Arc::new(WriteLocks::new());

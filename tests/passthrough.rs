@@ -754,3 +754,21 @@ async fn a_write_body_of_unknown_length_goes_up_with_its_length() {
     assert_eq!(seen[0].2, "hello h2");
     assert_eq!((seen[1].0.clone(), seen[1].1.clone()), length("0"));
 }
+
+/// `Expect: 100-continue` is the client's exchange with the proxy, which answers it; it is
+/// not sent on: a legacy backend may answer it 417, or send a 100 of its own.
+#[tokio::test]
+async fn expect_is_answered_here_and_not_forwarded() {
+    let backend = ScriptedBackend::start(|_| async { respond(204, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let r = Client::new()
+        .put(&proxy.url("/x"), &[("expect", "100-continue")], "body")
+        .await;
+    assert_eq!(r.status, 204);
+    let seen = backend.last();
+    assert!(
+        seen.headers.get("expect").is_none(),
+        "Expect reached the backend"
+    );
+    assert_eq!(seen.body, "body");
+}

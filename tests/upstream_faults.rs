@@ -338,6 +338,35 @@ async fn a_streamed_body_waiting_on_a_slow_backend_is_not_taken_for_a_stalled_cl
     assert_eq!(r.body.len(), 2000);
 }
 
+/// The same, once the response is streaming to the client (its head sent, its body past
+/// `max_tag_body`): a pause of the backend's longer than `header_read_timeout` is still not
+/// the client's. Over HTTP/2 the connection is idle between frames while the stream waits.
+#[tokio::test]
+async fn a_response_streaming_when_its_backend_pauses_is_not_taken_for_a_stalled_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n";
+        let _ = s.write_all(head.as_bytes()).await;
+        let _ = s.write_all(&[b'a'; 2000]).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let _ = s.write_all(&[b'b'; 1000]).await;
+    })
+    .await;
+    let proxy = common::Proxy::start_with(
+        &route("/", "upstream_timeout = \"5s\"\nmax_tag_body = \"1KiB\""),
+        &origin,
+        "header_read_timeout = \"1s\"",
+    )
+    .await;
+    for (client, name) in [(Client::new(), "HTTP/1.1"), (Client::h2(), "HTTP/2")] {
+        let r = client.try_send("GET", &proxy.url("/slow"), &[], "").await;
+        let r = r.unwrap_or_else(|e| panic!("{name}: cut off: {e}"));
+        assert_eq!((r.status, r.body.len()), (200, 3000), "{name}");
+    }
+}
+
 /// Sends a streamed PUT (declared length over `max_tag_body`, so not read whole first) of
 /// `chunks` × 1000 bytes, one every 100 ms, then waits for the proxy to answer and close.
 async fn trickled_put(proxy: &Proxy, declared: usize, chunks: usize) -> String {
@@ -756,6 +785,19 @@ where
     F: Fn(Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
 {
+    early_answer_handler(
+        b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno",
+        answer,
+    )
+    .await
+}
+
+/// The same handler, answering a PUT with `early` instead.
+async fn early_answer_handler<F, Fut>(early: &'static [u8], answer: F) -> String
+where
+    F: Fn(Vec<u8>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Vec<u8>> + Send + 'static,
+{
     use tokio::io::AsyncWriteExt;
     raw_backend(move |mut s| {
         let answer = answer.clone();
@@ -764,7 +806,7 @@ where
             while let Some(end) = read_until(&mut s, &mut buf, head_end).await {
                 let head: Vec<u8> = buf.drain(..end).collect();
                 let reply = match head.starts_with(b"PUT ") {
-                    true => b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno".to_vec(),
+                    true => early.to_vec(),
                     false => answer(head).await,
                 };
                 if s.write_all(&reply).await.is_err() {
@@ -776,15 +818,33 @@ where
     .await
 }
 
-/// A legacy handler that answers a write (409) without reading its body, and keeps the
+/// A legacy handler that answers a write (409, or 201 for what it stored) without reading
+/// its body, and keeps the
 /// connection: the body still going up then reaches it as the next "request", and the
 /// connection, back in the pool, carried another client's GET behind it: that client got
 /// the handler's error page about the first client's body. A connection whose answer came
 /// before the request's body had all gone up is not reused.
 #[tokio::test]
 async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
+    // An error, and a success: a handler that stores what it has and answers 201 at once
+    // leaves the rest of the body unread just the same.
+    for (early, status) in [
+        (
+            &b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno"[..],
+            "HTTP/1.1 409",
+        ),
+        (
+            &b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"[..],
+            "HTTP/1.1 201",
+        ),
+    ] {
+        an_answer_before_the_upload_ended(early, status).await;
+    }
+}
+
+async fn an_answer_before_the_upload_ended(early: &'static [u8], status: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let origin = early_409_handler(|head| async move {
+    let origin = early_answer_handler(early, |head| async move {
         if head.starts_with(b"GET /other ") {
             return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother".to_vec();
         }
@@ -810,8 +870,8 @@ async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
         .expect("answered")
         .unwrap();
     assert!(
-        got[..n].starts_with(b"HTTP/1.1 409"),
-        "{:?}",
+        got[..n].starts_with(status.as_bytes()),
+        "{status}: {:?}",
         String::from_utf8_lossy(&got[..n])
     );
     // The body, after the answer (no line end in it: the handler waits for the rest of
@@ -819,7 +879,11 @@ async fn an_answer_before_the_upload_ended_does_not_put_its_connection_back() {
     a.write_all(b"helloworld").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = Client::new().get(&proxy.url("/other"), &[]).await;
-    assert_eq!((r.status, r.body.as_ref()), (200, &b"other"[..]));
+    assert_eq!(
+        (r.status, r.body.as_ref()),
+        (200, &b"other"[..]),
+        "{status}"
+    );
 }
 
 /// The same handler, with a body the proxy read whole and sent with its head: the handler

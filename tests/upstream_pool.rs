@@ -616,6 +616,52 @@ async fn a_get_that_meets_the_backend_closing_an_idle_connection_is_sent_again()
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// Only a connection that closed before any answer is a reason to send a GET again: a
+/// malformed answer on a connection idle as long is an error (502), not sent twice, or the
+/// backend would see the request twice and a garbage answer could become a 200.
+#[tokio::test]
+async fn a_malformed_answer_on_an_idle_connection_is_not_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut first = true;
+                while s.read(&mut buf).await.unwrap_or(0) > 0 {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let rsp: &[u8] = if std::mem::replace(&mut first, false) {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                    } else {
+                        b"NOT HTTP AT ALL\r\n\r\n"
+                    };
+                    let _ = s.write_all(rsp).await;
+                }
+            });
+        }
+    });
+    let p = pool(Duration::from_secs(60), 8);
+    assert_eq!(fetch(&p, &origin, "/a").await.0, 200);
+    // As idle as in the test above, where a close is met and the GET is sent again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = p
+        .send(
+            &upstream(&origin),
+            get(&origin, "/b"),
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(
+        matches!(r, Err(SendError::Http(_))),
+        "{:?}",
+        r.map(|r| r.status())
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "the GET went up once");
+}
+
 /// A request sent again after an idle connection closed on it has what is left of its one
 /// timeout, under a connection cap too: there it found a connection free without waiting,
 /// and its timeout once started over (2.7 s for a 2 s timeout).
@@ -796,6 +842,20 @@ async fn idle_connections_are_closed_without_any_traffic() {
     assert!(
         common::eventually(Duration::from_secs(5), both).await,
         "both idle connections were closed"
+    );
+}
+
+/// The reaper runs from a pool's first connection on: one idle connection alone is closed
+/// too.
+#[tokio::test]
+async fn a_pools_only_idle_connection_is_closed_without_any_traffic() {
+    let (origin, closed, _backend) = counted_backend().await;
+    let p = pool(Duration::from_millis(50), 8);
+    assert_eq!(fetch(&p, &origin, "/").await.0, 200);
+    let one = || closed.load(Ordering::SeqCst) == 1;
+    assert!(
+        common::eventually(Duration::from_secs(5), one).await,
+        "the idle connection was closed"
     );
 }
 
