@@ -398,7 +398,15 @@ where
                 break None;
             };
             let since = *waiting.get_or_insert_with(Instant::now);
-            let turn = self.wait_turn(origin, line.clone(), since).await?;
+            let turn = self.wait_turn(origin, line.clone(), since);
+            // A request sent again has its one timeout running (below): its wait for a turn
+            // ends with it, not only at the connect timeout.
+            let turn = match start.filter(|_| replayed) {
+                Some(first) => tokio::time::timeout_at(first + timeout, turn)
+                    .await
+                    .map_err(|_| SendError::Timeout)??,
+                None => turn.await?,
+            };
             // After a wait, the timeout runs from the turn, as HAProxy's `timeout server`
             // runs after its `timeout queue`: counted from before the wait, a request whose
             // turn came late would go up with little time left, and be cut off while the

@@ -616,6 +616,82 @@ async fn a_get_that_meets_the_backend_closing_an_idle_connection_is_sent_again()
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
+/// ... and when the attempt sent again has to wait its turn under the cap (here behind a
+/// request that was waiting first), the wait does not start its timeout over: a turn that
+/// comes in time leaves it what the timeout has left (a fresh one would see it answered),
+/// and one that would come too late is not waited for (3 s for a 2 s timeout, it was).
+#[tokio::test]
+async fn a_request_sent_again_that_waits_its_turn_keeps_its_one_timeout() {
+    // How long the request ahead of it takes: its turn at about 1.7 s, or at 3 s.
+    for ahead in [200, 1500] {
+        let (status, took) = sent_again_behind(ahead).await;
+        assert_eq!(status, None, "{ahead} ms ahead: answered after {took:?}");
+        assert!(
+            took < Duration::from_millis(2600),
+            "{ahead} ms ahead: {took:?}"
+        );
+    }
+}
+
+/// A GET with a 2 s timeout, sent on a connection idle 700 ms that the backend closes
+/// unanswered after 1.5 s, under a cap of 2 with the other connection busy for 5 s: it is
+/// to be sent again behind a request that waited first, which takes `ahead` ms; sent on
+/// the connection that one leaves, it is answered 600 ms later.
+async fn sent_again_behind(ahead: u64) -> (Option<u16>, Duration) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let rsp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let mut buf = [0u8; 4096];
+                let mut served_a = false;
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let wait = match line.split(' ').nth(1).unwrap_or("") {
+                        "/slow" => 5000,
+                        "/c" => ahead,
+                        // The pooled connection: holds the request 1.5 s, closes unanswered.
+                        "/b" if served_a => {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                            return;
+                        }
+                        "/b" => 600,
+                        path => {
+                            served_a |= path == "/a";
+                            0
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                    if s.write_all(rsp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let p = limited_pool(2);
+    // One connection busy for 5 s, the other idle, pooled.
+    let slow = spawn_fetch(&p, &origin, "/slow");
+    assert_eq!(fetch(&p, &origin, "/a").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // `/b` goes out on the pooled connection; `/c` waits for a turn.
+    let b = {
+        let (p, origin) = (p.clone(), origin.clone());
+        tokio::spawn(async move { timed(&p, &origin, "/b", Duration::from_secs(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = spawn_fetch(&p, &origin, "/c");
+    let b = b.await.unwrap();
+    assert_eq!(c.await.unwrap().0, 200);
+    slow.abort();
+    b
+}
+
 /// Only a connection that closed before any answer is a reason to send a GET again: a
 /// malformed answer on a connection idle as long is an error (502), not sent twice, or the
 /// backend would see the request twice and a garbage answer could become a 200.
