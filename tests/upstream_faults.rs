@@ -310,32 +310,11 @@ async fn a_client_that_leaves_while_the_backend_answers_frees_the_lock_once_it_h
 
 /// A body that pauses longer than `header_read_timeout` between chunks, but within
 /// `upstream_timeout`, waits on the backend, not on the client: the connection is not cut
-/// off as one whose client stopped reading would be, and the body arrives whole.
+/// off as one whose client stopped reading would be, and the body arrives whole. Here the
+/// pause comes before the proxy has sent the head (the body not yet past `max_tag_body`).
 #[tokio::test]
 async fn a_streamed_body_waiting_on_a_slow_backend_is_not_taken_for_a_stalled_client() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let origin = raw_backend(|mut s| async move {
-        let mut buf = [0u8; 4096];
-        let _ = s.read(&mut buf).await;
-        let head = "HTTP/1.1 200 OK\r\ncontent-length: 2000\r\n\r\n";
-        let _ = s.write_all(head.as_bytes()).await;
-        let _ = s.write_all(&[b'a'; 1000]).await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let _ = s.write_all(&[b'b'; 1000]).await;
-    })
-    .await;
-    let proxy = common::Proxy::start_with(
-        &route("/", "upstream_timeout = \"5s\"\nmax_tag_body = \"1KiB\""),
-        &origin,
-        "header_read_timeout = \"1s\"",
-    )
-    .await;
-    let r = Client::new()
-        .try_send("GET", &proxy.url("/slow"), &[], "")
-        .await;
-    let r = r.unwrap_or_else(|e| panic!("cut off: {e}"));
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body.len(), 2000);
+    paused_body(1000, 1000, &[(Client::new(), "HTTP/1.1")]).await;
 }
 
 /// The same, once the response is streaming to the client (its head sent, its body past
@@ -343,15 +322,26 @@ async fn a_streamed_body_waiting_on_a_slow_backend_is_not_taken_for_a_stalled_cl
 /// the client's. Over HTTP/2 the connection is idle between frames while the stream waits.
 #[tokio::test]
 async fn a_response_streaming_when_its_backend_pauses_is_not_taken_for_a_stalled_client() {
+    let clients = [(Client::new(), "HTTP/1.1"), (Client::h2(), "HTTP/2")];
+    paused_body(2000, 1000, &clients).await;
+}
+
+/// GETs through a route with a 1 KiB `max_tag_body`, `header_read_timeout` 1 s, of a body
+/// the backend sends as `before` bytes, a pause of 2.5 s, then `after` bytes: each client
+/// gets all of it.
+async fn paused_body(before: usize, after: usize, clients: &[(Client, &str)]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let origin = raw_backend(|mut s| async move {
+    let origin = raw_backend(move |mut s| async move {
         let mut buf = [0u8; 4096];
         let _ = s.read(&mut buf).await;
-        let head = "HTTP/1.1 200 OK\r\ncontent-length: 3000\r\n\r\n";
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+            before + after
+        );
         let _ = s.write_all(head.as_bytes()).await;
-        let _ = s.write_all(&[b'a'; 2000]).await;
+        let _ = s.write_all(&vec![b'a'; before]).await;
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let _ = s.write_all(&[b'b'; 1000]).await;
+        let _ = s.write_all(&vec![b'b'; after]).await;
     })
     .await;
     let proxy = common::Proxy::start_with(
@@ -360,10 +350,10 @@ async fn a_response_streaming_when_its_backend_pauses_is_not_taken_for_a_stalled
         "header_read_timeout = \"1s\"",
     )
     .await;
-    for (client, name) in [(Client::new(), "HTTP/1.1"), (Client::h2(), "HTTP/2")] {
+    for (client, name) in clients {
         let r = client.try_send("GET", &proxy.url("/slow"), &[], "").await;
         let r = r.unwrap_or_else(|e| panic!("{name}: cut off: {e}"));
-        assert_eq!((r.status, r.body.len()), (200, 3000), "{name}");
+        assert_eq!((r.status, r.body.len()), (200, before + after), "{name}");
     }
 }
 
