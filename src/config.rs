@@ -1744,6 +1744,24 @@ upstream = "http://localhost:9001/"
         assert_eq!(lines, vec![2, 4, 5, 6], "{p:?}");
     }
 
+    /// `TagKey::MIN_LEN` bytes is the shortest key taken: one byte less is refused at
+    /// load, naming the key, so that a truncated secret never signs tags unnoticed.
+    #[test]
+    fn a_tag_key_one_byte_short_of_the_minimum_is_refused() {
+        let base = "[server]\nlisten = \"127.0.0.1:1\"\n";
+        let route = "[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n";
+        let short = "k".repeat(TagKey::MIN_LEN - 1);
+        let p = problems(&format!("{base}tag_key = \"{short}\"\n{route}"));
+        assert_eq!(
+            (p.len(), p[0].line, p[0].key.as_str()),
+            (1, 3, "server.tag_key"),
+            "{p:?}"
+        );
+        let enough = "k".repeat(TagKey::MIN_LEN);
+        let text = format!("{base}tag_key = \"{enough}\"\n{route}");
+        assert!(Config::parse(&text, "t.toml").is_ok());
+    }
+
     #[test]
     fn tag_keys_are_read_inline_or_from_a_file_and_must_be_long() {
         let base = "[server]\nlisten = \"127.0.0.1:1\"\n";

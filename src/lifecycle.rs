@@ -233,4 +233,36 @@ mod tests {
         assert_eq!(n.max_buffered_bytes, 64 << 20, "a reload applies it");
         assert!(keep_start_settings(&mut new.clone(), &running, None).is_empty());
     }
+
+    /// Every setting read once at start is named when a reload changes it, and kept: an
+    /// operator who changes `shutdown_timeout`, `workers` or a cache's size and sends SIGHUP
+    /// must read in the log that it waits for a restart, not believe it applied.
+    #[test]
+    fn every_setting_read_at_start_is_named_when_a_reload_changes_it() {
+        let running = parse(&format!("[server]\nlisten = \"127.0.0.1:8080\"\n{ROUTE}"));
+        let mut new = parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nworkers = 3\ntag_cache_entries = 5\n\
+             tag_memo_bytes = \"1MiB\"\nshutdown_timeout = \"7s\"\nshutdown_delay = \"2s\"\n\
+             max_header_fields = 50\n{ROUTE}"
+        ));
+        let kept = keep_start_settings(&mut new, &running, None);
+        assert_eq!(
+            kept,
+            [
+                "server.workers",
+                "server.tag_cache_entries",
+                "server.tag_memo_bytes",
+                "server.shutdown_timeout",
+                "server.shutdown_delay",
+                "server.max_header_fields",
+            ]
+        );
+        let (n, r) = (&new.server, &running.server);
+        assert_eq!(n.workers, r.workers);
+        assert_eq!(n.tag_cache_entries, r.tag_cache_entries);
+        assert_eq!(n.tag_memo_bytes, r.tag_memo_bytes);
+        assert_eq!(n.shutdown_timeout, r.shutdown_timeout);
+        assert_eq!(n.shutdown_delay, r.shutdown_delay);
+        assert_eq!(n.max_header_fields, r.max_header_fields);
+    }
 }

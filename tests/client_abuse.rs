@@ -605,6 +605,11 @@ async fn connections_over_the_limit_get_a_503_problem() {
         rsp.contains("application/problem+json") && rsp.contains("\"status\":503"),
         "{rsp}"
     );
+    // Told when to come back (as the proxy's other 503s do), so that clients and load
+    // balancers that honour it back off instead of reconnecting in a tight loop.
+    let head = rsp.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(head.contains("\r\nretry-after: 1\r\n"), "{rsp}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{rsp}");
     // Each refusal is counted (the log says so once a minute, not once each).
     for _ in 0..2 {
         raw(
@@ -1324,4 +1329,91 @@ async fn a_broken_chunked_body_gets_a_400_that_says_what_broke() {
     assert_eq!(status_line(&rsp), "HTTP/1.1 400 Bad Request", "{rsp}");
     let detail = rsp.split("\"detail\":").nth(1).unwrap_or("");
     assert!(detail.to_ascii_lowercase().contains("chunk body"), "{rsp}");
+}
+
+/// `ifmatch_malformed_requests_total` tells heads too large for the parser (431 or 414:
+/// a client or attacker sending huge heads) from heads it could not parse (400: a broken
+/// client), each under its own reason: an operator alerting on one must not see the other.
+#[tokio::test]
+async fn malformed_heads_are_counted_under_their_own_reason() {
+    let (backend, proxy) = proxy_with("").await;
+    let folded = b"GET /x HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n".to_vec();
+    for _ in 0..2 {
+        let rsp = raw(proxy.addr, folded.clone(), Duration::from_secs(2)).await;
+        assert!(status_line(&rsp).contains("400"), "{rsp}");
+    }
+    let huge = format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\nX-Huge: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let rsp = raw(proxy.addr, huge.into_bytes(), Duration::from_secs(2)).await;
+    assert!(status_line(&rsp).contains("431"), "{rsp}");
+    // Counted once each connection has ended, which the client may see first.
+    let s = proxy.state.clone();
+    let render = move || s.metrics.render(&s.tags, &s.memo, &s.budget);
+    let want = [
+        "\nifmatch_malformed_requests_total{reason=\"invalid\"} 2\n",
+        "\nifmatch_malformed_requests_total{reason=\"too_large\"} 1\n",
+    ];
+    let counted = common::eventually(Duration::from_secs(2), || {
+        let text = render();
+        want.iter().all(|w| text.contains(w))
+    })
+    .await;
+    assert!(counted, "{}", render());
+    assert!(backend.requests().is_empty());
+}
+
+/// `max_request_body` is the largest body taken, not the first one refused: a body of
+/// exactly that many bytes reaches the backend whole, declared up front or chunked (its
+/// size known only as it streams, past a `max_tag_body` that stops it being read whole),
+/// and one byte more is a 413.
+#[tokio::test]
+async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let proxy = Proxy::start_with(
+        &route("/", "max_tag_body = 256"),
+        &backend.origin(),
+        "max_request_body = \"1KiB\"",
+    )
+    .await;
+    let c = Client::new();
+    let r = c.put(&proxy.url("/declared"), &[], vec![b'x'; 1024]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(backend.last().body.len(), 1024);
+
+    let mut chunked =
+        b"PUT /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..4 {
+        chunked.extend_from_slice(b"100\r\n");
+        chunked.extend_from_slice(&[b'y'; 256]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let rsp = raw(proxy.addr, chunked, Duration::from_secs(3)).await;
+    assert!(status_line(&rsp).contains(" 200 "), "{rsp}");
+    assert_eq!(backend.last().body, vec![b'y'; 1024]);
+
+    let r = c.put(&proxy.url("/over"), &[], vec![b'x'; 1025]).await;
+    r.assert_problem(413);
+}
+
+/// A head a little over `max_header_bytes` gets the proxy's own 431 problem, which names
+/// the limit, whatever the limit: hyper's read buffer must sit above it (here 32 KiB, over
+/// hyper's 16 KiB floor), or hyper answers a bare 431 with no body and the client and the
+/// access log never learn which limit it hit.
+#[tokio::test]
+async fn a_head_just_over_a_raised_limit_gets_the_proxys_problem_not_a_bare_431() {
+    let (backend, proxy) = proxy_with("max_header_bytes = \"32KiB\"").await;
+    let big = "a".repeat(40_000);
+    let r = Client::new()
+        .get(&proxy.url("/x"), &[("x-big", &big)])
+        .await;
+    let p = r.assert_problem(431);
+    assert!(
+        p["detail"].as_str().unwrap().contains("32768"),
+        "names the limit: {p}"
+    );
+    assert!(backend.requests().is_empty());
 }

@@ -459,3 +459,45 @@ async fn a_head_of_a_chunked_body_has_the_length_and_tag_its_get_has() {
         assert_eq!(head.etag(), get.etag());
     }
 }
+
+/// `max_tag_body` is the largest body tagged: a 200 of exactly that many bytes gets its
+/// strong ETag (so that writes to it can be guarded), declared or chunked, and only a
+/// longer one streams through untagged.
+#[tokio::test]
+async fn a_body_of_exactly_max_tag_body_is_tagged() {
+    const LIMIT: usize = 16 * 1024;
+    let backend = ScriptedBackend::start(|r| async move {
+        let n = if r.uri.path().ends_with("/over") {
+            LIMIT + 1
+        } else {
+            LIMIT
+        };
+        let body = vec![b'x'; n];
+        match r.uri.path().starts_with("/chunked") {
+            true => {
+                let mut rsp = respond(200, &[], body);
+                rsp.headers_mut().remove("content-length");
+                rsp
+            }
+            false => respond(200, &[], body),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"16KiB\""), &backend.origin()).await;
+    let c = Client::new();
+    for path in ["/declared/at", "/chunked/at"] {
+        let r = c.get(&proxy.url(path), &[]).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.body.len(), LIMIT, "{path}");
+        assert_eq!(
+            r.header("etag"),
+            Some(proxy.tag_of(vec![b'x'; LIMIT]).as_str()),
+            "{path} is tagged"
+        );
+    }
+    for path in ["/declared/over", "/chunked/over"] {
+        let r = c.get(&proxy.url(path), &[]).await;
+        assert_eq!(r.body.len(), LIMIT + 1, "{path}");
+        assert!(r.header("etag").is_none(), "{path} is not tagged");
+    }
+}

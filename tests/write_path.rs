@@ -1192,3 +1192,42 @@ async fn a_gone_resource_does_not_exist_for_its_preconditions() {
         .count();
     assert_eq!(after, writes, "the 412 was not forwarded");
 }
+
+/// A reload that rotates `tag_key` forgets the tags remembered under the old key: on a
+/// `validation = "cached"` route, a write carrying a tag handed out before the rotation is
+/// judged against the resource's current tag under the new key (412, naming that tag), not
+/// waved through by a cache entry made with a key the proxy no longer uses. Read again,
+/// the resource's new tag guards writes as usual.
+#[tokio::test]
+async fn a_reload_that_changes_the_tag_key_forgets_the_tags_made_with_the_old_one() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", DOC);
+    let key = |k: &str| format!("tag_key = \"{}\"", k.repeat(32));
+    let routes = route("/docs/", "validation = \"cached\"");
+    let proxy = Proxy::start_with(&routes, &backend.origin(), &key("a")).await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let old = c.get(&url, &[]).await.etag();
+
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}\n{}",
+        key("b"),
+        routes.replace("{upstream}", &backend.origin())
+    );
+    proxy
+        .state
+        .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+    let r = c.put(&url, &[("if-match", &old)], "v2").await;
+    r.assert_problem(412);
+    assert_eq!(
+        r.etag(),
+        proxy.tag_of(DOC),
+        "the current tag, under the new key"
+    );
+    assert_ne!(r.etag(), old);
+    assert_eq!(backend.store.writes(), 0, "not forwarded");
+
+    let new = c.get(&url, &[]).await.etag();
+    assert_eq!(c.put(&url, &[("if-match", &new)], "v2").await.status, 204);
+    assert_eq!(backend.store.get("/docs/a").unwrap(), "v2");
+}
