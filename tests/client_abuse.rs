@@ -1355,7 +1355,7 @@ async fn malformed_heads_are_counted_under_their_own_reason() {
         "\nifmatch_malformed_requests_total{reason=\"invalid\"} 2\n",
         "\nifmatch_malformed_requests_total{reason=\"too_large\"} 1\n",
     ];
-    let counted = common::eventually(Duration::from_secs(2), || {
+    let counted = common::eventually(Duration::from_secs(5), || {
         let text = render();
         want.iter().all(|w| text.contains(w))
     })
