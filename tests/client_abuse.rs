@@ -44,6 +44,21 @@ fn raw_blocking(addr: SocketAddr, bytes: Vec<u8>, wait: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A chunked PUT of `path` (its head carrying `extra` lines) in `chunks` chunks of `size`
+/// bytes of `byte` each.
+fn chunked_put(path: &str, extra: &str, chunks: usize, size: usize, byte: u8) -> Vec<u8> {
+    let mut req =
+        format!("PUT {path} HTTP/1.1\r\nHost: a\r\n{extra}Transfer-Encoding: chunked\r\n\r\n")
+            .into_bytes();
+    for _ in 0..chunks {
+        req.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+        req.extend(std::iter::repeat_n(byte, size));
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
 fn status_line(rsp: &str) -> &str {
     rsp.lines().next().unwrap_or("(closed without a response)")
 }
@@ -399,13 +414,7 @@ async fn a_body_over_the_limit_gets_a_413_problem_declared_or_streamed() {
     );
 
     // Chunked, so the size is only known while streaming.
-    let mut chunked = b"PUT /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for _ in 0..4 {
-        chunked.extend_from_slice(b"400\r\n");
-        chunked.extend_from_slice(&[b'y'; 1024]);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
+    let chunked = chunked_put("/y", "", 4, 1024, b'y');
     let rsp = raw(proxy.addr, chunked, Duration::from_secs(3)).await;
     assert!(status_line(&rsp).contains("413"), "{rsp}");
     assert!(
@@ -1382,15 +1391,7 @@ async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(backend.last().body.len(), 1024);
 
-    let mut chunked =
-        b"PUT /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
-            .to_vec();
-    for _ in 0..4 {
-        chunked.extend_from_slice(b"100\r\n");
-        chunked.extend_from_slice(&[b'y'; 256]);
-        chunked.extend_from_slice(b"\r\n");
-    }
-    chunked.extend_from_slice(b"0\r\n\r\n");
+    let chunked = chunked_put("/chunked", "Connection: close\r\n", 4, 256, b'y');
     let rsp = raw(proxy.addr, chunked, Duration::from_secs(3)).await;
     assert!(status_line(&rsp).contains(" 200 "), "{rsp}");
     assert_eq!(backend.last().body, vec![b'y'; 1024]);
