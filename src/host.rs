@@ -48,9 +48,13 @@ pub fn check(parts: &Parts) -> Result<Option<HeaderValue>, HeaderError> {
     }
     let mut lines = parts.headers.get_all(HOST).iter();
     let reason = match (lines.next(), lines.next()) {
-        // HTTP/1.0 may omit it, and HTTP/2 carries the authority in `:authority`.
+        // HTTP/1.0 may omit it, and HTTP/2 carries the authority in `:authority`, but
+        // needs one or the other for an `http` or `https` target (RFC 9113 §8.3.1).
         (None, _) if parts.version == Version::HTTP_11 => {
             "an HTTP/1.1 request must carry a Host header".to_owned()
+        }
+        (None, _) if parts.version == Version::HTTP_2 && parts.uri.authority().is_none() => {
+            "an HTTP/2 request must carry :authority or a Host header".to_owned()
         }
         (None, _) => return Ok(None),
         (Some(_), Some(_)) => "a request may carry only one Host header".to_owned(),

@@ -149,6 +149,39 @@ async fn a_missing_repeated_or_malformed_host_is_refused_before_the_backend() {
     assert_eq!(seen.headers.get_all("host").iter().count(), 1);
 }
 
+/// RFC 9113 §8.3.1: an HTTP/2 request for an `http` or `https` target carries `:authority`
+/// or `Host`. One with neither is refused as HTTP/1.1's without `Host` is (nginx refuses it
+/// too): the router would only guess its host. With `Host` alone, it is served.
+#[tokio::test]
+async fn an_http2_request_without_authority_or_host_is_refused_before_the_backend() {
+    let (backend, proxy) = proxy_with("").await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let send = |host: Option<&str>| {
+        let mut req = http::Request::get("/x").body(()).unwrap();
+        if let Some(host) = host {
+            req.headers_mut().insert("host", host.parse().unwrap());
+        }
+        let client = client.clone();
+        async move {
+            let (answer, _) = client.ready().await?.send_request(req, true)?;
+            let (head, mut body) = answer.await?.into_parts();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                text.extend_from_slice(&chunk?);
+            }
+            Ok::<_, h2::Error>((head.status, String::from_utf8_lossy(&text).into_owned()))
+        }
+    };
+    let (status, detail) = send(None).await.unwrap();
+    assert_eq!(status, 400, "{detail}");
+    assert!(detail.contains(":authority"), "{detail}");
+    assert!(backend.requests().is_empty(), "forwarded");
+    let (status, body) = send(Some("a.example")).await.unwrap();
+    assert_eq!((status.as_u16(), body.as_str()), (200, "ok"));
+}
+
 /// A chunk size written with more leading zeros than the framing inspector buffers of a
 /// line (4 KiB): hyper reads the size as it is; the inspector must too, or it would take
 /// the chunk's data for request heads, and the verdicts of later requests would shift onto
