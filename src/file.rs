@@ -38,3 +38,20 @@ pub fn read_text(path: &Path, limit: u64) -> io::Result<String> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_of_exactly_the_limit_is_read_and_one_byte_more_is_not() {
+        let dir = std::env::temp_dir().join(format!("ifmatch-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sixteen");
+        std::fs::write(&path, [b'k'; 16]).unwrap();
+        let (exact, over) = (read(&path, 16), read(&path, 15));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(exact.unwrap().len(), 16);
+        assert_eq!(over.unwrap_err().kind(), io::ErrorKind::FileTooLarge);
+    }
+}

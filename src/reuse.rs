@@ -141,15 +141,47 @@ mod tests {
         assert_eq!(address(&put(&spare, Box::pin(pending()))), at);
     }
 
+    /// Ready at once, and holding its `Arc` until it is dropped: an async block would let go
+    /// of what it holds as it finishes, and prove nothing here.
+    struct Holding {
+        _held: Arc<()>,
+    }
+
+    impl Future for Holding {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Ready(())
+        }
+    }
+
     #[tokio::test]
     async fn a_finished_future_is_dropped_before_its_wrapper() {
         let spare = Spare::default();
         let held = Arc::new(());
-        let h = held.clone();
-        let mut r = put(&spare, async move {
-            let _h = h;
-        });
+        let mut r = put(
+            &spare,
+            Holding {
+                _held: held.clone(),
+            },
+        );
         (&mut r).await;
         assert_eq!(Arc::strong_count(&held), 1);
+    }
+
+    /// The box itself, not an address the allocator may hand out again: a finished request's
+    /// box is the spare, and one in use is not.
+    #[tokio::test]
+    async fn a_finished_request_gives_its_box_back_to_the_spare() {
+        let spare = Spare::default();
+        let spared = |s: &Spare<_>| {
+            let slot = s.slot.lock().unwrap();
+            slot.as_ref().map(|b| &**b as *const Option<_>)
+        };
+        let first = put(&spare, done(1));
+        let at = address(&first);
+        assert_eq!(spared(&spare), None, "the box is in use");
+        assert_eq!(first.await, 1);
+        assert_eq!(spared(&spare), Some(at));
     }
 }

@@ -673,3 +673,26 @@ async fn the_open_file_limit_is_raised_checked_and_running_out_is_survived() {
         assert!(Instant::now() < deadline, "does not serve again");
     }
 }
+
+/// The warning's rule: `max_connections` clients, each with an upstream connection, and 64
+/// to spare. At 100 connections 264 descriptors are enough and 263 are not.
+#[tokio::test]
+async fn the_open_file_limit_warning_is_given_exactly_when_short() {
+    let backend = Backend::start().await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nmax_connections = 100\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        backend.origin()
+    );
+    let short = "open-file limit is short of max_connections";
+    let enough = with_file_limit(&config, 264, 264).await;
+    // The check comes before the line `Binary::start` waited for.
+    assert!(
+        !enough.log().iter().any(|l| l.contains(short)),
+        "{:?}",
+        enough.log()
+    );
+    drop(enough);
+    let bin = with_file_limit(&config, 263, 263).await;
+    let line = bin.wait_for_log(short, Duration::from_secs(5)).await;
+    assert!(line.contains("needed=264"), "{line}");
+}

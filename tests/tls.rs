@@ -588,3 +588,102 @@ async fn a_client_cannot_fill_the_log_through_rustls_and_a_bad_rust_log_is_named
         );
     }
 }
+
+/// A client offering both h2 and http/1.1 by ALPN, as browsers and curl do, is spoken
+/// HTTP/2: the listener lists h2 first, and the server's order settles it.
+#[tokio::test]
+async fn a_client_offering_h2_and_http_1_1_by_alpn_is_spoken_h2() {
+    let backend = Backend::start().await;
+    let pki = Pki::new("alpn-both", KeyType::EcdsaP256);
+    let proxy =
+        Proxy::start_with(&route("/docs/", ""), &backend.origin(), &pki.server_toml()).await;
+    for offer in [["h2", "http/1.1"], ["http/1.1", "h2"]] {
+        let mut config = client_tls(&pki.ca_pem, rustls::ALL_VERSIONS);
+        config.alpn_protocols = offer.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the handshake succeeds");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"h2"[..]),
+            "offered {offer:?}"
+        );
+    }
+}
+
+/// Two routes to https upstreams, each with its own private CA, each trust their own: the
+/// pools are kept apart by the roots they trust, and one route's CA is not the other's.
+#[tokio::test]
+async fn routes_with_different_ca_files_each_trust_their_own_ca() {
+    let (pa, pb) = (
+        Pki::new("ca-a", KeyType::EcdsaP256),
+        Pki::new("ca-b", KeyType::EcdsaP256),
+    );
+    let (a, b) = (
+        HttpsBackend::start(pa.server_config()).await,
+        HttpsBackend::start(pb.server_config()).await,
+    );
+    let routes = format!(
+        "[[route]]\nprefix = \"/a/\"\nupstream = \"{}\"\nca_file = \"{}\"\n\
+         [[route]]\nprefix = \"/b/\"\nupstream = \"{}\"\nca_file = \"{}\"\n",
+        a.origin(),
+        pa.ca().display(),
+        b.origin(),
+        pb.ca().display()
+    );
+    let proxy = Proxy::start(&routes, &a.origin()).await;
+    let c = Client::new();
+    for path in ["/a/doc", "/b/doc", "/a/doc"] {
+        let r = c.get(&proxy.url(path), &[]).await;
+        assert_eq!((r.status, r.text()), (200, "doc".to_owned()), "{path}");
+    }
+}
+
+/// A `ca_file` holding a certificate that cannot be used as a root is refused at load,
+/// naming the file, not found out at the first request as a 502.
+#[test]
+fn a_ca_file_whose_certificate_cannot_be_read_is_refused_at_load() {
+    let dir = std::env::temp_dir().join(format!("ifmatch-bad-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    // Valid PEM around three bytes that are no DER certificate.
+    std::fs::write(
+        &ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"https://a:1\"\nca_file = \"{}\"\n",
+        ca.display()
+    );
+    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(e.starts_with("t.toml:6: route.ca_file: "), "{e}");
+    assert!(e.contains(&ca.display().to_string()), "{e}");
+}
+
+/// A `RUST_LOG` that names rustls is the operator asking for its warnings: the filter that
+/// keeps rustls to errors is then not added.
+#[tokio::test]
+async fn a_rust_log_naming_rustls_shows_its_warnings() {
+    let backend = Backend::start().await;
+    let pki = Pki::new("sni-shown", KeyType::EcdsaP256);
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        pki.cert().display(),
+        pki.key().display(),
+        backend.origin()
+    );
+    let bin = Binary::start_with(&config, &[], |c| {
+        c.env("RUST_LOG", "info,rustls=warn");
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    s.write_all(&client_hello("127.0.0.1")).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await;
+    bin.wait_for_log("SNI", Duration::from_secs(5)).await;
+}
