@@ -33,7 +33,7 @@ pub fn init(format: LogFormat) {
     // rustls logs what a peer did wrong at `warn`, once per handshake (an IP address sent
     // as SNI: wrk and `openssl s_client` do it): any client could fill the log. Errors
     // only, unless `RUST_LOG` names rustls.
-    let filter = match env.contains("rustls") {
+    let filter = match names_rustls(&env) {
         true => filter,
         false => filter.add_directive(QUIET_RUSTLS.parse().expect("a valid directive")),
     };
@@ -102,9 +102,39 @@ impl Every {
     }
 }
 
+/// Whether a directive of `RUST_LOG` is for rustls's own targets (`rustls`, `rustls::…`),
+/// not for a crate whose name only contains it (`hyper_rustls`, `tokio_rustls`), whose
+/// debug lines an operator may ask for without asking for every client's mistakes.
+fn names_rustls(env: &str) -> bool {
+    env.split(',').any(|directive| {
+        let target = directive
+            .split(['[', '='])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        target == "rustls" || target.starts_with("rustls::")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_directive_for_rustls_itself_names_it() {
+        for (env, named) in [
+            ("rustls=warn", true),
+            ("info,rustls::server::hs=debug", true),
+            ("info, rustls", true),
+            ("rustls[handshake]=debug", true),
+            ("info", false),
+            ("info,hyper_rustls=debug,tokio_rustls=trace", false),
+            ("rustls_pemfile=debug", false),
+            ("ifmatch=debug,h2=info", false),
+        ] {
+            assert_eq!(names_rustls(env), named, "{env}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_warning_is_due_the_first_time_then_once_a_period() {

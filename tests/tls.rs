@@ -545,8 +545,9 @@ fn client_hello(name: &str) -> Vec<u8> {
 
 /// What a client does wrong in its handshake is its own business: rustls logs an IP address
 /// sent as SNI (wrk and `openssl s_client` send one) at `warn`, once per handshake, which
-/// any client could use to fill the log. Kept to errors; and a `RUST_LOG` that cannot be
-/// read is said so, not dropped in silence.
+/// any client could use to fill the log. Kept to errors, also when `RUST_LOG` names crates
+/// whose names only contain rustls's; and a `RUST_LOG` that cannot be read is said so, not
+/// dropped in silence.
 #[tokio::test]
 async fn a_client_cannot_fill_the_log_through_rustls_and_a_bad_rust_log_is_named() {
     let backend = Backend::start().await;
@@ -557,7 +558,12 @@ async fn a_client_cannot_fill_the_log_through_rustls_and_a_bad_rust_log_is_named
         pki.key().display(),
         backend.origin()
     );
-    for rust_log in ["info", "debug,hyper=info,h2=info", "info,ifmatch=nope"] {
+    for rust_log in [
+        "info",
+        "debug,hyper=info,h2=info",
+        "debug,hyper=info,h2=info,hyper_rustls=debug,tokio_rustls=debug",
+        "info,ifmatch=nope",
+    ] {
         let bin = Binary::start_with(&config, &[], |c| {
             c.env("RUST_LOG", rust_log);
         })
