@@ -32,8 +32,9 @@ pub fn init(format: LogFormat) {
     };
     // rustls logs what a peer did wrong at `warn`, once per handshake (an IP address sent
     // as SNI: wrk and `openssl s_client` do it): any client could fill the log. Errors
-    // only, unless `RUST_LOG` names rustls.
-    let filter = match names_rustls(&env) {
+    // only, unless `RUST_LOG` names rustls and could be read: a mistyped one gets `info`
+    // and the same quiet rustls as none at all.
+    let filter = match unread.is_none() && names_rustls(&env) {
         true => filter,
         false => filter.add_directive(QUIET_RUSTLS.parse().expect("a valid directive")),
     };
@@ -107,11 +108,9 @@ impl Every {
 /// debug lines an operator may ask for without asking for every client's mistakes.
 fn names_rustls(env: &str) -> bool {
     env.split(',').any(|directive| {
-        let target = directive
-            .split(['[', '='])
-            .next()
-            .unwrap_or_default()
-            .trim();
+        let target = directive.split(['[', '=']).next().unwrap_or_default();
+        // Not trimmed: EnvFilter keeps the spaces around a target (` rustls` matches no
+        // target), so a directive written so is not for rustls either.
         target == "rustls" || target.starts_with("rustls::")
     })
 }
@@ -125,7 +124,8 @@ mod tests {
         for (env, named) in [
             ("rustls=warn", true),
             ("info,rustls::server::hs=debug", true),
-            ("info, rustls", true),
+            ("info,rustls", true),
+            ("info, rustls", false),
             ("rustls[handshake]=debug", true),
             ("info", false),
             ("info,hyper_rustls=debug,tokio_rustls=trace", false),

@@ -563,6 +563,8 @@ async fn a_client_cannot_fill_the_log_through_rustls_and_a_bad_rust_log_is_named
         "debug,hyper=info,h2=info",
         "debug,hyper=info,h2=info,hyper_rustls=debug,tokio_rustls=debug",
         "info,ifmatch=nope",
+        // Not read, so `info` is used: rustls is kept to errors as with no RUST_LOG.
+        "info,rustls=nope",
     ] {
         let bin = Binary::start_with(&config, &[], |c| {
             c.env("RUST_LOG", rust_log);
