@@ -49,7 +49,7 @@ pub fn check(parts: &Parts) -> Result<Option<HeaderValue>, HeaderError> {
     let mut lines = parts.headers.get_all(HOST).iter();
     let reason = match (lines.next(), lines.next()) {
         // HTTP/1.0 may omit it, and HTTP/2 carries the authority in `:authority`, but
-        // needs one or the other for an `http` or `https` target (RFC 9113 §8.3.1).
+        // needs one or the other (RFC 9110 §7.2; an `http` URI has a host, §4.2.1).
         (None, _) if parts.version == Version::HTTP_11 => {
             "an HTTP/1.1 request must carry a Host header".to_owned()
         }

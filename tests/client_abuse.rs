@@ -149,9 +149,9 @@ async fn a_missing_repeated_or_malformed_host_is_refused_before_the_backend() {
     assert_eq!(seen.headers.get_all("host").iter().count(), 1);
 }
 
-/// RFC 9113 §8.3.1: an HTTP/2 request for an `http` or `https` target carries `:authority`
-/// or `Host`. One with neither is refused as HTTP/1.1's without `Host` is (nginx refuses it
-/// too): the router would only guess its host. With `Host` alone, it is served.
+/// RFC 9110 §7.2: a request carries `Host` unless it carries `:authority` (an `http` URI has
+/// a host, §4.2.1). An HTTP/2 one with neither is refused as HTTP/1.1's without `Host` is
+/// (nginx refuses it too): the router would only guess its host. With `Host` alone, served.
 #[tokio::test]
 async fn an_http2_request_without_authority_or_host_is_refused_before_the_backend() {
     let (backend, proxy) = proxy_with("").await;
