@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::backend::respond;
+use common::backend::{raw_backend, respond};
 use common::faults::{Fault, FaultyBackend};
 use common::proxy::route;
 use common::{Client, Proxy, ScriptedBackend};
@@ -489,21 +489,6 @@ async fn short_answer(c: &mut tokio::net::TcpStream) -> String {
 /// Where a request or response head ends in `buf`, once it has all of it.
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-async fn raw_backend<F, Fut>(serve: F) -> String
-where
-    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve(s));
-        }
-    });
-    origin
 }
 
 /// A body in one-byte chunks (a hostile or odd backend) is held copied together past its

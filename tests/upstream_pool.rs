@@ -19,7 +19,7 @@ use ifmatch::pool::{ConnectionCap, Pool, SendError};
 use ifmatch::upstream::UpstreamBody;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::backend::respond;
+use common::backend::{raw_backend, respond};
 use common::ScriptedBackend;
 
 /// The upstream timeout of requests that are not about it.
@@ -363,31 +363,28 @@ async fn a_request_does_not_queue_behind_another_pools_waiting_request() {
 /// had met a keep-alive timeout (`REPLAY_AFTER`).
 #[tokio::test]
 async fn a_connection_handed_over_as_its_body_ends_counts_as_busy_not_idle() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
     let booms = Arc::new(AtomicUsize::new(0));
     let count = booms.clone();
-    let server = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    // `/boom` closes the connection unanswered, as a crashing handler does.
-                    if n == 0 || buf[..n].starts_with(b"GET /boom ") {
-                        count.fetch_add(usize::from(n > 0), Ordering::SeqCst);
-                        return;
-                    }
-                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
-                    if s.write_all(head.as_bytes()).await.is_err()
-                        || s.write_all(&vec![b'x'; BIG]).await.is_err()
-                    {
-                        return;
-                    }
+    let origin = raw_backend(move |mut s| {
+        let count = count.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                // `/boom` closes the connection unanswered, as a crashing handler does.
+                if n == 0 || buf[..n].starts_with(b"GET /boom ") {
+                    count.fetch_add(usize::from(n > 0), Ordering::SeqCst);
+                    return;
                 }
-            });
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                if s.write_all(head.as_bytes()).await.is_err()
+                    || s.write_all(&vec![b'x'; BIG]).await.is_err()
+                {
+                    return;
+                }
+            }
         }
-    });
+    })
+    .await;
     let p = limited_pool(1);
     let first = hold(&p, &origin, "/a").await;
     let boom = {
@@ -406,7 +403,6 @@ async fn a_connection_handed_over_as_its_body_ends_counts_as_busy_not_idle() {
         .unwrap();
     assert!(boomed.unwrap().is_err(), "the backend closed unanswered");
     assert_eq!(booms.load(Ordering::SeqCst), 1, "sent once, not again");
-    server.abort();
 }
 
 /// Under load on a cap of one, with answers larger than a connection reads ahead (so the
@@ -569,26 +565,23 @@ async fn a_backend_that_closes_after_each_response_is_reconnected_to() {
 /// keep-alive timeout runs out just as a request goes out. Returns its origin and how many
 /// connections it accepted.
 async fn closes_on_the_second_request() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                if s.read(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                if s.write_all(rsp.as_bytes()).await.is_err() {
-                    return;
-                }
-                let _ = s.read(&mut buf).await;
-            });
+    let origin = raw_backend(move |mut s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = [0u8; 4096];
+            if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(rsp.as_bytes()).await.is_err() {
+                return;
+            }
+            let _ = s.read(&mut buf).await;
         }
-    });
+    })
+    .await;
     (origin, accepted)
 }
 
@@ -639,42 +632,37 @@ async fn a_request_sent_again_that_waits_its_turn_keeps_its_one_timeout() {
 /// to be sent again behind a request that waited first, which takes `ahead` ms; sent on
 /// the connection that one leaves, it is answered 600 ms later.
 async fn sent_again_behind(ahead: u64) -> (Option<u16>, Duration) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let rsp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                let mut buf = [0u8; 4096];
-                let mut served_a = false;
-                loop {
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let wait = match line.split(' ').nth(1).unwrap_or("") {
-                        "/slow" => 10_000,
-                        "/c" => ahead,
-                        // The pooled connection: holds the request 1.5 s, closes unanswered.
-                        "/b" if served_a => {
-                            tokio::time::sleep(Duration::from_millis(1500)).await;
-                            return;
-                        }
-                        "/b" => 600,
-                        path => {
-                            served_a |= path == "/a";
-                            0
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
-                    if s.write_all(rsp).await.is_err() {
-                        return;
-                    }
+    let origin = raw_backend(move |mut s| async move {
+        let rsp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let mut buf = [0u8; 4096];
+        let mut served_a = false;
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let wait = match line.split(' ').nth(1).unwrap_or("") {
+                "/slow" => 10_000,
+                "/c" => ahead,
+                // The pooled connection: holds the request 1.5 s, closes unanswered.
+                "/b" if served_a => {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    return;
                 }
-            });
+                "/b" => 600,
+                path => {
+                    served_a |= path == "/a";
+                    0
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            if s.write_all(rsp).await.is_err() {
+                return;
+            }
         }
-    });
+    })
+    .await;
     let p = limited_pool(2);
     // One connection busy for 10 s, the other idle, pooled.
     let slow = spawn_fetch(&p, &origin, "/slow");
@@ -698,28 +686,25 @@ async fn sent_again_behind(ahead: u64) -> (Option<u16>, Duration) {
 /// backend would see the request twice and a garbage answer could become a 200.
 #[tokio::test]
 async fn a_malformed_answer_on_an_idle_connection_is_not_sent_again() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(AtomicUsize::new(0));
     let count = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut first = true;
-                while s.read(&mut buf).await.unwrap_or(0) > 0 {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let rsp: &[u8] = if std::mem::replace(&mut first, false) {
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-                    } else {
-                        b"NOT HTTP AT ALL\r\n\r\n"
-                    };
-                    let _ = s.write_all(rsp).await;
-                }
-            });
+    let origin = raw_backend(move |mut s| {
+        let count = count.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            let mut first = true;
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {
+                count.fetch_add(1, Ordering::SeqCst);
+                let rsp: &[u8] = if std::mem::replace(&mut first, false) {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                } else {
+                    b"NOT HTTP AT ALL\r\n\r\n"
+                };
+                let _ = s.write_all(rsp).await;
+            }
         }
-    });
+    })
+    .await;
     let p = pool(Duration::from_secs(60), 8);
     assert_eq!(fetch(&p, &origin, "/a").await.0, 200);
     // As idle as in the test above, where a close is met and the GET is sent again.
@@ -744,31 +729,28 @@ async fn a_malformed_answer_on_an_idle_connection_is_not_sent_again() {
 /// and its timeout once started over (2.7 s for a 2 s timeout).
 #[tokio::test]
 async fn a_request_sent_again_under_a_cap_keeps_its_one_timeout() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut first = true;
-        while let Ok((mut s, _)) = listener.accept().await {
-            let pooled = std::mem::replace(&mut first, false);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                if s.read(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                if pooled {
-                    // Answers, then holds the next request 1.5 s and closes unanswered.
-                    let _ = s.write_all(rsp.as_bytes()).await;
-                    let _ = s.read(&mut buf).await;
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(1200)).await;
-                    let _ = s.write_all(rsp.as_bytes()).await;
-                    let _ = s.read(&mut buf).await;
-                }
-            });
+    let mut first = true;
+    let origin = raw_backend(move |mut s| {
+        let pooled = std::mem::replace(&mut first, false);
+        async move {
+            let mut buf = [0u8; 4096];
+            let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+            if pooled {
+                // Answers, then holds the next request 1.5 s and closes unanswered.
+                let _ = s.write_all(rsp.as_bytes()).await;
+                let _ = s.read(&mut buf).await;
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let _ = s.write_all(rsp.as_bytes()).await;
+                let _ = s.read(&mut buf).await;
+            }
         }
-    });
+    })
+    .await;
     let p = limited_pool(4);
     assert_eq!(fetch(&p, &origin, "/a").await.0, 200);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -781,31 +763,28 @@ async fn a_request_sent_again_under_a_cap_keeps_its_one_timeout() {
 /// reads and then closes the connection on, unanswered (a handler that crashes its worker).
 /// Returns its origin and how many `/boom` requests reached it.
 async fn crashes_on_boom() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let origin = format!("http://{}", listener.local_addr().unwrap());
     let booms = Arc::new(AtomicUsize::new(0));
     let count = booms.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    if buf[..n].starts_with(b"GET /boom ") {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if s.write_all(rsp.as_bytes()).await.is_err() {
-                        return;
-                    }
+    let origin = raw_backend(move |mut s| {
+        let count = count.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    return;
                 }
-            });
+                if buf[..n].starts_with(b"GET /boom ") {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(rsp.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
         }
-    });
+    })
+    .await;
     (origin, booms)
 }
 

@@ -1,5 +1,6 @@
 //! Backends: the legacy document store (no ETags, counts writes, answers 409 for archived
-//! documents) and a scripted server that records every request it receives.
+//! documents), a scripted server that records every request it receives, and a raw one
+//! whose connections a test serves byte by byte.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -173,6 +174,25 @@ impl ScriptedBackend {
     pub fn most_open(&self) -> usize {
         self.open.1.load(Ordering::SeqCst)
     }
+}
+
+/// A raw TCP backend on 127.0.0.1:0, for answers hyper would not give: it accepts until the
+/// test ends and runs `serve` on a task of its own for each connection. `serve` is called
+/// in the accept loop, in the order connections come, so it may count or tell them apart
+/// before its future runs. Returns the origin.
+pub async fn raw_backend<F, Fut>(mut serve: F) -> String
+where
+    F: FnMut(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    origin
 }
 
 /// A response with a status, headers and body, for scripted handlers.
