@@ -360,9 +360,9 @@ pub const MIN_MAX_HEADER_BYTES: u64 = 1024;
 pub const MAX_WORKERS: u32 = 1024;
 /// The longest duration any key takes: far past any sensible timeout, far short of what
 /// `Instant` arithmetic overflows at.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The shortest duration a key takes, besides zero where zero is allowed.
-pub const MIN_DURATION: Duration = Duration::from_millis(1);
+const MIN_DURATION: Duration = Duration::from_millis(1);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether two listeners would take one port: the same address, or a wildcard one that
