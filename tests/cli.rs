@@ -11,29 +11,16 @@ use common::Client;
 const BIN: &str = env!("CARGO_BIN_EXE_ifmatch");
 
 fn check(text: &str) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "ifmatch-cli-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("cli");
     let path = dir.join("ifmatch.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(BIN)
         .args(["--config", path.to_str().unwrap(), "--check"])
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 #[test]
@@ -188,7 +175,7 @@ fn check_shows_the_warnings_a_start_would_log() {
 
     // An https route without `ca_file` on a host with no CA roots (none where
     // SSL_CERT_FILE and SSL_CERT_DIR point): said too.
-    let dir = std::env::temp_dir().join(format!("ifmatch-cli-roots-{}", rand_suffix()));
+    let dir = common::TempDir::new("cli-roots");
     std::fs::create_dir_all(dir.join("certs")).unwrap();
     std::fs::write(dir.join("roots.pem"), "not a certificate\n").unwrap();
     let config = dir.join("ifmatch.toml");
@@ -203,7 +190,6 @@ fn check_shows_the_warnings_a_start_would_log() {
         .env("SSL_CERT_DIR", dir.join("certs"))
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("https upstreams need ca_file"), "{err}");
@@ -253,15 +239,13 @@ fn files_that_never_end_or_are_not_text_are_refused_saying_so() {
     assert!(out.contains("cannot read /dev/zero: longer than"), "{out}");
     let (ok, out) = check(&format!("{base}# caf\u{e9}\n{route}"));
     assert!(ok, "UTF-8 is fine: {out}");
-    let dir = std::env::temp_dir().join(format!("ifmatch-cli-latin1-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("cli-latin1");
     let path = dir.join("ifmatch.toml");
     let mut latin1 = base.as_bytes().to_vec();
     latin1.extend_from_slice(b"# caf\xe9\n");
     latin1.extend_from_slice(route.as_bytes());
     std::fs::write(&path, latin1).unwrap();
     let out = run(&["--config", path.to_str().unwrap(), "--check"]);
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(
         out.contains("not UTF-8 text: line 3 holds a byte that is not"),
         "{out}"

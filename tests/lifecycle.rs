@@ -68,8 +68,7 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    let dir = std::env::temp_dir().join(format!("ifmatch-signal-race-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("signal-race");
     let path = dir.join("ifmatch.toml");
     let text = config(&[("/", "http://127.0.0.1:9", "")]).replace("{listen}", "127.0.0.1:0");
     std::fs::write(
@@ -120,7 +119,6 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
             assert_eq!(status.code(), Some(0), "{status}");
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]

@@ -161,8 +161,7 @@ async fn sighup_swaps_in_a_new_certificate() {
     backend.store.put("/docs/a", "v1");
     let old = Pki::new("reload-old", KeyType::EcdsaP256);
     let new = Pki::new("reload-new", KeyType::EcdsaP256);
-    let dir = std::env::temp_dir().join(format!("ifmatch-reload-cert-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("reload-cert");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::copy(old.cert(), &cert).unwrap();
     std::fs::copy(old.key(), &key).unwrap();
@@ -222,7 +221,6 @@ async fn sighup_swaps_in_a_new_certificate() {
             .is_err(),
         "the certificate from start is not served again"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A listener that accepts connections and holds them, reading nothing and answering never
@@ -661,8 +659,7 @@ async fn routes_with_different_ca_files_each_trust_their_own_ca() {
 /// naming the file, not found out at the first request as a 502.
 #[test]
 fn a_ca_file_whose_certificate_cannot_be_read_is_refused_at_load() {
-    let dir = std::env::temp_dir().join(format!("ifmatch-bad-ca-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::TempDir::new("bad-ca");
     let ca = dir.join("ca.pem");
     // Valid PEM around three bytes that are no DER certificate.
     std::fs::write(
@@ -675,7 +672,6 @@ fn a_ca_file_whose_certificate_cannot_be_read_is_refused_at_load() {
         ca.display()
     );
     let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(e.starts_with("t.toml:6: route.ca_file: "), "{e}");
     assert!(e.contains(&ca.display().to_string()), "{e}");
 }

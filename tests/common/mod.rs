@@ -12,6 +12,34 @@ pub use backend::{Backend, Recorded, ScriptedBackend};
 pub use client::{Client, Reply};
 pub use proxy::Proxy;
 
+/// A directory of its own under the system's temporary one, removed when dropped: also
+/// when the test fails, since a panic drops it on the way out.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// `ifmatch-{name}-{pid}-{n}`: tests of one binary run side by side, so each directory
+    /// gets a number of its own as well as the process's.
+    pub fn new(name: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ifmatch-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn join(&self, file: &str) -> std::path::PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Polls `cond` every 5 ms until it holds or `within` has passed; returns whether it held.
 pub async fn eventually(within: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;
