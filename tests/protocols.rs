@@ -539,3 +539,55 @@ async fn a_switch_of_protocols_nobody_asked_for_is_a_502() {
         );
     }
 }
+
+/// A 408 for one HTTP/2 upload that stalls is that stream's answer, not its connection's:
+/// a request on another stream of the same connection, while the upload stalls and after
+/// its 408 (and after the client sends the rest of it too late), is answered as usual. For
+/// a body read whole before it is judged, and for one that streams to the backend.
+#[tokio::test]
+async fn an_http2_upload_that_stalls_gets_its_408_and_the_connection_serves_on() {
+    use bytes::Bytes;
+    for (max_tag_body, streamed) in [("8MiB", false), ("2B", true)] {
+        let backend = Backend::start().await;
+        backend.store.put("/docs/a", "v1");
+        let extra = format!("upstream_timeout = \"300ms\"\nmax_tag_body = \"{max_tag_body}\"");
+        let proxy = Proxy::start(&route("/docs/", &extra), &backend.origin()).await;
+        let mut client = common::h2_client(proxy.addr).await;
+        let req = http::Request::put(proxy.url("/docs/a")).body(()).unwrap();
+        let (rsp, mut stream) = client.send_request(req, false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"half"), false)
+            .unwrap();
+        // Another stream of the connection while the upload stalls.
+        let mut other = client.clone().ready().await.unwrap();
+        let get = http::Request::get(proxy.url("/docs/a")).body(()).unwrap();
+        let (during, _) = other.send_request(get, true).unwrap();
+        assert_eq!(
+            during.await.unwrap().status(),
+            200,
+            "{streamed}: a GET beside the upload"
+        );
+        let rsp = tokio::time::timeout(std::time::Duration::from_secs(5), rsp)
+            .await
+            .expect("the stalled upload is answered")
+            .unwrap();
+        assert_eq!(rsp.status(), 408, "streamed {streamed}");
+        // The rest, too late: the stream is over, the connection is not.
+        let _ = stream.send_data(Bytes::from_static(b" and the rest"), true);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut after = client
+            .ready()
+            .await
+            .expect("the connection takes new streams");
+        let get = http::Request::get(proxy.url("/docs/a")).body(()).unwrap();
+        let (rsp, _) = after
+            .send_request(get, true)
+            .expect("a stream after the 408");
+        assert_eq!(
+            rsp.await.unwrap().status(),
+            200,
+            "{streamed}: a GET after the 408"
+        );
+        assert_eq!(backend.store.get("/docs/a").as_deref(), Some(&b"v1"[..]));
+    }
+}
