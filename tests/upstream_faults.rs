@@ -451,8 +451,6 @@ async fn an_upload_the_backend_stops_taking_is_a_504() {
     assert!(proxy.state.locks.is_empty());
 }
 
-/// A backend on raw sockets, for answers no HTTP server would give: `serve` gets each
-/// connection. Its origin.
 /// Reads from `s` into `buf` until `found` finds where what is wanted ends in it (that
 /// offset), or the connection ends (`None`).
 async fn read_until(
@@ -489,6 +487,54 @@ async fn short_answer(c: &mut tokio::net::TcpStream) -> String {
 /// Where a request or response head ends in `buf`, once it has all of it.
 fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// A backend that sends a response no request asked for after its answer (in the same
+/// write, or a moment later while the connection is idle) never has it taken for the answer
+/// to the next request sent on that connection: that client would get a response made for
+/// nobody (response-queue poisoning). Each GET gets an answer meant for it.
+#[tokio::test]
+async fn a_response_no_request_asked_for_never_answers_the_next_request() {
+    use tokio::io::AsyncWriteExt;
+    for pause in [None, Some(Duration::from_millis(50))] {
+        let origin = raw_backend(move |mut s| async move {
+            let mut buf = Vec::new();
+            while let Some(end) = read_until(&mut s, &mut buf, head_end).await {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                buf.drain(..end);
+                // The path, as the body: "/a" answers "/a".
+                let path = head.split(' ').nth(1).unwrap_or("?").to_owned();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
+                    path.len()
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                if let Some(pause) = pause {
+                    tokio::time::sleep(pause).await;
+                }
+                let planted = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nplanted";
+                if s.write_all(planted.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let proxy = Proxy::start(&route("/", ""), &origin).await;
+        let c = Client::new();
+        for n in 0..6 {
+            let path = format!("/doc{n}");
+            let r = c.get(&proxy.url(&path), &[]).await;
+            // A 502 for a connection found spoilt is fair; another request's answer is not.
+            if r.status == 200 {
+                assert_eq!(r.text(), path, "{pause:?}: GET {path}");
+            } else {
+                assert_eq!(r.status, 502, "{pause:?}: GET {path}: {}", r.text());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// A body in one-byte chunks (a hostile or odd backend) is held copied together past its
