@@ -492,10 +492,14 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 /// A backend that sends a response no request asked for after its answer (in the same
 /// write, or a moment later while the connection is idle) never has it taken for the answer
 /// to the next request sent on that connection: that client would get a response made for
-/// nobody (response-queue poisoning). Each GET gets an answer meant for it.
+/// nobody (response-queue poisoning). The connection is found spoilt and not used again,
+/// so each GET gets its own answer. (One planted at the very moment a pooled connection is
+/// given a request stays a race no HTTP/1.1 proxy can close: the requests here are 300 ms
+/// apart.)
 #[tokio::test]
 async fn a_response_no_request_asked_for_never_answers_the_next_request() {
     use tokio::io::AsyncWriteExt;
+    const PLANTED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nplanted";
     for pause in [None, Some(Duration::from_millis(50))] {
         let origin = raw_backend(move |mut s| async move {
             let mut buf = Vec::new();
@@ -504,19 +508,21 @@ async fn a_response_no_request_asked_for_never_answers_the_next_request() {
                 buf.drain(..end);
                 // The path, as the body: "/a" answers "/a".
                 let path = head.split(' ').nth(1).unwrap_or("?").to_owned();
-                let answer = format!(
+                let mut answer = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{path}",
                     path.len()
                 );
+                if pause.is_none() {
+                    answer.push_str(PLANTED);
+                }
                 if s.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
                 if let Some(pause) = pause {
                     tokio::time::sleep(pause).await;
-                }
-                let planted = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nplanted";
-                if s.write_all(planted.as_bytes()).await.is_err() {
-                    return;
+                    if s.write_all(PLANTED.as_bytes()).await.is_err() {
+                        return;
+                    }
                 }
             }
         })
@@ -526,13 +532,12 @@ async fn a_response_no_request_asked_for_never_answers_the_next_request() {
         for n in 0..6 {
             let path = format!("/doc{n}");
             let r = c.get(&proxy.url(&path), &[]).await;
-            // A 502 for a connection found spoilt is fair; another request's answer is not.
-            if r.status == 200 {
-                assert_eq!(r.text(), path, "{pause:?}: GET {path}");
-            } else {
-                assert_eq!(r.status, 502, "{pause:?}: GET {path}: {}", r.text());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                (r.status, r.text()),
+                (200, path.clone()),
+                "{pause:?}: GET {path}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 }
