@@ -60,6 +60,16 @@ async fn graceful_stop_on(sig: &str, server_extra: &str, threads: usize) {
     assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
 
+/// A child process killed and waited for when dropped: also when its test fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A signal sent the moment "ifmatch started" is logged is handled, not left to its default
 /// action, which kills the process: SIGHUP reloads, SIGTERM drains and exits 0. With one
 /// worker, before the fix, 15 SIGHUPs in 20 killed the process (and 17 SIGTERMs in 20).
@@ -81,36 +91,46 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
         (libc::SIGTERM, "stopped"),
     ] {
         for _ in 0..5 {
-            let mut child = Command::new(common::binary::BIN)
-                .arg("--config")
-                .arg(&path)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+            let mut child = Reaped(
+                Command::new(common::binary::BIN)
+                    .arg("--config")
+                    .arg(&path)
+                    .env("RUST_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            );
+            // Read on a thread of its own, so that a process that logs nothing more fails
+            // the test in 10 s instead of hanging it.
+            let stderr = child.0.stderr.take().unwrap();
+            let (tx, lines) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
             let mut seen = Vec::new();
             let mut wait_for = |needle: &str| loop {
-                match lines.next() {
-                    Some(Ok(line)) if line.contains(needle) => return,
-                    Some(Ok(line)) => seen.push(line),
-                    _ => panic!("no {needle:?} before the log ended: {seen:#?}"),
+                match lines.recv_timeout(Duration::from_secs(10)) {
+                    Ok(line) if line.contains(needle) => return,
+                    Ok(line) => seen.push(line),
+                    Err(e) => panic!("no {needle:?} ({e}): {seen:#?}"),
                 }
             };
             wait_for("ifmatch started");
-            let pid = i32::try_from(child.id()).unwrap();
+            let pid = i32::try_from(child.0.id()).unwrap();
             // SAFETY: a plain kill(2) of the child this test started.
             assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
             wait_for(after);
             if sig == libc::SIGHUP {
-                let _ = child.kill();
-                let _ = child.wait();
                 continue;
             }
             let deadline = Instant::now() + Duration::from_secs(10);
             let status = loop {
-                if let Some(status) = child.try_wait().unwrap() {
+                if let Some(status) = child.0.try_wait().unwrap() {
                     break status;
                 }
                 assert!(Instant::now() < deadline, "no exit after \"stopped\"");
