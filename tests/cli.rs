@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -253,17 +252,9 @@ fn files_that_never_end_or_are_not_text_are_refused_saying_so() {
 }
 
 /// Kills the child on drop so a failing test leaves no process behind.
-struct Child(std::process::Child);
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
-    let mut child = Child(
+    let mut child = common::binary::Reaped(
         Command::new(BIN)
             .args(["--demo", "--listen", "127.0.0.1:0"])
             // As in the image, which sets it: the demo needs no config and ignores it.
@@ -273,16 +264,7 @@ async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
             .spawn()
             .unwrap(),
     );
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::binary::lines_of(child.0.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     let base = loop {
         let line = rx

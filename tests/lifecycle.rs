@@ -60,22 +60,11 @@ async fn graceful_stop_on(sig: &str, server_extra: &str, threads: usize) {
     assert_eq!(bin.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
 
-/// A child process killed and waited for when dropped: also when its test fails.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A signal sent the moment "ifmatch started" is logged is handled, not left to its default
 /// action, which kills the process: SIGHUP reloads, SIGTERM drains and exits 0. With one
 /// worker, before the fix, 15 SIGHUPs in 20 killed the process (and 17 SIGTERMs in 20).
 #[test]
 fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
-    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
     let dir = common::TempDir::new("signal-race");
@@ -91,7 +80,7 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
         (libc::SIGTERM, "stopped"),
     ] {
         for _ in 0..5 {
-            let mut child = Reaped(
+            let mut child = common::binary::Reaped(
                 Command::new(common::binary::BIN)
                     .arg("--config")
                     .arg(&path)
@@ -101,17 +90,8 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
                     .spawn()
                     .unwrap(),
             );
-            // Read on a thread of its own, so that a process that logs nothing more fails
-            // the test in 10 s instead of hanging it.
-            let stderr = child.0.stderr.take().unwrap();
-            let (tx, lines) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
+            // A process that logs nothing more fails the test in 10 s instead of hanging it.
+            let lines = common::binary::lines_of(child.0.stderr.take().unwrap());
             let mut seen = Vec::new();
             let mut wait_for = |needle: &str| loop {
                 match lines.recv_timeout(Duration::from_secs(10)) {

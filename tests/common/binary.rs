@@ -201,3 +201,28 @@ impl Drop for Binary {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A child process killed and waited for when dropped: also when its test fails.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines of a child's output, read on a thread of their own, so that a wait for one
+/// can time out (`recv_timeout`) instead of hanging the test on a child that says nothing.
+pub fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
