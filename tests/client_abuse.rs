@@ -155,9 +155,7 @@ async fn a_missing_repeated_or_malformed_host_is_refused_before_the_backend() {
 #[tokio::test]
 async fn an_http2_request_without_authority_or_host_is_refused_before_the_backend() {
     let (backend, proxy) = proxy_with("").await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let client = common::h2_client(proxy.addr).await;
     let send = |host: Option<&str>| {
         let mut req = http::Request::get("/x").body(()).unwrap();
         if let Some(host) = host {
