@@ -77,6 +77,10 @@ pub struct Server {
     /// `http2_max_concurrent_streams`): each holds its own buffers, so this bounds what one
     /// connection can make the proxy hold, as `max_connections` bounds connections.
     pub http2_max_concurrent_streams: u32,
+    /// Clients may speak HTTP/2 (h2 by ALPN on TLS, prior knowledge on plain TCP) as well as
+    /// HTTP/1.1; `false`: HTTP/1.1 only, as nginx's `http2 off` (where h2 is not wanted, or
+    /// not yet trusted). A reload applies it to new connections.
+    pub http2: bool,
     /// Largest request body forwarded; larger gets 413.
     pub max_request_body: u64,
     /// Time a client has to send a request head, also the longest a connection may sit
@@ -285,6 +289,7 @@ struct ServerToml {
     max_header_bytes: Option<Spanned<toml::Value>>,
     max_header_fields: Option<Spanned<i64>>,
     http2_max_concurrent_streams: Option<Spanned<i64>>,
+    http2: Option<Spanned<bool>>,
     max_request_body: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<String>>,
     tag_key: Option<Spanned<String>>,
@@ -815,6 +820,7 @@ impl Validator<'_> {
             max_header_bytes: header_bytes?,
             max_header_fields: header_fields?,
             http2_max_concurrent_streams: u32::try_from(h2_streams?).unwrap_or(u32::MAX),
+            http2: s.http2.as_ref().is_none_or(|v| *v.get_ref()),
             max_request_body: request_body?,
             header_read_timeout: header_read?,
         })
@@ -1293,6 +1299,7 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.upstream_read_buffer, 256 * 1024);
         assert_eq!(c.server.max_header_fields, 100);
         assert_eq!(c.server.http2_max_concurrent_streams, 128);
+        assert!(c.server.http2, "HTTP/2 is on unless turned off");
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
         assert_eq!(docs.upstream_etag, UpstreamEtag::Replace);
@@ -1590,6 +1597,12 @@ upstream = "http://localhost:9001/"
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\ntag_puts = \"yes\"\n",
                 6,
                 "route.tag_puts",
+                "invalid type",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nhttp2 = \"off\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.http2",
                 "invalid type",
             ),
             ("[server]\nlisten = \"127.0.0.1:1\"\n", 1, "route", "no [[route]]"),

@@ -214,6 +214,7 @@ async fn run(
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = config.server.tls.is_some(),
+        http2 = config.server.http2,
         routes = config.routes.len(),
         "ifmatch started"
     );

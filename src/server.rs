@@ -1,6 +1,6 @@
-//! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 (prior knowledge) on each
-//! with hyper-util's `auto` builder, closes connections left idle, and drains in-flight
-//! requests on shutdown.
+//! The listener: accepts connections, serves HTTP/1.1 and HTTP/2 (prior knowledge, or h2
+//! by ALPN) on each with hyper-util's `auto` builder (HTTP/1.1 only with `server.http2 =
+//! false`), closes connections left idle, and drains in-flight requests on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -118,7 +118,13 @@ pub async fn serve(
             tokio::spawn(refuse_connection(stream, proxy.tls().is_none()));
             continue;
         };
-        let (proxy, builder) = (proxy.clone(), builder.clone());
+        let proxy = proxy.clone();
+        let listening = proxy.listening();
+        let builder = match listening.http2 {
+            true => builder.clone(),
+            // An HTTP/2 preface is then a malformed HTTP/1.1 head: the connection is closed.
+            false => builder.clone().http1_only(),
+        };
         #[cfg(unix)]
         let socket = Some(Socket::of(&stream));
         #[cfg(not(unix))]
@@ -131,7 +137,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let counted = proxy.clone();
             let _open = counted.metrics.connection_opened();
-            match proxy.tls() {
+            match listening.tls {
                 None => serve_connection(stream, addr, "http", proxy, builder, ends).await,
                 Some(tls) => {
                     // In the connection's own task: a stalled handshake holds nothing else.

@@ -44,8 +44,9 @@ pub enum PemFile {
 }
 
 /// The listener's config: the certificate chain and key from PEM files (RSA, ECDSA or
-/// Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1. An error names the
-/// file it is with (a key that does not fit its certificate: the key).
+/// Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1 ([`offering`] takes h2
+/// out). An error names the file it is with (a key that does not fit its certificate: the
+/// key).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemFile, String)> {
     let chain = certs(cert).map_err(|e| (PemFile::Cert, e))?;
     let key = pem(key)
@@ -65,10 +66,29 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemF
                 format!("the key does not fit the certificate: {e}"),
             )
         })?;
-    // `http/1.0` too: rustls ends a handshake whose client offers nothing in this list, and
-    // an HTTP/1.0 client offering only that would get a fatal alert (nginx lists it too).
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    config.alpn_protocols = alpn(true);
     Ok(Arc::new(config))
+}
+
+/// The protocols a listener offers by ALPN, best first. `http/1.0` too: rustls ends a
+/// handshake whose client offers nothing in this list, and an HTTP/1.0 client offering only
+/// that would get a fatal alert (nginx lists it too).
+fn alpn(http2: bool) -> Vec<Vec<u8>> {
+    let all: [&[u8]; 3] = [b"h2", b"http/1.1", b"http/1.0"];
+    let from = usize::from(!http2);
+    all[from..].iter().map(|p| p.to_vec()).collect()
+}
+
+/// `config` offering h2 by ALPN or not (`server.http2`), whatever it offered before: the
+/// listener's certificates may be those kept from before a reload that changed `http2`.
+pub fn offering(config: &Arc<ServerConfig>, http2: bool) -> Arc<ServerConfig> {
+    let alpn = alpn(http2);
+    if config.alpn_protocols == alpn {
+        return config.clone();
+    }
+    let mut config = ServerConfig::clone(config);
+    config.alpn_protocols = alpn;
+    Arc::new(config)
 }
 
 /// A client config for `https://` upstreams, and a digest of the roots it trusts: a reload

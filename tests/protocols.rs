@@ -591,3 +591,69 @@ async fn an_http2_upload_that_stalls_gets_its_408_and_the_connection_serves_on()
         assert_eq!(backend.store.get("/docs/a").as_deref(), Some(&b"v1"[..]));
     }
 }
+
+/// `server.http2 = false` makes a plain listener speak HTTP/1.1 alone, as nginx's `http2
+/// off`: a client with HTTP/2 prior knowledge has its connection closed without an answer,
+/// and nothing reaches the backend. A reload (SIGHUP's) turns it off and on for new
+/// connections; one already speaking HTTP/2 goes on doing so.
+#[tokio::test]
+async fn http2_turned_off_and_on_by_a_reload_applies_to_new_connections() {
+    let backend =
+        common::ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "doc") })
+            .await;
+    let routes = route("/", "");
+    let proxy = Proxy::start(&routes, &backend.origin()).await;
+    let url = proxy.url("/doc");
+    let text = |http2: bool| {
+        let routes = routes.replace("{upstream}", &backend.origin());
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nhttp2 = {http2}\n{routes}")
+    };
+    let running = ifmatch::config::Config::parse(&text(true), "t.toml").unwrap();
+    let dir = common::TempDir::new("http2-switch");
+    let path = dir.join("ifmatch.toml");
+    let reload = |http2: bool| {
+        std::fs::write(&path, text(http2)).unwrap();
+        ifmatch::lifecycle::reload(&path, &proxy.state, &running);
+    };
+    let (mut before, _conn) = h2_connection(proxy.addr).await;
+    assert_eq!(h2_get(&mut before, &url).await, 200, "on by default");
+
+    reload(false);
+    let seen = backend.requests().len();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let answer = common::raw_exchange(proxy.addr, preface).await;
+    assert_eq!(
+        answer, "",
+        "an HTTP/2 preface is closed on without an answer"
+    );
+    let refused = Client::h2().try_send("GET", &url, &[], "").await;
+    assert!(
+        refused.is_err(),
+        "HTTP/2 prior knowledge is refused: {refused:?}"
+    );
+    assert_eq!(
+        backend.requests().len(),
+        seen,
+        "no HTTP/2 request was forwarded"
+    );
+    let metrics = proxy.state.render_metrics();
+    assert!(
+        metrics.contains("\nifmatch_malformed_requests_total{reason=\"invalid\"} 2\n"),
+        "both prefaces counted as heads refused: {metrics}"
+    );
+    let r = Client::new().get(&url, &[]).await;
+    assert_eq!(
+        (r.status, r.version, r.text()),
+        (200, Version::HTTP_11, "doc".to_owned())
+    );
+    assert_eq!(r.etag(), proxy.tag_of("doc"));
+    assert_eq!(
+        h2_get(&mut before, &url).await,
+        200,
+        "a connection speaking HTTP/2 before the reload goes on"
+    );
+
+    reload(true);
+    let r = Client::h2().get(&url, &[]).await;
+    assert_eq!((r.status, r.version), (200, Version::HTTP_2), "on again");
+}

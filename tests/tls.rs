@@ -675,3 +675,73 @@ fn a_ca_file_whose_certificate_cannot_be_read_is_refused_at_load() {
     assert!(e.starts_with("t.toml:6: route.ca_file: "), "{e}");
     assert!(e.contains(&ca.display().to_string()), "{e}");
 }
+
+/// The protocol a new TLS connection to `addr` settles on by ALPN when its client offers
+/// `offer`; `Err` when the handshake fails.
+async fn negotiated(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    offer: &[&str],
+) -> std::io::Result<Option<String>> {
+    let mut config = client_tls(ca_pem, rustls::ALL_VERSIONS);
+    config.alpn_protocols = offer.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let alpn = tls.get_ref().1.alpn_protocol();
+    Ok(alpn.map(|p| String::from_utf8_lossy(p).into_owned()))
+}
+
+/// With `server.http2 = false` a TLS listener offers HTTP/1.1 alone by ALPN: a client
+/// offering h2 and http/1.1, in either order, is spoken HTTP/1.1; one offering only h2 is
+/// refused at the handshake (RFC 7301's `no_application_protocol`), as nginx's `http2 off`
+/// does. A reload that turns HTTP/2 on offers h2 again, with the same certificates.
+#[tokio::test]
+async fn with_http2_off_a_tls_listener_offers_http_1_1_alone_by_alpn() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let pki = Pki::new("alpn-off", KeyType::EcdsaP256);
+    let text = |http2: bool| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nhttp2 = {http2}\n{}{}",
+            pki.server_toml(),
+            route("/docs/", "").replace("{upstream}", &backend.origin())
+        )
+    };
+    let proxy = Proxy::start_with(
+        &route("/docs/", ""),
+        &backend.origin(),
+        &format!("http2 = false\n{}", pki.server_toml()),
+    )
+    .await;
+    for offer in [["h2", "http/1.1"], ["http/1.1", "h2"]] {
+        let alpn = negotiated(proxy.addr, &pki.ca_pem, &offer).await.unwrap();
+        assert_eq!(alpn.as_deref(), Some("http/1.1"), "offered {offer:?}");
+    }
+    let refused = negotiated(proxy.addr, &pki.ca_pem, &["h2"]).await;
+    let e = refused.expect_err("a client offering only h2 is refused");
+    assert!(e.to_string().contains("NoApplicationProtocol"), "{e}");
+    let r = Client::tls(&pki.ca_pem, false)
+        .get(&proxy.https_url("/docs/a"), &[])
+        .await;
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_11));
+    assert_eq!(r.etag(), proxy.tag_of("v1"));
+
+    let dir = common::TempDir::new("alpn-reload");
+    let path = dir.join("ifmatch.toml");
+    std::fs::write(&path, text(true)).unwrap();
+    let running = Config::parse(&text(false), "t.toml").unwrap();
+    ifmatch::lifecycle::reload(&path, &proxy.state, &running);
+    let alpn = negotiated(proxy.addr, &pki.ca_pem, &["h2", "http/1.1"]).await;
+    assert_eq!(
+        alpn.unwrap().as_deref(),
+        Some("h2"),
+        "on again after the reload"
+    );
+    let r = Client::tls(&pki.ca_pem, true)
+        .get(&proxy.https_url("/docs/a"), &[])
+        .await;
+    assert_eq!((r.status, r.version), (200, http::Version::HTTP_2));
+}

@@ -73,7 +73,10 @@ struct Routing {
     upstream: UpstreamClient,
     tag_key: TagKey,
     /// The listener's TLS config: swapped by a reload like the rest (new certificates).
+    /// Its ALPN offers h2 exactly when `http2` is on.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Clients may speak HTTP/2 (`server.http2`).
+    http2: bool,
     max_header_bytes: u64,
     max_request_body: u64,
     /// Which tag key this is, counted from the first (see `Proxy::key_generation`).
@@ -94,7 +97,8 @@ impl Routing {
                 Some(p) => p.upstream.reloaded(config),
                 None => UpstreamClient::new(config),
             },
-            tls: s.tls.clone(),
+            tls: s.tls.as_ref().map(|t| crate::tls::offering(t, s.http2)),
+            http2: s.http2,
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
             key_generation: 0,
@@ -130,6 +134,12 @@ fn head_size(req: &Parts) -> u64 {
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     (line + fields) as u64
+}
+
+/// How a new client connection is served ([`Proxy::listening`]).
+pub struct Listening {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub http2: bool,
 }
 
 /// What the access log and span report about one request, and its body until forwarded.
@@ -303,6 +313,16 @@ impl Proxy {
     /// The TLS config for the next connection, when the listener is TLS.
     pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.routing.load().tls.clone()
+    }
+
+    /// How the next connection is served: TLS or not, HTTP/2 or not, from one config (a
+    /// reload between two looks could otherwise offer h2 by ALPN and then not speak it).
+    pub fn listening(&self) -> Listening {
+        let routing = self.routing.load();
+        Listening {
+            tls: routing.tls.clone(),
+            http2: routing.http2,
+        }
     }
 
     /// The key tags are made with now (tests compute expected tags with it).
