@@ -402,3 +402,61 @@ proptest! {
         prop_assert_eq!(got, vec![Ok(()); requests.len()]);
     }
 }
+
+/// Any bytes a client may send, built from the pieces framing is made of, so that heads,
+/// lengths, chunk sizes and line ends come up often, between random bytes.
+fn client_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just(b"GET /a HTTP/1.1\r\n".to_vec()),
+        Just(b"PUT /b HTTP/1.1\r\n".to_vec()),
+        Just(b"Host: x\r\n".to_vec()),
+        Just(b"Content-Length: ".to_vec()),
+        Just(b"content-length:".to_vec()),
+        Just(b"Transfer-Encoding: chunked\r\n".to_vec()),
+        Just(b"Transfer-Encoding: gzip, chunked\r\n".to_vec()),
+        Just(b"0\r\n\r\n".to_vec()),
+        Just(b"PRI * HTTP/2.0\r\n".to_vec()),
+        Just(b"\r\n".to_vec()),
+        Just(b"\n".to_vec()),
+        Just(b"\r".to_vec()),
+        Just(b";ext".to_vec()),
+        Just(b",".to_vec()),
+        Just(b" ".to_vec()),
+        (0u8..16).prop_map(|d| format!("{d:x}").into_bytes()),
+        prop::collection::vec(any::<u8>(), 0..4),
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|p| p.concat())
+}
+
+fn inspect(reads: &[&[u8]]) -> Vec<ifmatch::framing::Verdict> {
+    let verdicts = ifmatch::framing::Verdicts::default();
+    let mut tracker = ifmatch::framing::Tracker::new(verdicts.clone());
+    for r in reads {
+        tracker.feed(r);
+    }
+    let got = verdicts.lock().unwrap().drain(..).collect();
+    got
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Whatever a client sends, well framed or not, the framing inspector's verdicts do not
+    /// depend on how the kernel split the bytes into reads: the same stream read whole, a
+    /// byte at a time, or cut anywhere is judged alike. (A verdict that did would let a
+    /// request through or refuse it by the timing of its segments.)
+    #[test]
+    fn the_framing_inspector_judges_any_bytes_alike_however_the_reads_split_them(
+        stream in client_bytes(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let whole = inspect(&[&stream]);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        prop_assert_eq!(&inspect(&bytes), &whole, "a byte at a time");
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+        at.extend([0, stream.len()]);
+        at.sort_unstable();
+        let reads: Vec<&[u8]> = at.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
+        prop_assert_eq!(&inspect(&reads), &whole, "cut at {:?}", at);
+    }
+}
