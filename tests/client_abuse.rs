@@ -922,6 +922,73 @@ async fn a_slow_but_steady_reader_is_not_cut_off_one_that_stops_is() {
     drop(s);
 }
 
+/// A client still draining a large response slowly when its connection goes idle (the
+/// proxy has handed the whole body to hyper, so no request is in flight) is not cut off
+/// while it keeps reading: each grace that sees the socket's send queue go down earns
+/// another, and the body arrives whole. Cut off, the connection loses what hyper still
+/// holds (the kernel sends its own queue before the FIN, not what waits for room in it).
+/// The sizes are the stop test's (the queue holds about 3.4–3.8 MB with a 16 KiB receive
+/// buffer), so that some end in hyper's buffer. The client reads about 160 KB/s through the
+/// idle timeout and two graces: well under the third of the send buffer that must drain
+/// before the kernel takes more from hyper (at 1 MB/s hyper had flushed all before the
+/// first grace ended, and the test passed without the renewal); then fast, to stay short.
+#[tokio::test]
+async fn a_slow_reader_still_draining_its_last_response_is_not_cut_off_when_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sizes: Vec<usize> = (0..12).map(|i| 3_400_000 + i * 50_000).collect();
+    let backend = ScriptedBackend::start(|r| async move {
+        let n: usize = r.uri.path()[1..].parse().unwrap();
+        respond(200, &[], vec![b'x'; n])
+    })
+    .await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"1s\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\nmax_tag_body = \"64KiB\"\n",
+        backend.origin()
+    );
+    let bin = common::binary::Binary::start(&config, &[]).await;
+    let clients: Vec<_> = sizes
+        .iter()
+        .map(|&n| {
+            let addr = bin.addr;
+            tokio::spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_recv_buffer_size(16 * 1024).unwrap();
+                let mut s = socket.connect(addr).await.unwrap();
+                let head = format!("GET /{n} HTTP/1.1\r\nHost: a\r\n\r\n");
+                s.write_all(head.as_bytes()).await.unwrap();
+                let started = Instant::now();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Slowly for 3.5 s: a body that fits the queue and hyper's buffer is taken
+                // at once, the connection is idle 1 s later, its grace ends at 2 s, the
+                // next at 3 s.
+                while started.elapsed() < Duration::from_millis(3500) {
+                    let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf));
+                    match read.await.expect("a read within 2 s") {
+                        Ok(0) | Err(_) => return (n, got),
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                // Then the rest, up to the close once the connection is idle.
+                let rest = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got));
+                let _ = rest.await.expect("the connection closes");
+                (n, got)
+            })
+        })
+        .collect();
+    let mut short = Vec::new();
+    for client in clients {
+        let (n, got) = client.await.unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 200 "), "{n}: no response head");
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        if got.len() - head_end != n {
+            short.push((n, got.len() - head_end));
+        }
+    }
+    assert!(short.is_empty(), "bodies cut short (size, got): {short:?}");
+}
+
 /// An HTTP/2 client that reads nothing and pings now and then makes its socket's queue
 /// grow (the pings' acks): that is no progress, and its idle connection is still closed,
 /// giving back its `max_connections` slot.
