@@ -153,6 +153,15 @@ impl Activity {
         self.socket.and_then(Socket::unsent)
     }
 
+    /// How far the client has taken what was sent to it, now: to tell later whether it
+    /// took more ([`Reading::took_since`]).
+    pub fn reading(&self) -> Reading {
+        Reading {
+            queued: self.unsent(),
+            acked: self.socket.and_then(Socket::acked),
+        }
+    }
+
     /// A request is being answered (its response body included).
     pub fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) > 0
@@ -179,8 +188,7 @@ impl Activity {
             }
             let sending = self.sending.load(Ordering::Acquire) > 0;
             let progress = self.progress.load(Ordering::Acquire);
-            let queued = self.unsent();
-            let acked = self.socket.and_then(Socket::acked);
+            let before = self.reading();
             // A new period: a body moved in it once it notes this number or a later one. (A
             // chunk taken as the period turns may note the one before: that body is cut
             // only if it takes nothing more for the whole period either.)
@@ -195,17 +203,19 @@ impl Activity {
             // Or, whatever it asked and was answered meanwhile, the client's TCP stack took
             // not one byte of what waited for it all period: its receive buffer is full,
             // unread.
+            // Either way, not while the client took some of what waited for it: with
+            // much of a response still in hyper's hands, no chunk may move for a period
+            // while the kernel refills the socket from hyper as fast as the client reads.
             let now_sending = self.sending.load(Ordering::Acquire);
-            let unsent = self.unsent();
+            let now = self.reading();
+            let took = now.took_since(before);
             let waiting = |q: Option<u64>| q.is_some_and(|n| n > 0);
-            let took_nothing = waiting(queued)
-                && waiting(unsent)
-                && acked.is_some()
-                && acked == self.socket.and_then(Socket::acked);
+            let took_nothing =
+                waiting(before.queued) && waiting(now.queued) && now.acked.is_some() && !took;
             let stalled = sending
                 && now_sending > self.awaiting.load(Ordering::Acquire)
                 && (self.progress.load(Ordering::Acquire) == progress || took_nothing)
-                && !went_down(queued, unsent);
+                && !took;
             if busy && stalled {
                 return Idle::Stalled;
             }
@@ -253,10 +263,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether a socket's queue went down between two readings (both known): its client took
-/// some of it.
-pub fn went_down(before: Option<u64>, now: Option<u64>) -> bool {
-    matches!((before, now), (Some(before), Some(now)) if now < before)
+/// How far a client had taken what was sent to it ([`Activity::reading`]): the bytes it
+/// acknowledged, and what its socket held unacknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reading {
+    queued: Option<u64>,
+    acked: Option<u64>,
+}
+
+impl Reading {
+    /// Bytes the socket held that its client had not acknowledged (`None`: not known).
+    pub fn queued(self) -> Option<u64> {
+        self.queued
+    }
+
+    /// The client took some of what was sent to it between `before` and `self`: it
+    /// acknowledged more bytes; where that count is not known (before Linux 4.2), its
+    /// socket's queue went down. The queue alone can miss a steady reader: while hyper still
+    /// holds much of a response, the kernel takes more of it each time the client has read
+    /// a third of the socket's buffer, and the queue stands where it stood.
+    pub fn took_since(self, before: Reading) -> bool {
+        match (before.acked, self.acked) {
+            (Some(before), Some(now)) => now > before,
+            _ => matches!((before.queued, self.queued), (Some(b), Some(n)) if n < b),
+        }
+    }
 }
 
 /// A client connection's TCP socket, for its send queue. Valid while the connection's

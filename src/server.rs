@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use http::{Request, Version};
 use hyper::body::Incoming;
 
-use crate::activity::{went_down, Activity, AnsweredLocally, Idle, Socket, Tracked};
+use crate::activity::{Activity, AnsweredLocally, Idle, Reading, Socket, Tracked};
 use crate::config::{Config, Server};
 use crate::framing::{FramingError, Inspected, Verdicts};
 use crate::metrics::Closed;
@@ -250,23 +250,23 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// GOAWAY; one still sending a head (too slowly) does not close by itself.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The grace before a connection with no request in flight is cut off, and what its socket
-/// held unacknowledged as it began: [`IDLE_CLOSE_GRACE`] with nothing left to send, else
+/// The grace before a connection with no request in flight is cut off, and how far its
+/// client had read as it began: [`IDLE_CLOSE_GRACE`] with nothing left to send, else
 /// `send_timeout` (`header_read_timeout`, as for a stalled response). Polled once, so that
 /// it wakes the connection's task when it expires.
 fn arm_grace(
     cx: &mut Context<'_>,
-    queued: Option<u64>,
+    read: Reading,
     send_timeout: Duration,
-) -> (Option<u64>, Option<Pin<Box<tokio::time::Sleep>>>) {
-    let period = if queued.is_some_and(|q| q > 0) {
+) -> (Reading, Option<Pin<Box<tokio::time::Sleep>>>) {
+    let period = if read.queued().is_some_and(|q| q > 0) {
         send_timeout
     } else {
         IDLE_CLOSE_GRACE
     };
     let mut sleep = Box::pin(tokio::time::sleep(period));
     let _ = sleep.as_mut().poll(cx);
-    (queued, Some(sleep))
+    (read, Some(sleep))
 }
 
 /// What ends a connection besides its client: the proxy stopping, or no request for
@@ -363,19 +363,18 @@ async fn serve_connection<IO>(
     // `asked`: the connection was asked to close (keep-alive off, HTTP/2 GOAWAY).
     let (mut stopped, mut idled, mut asked) = (false, false, false);
     let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    // What the socket held unacknowledged when the grace began (see below).
-    let mut queued_at_grace: Option<u64> = None;
+    // How far the client had read when the grace began (see below).
+    let mut read_at_grace = Reading::default();
     let ended = std::future::poll_fn(|cx| {
         if let Some(grace) = &mut cut_off {
             if grace.as_mut().poll(cx).is_ready() {
                 // The last response's body can be done with while hyper still flushes its
-                // end to a slow reader: while the client takes some of the socket's queue
-                // (it went down, emptied included: hyper may not have refilled it yet),
-                // another grace. A queue that grew (the client pings, reads nothing) or
-                // stood still earns none.
-                let queued = activity.unsent();
-                if !activity.busy() && went_down(queued_at_grace, queued) {
-                    (queued_at_grace, cut_off) = arm_grace(cx, queued, ends.idle_timeout);
+                // end to a slow reader: while the client takes some of it (acknowledges
+                // more bytes), another grace. One that took nothing (it pings, reads
+                // nothing) earns none.
+                let now = activity.reading();
+                if !activity.busy() && now.took_since(read_at_grace) {
+                    (read_at_grace, cut_off) = arm_grace(cx, now, ends.idle_timeout);
                     return conn.as_mut().poll(cx);
                 }
                 // A head that came whole in the meantime is a request like any other: it is
@@ -421,7 +420,8 @@ async fn serve_connection<IO>(
                     // timeout while bytes are still queued), not the idle timer's wait.
                     if !activity.busy() && cut_off.is_none() {
                         idled = true;
-                        (queued_at_grace, cut_off) = arm_grace(cx, activity.unsent(), ends.idle_timeout);
+                        (read_at_grace, cut_off) =
+                            arm_grace(cx, activity.reading(), ends.idle_timeout);
                     }
                 }
                 if !asked && abused.as_mut().poll(&mut ecx).is_ready() {
@@ -447,7 +447,8 @@ async fn serve_connection<IO>(
                         tracing::debug!(client = %addr, "idle connection closed");
                         conn.as_mut().graceful_shutdown();
                     }
-                    (queued_at_grace, cut_off) = arm_grace(cx, activity.unsent(), ends.idle_timeout);
+                    (read_at_grace, cut_off) =
+                        arm_grace(cx, activity.reading(), ends.idle_timeout);
                 }
             }
         }
