@@ -560,11 +560,14 @@ where
                 if let Some(idle) = self.claim(origin, &mut taken.idle) {
                     return Ok(Turn::Conn(Box::new(idle)));
                 }
-                // Every permit held, and none of this pool's connections busy: an idle one
+                // Every permit held, and none of this pool's connections free: an idle one
                 // of another pool under the cap (another `ca_file`'s, or one a reload
-                // replaced), which this request cannot use, gives its place.
+                // replaced), which this request cannot use, gives its place. Also while
+                // this pool's own are busy: nothing says when their bodies end (a download
+                // may stream for minutes), and waiting for them left the request refused at
+                // its connect timeout while an allowed connection sat idle.
                 let mut recheck = None;
-                if taken.idle.is_empty() && open.available_permits() == 0 {
+                if open.available_permits() == 0 {
                     let (closed, others) = line.share.close_idle(origin);
                     if !closed && others {
                         recheck = Some(Box::pin(tokio::time::sleep(RECHECK)));

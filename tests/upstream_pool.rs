@@ -461,6 +461,42 @@ async fn an_idle_connection_of_another_pool_gives_its_place() {
     assert_eq!(backend.most_open(), 1);
 }
 
+/// ... and so it does while this pool's own connection is busy, its response body still
+/// streaming (a download): the waiting request cannot know when that body ends, and the
+/// idle connection it cannot use holds the place it needs. Under a cap of two, B's idle
+/// connection and A's busy one hold both places; A's next request is answered at once on a
+/// connection of its own, not refused at its connect timeout (README: a 503 is for a
+/// backend whose every allowed connection stays busy).
+#[tokio::test]
+async fn an_idle_connection_of_another_pool_gives_its_place_while_this_pools_own_is_busy() {
+    let backend = big_body_backend().await;
+    let origin = backend.origin();
+    let cap = ConnectionCap::new(2);
+    let connect_timeout = Duration::from_secs(2);
+    let (a, b) = (
+        capped_pool(cap.clone(), connect_timeout),
+        capped_pool(cap, connect_timeout),
+    );
+    // B's connection: idle, its response read whole.
+    assert_eq!(fetch(&b, &origin, "/b").await.1.len(), BIG);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A's connection: busy, its body unread (larger than the connection reads ahead).
+    let held = hold(&a, &origin, "/a").await;
+    let answered = tokio::time::timeout(Duration::from_millis(1500), async {
+        a.send(&upstream(&origin), get(&origin, "/c"), TIMEOUT)
+            .await
+            .map(|r| r.status().as_u16())
+    })
+    .await;
+    match answered {
+        Ok(Ok(200)) => {}
+        Ok(other) => panic!("refused, B's idle connection kept: {other:?}"),
+        Err(_) => panic!("still waiting after 1.5 s, B's idle connection kept"),
+    }
+    assert_eq!(backend.most_open(), 2, "the cap holds");
+    drop(held);
+}
+
 /// A connection that closes gives its place to a request waiting for one.
 #[tokio::test]
 async fn a_closed_connection_gives_its_place_to_a_waiting_request() {
