@@ -94,8 +94,9 @@ impl Share {
 }
 
 /// How often the first request in line looks again for an idle connection of another pool
-/// to close, while all the permits are held and this pool has no connection to watch: a
-/// connection of another pool coming free is not told to this pool's line.
+/// to close, while all the permits are held: a connection of another pool coming free is not
+/// told to this pool's line. Also how long it waits for its own pool's busy connections
+/// before it closes one (a short answer ends sooner than a new connection opens).
 const RECHECK: Duration = Duration::from_millis(50);
 
 /// A pool, to a share of a cap it counts under (`Share::pools`).
@@ -553,6 +554,7 @@ where
                 origin,
                 idle: Vec::new(),
             };
+            let began = Instant::now();
             loop {
                 let mut returned = pin!(line.returned.notified());
                 returned.as_mut().enable();
@@ -562,15 +564,21 @@ where
                 }
                 // Every permit held, and none of this pool's connections free: an idle one
                 // of another pool under the cap (another `ca_file`'s, or one a reload
-                // replaced), which this request cannot use, gives its place. Also while
-                // this pool's own are busy: nothing says when their bodies end (a download
-                // may stream for minutes), and waiting for them left the request refused at
-                // its connect timeout while an allowed connection sat idle.
+                // replaced), which this request cannot use, gives its place. While this
+                // pool's own are busy, only once they have had `RECHECK` to come free:
+                // nothing says when their bodies end (a download may stream for minutes),
+                // and waiting on them left the request refused at its connect timeout while
+                // an allowed connection sat idle; but a short answer ends sooner than a new
+                // connection opens, and the other pool would open one again.
                 let mut recheck = None;
                 if open.available_permits() == 0 {
-                    let (closed, others) = line.share.close_idle(origin);
-                    if !closed && others {
-                        recheck = Some(Box::pin(tokio::time::sleep(RECHECK)));
+                    if !taken.idle.is_empty() && began.elapsed() < RECHECK {
+                        recheck = Some(Box::pin(tokio::time::sleep_until(began + RECHECK)));
+                    } else {
+                        let (closed, others) = line.share.close_idle(origin);
+                        if !closed && others {
+                            recheck = Some(Box::pin(tokio::time::sleep(RECHECK)));
+                        }
                     }
                 }
                 let busy = &mut taken.idle;

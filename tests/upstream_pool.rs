@@ -497,6 +497,43 @@ async fn an_idle_connection_of_another_pool_gives_its_place_while_this_pools_own
     drop(held);
 }
 
+/// But a busy connection of this pool that comes free soon is waited for: a short answer
+/// ends sooner than a new connection opens, and the other pool's idle connection stays
+/// open for its next request (no connection is closed and opened again for nothing).
+#[tokio::test]
+async fn a_busy_connection_of_this_pool_that_frees_soon_is_waited_for_before_another_pools_idle_one_is_closed(
+) {
+    let backend = big_body_backend().await;
+    let origin = backend.origin();
+    let cap = ConnectionCap::new(2);
+    let connect_timeout = Duration::from_secs(2);
+    let (a, b) = (
+        capped_pool(cap.clone(), connect_timeout),
+        capped_pool(cap, connect_timeout),
+    );
+    assert_eq!(fetch(&b, &origin, "/b").await.1.len(), BIG);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A's connection: busy until its body is read, 10 ms after the next request waits.
+    let held = hold(&a, &origin, "/a").await;
+    let reader = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        held.into_body().collect().await.unwrap().to_bytes().len()
+    });
+    let (status, body) =
+        tokio::time::timeout(Duration::from_millis(1500), fetch(&a, &origin, "/c"))
+            .await
+            .expect("answered on A's own connection once it came free");
+    assert_eq!((status, body.len()), (200, BIG));
+    assert_eq!(reader.await.unwrap(), BIG);
+    assert_eq!(
+        backend.connections(),
+        2,
+        "B's idle connection was left open"
+    );
+    assert_eq!(fetch(&b, &origin, "/b").await.1.len(), BIG);
+    assert_eq!(backend.connections(), 2, "and B reused it");
+}
+
 /// A connection that closes gives its place to a request waiting for one.
 #[tokio::test]
 async fn a_closed_connection_gives_its_place_to_a_waiting_request() {
