@@ -1231,3 +1231,21 @@ async fn a_reload_that_changes_the_tag_key_forgets_the_tags_made_with_the_old_on
     assert_eq!(c.put(&url, &[("if-match", &new)], "v2").await.status, 204);
     assert_eq!(backend.store.get("/docs/a").unwrap(), "v2");
 }
+
+/// RFC 9110 §13.2.1: a server MUST ignore the conditional header fields on a method that
+/// neither selects nor modifies a representation, such as OPTIONS. An OPTIONS that carries
+/// a stale `If-Match` (or an `If-None-Match: *` on an existing document) is forwarded and
+/// gets the backend's answer, not a 412.
+#[tokio::test]
+async fn options_ignores_its_conditional_headers() {
+    for validation in ["revalidate", "cached"] {
+        let (_backend, proxy) = setup(&format!("validation = \"{validation}\"")).await;
+        let c = Client::new();
+        let url = proxy.url("/docs/a");
+        c.get(&url, &[]).await;
+        for cond in [("if-match", "\"stale\""), ("if-none-match", "*")] {
+            let r = c.send("OPTIONS", &url, &[cond], "").await;
+            assert_ne!(r.status, 412, "{validation}: OPTIONS with {cond:?}");
+        }
+    }
+}

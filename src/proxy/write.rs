@@ -186,7 +186,9 @@ impl Proxy {
             }
             false => None,
         };
-        if pre.guards_write() {
+        // A method that neither selects nor modifies a representation (OPTIONS) has its
+        // conditions ignored (RFC 9110 §13.2.1): no revalidation, no 412.
+        if pre.guards_write() && parts.method != Method::OPTIONS {
             if let Checked::Answer(rsp) = self.check(rt, route, key, pre, &parts, ex).await? {
                 return Ok(rsp);
             }
