@@ -170,6 +170,14 @@ impl TagStore {
         self.map.get(key).is_some_and(|e| e.upstream_tagged())
     }
 
+    /// Whether a representation of this resource was seen to be one of several (`Vary`, or
+    /// a content coding), not counted as a hit or a miss. `tag_puts` must not answer with
+    /// the tag of a PUT's body then: a writer may be given another representation (gzip),
+    /// whose tag a revalidation finds, and its next write would get a 412 it did not earn.
+    pub fn negotiated(&self, key: &ResourceKey) -> bool {
+        self.map.get(key).is_some_and(|e| e.negotiated())
+    }
+
     /// Remembers `known` as read by the GET that took `ticket`, unless a write finished
     /// since, or a newer read was already recorded.
     pub fn record(&self, key: &ResourceKey, known: Known, ticket: Ticket) {
