@@ -128,6 +128,11 @@ pub struct Route {
     pub require_precondition: bool,
     /// Time from sending a request to the upstream's response head.
     pub upstream_timeout: Duration,
+    /// How much longer a write whose answer did not come within `upstream_timeout` (its
+    /// client got 504), or whose client left, keeps its URL locked while the backend may
+    /// still carry it out: its exchange goes on, and the backend's late answer ends the
+    /// wait. Zero: the lock goes with the 504.
+    pub settle_timeout: Duration,
     /// Longest GET body that is buffered and tagged; longer ones stream through untagged.
     pub max_tag_body: u64,
     /// Longest wait for a URL's write lock before a 503.
@@ -315,6 +320,7 @@ struct RouteToml {
     #[serde(default)]
     require_precondition: bool,
     upstream_timeout: Option<Spanned<String>>,
+    settle_timeout: Option<Spanned<String>>,
     max_tag_body: Option<Spanned<toml::Value>>,
     lock_timeout: Option<Spanned<String>>,
     #[serde(default = "default_true")]
@@ -1028,6 +1034,13 @@ impl Validator<'_> {
             "route.upstream_timeout",
             DEFAULT_UPSTREAM_TIMEOUT,
         );
+        // By default the backend gets as long again to finish a write nobody waits for.
+        let settle_timeout = self.duration_from(
+            &r.settle_timeout,
+            "route.settle_timeout",
+            upstream_timeout.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT),
+            true,
+        );
         let lock_timeout =
             self.duration(&r.lock_timeout, "route.lock_timeout", DEFAULT_LOCK_TIMEOUT);
         let max_tag_body = self.size(&r.max_tag_body, "route.max_tag_body", DEFAULT_MAX_TAG_BODY);
@@ -1076,6 +1089,7 @@ impl Validator<'_> {
                 .map_or(Validation::Revalidate, |v| *v.get_ref()),
             require_precondition: r.require_precondition,
             upstream_timeout: upstream_timeout?,
+            settle_timeout: settle_timeout?,
             max_tag_body: max_tag_body?,
             lock_timeout: lock_timeout?,
             preserve_host: r.preserve_host,
@@ -1306,6 +1320,12 @@ upstream = "http://localhost:9001/"
         assert!(docs.require_precondition);
         assert_eq!(docs.max_tag_body, 1 << 20);
         assert_eq!(docs.upstream_timeout, Duration::from_secs(2));
+        assert_eq!(
+            docs.settle_timeout,
+            Duration::from_secs(2),
+            "upstream_timeout's"
+        );
+        assert_eq!(c.routes[1].settle_timeout, DEFAULT_UPSTREAM_TIMEOUT);
         assert_eq!(docs.upstream.origin, "http://127.0.0.1:9000");
         let root = &c.routes[1];
         assert_eq!(root.validation, Validation::Revalidate);
@@ -1598,6 +1618,12 @@ upstream = "http://localhost:9001/"
                 6,
                 "route.tag_puts",
                 "invalid type",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nsettle_timeout = \"later\"\n",
+                6,
+                "route.settle_timeout",
+                "is not a duration",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\nhttp2 = \"off\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",

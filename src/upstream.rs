@@ -224,6 +224,17 @@ impl UpstreamClient {
         route: &Route,
         req: Box<Request<UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
+        self.send_within(route, req, route.upstream_timeout).await
+    }
+
+    /// [`UpstreamClient::send`], waiting up to `timeout` for the response head instead of
+    /// the route's `upstream_timeout`.
+    pub async fn send_within(
+        &self,
+        route: &Route,
+        req: Box<Request<UpstreamBody>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, Error> {
         let upstream = || route.upstream.origin.clone();
         let pool = route
             .ca_file
@@ -231,10 +242,7 @@ impl UpstreamClient {
             .and_then(|p| self.by_ca_file.get(p))
             .unwrap_or(&self.pool);
         // Not bound to a name first: the future would be kept twice (see `Proxy::handle`).
-        match pool
-            .send(&route.upstream, req, route.upstream_timeout)
-            .await
-        {
+        match pool.send(&route.upstream, req, timeout).await {
             // No request goes up with `Upgrade` (it is hop-by-hop): a switch is one nobody
             // asked for, and neither an HTTP/1.1 nor an HTTP/2 client could be given it.
             Ok(rsp) if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
@@ -257,16 +265,15 @@ impl UpstreamClient {
                     reason,
                 }),
             },
-            Err(e) => Err(self.classify(&e, upstream(), route)),
+            Err(e) => Err(self.classify(&e, upstream(), route, timeout)),
         }
     }
 }
 
 impl UpstreamClient {
     /// Turns a send error into the proxy's error, keeping the innermost cause as the reason.
-    /// `route` is the one the request was sent for (its timeout, its `ca_file`).
-    fn classify(&self, e: &SendError, upstream: String, route: &Route) -> Error {
-        let timeout = route.upstream_timeout;
+    /// `route` is the one the request was sent for (its `ca_file`), `timeout` its timeout.
+    fn classify(&self, e: &SendError, upstream: String, route: &Route, timeout: Duration) -> Error {
         let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
             SendError::Connect(c) => (&**c, true),
             // hyper says "message head is too large" for both limits alike.

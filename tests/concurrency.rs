@@ -468,3 +468,50 @@ async fn an_http2_write_waiting_for_100_continue_holds_up_no_other_writer() {
     assert_eq!(waiting.await.unwrap().status(), 204);
     assert_eq!(backend.store.get("/docs/a").unwrap(), "v3");
 }
+
+/// Writer A's write reaches a backend slower than `upstream_timeout`: A is answered 504 at
+/// the timeout, but the backend carries the write out all the same (a closed connection does
+/// not stop a legacy handler). Writer B holds the same tag. Were B checked before A's write
+/// landed, B would pass and be answered 204, then A's write would land on top of it: both
+/// writers with one tag would have written. The exchange goes on for `settle_timeout` more
+/// (by default as long as `upstream_timeout`) with A's URL locked, so B is checked after A
+/// landed and gets 412.
+#[tokio::test]
+async fn a_write_that_timed_out_holds_its_url_until_the_backend_has_answered() {
+    let cases = [
+        // (route keys, how long the backend takes over A's write)
+        ("settle_timeout = \"3s\"", Duration::from_millis(1200)),
+        ("", Duration::from_millis(600)),
+    ];
+    for (settle, slow) in cases {
+        for validation in ["validation = \"revalidate\"", "validation = \"cached\""] {
+            let case = format!("{validation} {settle}");
+            let (backend, state) = store_that_finishes_what_it_started(slow).await;
+            let extra = format!("{validation}\nupstream_timeout = \"400ms\"\n{settle}");
+            let proxy = Proxy::start(&route("/docs/", &extra), &backend.origin()).await;
+            let url = proxy.url("/docs/a");
+            let c = Client::new();
+            let tag = c.get(&url, &[]).await.etag();
+
+            let sent = std::time::Instant::now();
+            let a = c.put(&url, &[("if-match", &tag)], "A").await;
+            assert_eq!(a.status, 504, "{case}: A timed out");
+            assert!(
+                sent.elapsed() < Duration::from_millis(550),
+                "{case}: A was answered at its timeout, not held for the settle"
+            );
+            assert_eq!(state.lock().unwrap().1, Vec::<String>::new(), "{case}");
+            let b = c.put(&url, &[("if-match", &tag)], "B").await;
+            assert_eq!(
+                b.status, 412,
+                "{case}: B was checked after A's write landed"
+            );
+            assert_eq!(
+                state.lock().unwrap().1,
+                ["A"],
+                "{case}: only A's write went up"
+            );
+            assert_eq!(b.etag(), proxy.tag_of("A"), "{case}");
+        }
+    }
+}

@@ -541,8 +541,20 @@ impl Proxy {
         route: &Route,
         req: Box<Request<upstream::UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
+        self.send_within(rt, route, req, route.upstream_timeout)
+            .await
+    }
+
+    /// [`Proxy::send`], waiting up to `timeout` for the response head.
+    async fn send_within(
+        &self,
+        rt: &Routing,
+        route: &Route,
+        req: Box<Request<upstream::UpstreamBody>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, Error> {
         let start = Instant::now();
-        let rsp = rt.upstream.send(route, req).await;
+        let rsp = rt.upstream.send_within(route, req, timeout).await;
         if matches!(rsp, Ok(_) | Err(Error::UpstreamTimeout { .. })) {
             self.metrics
                 .upstream_latency(&route.metric_labels, start.elapsed());

@@ -348,9 +348,20 @@ impl Proxy {
         // have landed after this one's.
         let sending = shared.then(|| self.tags.ticket());
         let req = Box::new(Request::from_parts(parts, body));
+        // A write sent whole that changes state: should the backend not answer within
+        // `upstream_timeout`, its client is answered 504, and the exchange goes on for
+        // `settle_timeout` more with the URL locked (`InFlight`): the write may still land,
+        // and a writer let through meanwhile could be overwritten by it. (A body that
+        // streams keeps the one timeout: it also measures the client's pauses, 408.)
+        let within = route.upstream_timeout;
+        let settles = (held.is_some() && invalidation.is_some() && !route.settle_timeout.is_zero())
+            .then(|| within + route.settle_timeout);
         let (me, rt2, route2) = (self.clone(), rt.clone(), route.clone());
         let mut in_flight = InFlight {
-            answer: Some(Box::pin(async move { me.send(&rt2, &route2, req).await })),
+            answer: Some(Box::pin(async move {
+                let timeout = settles.unwrap_or(route2.upstream_timeout);
+                me.send_within(&rt2, &route2, req, timeout).await
+            })),
             invalidation,
             guard,
             held,
@@ -359,7 +370,19 @@ impl Proxy {
         // answer, its line says the write's status is unknown.
         ex.upstream_status = None;
         ex.sent = true;
-        let mut rsp = in_flight.answer().await?;
+        let answer = in_flight.answer();
+        let answered = match settles {
+            Some(_) => tokio::time::timeout(within, answer).await,
+            None => Ok(answer.await),
+        };
+        let Ok(answered) = answered else {
+            // Dropped with its answer to come, `in_flight` waits on for it in a task.
+            return Err(Error::UpstreamTimeout {
+                upstream: route.upstream.origin.clone(),
+                after: within,
+            });
+        };
+        let mut rsp = answered?;
         in_flight.held = None;
         // Declared after `in_flight`, so dropped before it lets the lock go.
         let mut invalidation = in_flight.invalidation.take();
@@ -512,8 +535,9 @@ type Answer = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + S
 /// legacy backend does not stop a write because the connection closed. So if this is dropped
 /// before the answer (the client left), the exchange runs on in a task of its own, and the
 /// invalidation and the lock are let go only once the backend has answered (or
-/// `upstream_timeout` has passed). Otherwise a later writer would be checked against a state
-/// this write may still change, and both could land.
+/// its timeout has passed: `upstream_timeout`, and `settle_timeout` more for a body sent
+/// whole). Otherwise a later writer would be checked against a state this write may still
+/// change, and both could land.
 struct InFlight {
     answer: Option<Answer>,
     // Field order: the tags are dropped before the lock is let go.
@@ -546,7 +570,26 @@ impl Drop for InFlight {
         // Without a runtime (the process is ending) there is nobody left to wait for.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = answer.await;
+                let answered = answer.await;
+                // What became of a write whose client was told 504 or had left: an
+                // operator asked "did it go through?" finds it here.
+                let resource = invalidation.as_ref().and_then(|i| i.keys[0].as_ref());
+                if let Some(resource) = resource.map(ResourceKey::as_str) {
+                    match &answered {
+                        Ok(rsp) => tracing::info!(
+                            resource,
+                            status = rsp.status().as_u16(),
+                            "the backend answered a write after its client stopped waiting; \
+                             its URL was kept locked until now"
+                        ),
+                        Err(error) => tracing::info!(
+                            resource,
+                            %error,
+                            "a write its client stopped waiting for got no answer; its URL \
+                             was kept locked until now"
+                        ),
+                    }
+                }
                 // The tag is forgotten before the lock goes: in the other order, a writer
                 // taking the lock on another worker could be judged by the old tag.
                 drop((held, invalidation));
