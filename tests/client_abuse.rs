@@ -1517,102 +1517,75 @@ async fn a_head_just_over_a_raised_limit_gets_the_proxys_problem_not_a_bare_431(
     assert!(backend.requests().is_empty());
 }
 
-/// The same while the proxy still has much of the response to write (a large
-/// `upstream_read_buffer` hands hyper megabytes at a time): the kernel then refills the
-/// socket's queue from what hyper holds as fast as the client drains it, so the queue's
-/// length says nothing of the client's progress, and a reader taking ~1.5 MB/s was cut off
+/// Six clients (64 KiB receive buffers) each ask a binary with a 1 s send timeout and a
+/// 16 MiB `upstream_read_buffer` for a `len`-byte body, sent untagged, and read it in reads
+/// of up to `read` bytes 32 ms apart until the connection closes (`closing`: they ask for
+/// the close; else it closes once idle); each body must arrive whole. With so large a read
+/// buffer hyper holds megabytes of the response at a time, and the kernel refills the
+/// socket's queue from them as fast as the client drains it. Returns the binary's log.
+async fn steady_readers_of(len: usize, read: usize, closing: bool) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend =
+        ScriptedBackend::start(move |_| async move { respond(200, &[], vec![b'x'; len]) }).await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"1s\"\nupstream_read_buffer = \"16MiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\nmax_tag_body = \"64KiB\"\n",
+        backend.origin()
+    );
+    let bin = common::binary::Binary::start(&config, &[]).await;
+    let head = match closing {
+        true => "GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        false => "GET /big HTTP/1.1\r\nHost: a\r\n\r\n",
+    };
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = bin.addr;
+            tokio::spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_recv_buffer_size(64 * 1024).unwrap();
+                let mut s = socket.connect(addr).await.unwrap();
+                s.write_all(head.as_bytes()).await.unwrap();
+                let mut got = Vec::with_capacity(len + 1024);
+                let mut buf = vec![0u8; read];
+                loop {
+                    let next = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf));
+                    match next.await.expect("a read within 5 s") {
+                        Ok(0) | Err(_) => return got,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                    tokio::time::sleep(Duration::from_millis(32)).await;
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        let got = client.await.unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 200 "), "no response head");
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(got.len() - head_end, len, "the body, whole");
+    }
+    bin.log()
+}
+
+/// The same while the proxy still has much of the response to write: the queue's length
+/// then says nothing of the client's progress, and a reader taking ~1.5 MB/s was cut off
 /// at a grace's end whenever the queue happened to stand no lower than when the grace
 /// began. The bytes the client acknowledged say it: they only grow while it reads.
 #[tokio::test]
 async fn a_reader_draining_a_response_the_proxy_still_holds_is_not_cut_off_when_idle() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const LEN: usize = 8_000_000;
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; LEN]) }).await;
-    let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"1s\"\nupstream_read_buffer = \"16MiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\nmax_tag_body = \"64KiB\"\n",
-        backend.origin()
-    );
-    let bin = common::binary::Binary::start(&config, &[]).await;
-    let clients: Vec<_> = (0..6)
-        .map(|_| {
-            let addr = bin.addr;
-            tokio::spawn(async move {
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket.set_recv_buffer_size(64 * 1024).unwrap();
-                let mut s = socket.connect(addr).await.unwrap();
-                s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
-                    .await
-                    .unwrap();
-                let mut got = Vec::with_capacity(LEN + 1024);
-                let mut buf = vec![0u8; 48 * 1024];
-                // About 1.5 MB/s until the connection closes, as it does once idle.
-                loop {
-                    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf));
-                    match read.await.expect("a read within 5 s") {
-                        Ok(0) | Err(_) => return got,
-                        Ok(k) => got.extend_from_slice(&buf[..k]),
-                    }
-                    tokio::time::sleep(Duration::from_millis(32)).await;
-                }
-            })
-        })
-        .collect();
-    for client in clients {
-        let got = client.await.unwrap();
-        assert!(got.starts_with(b"HTTP/1.1 200 "), "no response head");
-        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        assert_eq!(got.len() - head_end, LEN, "the body, whole");
-    }
+    steady_readers_of(8_000_000, 48 * 1024, false).await;
 }
 
 /// A steady reader of a response still in flight, while no chunk of it moves for a whole
-/// send timeout (hyper holds megabytes of one, with a large `upstream_read_buffer`, and the
-/// kernel refills the socket from it as the client reads), is not taken for one that
-/// stopped reading: the bytes it acknowledges grow, whatever the queue's length says.
-/// Before, ~3 MB/s readers of 24 MB bodies were cut off as stalled.
+/// send timeout (hyper holds megabytes of one, and the kernel refills the socket from it as
+/// the client reads), is not taken for one that stopped reading: the bytes it acknowledges
+/// grow, whatever the queue's length says. Before, ~3 MB/s readers of 24 MB bodies were
+/// cut off as stalled.
 #[tokio::test]
 async fn a_steady_reader_of_a_response_whose_chunks_stand_still_is_not_cut_off() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const LEN: usize = 24_000_000;
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], vec![b'x'; LEN]) }).await;
-    let config = format!(
-        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"1s\"\nupstream_read_buffer = \"16MiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\nmax_tag_body = \"64KiB\"\n",
-        backend.origin()
-    );
-    let bin = common::binary::Binary::start(&config, &[]).await;
-    let clients: Vec<_> = (0..6)
-        .map(|_| {
-            let addr = bin.addr;
-            tokio::spawn(async move {
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket.set_recv_buffer_size(64 * 1024).unwrap();
-                let mut s = socket.connect(addr).await.unwrap();
-                s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                    .await
-                    .unwrap();
-                let mut got = Vec::with_capacity(LEN + 1024);
-                let mut buf = vec![0u8; 96 * 1024];
-                // About 3 MB/s until the response ends with the connection.
-                loop {
-                    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf));
-                    match read.await.expect("a read within 5 s") {
-                        Ok(0) | Err(_) => return got,
-                        Ok(k) => got.extend_from_slice(&buf[..k]),
-                    }
-                    tokio::time::sleep(Duration::from_millis(32)).await;
-                }
-            })
-        })
-        .collect();
-    for client in clients {
-        let got = client.await.unwrap();
-        assert!(got.starts_with(b"HTTP/1.1 200 "), "no response head");
-        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        assert_eq!(got.len() - head_end, LEN, "the body, whole");
-    }
+    let log = steady_readers_of(24_000_000, 96 * 1024, true).await;
     let cut = "its client stopped reading";
     assert!(
-        !bin.log().iter().any(|l| l.contains(cut)),
+        !log.iter().any(|l| l.contains(cut)),
         "a steady reader was cut off"
     );
 }

@@ -461,14 +461,16 @@ async fn an_idle_connection_of_another_pool_gives_its_place() {
     assert_eq!(backend.most_open(), 1);
 }
 
-/// ... and so it does while this pool's own connection is busy, its response body still
-/// streaming (a download): the waiting request cannot know when that body ends, and the
-/// idle connection it cannot use holds the place it needs. Under a cap of two, B's idle
-/// connection and A's busy one hold both places; A's next request is answered at once on a
-/// connection of its own, not refused at its connect timeout (README: a 503 is for a
-/// backend whose every allowed connection stays busy).
-#[tokio::test]
-async fn an_idle_connection_of_another_pool_gives_its_place_while_this_pools_own_is_busy() {
+/// Two pools under a cap of two connections to a backend of `BIG` bodies, a 2 s connect
+/// timeout: B's connection idle (its response read whole), A's busy (its response's body
+/// unread, larger than the connection reads ahead), which holds both places.
+async fn one_idle_one_busy_under_a_cap_of_two() -> (
+    ScriptedBackend,
+    String,
+    Arc<Pool<HttpConnector>>,
+    Arc<Pool<HttpConnector>>,
+    http::Response<hyper::body::Incoming>,
+) {
     let backend = big_body_backend().await;
     let origin = backend.origin();
     let cap = ConnectionCap::new(2);
@@ -477,11 +479,21 @@ async fn an_idle_connection_of_another_pool_gives_its_place_while_this_pools_own
         capped_pool(cap.clone(), connect_timeout),
         capped_pool(cap, connect_timeout),
     );
-    // B's connection: idle, its response read whole.
     assert_eq!(fetch(&b, &origin, "/b").await.1.len(), BIG);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // A's connection: busy, its body unread (larger than the connection reads ahead).
     let held = hold(&a, &origin, "/a").await;
+    (backend, origin, a, b, held)
+}
+
+/// ... and so it does while this pool's own connection is busy, its response body still
+/// streaming (a download): the waiting request cannot know when that body ends, and the
+/// idle connection it cannot use holds the place it needs. Under a cap of two, B's idle
+/// connection and A's busy one hold both places; A's next request is answered at once on a
+/// connection of its own, not refused at its connect timeout (README: a 503 is for a
+/// backend whose every allowed connection stays busy).
+#[tokio::test]
+async fn an_idle_connection_of_another_pool_gives_its_place_while_this_pools_own_is_busy() {
+    let (backend, origin, a, _b, held) = one_idle_one_busy_under_a_cap_of_two().await;
     let answered = tokio::time::timeout(Duration::from_millis(1500), async {
         a.send(&upstream(&origin), get(&origin, "/c"), TIMEOUT)
             .await
@@ -503,18 +515,8 @@ async fn an_idle_connection_of_another_pool_gives_its_place_while_this_pools_own
 #[tokio::test]
 async fn a_busy_connection_of_this_pool_that_frees_soon_is_waited_for_before_another_pools_idle_one_is_closed(
 ) {
-    let backend = big_body_backend().await;
-    let origin = backend.origin();
-    let cap = ConnectionCap::new(2);
-    let connect_timeout = Duration::from_secs(2);
-    let (a, b) = (
-        capped_pool(cap.clone(), connect_timeout),
-        capped_pool(cap, connect_timeout),
-    );
-    assert_eq!(fetch(&b, &origin, "/b").await.1.len(), BIG);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // A's connection: busy until its body is read, 10 ms after the next request waits.
-    let held = hold(&a, &origin, "/a").await;
+    let (backend, origin, a, b, held) = one_idle_one_busy_under_a_cap_of_two().await;
+    // A's connection comes free once its body is read, 10 ms after the next request waits.
     let reader = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(10)).await;
         held.into_body().collect().await.unwrap().to_bytes().len()
