@@ -577,10 +577,12 @@ pub enum Collected {
         dropped_trailers: bool,
     },
     /// The body passed the limit: the chunks read so far (holding `held`) and the rest,
-    /// still streaming.
+    /// still streaming. `kept`: false when a read only for the tag had let its chunks go
+    /// before (`chunks` is then empty): the rest is not the body, and must not be sent as it.
     TooLarge {
         chunks: VecDeque<Bytes>,
         held: Share,
+        kept: bool,
         rest: Incoming,
     },
     /// Holding the next chunk would have taken the bytes held by all requests past
@@ -689,6 +691,7 @@ pub async fn read_tagged(
             return Ok(Collected::TooLarge {
                 chunks,
                 held,
+                kept,
                 rest: body,
             });
         }

@@ -810,3 +810,26 @@ async fn a_dripping_upload_read_whole_gives_its_share_back_and_still_goes_throug
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     assert_eq!(backend.store.get("/docs/drip").unwrap().len(), len);
 }
+
+/// A GET judged by tags (`If-None-Match`) whose chunked body runs out of room and then
+/// grows past `max_tag_body`: the chunks it let go when the room ran out are not there to
+/// send, so it must not be sent from where the limit was crossed: it gets its whole body.
+#[tokio::test]
+async fn a_judged_get_whose_chunked_body_outgrows_the_budget_then_the_limit_is_sent_whole() {
+    // Two held bodies take 128 KiB of the 160: 32 KiB of room for a 192 KiB chunked body,
+    // whose tagging limit is 128 KiB.
+    let (proxy, gate) = behind_a_bound("160KiB").await;
+    let held = hold_two(&proxy).await;
+    let doc = "/docs/chunkedbig-1";
+    let rsp = Client::new()
+        .get(&proxy.url(doc), &[("if-none-match", "\"stale\"")])
+        .await;
+    assert_eq!((rsp.status, rsp.header("etag")), (200, None));
+    assert_eq!(
+        rsp.body.len(),
+        192 * KIB,
+        "the whole body, not what came after the limit"
+    );
+    assert_eq!(rsp.body, body_of(doc, 192 * KIB));
+    release(&proxy, &gate, held).await;
+}

@@ -133,11 +133,12 @@ impl Proxy {
                 } else if let Some(body) = body {
                     body
                 } else {
-                    // `tag` hashes without holding only when `again` is kept, and then
-                    // always finds the tag.
-                    let (Some(again), Some(tag)) = (again, current.tag) else {
+                    // `tag` lets a GET's body go only when `again` is kept: hashed whole
+                    // (tagged), or let go before it passed `max_tag_body` (untagged).
+                    let Some(again) = again else {
                         unreachable!("a GET hashed without being held")
                     };
+                    let tag = current.tag;
                     // Boxed: rare, and its future would otherwise grow every GET's.
                     return Box::pin(self.send_again(rt, route, again, tag, pre, ex)).await;
                 };
@@ -156,7 +157,8 @@ impl Proxy {
     }
 
     /// Sends a GET judged by tags again, its first body having been hashed without being
-    /// held (see `read`), and sends the new body on. A response that is no longer a whole
+    /// held (see `read`), or let go before it passed `max_tag_body` (`tag` is then `None`:
+    /// sent untagged, as a body over the limit is), and sends the new body on. A response that is no longer a whole
     /// 200 passes through as it is; an empty one is whole already, and is judged again on
     /// its own tag.
     ///
@@ -172,7 +174,7 @@ impl Proxy {
         rt: &Routing,
         route: &Route,
         req: Box<Request<upstream::UpstreamBody>>,
-        tag: ETag,
+        tag: Option<ETag>,
         pre: &Preconditions,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
@@ -213,10 +215,10 @@ impl Proxy {
         let cut_is_visible =
             body.size_hint().exact().is_some() || ex.client_version != Version::HTTP_10;
         let idle = route.upstream_timeout;
-        if !(names_tags(&pre.if_match) && cut_is_visible) {
+        let Some(tag) = tag.filter(|_| names_tags(&pre.if_match) && cut_is_visible) else {
             ex.outcome = "untagged";
             return Ok(Response::from_parts(rparts, ProxyBody::stream(body, idle)));
-        }
+        };
         // Its trailers are dropped with the check: none are announced.
         rparts.headers.remove(header::TRAILER);
         rparts.headers.insert(ETAG, tag.to_header());
@@ -349,9 +351,17 @@ impl Proxy {
                     let body = kept.then(|| ProxyBody::chunks(chunks, Some(held), None, idle));
                     (Some(tag), false, body)
                 }
-                Ok(Collected::TooLarge { chunks, held, rest }) => {
-                    let body = ProxyBody::chunks(chunks, Some(held), Some(rest), idle);
-                    (None, false, Some(body))
+                Ok(Collected::TooLarge {
+                    chunks,
+                    held,
+                    kept,
+                    rest,
+                }) => {
+                    // Its start let go when the room ran out (read only for its tag), what is
+                    // left is no body to send: a GET judged by tags fetches it again.
+                    let body =
+                        kept.then(|| ProxyBody::chunks(chunks, Some(held), Some(rest), idle));
+                    (None, false, body)
                 }
                 Ok(Collected::OverBudget { chunks, held, rest }) => {
                     self.over_budget(route, Unheld::Response);
