@@ -158,9 +158,9 @@ impl Proxy {
 
     /// Sends a GET judged by tags again, its first body having been hashed without being
     /// held (see `read`), or let go before it passed `max_tag_body` (`tag` is then `None`:
-    /// sent untagged, as a body over the limit is), and sends the new body on. A response that is no longer a whole
-    /// 200 passes through as it is; an empty one is whole already, and is judged again on
-    /// its own tag.
+    /// sent untagged, as a body over the limit is), and sends the new body on. A response
+    /// that is no longer a whole 200 passes through as it is; an empty one is whole already,
+    /// and is judged again on its own tag.
     ///
     /// Under the judged `tag` only for an `If-Match` naming tags, whose client asked for that
     /// representation and no other, and only where a cut is visible (a declared length,
