@@ -99,6 +99,28 @@ impl Share {
 /// before it closes one (a short answer ends sooner than a new connection opens).
 const RECHECK: Duration = Duration::from_millis(50);
 
+/// Where a request stands under `upstream_max_connections`, for a caller that times it
+/// from outside ([`Pool::send_queued`]): not queued, waiting for a turn, or given its turn
+/// at an instant (its timeout runs from there).
+#[derive(Debug, Default)]
+pub struct Queued(Mutex<Option<Option<Instant>>>);
+
+impl Queued {
+    fn set(&self, state: Option<Option<Instant>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
+    /// When a timer of `timeout` set at `deadline - timeout` should end instead, given the
+    /// request's waits: later while it still waits, from its turn once it got one.
+    pub fn deadline(&self, deadline: Instant, timeout: Duration) -> Instant {
+        match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => deadline,
+            Some(None) => deadline.max(Instant::now() + timeout),
+            Some(Some(turn)) => deadline.max(turn + timeout),
+        }
+    }
+}
+
 /// A pool, to a share of a cap it counts under (`Share::pools`).
 trait CloseIdle: Send + Sync {
     /// Closes one idle, ready connection to `origin`, if there is one.
@@ -308,8 +330,20 @@ where
     pub async fn send(
         &self,
         upstream: &Upstream,
+        req: Box<Request<UpstreamBody>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, SendError> {
+        self.send_queued(upstream, req, timeout, None).await
+    }
+
+    /// [`Pool::send`], telling `queued` when the request waits for a turn and when it gets
+    /// one: its `timeout` then runs from the turn, and so must a caller's own timer.
+    pub async fn send_queued(
+        &self,
+        upstream: &Upstream,
         mut req: Box<Request<UpstreamBody>>,
         timeout: Duration,
+        queued: Option<&Queued>,
     ) -> Result<Response<Incoming>, SendError> {
         let origin = upstream.origin.as_str();
         // One timeout for all attempts, from the first; and one replay at most: a request
@@ -399,6 +433,9 @@ where
                 break None;
             };
             let since = *waiting.get_or_insert_with(Instant::now);
+            if let Some(q) = queued.filter(|_| !replayed) {
+                q.set(Some(None));
+            }
             let turn = self.wait_turn(origin, line.clone(), since);
             // A request sent again has its one timeout running (below): its wait for a turn
             // ends with it, not only at the connect timeout.
@@ -415,6 +452,9 @@ where
             // client told 504). Not for a request sent again: its attempts share one timeout.
             if !matches!(turn, Turn::Free(_)) && !replayed {
                 start = None;
+            }
+            if let Some(q) = queued.filter(|_| !replayed) {
+                q.set(Some(Some(Instant::now())));
             }
             match turn {
                 Turn::Free(permit) | Turn::Permit(permit) => break Some((line.clone(), permit)),

@@ -224,16 +224,19 @@ impl UpstreamClient {
         route: &Route,
         req: Box<Request<UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
-        self.send_within(route, req, route.upstream_timeout).await
+        self.send_within(route, req, route.upstream_timeout, None)
+            .await
     }
 
     /// [`UpstreamClient::send`], waiting up to `timeout` for the response head instead of
-    /// the route's `upstream_timeout`.
+    /// the route's `upstream_timeout`; `queued` is told of its wait for a turn
+    /// ([`crate::pool::Pool::send_queued`]).
     pub async fn send_within(
         &self,
         route: &Route,
         req: Box<Request<UpstreamBody>>,
         timeout: Duration,
+        queued: Option<&crate::pool::Queued>,
     ) -> Result<Response<Incoming>, Error> {
         let upstream = || route.upstream.origin.clone();
         let pool = route
@@ -242,7 +245,10 @@ impl UpstreamClient {
             .and_then(|p| self.by_ca_file.get(p))
             .unwrap_or(&self.pool);
         // Not bound to a name first: the future would be kept twice (see `Proxy::handle`).
-        match pool.send(&route.upstream, req, timeout).await {
+        match pool
+            .send_queued(&route.upstream, req, timeout, queued)
+            .await
+        {
             // No request goes up with `Upgrade` (it is hop-by-hop): a switch is one nobody
             // asked for, and neither an HTTP/1.1 nor an HTTP/2 client could be given it.
             Ok(rsp) if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {

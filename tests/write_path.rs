@@ -1249,3 +1249,31 @@ async fn options_ignores_its_conditional_headers() {
         }
     }
 }
+
+/// Under `upstream_max_connections`, a write that waits its turn has its whole
+/// `upstream_timeout` from the turn (README), as a GET has: two PUTs (to two URLs) to a
+/// capped backend that takes 600 ms each both get 204 under a 1 s timeout, the second at
+/// ~1.2 s. The 504 a write sent whole gets while its exchange settles was timed from before
+/// the wait: the second PUT got 504 at 1 s, and the backend stored it all the same.
+#[tokio::test]
+async fn a_write_that_waited_its_turn_has_its_whole_timeout_after_it() {
+    let backend = ScriptedBackend::start(|_| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        respond(204, &[], "")
+    })
+    .await;
+    let routes = route("/", "upstream_timeout = \"1s\"");
+    let proxy = Proxy::start_with(&routes, &backend.origin(), "upstream_max_connections = 1").await;
+    let c = Client::new();
+    let (a, b) = (proxy.url("/a"), proxy.url("/b"));
+    let started = std::time::Instant::now();
+    let (first, second) = tokio::join!(c.put(&a, &[], "x"), c.put(&b, &[], "y"));
+    let took = started.elapsed();
+    assert_eq!(
+        (first.status, second.status),
+        (204, 204),
+        "after {took:?}, both stored: {:?}",
+        backend.requests().len()
+    );
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+}

@@ -541,20 +541,22 @@ impl Proxy {
         route: &Route,
         req: Box<Request<upstream::UpstreamBody>>,
     ) -> Result<Response<Incoming>, Error> {
-        self.send_within(rt, route, req, route.upstream_timeout)
+        self.send_within(rt, route, req, route.upstream_timeout, None)
             .await
     }
 
-    /// [`Proxy::send`], waiting up to `timeout` for the response head.
+    /// [`Proxy::send`], waiting up to `timeout` for the response head; `queued` is told of
+    /// its wait for a turn.
     async fn send_within(
         &self,
         rt: &Routing,
         route: &Route,
         req: Box<Request<upstream::UpstreamBody>>,
         timeout: Duration,
+        queued: Option<&crate::pool::Queued>,
     ) -> Result<Response<Incoming>, Error> {
         let start = Instant::now();
-        let rsp = rt.upstream.send_within(route, req, timeout).await;
+        let rsp = rt.upstream.send_within(route, req, timeout, queued).await;
         if matches!(rsp, Ok(_) | Err(Error::UpstreamTimeout { .. })) {
             self.metrics
                 .upstream_latency(&route.metric_labels, start.elapsed());

@@ -356,11 +356,15 @@ impl Proxy {
         let within = route.upstream_timeout;
         let settles = (held.is_some() && invalidation.is_some() && !route.settle_timeout.is_zero())
             .then(|| within + route.settle_timeout);
-        let (me, rt2, route2) = (self.clone(), rt.clone(), route.clone());
+        // Under `upstream_max_connections`, the 504's timer runs from the request's turn, as
+        // the backend's does: not from before a wait that left it little time.
+        let queued = Arc::new(crate::pool::Queued::default());
+        let (me, rt2, route2, queued2) = (self.clone(), rt.clone(), route.clone(), queued.clone());
         let mut in_flight = InFlight {
             answer: Some(Box::pin(async move {
                 let timeout = settles.unwrap_or(route2.upstream_timeout);
-                me.send_within(&rt2, &route2, req, timeout).await
+                let queued = Some(&*queued2);
+                me.send_within(&rt2, &route2, req, timeout, queued).await
             })),
             invalidation,
             guard,
@@ -370,12 +374,25 @@ impl Proxy {
         // answer, its line says the write's status is unknown.
         ex.upstream_status = None;
         ex.sent = true;
-        let answer = in_flight.answer();
-        let answered = match settles {
-            Some(_) => tokio::time::timeout(within, answer).await,
-            None => Ok(answer.await),
+        let answered = {
+            let mut answer = std::pin::pin!(in_flight.answer());
+            match settles {
+                Some(_) => {
+                    let mut deadline = tokio::time::Instant::now() + within;
+                    loop {
+                        match tokio::time::timeout_at(deadline, answer.as_mut()).await {
+                            Ok(answered) => break Some(answered),
+                            Err(_) => match queued.deadline(deadline, within) {
+                                later if later > deadline => deadline = later,
+                                _ => break None,
+                            },
+                        }
+                    }
+                }
+                None => Some(answer.await),
+            }
         };
-        let Ok(answered) = answered else {
+        let Some(answered) = answered else {
             // Dropped with its answer to come, `in_flight` waits on for it in a task.
             return Err(Error::UpstreamTimeout {
                 upstream: route.upstream.origin.clone(),
