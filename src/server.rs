@@ -371,9 +371,13 @@ async fn serve_connection<IO>(
                 // The last response's body can be done with while hyper still flushes its
                 // end to a slow reader: while the client takes some of it (acknowledges
                 // more bytes), another grace. One that took nothing (it pings, reads
-                // nothing) earns none.
+                // nothing) earns none; nor one whose socket held nothing as the grace
+                // began: the bytes it acknowledged since are only the proxy's answers to
+                // its own frames (PING acks), which a client reading nothing still takes
+                // while its receive buffer has room.
                 let now = activity.reading();
-                if !activity.busy() && now.took_since(read_at_grace) {
+                let flushing = read_at_grace.queued().is_some_and(|q| q > 0);
+                if !activity.busy() && flushing && now.took_since(read_at_grace) {
                     (read_at_grace, cut_off) = arm_grace(cx, now, ends.idle_timeout);
                     return conn.as_mut().poll(cx);
                 }

@@ -1589,3 +1589,47 @@ async fn a_steady_reader_of_a_response_whose_chunks_stand_still_is_not_cut_off()
         "a steady reader was cut off"
     );
 }
+
+/// An HTTP/2 client that reads nothing but whose receive buffer still has room (the
+/// default) and pings now and then: its TCP stack acknowledges the proxy's PING acks, which
+/// is not a client taking a response. Its idle connection is closed all the same, giving
+/// back its `max_connections` slot.
+#[tokio::test]
+async fn a_client_that_pings_with_room_to_spare_does_not_keep_its_slot() {
+    use tokio::io::AsyncWriteExt;
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let limits = "header_read_timeout = \"500ms\"\nmax_connections = 1";
+    let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), limits).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let ping = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+    s.write_all(&start).await.unwrap();
+    let pinger = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if s.write_all(&ping).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let served = loop {
+        let rsp = raw(
+            proxy.addr,
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
+            Duration::from_secs(2),
+        )
+        .await;
+        if status_line(&rsp) == "HTTP/1.1 200 OK" {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the slot is still held: {rsp}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(served < Duration::from_secs(4), "served after {served:?}");
+    pinger.abort();
+}
