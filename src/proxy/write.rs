@@ -358,12 +358,14 @@ impl Proxy {
             .then(|| within + route.settle_timeout);
         // Under `upstream_max_connections`, the 504's timer runs from the request's turn, as
         // the backend's does: not from before a wait that left it little time.
-        let queued = Arc::new(crate::pool::Queued::default());
+        let queued = settles
+            .filter(|_| rt.upstream.cap().is_some())
+            .map(|_| Arc::new(crate::pool::Queued::default()));
         let (me, rt2, route2, queued2) = (self.clone(), rt.clone(), route.clone(), queued.clone());
         let mut in_flight = InFlight {
             answer: Some(Box::pin(async move {
                 let timeout = settles.unwrap_or(route2.upstream_timeout);
-                let queued = Some(&*queued2);
+                let queued = queued2.as_deref();
                 me.send_within(&rt2, &route2, req, timeout, queued).await
             })),
             invalidation,
@@ -382,8 +384,8 @@ impl Proxy {
                     loop {
                         match tokio::time::timeout_at(deadline, answer.as_mut()).await {
                             Ok(answered) => break Some(answered),
-                            Err(_) => match queued.deadline(deadline, within) {
-                                later if later > deadline => deadline = later,
+                            Err(_) => match queued.as_ref().map(|q| q.deadline(deadline, within)) {
+                                Some(later) if later > deadline => deadline = later,
                                 _ => break None,
                             },
                         }
