@@ -74,10 +74,45 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
     async move { signals.recv().await }
 }
 
+/// A SIGHUP came while the process was starting ([`hold_sighup`]).
+#[cfg(unix)]
+static HUP_AT_START: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes a SIGHUP sent while the process starts (it reads its config, makes its runtime,
+/// binds its listeners) instead of leaving it to its default action, which kills the
+/// process: `systemctl reload` on a `Type=simple` unit, or a sidecar that signals on every
+/// change of the config, may send one any time after the exec. [`reload_on_sighup`] takes
+/// over from the call on, and reloads once if one came meanwhile: the file may have changed
+/// after the start read it. Call it before the config is read.
+pub fn hold_sighup() {
+    #[cfg(unix)]
+    {
+        extern "C" fn noted(_: libc::c_int) {
+            HUP_AT_START.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; the
+        // action is a zeroed `sigaction` with its handler, flags and (empty) mask set.
+        let installed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = noted as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut()) == 0
+        };
+        if !installed {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot hold SIGHUP while starting: one sent now would kill the process"
+            );
+        }
+    }
+}
+
 /// Reloads `path` into `proxy` on every SIGHUP, for as long as the process runs. `running`
 /// is the config the process started with, to spot settings a reload cannot change.
 /// SIGHUP is listened for from the call on, not from the future's first poll (see
-/// [`Shutdown`]): its default action kills the process.
+/// [`Shutdown`]): its default action kills the process. One that came earlier, while the
+/// process started ([`hold_sighup`]), is a reload on the first poll.
 pub fn reload_on_sighup(
     path: PathBuf,
     proxy: Arc<Proxy>,
@@ -95,6 +130,10 @@ pub fn reload_on_sighup(
                     return;
                 }
             };
+            // Taken after the stream is made: a SIGHUP from then on is the stream's.
+            if HUP_AT_START.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                reload(&path, &proxy, &running);
+            }
             while hup.recv().await.is_some() {
                 reload(&path, &proxy, &running);
             }

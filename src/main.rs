@@ -70,6 +70,10 @@ fn main() -> ExitCode {
         );
     }
     telemetry::init(args.log_format);
+    if !args.demo {
+        // Before the config is read: a SIGHUP from now on reloads once the proxy runs.
+        lifecycle::hold_sighup();
+    }
     // The config is loaded before the runtime exists: it says how many workers to start.
     let config = match args.config.as_deref().filter(|_| !args.demo) {
         Some(path) => match Config::load(path) {

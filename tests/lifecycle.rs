@@ -121,6 +121,91 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
     }
 }
 
+/// A SIGHUP sent while the process is still starting (reading its config, binding) is not
+/// left to its default action, which kills the process: `systemctl reload` on a
+/// `Type=simple` unit, or a sidecar that signals on every config change, may send one at any
+/// moment after the exec. The config file is a FIFO here only to hold the start at a known
+/// point, mid-read: before the fix the process died of the signal without a word.
+#[test]
+fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::process::{Command, Stdio};
+
+    let dir = common::TempDir::new("sighup-at-start");
+    let path = dir.join("ifmatch.toml");
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path of the test's own directory.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let text = config(&[("/", "http://127.0.0.1:9", "")]).replace("{listen}", "127.0.0.1:0");
+    let mut child = common::binary::Reaped(
+        Command::new(common::binary::BIN)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = common::binary::lines_of(child.0.stderr.take().unwrap());
+    let pid = i32::try_from(child.0.id()).unwrap();
+    // The process opens its config: the open waits for a writer.
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: a plain kill(2) of the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "killed by a SIGHUP sent during its start: {:?}",
+        child.0.try_wait()
+    );
+    // Non-blocking: with no reader, the open fails instead of waiting for ever.
+    let open_fifo = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+    };
+    let mut fifo = open_fifo().expect("the process still reads its config");
+    fifo.write_all(text.as_bytes()).unwrap();
+    drop(fifo);
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str| loop {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains(needle) => return,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no {needle:?} ({e}): {seen:#?}"),
+        }
+    };
+    wait_for("ifmatch started");
+    // The signal came while the file was being read, so the file may have changed after:
+    // it is read again once the proxy runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fifo = loop {
+        match open_fifo() {
+            Ok(fifo) => break fifo,
+            Err(e) => assert!(Instant::now() < deadline, "the file is not read again: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    fifo.write_all(text.as_bytes()).unwrap();
+    drop(fifo);
+    wait_for("config reloaded");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_for("stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after \"stopped\"");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
     let cpus = std::thread::available_parallelism().unwrap().get();
