@@ -351,17 +351,26 @@ impl Body for ClientBody {
 }
 
 impl ClientBody {
-    /// The hint of what is still to come from the client (see `size_hint`).
+    /// The hint of what is still to come from the client (see `size_hint`). Exact only for
+    /// a body of known length: hyper frames the upload by an exact hint (a `Content-Length`)
+    /// and stops reading the body there. A body of unknown length bounded to `left` more
+    /// bytes may still send more, which must end it in [`BodyTooLong`]; hinted exact (as
+    /// when `left` is 0, the bytes read before it streamed reaching the limit), it would go
+    /// up cut short at the limit, framed as a whole body.
     fn rest_hint(&self) -> SizeHint {
         let left = self.remaining();
-        let mut hint = self.inner.size_hint();
-        if hint.lower() >= left {
-            hint.set_exact(left);
-        } else if let Some(max) = hint.upper() {
-            hint.set_upper(left.min(max));
-        } else {
-            hint.set_upper(left);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        if let Some(n) = inner.exact() {
+            hint.set_exact(n.min(left));
+            return hint;
         }
+        let lower = inner.lower().min(left);
+        let upper = inner.upper().map_or(left, |max| max.min(left));
+        if upper > lower {
+            hint.set_upper(upper);
+        }
+        hint.set_lower(lower);
         hint
     }
 }

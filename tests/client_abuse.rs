@@ -1498,6 +1498,53 @@ async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
     r.assert_problem(413);
 }
 
+/// A chunked body whose first `max_tag_body` and more, read before it streams, come to
+/// exactly `max_request_body`: what follows is still over the limit (413), and the backend
+/// is never given those first bytes as a whole body. (Sent up with the length read so far
+/// as its `Content-Length`, it once reached the backend complete and was stored, and the
+/// client was told 200 for a body cut short.)
+#[tokio::test]
+async fn a_chunked_body_read_to_exactly_the_limit_before_it_streams_is_still_cut_at_it() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
+    let proxy = Proxy::start_with(
+        &route("/", "max_tag_body = 256"),
+        &backend.origin(),
+        "max_request_body = \"1KiB\"",
+    )
+    .await;
+    let addr = proxy.addr;
+    let rsp = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut first =
+            b"PUT /doc HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n".to_vec();
+        first.extend(std::iter::repeat_n(b'a', 1024));
+        first.extend_from_slice(b"\r\n");
+        s.write_all(&first).unwrap();
+        // The first chunk is read (past `max_tag_body`, up to the limit) before the rest.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = s.write_all(b"10\r\nbbbbbbbbbbbbbbbb\r\n0\r\n\r\n");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(status_line(&rsp).contains(" 413 "), "{rsp}");
+    assert!(
+        backend.requests().is_empty(),
+        "the backend was given a body cut short as whole: {:?}",
+        backend
+            .requests()
+            .iter()
+            .map(|r| (r.headers.clone(), r.body.len()))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// A head a little over `max_header_bytes` gets the proxy's own 431 problem, which names
 /// the limit, whatever the limit: hyper's read buffer must sit above it (here 32 KiB, over
 /// hyper's 16 KiB floor), or hyper answers a bare 431 with no body and the client and the
