@@ -1277,3 +1277,63 @@ async fn a_write_that_waited_its_turn_has_its_whole_timeout_after_it() {
     );
     assert!(took >= Duration::from_millis(1200), "{took:?}");
 }
+
+/// A COPY or MOVE in lower case (`move`) changes its `Destination` all the same on a backend
+/// that upper-cases the method (as Werkzeug does; the proxy already treats a lower-case
+/// `put` as a PUT): its destination must be locked and its remembered tag
+/// forgotten too, or a stale writer of the destination passes its `If-Match`.
+#[tokio::test]
+async fn a_lower_case_move_forgets_its_destination_s_tag() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let docs: Arc<Mutex<HashMap<String, String>>> = Arc::new(Mutex::new(HashMap::from([
+        ("/a".to_owned(), "document a".to_owned()),
+        ("/b".to_owned(), "document b".to_owned()),
+    ])));
+    let store = docs.clone();
+    // A WebDAV store that reads methods in any case, as frameworks that upper-case them do.
+    let backend = ScriptedBackend::start(move |r| {
+        let store = store.clone();
+        async move {
+            let mut docs = store.lock().unwrap();
+            let path = r.uri.path().to_owned();
+            match r.method.as_str().to_ascii_uppercase().as_str() {
+                "GET" => match docs.get(&path) {
+                    Some(body) => respond(200, &[], body.clone()),
+                    None => respond(404, &[], ""),
+                },
+                "PUT" => {
+                    let body = String::from_utf8_lossy(&r.body).into_owned();
+                    docs.insert(path, body);
+                    respond(204, &[], "")
+                }
+                "MOVE" => {
+                    let to = r.headers["destination"].to_str().unwrap();
+                    let to: http::Uri = to.parse().unwrap();
+                    let body = docs.remove(&path).unwrap();
+                    docs.insert(to.path().to_owned(), body);
+                    respond(204, &[], "")
+                }
+                _ => respond(405, &[], ""),
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let b = proxy.url("/b");
+    let old_b = c.get(&b, &[]).await.etag();
+    assert_eq!(old_b, proxy.tag_of("document b"));
+    let moved = c
+        .send("move", &proxy.url("/a"), &[("destination", &b)], "")
+        .await;
+    assert_eq!(moved.status, 204);
+    assert_eq!(docs.lock().unwrap()["/b"], "document a");
+    // A client that read /b before the move writes with its old tag: the move changed /b.
+    let stale = c.put(&b, &[("if-match", &old_b)], "edit of b").await;
+    assert_eq!(
+        stale.status, 412,
+        "a stale If-Match on the destination of a lower-case move passed"
+    );
+    assert_eq!(docs.lock().unwrap()["/b"], "document a", "not overwritten");
+}

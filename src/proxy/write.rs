@@ -717,7 +717,13 @@ const METHOD_OVERRIDES: [&str; 3] = [
 /// `/b#x` to a file named `b#x`), so which resource would change is not known here.
 /// A missing one is the backend's to refuse.
 fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, HeaderError> {
-    if !matches!(parts.method.as_str(), "COPY" | "MOVE") {
+    // In any case, as `requires_precondition`: a backend that upper-cases methods (as
+    // Werkzeug does) runs a `move` as a MOVE, which changes its destination all the same.
+    let method = parts.method.as_str();
+    if !["COPY", "MOVE"]
+        .iter()
+        .any(|m| method.eq_ignore_ascii_case(m))
+    {
         return Ok(None);
     }
     let Some(value) = parts.headers.get("destination") else {
