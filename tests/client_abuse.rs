@@ -1534,8 +1534,14 @@ async fn a_chunked_body_read_to_exactly_the_limit_before_it_streams_is_still_cut
     .await
     .unwrap();
     assert!(status_line(&rsp).contains(" 413 "), "{rsp}");
+    // The upstream request may have begun (its head, chunked) before the byte over the
+    // limit came: it is then cut off, and the backend's read of its body fails (recorded
+    // empty here). What must never reach it is a body framed whole.
+    let framed_whole = |r: &common::backend::Recorded| {
+        r.headers.contains_key("content-length") || !r.body.is_empty()
+    };
     assert!(
-        backend.requests().is_empty(),
+        !backend.requests().iter().any(framed_whole),
         "the backend was given a body cut short as whole: {:?}",
         backend
             .requests()
