@@ -1001,17 +1001,29 @@ async fn a_client_that_pings_and_reads_nothing_does_not_keep_its_slot() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(2048).unwrap();
     let mut s = socket.connect(proxy.addr).await.unwrap();
-    let ping = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
     let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
     for _ in 0..400 {
-        start.extend_from_slice(&ping);
+        start.extend_from_slice(&PING);
     }
     s.write_all(&start).await.unwrap();
+    slot_given_back_while_it_pings(s, proxy.addr, 50, Duration::from_secs(6)).await;
+}
+
+/// Pings on `s` (the only connection `max_connections` lets `addr` hold) every 200 ms,
+/// `pings` times, while a plain HTTP/1.1 GET is tried every 200 ms: it must be served within
+/// 4 s, the pinging connection's slot given back (none after `give_up`: the slot is held).
+async fn slot_given_back_while_it_pings(
+    mut s: tokio::net::TcpStream,
+    addr: SocketAddr,
+    pings: usize,
+    give_up: Duration,
+) {
+    use tokio::io::AsyncWriteExt;
     let pinger = tokio::spawn(async move {
-        for _ in 0..50 {
+        for _ in 0..pings {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if s.write_all(&ping).await.is_err() {
+            if s.write_all(&PING).await.is_err() {
                 return;
             }
         }
@@ -1019,7 +1031,7 @@ async fn a_client_that_pings_and_reads_nothing_does_not_keep_its_slot() {
     let started = Instant::now();
     let served = loop {
         let rsp = raw(
-            proxy.addr,
+            addr,
             b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
             Duration::from_secs(2),
         )
@@ -1027,15 +1039,15 @@ async fn a_client_that_pings_and_reads_nothing_does_not_keep_its_slot() {
         if status_line(&rsp) == "HTTP/1.1 200 OK" {
             break started.elapsed();
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(6),
-            "the slot is still held: {rsp}"
-        );
+        assert!(started.elapsed() < give_up, "the slot is still held: {rsp}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(served < Duration::from_secs(4), "served after {served:?}");
     pinger.abort();
 }
+
+/// An HTTP/2 PING frame (8 bytes of opaque data), as a client sends one.
+const PING: [u8; 17] = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
 
 /// HEADERS with END_STREAM and END_HEADERS on stream `id`: a request for `path` on authority
 /// `a`, by a client writing raw frames (HPACK: `GET` indexed or another method literal,
@@ -1471,12 +1483,9 @@ async fn malformed_heads_are_counted_under_their_own_reason() {
     assert!(backend.requests().is_empty());
 }
 
-/// `max_request_body` is the largest body taken, not the first one refused: a body of
-/// exactly that many bytes reaches the backend whole, declared up front or chunked (its
-/// size known only as it streams, past a `max_tag_body` that stops it being read whole),
-/// and one byte more is a 413.
-#[tokio::test]
-async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
+/// A backend answering 200, behind a proxy that takes bodies up to 1 KiB
+/// (`max_request_body`) and reads them whole up to 256 bytes (`max_tag_body`).
+async fn behind_a_1kib_limit() -> (ScriptedBackend, Proxy) {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
     let proxy = Proxy::start_with(
         &route("/", "max_tag_body = 256"),
@@ -1484,6 +1493,16 @@ async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
         "max_request_body = \"1KiB\"",
     )
     .await;
+    (backend, proxy)
+}
+
+/// `max_request_body` is the largest body taken, not the first one refused: a body of
+/// exactly that many bytes reaches the backend whole, declared up front or chunked (its
+/// size known only as it streams, past a `max_tag_body` that stops it being read whole),
+/// and one byte more is a 413.
+#[tokio::test]
+async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
+    let (backend, proxy) = behind_a_1kib_limit().await;
     let c = Client::new();
     let r = c.put(&proxy.url("/declared"), &[], vec![b'x'; 1024]).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -1505,13 +1524,7 @@ async fn a_body_of_exactly_the_limit_is_forwarded_declared_or_streamed() {
 /// client was told 200 for a body cut short.)
 #[tokio::test]
 async fn a_chunked_body_read_to_exactly_the_limit_before_it_streams_is_still_cut_at_it() {
-    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "ok") }).await;
-    let proxy = Proxy::start_with(
-        &route("/", "max_tag_body = 256"),
-        &backend.origin(),
-        "max_request_body = \"1KiB\"",
-    )
-    .await;
+    let (backend, proxy) = behind_a_1kib_limit().await;
     let addr = proxy.addr;
     let rsp = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -1654,35 +1667,8 @@ async fn a_client_that_pings_with_room_to_spare_does_not_keep_its_slot() {
     let limits = "header_read_timeout = \"500ms\"\nmax_connections = 1";
     let proxy = Proxy::start_with(&route("/", ""), &backend.origin(), limits).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let ping = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
     let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
     s.write_all(&start).await.unwrap();
-    let pinger = tokio::spawn(async move {
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if s.write_all(&ping).await.is_err() {
-                return;
-            }
-        }
-    });
-    let started = Instant::now();
-    let served = loop {
-        let rsp = raw(
-            proxy.addr,
-            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
-            Duration::from_secs(2),
-        )
-        .await;
-        if status_line(&rsp) == "HTTP/1.1 200 OK" {
-            break started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(8),
-            "the slot is still held: {rsp}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(served < Duration::from_secs(4), "served after {served:?}");
-    pinger.abort();
+    slot_given_back_while_it_pings(s, proxy.addr, 100, Duration::from_secs(8)).await;
 }

@@ -65,8 +65,6 @@ async fn graceful_stop_on(sig: &str, server_extra: &str, threads: usize) {
 /// worker, before the fix, 15 SIGHUPs in 20 killed the process (and 17 SIGTERMs in 20).
 #[test]
 fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
-    use std::process::{Command, Stdio};
-
     let dir = common::TempDir::new("signal-race");
     let path = dir.join("ifmatch.toml");
     let text = config(&[("/", "http://127.0.0.1:9", "")]).replace("{listen}", "127.0.0.1:0");
@@ -80,26 +78,11 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
         (libc::SIGTERM, "stopped"),
     ] {
         for _ in 0..5 {
-            let mut child = common::binary::Reaped(
-                Command::new(common::binary::BIN)
-                    .arg("--config")
-                    .arg(&path)
-                    .env("RUST_LOG", "info")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap(),
-            );
             // A process that logs nothing more fails the test in 10 s instead of hanging it.
-            let lines = common::binary::lines_of(child.0.stderr.take().unwrap());
+            let (mut child, lines) = common::binary::spawn_logged(&path);
             let mut seen = Vec::new();
-            let mut wait_for = |needle: &str| loop {
-                match lines.recv_timeout(Duration::from_secs(10)) {
-                    Ok(line) if line.contains(needle) => return,
-                    Ok(line) => seen.push(line),
-                    Err(e) => panic!("no {needle:?} ({e}): {seen:#?}"),
-                }
-            };
+            let mut wait_for =
+                |needle: &str| common::binary::wait_for_line(&lines, &mut seen, needle);
             wait_for("ifmatch started");
             let pid = i32::try_from(child.0.id()).unwrap();
             // SAFETY: a plain kill(2) of the child this test started.
@@ -108,14 +91,7 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
             if sig == libc::SIGHUP {
                 continue;
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let status = loop {
-                if let Some(status) = child.0.try_wait().unwrap() {
-                    break status;
-                }
-                assert!(Instant::now() < deadline, "no exit after \"stopped\"");
-                std::thread::sleep(Duration::from_millis(10));
-            };
+            let status = child.exit_within(Duration::from_secs(10));
             assert_eq!(status.code(), Some(0), "{status}");
         }
     }
@@ -130,7 +106,6 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
 fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    use std::process::{Command, Stdio};
 
     let dir = common::TempDir::new("sighup-at-start");
     let path = dir.join("ifmatch.toml");
@@ -138,17 +113,7 @@ fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
     // SAFETY: mkfifo(3) on a path of the test's own directory.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
     let text = config(&[("/", "http://127.0.0.1:9", "")]).replace("{listen}", "127.0.0.1:0");
-    let mut child = common::binary::Reaped(
-        Command::new(common::binary::BIN)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = common::binary::lines_of(child.0.stderr.take().unwrap());
+    let (mut child, lines) = common::binary::spawn_logged(&path);
     let pid = i32::try_from(child.0.id()).unwrap();
     // The process opens its config: the open waits for a writer.
     std::thread::sleep(Duration::from_millis(300));
@@ -171,13 +136,7 @@ fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
     fifo.write_all(text.as_bytes()).unwrap();
     drop(fifo);
     let mut seen = Vec::new();
-    let mut wait_for = |needle: &str| loop {
-        match lines.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.contains(needle) => return,
-            Ok(line) => seen.push(line),
-            Err(e) => panic!("no {needle:?} ({e}): {seen:#?}"),
-        }
-    };
+    let mut wait_for = |needle: &str| common::binary::wait_for_line(&lines, &mut seen, needle);
     wait_for("ifmatch started");
     // The signal came while the file was being read, so the file may have changed after:
     // it is read again once the proxy runs.
@@ -195,14 +154,7 @@ fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     wait_for("stopped");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "no exit after \"stopped\"");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = child.exit_within(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status}");
 }
 

@@ -205,10 +205,58 @@ impl Drop for Binary {
 /// A child process killed and waited for when dropped: also when its test fails.
 pub struct Reaped(pub std::process::Child);
 
+impl Reaped {
+    /// The child's exit status, waiting up to `within` for it to exit.
+    pub fn exit_within(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// The binary started with `--config path` at `RUST_LOG=info`, and the lines of its log:
+/// for tests that signal the process themselves, at moments `Binary::start` does not reach.
+pub fn spawn_logged(path: &std::path::Path) -> (Reaped, std::sync::mpsc::Receiver<String>) {
+    use std::process::{Command, Stdio};
+    let mut child = Reaped(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = lines_of(child.0.stderr.take().unwrap());
+    (child, lines)
+}
+
+/// Waits up to 10 s for the next of `lines` that holds `needle`, keeping the others in
+/// `seen`, which a failure shows.
+pub fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    needle: &str,
+) {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains(needle) => return,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("no {needle:?} ({e}): {seen:#?}"),
+        }
     }
 }
 
