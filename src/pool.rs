@@ -103,10 +103,18 @@ const RECHECK: Duration = Duration::from_millis(50);
 /// from outside ([`Pool::send_queued`]): not queued, waiting for a turn, or given its turn
 /// at an instant (its timeout runs from there).
 #[derive(Debug, Default)]
-pub struct Queued(Mutex<Option<Option<Instant>>>);
+pub struct Queued(Mutex<Queue>);
+
+#[derive(Clone, Copy, Debug, Default)]
+enum Queue {
+    #[default]
+    NotQueued,
+    Waiting,
+    TurnAt(Instant),
+}
 
 impl Queued {
-    fn set(&self, state: Option<Option<Instant>>) {
+    fn set(&self, state: Queue) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
@@ -114,9 +122,9 @@ impl Queued {
     /// request's waits: later while it still waits, from its turn once it got one.
     pub fn deadline(&self, deadline: Instant, timeout: Duration) -> Instant {
         match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
-            None => deadline,
-            Some(None) => deadline.max(Instant::now() + timeout),
-            Some(Some(turn)) => deadline.max(turn + timeout),
+            Queue::NotQueued => deadline,
+            Queue::Waiting => deadline.max(Instant::now() + timeout),
+            Queue::TurnAt(turn) => deadline.max(turn + timeout),
         }
     }
 }
@@ -434,7 +442,7 @@ where
             };
             let since = *waiting.get_or_insert_with(Instant::now);
             if let Some(q) = queued.filter(|_| !replayed) {
-                q.set(Some(None));
+                q.set(Queue::Waiting);
             }
             let turn = self.wait_turn(origin, line.clone(), since);
             // A request sent again has its one timeout running (below): its wait for a turn
@@ -454,7 +462,7 @@ where
                 start = None;
             }
             if let Some(q) = queued.filter(|_| !replayed) {
-                q.set(Some(Some(Instant::now())));
+                q.set(Queue::TurnAt(Instant::now()));
             }
             match turn {
                 Turn::Free(permit) | Turn::Permit(permit) => break Some((line.clone(), permit)),

@@ -170,12 +170,15 @@ impl TagStore {
         self.map.get(key).is_some_and(|e| e.upstream_tagged())
     }
 
-    /// Whether a representation of this resource was seen to be one of several (`Vary`, or
-    /// a content coding), not counted as a hit or a miss. `tag_puts` must not answer with
-    /// the tag of a PUT's body then: a writer may be given another representation (gzip),
-    /// whose tag a revalidation finds, and its next write would get a 412 it did not earn.
-    pub fn negotiated(&self, key: &ResourceKey) -> bool {
-        self.map.get(key).is_some_and(|e| e.negotiated())
+    /// Whether `tag_puts` may answer a PUT with its body's tag (not counted as a hit or a
+    /// miss): not for a resource the upstream tags itself (`upstream_tags`), nor for one
+    /// seen in several representations (`Vary`, or a content coding): a writer may be given
+    /// another one (gzip), whose tag a revalidation finds, and its next write would get a
+    /// 412 it did not earn. One look at the entry for both.
+    pub fn takes_put_tags(&self, key: &ResourceKey) -> bool {
+        self.map
+            .get(key)
+            .is_none_or(|e| !e.upstream_tagged() && !e.negotiated())
     }
 
     /// Remembers `known` as read by the GET that took `ticket`, unless a write finished

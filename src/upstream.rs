@@ -217,20 +217,10 @@ impl UpstreamClient {
         body.limit(self.max_request_body)
     }
 
-    /// Sends `req` and waits up to the route's `upstream_timeout` for the response head. The
-    /// response comes back without hop-by-hop headers, whichever path uses it.
-    pub async fn send(
-        &self,
-        route: &Route,
-        req: Box<Request<UpstreamBody>>,
-    ) -> Result<Response<Incoming>, Error> {
-        self.send_within(route, req, route.upstream_timeout, None)
-            .await
-    }
-
-    /// [`UpstreamClient::send`], waiting up to `timeout` for the response head instead of
-    /// the route's `upstream_timeout`; `queued` is told of its wait for a turn
-    /// ([`crate::pool::Pool::send_queued`]).
+    /// Sends `req` and waits up to `timeout` (the route's `upstream_timeout`, or longer for a
+    /// write that settles) for the response head; `queued` is told of its wait for a turn
+    /// ([`crate::pool::Pool::send_queued`]). The response comes back without hop-by-hop
+    /// headers, whichever path uses it.
     pub async fn send_within(
         &self,
         route: &Route,

@@ -75,14 +75,9 @@ impl Proxy {
             }
         }
         let changes = changes_state(&parts.method);
-        // Not for a resource the upstream tags itself: a GET would give its tag, not ours.
-        // Nor for one served in several representations (gzip to clients that accept it):
-        // the body's tag names the one, and a writer given another would be refused its
-        // own PUT's tag by the revalidation that fetches its representation.
-        let tag_put = route.tag_puts
-            && stores_verbatim(&parts)
-            && !self.tags.upstream_tags(key)
-            && !self.tags.negotiated(key);
+        // Not for a resource the upstream tags itself (a GET would give its tag, not ours),
+        // nor one served in several representations (`TagStore::takes_put_tags`).
+        let tag_put = route.tag_puts && stores_verbatim(&parts) && self.tags.takes_put_tags(key);
         // A write's body of known size within `max_tag_body` is read whole before the lock
         // (as nginx buffers request bodies): a client slow to send it then holds up no other
         // writer of the URL, and a `tag_puts` PUT's tag is known before the lock is chosen.
