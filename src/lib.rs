@@ -44,6 +44,7 @@ pub mod proxy;
 pub mod reuse;
 pub mod router;
 pub mod server;
+pub mod settling;
 pub mod tags;
 pub mod telemetry;
 pub mod tls;

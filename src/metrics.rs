@@ -227,6 +227,16 @@ pub fn write_connection_cap(out: &mut String, cap: &ConnectionCap) {
     );
 }
 
+/// The writes whose clients stopped waiting that the backend has not answered
+/// (`settling.rs`).
+pub fn write_settling(out: &mut String, writes: usize) {
+    let name = "ifmatch_writes_settling";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Writes the backend has not answered whose clients stopped waiting (told 504, or gone): their URLs stay locked until it answers or settle_timeout ends, and a stop waits for them.\n# TYPE {name} gauge\n{name} {writes}"
+    );
+}
+
 /// The label set of requests no route took.
 pub const NO_ROUTE: &str = "route=\"none\"";
 

@@ -174,9 +174,10 @@ pub async fn serve(
     drop(listener);
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
     // Every connection's task holds a permit until it ends: all of them back means drained.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(shutdown_timeout, connections.acquire_many(all))
+    if tokio::time::timeout_at(deadline, connections.acquire_many(all))
         .await
         .is_err()
     {
@@ -185,8 +186,40 @@ pub async fn serve(
             "in-flight requests did not finish in time"
         );
         proxy.cut_off_in_flight();
+        return Ok(());
     }
+    settle_before_exit(&proxy, deadline, shutdown_timeout).await;
     Ok(())
+}
+
+/// Waits, within the drain's deadline, for the writes whose clients stopped waiting
+/// (`settling.rs`): exiting first would let go of their URLs' locks while the backend may
+/// still apply them. What is still unanswered at the deadline is named.
+async fn settle_before_exit(
+    proxy: &Proxy,
+    deadline: tokio::time::Instant,
+    shutdown_timeout: Duration,
+) {
+    let waiting = proxy.settling.count();
+    if waiting == 0 {
+        return;
+    }
+    tracing::info!(
+        writes = waiting,
+        "waiting for the backend to answer writes whose clients stopped waiting"
+    );
+    let answered = proxy.settling.all_answered();
+    if tokio::time::timeout_at(deadline, answered).await.is_err() {
+        let resources = proxy.settling.resources();
+        tracing::warn!(
+            ?shutdown_timeout,
+            writes = resources.len(),
+            resources = ?resources,
+            "the backend had not answered these writes when the drain ended: whether they \
+             were applied is unknown, and a writer the next process lets through may be \
+             overwritten by one of them"
+        );
+    }
 }
 
 /// Over `max_connections`: a 503 problem in plain HTTP/1.1 (`plain`), then close, rather

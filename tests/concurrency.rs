@@ -501,6 +501,12 @@ async fn a_write_that_timed_out_holds_its_url_until_the_backend_has_answered() {
                 "{case}: A was answered at its timeout, not held for the settle"
             );
             assert_eq!(state.lock().unwrap().1, Vec::<String>::new(), "{case}");
+            let settling = |n: usize| format!("\nifmatch_writes_settling {n}\n");
+            let metrics = proxy.state.render_metrics();
+            assert!(
+                metrics.contains(&settling(1)),
+                "{case}: A settles\n{metrics}"
+            );
             let b = c.put(&url, &[("if-match", &tag)], "B").await;
             assert_eq!(
                 b.status, 412,
@@ -512,6 +518,11 @@ async fn a_write_that_timed_out_holds_its_url_until_the_backend_has_answered() {
                 "{case}: only A's write went up"
             );
             assert_eq!(b.etag(), proxy.tag_of("A"), "{case}");
+            let metrics = proxy.state.render_metrics();
+            assert!(
+                metrics.contains(&settling(0)),
+                "{case}: A settled\n{metrics}"
+            );
         }
     }
 }

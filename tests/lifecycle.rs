@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::binary::Binary;
@@ -270,6 +271,72 @@ async fn a_drain_ends_at_its_deadline_or_a_second_signal_and_says_what_it_cut_of
             line.contains("status=503") && line.contains("outcome=\"shutdown\""),
             "{timeout}: {line}"
         );
+    }
+}
+
+/// A write told 504 at `upstream_timeout` settles (its URL locked) until the backend answers.
+/// A stop waits for it, within `shutdown_timeout`: a process that exited first would let the
+/// next one pass a writer the late write then overwrites. At the deadline it exits anyway,
+/// and names the write it could not wait for. Before the wait, the process exited once the
+/// client's idle connection closed, a second or less after the signal, with the backend's
+/// answer still to come.
+#[tokio::test]
+async fn a_stop_waits_within_its_deadline_for_a_write_whose_client_was_told_504() {
+    for (backend_takes, shutdown_timeout, waited) in [
+        (Duration::from_millis(2500), "10s", true),
+        (Duration::from_secs(8), "1s", false),
+    ] {
+        let answered = Arc::new(Mutex::new(None::<Instant>));
+        let backend = {
+            let answered = answered.clone();
+            ScriptedBackend::start(move |r| {
+                let answered = answered.clone();
+                async move {
+                    if r.method == "PUT" {
+                        tokio::time::sleep(backend_takes).await;
+                        *answered.lock().unwrap() = Some(Instant::now());
+                        return common::backend::respond(204, &[], "");
+                    }
+                    common::backend::respond(200, &[], "doc")
+                }
+            })
+            .await
+        };
+        let route = "upstream_timeout = \"300ms\"\nsettle_timeout = \"20s\"";
+        let text = config(&[("/", &backend.origin(), route)]).replace(
+            "shutdown_timeout = \"10s\"",
+            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+        );
+        let mut bin = Binary::start(&text, &[]).await;
+        let r = Client::new().put(&bin.url("/doc"), &[], "new").await;
+        assert_eq!(
+            r.status, 504,
+            "the client stops waiting at upstream_timeout"
+        );
+        bin.signal("TERM");
+        bin.wait_for_log("shutting down", Duration::from_secs(5))
+            .await;
+        let draining = Instant::now();
+        bin.wait_for_log("waiting for the backend to answer", Duration::from_secs(2))
+            .await;
+        assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
+        let exited = Instant::now();
+        let took = exited - draining;
+        if waited {
+            let at = answered.lock().unwrap().expect("the backend had answered");
+            assert!(at <= exited, "exited before the backend answered");
+            bin.wait_for_log("the backend answered a write after", Duration::from_secs(1))
+                .await;
+        } else {
+            assert!(
+                took < Duration::from_secs(3),
+                "exited {took:?} into the drain; its deadline was {shutdown_timeout}"
+            );
+            let line = bin
+                .wait_for_log("had not answered these writes", Duration::from_secs(1))
+                .await;
+            assert!(line.contains("/doc"), "the write is named: {line}");
+        }
     }
 }
 

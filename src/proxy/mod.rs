@@ -37,6 +37,7 @@ use crate::memo::BodyMemo;
 use crate::metrics::{Metrics, Unheld};
 use crate::precondition::Preconditions;
 use crate::router::Router;
+use crate::settling::Settling;
 use crate::tags::TagStore;
 use crate::upstream::{self, Peer, UpstreamClient};
 
@@ -58,6 +59,9 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// The bound on body bytes held by all requests at once (`max_buffered_bytes`).
     pub budget: Arc<Budget>,
+    /// Writes the backend has not answered whose clients stopped waiting: a stop waits
+    /// for them.
+    pub settling: Arc<Settling>,
     /// Counts the tag keys the process has used (`Routing::key_generation` of the newest),
     /// so that a tag made under an older one is not left in the cache (`record`).
     key_generation: AtomicU64,
@@ -289,6 +293,7 @@ impl Proxy {
             locks: WriteLocks::new(),
             metrics: Metrics::default(),
             budget: Budget::new(config.server.max_buffered_bytes),
+            settling: Arc::default(),
             key_generation: AtomicU64::new(0),
             cutting: AtomicBool::new(false),
         }
@@ -307,6 +312,7 @@ impl Proxy {
         if let Some(cap) = self.routing.load().upstream.cap() {
             crate::metrics::write_connection_cap(&mut out, cap);
         }
+        crate::metrics::write_settling(&mut out, self.settling.count());
         out
     }
 

@@ -26,6 +26,7 @@ use crate::metrics::Unheld;
 use crate::precondition::{
     evaluate, failure, names_tags, Decision, HeaderError, Preconditions, Resource,
 };
+use crate::settling::Settling;
 use crate::tags::Known;
 use crate::upstream;
 
@@ -366,6 +367,7 @@ impl Proxy {
             invalidation,
             guard,
             held,
+            settling: self.settling.clone(),
         };
         // A revalidation's status is not this write's: should the client leave before the
         // answer, its line says the write's status is unknown.
@@ -559,6 +561,8 @@ struct InFlight {
     guard: Option<WriteGuard>,
     /// The budget a body read whole holds while it is being sent.
     held: Option<Share>,
+    /// Where a write left to settle is counted, so that a stop waits for it.
+    settling: Arc<Settling>,
 }
 
 impl InFlight {
@@ -583,12 +587,13 @@ impl Drop for InFlight {
         let held = self.held.take();
         // Without a runtime (the process is ending) there is nobody left to wait for.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let resource = invalidation.as_ref().and_then(|i| i.keys[0].clone());
+            let settling = resource.as_ref().map(|r| self.settling.begin(r.as_str()));
             rt.spawn(async move {
                 let answered = answer.await;
                 // What became of a write whose client was told 504 or had left: an
                 // operator asked "did it go through?" finds it here.
-                let resource = invalidation.as_ref().and_then(|i| i.keys[0].as_ref());
-                if let Some(resource) = resource.map(ResourceKey::as_str) {
+                if let Some(resource) = resource.as_ref().map(ResourceKey::as_str) {
                     match &answered {
                         Ok(rsp) => tracing::info!(
                             resource,
@@ -607,6 +612,8 @@ impl Drop for InFlight {
                 // The tag is forgotten before the lock goes: in the other order, a writer
                 // taking the lock on another worker could be judged by the old tag.
                 drop((held, invalidation));
+                // Settled before the lock goes: a writer let through finds it counted out.
+                drop(settling);
                 drop(guard);
             });
         }
