@@ -133,7 +133,8 @@ pub async fn serve(
 
 fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Ready) -> Response<Full<Bytes>> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
-        let mut rsp = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        // The body names what `Allow` does: a HEAD is answered too.
+        let mut rsp = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
         // RFC 9110 §15.5.6: a 405 names the methods that are allowed.
         rsp.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

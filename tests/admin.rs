@@ -253,6 +253,8 @@ async fn health_and_readiness_including_during_a_drain() {
     let put = c.put(&url("/healthz"), &[], "x").await;
     assert_eq!(put.status, 405);
     assert_eq!(put.header("allow"), Some("GET, HEAD"));
+    // The body says what `Allow` says: a HEAD is answered too.
+    assert_eq!(put.text(), "GET or HEAD only\n");
     let in_flight = {
         let u = bin.url("/x");
         tokio::spawn(async move { Client::new().get(&u, &[]).await.status })
