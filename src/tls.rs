@@ -60,11 +60,20 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemF
         .map_err(|e| (PemFile::Cert, e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            (
+        .map_err(|e| match e {
+            // The leaf is parsed only here, to compare its key: one that is no certificate
+            // is the cert file's fault, whatever the key.
+            rustls::Error::InvalidCertificate(e) => (
+                PemFile::Cert,
+                format!(
+                    "the first certificate in {} cannot be parsed: {e}",
+                    cert.display()
+                ),
+            ),
+            e => (
                 PemFile::Key,
                 format!("the key does not fit the certificate: {e}"),
-            )
+            ),
         })?;
     config.alpn_protocols = alpn(true);
     Ok(Arc::new(config))

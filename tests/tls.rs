@@ -111,6 +111,21 @@ fn broken_certificates_are_refused_at_load_naming_key_and_line() {
     }
 }
 
+/// A certificate file whose PEM block holds no certificate (a truncated paste, another
+/// object's DER under a CERTIFICATE label) is the certificate's fault: the error names the
+/// cert file, not the key that was checked against it.
+#[test]
+fn a_certificate_that_cannot_be_parsed_is_refused_naming_the_cert_not_the_key() {
+    let a = Pki::new("load-garbage", KeyType::EcdsaP256);
+    let garbage = a.dir.join("garbage.pem");
+    let pem = "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n-----END CERTIFICATE-----\n";
+    std::fs::write(&garbage, pem).unwrap();
+    let text = with_tls(garbage.to_str().unwrap(), a.key().to_str().unwrap());
+    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:4: server.tls.cert: "), "{e}");
+    assert!(!e.contains("does not fit"), "{e}");
+}
+
 #[tokio::test]
 async fn an_https_upstream_with_a_private_ca_works_and_without_it_is_a_502_about_the_certificate() {
     let pki = Pki::new("upstream", KeyType::EcdsaP256);
