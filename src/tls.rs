@@ -43,19 +43,31 @@ pub enum PemFile {
     Key,
 }
 
-/// The listener's config: the certificate chain and key from PEM files (RSA, ECDSA or
-/// Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1 ([`offering`] takes h2
+/// The listener's config: the certificate chain and key from PEM files (RSA, ECDSA on P-256
+/// or P-384, or Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1 ([`offering`] takes h2
 /// out). An error names the file it is with (a key that does not fit its certificate: the
 /// key).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemFile, String)> {
     let chain = certs(cert).map_err(|e| (PemFile::Cert, e))?;
+    let path = key;
     let key = pem(key)
         .and_then(|pem| {
             PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| format!("no usable private key in {}: {e}", key.display()))
+                .map_err(|e| format!("no usable private key in {}: {e}", path.display()))
         })
         .map_err(|e| (PemFile::Key, e))?;
-    let mut config = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    // Loaded once here to tell a key ring cannot sign with (ECDSA on P-521, Ed448) from one
+    // that does not fit: `with_single_cert` reports both as a mismatch.
+    if let Err(e) = provider.key_provider.load_private_key(key.clone_key()) {
+        let msg = format!(
+            "{} holds a key of a type ifmatch cannot use (it takes RSA, ECDSA on P-256 or \
+             P-384, Ed25519): {e}",
+            path.display()
+        );
+        return Err((PemFile::Key, msg));
+    }
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| (PemFile::Cert, e.to_string()))?
         .with_no_client_auth()

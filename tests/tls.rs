@@ -126,6 +126,37 @@ fn a_certificate_that_cannot_be_parsed_is_refused_naming_the_cert_not_the_key() 
     assert!(!e.contains("does not fit"), "{e}");
 }
 
+/// A key of a type rustls (ring) cannot sign with (ECDSA on P-521, Ed448) is refused on the
+/// key's line saying so, not as a key that "does not fit" the certificate made for it.
+#[test]
+fn a_key_of_an_unsupported_type_is_refused_as_such_not_as_a_mismatch() {
+    let dir = common::TempDir::new("tls-p521");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-521",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a P-521 test key")
+        .success();
+    assert!(ok, "openssl req failed");
+    let text = with_tls(cert.to_str().unwrap(), key.to_str().unwrap());
+    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:5: server.tls.key: "), "{e}");
+    assert!(!e.contains("does not fit"), "{e}");
+    assert!(e.contains("P-256"), "the types that serve are named: {e}");
+}
+
 #[tokio::test]
 async fn an_https_upstream_with_a_private_ca_works_and_without_it_is_a_502_about_the_certificate() {
     let pki = Pki::new("upstream", KeyType::EcdsaP256);
