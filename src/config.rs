@@ -1112,6 +1112,12 @@ impl Validator<'_> {
                 return None;
             }
         };
+        // Held to the rule requests' `Host` is: `http::Uri` takes an authority with no host
+        // (`http://:80`), an IP literal that is no address (`[zz]`) or a port with a sign
+        // (`:+80`), none of which any connection could be made to as written.
+        let unfit = uri
+            .authority()
+            .and_then(|a| crate::host::invalid(a.as_str().as_bytes()));
         let problem = match (uri.scheme(), uri.authority()) {
             (None, _) | (_, None) => {
                 Some("expected http://HOST:PORT or https://HOST:PORT".to_owned())
@@ -1121,6 +1127,9 @@ impl Validator<'_> {
             ),
             (_, Some(a)) if a.as_str().contains('@') => {
                 Some("credentials in the URL are not supported".to_owned())
+            }
+            (_, Some(a)) if unfit.is_some() => {
+                Some(format!("{:?} {}", a.as_str(), unfit.unwrap_or_default()))
             }
             _ if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
                 Some("an upstream is an origin only; requests keep their own path".to_owned())
@@ -1644,6 +1653,32 @@ upstream = "http://localhost:9001/"
                 p.to_string().starts_with(&format!("bad.toml:{line}: ")),
                 "{p}"
             );
+        }
+    }
+
+    /// An upstream whose authority names no host a connection could reach (no host at all,
+    /// an IP literal that is not an address, a port spelled with a sign) is refused at load:
+    /// taken, every request to it was a 502.
+    #[test]
+    fn an_upstream_with_no_host_to_connect_to_is_refused() {
+        for upstream in ["http://:80", "http://:", "http://[zz]:9000", "http://a:+80"] {
+            let p = problems(&format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"{upstream}\"\n"
+            ));
+            assert_eq!(p.len(), 1, "{upstream}: {p:?}");
+            assert_eq!(
+                (p[0].line, p[0].key.as_str()),
+                (5, "route.upstream"),
+                "{p:?}"
+            );
+            assert!(p[0].message.contains("is not an upstream URL"), "{}", p[0]);
+        }
+        // An IPv6 literal that is one, and an empty port (the scheme's), are taken.
+        for upstream in ["http://[::1]:9000", "http://[::1]", "http://a:"] {
+            let text = format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"{upstream}\"\n"
+            );
+            Config::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{upstream}: {e}"));
         }
     }
 
