@@ -629,12 +629,13 @@ impl Validator<'_> {
         let Some((key, _)) = line.split_once('=') else {
             return String::new();
         };
+        // Read as a header is (`[server]  # the proxy` opens `server`).
         let table = self.text[..start]
             .lines()
             .rev()
             .map(str::trim)
             .find(|l| l.starts_with('['))
-            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+            .and_then(table_header);
         match table {
             Some(t) => format!("{t}.{}", key.trim()),
             None => key.trim().to_owned(),
@@ -1680,6 +1681,17 @@ upstream = "http://localhost:9001/"
             );
             Config::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{upstream}: {e}"));
         }
+    }
+
+    /// A table header may carry a comment (`[server]  # the proxy`): the key a schema
+    /// problem names is the table's, not the header line's text.
+    #[test]
+    fn a_comment_after_a_table_header_is_not_part_of_the_key() {
+        let p = problems(
+            "[server]  # the proxy\nlisten = \"127.0.0.1:1\"\nlistne = 5\n[[route]] # docs\nprefix = \"/\"\nupstream = \"http://a:1\"\nretries = 3\n",
+        );
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(got, [(3, "server.listne"), (7, "route.retries")], "{p:?}");
     }
 
     #[test]
