@@ -570,9 +570,10 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
                 })
                 .find(|(_, l)| table_header(l).is_some_and(|t| !t.is_empty()))
                 .map_or(text.len(), |(at, _)| at);
+            // A space a byte, not a character: every later span must keep its offset.
             let blank: String = text[start..next_header]
-                .chars()
-                .map(|c| if c == '\n' { '\n' } else { ' ' })
+                .bytes()
+                .map(|b| if b == b'\n' { '\n' } else { ' ' })
                 .collect();
             text.replace_range(start..next_header, &blank);
             continue;
@@ -1770,6 +1771,22 @@ upstream = "http://localhost:9001/"
             vec![(3, "server.foo"), (4, "routes"), (9, "route.bar")],
             "{p:?}"
         );
+    }
+
+    /// An unknown table blanked out keeps every byte's place, whatever it holds: a comment
+    /// of dashes (`—`, 3 bytes each) used to shift the problems after it, onto the wrong line
+    /// and key, or into the middle of a character, a panic (at start, in `--check`, and in
+    /// the SIGHUP task, after which no reload ran).
+    #[test]
+    fn an_unknown_table_holding_non_ascii_text_keeps_the_places_of_later_problems() {
+        for dashes in 1..=6 {
+            let d = "—".repeat(dashes);
+            let p = problems(&format!(
+                "[metrics]\n# {d}\n[server]\nlisten = \"127.0.0.1:1\"  # {d}\nfoo = 1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
+            ));
+            let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+            assert_eq!(got, [(1, "metrics"), (5, "server.foo")], "{dashes}: {p:?}");
+        }
     }
 
     /// One mistake, one problem: a table's own problem (a missing key, a table written
