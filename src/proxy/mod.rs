@@ -522,7 +522,12 @@ impl Proxy {
             ex.by_proxy = true;
             return Ok(Response::new(ProxyBody::empty()));
         }
-        let pre = Preconditions::parse(&parts.headers)?;
+        // OPTIONS has its conditions ignored (RFC 9110 §13.2.1, see `write`): a malformed
+        // one too, rather than a 400. It goes up as sent, for the backend to ignore as well.
+        let pre = match Preconditions::parse(&parts.headers) {
+            Err(_) if parts.method == Method::OPTIONS => Preconditions::default(),
+            pre => pre?,
+        };
         let query = parts.uri.query().filter(|_| !route.ignore_query);
         let key = ResourceKey::new(&route.upstream, &path, query);
         if !route.preserve_host {
