@@ -45,6 +45,9 @@ pub enum Error {
     /// `method`: the method, or what a POST asked to be run as (`POST run as PUT by ...`).
     PreconditionRequired { method: String },
 
+    #[error("{method} on this route requires a precondition, and its If-Unmodified-Since is not one valid HTTP-date (such as Sun, 06 Nov 1994 08:49:37 GMT), so it is ignored (RFC 9110 §13.1.4); send one, or fetch the resource, then send its ETag in If-Match")]
+    PreconditionDateIgnored { method: String },
+
     #[error("{method} on this route requires a precondition, and this resource has no Last-Modified date, so If-Unmodified-Since guards nothing (RFC 9110 §13.1.4); fetch the resource, then send its ETag in If-Match")]
     PreconditionUndated { method: String },
 
@@ -139,9 +142,9 @@ impl Error {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
-            Self::PreconditionRequired { .. } | Self::PreconditionUndated { .. } => {
-                StatusCode::PRECONDITION_REQUIRED
-            }
+            Self::PreconditionRequired { .. }
+            | Self::PreconditionDateIgnored { .. }
+            | Self::PreconditionUndated { .. } => StatusCode::PRECONDITION_REQUIRED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Self::LockTimeout(_) | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
@@ -165,6 +168,7 @@ impl Error {
             | Self::BodyTimeout(_)
             | Self::BodyRead(_)
             | Self::PreconditionRequired { .. }
+            | Self::PreconditionDateIgnored { .. }
             | Self::PreconditionUndated { .. }
             | Self::PreconditionFailed { .. } => Blame::Client,
             Self::UpstreamConnect { .. }
@@ -188,9 +192,9 @@ impl Error {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyTimeout(_) => "body_timeout",
             Self::BodyRead(_) => "body_error",
-            Self::PreconditionRequired { .. } | Self::PreconditionUndated { .. } => {
-                "precondition_required"
-            }
+            Self::PreconditionRequired { .. }
+            | Self::PreconditionDateIgnored { .. }
+            | Self::PreconditionUndated { .. } => "precondition_required",
             Self::PreconditionFailed { .. } => "precondition_failed",
             Self::LockTimeout(_) => "lock_timeout",
             Self::UpstreamConnect { .. } => "upstream_connect",

@@ -1126,6 +1126,42 @@ async fn with_upstream_etag_replace_a_tag_the_backend_never_changes_cannot_hide_
     assert_eq!(*doc.lock().unwrap(), "cc");
 }
 
+/// An `If-Unmodified-Since` that is not one valid HTTP-date is ignored (RFC 9110 §13.1.4),
+/// so a blind write that sends one gets 428 where a precondition is required. Its detail
+/// says the date was ignored and why, not that the write sent no `If-Unmodified-Since`.
+#[tokio::test]
+async fn a_428_for_an_ignored_date_says_the_date_was_ignored() {
+    let (backend, proxy) = setup("require_precondition = true").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    let d = "Sun, 06 Nov 1994 08:49:37 GMT";
+    for since in [
+        vec![("if-unmodified-since", "2024-01-01T00:00:00Z")],
+        vec![("if-unmodified-since", d), ("if-unmodified-since", d)],
+    ] {
+        let p = c.put(&url, &since, "x").await.assert_problem(428);
+        let detail = p["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("If-Unmodified-Since is not one valid HTTP-date"),
+            "{since:?}: {detail}"
+        );
+        let form = [
+            since,
+            vec![("content-type", "application/x-www-form-urlencoded")],
+        ]
+        .concat();
+        let r = c.send("POST", &url, &form, "_method=PUT").await;
+        let detail = r.assert_problem(428)["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains("not one valid HTTP-date"), "{detail}");
+        assert!(detail.starts_with("POST run as PUT"), "{detail}");
+    }
+    // A write that sent none is told what to send, as before.
+    let p = c.put(&url, &[], "x").await.assert_problem(428);
+    let detail = p["detail"].as_str().unwrap();
+    assert!(!detail.contains("valid HTTP-date"), "{detail}");
+    assert_eq!(backend.store.writes(), 0);
+}
+
 /// A backend without `Last-Modified` (most legacy ones): a write whose only precondition is
 /// `If-Unmodified-Since` would be judged by nothing (the date is ignored, RFC 9110 §13.1.4)
 /// and overwrite the document unguarded, though it met `require_precondition`. Such a write

@@ -72,7 +72,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Error> {
         if route.require_precondition && !pre.guards_write() {
             if let Some(method) = requires_precondition(&parts) {
-                return Err(Error::PreconditionRequired { method });
+                return Err(required(&parts, method));
             }
         }
         let changes = changes_state(&parts.method);
@@ -110,8 +110,7 @@ impl Proxy {
                         .then(|| form_overrides(&parts, &body))
                         .flatten();
                     if let Some(method) = ex.overridden.as_ref().filter(|_| !pre.guards_write()) {
-                        let method = method.clone();
-                        return Err(Error::PreconditionRequired { method });
+                        return Err(required(&parts, method.clone()));
                     }
                     let tag = tag_put.then(|| self.put_tag(rt, key, &body));
                     Outgoing::Whole(body, tag, share)
@@ -517,6 +516,16 @@ impl Proxy {
                 rt.tag_key.tag_of(body)
             }
         }
+    }
+}
+
+/// The 428 for a write with no precondition that guards it. One that sent an
+/// `If-Unmodified-Since` had it ignored as no valid date (`Preconditions::parse`): told so,
+/// not that it sent none.
+fn required(parts: &Parts, method: String) -> Error {
+    match parts.headers.contains_key(header::IF_UNMODIFIED_SINCE) {
+        true => Error::PreconditionDateIgnored { method },
+        false => Error::PreconditionRequired { method },
     }
 }
 
