@@ -132,10 +132,10 @@ pub fn reload_on_sighup(
             };
             // Taken after the stream is made: a SIGHUP from then on is the stream's.
             if HUP_AT_START.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                reload(&path, &proxy, &running);
+                reload_aside(&path, &proxy, &running).await;
             }
             while hup.recv().await.is_some() {
-                reload(&path, &proxy, &running);
+                reload_aside(&path, &proxy, &running).await;
             }
         }
         #[cfg(not(unix))]
@@ -143,6 +143,23 @@ pub fn reload_on_sighup(
             let _ = (path, proxy, running);
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// [`reload`] on a thread of tokio's blocking pool: reading the files (the config, TLS
+/// certificates, CA roots) may block, on a slow disk or a FIFO with no writer yet, and with
+/// `workers = 1` that would stall every connection. And a reload that panics is a refused
+/// reload, not the end of reloading: the task that listens for SIGHUP lives on.
+async fn reload_aside(path: &std::path::Path, proxy: &Arc<Proxy>, running: &Config) {
+    let (path, proxy, running) = (path.to_owned(), proxy.clone(), running.clone());
+    let metrics = proxy.clone();
+    let done = tokio::task::spawn_blocking(move || reload(&path, &proxy, &running)).await;
+    if let Err(e) = done {
+        metrics.metrics.reload(false);
+        tracing::error!(
+            error = %e,
+            "config reload failed (a bug: please report it); the running config keeps serving"
+        );
     }
 }
 

@@ -159,6 +159,53 @@ fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
     assert_eq!(status.code(), Some(0), "{status}");
 }
 
+/// A reload reads its files aside from the connections: one that waits on its config (here
+/// a FIFO with no writer yet; a slow network disk likewise) holds up no request, even on
+/// one worker thread, and is applied once the file is there. Before, the reload read on
+/// the only worker, and every connection stood still until the file came.
+#[tokio::test]
+async fn a_reload_waiting_on_its_file_holds_up_no_request_on_one_worker() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let backend = Backend::start().await;
+    backend.store.put("/a", "v1");
+    let text = config(&[("/", &backend.origin(), "")]).replacen(
+        "[server]\n",
+        "[server]\nworkers = 1\n",
+        1,
+    );
+    let bin = Binary::start(&text, &[]).await;
+    let c = Client::new();
+    assert_eq!(c.get(&bin.url("/a"), &[]).await.status, 200);
+    // The config becomes a FIFO: the reload's open waits for a writer.
+    let path = bin.config.clone();
+    std::fs::remove_file(&path).unwrap();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path of the test's own directory.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    bin.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let served = tokio::time::timeout(Duration::from_secs(3), c.get(&bin.url("/a"), &[])).await;
+    assert_eq!(
+        served.map(|r| r.status).ok(),
+        Some(200),
+        "a request while the reload waits for its file"
+    );
+    // Non-blocking: with no reader, the open fails rather than waiting for ever.
+    let mut fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .expect("the reload still waits to read its config");
+    let reloaded = text.replace("{listen}", "127.0.0.1:0");
+    fifo.write_all(reloaded.as_bytes()).unwrap();
+    drop(fifo);
+    bin.wait_for_log("config reloaded", Duration::from_secs(5))
+        .await;
+    assert_eq!(c.get(&bin.url("/a"), &[]).await.status, 200);
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
     let cpus = std::thread::available_parallelism().unwrap().get();
