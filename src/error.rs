@@ -60,6 +60,15 @@ pub enum Error {
     #[error("cannot connect to upstream {upstream}: {reason}")]
     UpstreamConnect { upstream: String, reason: String },
 
+    /// EMFILE or ENFILE at the connect: the proxy's own limit, not the backend's fault.
+    #[error("ifmatch ran out of file descriptors ({reason}) and could not open a connection to upstream {upstream}, which is not at fault: {hint}; retry later")]
+    OutOfFiles {
+        upstream: String,
+        reason: String,
+        /// Which limit to raise (`fds::exhausted`).
+        hint: &'static str,
+    },
+
     #[error("TLS with upstream {upstream} failed: {reason}{hint}")]
     UpstreamTls {
         upstream: String,
@@ -146,7 +155,10 @@ impl Error {
             | Self::PreconditionDateIgnored { .. }
             | Self::PreconditionUndated { .. } => StatusCode::PRECONDITION_REQUIRED,
             Self::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Self::LockTimeout(_) | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // nginx answers 500 and blames itself; it passes once connections close, so 503.
+            Self::LockTimeout(_) | Self::UpstreamBusy { .. } | Self::OutOfFiles { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamConnect { .. } | Self::UpstreamTls { .. } | Self::Upstream { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -176,7 +188,7 @@ impl Error {
             | Self::UpstreamTimeout { .. }
             | Self::UpstreamBusy { .. }
             | Self::Upstream { .. } => Blame::Upstream,
-            Self::LockTimeout(_) => Blame::Proxy,
+            Self::LockTimeout(_) | Self::OutOfFiles { .. } => Blame::Proxy,
         }
     }
 
@@ -202,6 +214,7 @@ impl Error {
             Self::UpstreamTimeout { .. } => "upstream_timeout",
             Self::Upstream { .. } => "upstream_error",
             Self::UpstreamBusy { .. } => "upstream_busy",
+            Self::OutOfFiles { .. } => "proxy_out_of_files",
         }
     }
 
@@ -237,7 +250,7 @@ impl Error {
             } => {
                 headers.insert(ETAG, tag.to_header());
             }
-            Self::LockTimeout(_) | Self::UpstreamBusy { .. } => {
+            Self::LockTimeout(_) | Self::UpstreamBusy { .. } | Self::OutOfFiles { .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -337,6 +350,14 @@ mod tests {
                     after: Duration::from_secs(1),
                 },
                 504,
+            ),
+            (
+                Error::OutOfFiles {
+                    upstream: up(),
+                    reason: "Too many open files".into(),
+                    hint: "",
+                },
+                503,
             ),
         ];
         for (e, status) in cases {

@@ -29,6 +29,22 @@ pub fn raise_limit(max_connections: usize) {
     }
 }
 
+/// What to raise when `e` says the process (EMFILE) or the whole system (ENFILE) has run
+/// out of file descriptors; `None` for any other error.
+pub fn exhausted(e: &std::io::Error) -> Option<&'static str> {
+    match e.raw_os_error()? {
+        libc::EMFILE => Some(
+            "the proxy's open-file limit is used up; raise it (systemd LimitNOFILE, ulimit -n, \
+             docker --ulimit nofile) or lower max_connections",
+        ),
+        libc::ENFILE => Some(
+            "the system's open-file limit is used up; raise it (sysctl fs.file-max) or find \
+             the process holding them",
+        ),
+        _ => None,
+    }
+}
+
 /// The soft limit after raising it to the hard one, or `None` where it cannot be read.
 #[cfg(unix)]
 fn raise() -> Option<u64> {
@@ -57,4 +73,22 @@ fn raise() -> Option<u64> {
 #[cfg(not(unix))]
 fn raise() -> Option<u64> {
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_names_the_limit_to_raise() {
+        let os = std::io::Error::from_raw_os_error;
+        assert!(exhausted(&os(libc::EMFILE))
+            .unwrap()
+            .contains("LimitNOFILE"));
+        assert!(exhausted(&os(libc::ENFILE))
+            .unwrap()
+            .contains("fs.file-max"));
+        assert_eq!(exhausted(&os(libc::ECONNREFUSED)), None);
+        assert_eq!(exhausted(&std::io::ErrorKind::TimedOut.into()), None);
+    }
 }

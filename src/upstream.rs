@@ -330,6 +330,14 @@ impl UpstreamClient {
                         after: self.settings.connect_timeout,
                     };
                 }
+                // socket() failed: the proxy's limit, which a 502 would pin on the backend.
+                if let Some(hint) = crate::fds::exhausted(io).filter(|_| is_connect) {
+                    return Error::OutOfFiles {
+                        upstream,
+                        reason: io.to_string(),
+                        hint,
+                    };
+                }
             }
             reason = s.to_string();
             source = s.source();

@@ -845,3 +845,108 @@ async fn the_open_file_limit_warning_is_given_exactly_when_short() {
     let line = bin.wait_for_log(short, Duration::from_secs(5)).await;
     assert!(line.contains("needed=264"), "{line}");
 }
+
+/// One HTTP/1.1 request on `s`, and its response read whole (head and `Content-Length` body).
+async fn exchange(s: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let read = async {
+        loop {
+            let mut buf = [0; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&out).into_owned();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if out.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("a response within 5 s")
+}
+
+/// Out of file descriptors when it opens an upstream connection, the proxy answers 503 with
+/// `Retry-After` and says its own open-file limit is short, as nginx blames itself (500):
+/// not a 502 and a warning that send the operator to a backend that is fine. The warning
+/// comes once a minute, as the failed accepts' does. Before the fix: a 502 "cannot connect
+/// to upstream ...: Too many open files", outcome `upstream_connect`, on every request.
+#[tokio::test]
+async fn out_of_file_descriptors_at_the_upstream_connect_is_the_proxys_503() {
+    let backend = Backend::start().await;
+    backend.store.put("/a", "v1");
+    let config = config(&[("/", &backend.origin(), "")]);
+    let bin = with_file_limit(&config, 64, 64).await;
+    // A connection the proxy has accepted (it answers this OPTIONS itself, no upstream
+    // connection made); then every descriptor left is taken by idle clients.
+    let mut first = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    let options = "OPTIONS /a HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n";
+    let r = exchange(&mut first, options).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(bin.addr).await.unwrap());
+    }
+    bin.wait_for_log("accept failed", Duration::from_secs(5))
+        .await;
+
+    let get = "GET /a HTTP/1.1\r\nHost: t\r\n\r\n";
+    for _ in 0..2 {
+        let r = exchange(&mut first, get).await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        let head = r.to_ascii_lowercase();
+        assert!(head.contains("\r\nretry-after: 1\r\n"), "{r}");
+        assert!(head.contains("application/problem+json"), "{r}");
+        assert!(r.contains("file descriptors"), "{r}");
+        assert!(r.contains("LimitNOFILE") && r.contains("ulimit -n"), "{r}");
+    }
+    let log = bin.log();
+    let access: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("ifmatch::access") && l.contains("path=\"/a\""))
+        .collect();
+    assert_eq!(access.len(), 3, "{log:#?}");
+    assert!(
+        access[1].contains("outcome=\"proxy_out_of_files\""),
+        "{}",
+        access[1]
+    );
+    let warned: Vec<_> = log
+        .iter()
+        .filter(|l| {
+            l.contains("WARN") && l.contains("file descriptors") && !l.contains("accept failed")
+        })
+        .collect();
+    assert_eq!(warned.len(), 1, "once a minute: {log:#?}");
+    assert!(warned[0].contains("at most once a minute"), "{}", warned[0]);
+    assert!(
+        !warned[0].contains("cannot connect to upstream"),
+        "{}",
+        warned[0]
+    );
+
+    // Descriptors free, it connects again.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = exchange(&mut first, get).await;
+        if r.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "does not connect again: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

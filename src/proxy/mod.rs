@@ -68,6 +68,9 @@ pub struct Proxy {
     /// The drain ended with requests in flight: those dropped now were cut off by the
     /// proxy, not left by their clients.
     cutting: AtomicBool,
+    /// For the warning when upstream connects run out of file descriptors: they fail in
+    /// floods, as accepts do then, and are logged as seldom.
+    out_of_files: crate::telemetry::Every,
 }
 
 /// The part of the proxy that a config reload replaces.
@@ -296,6 +299,7 @@ impl Proxy {
             settling: Arc::default(),
             key_generation: AtomicU64::new(0),
             cutting: AtomicBool::new(false),
+            out_of_files: crate::telemetry::Every::new(Duration::from_secs(60)),
         }
     }
 
@@ -452,6 +456,17 @@ impl Proxy {
                 // A backend that fails or a proxy limit is worth an operator's look, as in
                 // nginx's error log; a client's mistake is the client's to see.
                 match e.blame() {
+                    Blame::Proxy if matches!(e, Error::OutOfFiles { .. }) => {
+                        if self.out_of_files.due() {
+                            let route = route.unwrap_or("-");
+                            tracing::warn!(
+                                parent: &span, route, %method, path, error = %e,
+                                "request failed: ifmatch is out of file descriptors (503s with \
+                                 outcome proxy_out_of_files; this line comes at most once a \
+                                 minute)"
+                            )
+                        }
+                    }
                     Blame::Proxy | Blame::Upstream => {
                         let route = route.unwrap_or("-");
                         tracing::warn!(parent: &span, route, %method, path, error = %e, "request failed")
