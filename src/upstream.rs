@@ -663,15 +663,24 @@ fn origin_form(uri: &Uri) -> Uri {
     }
 }
 
+/// The headers by which a POST asks a backend to run it as another method.
+pub(crate) const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// The GET that fetches a resource's current representation for a writer: the writer's own
 /// head (its credentials, cookies and `Accept*` select the same representation it read),
-/// without its body or its conditions.
+/// without its body or its conditions, nor a method override: a backend that honours one on
+/// any method (CakePHP) would run the GET as the write, unjudged.
 pub fn revalidation_request(parts: &Parts) -> Request<UpstreamBody> {
     let mut headers = HeaderMap::with_capacity(parts.headers.len());
     for (name, value) in &parts.headers {
         let n = name.as_str();
         let drop = n.starts_with("content-")
             || n.starts_with("if-")
+            || METHOD_OVERRIDES.contains(&n)
             || matches!(
                 n,
                 "range" | "expect" | "transfer-encoding" | "trailer" | "destination" | "overwrite"

@@ -466,6 +466,63 @@ async fn the_remembered_tag_is_dropped_after_a_write_and_kept_after_a_409() {
     );
 }
 
+/// A POST that asks, by a method-override header, to run as DELETE is revalidated with a GET
+/// of its own head: that GET must not carry the override, or a backend that honours one on
+/// any method (CakePHP, several PSR-7 stacks) runs the proxy's GET as the DELETE itself, a
+/// write no precondition guarded: the document was gone before its stale `If-Match` got 412.
+#[tokio::test]
+async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
+    let store = std::sync::Arc::new(std::sync::Mutex::new(Some("v1")));
+    let doc = store.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let doc = doc.clone();
+        async move {
+            let method = match r.headers.get("x-http-method-override") {
+                Some(m) => m.to_str().unwrap().to_owned(),
+                None => r.method.to_string(),
+            };
+            let mut doc = doc.lock().unwrap();
+            match (method.as_str(), *doc) {
+                ("GET", Some(body)) => respond(200, &[], body),
+                ("DELETE", Some(_)) => {
+                    *doc = None;
+                    respond(204, &[], "")
+                }
+                _ => respond(404, &[], ""),
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(
+        &route("/", "require_precondition = true"),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let r = c
+        .send(
+            "POST",
+            &url,
+            &[
+                ("x-http-method-override", "DELETE"),
+                ("if-match", "\"stale\""),
+            ],
+            "",
+        )
+        .await;
+    r.assert_problem(412);
+    let reval = backend.last();
+    assert_eq!(reval.method, "GET");
+    assert_eq!(
+        *store.lock().unwrap(),
+        Some("v1"),
+        "the revalidation GET ran as a DELETE: {:?}",
+        reval.headers
+    );
+    assert_eq!(c.get(&url, &[]).await.status, 200);
+}
+
 #[tokio::test]
 async fn revalidation_uses_the_writers_credentials_and_a_refusal_reaches_the_writer() {
     // A backend that only lets Alice read, and that varies the document by Accept-Language.

@@ -663,7 +663,7 @@ fn requires_precondition(parts: &Parts) -> Option<String> {
         return None;
     }
     let as_run = |to: &str, by: &str| Some(format!("{method} run as {} by {by}", to.trim()));
-    for h in METHOD_OVERRIDES {
+    for h in upstream::METHOD_OVERRIDES {
         let mut items = (parts.headers.get_all(h).iter())
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','));
@@ -712,13 +712,6 @@ fn guarded(method: &str) -> bool {
         .iter()
         .any(|g| method.trim().eq_ignore_ascii_case(g))
 }
-
-/// The headers by which a POST asks a backend to run it as another method.
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
 
 /// The key of a COPY or MOVE's `Destination` (RFC 4918 §10.3) on the same upstream: that
 /// resource changes too, so its remembered tag must go as well.
