@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::backend::respond;
@@ -466,13 +467,10 @@ async fn the_remembered_tag_is_dropped_after_a_write_and_kept_after_a_409() {
     );
 }
 
-/// A POST that asks, by a method-override header, to run as DELETE is revalidated with a GET
-/// of its own head: that GET must not carry the override, or a backend that honours one on
-/// any method (CakePHP, several PSR-7 stacks) runs the proxy's GET as the DELETE itself, a
-/// write no precondition guarded: the document was gone before its stale `If-Match` got 412.
-#[tokio::test]
-async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
-    let store = std::sync::Arc::new(std::sync::Mutex::new(Some("v1")));
+/// A backend that honours `X-HTTP-Method-Override` on any method, as CakePHP and several
+/// PSR-7 request factories do, over one document (`None` once deleted).
+async fn overriding_backend() -> (Arc<Mutex<Option<&'static str>>>, ScriptedBackend) {
+    let store = Arc::new(Mutex::new(Some("v1")));
     let doc = store.clone();
     let backend = ScriptedBackend::start(move |r| {
         let doc = doc.clone();
@@ -493,6 +491,16 @@ async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
         }
     })
     .await;
+    (store, backend)
+}
+
+/// A POST that asks, by a method-override header, to run as DELETE is revalidated with a GET
+/// of its own head: that GET must not carry the override, or a backend that honours one on
+/// any method runs the proxy's GET as the DELETE itself, a write no precondition guarded:
+/// the document was gone before its stale `If-Match` got 412.
+#[tokio::test]
+async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
+    let (store, backend) = overriding_backend().await;
     let proxy = Proxy::start(
         &route("/", "require_precondition = true"),
         &backend.origin(),
@@ -521,6 +529,34 @@ async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
         reval.headers
     );
     assert_eq!(c.get(&url, &[]).await.status, 200);
+}
+
+/// A GET (or HEAD) that names a guarded method in a method-override header is a read: it
+/// goes up without the override, or a backend that honours one on any method would run it
+/// as a DELETE, past `require_precondition`'s 428 and the URL's lock, and the proxy would tag
+/// the DELETE's answer as the document.
+#[tokio::test]
+async fn a_read_does_not_carry_a_method_override_upstream() {
+    let (store, backend) = overriding_backend().await;
+    let proxy = Proxy::start(
+        &route("/", "require_precondition = true"),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    for method in ["GET", "HEAD"] {
+        let r = c
+            .send(method, &url, &[("x-http-method-override", "DELETE")], "")
+            .await;
+        assert_eq!(r.status, 200, "{method}");
+        assert_eq!(
+            *store.lock().unwrap(),
+            Some("v1"),
+            "the {method} ran as a DELETE: {:?}",
+            backend.last().headers
+        );
+    }
 }
 
 #[tokio::test]
