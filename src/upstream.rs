@@ -572,8 +572,16 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(peer.scheme),
     );
-    if let Some(host) = original_host {
-        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    match original_host {
+        Some(host) => {
+            h.insert(xfh, host);
+        }
+        // No host to name (HTTP/1.0 may omit `Host`): the client's own would pass for the
+        // proxy's, and a backend that trusts it builds its links on it.
+        None => {
+            h.remove(xfh);
+        }
     }
 }
 

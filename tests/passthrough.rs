@@ -186,6 +186,24 @@ async fn every_x_forwarded_for_line_is_kept_in_order() {
     );
 }
 
+/// `X-Forwarded-Host` is the proxy's to set: an HTTP/1.0 request may come without `Host`,
+/// and then the client's own `X-Forwarded-Host` went up as if the proxy vouched for it; a
+/// backend that trusts the proxy builds its links (a password reset's among them) on it.
+#[tokio::test]
+async fn a_clients_x_forwarded_host_never_reaches_the_backend_as_the_proxys() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let head = b"GET /x HTTP/1.0\r\nX-Forwarded-Host: evil.example\r\n\r\n";
+    let answer = common::raw_exchange(proxy.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = backend.last();
+    assert_eq!(
+        seen.headers.get("x-forwarded-host"),
+        None,
+        "the client's X-Forwarded-Host went up"
+    );
+}
+
 #[tokio::test]
 async fn preserve_host_false_sends_the_upstream_authority() {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
