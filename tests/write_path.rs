@@ -559,6 +559,33 @@ async fn a_read_does_not_carry_a_method_override_upstream() {
     }
 }
 
+/// A method that changes nothing (OPTIONS, PROPFIND) is forwarded without the URL's lock,
+/// a precondition or an invalidation: with a method override it would run, at a backend
+/// that honours one on any method, as the unguarded DELETE it names. It goes up without.
+#[tokio::test]
+async fn a_method_that_changes_nothing_does_not_carry_a_method_override_upstream() {
+    let (store, backend) = overriding_backend().await;
+    let proxy = Proxy::start(
+        &route("/", "require_precondition = true"),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    for method in ["OPTIONS", "PROPFIND"] {
+        let r = c
+            .send(method, &url, &[("x-http-method-override", "DELETE")], "")
+            .await;
+        assert_eq!(r.status, 404, "{method}: what the backend answers it");
+        assert_eq!(
+            *store.lock().unwrap(),
+            Some("v1"),
+            "the {method} ran as a DELETE: {:?}",
+            backend.last().headers
+        );
+    }
+}
+
 #[tokio::test]
 async fn revalidation_uses_the_writers_credentials_and_a_refusal_reaches_the_writer() {
     // A backend that only lets Alice read, and that varies the document by Accept-Language.

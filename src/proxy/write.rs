@@ -304,6 +304,13 @@ impl Proxy {
         strip_evaluated(&mut parts.headers, pre, false);
         let credentialed = credentialed(&parts.headers);
         let changes = changes_state(&parts.method);
+        // Forwarded unlocked and unjudged, as a read is, and for the same reason without a
+        // method override (`Proxy::read`).
+        if !changes {
+            for h in upstream::METHOD_OVERRIDES {
+                parts.headers.remove(h);
+            }
+        }
         let destination = destination_key(&parts, route)?;
         let invalidation = changes.then(|| Invalidation {
             proxy: self.clone(),
