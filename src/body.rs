@@ -174,7 +174,7 @@ impl Body for ProxyBody {
             let deadline = tokio::time::Instant::now() + tail.idle;
             tail.timer.as_mut().reset(deadline);
             let Some(check) = tail.check.as_deref_mut() else {
-                return Poll::Ready(frame.map(|f| f.map_err(BodyError::from)));
+                return Poll::Ready(frame.map(|f| f.map(hop_free).map_err(BodyError::from)));
             };
             match frame {
                 Some(Ok(frame)) => {
@@ -227,6 +227,22 @@ impl Body for ProxyBody {
         }
         hint.set_lower(t.lower().saturating_add(buffered));
         hint
+    }
+}
+
+/// A backend's trailers without connection-specific fields, as its head is sent on
+/// (`upstream::strip_hop_by_hop`): RFC 9110 §6.5.1 does not allow them there, and h2 refuses
+/// to send them, resetting an HTTP/2 client's stream after its whole body.
+fn hop_free(frame: Frame<Bytes>) -> Frame<Bytes> {
+    if !frame.is_trailers() {
+        return frame;
+    }
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            crate::upstream::strip_hop_by_hop(&mut trailers);
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
     }
 }
 

@@ -204,6 +204,29 @@ async fn trailers_of_a_streamed_body_reach_a_client_that_accepts_them() {
     assert!(!head.contains("trailer:"), "{out}");
 }
 
+/// A backend's trailers with a connection-specific field (`Keep-Alive`, `Connection`, which
+/// RFC 9110 §6.5.1 does not allow there): HTTP/1.1 clients get only the trailers `Trailer`
+/// announced, but h2 refuses to send such a field and reset the HTTP/2 client's stream after
+/// the whole body, which it then saw cut off. They go, as in a head; the others reach it.
+#[tokio::test]
+async fn a_streamed_bodys_hop_by_hop_trailers_do_not_cut_an_http2_response() {
+    let answer = b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\nKeep-Alive: timeout=5\r\nConnection: x-secret\r\nX-Secret: 1\r\n\r\n";
+    let backend = FaultyBackend::start(Fault::Answer(answer)).await;
+    let proxy = Proxy::start(&route("/", ROUTE), &backend.origin()).await;
+    let mut h2 = common::h2_client(proxy.addr).await;
+    let req = http::Request::get(proxy.url("/doc")).body(()).unwrap();
+    let (rsp, _) = h2.send_request(req, true).unwrap();
+    let mut body = rsp.await.unwrap().into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.expect("the body is not cut off"));
+    }
+    assert_eq!(got, b"hello");
+    let trailers = body.trailers().await.expect("the stream ends cleanly");
+    let names: Vec<_> = trailers.iter().flat_map(|t| t.keys()).collect();
+    assert_eq!(names, ["x-sum"], "{trailers:?}");
+}
+
 #[tokio::test]
 async fn a_streamed_body_that_fails_aborts_the_response_cleanly() {
     for fault in [Fault::ResetMidBody, Fault::CutShort, Fault::StallBody] {
