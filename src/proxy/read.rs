@@ -50,9 +50,7 @@ impl Proxy {
         // A read goes up as one: a backend that honours a method override on any method
         // (CakePHP) would run `X-HTTP-Method-Override: DELETE` as the delete, past the 428
         // and the URL's lock, and its answer would be tagged as the document.
-        for h in upstream::METHOD_OVERRIDES {
-            parts.headers.remove(h);
-        }
+        upstream::strip_method_overrides(&mut parts.headers);
         strip_evaluated(&mut parts.headers, pre, true);
         let credentials = credentialed(&parts.headers);
         let ticket = self.tags.ticket();

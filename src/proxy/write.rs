@@ -307,9 +307,7 @@ impl Proxy {
         // Forwarded unlocked and unjudged, as a read is, and for the same reason without a
         // method override (`Proxy::read`).
         if !changes {
-            for h in upstream::METHOD_OVERRIDES {
-                parts.headers.remove(h);
-            }
+            upstream::strip_method_overrides(&mut parts.headers);
         }
         let destination = destination_key(&parts, route)?;
         let invalidation = changes.then(|| Invalidation {
