@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use http::{Request, Version};
@@ -133,6 +133,7 @@ pub async fn serve(
             stopping: stopping.clone(),
             idle_timeout,
             socket,
+            permit: Arc::new(permit),
         };
         tokio::spawn(async move {
             let counted = proxy.clone();
@@ -168,14 +169,14 @@ pub async fn serve(
                     }
                 }
             }
-            drop(permit);
         });
     }
     drop(listener);
     tracing::info!("shutting down: no new connections, draining in-flight requests");
     let _ = stop.send(true);
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
-    // Every connection's task holds a permit until it ends: all of them back means drained.
+    // Every connection's task and request futures hold its permit until they end: all of
+    // them back means drained, and every write left to settle counted.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     if tokio::time::timeout_at(deadline, connections.acquire_many(all))
         .await
@@ -309,6 +310,11 @@ struct Ends {
     idle_timeout: Duration,
     /// The client's TCP socket, under TLS or not: its send queue.
     socket: Option<Socket>,
+    /// The connection's place in `max_connections`, which the drain waits to have back:
+    /// held by its task and by each of its requests' futures, since hyper runs an HTTP/2
+    /// request in a task of its own that can outlive the connection's (a write its client
+    /// gave up on is counted as settling only once that future is dropped).
+    permit: Arc<OwnedSemaphorePermit>,
 }
 
 /// The waker of the futures that end a connection: notes that one of them may be ready,
@@ -351,8 +357,9 @@ async fn serve_connection<IO>(
     let counted = activity.clone();
     let counts = proxy.clone();
     let spare = Spare::default();
+    let permit = ends.permit.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let (proxy, peer) = (proxy.clone(), peer.clone());
+        let (proxy, peer, permit) = (proxy.clone(), peer.clone(), permit.clone());
         let request = counted.begin();
         let version = req.version();
         let answering = (version == Version::HTTP_2).then(|| counted.answering());
@@ -370,6 +377,8 @@ async fn serve_connection<IO>(
         // (`reuse`).
         let mut boxed = spare.take();
         boxed.as_mut().set(Some(async move {
+            // Declared first, so let go after what the request's future holds.
+            let _permit = permit;
             let rsp = proxy.handle(req, peer, verdict).await;
             if let Some(a) = answering {
                 a.answered(rsp.extensions().get::<AnsweredLocally>().is_some());

@@ -387,6 +387,62 @@ async fn a_stop_waits_within_its_deadline_for_a_write_whose_client_was_told_504(
     }
 }
 
+/// An HTTP/2 client that gives up on a write during the drain (resets its stream, or closes
+/// its connection) leaves it to settle like any other: the stop waits for the backend's
+/// answer. hyper runs an HTTP/2 request in a task of its own, which learns of the reset
+/// only after the connection, done with its last stream, has ended and let the drain on.
+#[tokio::test]
+async fn a_stop_waits_for_an_http2_write_whose_client_gave_up_during_the_drain() {
+    for close_connection in [false, true] {
+        let answered = Arc::new(Mutex::new(None::<Instant>));
+        let backend = {
+            let answered = answered.clone();
+            ScriptedBackend::start(move |r| {
+                let answered = answered.clone();
+                async move {
+                    if r.method == "PUT" {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        *answered.lock().unwrap() = Some(Instant::now());
+                        return common::backend::respond(204, &[], "");
+                    }
+                    common::backend::respond(200, &[], "doc")
+                }
+            })
+            .await
+        };
+        let mut bin = Binary::start(&config(&[("/", &backend.origin(), "")]), &[]).await;
+        let tcp = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::put(bin.url("/doc")).body(()).unwrap();
+        let (answer, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"new"), true)
+            .unwrap();
+        let arrived = common::eventually(Duration::from_secs(5), || {
+            backend.requests().iter().any(|r| r.method == "PUT")
+        });
+        assert!(arrived.await, "the write reached the backend");
+        bin.signal("TERM");
+        bin.wait_for_log("shutting down", Duration::from_secs(5))
+            .await;
+        match close_connection {
+            false => body.send_reset(h2::Reason::CANCEL),
+            true => conn.abort(),
+        }
+        drop((answer, body, client));
+        assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
+        let exited = Instant::now();
+        let at = *answered.lock().unwrap();
+        assert!(
+            at.is_some_and(|at| at <= exited),
+            "exited before the backend answered the write (connection closed: \
+             {close_connection}): {:?}",
+            bin.log()
+        );
+    }
+}
+
 /// A response whose body hyper has taken whole but not yet flushed to a slow reader is not
 /// done: a stop must not cut its connection as one with no request in flight. (Which sizes
 /// end up so depends on the socket buffers: several are asked for at once, each from a
