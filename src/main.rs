@@ -231,6 +231,7 @@ async fn run(
         Ok(()) = cut_rx => {
             tracing::warn!("another signal during the drain: requests still in flight are cut off");
             proxy.cut_off_in_flight();
+            ifmatch::server::name_unanswered(&proxy);
         }
     }
     let _ = admin_stop.send(());

@@ -187,20 +187,17 @@ pub async fn serve(
             "in-flight requests did not finish in time"
         );
         proxy.cut_off_in_flight();
+        name_unanswered(&proxy);
         return Ok(());
     }
-    settle_before_exit(&proxy, deadline, shutdown_timeout).await;
+    settle_before_exit(&proxy, deadline).await;
     Ok(())
 }
 
 /// Waits, within the drain's deadline, for the writes whose clients stopped waiting
 /// (`settling.rs`): exiting first would let go of their URLs' locks while the backend may
 /// still apply them. What is still unanswered at the deadline is named.
-async fn settle_before_exit(
-    proxy: &Proxy,
-    deadline: tokio::time::Instant,
-    shutdown_timeout: Duration,
-) {
+async fn settle_before_exit(proxy: &Proxy, deadline: tokio::time::Instant) {
     let waiting = proxy.settling.count();
     if waiting == 0 {
         return;
@@ -211,9 +208,17 @@ async fn settle_before_exit(
     );
     let answered = proxy.settling.all_answered();
     if tokio::time::timeout_at(deadline, answered).await.is_err() {
-        let resources = proxy.settling.resources();
+        name_unanswered(proxy);
+    }
+}
+
+/// Names, as the drain ends, the writes whose clients stopped waiting that the backend has
+/// not answered: however it ended (its deadline, before or during the wait for them, or
+/// another signal), whether they were applied is unknown.
+pub fn name_unanswered(proxy: &Proxy) {
+    let resources = proxy.settling.resources();
+    if !resources.is_empty() {
         tracing::warn!(
-            ?shutdown_timeout,
             writes = resources.len(),
             resources = ?resources,
             "the backend had not answered these writes when the drain ended: whether they \

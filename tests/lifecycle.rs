@@ -387,6 +387,58 @@ async fn a_stop_waits_within_its_deadline_for_a_write_whose_client_was_told_504(
     }
 }
 
+/// A drain ended early (at its deadline while a request still held a connection, or by a
+/// second signal while it waited for the backend) still names the writes left to settle
+/// whose outcome is unknown, as one ended at its deadline during that wait does: the
+/// operator is told which URLs a late write may yet change.
+#[tokio::test]
+async fn a_drain_ended_early_names_the_writes_left_unanswered() {
+    for (shutdown_timeout, second_signal) in [("1s", false), ("10s", true)] {
+        let backend = ScriptedBackend::start(|r| async move {
+            // The write answers late; the read holds its connection past the deadline.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            common::backend::respond(204, &[], if r.method == "PUT" { "" } else { "doc" })
+        })
+        .await;
+        let route = "upstream_timeout = \"300ms\"\nsettle_timeout = \"20s\"";
+        let text = config(&[
+            ("/doc", &backend.origin(), route),
+            ("/", &backend.origin(), ""),
+        ])
+        .replace(
+            "shutdown_timeout = \"10s\"",
+            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+        );
+        let mut bin = Binary::start(&text, &[]).await;
+        let r = Client::new().put(&bin.url("/doc"), &[], "new").await;
+        assert_eq!(
+            r.status, 504,
+            "the client stops waiting at upstream_timeout"
+        );
+        let _read = (!second_signal).then(|| {
+            let url = bin.url("/slow");
+            tokio::spawn(async move { Client::new().try_send("GET", &url, &[], "").await })
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bin.signal("TERM");
+        if second_signal {
+            bin.wait_for_log("waiting for the backend to answer", Duration::from_secs(5))
+                .await;
+            bin.signal("INT");
+        }
+        assert_eq!(bin.wait_exit(Duration::from_secs(15)).await, Some(0));
+        let named = bin
+            .log()
+            .into_iter()
+            .find(|l| l.contains("had not answered"));
+        assert!(
+            named.as_ref().is_some_and(|l| l.contains("/doc")),
+            "second signal: {second_signal}: the unanswered write is not named: {:#?}",
+            bin.log()
+        );
+    }
+}
+
 /// An HTTP/2 client that gives up on a write during the drain (resets its stream, or closes
 /// its connection) leaves it to settle like any other: the stop waits for the backend's
 /// answer. hyper runs an HTTP/2 request in a task of its own, which learns of the reset
