@@ -118,6 +118,14 @@ impl Queued {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
+    /// Still waiting for a turn: nothing of the request has been sent.
+    pub fn waiting(&self) -> bool {
+        matches!(
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()),
+            Queue::Waiting
+        )
+    }
+
     /// When a timer of `timeout` set at `deadline - timeout` should end instead, given the
     /// request's waits: later while it still waits, from its turn once it got one.
     pub fn deadline(&self, deadline: Instant, timeout: Duration) -> Instant {

@@ -281,6 +281,55 @@ async fn abandon(url: String, headers: Vec<(&'static str, String)>, after: Durat
     assert!(r.is_err(), "the request should still have been running");
 }
 
+/// Under `upstream_max_connections`, a write whose client leaves while it waits for a turn
+/// at the backend has not been sent: like one that leaves while waiting for the URL's lock,
+/// it is never forwarded, and nothing is left to settle. It was: the exchange ran on in a
+/// task of its own, kept the URL locked, counted as settling (a stop waited for it), and
+/// sent the write once the turn came, after its client had gone.
+#[tokio::test]
+async fn a_client_that_leaves_while_waiting_for_a_turn_at_the_backend_is_never_forwarded() {
+    // A write that would settle after a 504, and one that would not.
+    for settle in ["", "settle_timeout = \"0s\""] {
+        a_client_leaves_while_waiting_for_a_turn(settle).await;
+    }
+}
+
+async fn a_client_leaves_while_waiting_for_a_turn(settle: &str) {
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.uri.path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+        }
+        respond(if r.method == "PUT" { 204 } else { 200 }, &[], "")
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", settle),
+        &backend.origin(),
+        "upstream_max_connections = 1\nconnect_timeout = \"3s\"",
+    )
+    .await;
+    let slow = {
+        let url = proxy.url("/slow");
+        tokio::spawn(async move { Client::new().get(&url, &[]).await.status })
+    };
+    let sent = || backend.requests().iter().any(|r| r.uri.path() == "/slow");
+    assert!(common::eventually(Duration::from_secs(5), sent).await);
+    abandon(proxy.url("/doc"), vec![], Duration::from_millis(300)).await;
+    assert_eq!(slow.await.unwrap(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let puts = backend
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
+    assert_eq!(
+        puts, 0,
+        "{settle:?}: the abandoned write was never sent, and is not sent now"
+    );
+    assert_eq!(proxy.state.settling.count(), 0, "nothing left to settle");
+    assert!(proxy.state.locks.is_empty());
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_while_waiting_for_the_lock_leaves_nothing_behind() {
     let (backend, writes) = slow(Duration::ZERO, Duration::from_millis(600)).await;

@@ -357,10 +357,10 @@ impl Proxy {
         let settles = (held.is_some() && invalidation.is_some() && !route.settle_timeout.is_zero())
             .then(|| within + route.settle_timeout);
         // Under `upstream_max_connections`, the 504's timer runs from the request's turn, as
-        // the backend's does: not from before a wait that left it little time.
-        let queued = settles
-            .filter(|_| rt.upstream.cap().is_some())
-            .map(|_| Arc::new(crate::pool::Queued::default()));
+        // the backend's does: not from before a wait that left it little time. And a write
+        // whose client leaves before its turn is dropped unsent (`InFlight`), settling or not.
+        let queued = (invalidation.is_some() && rt.upstream.cap().is_some())
+            .then(|| Arc::new(crate::pool::Queued::default()));
         let (me, rt2, route2, queued2) = (self.clone(), rt.clone(), route.clone(), queued.clone());
         let mut in_flight = InFlight {
             answer: Some(Box::pin(async move {
@@ -372,6 +372,7 @@ impl Proxy {
             guard,
             held,
             settling: self.settling.clone(),
+            queued: queued.clone(),
         };
         // A revalidation's status is not this write's: should the client leave before the
         // answer, its line says the write's status is unknown.
@@ -577,6 +578,8 @@ struct InFlight {
     held: Option<Share>,
     /// Where a write left to settle is counted, so that a stop waits for it.
     settling: Arc<Settling>,
+    /// Its wait for a turn under `upstream_max_connections`, if it may have one.
+    queued: Option<Arc<crate::pool::Queued>>,
 }
 
 impl InFlight {
@@ -594,6 +597,11 @@ impl Drop for InFlight {
         let Some(answer) = self.answer.take() else {
             return;
         };
+        // Still waiting for a turn at the backend, it has not been sent: like a writer that
+        // leaves while waiting for the lock, it is dropped (the lock goes at once).
+        if self.queued.as_ref().is_some_and(|q| q.waiting()) {
+            return;
+        }
         let (invalidation, guard) = (self.invalidation.take(), self.guard.take());
         if invalidation.is_none() && guard.is_none() {
             return; // a write that changes nothing: nothing to hold (nor a body read whole)
