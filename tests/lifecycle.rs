@@ -1021,6 +1021,13 @@ async fn out_of_file_descriptors_at_the_upstream_connect_is_the_proxys_503() {
         assert!(r.contains("file descriptors"), "{r}");
         assert!(r.contains("LimitNOFILE") && r.contains("ulimit -n"), "{r}");
     }
+    // The lines come through a pipe: the last may trail its response.
+    let lines_of_a = |log: &[String]| {
+        log.iter()
+            .filter(|l| l.contains("ifmatch::access") && l.contains("path=\"/a\""))
+            .count()
+    };
+    common::eventually(Duration::from_secs(2), || lines_of_a(&bin.log()) >= 3).await;
     let log = bin.log();
     let access: Vec<_> = log
         .iter()
