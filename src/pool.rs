@@ -99,11 +99,16 @@ impl Share {
 /// before it closes one (a short answer ends sooner than a new connection opens).
 const RECHECK: Duration = Duration::from_millis(50);
 
-/// Where a request stands under `upstream_max_connections`, for a caller that times it
-/// from outside ([`Pool::send_queued`]): not queued, waiting for a turn, or given its turn
-/// at an instant (its timeout runs from there).
+/// Where a request stands, for a caller that times it from outside or may drop it
+/// ([`Pool::send_queued`]): under `upstream_max_connections`, not queued, waiting for a
+/// turn, or given its turn at an instant (its timeout runs from there); and whether it has
+/// been sent, that is handed to hyper on a connection made and ready. Until then (a wait
+/// for a turn, a connect, a TLS handshake) nothing of it has gone up.
 #[derive(Debug, Default)]
-pub struct Queued(Mutex<Queue>);
+pub struct Queued {
+    queue: Mutex<Queue>,
+    sent: AtomicBool,
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 enum Queue {
@@ -115,21 +120,19 @@ enum Queue {
 
 impl Queued {
     fn set(&self, state: Queue) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        *self.queue.lock().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
-    /// Still waiting for a turn: nothing of the request has been sent.
-    pub fn waiting(&self) -> bool {
-        matches!(
-            *self.0.lock().unwrap_or_else(|p| p.into_inner()),
-            Queue::Waiting
-        )
+    /// Nothing of the request has been sent: it has not been handed to a connection yet,
+    /// or hyper gave it back unsent.
+    pub fn unsent(&self) -> bool {
+        !self.sent.load(Ordering::Acquire)
     }
 
     /// When a timer of `timeout` set at `deadline - timeout` should end instead, given the
     /// request's waits: later while it still waits, from its turn once it got one.
     pub fn deadline(&self, deadline: Instant, timeout: Duration) -> Instant {
-        match *self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+        match *self.queue.lock().unwrap_or_else(|p| p.into_inner()) {
             Queue::NotQueued => deadline,
             Queue::Waiting => deadline.max(Instant::now() + timeout),
             Queue::TurnAt(turn) => deadline.max(turn + timeout),
@@ -412,6 +415,8 @@ where
                     uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
                 let mut deadline = own_timer
                     .then(|| Box::new(Deadline::new(start + timeout, timeout, uploading.clone())));
+                // From here the request is the connection's to send.
+                sending(queued, true);
                 // One place that polls the exchange, so that it is inlined there.
                 let mut exchange = pin!(conn.sender.try_send_request(*req));
                 let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
@@ -434,7 +439,10 @@ where
                         return Ok(rsp);
                     }
                     Some(Err(mut e)) => match (e.take_message(), replay) {
-                        (Some(unsent), _) => *req = unsent,
+                        (Some(unsent), _) => {
+                            sending(queued, false);
+                            *req = unsent
+                        }
                         (None, Some(copy)) if unanswered(e.error()) => {
                             let error = e.error();
                             tracing::debug!(origin, %error, "sent again: an idle connection closed");
@@ -484,6 +492,8 @@ where
         let mut conn = tokio::time::timeout_at(start + timeout, connect)
             .await
             .map_err(|_| SendError::Timeout)??;
+        // Made and ready: from here the request is the connection's to send.
+        sending(queued, true);
         let rsp = match &uploading {
             None => {
                 conn.watch.begin(start, timeout);
@@ -896,6 +906,13 @@ impl Deadline {
                 None => return Poll::Ready(()),
             }
         }
+    }
+}
+
+/// Tells `queued` whether its request has been handed to a connection (`Queued::unsent`).
+fn sending(queued: Option<&Queued>, sent: bool) {
+    if let Some(q) = queued {
+        q.sent.store(sent, Ordering::Release);
     }
 }
 

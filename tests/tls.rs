@@ -791,3 +791,45 @@ async fn with_http2_off_a_tls_listener_offers_http_1_1_alone_by_alpn() {
         .await;
     assert_eq!((r.status, r.version), (200, http::Version::HTTP_2));
 }
+
+/// A write whose client leaves while its upstream connection is still being made (here a
+/// TLS handshake the backend holds) has not been sent: it is never forwarded, nothing is
+/// left to settle, and its URL's lock goes at once, with a cap on connections or without.
+/// It was taken for sent: the exchange ran on in a task of its own with the URL locked, and
+/// sent the write once the handshake was done, after its client had gone.
+#[tokio::test]
+async fn a_client_that_leaves_while_the_upstream_connection_is_made_is_never_forwarded() {
+    for cap in ["", "upstream_max_connections = 4"] {
+        let pki = Pki::new("held-handshake", KeyType::EcdsaP256);
+        let handshake = Duration::from_millis(1000);
+        let backend = HttpsBackend::start_after(pki.server_config(), handshake).await;
+        let keys = format!(
+            "ca_file = \"{}\"\nlock_timeout = \"300ms\"",
+            pki.ca().display()
+        );
+        let proxy = Proxy::start_with(&route("/", &keys), &backend.origin(), cap).await;
+        let c = Client::new();
+        let url = proxy.url("/doc");
+        let left = tokio::time::timeout(
+            Duration::from_millis(300),
+            c.try_send("PUT", &url, &[], "abandoned"),
+        )
+        .await;
+        assert!(
+            left.is_err(),
+            "{cap:?}: the write should still have been connecting"
+        );
+        // The next writer finds the URL free: it waits for its own handshake, not for the
+        // abandoned write's.
+        let next = c.put(&url, &[], "next").await;
+        assert_eq!(next.status, 204, "{cap:?}: the next writer was held up");
+        tokio::time::sleep(handshake).await;
+        assert_eq!(
+            backend.writes.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{cap:?}: only the next writer's write was sent"
+        );
+        assert_eq!(proxy.state.settling.count(), 0, "nothing left to settle");
+        assert!(proxy.state.locks.is_empty());
+    }
+}

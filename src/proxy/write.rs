@@ -356,10 +356,13 @@ impl Proxy {
         let within = route.upstream_timeout;
         let settles = (held.is_some() && invalidation.is_some() && !route.settle_timeout.is_zero())
             .then(|| within + route.settle_timeout);
-        // Under `upstream_max_connections`, the 504's timer runs from the request's turn, as
-        // the backend's does: not from before a wait that left it little time. And a write
-        // whose client leaves before its turn is dropped unsent (`InFlight`), settling or not.
-        let queued = (invalidation.is_some() && rt.upstream.cap().is_some())
+        // A write whose client leaves before it is sent (while it waits for a turn under
+        // `upstream_max_connections`, or for its connection to be made) is dropped unsent
+        // (`InFlight`), settling or not. And under the cap, the 504's timer runs from the
+        // request's turn, as the backend's does: not from before a wait that left it little
+        // time. (One allocation per write that changes state; none for the rest.)
+        let queued = invalidation
+            .is_some()
             .then(|| Arc::new(crate::pool::Queued::default()));
         let (me, rt2, route2, queued2) = (self.clone(), rt.clone(), route.clone(), queued.clone());
         let mut in_flight = InFlight {
@@ -578,7 +581,7 @@ struct InFlight {
     held: Option<Share>,
     /// Where a write left to settle is counted, so that a stop waits for it.
     settling: Arc<Settling>,
-    /// Its wait for a turn under `upstream_max_connections`, if it may have one.
+    /// Where a write that changes state stands: whether it has been sent yet.
     queued: Option<Arc<crate::pool::Queued>>,
 }
 
@@ -597,9 +600,10 @@ impl Drop for InFlight {
         let Some(answer) = self.answer.take() else {
             return;
         };
-        // Still waiting for a turn at the backend, it has not been sent: like a writer that
-        // leaves while waiting for the lock, it is dropped (the lock goes at once).
-        if self.queued.as_ref().is_some_and(|q| q.waiting()) {
+        // Not handed to a connection yet (waiting for a turn at the backend, or for its
+        // connection to be made), it has not been sent: like a writer that leaves while
+        // waiting for the lock, it is dropped (the lock goes at once).
+        if self.queued.as_ref().is_some_and(|q| q.unsent()) {
             return;
         }
         let (invalidation, guard) = (self.invalidation.take(), self.guard.take());

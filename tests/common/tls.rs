@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -181,6 +182,12 @@ pub struct HttpsBackend {
 
 impl HttpsBackend {
     pub async fn start(tls: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_after(tls, Duration::ZERO).await
+    }
+
+    /// One that holds each connection's TLS handshake for `handshake` before it answers it:
+    /// a connection being made for that long.
+    pub async fn start_after(tls: Arc<rustls::ServerConfig>, handshake: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let writes = Arc::new(AtomicUsize::new(0));
@@ -195,6 +202,7 @@ impl HttpsBackend {
                 };
                 let (acceptor, w) = (acceptor.clone(), w.clone());
                 tokio::spawn(async move {
+                    tokio::time::sleep(handshake).await;
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
