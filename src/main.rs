@@ -104,6 +104,10 @@ fn main() -> ExitCode {
     let result = runtime
         .block_on(serving)
         .unwrap_or_else(|e| Err(format!("the server task failed: {e}").into()));
+    // Not a plain drop, which waits for the blocking pool without end: a reload there may
+    // wait on its file for ever (`lifecycle::reload_aside`). The drain is over; the workers
+    // get a moment to drop what they hold (a cut-off request logs its line then).
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -112,6 +116,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the runtime's threads have to end once the drain is over.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A work-stealing runtime with `workers` worker threads (default: one per CPU the process
 /// may use). One worker is not a current-thread runtime: tokio's multi-thread scheduler

@@ -206,6 +206,28 @@ async fn a_reload_waiting_on_its_file_holds_up_no_request_on_one_worker() {
     assert_eq!(c.get(&bin.url("/a"), &[]).await.status, 200);
 }
 
+/// A stop while a reload still waits on its file (a FIFO with no writer; a hung network
+/// disk likewise) ends the process all the same, within `shutdown_timeout`: the reload's
+/// thread is of no request, and nothing it could still read would be served.
+#[tokio::test]
+async fn a_stop_while_a_reload_waits_on_its_file_exits() {
+    let backend = Backend::start().await;
+    backend.store.put("/a", "v1");
+    let text = config(&[("/", &backend.origin(), "")])
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let mut bin = Binary::start(&text, &[]).await;
+    let path = bin.config.clone();
+    std::fs::remove_file(&path).unwrap();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path of the test's own directory.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    bin.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bin.signal("TERM");
+    bin.wait_for_log("stopped", Duration::from_secs(5)).await;
+    assert_eq!(bin.wait_exit(Duration::from_secs(5)).await, Some(0));
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0() {
     let cpus = std::thread::available_parallelism().unwrap().get();
