@@ -586,6 +586,34 @@ async fn a_method_that_changes_nothing_does_not_carry_a_method_override_upstream
     }
 }
 
+/// A method that changes state but needs no precondition itself (WebDAV's PROPPATCH, MKCOL,
+/// LOCK, an extension method) that names a guarded one in a method-override header is one
+/// a backend that honours overrides on any method (CakePHP) runs as the DELETE: 428 where a
+/// precondition is required, as for a POST, not forwarded.
+#[tokio::test]
+async fn a_write_of_another_method_that_overrides_to_a_guarded_one_needs_a_precondition() {
+    let (store, backend) = overriding_backend().await;
+    let proxy = Proxy::start(
+        &route("/", "require_precondition = true"),
+        &backend.origin(),
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    for method in ["PROPPATCH", "MKCOL", "LOCK", "PURGE"] {
+        let r = c
+            .send(method, &url, &[("x-http-method-override", "DELETE")], "")
+            .await;
+        assert_eq!(
+            (r.status, *store.lock().unwrap()),
+            (428, Some("v1")),
+            "{method} with X-HTTP-Method-Override: DELETE"
+        );
+    }
+    // Without an override it is forwarded as itself.
+    assert_eq!(c.send("MKCOL", &url, &[], "").await.status, 404);
+}
+
 #[tokio::test]
 async fn revalidation_uses_the_writers_credentials_and_a_refusal_reaches_the_writer() {
     // A backend that only lets Alice read, and that varies the document by Accept-Language.

@@ -668,15 +668,17 @@ fn changes_state(method: &Method) -> bool {
 /// frameworks (Werkzeug, so Flask) upper-case the method, so a blind `put` would run as a
 /// PUT. And a POST that names one of them in a method-override header or a `_method` query
 /// parameter: a backend that honours it (Express's `method-override`, Laravel, ASP.NET,
-/// Google's APIs) runs it as that. (A `_method` form field is [`form_overrides`]'.) What
-/// the request is, as a 428's detail names it: `PUT`, or `POST run as PUT by ...`.
+/// Google's APIs) runs it as that; so does any other method that goes up with its override
+/// headers (PROPPATCH, MKCOL, an extension method), which CakePHP honours on any method.
+/// (A `_method` form field is [`form_overrides`]'.) What the request is, as a 428's detail
+/// names it: `PUT`, or `POST run as PUT by ...`.
 fn requires_precondition(parts: &Parts) -> Option<String> {
     let method = parts.method.as_str();
     if guarded(method) {
         return Some(method.to_owned());
     }
-    // In any case too: the frameworks that honour overrides upper-case the method first.
-    if !method.eq_ignore_ascii_case("POST") {
+    // One that changes nothing goes up without its override headers (`forward`).
+    if !changes_state(&parts.method) {
         return None;
     }
     let as_run = |to: &str, by: &str| Some(format!("{method} run as {} by {by}", to.trim()));
@@ -687,6 +689,11 @@ fn requires_precondition(parts: &Parts) -> Option<String> {
         if let Some(to) = items.find(|m| guarded(m)) {
             return as_run(to, &format!("its {h} header"));
         }
+    }
+    // In any case too: the frameworks that honour overrides upper-case the method first.
+    // `_method` is read from a POST only.
+    if !method.eq_ignore_ascii_case("POST") {
+        return None;
     }
     let query = parts.uri.query().map(str::as_bytes).unwrap_or_default();
     let to = form_fields(query).find(|m| guarded(m))?;
