@@ -45,6 +45,16 @@ pub fn exhausted(e: &std::io::Error) -> Option<&'static str> {
     }
 }
 
+/// What to raise when the process or the system has no file descriptor left right now
+/// (see [`exhausted`]), by opening one: for a failure that carries no error number, as a
+/// host name's lookup does (getaddrinfo says "Name or service not known" when it cannot
+/// open `/etc/hosts` or a DNS socket).
+pub fn exhausted_now() -> Option<&'static str> {
+    std::fs::File::open("/dev/null")
+        .err()
+        .and_then(|e| exhausted(&e))
+}
+
 /// The soft limit after raising it to the hard one, or `None` where it cannot be read.
 #[cfg(unix)]
 fn raise() -> Option<u64> {

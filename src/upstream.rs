@@ -331,7 +331,14 @@ impl UpstreamClient {
                     };
                 }
                 // socket() failed: the proxy's limit, which a 502 would pin on the backend.
-                if let Some(hint) = crate::fds::exhausted(io).filter(|_| is_connect) {
+                // A lookup's failure has no error number: whether descriptors ran out is
+                // asked anew.
+                let exhausted = match io.raw_os_error() {
+                    _ if !is_connect => None,
+                    Some(_) => crate::fds::exhausted(io),
+                    None => crate::fds::exhausted_now(),
+                };
+                if let Some(hint) = exhausted {
                     return Error::OutOfFiles {
                         upstream,
                         reason: io.to_string(),

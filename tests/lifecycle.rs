@@ -1009,6 +1009,31 @@ async fn exchange(s: &mut tokio::net::TcpStream, request: &str) -> String {
         .expect("a response within 5 s")
 }
 
+/// So is an upstream named by host name (`http://localhost:PORT`, a compose service):
+/// resolving it needs a descriptor too (`/etc/hosts`, a DNS socket), and a lookup that
+/// fails for want of one is the proxy's limit, not a name the backend lacks.
+#[tokio::test]
+async fn out_of_file_descriptors_at_an_upstream_lookup_is_the_proxys_503() {
+    let backend = Backend::start().await;
+    backend.store.put("/a", "v1");
+    let origin = backend.origin().replace("127.0.0.1", "localhost");
+    let bin = with_file_limit(&config(&[("/", &origin, "")]), 64, 64).await;
+    let mut first = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    let options = "OPTIONS /a HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n";
+    let r = exchange(&mut first, options).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(bin.addr).await.unwrap());
+    }
+    bin.wait_for_log("accept failed", Duration::from_secs(5))
+        .await;
+    let r = exchange(&mut first, "GET /a HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    assert!(r.contains("file descriptors"), "{r}");
+    drop(idle);
+}
+
 /// Out of file descriptors when it opens an upstream connection, the proxy answers 503 with
 /// `Retry-After` and says its own open-file limit is short, as nginx blames itself (500):
 /// not a 502 and a warning that send the operator to a backend that is fine. The warning
