@@ -43,8 +43,8 @@ pub enum PemFile {
     Key,
 }
 
-/// The listener's config: the certificate chain and key from PEM files (RSA, ECDSA on P-256
-/// or P-384, or Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1 ([`offering`] takes h2
+/// The listener's config: the certificate chain and key from PEM files (RSA of 2048 to 4096
+/// bits, ECDSA on P-256 or P-384, or Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1 ([`offering`] takes h2
 /// out). An error names the file it is with (a key that does not fit its certificate: the
 /// key).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemFile, String)> {
@@ -57,12 +57,13 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemF
         })
         .map_err(|e| (PemFile::Key, e))?;
     let provider = provider();
-    // Loaded once here to tell a key ring cannot sign with (ECDSA on P-521, Ed448) from one
-    // that does not fit: `with_single_cert` reports both as a mismatch.
+    // Loaded once here to tell a key ring cannot sign with (ECDSA on P-521, Ed448, RSA
+    // under 2048 or over 4096 bits) from one that does not fit: `with_single_cert` reports
+    // both as a mismatch. The sizes are named: "it takes RSA" would not tell why one is not.
     if let Err(e) = provider.key_provider.load_private_key(key.clone_key()) {
         let msg = format!(
-            "{} holds a key of a type ifmatch cannot use (it takes RSA, ECDSA on P-256 or \
-             P-384, Ed25519): {e}",
+            "{} holds a key of a type or size ifmatch cannot use (it takes RSA of 2048 to \
+             4096 bits, ECDSA on P-256 or P-384, Ed25519): {e}",
             path.display()
         );
         return Err((PemFile::Key, msg));

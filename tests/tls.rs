@@ -157,6 +157,32 @@ fn a_key_of_an_unsupported_type_is_refused_as_such_not_as_a_mismatch() {
     assert!(e.contains("P-256"), "the types that serve are named: {e}");
 }
 
+/// An RSA key ring will not sign with for its size (1024 bits; it takes 2048 to 4096) is
+/// refused saying so: not as a key "of a type ifmatch cannot use" beside "it takes RSA".
+#[test]
+fn an_rsa_key_of_a_size_ring_refuses_is_refused_naming_the_sizes_it_takes() {
+    let dir = common::TempDir::new("tls-rsa1024");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:1024"])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make a 1024-bit RSA test key")
+        .success();
+    assert!(ok, "openssl req failed");
+    let text = with_tls(cert.to_str().unwrap(), key.to_str().unwrap());
+    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:5: server.tls.key: "), "{e}");
+    assert!(
+        e.contains("2048 to 4096 bits"),
+        "the sizes that serve are named: {e}"
+    );
+}
+
 #[tokio::test]
 async fn an_https_upstream_with_a_private_ca_works_and_without_it_is_a_502_about_the_certificate() {
     let pki = Pki::new("upstream", KeyType::EcdsaP256);
