@@ -44,9 +44,9 @@ pub enum PemFile {
 }
 
 /// The listener's config: the certificate chain and key from PEM files (RSA of 2048 to 4096
-/// bits, ECDSA on P-256 or P-384, or Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2 then http/1.1 ([`offering`] takes h2
-/// out). An error names the file it is with (a key that does not fit its certificate: the
-/// key).
+/// bits, ECDSA on P-256 or P-384, or Ed25519; PKCS#8, PKCS#1 or SEC1), ALPN offering h2
+/// then http/1.1 ([`offering`] takes h2 out). An error names the file it is with (a key
+/// that does not fit its certificate: the key).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemFile, String)> {
     let chain = certs(cert).map_err(|e| (PemFile::Cert, e))?;
     let path = key;

@@ -126,61 +126,44 @@ fn a_certificate_that_cannot_be_parsed_is_refused_naming_the_cert_not_the_key() 
     assert!(!e.contains("does not fit"), "{e}");
 }
 
-/// A key of a type rustls (ring) cannot sign with (ECDSA on P-521, Ed448) is refused on the
-/// key's line saying so, not as a key that "does not fit" the certificate made for it.
+/// A key rustls (ring) cannot sign with, for its type (ECDSA on P-521, Ed448) or its size
+/// (RSA under 2048 or over 4096 bits), is refused on the key's line saying so, naming what
+/// serves: not as a key that "does not fit" the certificate made for it, nor as one "of a
+/// type ifmatch cannot use" beside "it takes RSA".
 #[test]
-fn a_key_of_an_unsupported_type_is_refused_as_such_not_as_a_mismatch() {
-    let dir = common::TempDir::new("tls-p521");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-521",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is needed to make a P-521 test key")
-        .success();
-    assert!(ok, "openssl req failed");
-    let text = with_tls(cert.to_str().unwrap(), key.to_str().unwrap());
-    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
-    assert!(e.starts_with("t.toml:5: server.tls.key: "), "{e}");
-    assert!(!e.contains("does not fit"), "{e}");
-    assert!(e.contains("P-256"), "the types that serve are named: {e}");
-}
-
-/// An RSA key ring will not sign with for its size (1024 bits; it takes 2048 to 4096) is
-/// refused saying so: not as a key "of a type ifmatch cannot use" beside "it takes RSA".
-#[test]
-fn an_rsa_key_of_a_size_ring_refuses_is_refused_naming_the_sizes_it_takes() {
-    let dir = common::TempDir::new("tls-rsa1024");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:1024"])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl is needed to make a 1024-bit RSA test key")
-        .success();
-    assert!(ok, "openssl req failed");
-    let text = with_tls(cert.to_str().unwrap(), key.to_str().unwrap());
-    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
-    assert!(e.starts_with("t.toml:5: server.tls.key: "), "{e}");
-    assert!(
-        e.contains("2048 to 4096 bits"),
-        "the sizes that serve are named: {e}"
-    );
+fn a_key_ring_cannot_sign_with_is_refused_naming_the_keys_that_serve() {
+    let cases: [(&str, &[&str], &str); 2] = [
+        (
+            "p521",
+            &["ec", "-pkeyopt", "ec_paramgen_curve:P-521"],
+            "P-256",
+        ),
+        ("rsa1024", &["rsa:1024"], "2048 to 4096 bits"),
+    ];
+    for (name, newkey, names) in cases {
+        let dir = common::TempDir::new(&format!("tls-{name}"));
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey"])
+            .args(newkey)
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl is needed to make the test keys")
+            .success();
+        assert!(ok, "{name}: openssl req failed");
+        let text = with_tls(cert.to_str().unwrap(), key.to_str().unwrap());
+        let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:5: server.tls.key: "), "{name}: {e}");
+        assert!(!e.contains("does not fit"), "{name}: {e}");
+        assert!(
+            e.contains(names),
+            "{name}: the keys that serve are named: {e}"
+        );
+    }
 }
 
 #[tokio::test]
