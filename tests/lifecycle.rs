@@ -106,13 +106,10 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
 #[test]
 fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
 
     let dir = common::TempDir::new("sighup-at-start");
     let path = dir.join("ifmatch.toml");
-    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) on a path of the test's own directory.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    common::make_fifo(&path);
     let text = config(&[("/", "http://127.0.0.1:9", "")]).replace("{listen}", "127.0.0.1:0");
     let (mut child, lines) = common::binary::spawn_logged(&path);
     let pid = i32::try_from(child.0.id()).unwrap();
@@ -126,13 +123,7 @@ fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
         "killed by a SIGHUP sent during its start: {:?}",
         child.0.try_wait()
     );
-    // Non-blocking: with no reader, the open fails instead of waiting for ever.
-    let open_fifo = || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-    };
+    let open_fifo = || common::fifo_writer(&path);
     let mut fifo = open_fifo().expect("the process still reads its config");
     fifo.write_all(text.as_bytes()).unwrap();
     drop(fifo);
@@ -166,7 +157,6 @@ fn a_sighup_sent_while_the_process_starts_does_not_kill_it() {
 #[tokio::test]
 async fn a_reload_waiting_on_its_file_holds_up_no_request_on_one_worker() {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
 
     let backend = Backend::start().await;
     backend.store.put("/a", "v1");
@@ -180,10 +170,7 @@ async fn a_reload_waiting_on_its_file_holds_up_no_request_on_one_worker() {
     assert_eq!(c.get(&bin.url("/a"), &[]).await.status, 200);
     // The config becomes a FIFO: the reload's open waits for a writer.
     let path = bin.config.clone();
-    std::fs::remove_file(&path).unwrap();
-    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) on a path of the test's own directory.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    common::make_fifo(&path);
     bin.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let served = tokio::time::timeout(Duration::from_secs(3), c.get(&bin.url("/a"), &[])).await;
@@ -192,12 +179,7 @@ async fn a_reload_waiting_on_its_file_holds_up_no_request_on_one_worker() {
         Some(200),
         "a request while the reload waits for its file"
     );
-    // Non-blocking: with no reader, the open fails rather than waiting for ever.
-    let mut fifo = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-        .expect("the reload still waits to read its config");
+    let mut fifo = common::fifo_writer(&path).expect("the reload still waits to read its config");
     let reloaded = text.replace("{listen}", "127.0.0.1:0");
     fifo.write_all(reloaded.as_bytes()).unwrap();
     drop(fifo);
@@ -216,11 +198,7 @@ async fn a_stop_while_a_reload_waits_on_its_file_exits() {
     let text = config(&[("/", &backend.origin(), "")])
         .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
     let mut bin = Binary::start(&text, &[]).await;
-    let path = bin.config.clone();
-    std::fs::remove_file(&path).unwrap();
-    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) on a path of the test's own directory.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    common::make_fifo(&bin.config);
     bin.signal("HUP");
     tokio::time::sleep(Duration::from_millis(300)).await;
     bin.signal("TERM");

@@ -494,20 +494,32 @@ async fn overriding_backend() -> (Arc<Mutex<Option<&'static str>>>, ScriptedBack
     (store, backend)
 }
 
-/// A POST that asks, by a method-override header, to run as DELETE is revalidated with a GET
-/// of its own head: that GET must not carry the override, or a backend that honours one on
-/// any method runs the proxy's GET as the DELETE itself, a write no precondition guarded:
-/// the document was gone before its stale `If-Match` got 412.
-#[tokio::test]
-async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
+/// [`overriding_backend`] behind a route that requires a precondition, and the URL of its
+/// document through the proxy.
+async fn behind_an_overriding_backend() -> (
+    Arc<Mutex<Option<&'static str>>>,
+    ScriptedBackend,
+    Proxy,
+    String,
+) {
     let (store, backend) = overriding_backend().await;
     let proxy = Proxy::start(
         &route("/", "require_precondition = true"),
         &backend.origin(),
     )
     .await;
-    let c = Client::new();
     let url = proxy.url("/doc");
+    (store, backend, proxy, url)
+}
+
+/// A POST that asks, by a method-override header, to run as DELETE is revalidated with a GET
+/// of its own head: that GET must not carry the override, or a backend that honours one on
+/// any method runs the proxy's GET as the DELETE itself, a write no precondition guarded:
+/// the document was gone before its stale `If-Match` got 412.
+#[tokio::test]
+async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
+    let (store, backend, _proxy, url) = behind_an_overriding_backend().await;
+    let c = Client::new();
     let r = c
         .send(
             "POST",
@@ -539,14 +551,8 @@ async fn a_revalidation_get_does_not_carry_the_writers_method_override() {
 /// be tagged as the document).
 #[tokio::test]
 async fn a_request_forwarded_unguarded_does_not_carry_a_method_override_upstream() {
-    let (store, backend) = overriding_backend().await;
-    let proxy = Proxy::start(
-        &route("/", "require_precondition = true"),
-        &backend.origin(),
-    )
-    .await;
+    let (store, backend, _proxy, url) = behind_an_overriding_backend().await;
     let c = Client::new();
-    let url = proxy.url("/doc");
     // The backend's own answers to each method.
     for (method, status) in [
         ("GET", 200),
@@ -573,14 +579,8 @@ async fn a_request_forwarded_unguarded_does_not_carry_a_method_override_upstream
 /// precondition is required, as for a POST, not forwarded.
 #[tokio::test]
 async fn a_write_of_another_method_that_overrides_to_a_guarded_one_needs_a_precondition() {
-    let (store, backend) = overriding_backend().await;
-    let proxy = Proxy::start(
-        &route("/", "require_precondition = true"),
-        &backend.origin(),
-    )
-    .await;
+    let (store, _backend, _proxy, url) = behind_an_overriding_backend().await;
     let c = Client::new();
-    let url = proxy.url("/doc");
     for method in ["PROPPATCH", "MKCOL", "LOCK", "PURGE"] {
         let r = c
             .send(method, &url, &[("x-http-method-override", "DELETE")], "")

@@ -40,6 +40,25 @@ impl Drop for TempDir {
     }
 }
 
+/// Makes `path` a FIFO (replacing a file there): a process that opens it to read waits
+/// until [`fifo_writer`] opens it, which holds a config read at a known point.
+pub fn make_fifo(path: &std::path::Path) {
+    let _ = std::fs::remove_file(path);
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path the test chose, with a NUL-terminated string.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Opens the FIFO at `path` to write, without waiting: with no reader yet the open fails
+/// (ENXIO) instead of blocking the test for ever.
+pub fn fifo_writer(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// Polls `cond` every 5 ms until it holds or `within` has passed; returns whether it held.
 pub async fn eventually(within: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;
