@@ -532,14 +532,15 @@ where
         if spoils_connection(rsp) {
             tracing::debug!(origin, status = %rsp.status(), "upstream connection not reused");
             conn.task.abort();
-        } else if rsp.version() == Version::HTTP_10 || unread {
+        } else if rsp.version() == Version::HTTP_10 || unread || framed_twice(rsp) {
             // Its answer's body, or the rest of the request's, is still to go through the
             // connection's task: let go of the sender, and hyper closes the connection once
             // the exchange is over. After an HTTP/1.0 answer hyper would send the next
             // request as HTTP/1.0 (`spoils_connection`); after an answer by a backend that
             // did not read the request's body (a legacy handler's early 409), it would read
             // that body as the next request: another client's answer would be its answer to
-            // the body.
+            // the body. After a body framed two ways, what the backend sent past the chunks
+            // would be read as the next answer (`framed_twice`).
             drop(conn);
         } else {
             self.checkin(origin, conn);
@@ -1019,6 +1020,16 @@ fn body_may_be_ignored(method: &Method) -> bool {
         "MKCALENDAR",
     ];
     !READ.iter().any(|m| method.as_str().eq_ignore_ascii_case(m))
+}
+
+/// A response with both `Content-Length` and `Transfer-Encoding`: hyper reads its body by
+/// the chunks (RFC 9112 §6.3), but a backend that framed it by the length sends more after
+/// them, which a reused connection would read as the next request's answer (another
+/// client's). §6.3 has such a message handled as an error: the connection is closed after
+/// its body.
+fn framed_twice(rsp: &Response<Incoming>) -> bool {
+    let h = rsp.headers();
+    h.contains_key(TRANSFER_ENCODING) && h.contains_key(CONTENT_LENGTH)
 }
 
 /// A response after which the connection cannot be trusted with another request: a 204

@@ -861,6 +861,54 @@ async fn a_204_that_declares_content_spoils_its_connection() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection");
 }
 
+/// A backend that sends `Content-Length` beside `Transfer-Encoding: chunked` frames its body
+/// one way while hyper reads it the other (the chunks win, RFC 9112 §6.3): what the backend
+/// counted as body past the last chunk (here a whole response, a moment later) would begin
+/// the next request's answer on a reused connection, another client's. RFC 9112 §6.3 has
+/// such a message handled as an error: the connection is not reused.
+#[tokio::test]
+async fn a_response_with_a_length_and_chunks_spoils_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EVIL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL";
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let origin = raw_backend(move |mut s| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                if buf[..n].starts_with(b"GET /both") {
+                    // The length counts the last chunk and the planted response.
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+                        5 + EVIL.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.write_all(b"0\r\n\r\n").await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = s.write_all(EVIL).await;
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let c = Client::new();
+    assert_eq!(c.get(&proxy.url("/both"), &[]).await.status, 200);
+    // Sent before the stray bytes come: on the same connection, it would read them.
+    let r = c.get(&proxy.url("/innocent"), &[]).await;
+    assert_eq!((r.status, r.text()), (200, "ok".to_owned()));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a new connection");
+}
+
 /// A write whose body was streaming to the backend when the exchange failed (here the
 /// backend refuses the connection) leaves the rest of the body unread, and hyper then closes
 /// the client's connection: the answer says so (`Connection: close`), so a client does not
