@@ -938,6 +938,44 @@ async fn a_failed_write_with_its_body_part_read_says_the_connection_closes() {
     assert!(head.contains("connection: close"), "{head}");
 }
 
+/// A guarded write whose body (of unknown length, past `max_tag_body`) was part read before
+/// the lock, and whose revalidation got an answer the writer is given as it is (a 403):
+/// the rest of the body is left unread and hyper closes the client's connection after the
+/// answer, which must say so, or the client's next request on it goes unanswered.
+#[tokio::test]
+async fn a_revalidation_answer_to_a_write_with_its_body_part_read_says_the_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.method.as_str() {
+            "GET" if r.uri.path() == "/x" => respond(403, &[], "no"),
+            _ => respond(200, &[], "ok"),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "max_tag_body = \"1KiB\""), &backend.origin()).await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut req =
+        b"PUT /x HTTP/1.1\r\nHost: a\r\nIf-Match: \"v1\"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..3 {
+        req.extend(b"800\r\n");
+        req.extend(std::iter::repeat_n(b'y', 0x800));
+        req.extend(b"\r\n");
+    }
+    req.extend(b"0\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+    let _ = c.write_all(&req).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 403"), "{got}");
+    // Either the next request is answered, or the 403 said the connection ends.
+    let head = got.split("\r\n\r\n").next().unwrap();
+    assert!(
+        got.matches("http/1.1 ").count() == 2 || head.contains("connection: close"),
+        "{got}"
+    );
+}
+
 /// A legacy handler on raw sockets that answers a PUT 409 from its head, without reading
 /// its body, keeps the connection, and answers every other head it then reads (the body's
 /// bytes among them, taken for a request) with `answer(head)`. Its origin.

@@ -476,6 +476,9 @@ impl Proxy {
                 e.into_response_to(method)
             }
         };
+        // A body part read before the lock and then never forwarded (a write given the
+        // revalidation's own answer) is left part-read too, and hyper closes after the answer.
+        ends |= ex.resumed.is_some() && version < Version::HTTP_2;
         if let (Some(origin), Some(route)) = (&ex.client_origin, &ex.route) {
             upstream::point_back(rsp.headers_mut(), route, origin);
         }
