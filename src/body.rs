@@ -312,6 +312,12 @@ impl ClientBody {
     fn remaining(&self) -> u64 {
         self.left & !H2
     }
+
+    /// Some of it is still to come from the client: a prefix read to the body's end leaves
+    /// nothing on the connection.
+    pub fn unread(&self) -> bool {
+        !self.inner.is_end_stream()
+    }
 }
 
 impl Body for ClientBody {

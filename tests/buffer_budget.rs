@@ -687,13 +687,19 @@ async fn a_write_body_counts_in_the_budget_as_it_arrives_not_as_declared() {
     assert_eq!(backend.store.get("/docs/big").unwrap(), body);
     assert!(metrics(&proxy)
         .contains("ifmatch_over_budget_bodies_total{route=\"/docs/\",body=\"request\"} 1"));
-    // Refused once read in part (a stale tag): the rest is unread, and the answer says the
-    // connection closes (hyper says so itself for a body still open).
-    let r = c
-        .put(&proxy.url("/docs/big"), &[("if-match", "\"stale\"")], body)
-        .await;
-    assert_eq!(r.status, 412);
-    assert_eq!(r.header("connection"), Some("close"));
+    // Refused once read in part (a stale tag) with its last KiB still to come: the rest is
+    // unread, and the answer says the connection closes (hyper says so itself for a body
+    // still open). (One read to its end keeps it: see below.)
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "PUT /docs/big HTTP/1.1\r\nHost: a\r\nIf-Match: \"stale\"\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body[..13 * KIB]).await.unwrap();
+    let got = answer(&mut s).await.to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 412"), "{got}");
+    assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
     drop(declared);
 }
 
@@ -831,5 +837,50 @@ async fn a_judged_get_whose_chunked_body_outgrows_the_budget_then_the_limit_is_s
         "the whole body, not what came after the limit"
     );
     assert_eq!(rsp.body, body_of(doc, 192 * KIB));
+    release(&proxy, &gate, held).await;
+}
+
+/// A write refused while the budget is full (its body, read to its end, then found no room
+/// and was kept to stream): nothing of the body is left unread, so its HTTP/1.1 connection
+/// stays open for the client's next request, as after any other 412.
+#[tokio::test]
+async fn a_write_refused_while_the_budget_is_full_keeps_its_connection() {
+    let (proxy, gate) = behind_a_bound("128KiB").await;
+    let url = proxy.url("/docs/plain");
+    let tag = Client::new().get(&url, &[]).await.etag();
+    assert!(!tag.is_empty());
+    let held = hold_two(&proxy).await;
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let put = "PUT /docs/plain HTTP/1.1\r\nHost: a\r\nIf-Match: \"stale\"\r\n\
+               Content-Length: 8\r\n\r\nnew text";
+    s.write_all(put.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The 412's head and its (short) problem body.
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(n > 0, "closed before an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let first = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(first.starts_with("http/1.1 412"), "{first}");
+    assert!(
+        !first.contains("connection: close"),
+        "a body read to its end closes nothing: {first}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let get = "GET /docs/plain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let _ = s.write_all(get.as_bytes()).await;
+    let rest = answer(&mut s).await;
+    assert_eq!(
+        rest.matches("HTTP/1.1 200").count(),
+        1,
+        "the next request on the connection is answered: {rest}"
+    );
+
     release(&proxy, &gate, held).await;
 }

@@ -190,7 +190,7 @@ impl Exchange {
     /// The body, for the one path that forwards it.
     fn take_body(&mut self) -> ClientBody {
         if let Some(rest) = self.resumed.take() {
-            self.streamed = !rest.is_end_stream();
+            self.streamed = rest.unread();
             return *rest;
         }
         let body = self.body.take();
@@ -478,7 +478,8 @@ impl Proxy {
         };
         // A body part read before the lock and then never forwarded (a write given the
         // revalidation's own answer) is left part-read too, and hyper closes after the answer.
-        ends |= ex.resumed.is_some() && version < Version::HTTP_2;
+        // Not one read to its end before it found no room: nothing of it is left unread.
+        ends |= ex.resumed.as_ref().is_some_and(|r| r.unread()) && version < Version::HTTP_2;
         if let (Some(origin), Some(route)) = (&ex.client_origin, &ex.route) {
             upstream::point_back(rsp.headers_mut(), route, origin);
         }

@@ -117,10 +117,14 @@ impl Proxy {
                 }
                 Read::NoRoom(rest) => {
                     self.over_budget(route, Unheld::Request);
+                    // Its last chunk may have been the one without room: then the client
+                    // has sent it all, and a refusal need not close the connection.
+                    ex.streamed = rest.unread();
                     ex.resumed = Some(rest);
                     Outgoing::Stream { hashed: tag_put }
                 }
                 Read::TooSlow(rest) | Read::TooLong(rest) => {
+                    ex.streamed = rest.unread();
                     ex.resumed = Some(rest);
                     Outgoing::Stream { hashed: tag_put }
                 }
