@@ -551,3 +551,65 @@ async fn the_tag_a_put_was_answered_with_is_not_refused_when_the_backend_compres
          {refused:?}"
     );
 }
+
+/// Whether a PUT may be answered with its body's tag is first judged before its lock and
+/// its send; a GET may learn meanwhile that the backend tags the resource itself (or serves
+/// it in several representations). The PUT's answer must then carry no tag of the proxy's
+/// making either: its writer's next write would be judged by the backend's tag, and get a
+/// 412 it did not earn. Nor may its record erase what the GET learnt, or every later PUT
+/// would be tagged as well.
+#[tokio::test]
+async fn a_put_in_flight_when_a_get_finds_the_backends_own_tag_is_not_tagged() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new((1u32, String::from("v1"))));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let backend = ScriptedBackend::start({
+        let (doc, gate) = (doc.clone(), gate.clone());
+        move |r| {
+            let (doc, gate) = (doc.clone(), gate.clone());
+            async move {
+                if r.method == "GET" {
+                    let d = doc.lock().unwrap();
+                    return respond(200, &[("etag", &format!("\"rev-{}\"", d.0))], d.1.clone());
+                }
+                gate.acquire().await.unwrap().forget();
+                let mut d = doc.lock().unwrap();
+                *d = (d.0 + 1, String::from_utf8(r.body.to_vec()).unwrap());
+                respond(204, &[], "")
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "tag_puts = true"), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+
+    // A PUT to a URL not seen yet goes up and waits for the backend.
+    let put = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move { c.put(&url, &[], "v2").await }
+    });
+    let sent = || backend.requests().iter().any(|r| r.method == "PUT");
+    assert!(common::eventually(Duration::from_secs(5), sent).await);
+    // Meanwhile a GET comes back with the backend's own tag.
+    assert_eq!(c.get(&url, &[]).await.etag(), "\"rev-1\"");
+    gate.add_permits(1);
+    let r = put.await.unwrap();
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("etag"),
+        None,
+        "a PUT answered with a tag no GET gives, once a GET found the backend's own"
+    );
+
+    // The next PUT knows that the backend tags this resource.
+    gate.add_permits(1);
+    let r = c.put(&url, &[], "v3").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.header("etag"),
+        None,
+        "the backend's tagging was forgotten"
+    );
+    assert_eq!(c.get(&url, &[]).await.etag(), "\"rev-3\"");
+}

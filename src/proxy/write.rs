@@ -431,7 +431,13 @@ impl Proxy {
             rsp.status(),
             StatusCode::OK | StatusCode::CREATED | StatusCode::NO_CONTENT
         ) && !rsp.headers().contains_key(ETAG);
-        if let Some(tag) = sent.and_then(|s| s.get().cloned()).filter(|_| stored) {
+        // Nor once a GET has found the resource tagged by the backend or in several
+        // representations (`takes_put_tags`): judged again now, since one may have landed
+        // while the PUT waited for its lock or was on its way.
+        let tagged = sent
+            .and_then(|s| s.get().cloned())
+            .filter(|_| stored && self.tags.takes_put_tags(key));
+        if let Some(tag) = tagged {
             // Sent with credentials, the body may be its writer's own document
             // (`/me/settings`, one per user at one URL): remembered, its tag would judge
             // other users' writes (and a match tell them what the document holds). The
