@@ -227,6 +227,44 @@ impl TagStore {
         }
     }
 
+    /// Notes how the upstream represents `key`, as a read whose tag may not be remembered
+    /// (a response to credentials) showed it: tagged by the upstream itself, or one of
+    /// several representations. `tag_puts` must know it whoever read (`takes_put_tags`):
+    /// where every reader sends a session cookie, nothing else would ever tell it. No tag
+    /// is kept; where there is no entry, a mark is placed at `ticket` (which refuses only
+    /// reads older than this one).
+    pub fn note(&self, key: &ResourceKey, from_upstream: bool, negotiated: bool, ticket: Ticket) {
+        if !(from_upstream || negotiated) || too_long(key) {
+            return;
+        }
+        if let Some(mut held) = self.map.get_mut(key) {
+            match &mut *held {
+                Entry::Known { known, .. } => {
+                    known.from_upstream |= from_upstream;
+                    known.negotiated |= negotiated;
+                }
+                Entry::Invalidated {
+                    from_upstream: f,
+                    negotiated: n,
+                    ..
+                } => {
+                    *f |= from_upstream;
+                    *n |= negotiated;
+                }
+            }
+            return;
+        }
+        let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
+        if let MapEntry::Vacant(v) = self.map.entry(key.clone()) {
+            v.insert(Entry::Invalidated {
+                at: ticket.0,
+                from_upstream,
+                negotiated,
+            });
+            self.inserted(key);
+        }
+    }
+
     /// Forgets the tag of `key` after a write that may have changed it.
     pub fn invalidate(&self, key: &ResourceKey) {
         // Never remembered, so there is no tag to forget, nor a read to refuse.
@@ -380,6 +418,23 @@ mod tests {
             }
         }
         eprintln!("{swept} marks swept away as they were placed");
+    }
+
+    /// A read whose tag may not be remembered still tells how the upstream represents the
+    /// resource, and keeps no tag.
+    #[test]
+    fn a_note_keeps_how_the_upstream_tags_and_no_tag() {
+        let s = TagStore::new(10);
+        let (a, b) = (key("/a"), key("/b"));
+        s.note(&a, false, false, s.ticket());
+        assert!(s.is_empty(), "nothing to note");
+        s.note(&a, true, false, s.ticket());
+        assert!(!s.takes_put_tags(&a) && s.upstream_tags(&a));
+        assert_eq!(s.get(&a), None);
+        s.record(&b, known("1"), s.ticket());
+        s.note(&b, false, true, s.ticket());
+        assert!(!s.takes_put_tags(&b) && !s.upstream_tags(&b));
+        assert_eq!(s.get(&b).map(|k| k.negotiated), Some(true), "the tag stays");
     }
 
     #[test]

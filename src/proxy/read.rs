@@ -232,10 +232,13 @@ impl Proxy {
     }
 
     /// Records what a GET (read or revalidation) learnt of a resource, if its response may
-    /// be shared (`cacheable`), and returns its tag for evaluating the request.
+    /// be shared (`cacheable`), and returns its tag for evaluating the request. Of one that
+    /// may not, on a `tag_puts` route, how the upstream represents the resource is noted
+    /// (`TagStore::note`): whether PUTs there may be tagged turns on it.
     fn remember(
         &self,
         rt: &Routing,
+        route: &Route,
         key: &ResourceKey,
         shared: bool,
         known: Option<Known>,
@@ -245,6 +248,9 @@ impl Proxy {
         let tag = known.tag.clone();
         if shared {
             self.record(rt, key, known, ticket);
+        } else if route.tag_puts {
+            let (upstream, negotiated) = (known.from_upstream, known.negotiated);
+            self.tags.note(key, upstream, negotiated, ticket);
         }
         Some(tag)
     }
@@ -395,7 +401,7 @@ impl Proxy {
         let resource = Resource {
             exists: true,
             last_modified,
-            tag: self.remember(rt, key, shared, known, ticket),
+            tag: self.remember(rt, route, key, shared, known, ticket),
         };
         Ok((resource, body))
     }
