@@ -669,3 +669,67 @@ async fn a_resource_the_backend_tags_itself_gets_no_tag_from_a_put_with_credenti
         assert_eq!((r.status, r.header("etag")), (204, None), "{}", who.0);
     }
 }
+
+/// A PUT that asks, by a method-override header, to be run as another method (a DELETE, a
+/// PATCH) is not stored verbatim by a backend that honours the header on any method
+/// (CakePHP): its body's tag is no tag of what the backend holds, and must be neither
+/// answered nor remembered. Remembered, it refused the create that followed the delete
+/// (`If-None-Match: *`, 412) and let an `If-Match` naming it through to a resource no
+/// longer there.
+#[tokio::test]
+async fn a_put_run_as_another_method_by_an_override_is_not_tagged() {
+    use std::sync::{Arc, Mutex};
+    let doc = Arc::new(Mutex::new(Some(String::from("v1"))));
+    let backend = ScriptedBackend::start({
+        let doc = doc.clone();
+        move |r| {
+            let doc = doc.clone();
+            async move {
+                let method = match r.headers.get("x-http-method-override") {
+                    Some(m) => m.to_str().unwrap().to_owned(),
+                    None => r.method.to_string(),
+                };
+                let mut d = doc.lock().unwrap();
+                match (method.as_str(), d.clone()) {
+                    ("GET", Some(body)) => respond(200, &[], body),
+                    ("PUT", old) => {
+                        *d = Some(String::from_utf8(r.body.to_vec()).unwrap());
+                        respond(if old.is_some() { 204 } else { 201 }, &[], "")
+                    }
+                    ("DELETE", Some(_)) => {
+                        *d = None;
+                        respond(204, &[], "")
+                    }
+                    _ => respond(404, &[], ""),
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", TAGGED), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/doc");
+    let t1 = c.get(&url, &[]).await.etag();
+    let r = c
+        .put(
+            &url,
+            &[("if-match", &t1), ("x-http-method-override", "DELETE")],
+            "ignored",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(*doc.lock().unwrap(), None, "the backend ran it as a DELETE");
+    let create = c.put(&url, &[("if-none-match", "*")], "fresh").await;
+    assert_eq!(
+        create.status,
+        201,
+        "a create after the delete: {}",
+        create.text()
+    );
+    assert_eq!(
+        r.header("etag"),
+        None,
+        "tagged as if it had stored its body"
+    );
+    assert_eq!(create.etag(), proxy.tag_of(b"fresh"));
+}

@@ -657,11 +657,21 @@ impl Drop for InFlight {
 }
 
 /// Whether a PUT's body is what the backend will serve: not a partial update
-/// (`Content-Range`) and not an encoding the backend may undo (`Content-Encoding`).
+/// (`Content-Range`), not an encoding the backend may undo (`Content-Encoding`), and not
+/// one that asks to be run as another method (a DELETE, a PATCH) by an override header,
+/// which a backend that honours one on any method (CakePHP) does.
 fn stores_verbatim(parts: &Parts) -> bool {
+    let h = &parts.headers;
+    let put = |v: &HeaderValue| {
+        v.to_str()
+            .is_ok_and(|m| m.trim().eq_ignore_ascii_case("PUT"))
+    };
+    let run_as_other =
+        (upstream::METHOD_OVERRIDES.iter()).any(|name| h.get_all(*name).iter().any(|v| !put(v)));
     parts.method == Method::PUT
-        && !parts.headers.contains_key(header::CONTENT_RANGE)
-        && !parts.headers.contains_key(header::CONTENT_ENCODING)
+        && !h.contains_key(header::CONTENT_RANGE)
+        && !h.contains_key(header::CONTENT_ENCODING)
+        && !run_as_other
 }
 
 /// Methods that never change state (RFC 9110 §9.2.1, RFC 4918 PROPFIND): no lock, no
