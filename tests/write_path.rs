@@ -1064,6 +1064,78 @@ async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
     assert!(proxy.state.locks.is_empty());
 }
 
+/// A POST that asks, by a method-override header, to run as COPY or MOVE changes its
+/// `Destination` as a COPY or MOVE does, behind a backend that honours the header (CakePHP
+/// on any method, Express's `method-override` on a POST). It went up with the destination
+/// neither locked nor its tag forgotten: on a `cached` route a stale write to the
+/// destination then passed its `If-Match` and undid the move.
+#[tokio::test]
+async fn a_post_run_as_copy_or_move_by_an_override_locks_and_forgets_its_destination() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let docs = Arc::new(Mutex::new(HashMap::from([
+        ("/a".to_owned(), "A".to_owned()),
+        ("/b".to_owned(), "B".to_owned()),
+    ])));
+    let d = docs.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let d = d.clone();
+        async move {
+            let mut docs = d.lock().unwrap();
+            let path = r.uri.path().to_owned();
+            let to = || {
+                let v = r.headers["destination"].to_str().unwrap();
+                v.parse::<http::Uri>().unwrap().path().to_owned()
+            };
+            let method = match r.headers.get("x-http-method-override") {
+                Some(m) => m.to_str().unwrap().to_owned(),
+                None => r.method.to_string(),
+            };
+            match method.as_str() {
+                "GET" => match docs.get(&path) {
+                    Some(doc) => respond(200, &[], doc.clone()),
+                    None => respond(404, &[], ""),
+                },
+                "PUT" => {
+                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
+                    respond(204, &[], "")
+                }
+                "MOVE" | "COPY" => {
+                    let doc = match method.as_str() {
+                        "MOVE" => docs.remove(&path),
+                        _ => docs.get(&path).cloned(),
+                    };
+                    docs.insert(to(), doc.unwrap_or_default());
+                    respond(204, &[], "")
+                }
+                _ => respond(405, &[], ""),
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    for method in ["COPY", "MOVE"] {
+        let b = proxy.url("/b");
+        let tag_b = c.get(&b, &[]).await.etag();
+        let over = ("x-http-method-override", method);
+        let r = c
+            .send("POST", &proxy.url("/a"), &[over, ("destination", &b)], "")
+            .await;
+        assert_eq!(r.status, 204, "{method}");
+        // /b is now what /a was: a writer holding /b's old tag must not overwrite it.
+        let stale = c.put(&b, &[("if-match", &tag_b)], "stale edit").await;
+        assert_eq!(
+            stale.status, 412,
+            "POST run as {method}: a stale write to its destination"
+        );
+        assert_eq!(docs.lock().unwrap()["/b"], "A", "{method}");
+        docs.lock().unwrap().insert("/a".into(), "A".into());
+        docs.lock().unwrap().insert("/b".into(), "B".into());
+    }
+    assert!(proxy.state.locks.is_empty());
+}
+
 /// Paths with raw UTF-8 (which hyper lets through) are keyed by their percent-encoded form:
 /// `//docs/é` is `/docs/%C3%A9`, one resource with its encoded spelling, and not `/docs/Ã©`,
 /// which decoding it byte by byte would spell. Otherwise a writer could pass `If-Match` with

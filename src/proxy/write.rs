@@ -767,11 +767,24 @@ fn guarded(method: &str) -> bool {
 fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, HeaderError> {
     // In any case, as `requires_precondition`: a backend that upper-cases methods (as
     // Werkzeug does) runs a `move` as a MOVE, which changes its destination all the same.
-    let method = parts.method.as_str();
-    if !["COPY", "MOVE"]
-        .iter()
-        .any(|m| method.eq_ignore_ascii_case(m))
-    {
+    // So does a write it runs as one by a method override, as `requires_precondition`
+    // reads them (a method that changes nothing goes up without its override headers).
+    let copies = |m: &str| {
+        ["COPY", "MOVE"]
+            .iter()
+            .any(|c| m.trim().eq_ignore_ascii_case(c))
+    };
+    let overridden = || {
+        let by_header = upstream::METHOD_OVERRIDES.iter().any(|h| {
+            (parts.headers.get_all(*h).iter())
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.split(',').any(copies))
+        });
+        let post = parts.method.as_str().eq_ignore_ascii_case("POST");
+        let query = parts.uri.query().map(str::as_bytes).unwrap_or_default();
+        by_header || (post && form_fields(query).any(copies))
+    };
+    if !copies(parts.method.as_str()) && !overridden() {
         return Ok(None);
     }
     let Some(value) = parts.headers.get("destination") else {
