@@ -978,6 +978,38 @@ async fn a_copy_or_move_whose_destination_cannot_be_read_is_refused_with_a_400()
     assert!(proxy.state.locks.is_empty());
 }
 
+/// A `Destination` is an absolute URI or an absolute path (RFC 4918 §10.3). A relative one
+/// (`b`) was read as a URI with the authority `b` and no path, locked and forgotten as the
+/// root `/`, and forwarded: a backend that resolves it against the request's URL (as
+/// `new URL(destination, url)` does in Node) moves `/dir/a` onto `/dir/b`, whose tag then
+/// stays remembered, and another client's stale write to `/dir/b` passes its `If-Match`.
+#[tokio::test]
+async fn a_copy_or_move_to_a_relative_destination_is_refused_not_keyed_as_the_root() {
+    let backend = ScriptedBackend::start(|r| async move {
+        match r.method.as_str() {
+            "GET" => respond(200, &[], format!("at {}", r.uri.path())),
+            _ => respond(204, &[], ""),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    for method in ["COPY", "MOVE"] {
+        for to in ["b", "*"] {
+            let before = backend.requests().len();
+            let r = c
+                .send(method, &proxy.url("/dir/a"), &[("destination", to)], "")
+                .await;
+            assert_eq!(r.status, 400, "{method} to {to:?} went up: {}", r.status);
+            let p = r.assert_problem(400);
+            let detail = p["detail"].as_str().unwrap().to_lowercase();
+            assert!(detail.contains("destination"), "{method} to {to}: {detail}");
+            assert_eq!(backend.requests().len(), before, "{method} to {to:?}");
+        }
+    }
+    assert!(proxy.state.locks.is_empty());
+}
+
 /// Methods are case-sensitive, but many frameworks upper-case them (as `requires_precondition`
 /// and the TRACE refusal allow for): a `move` runs as a MOVE there, and changes its
 /// `Destination` as much. It once went up with that resource neither locked nor its tag

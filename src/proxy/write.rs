@@ -804,6 +804,14 @@ fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, 
         ));
     }
     let dest: http::Uri = text.parse().map_err(|_| malformed("not a URI"))?;
+    // RFC 4918 §10.3 takes an absolute URI or an absolute path. A relative reference
+    // (`b`, which `Uri` reads as an authority with no path) would be keyed as `/`, where a
+    // backend that resolves it against the request's URL changes `/dir/b`.
+    if dest.scheme().is_none() && (dest.authority().is_some() || !dest.path().starts_with('/')) {
+        return Err(malformed(
+            "is not an absolute URI or an absolute path (RFC 4918 §10.3)",
+        ));
+    }
     Ok(Some(ResourceKey::new(
         &route.upstream,
         &normalize_path(dest.path()),
