@@ -26,7 +26,6 @@ use crate::metrics::Unheld;
 use crate::precondition::{
     evaluate, failure, names_tags, Decision, HeaderError, Preconditions, Resource,
 };
-use crate::settling::Settling;
 use crate::tags::Known;
 use crate::upstream;
 
@@ -378,7 +377,6 @@ impl Proxy {
             invalidation,
             guard,
             held,
-            settling: self.settling.clone(),
             queued: queued.clone(),
         };
         // A revalidation's status is not this write's: should the client leave before the
@@ -589,8 +587,6 @@ struct InFlight {
     guard: Option<WriteGuard>,
     /// The budget a body read whole holds while it is being sent.
     held: Option<Share>,
-    /// Where a write left to settle is counted, so that a stop waits for it.
-    settling: Arc<Settling>,
     /// Where a write that changes state stands: whether it has been sent yet.
     queued: Option<Arc<crate::pool::Queued>>,
 }
@@ -624,7 +620,10 @@ impl Drop for InFlight {
         // Without a runtime (the process is ending) there is nobody left to wait for.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let resource = invalidation.as_ref().and_then(|i| i.keys[0].clone());
-            let settling = resource.as_ref().map(|r| self.settling.begin(r.as_str()));
+            // Counted where a stop looks (`settling.rs`): the proxy's, which the
+            // invalidation holds.
+            let settling = (invalidation.as_ref().zip(resource.as_ref()))
+                .map(|(i, r)| i.proxy.settling.begin(r.as_str()));
             rt.spawn(async move {
                 let answered = answer.await;
                 // What became of a write whose client was told 504 or had left: an
