@@ -364,9 +364,11 @@ async fn serve_connection<IO>(
     let spare = Spare::default();
     let permit = ends.permit.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let (proxy, peer, permit) = (proxy.clone(), peer.clone(), permit.clone());
+        let (proxy, peer) = (proxy.clone(), peer.clone());
         let request = counted.begin();
         let version = req.version();
+        // An HTTP/1 request runs in its connection's task, which holds the permit already.
+        let permit = (version == Version::HTTP_2).then(|| permit.clone());
         let answering = (version == Version::HTTP_2).then(|| counted.answering());
         // Every HTTP/1 head hyper hands over was read through the inspector first, so its
         // verdict is queued; none means the inspector lost its place: fail closed.
