@@ -289,6 +289,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// GOAWAY; one still sending a head (too slowly) does not close by itself.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long a connection sent away for rapid resets may take to close before it is cut
+/// off, its requests in flight with it: time for its GOAWAY to reach the client.
+const ABUSE_CLOSE_GRACE: Duration = Duration::from_millis(100);
+
 /// The grace before a connection with no request in flight is cut off, and how far its
 /// client had read as it began: [`IDLE_CLOSE_GRACE`] with nothing left to send, else
 /// `send_timeout` (`header_read_timeout`, as for a stalled response). Polled once, so that
@@ -412,9 +416,14 @@ async fn serve_connection<IO>(
     // `asked`: the connection was asked to close (keep-alive off, HTTP/2 GOAWAY).
     let (mut stopped, mut idled, mut asked) = (false, false, false);
     let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // Armed once the client is sent away for rapid resets (see below).
+    let mut abuse_cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
     // How far the client had read when the grace began (see below).
     let mut read_at_grace = Reading::default();
     let ended = std::future::poll_fn(|cx| {
+        if abuse_cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
+            return Poll::Ready(Ok(()));
+        }
         if let Some(grace) = &mut cut_off {
             if grace.as_mut().poll(cx).is_ready() {
                 // The last response's body can be done with while hyper still flushes its
@@ -486,6 +495,13 @@ async fn serve_connection<IO>(
                     );
                     counts.metrics.connection_closed(Closed::RapidReset);
                     conn.as_mut().graceful_shutdown();
+                    // h2 names the last stream it takes (its second GOAWAY) only once the
+                    // client acks the PING sent with the first, which allows every stream:
+                    // a client that never acks would go on opening and resetting requests.
+                    // So it is cut off soon after, as Envoy closes such connections.
+                    let mut cut = Box::pin(tokio::time::sleep(ABUSE_CLOSE_GRACE));
+                    let _ = cut.as_mut().poll(cx);
+                    abuse_cut = Some(cut);
                 }
                 if let Poll::Ready(why) = idle.as_mut().poll(&mut ecx) {
                     if why == Idle::Stalled {

@@ -1672,3 +1672,79 @@ async fn a_client_that_pings_with_room_to_spare_does_not_keep_its_slot() {
     s.write_all(&start).await.unwrap();
     slot_given_back_while_it_pings(s, proxy.addr, 100, Duration::from_secs(8)).await;
 }
+
+/// A rapid-reset client that does not answer the PING of the GOAWAY it is sent (h2 sends
+/// the final GOAWAY, which names the last stream it takes, only once that PING is acked;
+/// the first one allows every stream) is closed all the same: else it goes on opening and
+/// resetting requests, each sent upstream, for as long as it likes.
+#[tokio::test]
+async fn a_rapid_reset_client_that_ignores_the_goaway_s_ping_is_closed_all_the_same() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (backend, proxy) = slow_path_backend("").await;
+    let max = ifmatch::activity::MAX_RESETS as usize;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(4, 0, 0, &[]));
+    wr.write_all(&hello).await.unwrap();
+    // Reads the proxy's frames: acks its SETTINGS (nothing else), until it closes.
+    let (acks, mut to_ack) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16384];
+        loop {
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 4 && buf[4] & 1 == 0 {
+                    let _ = acks.send(());
+                }
+                buf.drain(..9 + len);
+            }
+        }
+    });
+    let mut headers = vec![0x82, 0x86, 0x04, 5];
+    headers.extend(b"/slow");
+    headers.extend([0x01, 1, b'a']);
+    let started = Instant::now();
+    let mut opened = 0;
+    let mut id = 1u32;
+    while !reader.is_finished() && opened < 4 * max && started.elapsed() < Duration::from_secs(8) {
+        while to_ack.try_recv().is_ok() {
+            let _ = wr.write_all(&frame(4, 1, 0, &[])).await;
+        }
+        let seen = backend.requests().len();
+        if wr.write_all(&frame(1, 0x5, id, &headers)).await.is_err() {
+            break;
+        }
+        let arrived = common::eventually(Duration::from_secs(1), || {
+            backend.requests().len() > seen || reader.is_finished()
+        });
+        if !arrived.await || reader.is_finished() {
+            break;
+        }
+        opened += 1;
+        let _ = wr.write_all(&frame(3, 0, id, &8u32.to_be_bytes())).await;
+        id += 2;
+    }
+    // Closed within the grace after its GOAWAY (100 ms: a few more requests at most).
+    assert!(
+        reader.is_finished() && opened < 2 * max,
+        "{opened} requests sent upstream and reset, the connection still open: {}",
+        !reader.is_finished()
+    );
+    assert!(closed(&proxy, "rapid_reset", 1), "counted");
+}
