@@ -155,11 +155,13 @@ async fn a_backend_with_its_own_validators_or_an_unfinished_write_is_not_tagged(
     }
 }
 
-/// A backend that tags its GETs itself but sends no `ETag` with a PUT's answer (nginx with
-/// `etag on` is one): answering the PUT with ifmatch's own tag would hand the writer a tag
-/// that no GET gives, and its next write would get a 412 it did not earn.
-#[tokio::test]
-async fn a_resource_the_backend_tags_itself_gets_no_tag_from_a_put() {
+/// One document (revision, body) behind a backend that tags its GETs itself (`"rev-N"`)
+/// and answers every other request by storing its body as the next revision, with no `ETag`
+/// (nginx with `etag on` answers PUTs so).
+async fn self_tagging_backend() -> (
+    std::sync::Arc<std::sync::Mutex<(u32, String)>>,
+    ScriptedBackend,
+) {
     use std::sync::{Arc, Mutex};
     let doc = Arc::new(Mutex::new((1u32, String::from("v1"))));
     let backend = ScriptedBackend::start({
@@ -179,6 +181,15 @@ async fn a_resource_the_backend_tags_itself_gets_no_tag_from_a_put() {
         }
     })
     .await;
+    (doc, backend)
+}
+
+/// A backend that tags its GETs itself but sends no `ETag` with a PUT's answer (nginx with
+/// `etag on` is one): answering the PUT with ifmatch's own tag would hand the writer a tag
+/// that no GET gives, and its next write would get a 412 it did not earn.
+#[tokio::test]
+async fn a_resource_the_backend_tags_itself_gets_no_tag_from_a_put() {
+    let (doc, backend) = self_tagging_backend().await;
     let proxy = Proxy::start(&route("/", TAGGED), &backend.origin()).await;
     let c = Client::new();
     let url = proxy.url("/doc");
@@ -622,25 +633,7 @@ async fn a_put_in_flight_when_a_get_finds_the_backends_own_tag_is_not_tagged() {
 /// earn.
 #[tokio::test]
 async fn a_resource_the_backend_tags_itself_gets_no_tag_from_a_put_with_credentials() {
-    use std::sync::{Arc, Mutex};
-    let doc = Arc::new(Mutex::new((1u32, String::from("v1"))));
-    let backend = ScriptedBackend::start({
-        let doc = doc.clone();
-        move |r| {
-            let doc = doc.clone();
-            async move {
-                let mut d = doc.lock().unwrap();
-                match r.method.as_str() {
-                    "GET" => respond(200, &[("etag", &format!("\"rev-{}\"", d.0))], d.1.clone()),
-                    _ => {
-                        *d = (d.0 + 1, String::from_utf8(r.body.to_vec()).unwrap());
-                        respond(204, &[], "")
-                    }
-                }
-            }
-        }
-    })
-    .await;
+    let (doc, backend) = self_tagging_backend().await;
     for (n, who) in [
         ("cookie", "session=alice"),
         ("authorization", "Bearer alice"),

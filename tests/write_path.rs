@@ -1010,14 +1010,14 @@ async fn a_copy_or_move_to_a_relative_destination_is_refused_not_keyed_as_the_ro
     assert!(proxy.state.locks.is_empty());
 }
 
-/// Methods are case-sensitive, but many frameworks upper-case them (as `requires_precondition`
-/// and the TRACE refusal allow for): a `move` runs as a MOVE there, and changes its
-/// `Destination` as much. It once went up with that resource neither locked nor its tag
-/// forgotten, whatever its `Destination` said: on a `cached` route a stale write to the
-/// destination then passed its `If-Match` and undid the move (a 204, not a 412), and an
-/// unreadable `Destination` reached the backend (201, not a 400).
-#[tokio::test]
-async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
+/// Documents `/a` ("A") and `/b` ("B") in a WebDAV-ish store that runs each request as the
+/// method `run_as` reads from it (GET, PUT, COPY, MOVE to its `Destination`; else 405).
+async fn copy_and_move_store(
+    run_as: fn(&common::Recorded) -> String,
+) -> (
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
+    ScriptedBackend,
+) {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     let docs = Arc::new(Mutex::new(HashMap::from([
@@ -1025,7 +1025,6 @@ async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
         ("/b".to_owned(), "B".to_owned()),
     ])));
     let d = docs.clone();
-    // A WebDAV-ish store that upper-cases the method, as Werkzeug does.
     let backend = ScriptedBackend::start(move |r| {
         let d = d.clone();
         async move {
@@ -1035,7 +1034,7 @@ async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
                 let v = r.headers["destination"].to_str().unwrap();
                 v.parse::<http::Uri>().unwrap().path().to_owned()
             };
-            match r.method.as_str().to_ascii_uppercase().as_str() {
+            match run_as(&r).as_str() {
                 "GET" => match docs.get(&path) {
                     Some(doc) => respond(200, &[], doc.clone()),
                     None => respond(404, &[], ""),
@@ -1059,6 +1058,19 @@ async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
         }
     })
     .await;
+    (docs, backend)
+}
+
+/// Methods are case-sensitive, but many frameworks upper-case them (as `requires_precondition`
+/// and the TRACE refusal allow for): a `move` runs as a MOVE there, and changes its
+/// `Destination` as much. It once went up with that resource neither locked nor its tag
+/// forgotten, whatever its `Destination` said: on a `cached` route a stale write to the
+/// destination then passed its `If-Match` and undid the move (a 204, not a 412), and an
+/// unreadable `Destination` reached the backend (201, not a 400).
+#[tokio::test]
+async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
+    // A WebDAV-ish store that upper-cases the method, as Werkzeug does.
+    let (docs, backend) = copy_and_move_store(|r| r.method.as_str().to_ascii_uppercase()).await;
     let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
     let c = Client::new();
     for method in ["copy", "Move"] {
@@ -1103,46 +1115,9 @@ async fn a_copy_or_move_in_any_case_locks_and_forgets_its_destination() {
 /// destination then passed its `If-Match` and undid the move.
 #[tokio::test]
 async fn a_post_run_as_copy_or_move_by_an_override_locks_and_forgets_its_destination() {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
-    let docs = Arc::new(Mutex::new(HashMap::from([
-        ("/a".to_owned(), "A".to_owned()),
-        ("/b".to_owned(), "B".to_owned()),
-    ])));
-    let d = docs.clone();
-    let backend = ScriptedBackend::start(move |r| {
-        let d = d.clone();
-        async move {
-            let mut docs = d.lock().unwrap();
-            let path = r.uri.path().to_owned();
-            let to = || {
-                let v = r.headers["destination"].to_str().unwrap();
-                v.parse::<http::Uri>().unwrap().path().to_owned()
-            };
-            let method = match r.headers.get("x-http-method-override") {
-                Some(m) => m.to_str().unwrap().to_owned(),
-                None => r.method.to_string(),
-            };
-            match method.as_str() {
-                "GET" => match docs.get(&path) {
-                    Some(doc) => respond(200, &[], doc.clone()),
-                    None => respond(404, &[], ""),
-                },
-                "PUT" => {
-                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
-                    respond(204, &[], "")
-                }
-                "MOVE" | "COPY" => {
-                    let doc = match method.as_str() {
-                        "MOVE" => docs.remove(&path),
-                        _ => docs.get(&path).cloned(),
-                    };
-                    docs.insert(to(), doc.unwrap_or_default());
-                    respond(204, &[], "")
-                }
-                _ => respond(405, &[], ""),
-            }
-        }
+    let (docs, backend) = copy_and_move_store(|r| match r.headers.get("x-http-method-override") {
+        Some(m) => m.to_str().unwrap().to_owned(),
+        None => r.method.to_string(),
     })
     .await;
     let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
