@@ -9,6 +9,17 @@ use std::time::{Duration, Instant};
 use common::binary::Binary;
 use common::{Backend, Client, ScriptedBackend};
 
+/// Puts `keys` at the head of a config's `[server]` table.
+trait WithServer {
+    fn with_server(self, keys: &str) -> String;
+}
+
+impl WithServer for String {
+    fn with_server(self, keys: &str) -> String {
+        self.replacen("[server]\n", &format!("[server]\n{keys}\n"), 1)
+    }
+}
+
 fn config(routes: &[(&str, &str, &str)]) -> String {
     let mut s = String::from("[server]\nlisten = \"{listen}\"\nshutdown_timeout = \"10s\"\n");
     for (prefix, upstream, extra) in routes {
@@ -38,11 +49,7 @@ async fn refused_within(addr: std::net::SocketAddr, within: Duration) -> bool {
 /// the process must run meanwhile (main thread plus runtime workers).
 async fn graceful_stop_on(sig: &str, server_extra: &str, threads: usize) {
     let backend = slow_backend().await;
-    let text = config(&[("/", &backend.origin(), "")]).replacen(
-        "[server]\n",
-        &format!("[server]\n{server_extra}\n"),
-        1,
-    );
+    let text = config(&[("/", &backend.origin(), "")]).with_server(server_extra);
     let mut bin = Binary::start(&text, &[]).await;
     let in_flight = {
         let url = bin.url("/doc");
@@ -69,11 +76,7 @@ fn a_signal_sent_the_moment_the_start_is_logged_is_handled() {
     let dir = common::TempDir::new("signal-race");
     let path = dir.join("ifmatch.toml");
     let text = config(&[("/", "http://127.0.0.1:9", "")]).replace("{listen}", "127.0.0.1:0");
-    std::fs::write(
-        &path,
-        text.replacen("[server]\n", "[server]\nworkers = 1\n", 1),
-    )
-    .unwrap();
+    std::fs::write(&path, text.with_server("workers = 1")).unwrap();
     for (sig, after) in [
         (libc::SIGHUP, "config reloaded"),
         (libc::SIGTERM, "stopped"),
@@ -160,11 +163,7 @@ async fn a_reload_waiting_on_its_file_holds_up_no_request_on_one_worker() {
 
     let backend = Backend::start().await;
     backend.store.put("/a", "v1");
-    let text = config(&[("/", &backend.origin(), "")]).replacen(
-        "[server]\n",
-        "[server]\nworkers = 1\n",
-        1,
-    );
+    let text = config(&[("/", &backend.origin(), "")]).with_server("workers = 1");
     let bin = Binary::start(&text, &[]).await;
     let c = Client::new();
     assert_eq!(c.get(&bin.url("/a"), &[]).await.status, 200);
@@ -597,7 +596,7 @@ async fn sighup_swaps_in_a_valid_config_keeping_in_flight_requests_and_the_tag_c
         ("/docs/", &store.origin(), "validation = \"cached\""),
         ("/new/", &store.origin(), ""),
     ])
-    .replacen("[server]\n", "[server]\nworkers = 1\n", 1);
+    .with_server("workers = 1");
     bin.write_config(&text);
     bin.signal("HUP");
     bin.wait_for_log("config reloaded", Duration::from_secs(5))
@@ -678,11 +677,7 @@ async fn sighup_keeps_backend_connections_unless_an_upstream_setting_changes() {
     assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
     assert_eq!(backend.connections(), 1, "kept across a reload of routes");
 
-    let slower = config(&[("/", &origin, "")]).replacen(
-        "[server]\n",
-        "[server]\nconnect_timeout = \"4s\"\n",
-        1,
-    );
+    let slower = config(&[("/", &origin, "")]).with_server("connect_timeout = \"4s\"");
     bin.reload(&slower).await;
     assert_eq!(c.get(&bin.url("/x"), &[]).await.status, 200);
     assert_eq!(backend.connections(), 2, "made anew with the new setting");
@@ -693,11 +688,8 @@ async fn sighup_applies_a_new_upstream_idle_timeout() {
     let backend =
         ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
     let with_idle = |timeout: &str| {
-        config(&[("/", &backend.origin(), "")]).replacen(
-            "[server]\n",
-            &format!("[server]\nupstream_idle_timeout = \"{timeout}\"\n"),
-            1,
-        )
+        config(&[("/", &backend.origin(), "")])
+            .with_server(&format!("upstream_idle_timeout = \"{timeout}\""))
     };
     let bin = Binary::start(&with_idle("60s"), &[]).await;
     let c = Client::new();
@@ -813,22 +805,15 @@ async fn sighup_that_drops_a_route_inside_a_cached_one_forgets_the_tags_read_thr
 async fn sighup_keeps_the_settings_read_at_start_and_names_each_one() {
     let store = Backend::start().await;
     store.store.put("/docs/a", "doc a");
-    let text = config(&[("/docs/", &store.origin(), "")]).replacen(
-        "[server]\n",
-        "[server]\nmax_header_bytes = \"16KiB\"\n",
-        1,
-    );
+    let text =
+        config(&[("/docs/", &store.origin(), "")]).with_server("max_header_bytes = \"16KiB\"");
     let bin = Binary::start(&text, &[]).await;
     let pki = common::tls::Pki::new("reload-kept", common::tls::KeyType::EcdsaP256);
     let new = config(&[
         ("/docs/", &store.origin(), ""),
         ("/new/", &store.origin(), ""),
     ])
-    .replacen(
-        "[server]\n",
-        "[server]\nmax_header_bytes = \"256KiB\"\nmax_connections = 1\n",
-        1,
-    )
+    .with_server("max_header_bytes = \"256KiB\"\nmax_connections = 1")
     .replacen("[[route]]", &format!("{}[[route]]", pki.server_toml()), 1);
     bin.reload(&new).await;
     for key in [

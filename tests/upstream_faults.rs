@@ -803,13 +803,13 @@ async fn an_http_1_0_answer_whose_body_streams_in_slowly_arrives_whole() {
     }
 }
 
-/// A backend that answers 204 with a `Content-Length` (which RFC 9110 §8.6 forbids on a
-/// 204) and then sends those bytes: hyper reads the 204 as bodiless, so on a reused
-/// connection the stray bytes would begin the next request's answer, another client's 502
-/// or, shaped as a response, another client's wrong answer. The connection is not reused;
-/// nor is it after a 304 with `Transfer-Encoding`.
-#[tokio::test]
-async fn a_204_that_declares_content_spoils_its_connection() {
+/// A whole response, planted by a backend after an answer that frames its body wrongly.
+const STRAY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL";
+
+/// A raw backend that answers a request whose head `spoiled` picks with the bytes it gives,
+/// then, 50 ms later, [`STRAY`] on the same connection; every other request with 200 "ok".
+/// Returns its origin and a count of the connections it accepted.
+async fn stray_bytes_backend(spoiled: fn(&[u8]) -> Option<Vec<u8>>) -> (String, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let accepted = Arc::new(AtomicUsize::new(0));
     let counted = accepted.clone();
@@ -822,26 +822,41 @@ async fn a_204_that_declares_content_spoils_its_connection() {
                 if n == 0 {
                     return;
                 }
-                let late: Option<&[u8]> = if buf[..n].starts_with(b"DELETE /late") {
-                    Some(b"HTTP/1.1 204 No Content\r\nContent-Length: 48\r\n\r\n")
-                } else if buf[..n].starts_with(b"GET /late") {
-                    Some(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n")
-                } else {
-                    None
-                };
-                if let Some(head) = late {
-                    let _ = s.write_all(head).await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
-                        .await;
-                } else {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
+                match spoiled(&buf[..n]) {
+                    Some(answer) => {
+                        let _ = s.write_all(&answer).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = s.write_all(STRAY).await;
+                    }
+                    None => {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
                 }
             }
         }
+    })
+    .await;
+    (origin, accepted)
+}
+
+/// A backend that answers 204 with a `Content-Length` (which RFC 9110 §8.6 forbids on a
+/// 204) and then sends those bytes: hyper reads the 204 as bodiless, so on a reused
+/// connection the stray bytes would begin the next request's answer, another client's 502
+/// or, shaped as a response, another client's wrong answer. The connection is not reused;
+/// nor is it after a 304 with `Transfer-Encoding`.
+#[tokio::test]
+async fn a_204_that_declares_content_spoils_its_connection() {
+    let (origin, accepted) = stray_bytes_backend(|head| {
+        let answer: &[u8] = if head.starts_with(b"DELETE /late") {
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 48\r\n\r\n"
+        } else if head.starts_with(b"GET /late") {
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n"
+        } else {
+            return None;
+        };
+        Some(answer.to_vec())
     })
     .await;
     let proxy = Proxy::start(&route("/", ""), &origin).await;
@@ -868,36 +883,13 @@ async fn a_204_that_declares_content_spoils_its_connection() {
 /// such a message handled as an error: the connection is not reused.
 #[tokio::test]
 async fn a_response_with_a_length_and_chunks_spoils_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const EVIL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL";
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    let origin = raw_backend(move |mut s| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = s.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                if buf[..n].starts_with(b"GET /both") {
-                    // The length counts the last chunk and the planted response.
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
-                        5 + EVIL.len()
-                    );
-                    let _ = s.write_all(head.as_bytes()).await;
-                    let _ = s.write_all(b"0\r\n\r\n").await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    let _ = s.write_all(EVIL).await;
-                } else {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                }
-            }
-        }
+    let (origin, accepted) = stray_bytes_backend(|head| {
+        // The length counts the last chunk and the planted response.
+        head.starts_with(b"GET /both").then(|| {
+            let length = 5 + STRAY.len();
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+                .into_bytes()
+        })
     })
     .await;
     let proxy = Proxy::start(&route("/", ""), &origin).await;
