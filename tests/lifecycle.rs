@@ -972,15 +972,13 @@ async fn exchange(s: &mut tokio::net::TcpStream, request: &str) -> String {
         .expect("a response within 5 s")
 }
 
-/// So is an upstream named by host name (`http://localhost:PORT`, a compose service):
-/// resolving it needs a descriptor too (`/etc/hosts`, a DNS socket), and a lookup that
-/// fails for want of one is the proxy's limit, not a name the backend lacks.
-#[tokio::test]
-async fn out_of_file_descriptors_at_an_upstream_lookup_is_the_proxys_503() {
-    let backend = Backend::start().await;
-    backend.store.put("/a", "v1");
-    let origin = backend.origin().replace("127.0.0.1", "localhost");
-    let bin = with_file_limit(&config(&[("/", &origin, "")]), 64, 64).await;
+/// The binary in front of `origin` with an open-file limit of 64, one client connection it
+/// has accepted and answered (an OPTIONS it answers itself: no upstream connection made),
+/// and idle clients holding every descriptor left (the failed accept logged).
+async fn with_descriptors_used_up(
+    origin: &str,
+) -> (Binary, tokio::net::TcpStream, Vec<tokio::net::TcpStream>) {
+    let bin = with_file_limit(&config(&[("/", origin, "")]), 64, 64).await;
     let mut first = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
     let options = "OPTIONS /a HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n";
     let r = exchange(&mut first, options).await;
@@ -991,6 +989,18 @@ async fn out_of_file_descriptors_at_an_upstream_lookup_is_the_proxys_503() {
     }
     bin.wait_for_log("accept failed", Duration::from_secs(5))
         .await;
+    (bin, first, idle)
+}
+
+/// So is an upstream named by host name (`http://localhost:PORT`, a compose service):
+/// resolving it needs a descriptor too (`/etc/hosts`, a DNS socket), and a lookup that
+/// fails for want of one is the proxy's limit, not a name the backend lacks.
+#[tokio::test]
+async fn out_of_file_descriptors_at_an_upstream_lookup_is_the_proxys_503() {
+    let backend = Backend::start().await;
+    backend.store.put("/a", "v1");
+    let origin = backend.origin().replace("127.0.0.1", "localhost");
+    let (_bin, mut first, idle) = with_descriptors_used_up(&origin).await;
     let r = exchange(&mut first, "GET /a HTTP/1.1\r\nHost: t\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 503"), "{r}");
     assert!(r.contains("file descriptors"), "{r}");
@@ -1006,20 +1016,7 @@ async fn out_of_file_descriptors_at_an_upstream_lookup_is_the_proxys_503() {
 async fn out_of_file_descriptors_at_the_upstream_connect_is_the_proxys_503() {
     let backend = Backend::start().await;
     backend.store.put("/a", "v1");
-    let config = config(&[("/", &backend.origin(), "")]);
-    let bin = with_file_limit(&config, 64, 64).await;
-    // A connection the proxy has accepted (it answers this OPTIONS itself, no upstream
-    // connection made); then every descriptor left is taken by idle clients.
-    let mut first = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
-    let options = "OPTIONS /a HTTP/1.1\r\nHost: t\r\nMax-Forwards: 0\r\n\r\n";
-    let r = exchange(&mut first, options).await;
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    let mut idle = Vec::new();
-    for _ in 0..100 {
-        idle.push(tokio::net::TcpStream::connect(bin.addr).await.unwrap());
-    }
-    bin.wait_for_log("accept failed", Duration::from_secs(5))
-        .await;
+    let (bin, mut first, idle) = with_descriptors_used_up(&backend.origin()).await;
 
     let get = "GET /a HTTP/1.1\r\nHost: t\r\n\r\n";
     for _ in 0..2 {
@@ -1031,18 +1028,14 @@ async fn out_of_file_descriptors_at_the_upstream_connect_is_the_proxys_503() {
         assert!(r.contains("file descriptors"), "{r}");
         assert!(r.contains("LimitNOFILE") && r.contains("ulimit -n"), "{r}");
     }
-    // The lines come through a pipe: the last may trail its response.
-    let lines_of_a = |log: &[String]| {
-        log.iter()
-            .filter(|l| l.contains("ifmatch::access") && l.contains("path=\"/a\""))
-            .count()
+    let lines_of_a = |log: &[String]| -> Vec<String> {
+        let of_a = |l: &&String| l.contains("ifmatch::access") && l.contains("path=\"/a\"");
+        log.iter().filter(of_a).cloned().collect()
     };
-    common::eventually(Duration::from_secs(2), || lines_of_a(&bin.log()) >= 3).await;
+    // The lines come through a pipe: the last may trail its response.
+    common::eventually(Duration::from_secs(2), || lines_of_a(&bin.log()).len() >= 3).await;
     let log = bin.log();
-    let access: Vec<_> = log
-        .iter()
-        .filter(|l| l.contains("ifmatch::access") && l.contains("path=\"/a\""))
-        .collect();
+    let access = lines_of_a(&log);
     assert_eq!(access.len(), 3, "{log:#?}");
     assert!(
         access[1].contains("outcome=\"proxy_out_of_files\""),
