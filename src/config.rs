@@ -77,6 +77,11 @@ pub struct Server {
     /// `http2_max_concurrent_streams`): each holds its own buffers, so this bounds what one
     /// connection can make the proxy hold, as `max_connections` bounds connections.
     pub http2_max_concurrent_streams: u32,
+    /// Bytes of its body an HTTP/2 request may send before the proxy reads them (the
+    /// stream's receive window). The connection's window is this times
+    /// `http2_max_concurrent_streams`, so that a request whose body waits unread (for its
+    /// URL's lock, say) can never hold up another request on the same connection.
+    pub http2_stream_window: u32,
     /// Clients may speak HTTP/2 (h2 by ALPN on TLS, prior knowledge on plain TCP) as well as
     /// HTTP/1.1; `false`: HTTP/1.1 only, as nginx's `http2 off` (where h2 is not wanted, or
     /// not yet trusted). A reload applies it to new connections.
@@ -294,6 +299,7 @@ struct ServerToml {
     max_header_bytes: Option<Spanned<toml::Value>>,
     max_header_fields: Option<Spanned<i64>>,
     http2_max_concurrent_streams: Option<Spanned<i64>>,
+    http2_stream_window: Option<Spanned<toml::Value>>,
     http2: Option<Spanned<bool>>,
     max_request_body: Option<Spanned<toml::Value>>,
     header_read_timeout: Option<Spanned<String>>,
@@ -366,6 +372,13 @@ pub const DEFAULT_HTTP2_MAX_CONCURRENT_STREAMS: usize = 128;
 /// Far past any browser's or gRPC client's need; more only multiplies what one connection
 /// can hold.
 pub const MAX_HTTP2_MAX_CONCURRENT_STREAMS: u32 = 10_000;
+/// What the proxy reads upstream at once (`DEFAULT_UPSTREAM_READ_BUFFER`): a stream holds
+/// about as much of a request body as of a response. hyper's default, 1 MiB, equal to its
+/// connection window, let one waiting upload stall a connection's others.
+pub const DEFAULT_HTTP2_STREAM_WINDOW: u64 = 256 * 1024;
+/// One DATA frame of the default size must fit.
+pub const MIN_HTTP2_STREAM_WINDOW: u64 = 16 * 1024;
+pub const MAX_HTTP2_STREAM_WINDOW: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 64 * 1024 * 1024;
 pub const MIN_MAX_HEADER_BYTES: u64 = 1024;
 pub const MAX_WORKERS: u32 = 1024;
@@ -718,7 +731,14 @@ impl Validator<'_> {
                 "server.upstream_read_buffer",
                 DEFAULT_UPSTREAM_READ_BUFFER,
             )
-            .and_then(|n| self.read_buffer(&s.upstream_read_buffer, n));
+            .and_then(|n| {
+                self.within(
+                    &s.upstream_read_buffer,
+                    "server.upstream_read_buffer",
+                    n,
+                    (MIN_UPSTREAM_READ_BUFFER, MAX_UPSTREAM_READ_BUFFER),
+                )
+            });
         let shutdown = self.duration(
             &s.shutdown_timeout,
             "server.shutdown_timeout",
@@ -772,6 +792,20 @@ impl Validator<'_> {
                     "server.http2_max_concurrent_streams",
                     n,
                     MAX_HTTP2_MAX_CONCURRENT_STREAMS,
+                )
+            });
+        let h2_window = self
+            .size(
+                &s.http2_stream_window,
+                "server.http2_stream_window",
+                DEFAULT_HTTP2_STREAM_WINDOW,
+            )
+            .and_then(|n| {
+                self.within(
+                    &s.http2_stream_window,
+                    "server.http2_stream_window",
+                    n,
+                    (MIN_HTTP2_STREAM_WINDOW, MAX_HTTP2_STREAM_WINDOW),
                 )
             });
         let request_body = self.size(
@@ -828,6 +862,7 @@ impl Validator<'_> {
             max_header_bytes: header_bytes?,
             max_header_fields: header_fields?,
             http2_max_concurrent_streams: u32::try_from(h2_streams?).unwrap_or(u32::MAX),
+            http2_stream_window: u32::try_from(h2_window?).unwrap_or(u32::MAX),
             http2: s.http2.as_ref().is_none_or(|v| *v.get_ref()),
             max_request_body: request_body?,
             header_read_timeout: header_read?,
@@ -937,15 +972,20 @@ impl Validator<'_> {
         s
     }
 
-    /// `upstream_read_buffer`, `n` bytes as read from `v`, within its bounds.
-    fn read_buffer(&mut self, v: &Option<Spanned<toml::Value>>, n: u64) -> Option<usize> {
-        let (min, max) = (MIN_UPSTREAM_READ_BUFFER, MAX_UPSTREAM_READ_BUFFER);
+    /// A size of `n` bytes as read from `v`, within its bounds (KiB and MiB).
+    fn within(
+        &mut self,
+        v: &Option<Spanned<toml::Value>>,
+        key: &str,
+        n: u64,
+        (min, max): (u64, u64),
+    ) -> Option<usize> {
         match v {
             Some(spanned) if !(min..=max).contains(&n) => {
                 let (kib, mib) = (min >> 10, max >> 20);
                 let msg =
                     format!("{n} bytes is out of range: from {min} ({kib}KiB) to {max} ({mib}MiB)");
-                self.push(spanned, "server.upstream_read_buffer", msg);
+                self.push(spanned, key, msg);
                 None
             }
             _ => Some(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -1577,6 +1617,24 @@ upstream = "http://localhost:9001/"
                 "out of range",
             ),
             (
+                "[server]\nlisten = \"127.0.0.1:1\"\nhttp2_stream_window = \"8KiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.http2_stream_window",
+                "8192 bytes is out of range: from 16384 (16KiB) to 16777216 (16MiB)",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nhttp2_stream_window = \"1GiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.http2_stream_window",
+                "out of range",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nhttp2_stream_window = true\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.http2_stream_window",
+                "is not a size",
+            ),
+            (
                 "[server]\nlisten = \"127.0.0.1:1\"\nupstream_max_idle = -1\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
                 3,
                 "server.upstream_max_idle",
@@ -1978,6 +2036,20 @@ upstream = "http://localhost:9001/"
             let toml = format!("[server]\nlisten = \"127.0.0.1:1\"\nupstream_read_buffer = {v}\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n");
             let c = Config::parse(&toml, "t.toml").unwrap_or_else(|e| panic!("{v}: {e}"));
             assert_eq!(c.server.upstream_read_buffer, want, "{v}");
+        }
+    }
+
+    #[test]
+    fn an_http2_stream_window_within_its_bounds_is_kept() {
+        for (v, want) in [
+            ("", 256 << 10),
+            ("http2_stream_window = \"16KiB\"", 16 << 10),
+            ("http2_stream_window = 1048576", 1 << 20),
+            ("http2_stream_window = \"16MiB\"", 16 << 20),
+        ] {
+            let toml = format!("[server]\nlisten = \"127.0.0.1:1\"\n{v}\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n");
+            let c = Config::parse(&toml, "t.toml").unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_eq!(c.server.http2_stream_window, want, "{v}");
         }
     }
 

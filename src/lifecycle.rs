@@ -236,6 +236,7 @@ fn keep_start_settings(
         max_header_bytes,
         max_header_fields,
         http2_max_concurrent_streams,
+        http2_stream_window,
     );
     if n.tls.is_some() != r.tls.is_some() {
         kept.push("server.tls (on or off)");
@@ -299,7 +300,7 @@ mod tests {
         let mut new = parse(&format!(
             "[server]\nlisten = \"127.0.0.1:8080\"\nworkers = 3\ntag_cache_entries = 5\n\
              tag_memo_bytes = \"1MiB\"\nshutdown_timeout = \"7s\"\nshutdown_delay = \"2s\"\n\
-             max_header_fields = 50\n{ROUTE}"
+             max_header_fields = 50\nhttp2_stream_window = \"1MiB\"\n{ROUTE}"
         ));
         let kept = keep_start_settings(&mut new, &running, None);
         assert_eq!(
@@ -311,6 +312,7 @@ mod tests {
                 "server.shutdown_timeout",
                 "server.shutdown_delay",
                 "server.max_header_fields",
+                "server.http2_stream_window",
             ]
         );
         let (n, r) = (&new.server, &running.server);
@@ -320,5 +322,6 @@ mod tests {
         assert_eq!(n.shutdown_timeout, r.shutdown_timeout);
         assert_eq!(n.shutdown_delay, r.shutdown_delay);
         assert_eq!(n.max_header_fields, r.max_header_fields);
+        assert_eq!(n.http2_stream_window, r.http2_stream_window);
     }
 }

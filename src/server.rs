@@ -83,6 +83,14 @@ pub async fn serve(
         // response in flight holds: 64 MiB at the defaults.
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_send_buf_size(limits.upstream_read_buffer)
+        // A request whose body waits unread (for its URL's lock) keeps what its client sent
+        // of it in its stream's window. With hyper's defaults one stream's window was the
+        // whole connection's, so that one waiting upload stalled every other on the
+        // connection, the lock's holder included, until its `lock_timeout`. Room for every
+        // stream's window at once (nginx's shape) lets none hold up another; what a
+        // connection can make the proxy hold stays bounded by its streams.
+        .initial_stream_window_size(limits.http2_stream_window)
+        .initial_connection_window_size(connection_window(limits))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -253,6 +261,14 @@ async fn refuse_connection(mut stream: TcpStream, plain: bool) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+/// An HTTP/2 connection's receive window: every stream's at once, within the protocol's
+/// largest (2^31 - 1).
+fn connection_window(limits: &Server) -> u32 {
+    let all =
+        u64::from(limits.http2_stream_window) * u64::from(limits.http2_max_concurrent_streams);
+    u32::try_from(all.min((1 << 31) - 1)).unwrap_or(u32::MAX)
 }
 
 /// The most time a client has to finish its TLS handshake (less if `header_read_timeout` is).

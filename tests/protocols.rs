@@ -489,6 +489,67 @@ async fn an_http2_upload_reset_midway_is_not_stored_truncated() {
     }
 }
 
+/// A streamed upload that waits for its URL's lock keeps what its client has sent of it in
+/// its own stream's window, not in the whole connection's: the upload holding the lock, on
+/// the same HTTP/2 connection, sends the rest of its body and is answered at once, not when
+/// the waiter gives up at its `lock_timeout` (10 s). With hyper's default windows (1 MiB a
+/// stream, 1 MiB the connection) the waiter's megabyte stalled the holder until then.
+#[tokio::test]
+async fn http2_uploads_queued_for_one_url_on_one_connection_do_not_stall_each_other() {
+    use bytes::Bytes;
+    use std::time::Duration;
+    const MIB: usize = 1 << 20;
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    // A body declared past `max_tag_body` streams: one waiting for the lock is left unread.
+    let proxy = Proxy::start(
+        &route("/docs/", "max_tag_body = \"1KiB\""),
+        &backend.origin(),
+    )
+    .await;
+    let tag = Client::h2().get(&proxy.url("/docs/a"), &[]).await.etag();
+    let put = |n: usize| {
+        http::Request::put(proxy.url("/docs/a"))
+            .header("if-match", &tag)
+            .header("content-length", n)
+            .body(())
+            .unwrap()
+    };
+    let mut client = common::h2_client(proxy.addr).await;
+    let (holder, mut holder_body) = client.send_request(put(4096 + 2 * MIB), false).unwrap();
+    holder_body
+        .send_data(Bytes::from(vec![b'a'; 4096]), false)
+        .unwrap();
+    let locked = common::eventually(Duration::from_secs(5), || !proxy.state.locks.is_empty());
+    assert!(locked.await, "the first upload holds the URL's lock");
+    let mut client = client.ready().await.unwrap();
+    let (waiter, mut waiter_body) = client.send_request(put(2 * MIB), false).unwrap();
+    waiter_body
+        .send_data(Bytes::from(vec![b'b'; 2 * MIB]), true)
+        .unwrap();
+    // Time for the waiter's bytes to take what window they can.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder_body
+        .send_data(Bytes::from(vec![b'a'; 2 * MIB]), true)
+        .unwrap();
+    let holder = tokio::time::timeout(Duration::from_secs(3), holder)
+        .await
+        .expect("the lock's holder is answered long before the waiter's lock_timeout")
+        .unwrap();
+    assert_eq!(holder.status(), 204);
+    assert_eq!(
+        backend.store.get("/docs/a").map(|b| b.len()),
+        Some(4096 + 2 * MIB),
+        "the holder's whole body was stored"
+    );
+    // The waiter then takes the lock, and its tag is no longer the document's.
+    let waiter = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the waiter is answered once the lock is free")
+        .unwrap();
+    assert_eq!(waiter.status(), 412);
+}
+
 /// HTTP/2 clients split `Cookie` into several fields; an HTTP/1.1 backend gets them as one,
 /// joined with "; " (RFC 9113 §8.2.3). An equal `Content-Length` repeated goes up once.
 #[tokio::test]
