@@ -5,10 +5,11 @@
 //! IMF-fixdate form every current server sends is read here directly in about a third of
 //! that, with the same checks. The two obsolete forms, and anything this rejects, go to
 //! `httpdate`, so the result is `httpdate`'s for every input (`tests::agrees_with_httpdate`)
-//! but one: the day name. The grammar pairs any day name with any date, and the name says
+//! but two. The day name: the grammar pairs any day name with any date, and the name says
 //! nothing the date does not, so a date under the wrong name is read as its date, as nginx
-//! and Apache read it. Refused, it would be no valid date, and §13.1.4 has an invalid
-//! `If-Unmodified-Since` ignored: a stale write would go through.
+//! and Apache read it. And a year before 1970, which `httpdate` cannot hold but the grammar
+//! allows (`year = 4DIGIT`). Refused, either would be no valid date, and §13.1.4 has an
+//! invalid `If-Unmodified-Since` ignored: a stale write would go through.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,33 @@ pub fn parse(s: &str) -> Option<SystemTime> {
     imf_fixdate(s.as_bytes())
         .or_else(|| httpdate::parse_http_date(s).ok())
         .or_else(|| obsolete_under_another_day(s))
+        .or_else(|| asctime_before_1970(s.as_bytes()))
+}
+
+/// `Sun Nov  6 08:49:37 1960`: an asctime-date `httpdate` refused, read as the IMF-fixdate
+/// it spells (which `imf_fixdate` reads before 1970 too). Only for input nothing else read.
+/// (An rfc850-date's two-digit year is never before 1970 as `httpdate` reads it.)
+fn asctime_before_1970(s: &[u8]) -> Option<SystemTime> {
+    let s: &[u8; 24] = s.try_into().ok()?;
+    if s[3] != b' ' || s[7] != b' ' || s[10] != b' ' || s[19] != b' ' {
+        return None;
+    }
+    let day = match s[8] {
+        b' ' => [b'0', s[9]],
+        _ => [s[8], s[9]],
+    };
+    let mut imf = [0u8; 29];
+    imf[..3].copy_from_slice(&s[..3]);
+    imf[3..5].copy_from_slice(b", ");
+    imf[5..7].copy_from_slice(&day);
+    imf[7] = b' ';
+    imf[8..11].copy_from_slice(&s[4..7]);
+    imf[11] = b' ';
+    imf[12..16].copy_from_slice(&s[20..24]);
+    imf[16] = b' ';
+    imf[17..25].copy_from_slice(&s[11..19]);
+    imf[25..].copy_from_slice(b" GMT");
+    imf_fixdate(&imf)
 }
 
 /// The day names of the grammar (RFC 9110 §5.6.7), short and long (rfc850-date's).
@@ -49,7 +77,9 @@ fn obsolete_under_another_day(s: &str) -> Option<SystemTime> {
 }
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT`: valid dates from 1970 to 9999 under any day name, as
-/// `httpdate` accepts them under the right one. `None` sends the input to `httpdate`.
+/// `httpdate` accepts them under the right one, and those from 0000 to 1969 that it cannot
+/// hold (proleptic Gregorian, as the grammar's calendar). `None` sends the input to
+/// `httpdate`.
 fn imf_fixdate(s: &[u8]) -> Option<SystemTime> {
     let s: &[u8; 29] = s.try_into().ok()?;
     if !DAYS.iter().any(|d| d.0.as_bytes() == &s[..3])
@@ -75,15 +105,36 @@ fn imf_fixdate(s: &[u8]) -> Option<SystemTime> {
         b"Dec",
     ];
     let month = MONTHS.iter().position(|m| **m == s[8..11])? as u64 + 1;
-    if !(1970..=9999).contains(&year) || hour > 23 || min > 59 || sec > 59 {
+    if hour > 23 || min > 59 || sec > 59 {
         return None;
     }
     if day == 0 || day > days_in_month(year, month) {
         return None;
     }
+    let time = hour * 3_600 + min * 60 + sec;
+    if year < 1970 {
+        // Before the epoch (at least a day, so more than `time`): rare, and off the path
+        // every current server's date takes.
+        let before = days_from_year_0(1970, 1, 1) - days_from_year_0(year, month, day);
+        return Some(UNIX_EPOCH - Duration::from_secs(before * 86_400 - time));
+    }
     let days = days_since_epoch(year, month, day);
-    Some(UNIX_EPOCH + Duration::from_secs(days * 86_400 + hour * 3_600 + min * 60 + sec))
+    Some(UNIX_EPOCH + Duration::from_secs(days * 86_400 + time))
 }
+
+/// Days from 0000-01-01 (proleptic Gregorian; year 0 is a leap year) to a valid date.
+fn days_from_year_0(year: u64, month: u64, day: u64) -> u64 {
+    // Leap days in years 0..year: year 0's, and those in 1..=year-1.
+    let leap_days = match year.checked_sub(1) {
+        Some(y) => 1 + y / 4 - y / 100 + y / 400,
+        None => 0,
+    };
+    let leap_this_year = u64::from(month > 2 && is_leap(year));
+    year * 365 + leap_days + BEFORE_MONTH[month as usize - 1] + leap_this_year + day - 1
+}
+
+/// Days in the year before each month's first, in a year that is not a leap year.
+const BEFORE_MONTH: [u64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
 
 fn is_leap(year: u64) -> bool {
     year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
@@ -100,7 +151,6 @@ fn days_in_month(year: u64, month: u64) -> u64 {
 
 /// Days from 1970-01-01 to a valid date on or after it.
 fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
-    const BEFORE_MONTH: [u64; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
     let y = year - 1;
     // Leap days in years 1..=y, less those in 1..=1969 (477).
     let leap_days = y / 4 - y / 100 + y / 400 - 477;
@@ -149,7 +199,7 @@ mod tests {
             "Sun, 06 Nov 1994 24:00:00 GMT",
             "Sun, 06 Nov 1994 08:60:37 GMT",
             "Sun, 06 Nov 1994 08:49:60 GMT",
-            "Wed, 31 Dec 1969 23:59:59 GMT", // before the epoch
+            "Thu, 29 Feb 1900 00:00:00 GMT", // not a leap year either
             "Sun, 06 Nov 1994 08:49:37 UTC",
             "Sun, 06 Nv 1994 08:49:37 GMT",
             "Sun, 0x Nov 1994 08:49:37 GMT",
@@ -157,6 +207,61 @@ mod tests {
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
+    }
+
+    /// The grammar's year is any four digits: a date before 1970, which `httpdate` cannot
+    /// hold, is a date all the same (an `If-Unmodified-Since` of 1960 fails against any
+    /// modification), not one to ignore.
+    #[test]
+    fn reads_dates_before_1970() {
+        let before = |s: u64| Some(UNIX_EPOCH - Duration::from_secs(s));
+        assert_eq!(parse("Wed, 31 Dec 1969 23:59:59 GMT"), before(1));
+        assert_eq!(parse("Thu, 01 Jan 1970 00:00:00 GMT"), Some(UNIX_EPOCH));
+        assert_eq!(
+            parse("Mon, 01 Jan 1900 00:00:00 GMT"),
+            before(2_208_988_800)
+        );
+        assert_eq!(
+            parse("Sat, 01 Jan 0000 00:00:00 GMT"),
+            before(62_167_219_200)
+        );
+        assert_eq!(
+            parse("Sun, 29 Feb 1600 12:00:00 GMT"),
+            before(11_670_955_200)
+        );
+        assert_eq!(parse("Wed Dec 31 23:59:59 1969"), before(1));
+        assert_eq!(parse("Sat Jan  1 00:00:00 1966"), before(126_230_400));
+        for bad in [
+            "Mon, 29 Feb 1900 00:00:00 GMT",
+            "Mon, 31 Apr 1960 00:00:00 GMT",
+            "Mon Feb 29 00:00:00 1900",
+            "Mon Jan  1 24:00:00 1900",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        // Day by day from 1600 to 1970, each a day after the one before, and the last the
+        // day before the epoch.
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let mut last = None::<SystemTime>;
+        for year in 1600..1970u64 {
+            for (m, month) in months.iter().enumerate() {
+                for day in 1..=days_in_month(year, m as u64 + 1) {
+                    let t = parse(&format!("Mon, {day:02} {month} {year:04} 00:00:00 GMT"));
+                    let t = t.unwrap_or_else(|| panic!("{year}-{month}-{day}"));
+                    if let Some(last) = last {
+                        assert_eq!(
+                            t,
+                            last + Duration::from_secs(86_400),
+                            "{year}-{month}-{day}"
+                        );
+                    }
+                    last = Some(t);
+                }
+            }
+        }
+        assert_eq!(last, before(86_400));
     }
 
     /// Every day from 1970 to 2500 and the last days of 9999, at four times of day: the fast
@@ -191,7 +296,7 @@ mod tests {
             "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
         ];
         let names = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-        for year in [1969, 1970, 1999, 2000, 2024, 2100, 9999] {
+        for year in [1970, 1999, 2000, 2024, 2100, 9999] {
             for month in months {
                 for day in 0..=32 {
                     let date = |name: &str| format!("{name}, {day:02} {month} {year} 23:59:59 GMT");

@@ -346,6 +346,33 @@ async fn if_unmodified_since_is_evaluated_unless_if_match_is_present() {
     );
 }
 
+/// An HTTP-date's year is any four digits (RFC 9110 §5.6.7): one before 1970 is a valid date,
+/// earlier than any modification, so the write fails. Ignored as invalid, it went through.
+#[tokio::test]
+async fn an_if_unmodified_since_before_1970_is_a_date_and_fails() {
+    let (backend, proxy) = setup("").await;
+    let c = Client::new();
+    let url = proxy.url("/docs/a");
+    for past in [
+        "Wed, 31 Dec 1969 23:59:59 GMT",
+        "Sat, 01 Jan 1966 00:00:00 GMT",
+        "Sat Jan  1 00:00:00 1966",
+        "Mon, 01 Jan 0001 00:00:00 GMT",
+    ] {
+        let r = c.put(&url, &[("if-unmodified-since", past)], "x").await;
+        assert_eq!(r.status, 412, "{past}");
+    }
+    assert_eq!(backend.store.writes(), 0, "none forwarded");
+    // Not a date at all (no 30 February, 1900 no leap year): still ignored.
+    for invalid in [
+        "Mon, 30 Feb 1920 00:00:00 GMT",
+        "Thu, 29 Feb 1900 00:00:00 GMT",
+    ] {
+        let r = c.put(&url, &[("if-unmodified-since", invalid)], "y").await;
+        assert_eq!(r.status, 204, "{invalid}");
+    }
+}
+
 #[tokio::test]
 async fn evaluated_tag_conditions_are_not_forwarded_and_dates_follow_precedence() {
     let backend = ScriptedBackend::start(|r| async move {
