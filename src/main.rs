@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         Some(path) => match Config::load(path) {
             Ok(c) => Some((path.to_owned(), c)),
             Err(e) => {
-                eprintln!("ifmatch: {e}");
+                telemetry::fatal(args.log_format, &e);
                 return ExitCode::FAILURE;
             }
         },
@@ -89,7 +89,8 @@ fn main() -> ExitCode {
     let runtime = match runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ifmatch: cannot start the runtime: {e}");
+            let e = format!("cannot start the runtime: {e}");
+            telemetry::fatal(args.log_format, &e);
             return ExitCode::FAILURE;
         }
     };
@@ -111,7 +112,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ifmatch: {e}");
+            telemetry::fatal(args.log_format, &e);
             ExitCode::FAILURE
         }
     }

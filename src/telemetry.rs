@@ -2,8 +2,8 @@
 //! One access line per request comes from `proxy::access_log` (target `ifmatch::access`);
 //! no line carries a body or a credential.
 
-use std::fmt::Debug;
-use std::io::IsTerminal;
+use std::fmt::{Debug, Write as _};
+use std::io::{IsTerminal, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::field::Field;
 use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::fmt::format::{self, FormatFields};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +59,32 @@ pub fn init(format: LogFormat) {
 }
 
 const QUIET_RUSTLS: &str = "rustls=error";
+
+/// Says why the process cannot go on (a config it cannot load, a port it cannot bind), in
+/// the log's format, whatever `RUST_LOG` filters: the last line an operator reads. As JSON,
+/// a line of the error is an `ERROR` object of its own (a config's problems come a line
+/// each): a pipeline that reads JSON lines would take plain text for garbage, and this is
+/// the line that says why a pod is in a crash loop.
+pub fn fatal(format: LogFormat, error: &dyn std::fmt::Display) {
+    let text = error.to_string();
+    if format == LogFormat::Text {
+        eprintln!("ifmatch: {text}");
+        return;
+    }
+    let mut timestamp = String::new();
+    let _ = SystemTime.format_time(&mut format::Writer::new(&mut timestamp));
+    let mut out = String::new();
+    for line in text.lines() {
+        let event = serde_json::json!({
+            "timestamp": timestamp,
+            "level": "ERROR",
+            "message": line,
+            "target": "ifmatch",
+        });
+        let _ = writeln!(out, "{event}");
+    }
+    let _ = std::io::stderr().write_all(out.as_bytes());
+}
 
 /// `message name=value …`, as the default text format without colour writes them.
 fn plain_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {

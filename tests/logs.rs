@@ -409,3 +409,52 @@ async fn a_client_body_that_breaks_on_its_way_up_is_the_clients_400_not_a_502() 
         "nothing stored"
     );
 }
+
+/// `--log-format json` promises log pipelines one JSON object per line, and the lines that
+/// say why the process cannot start are the ones an operator needs most (a pod in a crash
+/// loop): each of a bad config's problems, and a port already taken, is a JSON line of its
+/// own at `ERROR`, as a refused reload's are.
+#[test]
+fn a_start_that_fails_says_why_in_json_lines() {
+    let dir = common::TempDir::new("logs");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cases = [
+        (
+            "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 0\n[[route]]\n\
+             prefix = \"x\"\nupstream = \"ftp://x\"\n"
+                .to_owned(),
+            &["server.max_connections", "route.prefix", "route.upstream"][..],
+        ),
+        (
+            format!(
+                "[server]\nlisten = \"{}\"\n[[route]]\nprefix = \"/\"\n\
+                 upstream = \"http://127.0.0.1:1\"\n",
+                taken.local_addr().unwrap()
+            ),
+            &["cannot listen"][..],
+        ),
+    ];
+    for (config, says) in cases {
+        let path = dir.join("ifmatch.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(common::binary::BIN)
+            .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect();
+        for needle in says {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l["level"] == "ERROR" && l.to_string().contains(needle)),
+                "an ERROR line names {needle}: {stderr}"
+            );
+        }
+    }
+}
