@@ -431,12 +431,14 @@ impl Config {
             }
         };
         let server = v.server(&raw.server);
+        // Compared with the address as written, valid or not the rest of `[server]`: the
+        // README promises every value problem in one round.
+        let server_listen = raw.server.get_ref().listen.get_ref().parse::<SocketAddr>();
         let admin = raw.admin.as_ref().map(|a| {
             let at = &a.get_ref().listen;
             let listen = v.address(at, "admin.listen")?;
             // Caught here, not by a bind that fails at start.
-            if let Some(s) = server.as_ref().filter(|s| overlap(s.listen, listen)) {
-                let main = s.listen;
+            if let Some(&main) = server_listen.as_ref().ok().filter(|&&s| overlap(s, listen)) {
                 let what = match main == listen {
                     true => "is server.listen too".to_owned(),
                     false => format!("shares its port with server.listen {main}, which one of them binds on every address"),
@@ -486,7 +488,7 @@ impl Config {
             }
             routes.extend(v.route(r));
         }
-        let server = server.map(|s| v.buffer_bound(s, &raw.server, &routes));
+        let server = v.buffer_bound(server, &raw);
         v.problems.sort_by_key(|p| p.line);
         match (server, v.problems.is_empty()) {
             (Some(server), true) => Ok(Config {
@@ -945,31 +947,47 @@ impl Validator<'_> {
     }
 
     /// `max_buffered_bytes` against the routes: an explicit bound must hold any one body a
-    /// route may tag; the default grows to do so.
-    fn buffer_bound(
-        &mut self,
-        mut s: Server,
-        raw: &Spanned<ServerToml>,
-        routes: &[Route],
-    ) -> Server {
-        let Some(widest) = routes.iter().max_by_key(|r| r.max_tag_body) else {
-            return s;
+    /// route may tag; the default grows to do so. Judged on the values as written, so that
+    /// it is reported beside the file's other problems (a bad `[server]` key, a route's bad
+    /// `upstream`), not in a round of its own once they are fixed.
+    fn buffer_bound(&mut self, server: Option<Server>, raw: &ConfigToml) -> Option<Server> {
+        let widest = raw
+            .route
+            .iter()
+            .filter_map(|r| {
+                let r = r.get_ref();
+                let n = match &r.max_tag_body {
+                    None => DEFAULT_MAX_TAG_BODY,
+                    Some(v) => size_value(v.get_ref())?,
+                };
+                Some((usize::try_from(n).unwrap_or(usize::MAX), r.prefix.get_ref()))
+            })
+            .max_by_key(|(n, _)| *n);
+        let Some((needed, prefix)) = widest else {
+            return server;
         };
-        let needed = usize::try_from(widest.max_tag_body).unwrap_or(usize::MAX);
-        match &raw.get_ref().max_buffered_bytes {
-            None => s.max_buffered_bytes = s.max_buffered_bytes.max(needed),
-            Some(v) if s.max_buffered_bytes < needed => self.push(
-                v,
-                "server.max_buffered_bytes",
-                format!(
-                    "{} bytes is less than route {:?}'s max_tag_body ({needed} bytes): no body \
-                     that large could ever be tagged; raise it or lower max_tag_body",
-                    s.max_buffered_bytes, widest.prefix
-                ),
-            ),
-            Some(_) => {}
+        match &raw.server.get_ref().max_buffered_bytes {
+            None => server.map(|mut s| {
+                s.max_buffered_bytes = s.max_buffered_bytes.max(needed);
+                s
+            }),
+            Some(v) => {
+                let bound =
+                    size_value(v.get_ref()).map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+                if let Some(bound) = bound.filter(|&b| b < needed) {
+                    self.push(
+                        v,
+                        "server.max_buffered_bytes",
+                        format!(
+                            "{bound} bytes is less than route {prefix:?}'s max_tag_body ({needed} \
+                             bytes): no body that large could ever be tagged; raise it or lower \
+                             max_tag_body"
+                        ),
+                    );
+                }
+                server
+            }
         }
-        s
     }
 
     /// A size of `n` bytes as read from `v`, within its bounds (KiB and MiB).
@@ -1044,6 +1062,8 @@ impl Validator<'_> {
             .host
             .as_ref()
             .and_then(|h| crate::host::invalid(h.get_ref().as_bytes()));
+        // `None` when refused: the route's other keys are still checked, so that their
+        // problems come in the same round.
         let host = match &r.host {
             Some(h) if h.get_ref().parse::<Authority>().is_err() || h.get_ref().contains('/') => {
                 self.push(
@@ -1051,13 +1071,13 @@ impl Validator<'_> {
                     "route.host",
                     format!("{:?} is not a host name", h.get_ref()),
                 );
-                return None;
+                None
             }
             Some(h) if unfit.is_some() => {
                 let why = unfit.unwrap_or_default();
                 let msg = format!("{:?} {why}: requests naming it are refused", h.get_ref());
                 self.push(h, "route.host", msg);
-                return None;
+                None
             }
             // nginx's `*.example.com` is a wildcard; here it would match only a literal `*`.
             Some(h) if h.get_ref().contains('*') => {
@@ -1066,10 +1086,10 @@ impl Validator<'_> {
                     h.get_ref()
                 );
                 self.push(h, "route.host", msg);
-                return None;
+                None
             }
-            Some(h) => Some(host_name(h.get_ref()).to_ascii_lowercase()),
-            None => None,
+            Some(h) => Some(Some(host_name(h.get_ref()).to_ascii_lowercase())),
+            None => Some(None),
         };
         let upstream_timeout = self.duration(
             &r.upstream_timeout,
@@ -1120,6 +1140,7 @@ impl Validator<'_> {
         // In the form request paths are matched in (`key::normalize_path`): `/docs/é`
         // must match the requests for it, which arrive as `/docs/%C3%A9` or raw.
         let prefix = prefix_ok.then(|| crate::key::normalize_path(prefix).into_owned())?;
+        let host = host?;
         Some(Route {
             metric_labels: crate::metrics::route_labels(host.as_deref(), &prefix),
             host,
@@ -1258,11 +1279,7 @@ impl Validator<'_> {
 
     fn size(&mut self, v: &Option<Spanned<toml::Value>>, key: &str, default: u64) -> Option<u64> {
         let Some(v) = v else { return Some(default) };
-        let parsed = match v.get_ref() {
-            toml::Value::Integer(n) => u64::try_from(*n).ok(),
-            toml::Value::String(s) => parse_size(s),
-            _ => None,
-        };
+        let parsed = size_value(v.get_ref());
         if parsed.is_none() {
             self.push(
                 v,
@@ -1287,6 +1304,15 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(start, |i| i + 1);
     &b[start..end]
+}
+
+/// A size as written: a whole number of bytes, or a string [`parse_size`] reads.
+fn size_value(v: &toml::Value) -> Option<u64> {
+    match v {
+        toml::Value::Integer(n) => u64::try_from(*n).ok(),
+        toml::Value::String(s) => parse_size(s),
+        _ => None,
+    }
 }
 
 /// `"8MiB"`, `"512KiB"`, `"1GiB"`, `"100B"` or a plain number of bytes.

@@ -137,6 +137,37 @@ fn check_reports_every_problem_not_only_the_first() {
     }
 }
 
+/// README: once the file's shape is right, `--check` names every problem of its values at
+/// once, and a check between two keys comes once the values it compares are valid. A
+/// problem elsewhere in `[server]` (or a route's bad `host`) must not hide the others for
+/// another round of fix and check.
+#[test]
+fn check_reports_every_value_problem_at_once_cross_checks_included() {
+    let (ok, out) = check(concat!(
+        "[server]\n",
+        "listen = \"127.0.0.1:8080\"\n",
+        "max_connections = 0\n",
+        "max_buffered_bytes = \"1MiB\"\n",
+        "[admin]\n",
+        "listen = \"127.0.0.1:8080\"\n",
+        "[[route]]\n",
+        "prefix = \"/\"\n",
+        "upstream = \"http://127.0.0.1:9000\"\n",
+        "host = \"a@b\"\n",
+        "lock_timeout = \"0s\"\n",
+    ));
+    assert!(!ok);
+    for needle in [
+        ":3: server.max_connections:",
+        ":4: server.max_buffered_bytes: 1048576 bytes is less than route \"/\"'s max_tag_body",
+        ":6: admin.listen: 127.0.0.1:8080 is server.listen too",
+        ":10: route.host:",
+        ":11: route.lock_timeout:",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+}
+
 #[test]
 fn unknown_keys_are_refused() {
     let (ok, out) = check(
