@@ -514,6 +514,9 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
         if let Err(e) = text.parse::<toml::Table>() {
             if pass == 0 {
                 let line = e.span().map_or(1, |s| v.line_of(s.start));
+                // The key of the line, when it is one (`listen = 0.0.0.0:8080`, an address
+                // left unquoted, reads "invalid float" alone otherwise); none for a header.
+                let key = e.span().map(|s| v.key_at(s.start)).unwrap_or_default();
                 let mut message = e.message().trim_end().to_owned();
                 // "duplicate key" names none: the span holds it (a key, or a table header).
                 if message.starts_with("duplicate") {
@@ -521,7 +524,7 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
                         message = format!("{message} `{}`", what.trim());
                     }
                 }
-                v.push_at_line(line, "", message);
+                v.push_at_line(line, &key, message);
             }
             return None;
         }
@@ -639,7 +642,11 @@ impl Validator<'_> {
     /// The key written on the line holding `offset`, qualified by its table (`route.prefix`),
     /// for serde's errors, which carry a span but no key.
     fn key_at(&self, offset: usize) -> String {
-        let end = offset.min(self.text.len());
+        // A syntax error's span may fall inside a character: back to its start.
+        let mut end = offset.min(self.text.len());
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
         let start = self.text[..end].rfind('\n').map_or(0, |i| i + 1);
         let line = self.text[start..].lines().next().unwrap_or("");
         let Some((key, _)) = line.split_once('=') else {

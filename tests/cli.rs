@@ -168,6 +168,23 @@ fn check_reports_every_value_problem_at_once_cross_checks_included() {
     }
 }
 
+/// The most common slip in a hand-written config, an address left unquoted, is a TOML
+/// syntax error: it must still name the key beside its line (README: each problem as
+/// `file:line: key: what is wrong`), not only the parser's "invalid float".
+#[test]
+fn a_syntax_error_in_a_value_names_its_key() {
+    let (ok, out) = check(
+        "[server]\nlisten = 0.0.0.0:8080\n[[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n",
+    );
+    assert!(!ok);
+    assert!(out.contains("ifmatch.toml:2: server.listen: "), "{out}");
+    let (ok, out) = check(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n[[route]]\nprefix = \"/\"\nupstream = http://127.0.0.1:1\n",
+    );
+    assert!(!ok);
+    assert!(out.contains("ifmatch.toml:5: route.upstream: "), "{out}");
+}
+
 #[test]
 fn unknown_keys_are_refused() {
     let (ok, out) = check(
