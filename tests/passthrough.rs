@@ -790,3 +790,69 @@ async fn expect_is_answered_here_and_not_forwarded() {
     );
     assert_eq!(seen.body, "body");
 }
+
+/// An HTTP/1.0 client that asks for keep-alive keeps its connection only for an answer of
+/// known length: one that must end it (a body streamed with no length, which only the
+/// close can end; a refusal with its body unread) says so, and says nothing else. hyper
+/// added `keep-alive` to such answers (`Connection: close, keep-alive` on a refusal, a bare
+/// `keep-alive` on a body framed by the close): a 1.0 client that believes it (ApacheBench's
+/// `-k`) sends its next request on a connection about to close, or takes the end of the
+/// head for the end of a body that has no length.
+#[tokio::test]
+async fn an_http_1_0_keep_alive_client_is_never_promised_a_connection_that_closes() {
+    use tokio::io::AsyncWriteExt;
+    let origin = common::backend::raw_backend(|mut s| async move {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if tokio::io::AsyncReadExt::read(&mut s, &mut byte)
+                .await
+                .unwrap_or(0)
+                == 0
+            {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let _ = s.write_all(chunked).await;
+    })
+    .await;
+    let routes =
+        route("/doc", "max_tag_body = \"2B\"") + &route("/put", "require_precondition = true");
+    let proxy = Proxy::start(&routes, &origin).await;
+    let keep_alive = "Connection: keep-alive\r\n";
+    // A body over `max_tag_body` streams on with no length: framed by the close.
+    let streamed = format!("GET /doc HTTP/1.0\r\n{keep_alive}\r\n");
+    // A refusal whose body (over 1 MiB) is left unread: the connection must close.
+    let refused = format!("PUT /put HTTP/1.0\r\n{keep_alive}Content-Length: 2000000\r\n\r\nxx");
+    for (request, status, body) in [
+        (streamed, "200", "hello"),
+        (refused, "428", "\"status\":428"),
+    ] {
+        let answer = common::raw_exchange(proxy.addr, request.as_bytes()).await;
+        let (head, rest) = answer.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with(&format!("HTTP/1.0 {status}")), "{answer}");
+        assert!(
+            !head.to_ascii_lowercase().contains("keep-alive"),
+            "a connection about to close is announced as kept: {head}"
+        );
+        assert!(rest.contains(body), "{answer}");
+    }
+    // One of known length keeps the connection it was asked to keep.
+    let tagged = format!("GET /put HTTP/1.0\r\n{keep_alive}\r\n");
+    let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(tagged.as_bytes()).await.unwrap();
+    let mut got = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut c, &mut got),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    let head = String::from_utf8_lossy(&got[..n]).to_ascii_lowercase();
+    assert!(head.contains("connection: keep-alive"), "{head}");
+    assert!(head.contains("content-length: 5"), "{head}");
+}

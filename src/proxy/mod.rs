@@ -489,6 +489,17 @@ impl Proxy {
         } else if let Some(body) = ex.body.take().filter(|b| !b.is_end_stream()) {
             leave_unread(body, version, expects_continue, &mut rsp);
         }
+        // hyper answers an HTTP/1.0 client that asked for keep-alive with `keep-alive` when
+        // the head is HTTP/1.1 (as every answer is, `upstream::send_within`), even on one it
+        // then closes: appended to a `close` set above, or on a body of unknown length, which
+        // only the close can end in HTTP/1.0. Given as 1.0, such a head promises nothing and
+        // hyper closes after it. (The only `Connection` an answer has here is that `close`.)
+        if version == Version::HTTP_10
+            && (rsp.headers().contains_key(header::CONNECTION)
+                || http_body::Body::size_hint(rsp.body()).exact().is_none())
+        {
+            *rsp.version_mut() = Version::HTTP_10;
+        }
         // For the rapid-reset guard's count; HTTP/1 has no streams to reset.
         if version >= Version::HTTP_2 && !ex.sent {
             rsp.extensions_mut().insert(AnsweredLocally);
