@@ -60,6 +60,16 @@ fn main() -> ExitCode {
             )
             .exit();
     }
+    // clap's `requires` on `--listen` is not enforced beside `--check` (which conflicts
+    // with `--demo`): a flag silently dropped would mislead, so it is refused here too.
+    if !args.demo && matches.value_source("listen") == Some(ValueSource::CommandLine) {
+        Args::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "the argument '--listen <LISTEN>' is the demo's: it needs '--demo'",
+            )
+            .exit();
+    }
     if args.check {
         // Warnings at load (a shadowed host route, no platform roots) are shown too.
         telemetry::init(args.log_format);

@@ -351,6 +351,24 @@ fn the_demo_refuses_a_config_flag_beside_it() {
     );
 }
 
+/// `--listen` is the demo's: beside `--check` as without it, a mistake said so, not a flag
+/// dropped in silence (an operator would believe the proxy listens there).
+#[test]
+fn a_listen_flag_without_the_demo_is_refused_check_or_not() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml");
+    for extra in [&["--check"][..], &[]] {
+        let out = Command::new(BIN)
+            .args(["--config", config, "--listen", "127.0.0.1:9"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.contains("--demo"), "{extra:?}: {err}");
+    }
+}
+
 #[test]
 fn check_reports_every_schema_problem_too() {
     let (ok, out) = check(
