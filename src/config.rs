@@ -817,11 +817,25 @@ impl Validator<'_> {
                     (MIN_HTTP2_STREAM_WINDOW, MAX_HTTP2_STREAM_WINDOW),
                 )
             });
-        let request_body = self.size(
-            &s.max_request_body,
-            "server.max_request_body",
-            DEFAULT_MAX_REQUEST_BODY,
-        );
+        let request_body = self
+            .size(
+                &s.max_request_body,
+                "server.max_request_body",
+                DEFAULT_MAX_REQUEST_BODY,
+            )
+            .filter(|&n| match (&s.max_request_body, n) {
+                // nginx's `client_max_body_size 0` means no limit; here it would refuse
+                // every body, which no one writes on purpose.
+                (Some(v), 0) => {
+                    let msg = "0 would refuse every request body (413); it is not \"no limit\" \
+                               as nginx's client_max_body_size 0 is: write the largest body to \
+                               take"
+                        .to_owned();
+                    self.push(v, "server.max_request_body", msg);
+                    false
+                }
+                _ => true,
+            });
         let tag_key = self.tag_key(s);
         let tls = match &s.tls {
             None => Some(None),
@@ -1648,6 +1662,12 @@ upstream = "http://localhost:9001/"
                 3,
                 "server.upstream_read_buffer",
                 "out of range",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\nmax_request_body = 0\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.max_request_body",
+                "0 would refuse every request body (413)",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\nhttp2_stream_window = \"8KiB\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
