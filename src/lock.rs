@@ -87,18 +87,34 @@ impl WriteLocks {
         also: &ResourceKey,
         wait: Duration,
     ) -> Result<WriteGuard, Error> {
-        if key == also {
-            return self.acquire(key, wait).await;
-        }
-        let (first, second) = if key < also { (key, also) } else { (also, key) };
+        self.acquire_all(&[key, also], wait).await
+    }
+
+    /// Waits up to `wait` in all for the locks of every key of `keys` (one or more, any
+    /// repeated taken once), to hold them all alone: a COPY or MOVE's two URLs, and a URL's
+    /// key under routes a reload replaced while writes under them may be in flight. They
+    /// are taken in key order, for the reason `acquire_both` gives.
+    pub async fn acquire_all(
+        &self,
+        keys: &[&ResourceKey],
+        wait: Duration,
+    ) -> Result<WriteGuard, Error> {
+        let mut keys = keys.to_vec();
+        keys.sort_unstable();
+        keys.dedup();
         let deadline = tokio::time::Instant::now() + wait;
+        let (first, rest) = keys.split_first().expect("a key to lock");
         let mut guard = self.acquire(first, wait).await?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let second = self
-            .acquire(second, left)
-            .await
-            .map_err(|_| Error::LockTimeout(wait))?;
-        guard._also = Some(Box::new(second));
+        // Each taken guard holds the next: dropped, the chain lets go of them all.
+        let mut last = &mut guard;
+        for key in rest {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let next = self
+                .acquire(key, left)
+                .await
+                .map_err(|_| Error::LockTimeout(wait))?;
+            last = &mut **last._also.insert(Box::new(next));
+        }
         Ok(guard)
     }
 

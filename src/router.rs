@@ -67,6 +67,22 @@ impl Router {
         found
     }
 
+    /// Whether some request is keyed with its query under one of this router and `old`
+    /// and without it under the other (`ignore_query` turned on or off, or a path moved
+    /// between routes that differ in it). Each route's prefix on its host stands for the
+    /// paths under it, as in `trusts_more_than`.
+    pub fn keys_queries_unlike(&self, old: &Router) -> bool {
+        let unlike = |a: &Router, b: &Router| {
+            a.routes.iter().any(|r| {
+                let (host, path) = (r.host.as_deref(), r.prefix.as_str());
+                let (mine, other) = (a.route(host, path), b.route(host, path));
+                mine.zip(other)
+                    .is_some_and(|(m, o)| m.ignore_query != o.ignore_query)
+            })
+        };
+        unlike(self, old) || unlike(old, self)
+    }
+
     /// A route of this router that trusts remembered tags (`cached`, not `per_user`) for
     /// some requests that `old` did not send to such a route of the same upstream, taking
     /// its `ETag`s the same way (`upstream_etag`: a tag remembered under "keep" is the

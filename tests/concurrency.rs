@@ -526,3 +526,104 @@ async fn a_write_that_timed_out_holds_its_url_until_the_backend_has_answered() {
         }
     }
 }
+
+/// A store of one document whatever the query (as static files and nginx's WebDAV are
+/// served), "v0" at first, that keeps what is PUT and logs each PUT as applied. The first
+/// PUT is held, received but not applied, until the test adds a permit to the gate.
+async fn gated_store_ignoring_the_query() -> (
+    ScriptedBackend,
+    Arc<std::sync::Mutex<(String, Vec<String>)>>,
+    Arc<tokio::sync::Semaphore>,
+) {
+    let state = Arc::new(std::sync::Mutex::new(("v0".to_owned(), Vec::new())));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let puts = Arc::new(AtomicUsize::new(0));
+    let (s, g) = (state.clone(), gate.clone());
+    let backend = ScriptedBackend::start(move |r| {
+        let (s, g, puts) = (s.clone(), g.clone(), puts.clone());
+        async move {
+            if r.method == "GET" {
+                return respond(200, &[], s.lock().unwrap().0.clone());
+            }
+            if puts.fetch_add(1, Ordering::SeqCst) == 0 {
+                g.acquire().await.unwrap().forget();
+            }
+            let body = String::from_utf8(r.body.to_vec()).unwrap();
+            let mut s = s.lock().unwrap();
+            s.0 = body.clone();
+            s.1.push(body);
+            respond(204, &[], "")
+        }
+    })
+    .await;
+    (backend, state, gate)
+}
+
+/// A reload that turns a route's `ignore_query` on or off changes the key of a URL with a
+/// query (`/docs/a?v=1` is `/docs/a` under one, itself under the other) while a write to it
+/// may be in flight under the old key. Writer A's PUT, with the fresh tag, is held at the
+/// backend across the reload; a reader then reads the old bytes (and, under `cached`, the
+/// proxy may remember their tag under the new key); writer B sends the same tag to the
+/// same URL. B must be checked after A's write landed, and get 412: before, B took the
+/// new key's lock, which A did not hold, passed on the old bytes (or the tag remembered
+/// under the new key, which A's write did not forget), and both writers got 204.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_rekeys_a_url_does_not_let_two_writers_with_one_tag_both_win() {
+    let kinds = [
+        "validation = \"revalidate\"",
+        "validation = \"cached\"",
+        "validation = \"cached\"\ntag_puts = true",
+    ];
+    for kind in kinds {
+        for (before, after) in [(false, true), (true, false)] {
+            let case = format!("{kind}, ignore_query {before} -> {after}");
+            let (backend, state, gate) = gated_store_ignoring_the_query().await;
+            let routes =
+                |ignore: bool| route("/docs/", &format!("{kind}\nignore_query = {ignore}"));
+            let proxy = Proxy::start(&routes(before), &backend.origin()).await;
+            let url = proxy.url("/docs/a?v=1");
+            let c = Client::new();
+            let tag = c.get(&url, &[]).await.etag();
+
+            let write = |body: &'static str| {
+                let (url, tag) = (url.clone(), tag.clone());
+                tokio::spawn(async move {
+                    let headers = [("if-match", tag.as_str())];
+                    Client::new().put(&url, &headers, body).await.status
+                })
+            };
+            let a = write("A");
+            let received = || backend.requests().iter().any(|r| r.method == "PUT");
+            assert!(
+                common::eventually(Duration::from_secs(5), received).await,
+                "{case}: A reached the backend"
+            );
+            let text = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+                routes(after).replace("{upstream}", &backend.origin())
+            );
+            proxy
+                .state
+                .reload(&ifmatch::config::Config::parse(&text, "t.toml").unwrap());
+            // A reader under the new routes, while A is held: the old bytes, the old tag.
+            assert_eq!(c.get(&url, &[]).await.etag(), tag, "{case}");
+
+            let mut b = write("B");
+            // B may not go on while A is held; if it does (the defect), it ends on its own.
+            let early = tokio::time::timeout(Duration::from_millis(1000), &mut b).await;
+            gate.add_permits(1);
+            let a = a.await.unwrap();
+            let b = match early {
+                Ok(b) => b.unwrap(),
+                Err(_) => b.await.unwrap(),
+            };
+            let won = [a, b].iter().filter(|s| **s / 100 == 2).count();
+            assert_eq!(
+                (won, state.lock().unwrap().1.clone()),
+                (1, vec!["A".to_owned()]),
+                "{case}: A got {a}, B got {b}"
+            );
+            assert_eq!(b, 412, "{case}");
+        }
+    }
+}

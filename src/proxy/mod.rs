@@ -12,7 +12,7 @@
 //! `dispatch`); the read path (3) is `read.rs` and the write path (4) `write.rs`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -88,6 +88,11 @@ struct Routing {
     max_request_body: u64,
     /// Which tag key this is, counted from the first (see `Proxy::key_generation`).
     key_generation: u64,
+    /// Routings that reloads replaced, which key some URL with a query otherwise than this
+    /// one does (`ignore_query` turned on or off): while one lives, requests begun under it
+    /// (a write in flight among them) hold and forget tags under the other key
+    /// (`other_keying`).
+    rekeyed: Vec<Weak<Routing>>,
 }
 
 impl Routing {
@@ -109,7 +114,14 @@ impl Routing {
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
             key_generation: 0,
+            rekeyed: Vec::new(),
         }
+    }
+
+    /// Whether a routing this one replaced keys URLs with a query otherwise, and requests
+    /// begun under it may still be running (nothing, save after such a reload).
+    fn rekeyed_in_flight(&self) -> bool {
+        self.rekeyed.iter().any(|r| r.strong_count() > 0)
     }
 
     /// Refuses a request over the size limits before any work is done for it.
@@ -348,6 +360,15 @@ impl Proxy {
         let mut new = Routing::new(config, &self.random_key, Some(&current));
         let changed = current.tag_key != new.tag_key;
         new.key_generation = self.key_generation.load(Ordering::SeqCst) + u64::from(changed);
+        new.rekeyed = current
+            .rekeyed
+            .iter()
+            .filter(|r| r.strong_count() > 0)
+            .cloned()
+            .collect();
+        if new.router.keys_queries_unlike(&current.router) {
+            new.rekeyed.push(Arc::downgrade(&current));
+        }
         let new = Arc::new(new);
         // Judged before the swap, so that requests under the new routes meet the tags it
         // distrusts for as short a time as may be. (Reloads run one at a time.)
@@ -659,6 +680,16 @@ fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
 /// what it is given may be its user's own.
 fn credentialed(headers: &HeaderMap) -> bool {
     headers.contains_key(header::AUTHORIZATION) || headers.contains_key(header::COOKIE)
+}
+
+/// The key `uri` (with a query) has under `route`'s upstream with `ignore_query` the other
+/// way: what a routing before or after a reload that turned it on or off names its URL by.
+/// `None` without a query, whose key is the same both ways.
+fn other_keying(route: &Route, uri: &http::Uri) -> Option<ResourceKey> {
+    let query = uri.query().filter(|q| !q.is_empty())?;
+    let path = normalize_path(uri.path());
+    let query = (route.ignore_query).then_some(query);
+    Some(ResourceKey::new(&route.upstream, &path, query))
 }
 
 /// The host a request was sent to: the URI's authority (HTTP/2, absolute-form) or `Host`.

@@ -30,7 +30,7 @@ use crate::tags::Known;
 use crate::upstream;
 
 use super::{
-    credentialed, declared_length, drop_replaced_tag, last_modified, pass, pass_read,
+    credentialed, declared_length, drop_replaced_tag, last_modified, other_keying, pass, pass_read,
     strip_evaluated, Exchange, Proxy, Routing,
 };
 
@@ -131,6 +131,13 @@ impl Proxy {
         } else {
             Outgoing::Stream { hashed: tag_put }
         };
+        // After a reload that turned `ignore_query` on or off, a write begun under the old
+        // routes may still be in flight under this URL's other key: this write waits for it
+        // there too, and runs alone.
+        let older = rt
+            .rekeyed_in_flight()
+            .then(|| other_keying(route, &parts.uri))
+            .flatten();
         let started = Instant::now();
         // Time spent waiting for locks, not checking under them; observed once a write has
         // its lock or has given up on it (a 503 is the longest wait of all).
@@ -141,7 +148,7 @@ impl Proxy {
         // ones is known only under the lock; when they are not, the write queues to run
         // alone and is checked again.
         if let Outgoing::Whole(_, Some(tag), _) = &outgoing {
-            if pre.only_matches(tag) {
+            if pre.only_matches(tag) && older.is_none() {
                 let shared = self.locks.acquire_shared(key, route.lock_timeout).await;
                 waited += started.elapsed();
                 let guard = match shared {
@@ -181,9 +188,13 @@ impl Proxy {
                 let wait = route.lock_timeout.saturating_sub(started.elapsed());
                 let to = destination_key(&parts, route)?;
                 let queued = Instant::now();
-                let guard = match to {
-                    Some(to) => self.locks.acquire_both(key, &to, wait).await,
-                    None => self.locks.acquire(key, wait).await,
+                let guard = match (&to, &older) {
+                    (None, None) => self.locks.acquire(key, wait).await,
+                    _ => {
+                        let keys = [Some(key), to.as_ref(), older.as_ref()];
+                        let keys: Vec<_> = keys.into_iter().flatten().collect();
+                        self.locks.acquire_all(&keys, wait).await
+                    }
                 };
                 self.metrics.lock_wait(waited + queued.elapsed());
                 Some(guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?)
@@ -313,9 +324,16 @@ impl Proxy {
             upstream::strip_method_overrides(&mut parts.headers);
         }
         let destination = destination_key(&parts, route)?;
+        // A write with a query forgets its URL's tag under the other key too, if routes
+        // keyed that way are, or come, in force before it ends (`other_keying`).
+        let rekey = changes && parts.uri.query().is_some();
+        let older = (rekey && rt.rekeyed_in_flight())
+            .then(|| other_keying(route, &parts.uri))
+            .flatten();
         let invalidation = changes.then(|| Invalidation {
             proxy: self.clone(),
-            keys: [Some(key.clone()), destination],
+            keys: [Some(key.clone()), destination, older],
+            rekey: rekey.then(|| Box::new((rt.clone(), route.clone(), parts.uri.clone()))),
         });
         // A whole body's share of the budget is given back once the backend has answered:
         // by then it has been sent, or never will be.
@@ -442,8 +460,10 @@ impl Proxy {
             // writer is still answered with it; the URL's tag is forgotten, as after any
             // write, and the next write revalidates with its own credentials.
             if !credentialed {
-                if let Some(i) = invalidation.take() {
-                    i.disarm();
+                // Its own key gets the new tag; its other key (a reload's, `rekey`) is still
+                // forgotten.
+                if let Some(i) = invalidation.as_mut() {
+                    i.keys[0] = None;
                 }
                 // Recorded under the lock, with a ticket newer than any read in flight: a
                 // read that fetched the old body cannot put its tag back. (A shared write's
@@ -552,12 +572,21 @@ fn required(parts: &Parts, method: String) -> Error {
 /// when the backend has answered (`InFlight`), not when the client left.
 struct Invalidation {
     proxy: Arc<Proxy>,
-    keys: [Option<ResourceKey>; 2],
+    keys: [Option<ResourceKey>; 3],
+    /// A write with a query: its routes and URL. Should a reload that turns `ignore_query`
+    /// on or off land while it runs, readers under the new routes remember the URL's tag
+    /// under its other key, where a tag read before this write landed must not be left.
+    rekey: Option<Box<Rekey>>,
 }
+
+/// What `Invalidation` needs to name a URL by its other key: the routes the write began
+/// under, its route and its URL.
+type Rekey = (Arc<Routing>, Arc<Route>, http::Uri);
 
 impl Invalidation {
     fn disarm(mut self) {
-        self.keys = [None, None];
+        self.keys = [None, None, None];
+        self.rekey = None;
     }
 }
 
@@ -565,6 +594,13 @@ impl Drop for Invalidation {
     fn drop(&mut self) {
         for key in self.keys.iter().flatten() {
             self.proxy.tags.invalidate(key);
+        }
+        if let Some((routing, route, uri)) = self.rekey.as_deref() {
+            if !Arc::ptr_eq(&self.proxy.routing.load(), routing) {
+                if let Some(other) = other_keying(route, uri) {
+                    self.proxy.tags.invalidate(&other);
+                }
+            }
         }
     }
 }
