@@ -62,6 +62,24 @@ impl std::borrow::Borrow<str> for ResourceKey {
     }
 }
 
+/// The query that names the resource `method` acts on: `query` as sent, but for a POST,
+/// without its `_method=` parameters. Frameworks that honour one (Laravel, Symfony) run
+/// `POST /doc?_method=PUT` as a PUT of `/doc`, and the proxy reads it so
+/// (`requires_precondition`): keyed with the parameter, it would take another lock than a
+/// `PUT /doc` and forget another URL's tag, and both writers holding one tag could win.
+/// Borrowed unless there is such a parameter: other requests pay one method compare.
+pub fn resource_query<'a>(method: &http::Method, query: Option<&'a str>) -> Option<Cow<'a, str>> {
+    let query = query?;
+    if !method.as_str().eq_ignore_ascii_case("POST") || !query.contains("_method=") {
+        return Some(Cow::Borrowed(query));
+    }
+    // The pairs `write::form_fields` reads as overrides.
+    let kept: Vec<&str> = (query.split('&'))
+        .filter(|pair| !pair.starts_with("_method="))
+        .collect();
+    Some(Cow::Owned(kept.join("&")))
+}
+
 /// Normalises a request path (see the module doc). Always returns a path starting with `/`;
 /// borrowed when `path` is normal already, as almost every path is.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
@@ -200,6 +218,19 @@ mod tests {
             ResourceKey::new(&up, "/x", Some("A=1")),
             ResourceKey::new(&up, "/x", Some("a=1"))
         );
+    }
+
+    #[test]
+    fn a_post_s_method_override_parameters_name_no_resource() {
+        let q = |m: &str, q: &str| {
+            let m = http::Method::from_bytes(m.as_bytes()).unwrap();
+            resource_query(&m, Some(q)).map(Cow::into_owned)
+        };
+        assert_eq!(q("POST", "_method=PUT").as_deref(), Some(""));
+        assert_eq!(q("post", "a=1&_method=put&b=2").as_deref(), Some("a=1&b=2"));
+        assert_eq!(q("POST", "my_method=PUT").as_deref(), Some("my_method=PUT"));
+        assert_eq!(q("PUT", "_method=PUT").as_deref(), Some("_method=PUT"));
+        assert_eq!(resource_query(&http::Method::POST, None), None);
     }
 
     #[test]

@@ -600,6 +600,77 @@ async fn a_request_forwarded_unguarded_does_not_carry_a_method_override_upstream
     }
 }
 
+/// A backend that runs a POST as the method its `_method` query parameter names, as Laravel
+/// (Symfony's `getMethod`) does, on the resource its path names: one document at `/doc`,
+/// whose writes take `delay`.
+async fn query_overriding_backend(delay: Duration) -> (Arc<Mutex<String>>, ScriptedBackend) {
+    let store = Arc::new(Mutex::new("v1".to_owned()));
+    let doc = store.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let doc = doc.clone();
+        async move {
+            let query = r.uri.query().unwrap_or_default();
+            let method = match query.split('&').find_map(|p| p.strip_prefix("_method=")) {
+                Some(m) if r.method == "POST" => m.to_ascii_uppercase(),
+                _ => r.method.to_string(),
+            };
+            match method.as_str() {
+                "GET" => respond(200, &[], doc.lock().unwrap().clone()),
+                "PUT" => {
+                    tokio::time::sleep(delay).await;
+                    *doc.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
+                    respond(204, &[], "")
+                }
+                _ => respond(405, &[], ""),
+            }
+        }
+    })
+    .await;
+    (store, backend)
+}
+
+/// `POST /doc?_method=PUT` is a PUT of `/doc` to a backend that honours the parameter: the
+/// proxy reads it so (428), and must key it so. Keyed as `/doc?_method=PUT`, it took another
+/// lock than a `PUT /doc` (two writers holding one tag both won) and forgot another URL's
+/// tag (under `cached`, `/doc`'s old tag passed a PUT after the override write).
+#[tokio::test]
+async fn a_write_run_as_put_by_its_method_query_parameter_is_keyed_as_its_path() {
+    // Under `cached`: the override write must forget `/doc`'s remembered tag.
+    let (store, backend) = query_overriding_backend(Duration::ZERO).await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let (c, url) = (Client::new(), proxy.url("/doc"));
+    let tag = c.get(&url, &[]).await.etag();
+    let over = format!("{url}?_method=PUT");
+    let r = c.send("POST", &over, &[("if-match", &tag)], "v2").await;
+    assert_eq!(r.status, 204);
+    let r = c.put(&url, &[("if-match", &tag)], "v3").await;
+    assert_eq!(
+        (r.status, store.lock().unwrap().as_str()),
+        (412, "v2"),
+        "a tag read before the override write passed after it"
+    );
+
+    // Under `revalidate`: the two spellings of one write wait for each other.
+    let (store, backend) = query_overriding_backend(Duration::from_millis(300)).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let url = proxy.url("/doc");
+    let tag = c.get(&url, &[]).await.etag();
+    let over = format!("{url}?_method=put");
+    let guard = [("if-match", tag.as_str())];
+    let (a, b) = tokio::join!(
+        c.put(&url, &guard, "by PUT"),
+        c.send("POST", &over, &guard, "by POST"),
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [204, 412],
+        "two writers holding one tag both won; the document is {:?}",
+        store.lock().unwrap()
+    );
+}
+
 /// A method that changes state but needs no precondition itself (WebDAV's PROPPATCH, MKCOL,
 /// LOCK, an extension method) that names a guarded one in a method-override header is one
 /// a backend that honours overrides on any method (CakePHP) runs as the DELETE: 428 where a

@@ -580,7 +580,8 @@ impl Proxy {
             pre => pre?,
         };
         let query = parts.uri.query().filter(|_| !route.ignore_query);
-        let key = ResourceKey::new(&route.upstream, &path, query);
+        let query = crate::key::resource_query(&parts.method, query);
+        let key = ResourceKey::new(&route.upstream, &path, query.as_deref());
         if !route.preserve_host {
             ex.client_origin = upstream::client_origin(&parts, host.as_ref(), peer);
         }
