@@ -849,6 +849,10 @@ impl Validator<'_> {
                     Ok(c) => Some(Some(c)),
                     Err((crate::tls::PemFile::Cert, e)) => {
                         self.push(&t.cert, "server.tls.cert", e);
+                        // The key judged too: both files wrong are told in one round.
+                        if let Some(e) = crate::tls::key_problem(&key) {
+                            self.push(&t.key, "server.tls.key", e);
+                        }
                         None
                     }
                     Err((crate::tls::PemFile::Key, e)) => {

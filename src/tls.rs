@@ -49,25 +49,8 @@ pub enum PemFile {
 /// that does not fit its certificate: the key).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemFile, String)> {
     let chain = certs(cert).map_err(|e| (PemFile::Cert, e))?;
-    let path = key;
-    let key = pem(key)
-        .and_then(|pem| {
-            PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| format!("no usable private key in {}: {e}", path.display()))
-        })
-        .map_err(|e| (PemFile::Key, e))?;
     let provider = provider();
-    // Loaded once here to tell a key ring cannot sign with (ECDSA on P-521, Ed448, RSA
-    // under 2048 or over 4096 bits) from one that does not fit: `with_single_cert` reports
-    // both as a mismatch. The sizes are named: "it takes RSA" would not tell why one is not.
-    if let Err(e) = provider.key_provider.load_private_key(key.clone_key()) {
-        let msg = format!(
-            "{} holds a key of a type or size ifmatch cannot use (it takes RSA of 2048 to \
-             4096 bits, ECDSA on P-256 or P-384, Ed25519): {e}",
-            path.display()
-        );
-        return Err((PemFile::Key, msg));
-    }
+    let key = usable_key(key, &provider).map_err(|e| (PemFile::Key, e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| (PemFile::Cert, e.to_string()))?
@@ -90,6 +73,32 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, (PemF
         })?;
     config.alpn_protocols = alpn(true);
     Ok(Arc::new(config))
+}
+
+/// What is wrong with the listener's key file on its own (unreadable, no key, a key of a
+/// type or size ring cannot sign with), if anything: judged beside a certificate that was
+/// refused, so that both files' problems are told in one round.
+pub fn key_problem(key: &Path) -> Option<String> {
+    usable_key(key, &provider()).err()
+}
+
+/// The private key in `path`, one `provider` can sign with.
+fn usable_key(path: &Path, provider: &CryptoProvider) -> Result<PrivateKeyDer<'static>, String> {
+    let key = pem(path).and_then(|pem| {
+        PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|e| format!("no usable private key in {}: {e}", path.display()))
+    })?;
+    // Loaded once here to tell a key ring cannot sign with (ECDSA on P-521, Ed448, RSA
+    // under 2048 or over 4096 bits) from one that does not fit: `with_single_cert` reports
+    // both as a mismatch. The sizes are named: "it takes RSA" would not tell why one is not.
+    if let Err(e) = provider.key_provider.load_private_key(key.clone_key()) {
+        return Err(format!(
+            "{} holds a key of a type or size ifmatch cannot use (it takes RSA of 2048 to \
+             4096 bits, ECDSA on P-256 or P-384, Ed25519): {e}",
+            path.display()
+        ));
+    }
+    Ok(key)
 }
 
 /// The protocols a listener offers by ALPN, best first. `http/1.0` too: rustls ends a

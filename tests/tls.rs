@@ -111,6 +111,26 @@ fn broken_certificates_are_refused_at_load_naming_key_and_line() {
     }
 }
 
+/// Both files wrong are both named in one round (`--check`'s promise), not the key only once
+/// the certificate is mended; a good key beside a bad certificate is not blamed.
+#[test]
+fn a_listener_whose_certificate_and_key_are_both_wrong_is_told_of_both() {
+    let a = Pki::new("load-both", KeyType::EcdsaP256);
+    let text = with_tls("/nonexistent/cert.pem", "/nonexistent/key.pem");
+    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    assert!(
+        e.contains("t.toml:4: server.tls.cert: cannot read /nonexistent/cert.pem"),
+        "{e}"
+    );
+    assert!(
+        e.contains("t.toml:5: server.tls.key: cannot read /nonexistent/key.pem"),
+        "{e}"
+    );
+    let text = with_tls("/nonexistent/cert.pem", a.key().to_str().unwrap());
+    let e = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    assert!(!e.contains("server.tls.key"), "{e}");
+}
+
 /// A certificate file whose PEM block holds no certificate (a truncated paste, another
 /// object's DER under a CERTIFICATE label) is the certificate's fault: the error names the
 /// cert file, not the key that was checked against it.
