@@ -78,6 +78,11 @@ impl ETag {
         Self::new(weak, inner)
     }
 
+    /// The length of the characters between the quotes: what the tag holds in memory.
+    pub fn opaque_len(&self) -> usize {
+        self.opaque.len()
+    }
+
     pub fn is_weak(&self) -> bool {
         self.weak
     }

@@ -6,9 +6,9 @@
 //! `Invalidated` mark stamped from the same clock; `record` refuses a ticket older than the
 //! mark. So a slow GET that fetched the old body can never put the old tag back after a write.
 //!
-//! The map is bounded: past `capacity` entries the oldest inserted are evicted (FIFO). An
-//! evicted mark would let an old ticket through, so eviction raises a floor below which no
-//! ticket is accepted.
+//! The map is bounded: past `capacity` entries, or past their bytes (keys, and tags as the
+//! upstream sent them), the oldest inserted are evicted (FIFO). An evicted mark would let an
+//! old ticket through, so eviction raises a floor below which no ticket is accepted.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,8 +21,8 @@ use dashmap::DashMap;
 use crate::etag::ETag;
 use crate::key::ResourceKey;
 
-/// Key bytes the cache may hold for each entry it may hold, on average: 25.6 MB at the
-/// default 100,000 entries, where URLs of a usual length take a few MB.
+/// Key and tag bytes the cache may hold for each entry it may hold, on average: 25.6 MB at
+/// the default 100,000 entries, where URLs of a usual length and their tags take a few MB.
 const KEY_BYTES_PER_ENTRY: usize = 256;
 /// Keys longer than this are never remembered: a write to such a URL revalidates.
 const MAX_KEY_BYTES: usize = 8 * 1024;
@@ -87,6 +87,15 @@ impl Entry {
         }
     }
 
+    /// The bytes of the tag it holds: the proxy's own are small, but one the upstream sent
+    /// itself is kept as sent, and may be as long as a response head.
+    fn tag_bytes(&self) -> usize {
+        match self {
+            Self::Known { known, .. } => known.tag.opaque_len(),
+            Self::Invalidated { .. } => 0,
+        }
+    }
+
     /// The mark a write leaves on it.
     fn invalidated(&self, at: u64) -> Self {
         Self::Invalidated {
@@ -115,8 +124,10 @@ pub struct TagStore {
     adding: RwLock<()>,
     len: AtomicUsize,
     capacity: usize,
-    /// Bytes of the keys held, and the most they may be: clients choose URLs (a 60 KB query
-    /// is a 60 KB key), so a bound on entries alone does not bound memory.
+    /// Bytes of the keys and tags held, and the most they may be: clients choose URLs (a
+    /// 60 KB query is a 60 KB key) and upstreams their tags, so a bound on entries alone
+    /// does not bound memory. Changed only under the entry's map lock (`recharge`), so it
+    /// is exact.
     key_bytes: AtomicUsize,
     key_budget: usize,
     clock: AtomicU64,
@@ -193,10 +204,16 @@ impl TagStore {
         if let Some(mut held) = self.map.get_mut(key) {
             if held.at() < ticket.0 {
                 known.negotiated |= held.negotiated();
-                *held = Entry::Known {
+                let new = Entry::Known {
                     known,
                     at: ticket.0,
                 };
+                let grew = self.recharge(&held, &new);
+                *held = new;
+                drop(held);
+                if grew {
+                    self.evict_past_bound();
+                }
             }
             return;
         }
@@ -205,10 +222,18 @@ impl TagStore {
             MapEntry::Occupied(mut o) => {
                 if o.get().at() < ticket.0 {
                     known.negotiated |= o.get().negotiated();
-                    o.insert(Entry::Known {
+                    let new = Entry::Known {
                         known,
                         at: ticket.0,
-                    });
+                    };
+                    let grew = self.recharge(o.get(), &new);
+                    o.insert(new);
+                    drop(o);
+                    if grew {
+                        // `adding` is held already: taken again, it could wait for a
+                        // `clear` that waits for this.
+                        self.evict();
+                    }
                 }
             }
             MapEntry::Vacant(v) => {
@@ -218,10 +243,12 @@ impl TagStore {
                 if ticket.0 < self.floor.load(Ordering::Acquire) {
                     return;
                 }
-                v.insert(Entry::Known {
+                let new = Entry::Known {
                     known,
                     at: ticket.0,
-                });
+                };
+                self.charge(key, &new);
+                v.insert(new);
                 self.inserted(key);
             }
         }
@@ -256,11 +283,13 @@ impl TagStore {
         }
         let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         if let MapEntry::Vacant(v) = self.map.entry(key.clone()) {
-            v.insert(Entry::Invalidated {
+            let new = Entry::Invalidated {
                 at: ticket.0,
                 from_upstream,
                 negotiated,
-            });
+            };
+            self.charge(key, &new);
+            v.insert(new);
             self.inserted(key);
         }
     }
@@ -273,21 +302,26 @@ impl TagStore {
         }
         let at = self.clock.fetch_add(1, Ordering::AcqRel);
         if let Some(mut held) = self.map.get_mut(key) {
-            *held = held.invalidated(at);
+            let mark = held.invalidated(at);
+            self.recharge(&held, &mark);
+            *held = mark;
             return;
         }
         let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
         match self.map.entry(key.clone()) {
             MapEntry::Occupied(mut o) => {
                 let mark = o.get().invalidated(at);
+                self.recharge(o.get(), &mark);
                 o.insert(mark);
             }
             MapEntry::Vacant(v) => {
-                v.insert(Entry::Invalidated {
+                let mark = Entry::Invalidated {
                     at,
                     from_upstream: false,
                     negotiated: false,
-                });
+                };
+                self.charge(key, &mark);
+                v.insert(mark);
                 self.inserted(key);
             }
         }
@@ -326,15 +360,53 @@ impl TagStore {
         self.capacity
     }
 
+    /// Counts a new entry's bytes, under its vacant slot's lock (before it goes in): a change
+    /// to it in place (`recharge`) may follow as soon as it is in.
+    fn charge(&self, key: &ResourceKey, entry: &Entry) {
+        let size = key.as_str().len() + entry.tag_bytes();
+        self.key_bytes.fetch_add(size, Ordering::AcqRel);
+    }
+
+    /// Counts the change of an entry's tag, under its lock; whether its bytes grew (the
+    /// bound may then be passed: `evict_past_bound`, once the lock is let go). Tags the
+    /// proxy makes are all of one length, so the usual read costs no atomic here.
+    fn recharge(&self, old: &Entry, new: &Entry) -> bool {
+        let (old, new) = (old.tag_bytes(), new.tag_bytes());
+        match new.cmp(&old) {
+            std::cmp::Ordering::Greater => {
+                let now = self.key_bytes.fetch_add(new - old, Ordering::AcqRel) + new - old;
+                now > self.key_budget
+            }
+            std::cmp::Ordering::Less => {
+                self.key_bytes.fetch_sub(old - new, Ordering::AcqRel);
+                false
+            }
+            std::cmp::Ordering::Equal => false,
+        }
+    }
+
     /// Bookkeeping after a new key went in (no map guard may be held here).
     fn inserted(&self, key: &ResourceKey) {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         order.push_back(key.clone());
-        let mut len = self.len.fetch_add(1, Ordering::AcqRel) + 1;
-        let size = key.as_str().len();
-        let mut bytes = self.key_bytes.fetch_add(size, Ordering::AcqRel) + size;
-        // Oldest first, as many as it takes: one long key may take the room of several.
-        while len > self.capacity || bytes > self.key_budget {
+        self.len.fetch_add(1, Ordering::AcqRel);
+        drop(order);
+        self.evict();
+    }
+
+    /// Evicts after an entry's tag grew in place (no map guard may be held here).
+    fn evict_past_bound(&self) {
+        let _adding = self.adding.read().unwrap_or_else(|p| p.into_inner());
+        self.evict();
+    }
+
+    /// Evicts the oldest entries, as many as it takes to be within both bounds: one long
+    /// key or tag may take the room of several. Called with `adding` held, shared.
+    fn evict(&self) {
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        while self.len.load(Ordering::Acquire) > self.capacity
+            || self.key_bytes.load(Ordering::Acquire) > self.key_budget
+        {
             let Some(victim) = order.pop_front() else {
                 return;
             };
@@ -344,10 +416,10 @@ impl TagStore {
                 // finds the key vacant finds the floor raised too.
                 self.floor
                     .fetch_max(victim.get().at() + 1, Ordering::AcqRel);
-                let size = victim.key().as_str().len();
+                let size = victim.key().as_str().len() + victim.get().tag_bytes();
                 victim.remove();
-                len = self.len.fetch_sub(1, Ordering::AcqRel) - 1;
-                bytes = self.key_bytes.fetch_sub(size, Ordering::AcqRel) - size;
+                self.len.fetch_sub(1, Ordering::AcqRel);
+                self.key_bytes.fetch_sub(size, Ordering::AcqRel);
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             }
             order = self.order.lock().unwrap_or_else(|p| p.into_inner());
@@ -557,6 +629,48 @@ mod tests {
         assert_eq!(s.len(), 10, "nothing of it is kept");
     }
 
+    /// A tag the upstream chose counts with its key, also when it replaces another in place
+    /// (the read after a write, a resource whose tag grew): the count stays the bytes held,
+    /// a write's mark gives the tag's back, and past the bound the oldest entries go.
+    #[test]
+    fn long_tags_count_with_their_keys_as_they_come_and_go() {
+        let s = TagStore::new(10);
+        let held = |s: &TagStore| {
+            let sum = s
+                .map
+                .iter()
+                .map(|e| e.key().as_str().len() + e.value().tag_bytes());
+            (s.key_bytes.load(Ordering::Relaxed), sum.sum::<usize>())
+        };
+        let long = |c: &str| Known {
+            from_upstream: true,
+            ..known(&c.repeat(1000))
+        };
+        for i in 0..3 {
+            s.record(&key(&format!("/{i}")), known("1"), s.ticket());
+        }
+        s.invalidate(&key("/1"));
+        s.record(&key("/1"), long("a"), s.ticket());
+        s.record(&key("/2"), long("b"), s.ticket());
+        let (counted, bytes) = held(&s);
+        assert_eq!(counted, bytes);
+        assert!(bytes > 2000 && s.len() == 3, "{bytes} bytes in {}", s.len());
+        // A third 1 KB tag passes the 2,560 bytes: the oldest entry goes (it is the one
+        // that grew, which was inserted first).
+        s.record(&key("/0"), long("c"), s.ticket());
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get(&key("/0")), None);
+        let (counted, bytes) = held(&s);
+        assert_eq!(counted, bytes);
+        assert!(bytes <= s.key_budget);
+        s.invalidate(&key("/1"));
+        assert_eq!(
+            held(&s),
+            (bytes - 1000, bytes - 1000),
+            "the mark keeps no tag"
+        );
+    }
+
     /// `clear` (a reload) racing new entries and their evictions: the count must stay the
     /// map's size, or the bound drifts (and a count taken below zero panicked in debug
     /// builds).
@@ -587,7 +701,11 @@ mod tests {
             for w in writers {
                 w.join().unwrap();
             }
-            if s.len() != s.map.len() || s.order.lock().unwrap().len() != s.map.len() {
+            let bytes: usize = s.map.iter().map(|e| e.key().as_str().len()).sum();
+            if s.len() != s.map.len()
+                || s.order.lock().unwrap().len() != s.map.len()
+                || s.key_bytes.load(Ordering::Relaxed) != bytes
+            {
                 drift += 1;
             }
         }

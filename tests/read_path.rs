@@ -501,3 +501,38 @@ async fn a_body_of_exactly_max_tag_body_is_tagged() {
         assert!(r.header("etag").is_none(), "{path} is not tagged");
     }
 }
+
+/// `tag_cache_entries` bounds the bytes the cache holds, not only its entries: a client
+/// choosing long URLs cannot grow it past them, and neither can a backend choosing long tags.
+/// An `ETag` a backend sends itself is kept as sent, and may be as long as a response head
+/// (`upstream_read_buffer`, 256 KiB): counted as nothing, 100,000 of them held gigabytes in
+/// a cache said to take some 25 MB.
+#[tokio::test]
+async fn long_tags_a_backend_sends_itself_count_in_the_tag_caches_bound() {
+    let tag = format!("\"{}\"", "t".repeat(2000));
+    let sent = tag.clone();
+    let backend = ScriptedBackend::start(move |_| {
+        let tag = sent.clone();
+        async move { respond(200, &[("etag", tag.as_str())], "doc") }
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/docs/", ""),
+        &backend.origin(),
+        "tag_cache_entries = 10",
+    )
+    .await;
+    let c = Client::new();
+    for i in 0..5 {
+        let r = c.get(&proxy.url(&format!("/docs/{i}")), &[]).await;
+        assert_eq!(r.etag(), tag, "the backend's own tag is used");
+    }
+    // Ten entries may hold 2,560 bytes of keys and tags on average: one 2 KB tag fits, not
+    // five, and the one kept is the last read's.
+    assert_eq!(proxy.state.tags.len(), 1, "entries held");
+    let last = common::proxy::key(&backend.origin(), "/docs/4");
+    assert_eq!(
+        proxy.state.tags.get(&last).map(|k| k.tag.to_string()),
+        Some(tag)
+    );
+}
