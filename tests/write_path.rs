@@ -1715,3 +1715,57 @@ async fn a_write_that_waited_its_turn_has_its_whole_timeout_after_it() {
     );
     assert!(took >= Duration::from_millis(1200), "{took:?}");
 }
+
+/// A POST whose URL-encoded form asks, in its `_method` field, to run as COPY or MOVE
+/// (Symfony, so Laravel, reads the field from the body before the query, and takes any
+/// method) changes its `Destination` as a COPY or MOVE does, as the README says of "a POST's
+/// `_method`". Only the query's `_method` was read: the form's went up with the destination
+/// neither locked nor its tag forgotten, so on a `cached` route a stale write to the
+/// destination passed its `If-Match` (204, not 412) and undid the move.
+#[tokio::test]
+async fn a_post_run_as_copy_or_move_by_its_form_locks_and_forgets_its_destination() {
+    let (docs, backend) = copy_and_move_store(|r| {
+        let form = String::from_utf8_lossy(&r.body).into_owned();
+        let field = form.split('&').find_map(|f| f.strip_prefix("_method="));
+        match (r.method.as_str(), field) {
+            ("POST", Some(m)) => m.to_ascii_uppercase(),
+            (m, _) => m.to_owned(),
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    for method in ["COPY", "move"] {
+        let b = proxy.url("/b");
+        let tag_b = c.get(&b, &[]).await.etag();
+        let form = ("content-type", "application/x-www-form-urlencoded");
+        let body = format!("x=1&_method={method}");
+        let r = c
+            .send("POST", &proxy.url("/a"), &[form, ("destination", &b)], body)
+            .await;
+        assert_eq!(r.status, 204, "{method}");
+        // /b is now what /a was: a writer holding /b's old tag must not overwrite it.
+        let stale = c.put(&b, &[("if-match", &tag_b)], "stale edit").await;
+        assert_eq!(
+            stale.status, 412,
+            "POST run as {method} by its form: a stale write to its destination"
+        );
+        assert_eq!(docs.lock().unwrap()["/b"], "A", "{method}");
+        docs.lock().unwrap().insert("/a".into(), "A".into());
+        docs.lock().unwrap().insert("/b".into(), "B".into());
+        // An unreadable Destination is refused as COPY's and MOVE's are.
+        let before = backend.requests().len();
+        let body = format!("_method={method}");
+        let r = c
+            .send(
+                "POST",
+                &proxy.url("/a"),
+                &[form, ("destination", "/b?x")],
+                body,
+            )
+            .await;
+        r.assert_problem(400);
+        assert_eq!(backend.requests().len(), before, "{method} went up");
+    }
+    assert!(proxy.state.locks.is_empty());
+}

@@ -95,6 +95,8 @@ impl Proxy {
             && !ex.expects_continue
             && !parts.headers.contains_key(header::TRAILER)
             && declared_length(&parts.headers).is_none_or(|n| n <= route.max_tag_body);
+        // A POST whose form's `_method` runs it as a COPY or MOVE (`destination_key`).
+        let mut copies_by_form = false;
         let outgoing = if read_whole {
             let mut share = self.budget.share();
             let limits = (route.max_tag_body, rt.max_request_body);
@@ -108,6 +110,7 @@ impl Proxy {
                     ex.overridden = (route.require_precondition)
                         .then(|| form_overrides(&parts, &body))
                         .flatten();
+                    copies_by_form = copies_by_form_of(&parts, &body);
                     if let Some(method) = ex.overridden.as_ref().filter(|_| !pre.guards_write()) {
                         return Err(required(&parts, method.clone()));
                     }
@@ -173,8 +176,10 @@ impl Proxy {
                 if current.tag.as_ref().is_some_and(|c| c.strong_eq(tag)) {
                     self.metrics.lock_wait(waited);
                     self.metrics.unchanged_write(&route.metric_labels);
-                    let guard = Some(guard);
-                    let rsp = self.forward(rt, route, key, pre, parts, outgoing, guard, true, ex);
+                    // A PUT sent as it is (`stores_verbatim`): no `Destination` to change.
+                    let (guard, to) = (Some(guard), None);
+                    let rsp =
+                        self.forward(rt, route, key, pre, parts, outgoing, guard, to, true, ex);
                     return rsp.await;
                 }
                 drop(guard);
@@ -182,11 +187,11 @@ impl Proxy {
         }
         // From here until the backend has answered, no other write to this URL runs, nor to
         // the destination of a COPY or MOVE, which the write changes too.
-        let guard = match changes {
+        let (guard, to) = match changes {
             true => {
                 // What is left of the wait after a try at sharing the lock.
                 let wait = route.lock_timeout.saturating_sub(started.elapsed());
-                let to = destination_key(&parts, route)?;
+                let to = destination_key(&parts, route, copies_by_form)?;
                 let queued = Instant::now();
                 let guard = match (&to, &older) {
                     (None, None) => self.locks.acquire(key, wait).await,
@@ -197,9 +202,10 @@ impl Proxy {
                     }
                 };
                 self.metrics.lock_wait(waited + queued.elapsed());
-                Some(guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?)
+                let guard = guard.map_err(|_| Error::LockTimeout(route.lock_timeout))?;
+                (Some(guard), to)
             }
-            false => None,
+            false => (None, None),
         };
         // A method that neither selects nor modifies a representation (OPTIONS) has its
         // conditions ignored (RFC 9110 §13.2.1): no revalidation, no 412.
@@ -208,7 +214,7 @@ impl Proxy {
                 return Ok(rsp);
             }
         }
-        self.forward(rt, route, key, pre, parts, outgoing, guard, false, ex)
+        self.forward(rt, route, key, pre, parts, outgoing, guard, to, false, ex)
             .await
     }
 
@@ -301,6 +307,7 @@ impl Proxy {
     /// Sends a write upstream under its URL's lock (`guard`; none for a method that changes
     /// nothing), and records what it did to the resource's tag. The lock is let go when this
     /// returns, or, if the client leaves first, once the backend has answered (`InFlight`).
+    /// `destination`: the COPY or MOVE's, whose lock `guard` holds too.
     /// `shared`: the write holds the lock beside others that send the current bytes again.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
@@ -312,6 +319,7 @@ impl Proxy {
         mut parts: Parts,
         outgoing: Outgoing,
         guard: Option<WriteGuard>,
+        destination: Option<ResourceKey>,
         shared: bool,
         ex: &mut Exchange,
     ) -> Result<Response<ProxyBody>, Error> {
@@ -323,7 +331,6 @@ impl Proxy {
         if !changes {
             upstream::strip_method_overrides(&mut parts.headers);
         }
-        let destination = destination_key(&parts, route)?;
         // A write with a query forgets its URL's tag under the other key too, if routes
         // keyed that way are, or come, in force before it ends (`other_keying`).
         let rekey = changes && parts.uri.query().is_some();
@@ -748,21 +755,41 @@ fn requires_precondition(parts: &Parts) -> Option<String> {
 /// method, as Rails' and Laravel's forms do, and what it asks for. A body with no
 /// `Content-Type` counts as a form, as Rack reads it.
 fn form_overrides(parts: &Parts, body: &[u8]) -> Option<String> {
-    let method = parts.method.as_str();
-    let form = method.eq_ignore_ascii_case("POST")
+    let to = form_methods(parts, body).find(|m| guarded(m))?;
+    Some(format!(
+        "{} run as {} by its form's _method field",
+        parts.method,
+        to.trim()
+    ))
+}
+
+/// A POST with a `Destination` whose form body (read whole) asks, in a `_method` field, to
+/// be run as COPY or MOVE: Symfony (so Laravel) reads the field from the body first, and
+/// takes any method there. Such a request changes its `Destination` (`destination_key`).
+/// One look at the method for any other write; the body is scanned only for a POST that
+/// names a destination.
+fn copies_by_form_of(parts: &Parts, body: &[u8]) -> bool {
+    parts.method.as_str().eq_ignore_ascii_case("POST")
+        && parts.headers.contains_key("destination")
+        && form_methods(parts, body).any(|m| copies(m.trim()))
+}
+
+/// The `_method` fields of a POST's URL-encoded form body, or of one with no
+/// `Content-Type`, which Rack reads as a form.
+fn form_methods<'a>(parts: &Parts, body: &'a [u8]) -> impl Iterator<Item = &'a str> {
+    let form = parts.method.as_str().eq_ignore_ascii_case("POST")
         && parts.headers.get(header::CONTENT_TYPE).is_none_or(|t| {
             const FORM: &[u8] = b"application/x-www-form-urlencoded";
             t.as_bytes()
                 .get(..FORM.len())
                 .is_some_and(|m| m.eq_ignore_ascii_case(FORM))
         });
-    let to = form
-        .then(|| form_fields(body).find(|m| guarded(m)))
-        .flatten()?;
-    Some(format!(
-        "{method} run as {} by its form's _method field",
-        to.trim()
-    ))
+    form.then(|| form_fields(body)).into_iter().flatten()
+}
+
+/// COPY or MOVE, in any case.
+fn copies(method: &str) -> bool {
+    method.eq_ignore_ascii_case("COPY") || method.eq_ignore_ascii_case("MOVE")
 }
 
 /// The values of the `_method` fields of a URL-encoded form or query that a client may send
@@ -788,16 +815,21 @@ fn guarded(method: &str) -> bool {
 /// backends read those their own ways (nginx writes `http://h?/b` and `/b?x` to `/b`, and
 /// `/b#x` to a file named `b#x`), so which resource would change is not known here.
 /// A missing one is the backend's to refuse.
-fn destination_key(parts: &Parts, route: &Route) -> Result<Option<ResourceKey>, HeaderError> {
+/// `by_form`: a POST whose form asks to run as one (`copies_by_form_of`).
+fn destination_key(
+    parts: &Parts,
+    route: &Route,
+    by_form: bool,
+) -> Result<Option<ResourceKey>, HeaderError> {
     // In any case, as `requires_precondition`: a backend that upper-cases methods (as
     // Werkzeug does) runs a `move` as a MOVE, which changes its destination all the same.
     // So does a write it runs as one by a method override, as `requires_precondition`
     // reads them (a method that changes nothing goes up without its override headers).
     // Methods are tokens and overrides come trimmed: no trimming (a tenth of a write's cost
     // here) but a form field's.
-    let copies = |m: &str| m.eq_ignore_ascii_case("COPY") || m.eq_ignore_ascii_case("MOVE");
     let overridden = || {
-        let by_header = upstream::method_overrides(&parts.headers).any(|(_, m)| copies(m));
+        let by_header =
+            by_form || upstream::method_overrides(&parts.headers).any(|(_, m)| copies(m));
         let post = parts.method.as_str().eq_ignore_ascii_case("POST");
         let query = parts.uri.query().map(str::as_bytes).unwrap_or_default();
         by_header || (post && form_fields(query).any(|m| copies(m.trim())))
