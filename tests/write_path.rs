@@ -1769,3 +1769,78 @@ async fn a_post_run_as_copy_or_move_by_its_form_locks_and_forgets_its_destinatio
     }
     assert!(proxy.state.locks.is_empty());
 }
+
+/// A store of documents keyed by path, as Express with `method-override('_method')` serves
+/// them: a POST whose query names `_method` runs as that method on the path, and every
+/// other query parameter is ignored (so `GET /d?_method=PUT` is `GET /d`).
+async fn query_override_store() -> (
+    Arc<Mutex<std::collections::HashMap<String, String>>>,
+    ScriptedBackend,
+) {
+    let docs = Arc::new(Mutex::new(std::collections::HashMap::from([(
+        "/d".to_owned(),
+        "v1".to_owned(),
+    )])));
+    let d = docs.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let d = d.clone();
+        async move {
+            let over = r
+                .uri
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|p| p.strip_prefix("_method="));
+            let method = match (r.method.as_str(), over) {
+                ("POST", Some(m)) => m.to_ascii_uppercase(),
+                (m, _) => m.to_owned(),
+            };
+            let mut docs = d.lock().unwrap();
+            let path = r.uri.path().to_owned();
+            match method.as_str() {
+                "GET" => match docs.get(&path) {
+                    Some(doc) => respond(200, &[], doc.clone()),
+                    None => respond(404, &[], ""),
+                },
+                "PUT" => {
+                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
+                    respond(204, &[], "")
+                }
+                "DELETE" => {
+                    docs.remove(&path);
+                    respond(204, &[], "")
+                }
+                _ => respond(405, &[], ""),
+            }
+        }
+    })
+    .await;
+    (docs, backend)
+}
+
+/// A POST run as PUT or DELETE by a `_method` query parameter (Express's `method-override`,
+/// Laravel) writes the document at its path, not one named by its query. It was keyed with
+/// its query, `/d?_method=PUT`, a lock and a tag apart from `/d`'s: its write left `/d`'s
+/// remembered tag in place, so on a `cached` route a writer holding the tag it replaced
+/// passed its `If-Match` (204, not 412) and the two writers with one tag both won.
+#[tokio::test]
+async fn a_post_run_as_another_method_by_its_query_writes_under_its_paths_lock_and_tag() {
+    let (docs, backend) = query_override_store().await;
+    let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
+    let c = Client::new();
+    let url = proxy.url("/d");
+    for (i, over) in ["PUT", "put", "DELETE"].into_iter().enumerate() {
+        docs.lock().unwrap().insert("/d".into(), format!("v{i}"));
+        let tag = c.get(&url, &[]).await.etag();
+        let form = proxy.url(&format!("/d?_method={over}"));
+        let r = c
+            .send("POST", &form, &[("if-match", &tag)], "by the form")
+            .await;
+        assert_eq!(r.status, 204, "{over}");
+        let after = docs.lock().unwrap().get("/d").cloned();
+        let stale = c.put(&url, &[("if-match", &tag)], "stale edit").await;
+        assert_eq!(stale.status, 412, "a stale PUT after a POST run as {over}");
+        assert_eq!(docs.lock().unwrap().get("/d").cloned(), after, "{over}");
+    }
+    assert!(proxy.state.locks.is_empty());
+}
