@@ -150,6 +150,10 @@ pub struct Route {
     /// The backend serves a path whatever its query (static files, WebDAV): the query is
     /// left out of the resource key, so `/doc` and `/doc?v=2` share a lock and a tag.
     pub ignore_query: bool,
+    /// The backend reads a path segment's parameters (`;jsessionid=…`) as no part of its
+    /// name, as Java servlet containers do: they are left out of the resource key, so
+    /// `/doc;jsessionid=A` and `/doc` share a lock and a tag.
+    pub strip_path_params: bool,
     /// The backend stores a PUT body as the new representation, byte for byte (WebDAV, object
     /// stores): a successful PUT's body tag is remembered and sent back as its `ETag`, so the
     /// next write needs no revalidation.
@@ -335,6 +339,8 @@ struct RouteToml {
     per_user: bool,
     #[serde(default)]
     ignore_query: bool,
+    #[serde(default)]
+    strip_path_params: bool,
     tag_puts: Option<Spanned<bool>>,
     #[serde(default)]
     upstream_etag: UpstreamEtag,
@@ -1183,6 +1189,7 @@ impl Validator<'_> {
             preserve_host: r.preserve_host,
             per_user: r.per_user,
             ignore_query: r.ignore_query,
+            strip_path_params: r.strip_path_params,
             tag_puts,
             upstream_etag: r.upstream_etag,
             ca_file,

@@ -80,6 +80,35 @@ pub fn resource_query<'a>(method: &http::Method, query: Option<&'a str>) -> Opti
     Some(Cow::Owned(kept.join("&")))
 }
 
+/// The path a key names on `route`: `normal` (a [`normalize_path`] result) as it is, or,
+/// with `strip_path_params`, without its segments' parameters.
+pub fn key_path<'a>(route: &crate::config::Route, normal: &'a str) -> Cow<'a, str> {
+    match route.strip_path_params {
+        true => without_path_params(normal),
+        false => Cow::Borrowed(normal),
+    }
+}
+
+/// `normal` without the parameters of its segments (`/doc;jsessionid=A` is `/doc`), as a
+/// Java servlet container reads a path: Tomcat drops them before it maps a request, so a
+/// session id rewritten into URLs would otherwise give one document two keys, two locks,
+/// and two writers holding one tag could both win. A `..;x` segment is then `..` (Tomcat
+/// reads `/a/..;/b` as `/b`), so dot segments are resolved again. An encoded `%3B` is a
+/// character of the name, not a separator. Borrowed when there is no `;`.
+pub fn without_path_params(normal: &str) -> Cow<'_, str> {
+    if !normal.contains(';') {
+        return Cow::Borrowed(normal);
+    }
+    let mut out = String::with_capacity(normal.len());
+    for (i, segment) in normal.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or_default());
+    }
+    Cow::Owned(normalize_path(&out).into_owned())
+}
+
 /// Normalises a request path (see the module doc). Always returns a path starting with `/`;
 /// borrowed when `path` is normal already, as almost every path is.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
@@ -231,6 +260,21 @@ mod tests {
         assert_eq!(q("POST", "my_method=PUT").as_deref(), Some("my_method=PUT"));
         assert_eq!(q("PUT", "_method=PUT").as_deref(), Some("_method=PUT"));
         assert_eq!(resource_query(&http::Method::POST, None), None);
+    }
+
+    #[test]
+    fn path_parameters_name_no_part_of_a_servlet_path() {
+        for (path, want) in [
+            ("/doc", "/doc"),
+            ("/doc;jsessionid=ABC", "/doc"),
+            ("/a;x=1/b;y=2", "/a/b"),
+            ("/a/..;/b", "/b"),
+            ("/a/.;x/b", "/a/b"),
+            ("/a/%3Bb", "/a/%3Bb"),
+            ("/;x", "/"),
+        ] {
+            assert_eq!(without_path_params(path), want, "{path}");
+        }
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl Router {
     /// its `ETag`s the same way (`upstream_etag`: a tag remembered under "keep" is the
     /// backend's, which "replace" no longer sends or accepts) and keying them as finely
     /// (`ignore_query` turned on merges keys: a write to `/doc?v=2` did not forget `/doc`'s
-    /// tag, which now stands for both); `None`
+    /// tag, which now stands for both; so does `strip_path_params`); `None`
     /// if there is none. For those requests, writes may have reached the backend without
     /// the proxy while `old` was in force, so a tag remembered then may be stale.
     ///
@@ -124,6 +124,7 @@ impl Router {
                     o.upstream.origin == new.upstream.origin
                         && o.upstream_etag == new.upstream_etag
                         && (o.ignore_query || !new.ignore_query)
+                        && (o.strip_path_params || !new.strip_path_params)
                 });
                 (!kept).then_some(new)
             })
@@ -287,6 +288,18 @@ upstream = "http://private:1"
             "queries merged into one key"
         );
         assert_eq!(newly_trusted(&merged, &docs), None, "and split again");
+        let servlet = routes(&[(
+            None,
+            "/docs/",
+            "http://a:1",
+            "validation = \"cached\"\nstrip_path_params = true",
+        )]);
+        assert_eq!(
+            newly_trusted(&docs, &servlet).as_deref(),
+            Some("/docs/"),
+            "path parameters merged into one key"
+        );
+        assert_eq!(newly_trusted(&servlet, &docs), None, "and split again");
     }
 
     #[test]

@@ -1844,3 +1844,74 @@ async fn a_post_run_as_another_method_by_its_query_writes_under_its_paths_lock_a
     }
     assert!(proxy.state.locks.is_empty());
 }
+
+/// A store that reads paths as a Java servlet container does: a segment's `;parameters`
+/// are no part of its name (Tomcat serves `/d;jsessionid=A` as `/d`).
+async fn servlet_store() -> (
+    Arc<Mutex<std::collections::HashMap<String, String>>>,
+    ScriptedBackend,
+) {
+    let docs = Arc::new(Mutex::new(std::collections::HashMap::from([(
+        "/d".to_owned(),
+        "v1".to_owned(),
+    )])));
+    let d = docs.clone();
+    let backend = ScriptedBackend::start(move |r| {
+        let d = d.clone();
+        async move {
+            let path: Vec<&str> = (r.uri.path().split('/'))
+                .map(|s| s.split(';').next().unwrap_or_default())
+                .collect();
+            let path = path.join("/");
+            let mut docs = d.lock().unwrap();
+            match r.method.as_str() {
+                "GET" => match docs.get(&path) {
+                    Some(doc) => respond(200, &[], doc.clone()),
+                    None => respond(404, &[], ""),
+                },
+                "PUT" => {
+                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
+                    respond(204, &[], "")
+                }
+                _ => respond(405, &[], ""),
+            }
+        }
+    })
+    .await;
+    (docs, backend)
+}
+
+/// A session id rewritten into a URL (`/d;jsessionid=A`) names the same document to a
+/// servlet container. With `strip_path_params` the proxy keys it so too: a write through
+/// the rewritten URL forgets `/d`'s tag, and a writer holding the tag it replaced gets 412.
+/// Without it (the default: other servers read `;` as part of a name) the two URLs are two
+/// keys, and both writers win, as README says.
+#[tokio::test]
+async fn a_route_that_strips_path_parameters_keys_a_session_rewritten_url_as_its_path() {
+    for strip in [true, false] {
+        let (docs, backend) = servlet_store().await;
+        let extra = format!("validation = \"cached\"\nstrip_path_params = {strip}");
+        let proxy = Proxy::start(&route("/", &extra), &backend.origin()).await;
+        let c = Client::new();
+        let tag = c.get(&proxy.url("/d"), &[]).await.etag();
+        let rewritten = proxy.url("/d;jsessionid=A1B2");
+        let r = c.put(&rewritten, &[("if-match", &tag)], "v2").await;
+        assert_eq!(r.status, 204, "strip {strip}: the first writer");
+        let stale = c
+            .put(&proxy.url("/d"), &[("if-match", &tag)], "stale")
+            .await;
+        let left = docs.lock().unwrap().get("/d").cloned();
+        match strip {
+            true => assert_eq!(
+                (stale.status, left.as_deref()),
+                (412, Some("v2")),
+                "the second writer with the same tag is refused"
+            ),
+            false => assert_eq!((stale.status, left.as_deref()), (204, Some("stale"))),
+        }
+        // The rewritten URL's GET gives the document's tag, under its one key.
+        let via_session = c.get(&rewritten, &[]).await.etag();
+        assert_eq!(via_session, c.get(&proxy.url("/d"), &[]).await.etag());
+        assert!(proxy.state.locks.is_empty());
+    }
+}

@@ -581,7 +581,8 @@ impl Proxy {
         };
         let query = parts.uri.query().filter(|_| !route.ignore_query);
         let query = crate::key::resource_query(&parts.method, query);
-        let key = ResourceKey::new(&route.upstream, &path, query.as_deref());
+        let key_path = crate::key::key_path(&route, &path);
+        let key = ResourceKey::new(&route.upstream, &key_path, query.as_deref());
         if !route.preserve_host {
             ex.client_origin = upstream::client_origin(&parts, host.as_ref(), peer);
         }
@@ -690,6 +691,7 @@ fn other_keying(route: &Route, uri: &http::Uri) -> Option<ResourceKey> {
     let query = uri.query().filter(|q| !q.is_empty())?;
     let path = normalize_path(uri.path());
     let query = (route.ignore_query).then_some(query);
+    let path = crate::key::key_path(route, &path);
     Some(ResourceKey::new(&route.upstream, &path, query))
 }
 

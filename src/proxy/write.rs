@@ -862,9 +862,10 @@ fn destination_key(
             "is not an absolute URI or an absolute path (RFC 4918 §10.3)",
         ));
     }
+    let path = normalize_path(dest.path());
     Ok(Some(ResourceKey::new(
         &route.upstream,
-        &normalize_path(dest.path()),
+        &crate::key::key_path(route, &path),
         None,
     )))
 }
