@@ -22,8 +22,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`); one
-/// that cannot be read is logged and `info` used instead.
+/// Installs the global subscriber (and, for JSON, a panic hook that keeps to its format).
+/// `RUST_LOG` overrides the default filter (`info`); one that cannot be read is logged and
+/// `info` used instead.
 pub fn init(format: LogFormat) {
     let env = std::env::var("RUST_LOG").unwrap_or_default();
     let (filter, unread) = match EnvFilter::try_new(&env) {
@@ -53,6 +54,9 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.fmt_fields(plain_fields()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if format == LogFormat::Json {
+        log_panics_as_json();
+    }
     if let Some(error) = unread {
         tracing::warn!(%error, rust_log = env, "RUST_LOG cannot be read: logging at info");
     }
@@ -71,19 +75,57 @@ pub fn fatal(format: LogFormat, error: &dyn std::fmt::Display) {
         eprintln!("ifmatch: {text}");
         return;
     }
-    let mut timestamp = String::new();
-    let _ = SystemTime.format_time(&mut format::Writer::new(&mut timestamp));
     let mut out = String::new();
     for line in text.lines() {
-        let event = serde_json::json!({
-            "timestamp": timestamp,
-            "level": "ERROR",
-            "message": line,
-            "target": "ifmatch",
-        });
-        let _ = writeln!(out, "{event}");
+        let _ = writeln!(out, "{}", error_line("ifmatch", line, &[]));
     }
     let _ = std::io::stderr().write_all(out.as_bytes());
+}
+
+/// An `ERROR` event as the JSON format writes one, on one line whatever `message` holds.
+fn error_line(target: &str, message: &str, fields: &[(&str, &str)]) -> String {
+    let mut timestamp = String::new();
+    let _ = SystemTime.format_time(&mut format::Writer::new(&mut timestamp));
+    let mut event = serde_json::json!({
+        "timestamp": timestamp,
+        "level": "ERROR",
+        "message": message,
+        "target": target,
+    });
+    for &(name, value) in fields {
+        event[name] = value.into();
+    }
+    event.to_string()
+}
+
+/// With `--log-format json`, a panic is logged as one JSON `ERROR` line (target
+/// `ifmatch::panic`, whatever `RUST_LOG` filters), not the default hook's plain text, which
+/// a JSON log pipeline reads as garbage or splits. A panic ends only the connection or task
+/// it happens in, so the process goes on and the line is all an operator sees of it.
+fn log_panics_as_json() {
+    std::panic::set_hook(Box::new(|info| {
+        let line = panic_line(info);
+        let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+    }));
+}
+
+/// The JSON line of a panic: its message, where it happened and the thread's name.
+fn panic_line(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let payload = info.payload();
+    let what = (payload.downcast_ref::<&str>().copied())
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic with no message");
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let message = format!("panicked (a bug: please report it): {what}");
+    let fields = [
+        ("location", location.as_str()),
+        ("thread", thread.name().unwrap_or("unnamed")),
+    ];
+    error_line("ifmatch::panic", &message, &fields)
 }
 
 /// `message name=value …`, as the default text format without colour writes them.
@@ -145,6 +187,41 @@ fn names_rustls(env: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One JSON line, whatever the message holds (quotes, newlines), with where it happened.
+    /// The hook is the process's: set for this test alone and taken back at once.
+    #[test]
+    fn a_panic_is_one_json_error_line_saying_where() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            s.lock().unwrap().push(panic_line(info))
+        }));
+        let panicked = std::thread::Builder::new()
+            .name("worker-7".into())
+            .spawn(|| panic!("boom: \"quoted\"\nand a second line"))
+            .unwrap()
+            .join();
+        std::panic::set_hook(before);
+        assert!(panicked.is_err());
+        let lines = seen.lock().unwrap().clone();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(!lines[0].contains('\n'), "one line: {}", lines[0]);
+        let event: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(event["level"], "ERROR");
+        assert_eq!(event["target"], "ifmatch::panic");
+        assert_eq!(event["thread"], "worker-7");
+        let message = event["message"].as_str().unwrap();
+        assert!(
+            message.ends_with("boom: \"quoted\"\nand a second line"),
+            "{message}"
+        );
+        assert!(event["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("src/telemetry.rs:"));
+    }
 
     #[test]
     fn only_a_directive_for_rustls_itself_names_it() {
