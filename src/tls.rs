@@ -129,6 +129,9 @@ pub struct ClientTls {
     pub config: Arc<ClientConfig>,
     /// SHA-256 over the roots' DER, each with its length, in the order read.
     pub roots: [u8; 32],
+    /// No root was found: the platform has none (a scratch or distroless image). Said by
+    /// the caller, and only where an https route needs them (`upstream::platform_tls`).
+    pub no_roots: bool,
 }
 
 /// A client config for `https://` upstreams trusting `ca_file` alone (a private CA), or the
@@ -136,6 +139,7 @@ pub struct ClientTls {
 pub fn client_config(ca_file: Option<&Path>) -> Result<ClientTls, String> {
     use sha2::Digest as _;
     let mut roots = RootCertStore::empty();
+    let mut no_roots = false;
     let mut digest = sha2::Sha256::new();
     let mut read = |c: &CertificateDer<'_>| {
         digest.update((c.len() as u64).to_be_bytes());
@@ -154,9 +158,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientTls, String> {
             let found = rustls_native_certs::load_native_certs();
             found.certs.iter().for_each(&mut read);
             let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                tracing::warn!("no platform CA certificates found; https upstreams need ca_file");
-            }
+            no_roots = added == 0;
         }
     }
     // No ALPN here: hyper-rustls refuses a config that has one, and offers none itself for
@@ -169,5 +171,6 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientTls, String> {
     Ok(ClientTls {
         config: Arc::new(config),
         roots: digest.finalize().into(),
+        no_roots,
     })
 }

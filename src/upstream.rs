@@ -95,9 +95,12 @@ impl PoolSettings {
     }
 }
 
-/// The platform's roots, or none (https upstreams then need `ca_file`).
-pub(crate) fn platform_tls() -> ClientTls {
-    crate::tls::client_config(None).unwrap_or_else(|e| {
+/// The platform's roots, or none (https upstreams then need `ca_file`). None found is
+/// warned of only when `config` has an https route without `ca_file`: a proxy of plain or
+/// private-CA upstreams on an image with no roots was told at every start and reload that
+/// its https upstreams need a `ca_file`.
+pub(crate) fn platform_tls(config: &Config) -> ClientTls {
+    let tls = crate::tls::client_config(None).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no platform roots; https upstreams need ca_file");
         let config =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -108,8 +111,16 @@ pub(crate) fn platform_tls() -> ClientTls {
         ClientTls {
             config: Arc::new(config),
             roots: [0; 32],
+            no_roots: false,
         }
-    })
+    });
+    let needed = |r: &crate::config::Route| {
+        r.upstream.scheme == http::uri::Scheme::HTTPS && r.ca_file.is_none()
+    };
+    if tls.no_roots && config.routes.iter().any(needed) {
+        tracing::warn!("no platform CA certificates found; https upstreams need ca_file");
+    }
+    tls
 }
 
 fn build(tls: &ClientConfig, s: &Server, cap: Option<Arc<ConnectionCap>>) -> Arc<Pool<Connector>> {
@@ -173,7 +184,7 @@ impl UpstreamClient {
                 .or_insert_with(|| kept().unwrap_or_else(|| build(&tls.config, s, cap.clone())))
                 .clone()
         };
-        let pool = pool_for(&platform_tls());
+        let pool = pool_for(&platform_tls(config));
         let by_ca_file = config
             .routes
             .iter()

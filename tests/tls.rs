@@ -862,3 +862,39 @@ async fn a_client_that_leaves_while_the_upstream_connection_is_made_is_never_for
         assert!(proxy.state.locks.is_empty());
     }
 }
+
+/// A host with no CA roots of its own (a distroless or scratch image) is fine for a proxy
+/// whose upstreams are all `http://`, or `https://` with a `ca_file`: it is not told at
+/// every start and reload that its https upstreams need a `ca_file`. One with an https
+/// route that would use the platform's roots is told, at start and on reload.
+#[tokio::test]
+async fn no_platform_roots_are_warned_of_only_where_an_https_route_needs_them() {
+    let dir = common::TempDir::new("no-roots");
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    std::fs::write(dir.join("roots.pem"), "not a certificate\n").unwrap();
+    let no_roots = |c: &mut std::process::Command| {
+        c.env("SSL_CERT_FILE", dir.join("roots.pem"))
+            .env("SSL_CERT_DIR", dir.join("certs"));
+    };
+    let warned = |bin: &Binary| {
+        bin.log()
+            .iter()
+            .any(|l| l.contains("https upstreams need ca_file"))
+    };
+    let pki = Pki::new("no-roots", KeyType::EcdsaP256);
+    let config = |routes: &str| format!("[server]\nlisten = \"{{listen}}\"\n{routes}");
+    let plain = "[[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\n";
+    let private = format!(
+        "[[route]]\nprefix = \"/p/\"\nupstream = \"https://localhost:9\"\nca_file = \"{}\"\n",
+        pki.ca().display()
+    );
+    let bin = Binary::start_with(&config(&format!("{plain}{private}")), &[], no_roots).await;
+    bin.reload(&config(plain)).await;
+    assert!(!warned(&bin), "{:#?}", bin.log());
+
+    let public = "[[route]]\nprefix = \"/x/\"\nupstream = \"https://localhost:9\"\n";
+    bin.reload(&config(&format!("{plain}{public}"))).await;
+    assert!(warned(&bin), "{:#?}", bin.log());
+    let bin = Binary::start_with(&config(public), &[], no_roots).await;
+    assert!(warned(&bin), "{:#?}", bin.log());
+}

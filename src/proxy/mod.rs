@@ -289,11 +289,8 @@ fn warn_random_key(config: &Config) {
 pub fn warn_about(config: &Config) {
     warn_random_key(config);
     warn_shadowed(&Router::new(config.routes.iter().cloned()));
-    // Read at start whatever the routes; here only where an https route would need them.
-    let https = |r: &Route| r.upstream.scheme == http::uri::Scheme::HTTPS && r.ca_file.is_none();
-    if config.routes.iter().any(https) {
-        upstream::platform_tls();
-    }
+    // Warns where an https route would use them and there are none.
+    upstream::platform_tls(config);
 }
 
 impl Proxy {
