@@ -132,6 +132,20 @@ pub async fn serve(
 }
 
 fn answer(req: &Request<Incoming>, proxy: &Proxy, ready: &Ready) -> Response<Full<Bytes>> {
+    let mut rsp = answer_get(req, proxy, ready);
+    // A HEAD gets the GET's head, its length too, and no body: hyper's HTTP/1 code leaves
+    // the body out itself, its HTTP/2 code sends it, which h2c clients take for a protocol
+    // error (RFC 9113 §8.1.1) and never see the status.
+    if req.method() == Method::HEAD {
+        let length = http_body::Body::size_hint(rsp.body()).exact().unwrap_or(0);
+        rsp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        *rsp.body_mut() = Full::default();
+    }
+    rsp
+}
+
+fn answer_get(req: &Request<Incoming>, proxy: &Proxy, ready: &Ready) -> Response<Full<Bytes>> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         // The body names what `Allow` does: a HEAD is answered too.
         let mut rsp = text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");

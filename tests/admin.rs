@@ -557,3 +557,37 @@ async fn open_connections_and_reload_results_are_gauged() {
     );
     assert_eq!(metric(&t, "ifmatch_config_last_reload_successful"), 1);
 }
+
+/// A HEAD to an admin endpoint gets its GET's head and no body over HTTP/2 (h2c) as over
+/// HTTP/1.1. hyper's HTTP/2 code sends whatever body the answer has, and a HEAD's with one
+/// is malformed (RFC 9113 §8.1.1): the client reset the stream and never saw the status.
+#[tokio::test]
+async fn a_head_to_the_admin_endpoints_gets_no_body_over_http2_either() {
+    let config = "[server]\nlisten = \"{listen}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[route]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:1\"\n";
+    let bin = Binary::start(config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    let url = |p: &str| format!("http://{admin}{p}");
+    for (name, c) in [("http/1.1", Client::new()), ("h2c", Client::h2())] {
+        for (path, status) in [("/healthz", 200), ("/metrics", 200), ("/nope", 404)] {
+            let get = c.get(&url(path), &[]).await;
+            let head = c
+                .try_send("HEAD", &url(path), &[], bytes::Bytes::new())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: HEAD {path}: {e}"));
+            assert_eq!(head.status, status, "{name}: HEAD {path}");
+            assert!(head.body.is_empty(), "{name}: HEAD {path}");
+            assert_eq!(
+                head.header("content-type"),
+                get.header("content-type"),
+                "{name}: HEAD {path}"
+            );
+            // The length the GET's body has (the metrics' text may have grown since).
+            let length: usize = head.header("content-length").unwrap().parse().unwrap();
+            assert!(length > 0, "{name}: HEAD {path}");
+            if path != "/metrics" {
+                assert_eq!(length, get.body.len(), "{name}: HEAD {path}");
+            }
+        }
+    }
+}
