@@ -1915,3 +1915,59 @@ async fn a_route_that_strips_path_parameters_keys_a_session_rewritten_url_as_its
         assert!(proxy.state.locks.is_empty());
     }
 }
+
+/// A write refused before its body was read (412 on a body that streams, 428, 413 on a
+/// declared length), whose body is larger than the proxy drops to keep the connection, is
+/// still read while its client sends it, and the connection closed after (nginx's lingering
+/// close). Closed at once with the body arriving, the socket reset the connection: a client
+/// that sends its whole body before it reads the answer (Python's http.client, under
+/// `requests`) failed with a broken pipe and never saw the answer.
+#[tokio::test]
+async fn a_refused_large_upload_gets_its_answer_not_a_reset_connection() {
+    let (backend, proxy) = setup("max_tag_body = \"64KiB\"").await;
+    let required = Proxy::start(
+        &route("/docs/", "require_precondition = true"),
+        &backend.origin(),
+    )
+    .await;
+    let limited = Proxy::start_with(
+        &route("/docs/", ""),
+        &backend.origin(),
+        "max_request_body = \"2MiB\"",
+    )
+    .await;
+    // More than the two sockets' buffers hold, so that the upload outlasts the answer.
+    const BODY: usize = 32 << 20;
+    let asks = [
+        (proxy.addr, "If-Match: \"stale\"\r\n", "412"),
+        (required.addr, "", "428"),
+        (limited.addr, "If-Match: \"stale\"\r\n", "413"),
+    ];
+    for (addr, condition, status) in asks {
+        let (sent, answer) = tokio::task::spawn_blocking(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+            let head = format!(
+                "PUT /docs/a HTTP/1.1\r\nHost: x\r\n{condition}Content-Length: {BODY}\r\n\r\n"
+            );
+            s.write_all(head.as_bytes()).unwrap();
+            let sent = s.write_all(&vec![b'x'; BODY]);
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            (sent, String::from_utf8_lossy(&answer).into_owned())
+        })
+        .await
+        .unwrap();
+        assert!(sent.is_ok(), "{status}: the upload failed: {sent:?}");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{status}: {answer:?}"
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{status}: {answer}"
+        );
+    }
+    assert_eq!(backend.store.writes(), 0);
+}

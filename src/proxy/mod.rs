@@ -229,7 +229,8 @@ const DISCARD_TIME: Duration = Duration::from_secs(30);
 /// reuses it races the close. A body of known size up to `DISCARD_LIMIT` is read and dropped
 /// after the response and the connection stays open, as nginx does. A larger or chunked one,
 /// or one the client sends only after a `100 Continue` (which must not follow a final
-/// answer), closes the connection, and the response says `Connection: close`.
+/// answer), closes the connection, and the response says `Connection: close`; the larger or
+/// chunked one is still read and dropped until the close, within the same time.
 fn leave_unread(
     body: Incoming,
     version: Version,
@@ -243,8 +244,14 @@ fn leave_unread(
     if expects_continue || !small {
         rsp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if expects_continue {
         return;
     }
+    // A larger body is read and dropped too, for the same time at most, before the close
+    // (nginx's lingering close): a socket closed with the body still arriving is reset, and
+    // a client that sends its whole body before it reads (Python's http.client) got a
+    // broken pipe instead of the answer. hyper closes once the body is read or dropped.
     tokio::spawn(async move {
         use http_body_util::BodyExt;
         let mut body = body;
