@@ -318,6 +318,38 @@ impl ClientBody {
     pub fn unread(&self) -> bool {
         !self.inner.is_end_stream()
     }
+
+    /// Lets go of a body the proxy will not send on (refused after part of it was read, or
+    /// found too large), answered with `Connection: close`: over HTTP/1.1 what is still to
+    /// come is read and dropped until the close ([`discard`]); over HTTP/2 dropping it
+    /// resets only its stream.
+    pub fn linger(self) {
+        if self.left & H2 == 0 && self.unread() {
+            discard(self.inner);
+        }
+    }
+}
+
+/// How long [`discard`] waits for each chunk of a body, and for all of it: nginx's
+/// `lingering_timeout` and `lingering_time`. A slow client's body still arrives whole
+/// (20 KB/s sends a megabyte in time); one that stops is let go.
+pub const DISCARD_IDLE: Duration = Duration::from_secs(5);
+pub const DISCARD_TIME: Duration = Duration::from_secs(30);
+
+/// Reads and drops an HTTP/1.1 request body the proxy answered without sending on, within
+/// [`DISCARD_IDLE`] and [`DISCARD_TIME`] (nginx's lingering close). A socket closed with
+/// the body still arriving is reset, and a client that sends its whole body before it reads
+/// its answer (Python's http.client) would get a broken pipe instead of the answer. hyper
+/// closes the connection (or, for a small body, takes the next request) once the body is
+/// read or dropped.
+pub fn discard(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DISCARD_TIME, async {
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(DISCARD_IDLE, body.frame()).await {}
+        })
+        .await;
+    });
 }
 
 impl Body for ClientBody {
@@ -816,6 +848,7 @@ pub async fn read_request(
         // one longer than `max` (`max_request_body`) is refused, as it would be streaming.
         let so_far = (len + data.len()) as u64;
         if so_far > max {
+            body.linger();
             return Err(Error::BodyTooLarge { limit: max });
         }
         if so_far > whole {

@@ -217,11 +217,6 @@ const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-requ
 
 /// The most of a request body the proxy reads and drops to keep a connection open.
 const DISCARD_LIMIT: u64 = 1 << 20;
-/// How long it waits for each chunk of that body, and for all of it: nginx's
-/// `lingering_timeout` and `lingering_time`. A slow client's body still arrives whole
-/// (20 KB/s sends a megabyte in time); one that stops is let go.
-const DISCARD_IDLE: Duration = Duration::from_secs(5);
-const DISCARD_TIME: Duration = Duration::from_secs(30);
 
 /// A request body the proxy answered without forwarding (412, 428, 400, 503…). An
 /// HTTP/1.1 connection cannot take its next request until that body has been read, and
@@ -248,18 +243,8 @@ fn leave_unread(
     if expects_continue {
         return;
     }
-    // A larger body is read and dropped too, for the same time at most, before the close
-    // (nginx's lingering close): a socket closed with the body still arriving is reset, and
-    // a client that sends its whole body before it reads (Python's http.client) got a
-    // broken pipe instead of the answer. hyper closes once the body is read or dropped.
-    tokio::spawn(async move {
-        use http_body_util::BodyExt;
-        let mut body = body;
-        let _ = tokio::time::timeout(DISCARD_TIME, async {
-            while let Ok(Some(Ok(_))) = tokio::time::timeout(DISCARD_IDLE, body.frame()).await {}
-        })
-        .await;
-    });
+    // A larger body is read and dropped too before the close (`body::discard`).
+    crate::body::discard(body);
 }
 
 // === impl Proxy ===
@@ -504,7 +489,14 @@ impl Proxy {
         // A body part read before the lock and then never forwarded (a write given the
         // revalidation's own answer) is left part-read too, and hyper closes after the answer.
         // Not one read to its end before it found no room: nothing of it is left unread.
-        ends |= ex.resumed.as_ref().is_some_and(|r| r.unread()) && version < Version::HTTP_2;
+        // What is left of it is read and dropped until the close (`ClientBody::linger`).
+        if let Some(rest) = ex
+            .resumed
+            .take_if(|r| r.unread() && version < Version::HTTP_2)
+        {
+            ends = true;
+            rest.linger();
+        }
         if let (Some(origin), Some(route)) = (&ex.client_origin, &ex.route) {
             upstream::point_back(rsp.headers_mut(), route, origin);
         }
