@@ -77,8 +77,14 @@ pub enum Error {
         hint: &'static str,
     },
 
-    #[error("upstream {upstream} did not answer within {after:?}")]
-    UpstreamTimeout { upstream: String, after: Duration },
+    /// `connecting`: the connection itself was not made within `connect_timeout`, which
+    /// the message names apart from a backend slow to answer.
+    #[error("upstream {upstream} {} within {after:?}", timed_out(*.connecting))]
+    UpstreamTimeout {
+        upstream: String,
+        after: Duration,
+        connecting: bool,
+    },
 
     #[error("upstream {upstream} failed: {reason}")]
     Upstream { upstream: String, reason: String },
@@ -138,6 +144,14 @@ fn failed_because(why: Failure) -> &'static str {
 }
 
 // === impl Error ===
+
+/// What an [`Error::UpstreamTimeout`] says ran out.
+fn timed_out(connecting: bool) -> &'static str {
+    match connecting {
+        true => "could not be connected to (connect_timeout)",
+        false => "did not answer",
+    }
+}
 
 impl Error {
     pub fn status(&self) -> StatusCode {
@@ -348,6 +362,7 @@ mod tests {
                 Error::UpstreamTimeout {
                     upstream: up(),
                     after: Duration::from_secs(1),
+                    connecting: false,
                 },
                 504,
             ),

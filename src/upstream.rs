@@ -302,6 +302,7 @@ impl UpstreamClient {
                 return Error::UpstreamTimeout {
                     upstream,
                     after: timeout,
+                    connecting: false,
                 }
             }
             // nginx's `client_body_timeout`: the client's doing, not the backend's.
@@ -339,6 +340,7 @@ impl UpstreamClient {
                     return Error::UpstreamTimeout {
                         upstream,
                         after: self.settings.connect_timeout,
+                        connecting: true,
                     };
                 }
                 // socket() failed: the proxy's limit, which a 502 would pin on the backend.

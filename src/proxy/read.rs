@@ -382,6 +382,7 @@ impl Proxy {
                     return Err(Error::UpstreamTimeout {
                         upstream: upstream(),
                         after,
+                        connecting: false,
                     })
                 }
                 Err(ReadError::Failed(e)) => {

@@ -431,6 +431,7 @@ impl Proxy {
             return Err(Error::UpstreamTimeout {
                 upstream: route.upstream.origin.clone(),
                 after: within,
+                connecting: false,
             });
         };
         let mut rsp = answered?;
