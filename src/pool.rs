@@ -435,6 +435,7 @@ where
                     }
                     Some(Ok(rsp)) => {
                         let unread = last || unread(&rsp, carries_body, &uploading);
+                        bound_rest_of_upload(&idle.conn, &uploading, timeout);
                         self.checkin_after(&rsp, origin, idle.conn, unread);
                         return Ok(rsp);
                     }
@@ -521,6 +522,7 @@ where
             }
         };
         let unread = last || unread(&rsp, carries_body, &uploading);
+        bound_rest_of_upload(&conn, &uploading, timeout);
         self.checkin_after(&rsp, origin, conn, unread);
         Ok(rsp)
     }
@@ -969,6 +971,40 @@ where
         let Some(pool) = pool.upgrade() else { return };
         pool.drop_expired();
     }
+}
+
+/// A connection answered before its request's streamed body had all gone up (a legacy
+/// handler's early 409 or 201) goes on sending the rest, and hyper closes it only once that
+/// is done: a backend that then takes no more while keeping the connection open held it, and
+/// its place under `upstream_max_connections`, for good (no request's deadline watches it
+/// any longer). So, as before the answer (nginx's `proxy_send_timeout`), the rest must go up
+/// each chunk within `timeout` of the one before, or the connection is ended. A pause that
+/// is the client's is not the backend's: the connection is then reading the client's body,
+/// and ends with it. Only on this rare path, a task of its own.
+fn bound_rest_of_upload(conn: &Conn, uploading: &Option<Arc<Progress>>, timeout: Duration) {
+    let Some(progress) = uploading.as_ref().filter(|_| unsent(uploading)).cloned() else {
+        return;
+    };
+    let task = conn.task.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep_until(progress.last() + timeout).await;
+            if task.is_finished() || progress.done() {
+                return;
+            }
+            if progress.last() + timeout <= Instant::now() && !progress.client_paused() {
+                tracing::debug!(
+                    "upstream connection closed: it took no more of an upload it had answered"
+                );
+                task.abort();
+                return;
+            }
+            if progress.client_paused() {
+                // Looked at again a period on: the client may resume, or leave.
+                tokio::time::sleep(timeout).await;
+            }
+        }
+    });
 }
 
 /// Whether a request's streamed body (`uploading`) had not all gone up yet.
