@@ -2,10 +2,12 @@
 //!
 //! A tag the proxy makes is `"` + base64url(HMAC-SHA256(key, body)) + `"`: the same bytes
 //! always give the same tag and any change of bytes gives another, so it is a strong
-//! validator (§8.8.1). The key keeps the tag from becoming an oracle: with a plain hash,
-//! anyone who can guess a small body (`{"balance":100}`) could confirm the guess by sending
-//! `If-Match` and watching 412 versus a forwarded write. The hash runs over the body chunks
-//! as they arrive; nothing is concatenated for it.
+//! validator (§8.8.1); variants that may share bytes under other metadata are hashed under
+//! a key derived from it as well (`TagKey::hasher_for`). The key keeps the tag from
+//! becoming an oracle: with a plain hash, anyone who can guess a small body
+//! (`{"balance":100}`) could confirm the guess by sending `If-Match` and watching 412
+//! versus a forwarded write. The hash runs over the body chunks as they arrive; nothing is
+//! concatenated for it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -199,6 +201,20 @@ impl TagKey {
     pub fn hasher(&self) -> TagHasher {
         TagHasher {
             mac: self.mac.clone(),
+        }
+    }
+
+    /// Starts hashing a representation whose tag must also tell its metadata (`meta`: its
+    /// `Content-Type` and the like, see `proxy::read`): the body is hashed under a key
+    /// derived from the tag key and `meta`, so equal bytes under other metadata get another
+    /// tag, and no body hashed under the plain key can give one of these but by chance.
+    pub fn hasher_for(&self, meta: &[u8]) -> TagHasher {
+        let mut mac = self.mac.clone();
+        mac.update(b"ifmatch representation metadata:");
+        mac.update(meta);
+        let derived = mac.finalize().into_bytes();
+        TagHasher {
+            mac: Hmac::<Sha256>::new_from_slice(&derived).expect("HMAC takes keys of any length"),
         }
     }
 

@@ -31,9 +31,19 @@ pub struct Memo {
     id: u64,
     key_id: u64,
     pub body: Bytes,
+    /// The metadata the tag is keyed by as well (`TagKey::hasher_for`), if any: equal
+    /// bytes under other metadata have another tag.
+    pub meta: Option<Box<[u8]>>,
     pub tag: ETag,
     /// The tag as an `ETag` value, made once: a hit clones it instead.
     pub header: HeaderValue,
+}
+
+impl Memo {
+    /// The bytes it holds that its cost counts: its body and metadata.
+    fn len(&self) -> usize {
+        self.body.len() + self.meta.as_ref().map_or(0, |m| m.len())
+    }
 }
 
 /// Counters the metrics endpoint reads.
@@ -100,28 +110,34 @@ impl BodyMemo {
         len + key.as_str().len() + ENTRY_OVERHEAD
     }
 
-    /// The copy kept for `key` under `tag_key`, if any.
-    pub fn get(&self, key: &ResourceKey, tag_key: &TagKey) -> Option<Arc<Memo>> {
+    /// The copy kept for `key` under `tag_key` and `meta` (see [`Memo::meta`]), if any.
+    pub fn get(
+        &self,
+        key: &ResourceKey,
+        tag_key: &TagKey,
+        meta: Option<&[u8]>,
+    ) -> Option<Arc<Memo>> {
         if !self.is_on() {
             return None;
         }
         let memo = self.map.get(key)?;
-        (memo.key_id == tag_key.id()).then(|| memo.clone())
+        (memo.key_id == tag_key.id() && memo.meta.as_deref() == meta).then(|| memo.clone())
     }
 
-    /// Keeps a copy of `chunks`, whose tag under `tag_key` is `tag` (`header` as a header
-    /// value), for `key`; replaces the copy kept before. Does nothing for a body over
-    /// [`max_body`](Self::max_body).
+    /// Keeps a copy of `chunks`, whose tag under `tag_key` and `meta` is `tag` (`header`
+    /// as a header value), for `key`; replaces the copy kept before. Does nothing for a
+    /// body over [`max_body`](Self::max_body).
     pub fn put(
         &self,
         key: &ResourceKey,
         chunks: &VecDeque<Bytes>,
+        meta: Option<&[u8]>,
         tag: ETag,
         header: HeaderValue,
         tag_key: &TagKey,
     ) {
         let len: usize = chunks.iter().map(Bytes::len).sum();
-        let cost = Self::cost(key, len);
+        let cost = Self::cost(key, len + meta.map_or(0, <[u8]>::len));
         if self.budget == 0 || len > self.max_body() || cost > self.budget {
             return;
         }
@@ -134,14 +150,14 @@ impl BodyMemo {
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         // The copy this one replaces goes first, then the oldest others while room is short.
         if let Some((old_key, old)) = self.map.remove(key) {
-            order.used -= Self::cost(&old_key, old.body.len());
+            order.used -= Self::cost(&old_key, old.len());
         }
         while order.used + cost > self.budget {
             let Some((old_key, old_id)) = order.queue.pop_front() else {
                 return;
             };
             if let Some((old_key, old)) = self.map.remove_if(&old_key, |_, m| m.id == old_id) {
-                order.used -= Self::cost(&old_key, old.body.len());
+                order.used -= Self::cost(&old_key, old.len());
                 self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -151,6 +167,7 @@ impl BodyMemo {
             id,
             key_id: tag_key.id(),
             body: body.freeze(),
+            meta: meta.map(Box::from),
             header,
             tag,
         });
@@ -214,18 +231,18 @@ mod tests {
         let chunks = body(n, byte);
         let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
         let tag = k.tag_of(&joined);
-        m.put(&key(path), &chunks, tag.clone(), tag.to_header(), &k);
+        m.put(&key(path), &chunks, None, tag.clone(), tag.to_header(), &k);
     }
 
     #[test]
     fn keeps_the_joined_body_and_its_tag() {
         let m = BodyMemo::new(1000);
         put(&m, "/a", 100, b'x');
-        let memo = m.get(&key("/a"), &tag_key()).unwrap();
+        let memo = m.get(&key("/a"), &tag_key(), None).unwrap();
         assert_eq!(&memo.body[..], &[b'x'; 100][..]);
         assert_eq!(memo.tag, tag_key().tag_of(&[b'x'; 100]));
         assert_eq!(memo.header, memo.tag.to_header());
-        assert!(m.get(&key("/b"), &tag_key()).is_none());
+        assert!(m.get(&key("/b"), &tag_key(), None).is_none());
         assert_eq!(m.bytes(), 100 + "http://a:1/a".len() + ENTRY_OVERHEAD);
     }
 
@@ -234,8 +251,8 @@ mod tests {
         let m = BodyMemo::new(1000);
         put(&m, "/a", 10, b'x');
         let other = TagKey::new(b"another-key-0123456789abcdef0123");
-        assert!(m.get(&key("/a"), &other).is_none());
-        assert!(m.get(&key("/a"), &tag_key()).is_some());
+        assert!(m.get(&key("/a"), &other, None).is_none());
+        assert!(m.get(&key("/a"), &tag_key(), None).is_some());
     }
 
     #[test]
@@ -252,15 +269,15 @@ mod tests {
         }
         assert_eq!(m.len(), 8);
         assert_eq!(m.stats.evictions.load(Ordering::Relaxed), 12);
-        assert!(m.get(&key("/11"), &tag_key()).is_none());
-        assert!(m.get(&key("/12"), &tag_key()).is_some());
+        assert!(m.get(&key("/11"), &tag_key(), None).is_none());
+        assert!(m.get(&key("/12"), &tag_key(), None).is_some());
         // A replaced copy frees its bytes at once.
         put(&m, "/19", 10, b'z');
         let kept = (12..19).map(|i| BodyMemo::cost(&key(&format!("/{i}")), 1000));
         let expected = kept.sum::<usize>() + BodyMemo::cost(&key("/19"), 10);
         assert_eq!(m.bytes(), expected);
         assert_eq!(
-            &m.get(&key("/19"), &tag_key()).unwrap().body[..],
+            &m.get(&key("/19"), &tag_key(), None).unwrap().body[..],
             &[b'z'; 10]
         );
     }
@@ -292,7 +309,7 @@ mod tests {
     fn a_zero_budget_keeps_nothing_and_clear_drops_everything() {
         let off = BodyMemo::new(0);
         put(&off, "/a", 0, b'x');
-        assert!(off.get(&key("/a"), &tag_key()).is_none());
+        assert!(off.get(&key("/a"), &tag_key(), None).is_none());
 
         let m = BodyMemo::new(1000);
         put(&m, "/a", 50, b'x');

@@ -46,6 +46,7 @@ fn body_of(path: &str, len: usize) -> Vec<u8> {
 /// - `GET /docs/fresh-*`: 64 KiB at once, different on every request;
 /// - `GET /docs/emptied-*`: 64 KiB the first time any such path is asked for, then empty;
 /// - `GET /docs/streamed-*`: chunked, 64 KiB at once (four 16 KiB chunks);
+/// - `GET /docs/varied-*`: 64 KiB at once, `text/plain` with `Vary: Accept`;
 /// - any other GET: 64 KiB at once; a PUT: its body read, then 204.
 async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -124,8 +125,13 @@ async fn gated_backend() -> (SocketAddr, watch::Sender<bool>) {
                 } else {
                     body_of(&path, 64 * KIB)
                 };
+                // A variant by `Accept`, whose tag is keyed by its metadata too.
+                let varied = match path.starts_with("/docs/varied-") {
+                    true => "Content-Type: text/plain\r\nVary: Accept\r\n",
+                    false => "",
+                };
                 let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{varied}Connection: close\r\n\r\n",
                     body.len()
                 );
                 let _ = s.write_all(head.as_bytes()).await;
@@ -403,6 +409,18 @@ async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
     );
     let head = &raw[..raw.find("\r\n\r\n").unwrap()];
     assert!(!head.to_ascii_lowercase().contains("etag"), "{head}");
+
+    // A variant whose tag is keyed by its metadata too is fetched again and checked under
+    // that same tag: sent whole.
+    let varied = body_of("/docs/varied-0", 64 * KIB);
+    let tag = Client::new()
+        .head(&proxy.url("/docs/varied-0"), &[])
+        .await
+        .etag();
+    assert_ne!(tag, tag_of(&varied), "keyed by its Content-Type too");
+    let rsp = get("/docs/varied-0", "if-match", &tag).await;
+    assert_eq!((rsp.status, rsp.etag()), (200, tag));
+    assert_eq!(rsp.body, varied);
 
     release(&proxy, &gate, held).await;
 }

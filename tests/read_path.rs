@@ -536,3 +536,59 @@ async fn long_tags_a_backend_sends_itself_count_in_the_tag_caches_bound() {
         Some(tag)
     );
 }
+
+/// Two representations of one state that differ only in their metadata (RFC 9110 §8.8.1's
+/// own case: content negotiation over media types that share one data format) must not
+/// share a strong tag: a cache that revalidates one with the other's tag would be told 304
+/// and serve the JSON variant to a client that asked for `text/plain`. Each tag is still
+/// the one a write with the same `Accept` is judged by, and a kept copy of one variant's
+/// bytes never lends its tag to the other.
+#[tokio::test]
+async fn variants_with_the_same_bytes_and_another_content_type_get_other_tags() {
+    let backend = ScriptedBackend::start(|r| async move {
+        if r.method == http::Method::PUT {
+            return respond(204, &[], "");
+        }
+        let json = r
+            .headers
+            .get("accept")
+            .is_some_and(|a| a.as_bytes() == b"application/json");
+        let ctype = if json {
+            "application/json"
+        } else {
+            "text/plain"
+        };
+        respond(200, &[("content-type", ctype), ("vary", "Accept")], DOC)
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let c = Client::new();
+    let (json, text) = ([("accept", "application/json")], [("accept", "text/plain")]);
+    let j = c.get(&proxy.url("/doc"), &json).await;
+    let t = c.get(&proxy.url("/doc"), &text).await;
+    assert_eq!((j.body.clone(), t.body.clone()), (DOC.into(), DOC.into()));
+    assert_ne!(j.etag(), t.etag(), "one strong tag for two representations");
+    // Alternating, each read compared with the other's kept copy: each keeps its own tag.
+    for _ in 0..2 {
+        assert_eq!(c.get(&proxy.url("/doc"), &json).await.etag(), j.etag());
+        assert_eq!(c.get(&proxy.url("/doc"), &text).await.etag(), t.etag());
+    }
+    let inm = [
+        ("accept", "text/plain"),
+        ("if-none-match", j.header("etag").unwrap()),
+    ];
+    let r = c.get(&proxy.url("/doc"), &inm).await;
+    assert_eq!(
+        r.status, 200,
+        "the JSON variant's tag validates the text one"
+    );
+    let im = [
+        ("accept", "application/json"),
+        ("if-match", j.header("etag").unwrap()),
+    ];
+    let r = c.put(&proxy.url("/doc"), &im, DOC).await;
+    assert_eq!(
+        r.status, 204,
+        "a write is judged by the tag its reader was given"
+    );
+}

@@ -191,9 +191,10 @@ impl Proxy {
         }
         let (mut rparts, body) = rsp.into_parts();
         rparts.headers.remove(ETAG);
+        let meta = representation_meta(&rparts.headers);
         if body.is_end_stream() {
             // hyper sends no byte of an empty body, so it would never be checked.
-            let empty = rt.tag_key.hasher().finish();
+            let empty = tag_hasher(rt, meta.as_deref()).finish();
             let current = Resource {
                 exists: true,
                 tag: Some(empty.clone()),
@@ -226,7 +227,7 @@ impl Proxy {
         // Its trailers are dropped with the check: none are announced.
         rparts.headers.remove(header::TRAILER);
         rparts.headers.insert(ETAG, tag.to_header());
-        let hasher = rt.tag_key.hasher();
+        let hasher = tag_hasher(rt, meta.as_deref());
         let body = ProxyBody::checked(body, idle, hasher, tag);
         Ok(Response::from_parts(rparts, body))
     }
@@ -327,8 +328,12 @@ impl Proxy {
                 }
             };
             let upstream = || route.upstream.origin.clone();
-            let hasher = rt.tag_key.hasher();
-            let memo = shared.then(|| self.memo.get(key, &rt.tag_key)).flatten();
+            let meta = negotiated
+                .then(|| representation_meta(&rparts.headers))
+                .flatten();
+            let hasher = tag_hasher(rt, meta.as_deref());
+            let memo = shared.then(|| self.memo.get(key, &rt.tag_key, meta.as_deref()));
+            let memo = memo.flatten();
             let limit = route.max_tag_body;
             match read_tagged(body, hasher, memo, limit, idle, share, keep).await {
                 Ok(Collected::Whole {
@@ -348,7 +353,8 @@ impl Proxy {
                         if shared && self.memo.is_on() && kept {
                             self.memo.stats.misses.fetch_add(1, Ordering::Relaxed);
                             let (t, h) = (tag.clone(), header.clone());
-                            self.memo.put(key, &chunks, t, h, &rt.tag_key);
+                            let m = meta.as_deref();
+                            self.memo.put(key, &chunks, m, t, h, &rt.tag_key);
                         }
                         header
                     };
@@ -435,6 +441,49 @@ fn cacheable(route: &Route, headers: &HeaderMap, credentials: bool) -> (bool, bo
             && !kept_from_others(headers),
         negotiated,
     )
+}
+
+/// The metadata a representation's tag is keyed by too (`TagKey::hasher_for`), when its
+/// `Vary` names a field by which a media type, language or charset is chosen (`Accept`,
+/// `Accept-Language`, `Accept-Charset`, or `*`): such variants may hold equal bytes under
+/// another `Content-Type` or `Content-Language`, and a strong tag must tell them apart
+/// (RFC 9110 §8.8.1): one shared, a cache that revalidates one variant with the other's tag
+/// is told 304 and serves the wrong one. `None` for all others, whose tag is of the bytes
+/// alone: each coding (`Vary: Accept-Encoding`) is other bytes, and a `tag_puts` PUT's tag
+/// stays the one a GET gives.
+fn representation_meta(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let by_metadata = list_items(headers, header::VARY).any(|f| {
+        f == "*"
+            || f.eq_ignore_ascii_case("accept")
+            || f.eq_ignore_ascii_case("accept-language")
+            || f.eq_ignore_ascii_case("accept-charset")
+    });
+    if !by_metadata {
+        return None;
+    }
+    let mut meta = Vec::new();
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LANGUAGE,
+    ] {
+        // A field value holds no line feed: the lines cannot run into one another.
+        for value in headers.get_all(&name) {
+            meta.extend_from_slice(name.as_str().as_bytes());
+            meta.push(b':');
+            meta.extend_from_slice(value.as_bytes());
+            meta.push(b'\n');
+        }
+    }
+    Some(meta)
+}
+
+/// The hasher for a body whose tag is keyed by `meta` too (`representation_meta`), if any.
+fn tag_hasher(rt: &Routing, meta: Option<&[u8]>) -> crate::etag::TagHasher {
+    match meta {
+        Some(meta) => rt.tag_key.hasher_for(meta),
+        None => rt.tag_key.hasher(),
+    }
 }
 
 /// `Cache-Control: private` (for one user: RFC 9111 §5.2.2.7) or `no-store` (§5.2.2.5), in

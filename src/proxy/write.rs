@@ -551,7 +551,8 @@ impl Proxy {
         if !self.memo.is_on() {
             return rt.tag_key.tag_of(body);
         }
-        match self.memo.get(key, &rt.tag_key) {
+        // A copy keyed by its metadata too holds another tag than its bytes': not this one.
+        match self.memo.get(key, &rt.tag_key, None) {
             Some(m) if m.body == *body => {
                 self.memo.stats.hits.fetch_add(1, Ordering::Relaxed);
                 m.tag.clone()
