@@ -600,25 +600,69 @@ async fn a_request_forwarded_unguarded_does_not_carry_a_method_override_upstream
     }
 }
 
-/// A backend that runs a POST as the method its `_method` query parameter names, as Laravel
-/// (Symfony's `getMethod`) does, on the resource its path names: one document at `/doc`,
+/// Documents by path, as Laravel (Symfony's `getMethod`) and Express's `method-override`
+/// serve them: a POST runs as the method its `_method` query parameter names, on the
+/// resource its path names (every other query parameter ignored). One document at `/doc`,
 /// whose writes take `delay`.
-async fn query_overriding_backend(delay: Duration) -> (Arc<Mutex<String>>, ScriptedBackend) {
-    let store = Arc::new(Mutex::new("v1".to_owned()));
-    let doc = store.clone();
+async fn query_overriding_backend(delay: Duration) -> (Docs, ScriptedBackend) {
+    doc_store(&[("/doc", "v1")], delay, |r| {
+        let query = r.uri.query().unwrap_or_default();
+        let over = query.split('&').find_map(|p| p.strip_prefix("_method="));
+        let method = match (r.method.as_str(), over) {
+            ("POST", Some(m)) => m.to_ascii_uppercase(),
+            (m, _) => m.to_owned(),
+        };
+        (method, r.uri.path().to_owned())
+    })
+    .await
+}
+
+/// Documents by path, shared with a test.
+type Docs = Arc<Mutex<std::collections::HashMap<String, String>>>;
+
+/// A store of the documents `seed`, that reads each request as `read` says: the method it
+/// runs as and the path it names. GET, PUT (taking `delay`), DELETE, and COPY and MOVE to
+/// the path of their `Destination`; anything else is a 405.
+async fn doc_store(
+    seed: &[(&str, &str)],
+    delay: Duration,
+    read: impl Fn(&common::Recorded) -> (String, String) + Send + Sync + 'static,
+) -> (Docs, ScriptedBackend) {
+    let docs = seed.iter().map(|&(p, d)| (p.to_owned(), d.to_owned()));
+    let docs: Docs = Arc::new(Mutex::new(docs.collect()));
+    let (d, read) = (docs.clone(), Arc::new(read));
     let backend = ScriptedBackend::start(move |r| {
-        let doc = doc.clone();
+        let (d, (method, path)) = (d.clone(), read(&r));
         async move {
-            let query = r.uri.query().unwrap_or_default();
-            let method = match query.split('&').find_map(|p| p.strip_prefix("_method=")) {
-                Some(m) if r.method == "POST" => m.to_ascii_uppercase(),
-                _ => r.method.to_string(),
+            if method == "PUT" {
+                tokio::time::sleep(delay).await;
+            }
+            let mut docs = d.lock().unwrap();
+            let to = || {
+                let v = r.headers["destination"].to_str().unwrap();
+                v.parse::<http::Uri>().unwrap().path().to_owned()
             };
             match method.as_str() {
-                "GET" => respond(200, &[], doc.lock().unwrap().clone()),
+                "GET" => match docs.get(&path) {
+                    Some(doc) => respond(200, &[], doc.clone()),
+                    None => respond(404, &[], ""),
+                },
                 "PUT" => {
-                    tokio::time::sleep(delay).await;
-                    *doc.lock().unwrap() = String::from_utf8(r.body.to_vec()).unwrap();
+                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
+                    respond(204, &[], "")
+                }
+                "DELETE" => {
+                    docs.remove(&path);
+                    respond(204, &[], "")
+                }
+                "MOVE" => {
+                    let doc = docs.remove(&path).unwrap_or_default();
+                    docs.insert(to(), doc);
+                    respond(204, &[], "")
+                }
+                "COPY" => {
+                    let doc = docs.get(&path).cloned().unwrap_or_default();
+                    docs.insert(to(), doc);
                     respond(204, &[], "")
                 }
                 _ => respond(405, &[], ""),
@@ -626,7 +670,7 @@ async fn query_overriding_backend(delay: Duration) -> (Arc<Mutex<String>>, Scrip
         }
     })
     .await;
-    (store, backend)
+    (docs, backend)
 }
 
 /// `POST /doc?_method=PUT` is a PUT of `/doc` to a backend that honours the parameter: the
@@ -645,8 +689,8 @@ async fn a_write_run_as_put_by_its_method_query_parameter_is_keyed_as_its_path()
     assert_eq!(r.status, 204);
     let r = c.put(&url, &[("if-match", &tag)], "v3").await;
     assert_eq!(
-        (r.status, store.lock().unwrap().as_str()),
-        (412, "v2"),
+        (r.status, store.lock().unwrap().get("/doc").cloned()),
+        (412, Some("v2".to_owned())),
         "a tag read before the override write passed after it"
     );
 
@@ -1109,54 +1153,13 @@ async fn a_copy_or_move_to_a_relative_destination_is_refused_not_keyed_as_the_ro
 }
 
 /// Documents `/a` ("A") and `/b` ("B") in a WebDAV-ish store that runs each request as the
-/// method `run_as` reads from it (GET, PUT, COPY, MOVE to its `Destination`; else 405).
-async fn copy_and_move_store(
-    run_as: fn(&common::Recorded) -> String,
-) -> (
-    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
-    ScriptedBackend,
-) {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex};
-    let docs = Arc::new(Mutex::new(HashMap::from([
-        ("/a".to_owned(), "A".to_owned()),
-        ("/b".to_owned(), "B".to_owned()),
-    ])));
-    let d = docs.clone();
-    let backend = ScriptedBackend::start(move |r| {
-        let d = d.clone();
-        async move {
-            let mut docs = d.lock().unwrap();
-            let path = r.uri.path().to_owned();
-            let to = || {
-                let v = r.headers["destination"].to_str().unwrap();
-                v.parse::<http::Uri>().unwrap().path().to_owned()
-            };
-            match run_as(&r).as_str() {
-                "GET" => match docs.get(&path) {
-                    Some(doc) => respond(200, &[], doc.clone()),
-                    None => respond(404, &[], ""),
-                },
-                "PUT" => {
-                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
-                    respond(204, &[], "")
-                }
-                "MOVE" => {
-                    let doc = docs.remove(&path).unwrap_or_default();
-                    docs.insert(to(), doc);
-                    respond(204, &[], "")
-                }
-                "COPY" => {
-                    let doc = docs.get(&path).cloned().unwrap_or_default();
-                    docs.insert(to(), doc);
-                    respond(204, &[], "")
-                }
-                _ => respond(405, &[], ""),
-            }
-        }
+/// method `run_as` reads from it (`doc_store`'s methods; COPY and MOVE to its `Destination`).
+async fn copy_and_move_store(run_as: fn(&common::Recorded) -> String) -> (Docs, ScriptedBackend) {
+    let seed = [("/a", "A"), ("/b", "B")];
+    doc_store(&seed, Duration::ZERO, move |r| {
+        (run_as(r), r.uri.path().to_owned())
     })
-    .await;
-    (docs, backend)
+    .await
 }
 
 /// Methods are case-sensitive, but many frameworks upper-case them (as `requires_precondition`
@@ -1770,115 +1773,43 @@ async fn a_post_run_as_copy_or_move_by_its_form_locks_and_forgets_its_destinatio
     assert!(proxy.state.locks.is_empty());
 }
 
-/// A store of documents keyed by path, as Express with `method-override('_method')` serves
-/// them: a POST whose query names `_method` runs as that method on the path, and every
-/// other query parameter is ignored (so `GET /d?_method=PUT` is `GET /d`).
-async fn query_override_store() -> (
-    Arc<Mutex<std::collections::HashMap<String, String>>>,
-    ScriptedBackend,
-) {
-    let docs = Arc::new(Mutex::new(std::collections::HashMap::from([(
-        "/d".to_owned(),
-        "v1".to_owned(),
-    )])));
-    let d = docs.clone();
-    let backend = ScriptedBackend::start(move |r| {
-        let d = d.clone();
-        async move {
-            let over = r
-                .uri
-                .query()
-                .unwrap_or_default()
-                .split('&')
-                .find_map(|p| p.strip_prefix("_method="));
-            let method = match (r.method.as_str(), over) {
-                ("POST", Some(m)) => m.to_ascii_uppercase(),
-                (m, _) => m.to_owned(),
-            };
-            let mut docs = d.lock().unwrap();
-            let path = r.uri.path().to_owned();
-            match method.as_str() {
-                "GET" => match docs.get(&path) {
-                    Some(doc) => respond(200, &[], doc.clone()),
-                    None => respond(404, &[], ""),
-                },
-                "PUT" => {
-                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
-                    respond(204, &[], "")
-                }
-                "DELETE" => {
-                    docs.remove(&path);
-                    respond(204, &[], "")
-                }
-                _ => respond(405, &[], ""),
-            }
-        }
-    })
-    .await;
-    (docs, backend)
-}
-
 /// A POST run as PUT or DELETE by a `_method` query parameter (Express's `method-override`,
 /// Laravel) writes the document at its path, not one named by its query. It was keyed with
-/// its query, `/d?_method=PUT`, a lock and a tag apart from `/d`'s: its write left `/d`'s
+/// its query, `/doc?_method=PUT`, a lock and a tag apart from `/doc`'s: its write left `/doc`'s
 /// remembered tag in place, so on a `cached` route a writer holding the tag it replaced
 /// passed its `If-Match` (204, not 412) and the two writers with one tag both won.
 #[tokio::test]
 async fn a_post_run_as_another_method_by_its_query_writes_under_its_paths_lock_and_tag() {
-    let (docs, backend) = query_override_store().await;
+    let (docs, backend) = query_overriding_backend(Duration::ZERO).await;
     let proxy = Proxy::start(&route("/", "validation = \"cached\""), &backend.origin()).await;
     let c = Client::new();
-    let url = proxy.url("/d");
+    let url = proxy.url("/doc");
     for (i, over) in ["PUT", "put", "DELETE"].into_iter().enumerate() {
-        docs.lock().unwrap().insert("/d".into(), format!("v{i}"));
+        docs.lock().unwrap().insert("/doc".into(), format!("v{i}"));
         let tag = c.get(&url, &[]).await.etag();
-        let form = proxy.url(&format!("/d?_method={over}"));
+        let form = proxy.url(&format!("/doc?_method={over}"));
         let r = c
             .send("POST", &form, &[("if-match", &tag)], "by the form")
             .await;
         assert_eq!(r.status, 204, "{over}");
-        let after = docs.lock().unwrap().get("/d").cloned();
+        let after = docs.lock().unwrap().get("/doc").cloned();
         let stale = c.put(&url, &[("if-match", &tag)], "stale edit").await;
         assert_eq!(stale.status, 412, "a stale PUT after a POST run as {over}");
-        assert_eq!(docs.lock().unwrap().get("/d").cloned(), after, "{over}");
+        assert_eq!(docs.lock().unwrap().get("/doc").cloned(), after, "{over}");
     }
     assert!(proxy.state.locks.is_empty());
 }
 
-/// A store that reads paths as a Java servlet container does: a segment's `;parameters`
-/// are no part of its name (Tomcat serves `/d;jsessionid=A` as `/d`).
-async fn servlet_store() -> (
-    Arc<Mutex<std::collections::HashMap<String, String>>>,
-    ScriptedBackend,
-) {
-    let docs = Arc::new(Mutex::new(std::collections::HashMap::from([(
-        "/d".to_owned(),
-        "v1".to_owned(),
-    )])));
-    let d = docs.clone();
-    let backend = ScriptedBackend::start(move |r| {
-        let d = d.clone();
-        async move {
-            let path: Vec<&str> = (r.uri.path().split('/'))
-                .map(|s| s.split(';').next().unwrap_or_default())
-                .collect();
-            let path = path.join("/");
-            let mut docs = d.lock().unwrap();
-            match r.method.as_str() {
-                "GET" => match docs.get(&path) {
-                    Some(doc) => respond(200, &[], doc.clone()),
-                    None => respond(404, &[], ""),
-                },
-                "PUT" => {
-                    docs.insert(path, String::from_utf8_lossy(&r.body).into_owned());
-                    respond(204, &[], "")
-                }
-                _ => respond(405, &[], ""),
-            }
-        }
+/// The store as a Java servlet container reads paths: a segment's `;parameters` are no
+/// part of its name (Tomcat serves `/d;jsessionid=A` as `/d`).
+async fn servlet_store() -> (Docs, ScriptedBackend) {
+    doc_store(&[("/d", "v1")], Duration::ZERO, |r| {
+        let path: Vec<&str> = (r.uri.path().split('/'))
+            .map(|s| s.split(';').next().unwrap_or_default())
+            .collect();
+        (r.method.to_string(), path.join("/"))
     })
-    .await;
-    (docs, backend)
+    .await
 }
 
 /// A session id rewritten into a URL (`/d;jsessionid=A`) names the same document to a
