@@ -258,9 +258,8 @@ pub struct ClientBody {
     /// Bytes read already, sent first, with their share of the budget until then: the
     /// start of a body whose read-whole found no room, which streams instead
     /// (`read_request`). Boxed: one word in every upstream request, which carries and moves
-    /// this. Also the chunk that completes an HTTP/2 body's `content-length` before its
-    /// `END_STREAM` came, held until it does (`ends_early`), with no share.
-    prefix: Option<Box<(Bytes, Option<Share>)>>,
+    /// this.
+    prefix: Option<Box<(Bytes, Share)>>,
     inner: Incoming,
     /// The bytes still allowed, with [`H2`] set for an HTTP/2 body: one word for both, as
     /// every upstream request carries this and moves it about (a flag of its own made each
@@ -361,15 +360,9 @@ impl Body for ClientBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.prefix.is_some() {
-            if self.ends_early() {
-                if let Err(e) = std::task::ready!(self.poll_end(cx)) {
-                    self.prefix = None;
-                    return Poll::Ready(Some(Err(e)));
-                }
-            }
+        if let Some(prefix) = self.prefix.take() {
             // Its share goes with it: the bytes are the connection's from here.
-            let (prefix, _share) = *self.prefix.take().expect("checked above");
+            let (prefix, _share) = *prefix;
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
         match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
@@ -380,11 +373,6 @@ impl Body for ClientBody {
                         return Poll::Ready(Some(Err(BodyTooLong.into())));
                     }
                     self.left -= n;
-                    if self.ends_early() {
-                        let data = frame.into_data().expect("a data frame");
-                        self.prefix = Some(Box::new((data, None)));
-                        return self.poll_frame(cx);
-                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -417,38 +405,6 @@ impl Body for ClientBody {
 }
 
 impl ClientBody {
-    /// An HTTP/2 body has sent all its `content-length` declared, without `END_STREAM`:
-    /// hyper's HTTP/1.1 client, which frames the upload by that length, takes the next
-    /// chunk for its last and reads no further. More DATA would make the request malformed
-    /// (RFC 9113 §8.1.1), which h2 finds only once it comes, and the backend would have
-    /// been sent a complete request, cut short, and applied it. So the last chunk is held
-    /// until the stream's end is seen ([`poll_end`](Self::poll_end)). Most clients end the
-    /// stream with the last DATA frame: then this costs nothing.
-    fn ends_early(&self) -> bool {
-        self.left & H2 != 0
-            && self.inner.size_hint().exact() == Some(0)
-            && !self.inner.is_end_stream()
-    }
-
-    /// Waits for the end of an HTTP/2 body that has sent its declared length: the end, or
-    /// trailers (which end it too, and an upload framed by its length cannot carry), or
-    /// the error h2 gives for DATA past that length.
-    fn poll_end(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(), Box<dyn std::error::Error + Send + Sync>>> {
-        loop {
-            match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-                // An empty DATA frame: h2 refuses a non-empty one past the length.
-                Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => continue,
-                Some(Ok(_)) => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(ClientBodyFailed(e).into())),
-                None if !self.inner.is_end_stream() => return Poll::Ready(Err(StreamReset.into())),
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-    }
-
     /// The hint of what is still to come from the client (see `size_hint`). Exact only for
     /// a body of known length: hyper frames the upload by an exact hint (a `Content-Length`)
     /// and stops reading the body there. A body of unknown length bounded to `left` more
@@ -897,20 +853,20 @@ pub async fn read_request(
         }
         if so_far > whole {
             hold(&mut chunks, &mut tail, data);
-            body.prefix = Some(Box::new((concat(chunks, tail), Some(share.split_off()))));
+            body.prefix = Some(Box::new((concat(chunks, tail), share.split_off())));
             return Ok(Read::TooLong(Box::new(body)));
         }
         if !share.reserve(len + data.len()) {
             hold(&mut chunks, &mut tail, data);
             // Held until sent, counted as read (the chunk in hand aside, which goes first).
-            body.prefix = Some(Box::new((concat(chunks, tail), Some(share.split_off()))));
+            body.prefix = Some(Box::new((concat(chunks, tail), share.split_off())));
             return Ok(Read::NoRoom(Box::new(body)));
         }
         len += data.len();
         hold(&mut chunks, &mut tail, data);
         let elapsed = started.elapsed();
         if elapsed > idle && (len as f64) < MIN_READ_RATE * elapsed.as_secs_f64() {
-            body.prefix = Some(Box::new((concat(chunks, tail), Some(share.split_off()))));
+            body.prefix = Some(Box::new((concat(chunks, tail), share.split_off())));
             return Ok(Read::TooSlow(Box::new(body)));
         }
     }

@@ -489,69 +489,6 @@ async fn an_http2_upload_reset_midway_is_not_stored_truncated() {
     }
 }
 
-/// An HTTP/2 upload whose DATA runs past its `content-length` is malformed (RFC 9113
-/// §8.1.1), and h2 finds it only when the extra DATA comes. Streamed upstream (past
-/// `max_tag_body`), framed by that length, the backend was sent a complete request as soon
-/// as the declared bytes had come, and stored them: 204, while the client was still
-/// sending its body. The last declared chunk now waits for the stream's end: the request is
-/// cut off upstream, nothing is stored, and the URL's lock is free for the next writer. A
-/// body whose `END_STREAM` comes in a later, empty frame still goes through whole.
-#[tokio::test]
-async fn an_http2_upload_longer_than_its_content_length_is_not_stored_cut_short() {
-    use bytes::Bytes;
-    use std::time::Duration;
-    let backend = Backend::start().await;
-    backend.store.put("/docs/a", "v1");
-    let proxy = Proxy::start(&route("/docs/", "max_tag_body = \"4B\""), &backend.origin()).await;
-    let tag = Client::h2().get(&proxy.url("/docs/a"), &[]).await.etag();
-    let put = |length: usize| {
-        http::Request::put(proxy.url("/docs/a"))
-            .header("if-match", &tag)
-            .header("content-length", length)
-            .body(())
-            .unwrap()
-    };
-    let mut client = common::h2_client(proxy.addr).await;
-    let (answer, mut stream) = client.send_request(put(8), false).unwrap();
-    stream
-        .send_data(Bytes::from_static(b"abcdefgh"), false)
-        .unwrap();
-    // Time for the backend to have stored the declared bytes, had they gone up whole.
-    let stored = common::eventually(Duration::from_millis(500), || {
-        backend.store.get("/docs/a").as_deref() != Some(&b"v1"[..])
-    });
-    assert!(
-        !stored.await,
-        "the backend stored {:?}",
-        backend.store.get("/docs/a")
-    );
-    // It may be answered already; the extra DATA then has no stream to go on.
-    let _ = stream.send_data(Bytes::from_static(b"ijkl"), true);
-    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
-        .await
-        .unwrap();
-    assert!(answer.is_err(), "answered {:?}", answer.map(|r| r.status()));
-    let freed = common::eventually(Duration::from_secs(5), || proxy.state.locks.is_empty());
-    assert!(freed.await, "the lock is let go");
-    assert_eq!(backend.store.get("/docs/a").as_deref(), Some(&b"v1"[..]));
-
-    // Its length whole, the stream ended by an empty frame after a pause: stored whole.
-    let (answer, mut stream) = client.send_request(put(8), false).unwrap();
-    stream
-        .send_data(Bytes::from_static(b"12345678"), false)
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    stream.send_data(Bytes::new(), true).unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
-        .await
-        .unwrap();
-    assert_eq!(answer.unwrap().status(), 204);
-    assert_eq!(
-        backend.store.get("/docs/a").as_deref(),
-        Some(&b"12345678"[..])
-    );
-}
-
 /// A streamed upload that waits for its URL's lock keeps what its client has sent of it in
 /// its own stream's window, not in the whole connection's: the upload holding the lock, on
 /// the same HTTP/2 connection, sends the rest of its body and is answered at once, not when
