@@ -30,6 +30,25 @@ fn config(routes: &[(&str, &str, &str)]) -> String {
     s
 }
 
+/// A route whose writes are told 504 at 300 ms and then settle for up to 20 s.
+const SETTLING: &str = "upstream_timeout = \"300ms\"\nsettle_timeout = \"20s\"";
+
+/// The binary with `routes` and `shutdown_timeout`, once a PUT of `/doc` (on a `SETTLING`
+/// route) has been told 504 and is left settling.
+async fn with_a_settling_write(routes: &[(&str, &str, &str)], shutdown_timeout: &str) -> Binary {
+    let text = config(routes).replace(
+        "shutdown_timeout = \"10s\"",
+        &format!("shutdown_timeout = \"{shutdown_timeout}\""),
+    );
+    let bin = Binary::start(&text, &[]).await;
+    let r = Client::new().put(&bin.url("/doc"), &[], "new").await;
+    assert_eq!(
+        r.status, 504,
+        "the client stops waiting at upstream_timeout"
+    );
+    bin
+}
+
 async fn slow_backend() -> ScriptedBackend {
     ScriptedBackend::slow(Duration::from_millis(800), "slow but sure").await
 }
@@ -348,17 +367,8 @@ async fn a_stop_waits_within_its_deadline_for_a_write_whose_client_was_told_504(
             })
             .await
         };
-        let route = "upstream_timeout = \"300ms\"\nsettle_timeout = \"20s\"";
-        let text = config(&[("/", &backend.origin(), route)]).replace(
-            "shutdown_timeout = \"10s\"",
-            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
-        );
-        let mut bin = Binary::start(&text, &[]).await;
-        let r = Client::new().put(&bin.url("/doc"), &[], "new").await;
-        assert_eq!(
-            r.status, 504,
-            "the client stops waiting at upstream_timeout"
-        );
+        let routes = [("/", &*backend.origin(), SETTLING)];
+        let mut bin = with_a_settling_write(&routes, shutdown_timeout).await;
         bin.signal("TERM");
         bin.wait_for_log("shutting down", Duration::from_secs(5))
             .await;
@@ -399,21 +409,9 @@ async fn a_drain_ended_early_names_the_writes_left_unanswered() {
             common::backend::respond(204, &[], if r.method == "PUT" { "" } else { "doc" })
         })
         .await;
-        let route = "upstream_timeout = \"300ms\"\nsettle_timeout = \"20s\"";
-        let text = config(&[
-            ("/doc", &backend.origin(), route),
-            ("/", &backend.origin(), ""),
-        ])
-        .replace(
-            "shutdown_timeout = \"10s\"",
-            &format!("shutdown_timeout = \"{shutdown_timeout}\""),
-        );
-        let mut bin = Binary::start(&text, &[]).await;
-        let r = Client::new().put(&bin.url("/doc"), &[], "new").await;
-        assert_eq!(
-            r.status, 504,
-            "the client stops waiting at upstream_timeout"
-        );
+        let origin = backend.origin();
+        let routes = [("/doc", &*origin, SETTLING), ("/", &*origin, "")];
+        let mut bin = with_a_settling_write(&routes, shutdown_timeout).await;
         let _read = (!second_signal).then(|| {
             let url = bin.url("/slow");
             tokio::spawn(async move { Client::new().try_send("GET", &url, &[], "").await })
