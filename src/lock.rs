@@ -77,23 +77,11 @@ impl WriteLocks {
         self.acquire_as(key, wait, false).await
     }
 
-    /// Waits up to `wait` in all for the locks of `key` and `also`, to hold both alone, for
-    /// a write that changes two URLs. They are taken in key order, so that two writes that
-    /// need the same two URLs (MOVE a to b, MOVE b to a) cannot each hold one and wait for
-    /// the other.
-    pub async fn acquire_both(
-        &self,
-        key: &ResourceKey,
-        also: &ResourceKey,
-        wait: Duration,
-    ) -> Result<WriteGuard, Error> {
-        self.acquire_all(&[key, also], wait).await
-    }
-
     /// Waits up to `wait` in all for the locks of every key of `keys` (one or more, any
     /// repeated taken once), to hold them all alone: a COPY or MOVE's two URLs, and a URL's
     /// key under routes a reload replaced while writes under them may be in flight. They
-    /// are taken in key order, for the reason `acquire_both` gives.
+    /// are taken in key order, so that two writes that need the same two URLs (MOVE a to b,
+    /// MOVE b to a) cannot each hold one and wait for the other.
     pub async fn acquire_all(
         &self,
         keys: &[&ResourceKey],
@@ -185,7 +173,7 @@ mod tests {
         let waiting = locks.clone();
         let both = tokio::spawn(async move {
             waiting
-                .acquire_both(&key("/b"), &key("/a"), WAIT)
+                .acquire_all(&[&key("/b"), &key("/a")], WAIT)
                 .await
                 .map(|_| ())
         });
@@ -219,7 +207,7 @@ mod tests {
         let both = |from: &'static str, to: &'static str| {
             let locks = locks.clone();
             tokio::spawn(async move {
-                let g = locks.acquire_both(&key(from), &key(to), WAIT).await?;
+                let g = locks.acquire_all(&[&key(from), &key(to)], WAIT).await?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 drop(g);
                 Ok::<_, Error>(())
@@ -232,7 +220,7 @@ mod tests {
 
         // While one write holds both, each of its URLs is busy for other writers.
         let g = locks
-            .acquire_both(&key("/b"), &key("/a"), WAIT)
+            .acquire_all(&[&key("/b"), &key("/a")], WAIT)
             .await
             .unwrap();
         for url in ["/a", "/b"] {
@@ -241,7 +229,7 @@ mod tests {
         }
         drop(g);
         assert!(locks.is_empty(), "both entries are removed");
-        let same = locks.acquire_both(&key("/a"), &key("/a"), WAIT).await;
+        let same = locks.acquire_all(&[&key("/a"), &key("/a")], WAIT).await;
         assert!(same.is_ok(), "a MOVE onto itself takes its one lock once");
     }
 
