@@ -28,7 +28,7 @@ use tower_service::Service;
 use crate::body::Progress;
 use crate::config::Upstream;
 use crate::upstream::UpstreamBody;
-use crate::watchdog::{Watch, Watched};
+use crate::watchdog::{Watch, Watched, WatchedIo};
 
 /// A connection's error before any HTTP was exchanged (TCP, TLS), with its cause chain.
 pub type ConnectError = Box<dyn std::error::Error + Send + Sync>;
@@ -413,6 +413,9 @@ where
                 // for it. So does an upload, whose deadline moves with its chunks.
                 let own_timer =
                     uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
+                if own_timer {
+                    conn.watch.busy();
+                }
                 let mut deadline = own_timer
                     .then(|| Box::new(Deadline::new(start + timeout, timeout, uploading.clone())));
                 // From here the request is the connection's to send.
@@ -435,7 +438,6 @@ where
                     }
                     Some(Ok(rsp)) => {
                         let unread = last || unread(&rsp, carries_body, &uploading);
-                        bound_rest_of_upload(&idle.conn, &uploading, timeout);
                         self.checkin_after(&rsp, origin, idle.conn, unread);
                         return Ok(rsp);
                     }
@@ -505,6 +507,7 @@ where
                 sent.map_err(SendError::Http)?
             }
             Some(progress) => {
+                conn.watch.busy();
                 let mut deadline = Deadline::new(start + timeout, timeout, Some(progress.clone()));
                 let mut exchange = pin!(conn.sender.send_request(*req));
                 let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
@@ -512,7 +515,10 @@ where
                     Poll::Pending => deadline.poll(cx).map(|()| None),
                 });
                 match sent.await {
-                    Some(sent) => sent.map_err(SendError::Http)?,
+                    Some(sent) => {
+                        conn.watch.end();
+                        sent.map_err(SendError::Http)?
+                    }
                     None => {
                         let missed = deadline.missed();
                         conn.task.abort();
@@ -522,7 +528,6 @@ where
             }
         };
         let unread = last || unread(&rsp, carries_body, &uploading);
-        bound_rest_of_upload(&conn, &uploading, timeout);
         self.checkin_after(&rsp, origin, conn, unread);
         Ok(rsp)
     }
@@ -761,10 +766,12 @@ where
         if self.limits.max_header_fields != crate::config::DEFAULT_MAX_HEADER_FIELDS {
             builder.max_headers(self.limits.max_header_fields);
         }
-        let (sender, conn) = builder.handshake(io).await.map_err(SendError::Http)?;
         let watch = Watch::new(start, timeout);
+        let io = WatchedIo::new(io, watch.clone());
+        let (sender, conn) = builder.handshake(io).await.map_err(SendError::Http)?;
         let watched = Watched::new(conn, watch.clone());
         let (line, permit) = permit.unzip();
+        let ended = watch.clone();
         let task = tokio::spawn(async move {
             let _permit = permit;
             match watched.await {
@@ -772,6 +779,9 @@ where
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "upstream connection ended with an error")
                 }
+                None if ended.stalled_out() => tracing::debug!(
+                    "upstream connection closed: it took nothing more of a request it had answered"
+                ),
                 None => tracing::debug!("upstream connection closed: no response head in time"),
             }
         });
@@ -971,40 +981,6 @@ where
         let Some(pool) = pool.upgrade() else { return };
         pool.drop_expired();
     }
-}
-
-/// A connection answered before its request's streamed body had all gone up (a legacy
-/// handler's early 409 or 201) goes on sending the rest, and hyper closes it only once that
-/// is done: a backend that then takes no more while keeping the connection open held it, and
-/// its place under `upstream_max_connections`, for good (no request's deadline watches it
-/// any longer). So, as before the answer (nginx's `proxy_send_timeout`), the rest must go up
-/// each chunk within `timeout` of the one before, or the connection is ended. A pause that
-/// is the client's is not the backend's: the connection is then reading the client's body,
-/// and ends with it. Only on this rare path, a task of its own.
-fn bound_rest_of_upload(conn: &Conn, uploading: &Option<Arc<Progress>>, timeout: Duration) {
-    let Some(progress) = uploading.as_ref().filter(|_| unsent(uploading)).cloned() else {
-        return;
-    };
-    let task = conn.task.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep_until(progress.last() + timeout).await;
-            if task.is_finished() || progress.done() {
-                return;
-            }
-            if progress.last() + timeout <= Instant::now() && !progress.client_paused() {
-                tracing::debug!(
-                    "upstream connection closed: it took no more of an upload it had answered"
-                );
-                task.abort();
-                return;
-            }
-            if progress.client_paused() {
-                // Looked at again a period on: the client may resume, or leave.
-                tokio::time::sleep(timeout).await;
-            }
-        }
-    });
 }
 
 /// Whether a request's streamed body (`uploading`) had not all gone up yet.

@@ -1151,6 +1151,78 @@ async fn a_backend_that_answers_an_upload_early_and_takes_no_more_of_it_holds_no
     uploader.abort();
 }
 
+/// The same handler, with a body the proxy read whole before sending it (within
+/// `max_tag_body`): hyper goes on writing it after the 409, and the backend takes none of
+/// it. No request waits on the connection any more, so only the connection's own watch can
+/// end it: once its writes have not moved for `upstream_timeout`.
+#[tokio::test]
+async fn a_backend_that_answers_a_whole_body_early_and_takes_no_more_of_it_holds_no_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = raw_backend(|mut s| async move {
+        let mut buf = Vec::new();
+        let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
+            return;
+        };
+        if buf[..end].starts_with(b"PUT ") {
+            let _ = s
+                .write_all(b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno")
+                .await;
+            // Reads nothing more, and keeps the connection.
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        } else {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start_with(
+        &route("/", "upstream_timeout = \"300ms\"\nmax_tag_body = \"8MiB\""),
+        &origin,
+        "upstream_max_connections = 1\nconnect_timeout = \"3s\"",
+    )
+    .await;
+    // More than the kernel's buffers between the proxy and the backend hold, read whole.
+    let len = 8 * 1024 * 1024;
+    let a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = a.into_split();
+    let uploader = tokio::spawn(async move {
+        let head = format!("PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.unwrap();
+        wr.write_all(&vec![b'x'; len]).await.unwrap();
+        wr
+    });
+    let mut got = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(
+        got[..n].starts_with(b"HTTP/1.1 409"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..n])
+    );
+    let _wr = tokio::time::timeout(Duration::from_secs(5), uploader)
+        .await
+        .expect("the proxy read the whole body")
+        .unwrap();
+    // Another request waits for the one connection allowed: it comes free once the body
+    // has not moved for `upstream_timeout`, well before `connect_timeout`.
+    let started = Instant::now();
+    let r = Client::new().get(&proxy.url("/other"), &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "ok"),
+        "the connection stuck on the body was freed (after {:?})",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// The same handler, with a body the proxy read whole and sent with its head: the handler
 /// answers 409 without reading it, then takes the body for the next request on the
 /// connection (here a GET it answers after a while) and answers that too. Put back in the
