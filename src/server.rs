@@ -16,12 +16,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use http::{Request, Version};
+use http::{Request, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::activity::{Activity, AnsweredLocally, Idle, Reading, Socket, Tracked};
@@ -154,7 +154,13 @@ pub async fn serve(
                     // sends no head), and no more than `TLS_HANDSHAKE_TIMEOUT`.
                     // Once the proxy stops, a handshake has the grace an idle connection
                     // has, so that a stalled one does not hold the drain.
-                    let accept = TlsAcceptor::from(tls).accept(stream);
+                    let accept = async move {
+                        let mut stream = stream;
+                        if answered_plain_http(&mut stream).await {
+                            return None;
+                        }
+                        Some(TlsAcceptor::from(tls).accept(stream).await)
+                    };
                     let within = ends.idle_timeout.min(TLS_HANDSHAKE_TIMEOUT);
                     let mut stopping = ends.stopping.clone();
                     let stop_grace = async move {
@@ -166,12 +172,16 @@ pub async fn serve(
                         () = stop_grace => None,
                     };
                     match handshake {
-                        Some(Ok(Ok(tls))) => {
+                        Some(Ok(Some(Ok(tls)))) => {
                             serve_connection(tls, addr, "https", proxy, builder, ends).await
                         }
-                        Some(Ok(Err(e))) => {
+                        Some(Ok(Some(Err(e)))) => {
                             tracing::debug!(error = %e, client = %addr, "TLS handshake failed")
                         }
+                        Some(Ok(None)) => tracing::debug!(
+                            client = %addr,
+                            "plain HTTP on the TLS listener: answered 400"
+                        ),
                         Some(Err(_)) => tracing::debug!(client = %addr, "TLS handshake timed out"),
                         None => tracing::debug!(client = %addr, "TLS handshake cut off: stopping"),
                     }
@@ -245,22 +255,62 @@ async fn refuse_connection(mut stream: TcpStream, plain: bool) {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
         return;
     }
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": "Service Unavailable",
-        "status": 503,
-        "detail": "the proxy is serving its maximum number of connections; retry later",
-    })
-    .to_string();
-    let rsp = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
+    let rsp = raw_problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "retry-after: 1\r\n",
+        "the proxy is serving its maximum number of connections; retry later",
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(rsp.as_bytes()).await;
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+/// A client speaking plain HTTP to the TLS listener (`http://` where `https://` was meant)
+/// gets a 400 saying so, as nginx answers, rather than a close it cannot explain: the
+/// first `curl` an ops team makes should say what is wrong. Told by the first byte, which
+/// a TLS client makes 0x16 (a handshake record) and an HTTP one a method's first letter.
+/// True if the client was answered (the connection is then done).
+async fn answered_plain_http(stream: &mut TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    if !matches!(stream.peek(&mut first).await, Ok(1)) || !first[0].is_ascii_uppercase() {
+        return false;
+    }
+    let rsp = raw_problem(
+        StatusCode::BAD_REQUEST,
+        "",
+        "a plain HTTP request was sent to the TLS listener; use https://",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // What the client sent is read first: closed with it unread, the connection would be
+        // reset, and the client could lose the answer.
+        let mut head = [0u8; 4096];
+        let _ = stream.read(&mut head).await;
+        let _ = stream.write_all(rsp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        while matches!(stream.read(&mut head).await, Ok(1..)) {}
+    })
+    .await;
+    true
+}
+
+/// A problem+json answer (RFC 9457) in plain HTTP/1.1 bytes, for a connection no HTTP
+/// server runs on; it closes the connection. `extra`: header lines, each ending in CRLF.
+fn raw_problem(status: StatusCode, extra: &str, detail: &str) -> String {
+    let reason = status.canonical_reason().unwrap_or_default();
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": reason,
+        "status": status.as_u16(),
+        "detail": detail,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/problem+json\r\n{extra}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_u16(),
+        body.len()
+    )
 }
 
 /// An HTTP/2 connection's receive window: every stream's at once, within the protocol's

@@ -65,6 +65,35 @@ async fn a_client_that_never_starts_its_handshake_is_closed_after_the_head_timeo
     assert!(took < Duration::from_secs(2), "closed after {took:?}");
 }
 
+/// `curl http://` to the TLS listener, the usual slip, gets a 400 that says what is
+/// wrong, as nginx answers (before, it got a TLS alert no HTTP client can read); a
+/// TLS client on the same listener is served as ever.
+#[tokio::test]
+async fn plain_http_on_the_tls_listener_is_told_to_use_https() {
+    let backend = Backend::start().await;
+    backend.store.put("/docs/a", "v1");
+    let pki = Pki::new("plain-on-tls", KeyType::EcdsaP256);
+    let proxy =
+        Proxy::start_with(&route("/docs/", ""), &backend.origin(), &pki.server_toml()).await;
+    let mut plain = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    plain
+        .write_all(b"GET /docs/a HTTP/1.1\r\nHost: a\r\nUser-Agent: curl/8\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "answered and closed at once");
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got:?}");
+    assert!(got.contains("application/problem+json"), "{got:?}");
+    assert!(got.contains("use https://"), "{got:?}");
+    assert_eq!(backend.store.reads(), 0, "nothing forwarded");
+    let r = Client::tls(&pki.ca_pem, false)
+        .get(&proxy.https_url("/docs/a"), &[])
+        .await;
+    assert_eq!(r.status, 200);
+}
+
 fn with_tls(cert: &str, key: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
