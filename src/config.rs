@@ -95,6 +95,8 @@ pub struct Server {
     pub tag_key: Option<TagKey>,
     /// The listener's TLS config (`[server.tls]`), built and checked at load.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// When the listener's certificate (the chain's first) may be used, if it could be read.
+    pub tls_validity: Option<crate::tls::Validity>,
     /// Runtime worker threads; `None`: one per CPU the process may use.
     pub workers: Option<usize>,
 }
@@ -876,9 +878,11 @@ impl Validator<'_> {
                 .and_then(|n| self.at_most(&s.workers, "server.workers", n, MAX_WORKERS))
                 .map(Some),
         };
+        let (tls, tls_validity) = tls?.unzip();
         Some(Server {
             workers: workers?,
-            tls: tls?,
+            tls,
+            tls_validity: tls_validity.flatten(),
             tag_key: tag_key?,
             listen: listen?,
             tag_cache_entries: entries?,

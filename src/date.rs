@@ -122,6 +122,21 @@ fn imf_fixdate(s: &[u8]) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(days * 86_400 + time))
 }
 
+/// A UTC time from its fields, on or after 1970; `None` if a field is out of its range.
+pub(crate) fn utc(year: u64, month: u64, day: u64, hms: (u64, u64, u64)) -> Option<SystemTime> {
+    let (h, m, s) = hms;
+    let valid = year >= 1970
+        && (1..=12).contains(&month)
+        && (1..=days_in_month(year, month)).contains(&day)
+        && h < 24
+        && m < 60
+        && s < 60;
+    valid.then(|| {
+        let days = days_since_epoch(year, month, day);
+        UNIX_EPOCH + Duration::from_secs(days * 86_400 + h * 3600 + m * 60 + s)
+    })
+}
+
 /// Days from 0000-01-01 (proleptic Gregorian; year 0 is a leap year) to a valid date.
 fn days_from_year_0(year: u64, month: u64, day: u64) -> u64 {
     // Leap days in years 0..year: year 0's, and those in 1..=year-1.

@@ -167,7 +167,11 @@ async fn reload_aside(path: &std::path::Path, proxy: &Arc<Proxy>, running: &Conf
 pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
     match Config::load(path) {
         Ok(mut config) => {
-            for key in keep_start_settings(&mut config, running, proxy.tls()) {
+            for key in keep_start_settings(
+                &mut config,
+                running,
+                proxy.tls().map(|t| (t, proxy.certificate())),
+            ) {
                 tracing::warn!("{key} changed: it takes effect after a restart");
             }
             proxy.reload(&config);
@@ -208,11 +212,11 @@ pub fn reload(path: &std::path::Path, proxy: &Proxy, running: &Config) {
 /// own check of a head's size must agree with the buffer hyper read it into. TLS stays on or
 /// off as it started (a plain listener turned TLS would fail every client at once); the
 /// certificates of a TLS listener are reloaded, so the ones kept are those in use now
-/// (`tls_now`), not those of the start.
+/// (`tls_now`, with the certificate's validity), not those of the start.
 fn keep_start_settings(
     new: &mut Config,
     running: &Config,
-    tls_now: Option<Arc<rustls::ServerConfig>>,
+    tls_now: Option<(Arc<rustls::ServerConfig>, Option<crate::tls::Validity>)>,
 ) -> Vec<&'static str> {
     let mut kept = Vec::new();
     let (n, r) = (&mut new.server, &running.server);
@@ -240,7 +244,10 @@ fn keep_start_settings(
     );
     if n.tls.is_some() != r.tls.is_some() {
         kept.push("server.tls (on or off)");
-        n.tls = tls_now;
+        (n.tls, n.tls_validity) = match tls_now {
+            Some((tls, validity)) => (Some(tls), validity),
+            None => (None, None),
+        };
     }
     if new.admin.as_ref().map(|a| a.listen) != running.admin.as_ref().map(|a| a.listen) {
         kept.push("admin.listen");

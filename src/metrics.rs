@@ -237,6 +237,24 @@ pub fn write_settling(out: &mut String, writes: usize) {
     );
 }
 
+/// When the TLS listener's certificate in use expires, as Envoy's
+/// `days_until_first_cert_expiring` and the blackbox exporter's
+/// `probe_ssl_earliest_cert_expiry` tell it: alert on it minus `time()`. Absent without TLS
+/// (or when the certificate's dates could not be read).
+pub fn write_certificate(out: &mut String, certificate: Option<crate::tls::Validity>) {
+    let Some(v) = certificate else { return };
+    let name = "ifmatch_tls_certificate_expiry_timestamp_seconds";
+    let at = v
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let _ = writeln!(
+        out,
+        "# HELP {name} When the TLS listener's certificate in use (the chain's first) expires, in seconds since the Unix epoch.\n# TYPE {name} gauge\n{name} {at}"
+    );
+}
+
 /// The label set of requests no route took.
 pub const NO_ROUTE: &str = "route=\"none\"";
 

@@ -94,6 +94,89 @@ async fn plain_http_on_the_tls_listener_is_told_to_use_https() {
     assert_eq!(r.status, 200);
 }
 
+/// A listener certificate past its date starts (the proxy cannot renew it), but says so
+/// in a WARN, and its expiry is a gauge to alert on; a SIGHUP with a renewed certificate
+/// moves the gauge to the new date.
+#[tokio::test]
+async fn the_listener_certificates_expiry_is_warned_of_and_a_gauge() {
+    let backend = Backend::start().await;
+    let expired = Pki::valid(
+        "expired",
+        KeyType::EcdsaP256,
+        Some([(2020, 1, 1), (2021, 1, 1)]),
+    );
+    let renewed = Pki::valid(
+        "renewed",
+        KeyType::EcdsaP256,
+        Some([(2020, 1, 1), (2051, 6, 1)]),
+    );
+    let dir = common::TempDir::new("expiry");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::copy(expired.cert(), &cert).unwrap();
+    std::fs::copy(expired.key(), &key).unwrap();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[server.tls]\ncert = \"{}\"\nkey = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        backend.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let warned = bin
+        .wait_for_log("certificate has expired", Duration::from_secs(5))
+        .await;
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(
+        warned.contains("Fri, 01 Jan 2021 00:00:00 GMT"),
+        "names the date: {warned}"
+    );
+    let admin = bin.logged_addr("admin endpoints").await;
+    let gauge = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("ifmatch_tls_certificate_expiry_timestamp_seconds "))
+            .map(str::to_owned)
+    };
+    let metrics = Client::new()
+        .get(&format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    assert_eq!(gauge(&metrics).as_deref(), Some("1609459200"), "{metrics}");
+
+    std::fs::copy(renewed.cert(), &cert).unwrap();
+    std::fs::copy(renewed.key(), &key).unwrap();
+    bin.signal("HUP");
+    bin.wait_for_log("config reloaded", Duration::from_secs(5))
+        .await;
+    let metrics = Client::new()
+        .get(&format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    assert_eq!(gauge(&metrics).as_deref(), Some("2569190400"), "{metrics}");
+    let expired_warnings = bin
+        .log()
+        .iter()
+        .filter(|l| l.contains("certificate has expired"))
+        .count();
+    assert_eq!(expired_warnings, 1, "the renewed one is not warned of");
+}
+
+/// Without TLS there is no certificate gauge.
+#[tokio::test]
+async fn a_plain_listener_has_no_certificate_gauge() {
+    let backend = Backend::start().await;
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[[route]]\nprefix = \"/\"\nupstream = \"{}\"\n",
+        backend.origin()
+    );
+    let bin = Binary::start(&config, &[]).await;
+    let admin = bin.logged_addr("admin endpoints").await;
+    let metrics = Client::new()
+        .get(&format!("http://{admin}/metrics"), &[])
+        .await
+        .text();
+    assert!(metrics.contains("ifmatch_connections_open"), "{metrics}");
+    assert!(!metrics.contains("certificate"), "{metrics}");
+}
+
 fn with_tls(cert: &str, key: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:1\"\n[server.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n"
@@ -613,7 +696,7 @@ async fn an_https_upstreams_certificate_failure_says_what_to_do() {
     );
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let tls = ifmatch::tls::server_config(&cert_path, &key_path).unwrap();
+    let (tls, _) = ifmatch::tls::server_config(&cert_path, &key_path).unwrap();
     let backend = HttpsBackend::start(tls).await;
     let trusted = format!("ca_file = \"{}\"", cert_path.display());
     let proxy = Proxy::start(&route("/", &trusted), &backend.origin()).await;

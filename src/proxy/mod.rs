@@ -82,6 +82,8 @@ struct Routing {
     /// The listener's TLS config: swapped by a reload like the rest (new certificates).
     /// Its ALPN offers h2 exactly when `http2` is on.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// When its certificate may be used, if that could be read.
+    certificate: Option<crate::tls::Validity>,
     /// Clients may speak HTTP/2 (`server.http2`).
     http2: bool,
     max_header_bytes: u64,
@@ -102,6 +104,7 @@ impl Routing {
         let s = &config.server;
         let router = Router::new(config.routes.iter().cloned());
         warn_shadowed(&router);
+        warn_certificate(s, SystemTime::now());
         Self {
             router,
             tag_key: s.tag_key.clone().unwrap_or_else(|| random_key.clone()),
@@ -110,6 +113,7 @@ impl Routing {
                 None => UpstreamClient::new(config),
             },
             tls: s.tls.as_ref().map(|t| crate::tls::offering(t, s.http2)),
+            certificate: s.tls_validity.filter(|_| s.tls.is_some()),
             http2: s.http2,
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
@@ -277,10 +281,42 @@ fn warn_random_key(config: &Config) {
     }
 }
 
+/// How long before its certificate expires the listener warns of it at each start and
+/// reload: time for a renewal that failed to be done by hand.
+const CERTIFICATE_WARN_BEFORE: Duration = Duration::from_secs(14 * 86_400);
+
+/// A listener certificate that clients refuse now, or will within
+/// [`CERTIFICATE_WARN_BEFORE`], is warned of: the proxy would start, and every TLS client
+/// fail its handshake. (`ifmatch_tls_certificate_expiry_timestamp_seconds` is there to alert
+/// on.)
+fn warn_certificate(s: &crate::config::Server, now: SystemTime) {
+    let Some(v) = s.tls_validity.filter(|_| s.tls.is_some()) else {
+        return;
+    };
+    let at = |t: SystemTime| httpdate::fmt_http_date(t);
+    if v.not_after <= now {
+        tracing::warn!(
+            not_after = %at(v.not_after),
+            "the listener's certificate has expired: TLS clients will refuse it"
+        );
+    } else if v.not_before > now {
+        tracing::warn!(
+            not_before = %at(v.not_before),
+            "the listener's certificate is not valid yet: TLS clients will refuse it until then"
+        );
+    } else if v.not_after.duration_since(now).unwrap_or_default() < CERTIFICATE_WARN_BEFORE {
+        tracing::warn!(
+            not_after = %at(v.not_after),
+            "the listener's certificate expires within 14 days"
+        );
+    }
+}
+
 /// The warnings a valid config gets at start, for `--check` to show without starting.
 pub fn warn_about(config: &Config) {
     warn_random_key(config);
     warn_shadowed(&Router::new(config.routes.iter().cloned()));
+    warn_certificate(&config.server, SystemTime::now());
     // Warns where an https route would use them and there are none.
     upstream::platform_tls(config);
 }
@@ -318,12 +354,18 @@ impl Proxy {
             crate::metrics::write_connection_cap(&mut out, cap);
         }
         crate::metrics::write_settling(&mut out, self.settling.count());
+        crate::metrics::write_certificate(&mut out, self.certificate());
         out
     }
 
     /// The TLS config for the next connection, when the listener is TLS.
     pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.routing.load().tls.clone()
+    }
+
+    /// When the listener's certificate in use may be used, if it is TLS and that was read.
+    pub fn certificate(&self) -> Option<crate::tls::Validity> {
+        self.routing.load().certificate
     }
 
     /// How the next connection is served: TLS or not, HTTP/2 or not, from one config (a

@@ -36,6 +36,13 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(name: &str, key_type: KeyType) -> Self {
+        Self::valid(name, key_type, None)
+    }
+
+    /// A PKI whose leaf is valid from the first date (year, month, day) to the second
+    /// (rcgen's defaults, 1975 to 4096, without).
+    #[allow(dead_code)]
+    pub fn valid(name: &str, key_type: KeyType, dates: Option<[(i32, u8, u8); 2]>) -> Self {
         // A number per Pki as well as the name: tests of one binary run side by side, and two
         // that picked one name would delete each other's files.
         static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -62,6 +69,10 @@ impl Pki {
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         leaf.distinguished_name
             .push(rcgen::DnType::CommonName, "localhost");
+        if let Some([(y, m, d), (y2, m2, d2)]) = dates {
+            leaf.not_before = rcgen::date_time_ymd(y, m, d);
+            leaf.not_after = rcgen::date_time_ymd(y2, m2, d2);
+        }
         let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
         // The file holds the chain: leaf, then the CA.
         std::fs::write(
@@ -100,7 +111,9 @@ impl Pki {
 
     /// A rustls server config for a test backend.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        ifmatch::tls::server_config(&self.cert(), &self.key()).unwrap()
+        ifmatch::tls::server_config(&self.cert(), &self.key())
+            .unwrap()
+            .0
     }
 }
 
