@@ -364,7 +364,10 @@ where
         timeout: Duration,
         queued: Option<&Queued>,
     ) -> Result<Response<Incoming>, SendError> {
-        let origin = upstream.origin.as_str();
+        // In one spelling (`LOCALHOST` and `localhost:80` are one backend): its idle
+        // connections and its share of `upstream_max_connections` are one, as its locks
+        // and tags are.
+        let origin = upstream.key_prefix.as_str();
         // One timeout for all attempts, from the first; and one replay at most: a request
         // that makes the backend close (a crashing handler) must not be sent once per
         // idle connection.

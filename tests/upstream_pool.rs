@@ -337,6 +337,28 @@ async fn pools_sharing_a_cap_share_its_count_per_origin() {
     assert_eq!(backend.connections(), 1);
 }
 
+/// Two spellings of one origin (`localhost` and `LOCALHOST`, as two routes may name one
+/// backend) are one origin under the cap, as the README has it ("the count is per origin
+/// across routes"), as they are one for locks and tags. Before, each spelling had a share
+/// of its own: two connections to a backend capped at one.
+#[tokio::test]
+async fn two_spellings_of_one_origin_share_its_cap() {
+    let backend = big_body_backend().await;
+    let port = backend.origin().rsplit(':').next().unwrap().to_owned();
+    let (lower, upper) = (
+        format!("http://localhost:{port}"),
+        format!("http://LOCALHOST:{port}"),
+    );
+    let p = capped_pool(ConnectionCap::new(1), Duration::from_millis(300));
+    let held = hold(&p, &lower, "/a").await;
+    match p.send(&upstream(&upper), get(&upper, "/b"), TIMEOUT).await {
+        Err(SendError::Saturated { limit: 1, .. }) => {}
+        other => panic!("{:?}", other.map(|r| r.status())),
+    }
+    drop(held);
+    assert_eq!(backend.most_open(), 1);
+}
+
 /// Pools that share a cap keep lines of their own: a request through one pool does not
 /// queue behind a request of another pool that waits for a turn (it could never use this
 /// pool's connections), and takes this pool's connection as it comes free; the other
