@@ -718,3 +718,57 @@ async fn http2_turned_off_and_on_by_a_reload_applies_to_new_connections() {
     let r = Client::h2().get(&url, &[]).await;
     assert_eq!((r.status, r.version), (200, Version::HTTP_2), "on again");
 }
+
+/// The h2 library reads an empty `content-length` as 0 (its number parser takes no digits
+/// for zero) and lets the field through, alone or beside a `0`; hyper then finds no length
+/// in it. Forwarded, an HTTP/1.1 backend would be sent `Content-Length: ` with no number, a
+/// head it must refuse or may read its own way (RFC 9110 §8.6, RFC 9112 §6.3). Refused with
+/// a 400 instead, and nothing reaches the backend.
+#[tokio::test]
+async fn an_http2_request_with_an_empty_content_length_is_refused_and_not_forwarded() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let received = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let seen = received.clone();
+    let origin = common::backend::raw_backend(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(Ok(n @ 1..)) =
+                tokio::time::timeout(std::time::Duration::from_millis(200), s.read(&mut buf)).await
+            {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            let ok = b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n";
+            let _ = s.write_all(ok).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(&route("/", ""), &origin).await;
+    let mut client = common::h2_client(proxy.addr).await;
+    for (method, lengths) in [
+        ("PUT", &[""][..]),
+        ("PUT", &["", "0"]),
+        ("GET", &[""]),
+        ("DELETE", &[""]),
+    ] {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(proxy.url("/docs/a"));
+        for l in lengths {
+            req = req.header("content-length", *l);
+        }
+        let (rsp, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+        let rsp = rsp.await.unwrap();
+        assert_eq!(
+            rsp.status(),
+            400,
+            "{method} with content-length {lengths:?}"
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&received.lock().unwrap()),
+        "",
+        "the backend got a request"
+    );
+}

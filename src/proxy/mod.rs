@@ -579,6 +579,9 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         ex.body = Some(body);
         crate::framing::check_codings(&parts.headers)?;
+        if parts.version == Version::HTTP_2 {
+            crate::framing::check_http2_length(&parts.headers)?;
+        }
         // A tunnel has no representation to tag, and a backend given `CONNECT /` (its
         // authority-form target turned origin-form) could only misread it. A backend that
         // answers TRACE echoes the request back, `Cookie` and `Authorization` included
