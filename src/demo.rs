@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -238,7 +239,7 @@ pub async fn serve(
 /// `ifmatch --demo`: a legacy store on a free port, the proxy on `listen` in front of it, and
 /// a walk-through printed to stdout. Runs until `shutdown` completes.
 pub async fn run_demo(
-    listen: std::net::SocketAddr,
+    listen: SocketAddr,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = LegacyStore::new();
@@ -272,8 +273,30 @@ require_precondition = true
     );
     let config = crate::config::Config::parse(&toml, "demo")?;
     let tag = crate::etag::TagKey::new(tag_key.as_bytes()).tag_of(hello.as_bytes());
+    print!(
+        "{}",
+        walkthrough(listen, backend_addr, &toml, &tag.to_string())
+    );
+    let store_task = tokio::spawn(serve(backend, store, std::future::pending()));
+    crate::server::run(proxy, config, shutdown).await?;
+    store_task.abort();
+    Ok(())
+}
+
+/// The demo's banner and walk-through: where the proxy is, the config it runs, and curl
+/// commands to try, each with the answer it gets. A wildcard `listen` (`0.0.0.0:8080` in a
+/// container) is named by its loopback address: the wildcard is where to bind, not where to
+/// connect (Windows refuses it, browsers block it); the config printed keeps it.
+fn walkthrough(listen: SocketAddr, backend_addr: SocketAddr, toml: &str, tag: &str) -> String {
+    let mut listen = listen;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(match listen.ip() {
+            IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
     let u = format!("http://{listen}/docs/hello");
-    println!(
+    format!(
         r#"ifmatch demo: proxy on http://{listen}  ->  legacy store on http://{backend_addr} (no ETags)
 
 The config it runs:{toml}
@@ -292,10 +315,44 @@ Try, in another terminal:
   curl -i -X PUT http://{listen}/docs/archived -H 'If-Match: *' -H 'Content-Type: application/json' -d '{{}}'
       409 Conflict from the backend, passed through unchanged (retrying will not help)
 
-Ctrl-C stops it."#
-    );
-    let store_task = tokio::spawn(serve(backend, store, std::future::pending()));
-    crate::server::run(proxy, config, shutdown).await?;
-    store_task.abort();
-    Ok(())
+Ctrl-C stops it.
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docker run -p 8080:8080 ifmatch --demo --listen 0.0.0.0:8080` (the README's way to
+    /// see the image work): the proxy binds every address, but 0.0.0.0 is no address to send
+    /// to (Windows refuses to connect to it, browsers block it), so the commands to paste
+    /// name loopback, which `-p` publishes on the host.
+    #[test]
+    fn a_wildcard_listen_address_is_shown_as_loopback_in_the_commands() {
+        let backend: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        for (listen, shown) in [
+            ("0.0.0.0:8080", "http://127.0.0.1:8080/"),
+            ("[::]:8080", "http://[::1]:8080/"),
+            ("127.0.0.1:8080", "http://127.0.0.1:8080/"),
+            ("10.1.2.3:8080", "http://10.1.2.3:8080/"),
+        ] {
+            let text = walkthrough(listen.parse().unwrap(), backend, "", "\"t\"");
+            assert!(
+                text.starts_with(&format!(
+                    "ifmatch demo: proxy on {}",
+                    shown.trim_end_matches('/')
+                )),
+                "{listen}: {text}"
+            );
+            let curls: Vec<&str> = text
+                .lines()
+                .filter(|l| l.trim_start().starts_with("curl"))
+                .collect();
+            assert_eq!(curls.len(), 6, "{text}");
+            for line in curls {
+                assert!(line.contains(shown), "{listen}: {line}");
+            }
+        }
+    }
 }
