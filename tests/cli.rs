@@ -40,6 +40,52 @@ fn the_shipped_example_config_is_valid() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes)"));
 }
 
+/// Every config a reader may copy passes `--check`: each TOML file under `config/` (what the
+/// image, the pod and the compose file mount) and each `toml` block of the README (the
+/// minimal sidecar config), not only the one file named above.
+#[test]
+fn every_shipped_config_and_readme_example_passes_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.join("config")];
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                files.push(path);
+            }
+        }
+    }
+    assert!(!files.is_empty());
+    for file in &files {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(file)
+            .arg("--check")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap())
+        .collect();
+    assert!(!blocks.is_empty(), "the README's sidecar config is gone");
+    for block in blocks {
+        let (ok, out) = check(block);
+        assert!(ok, "README block:\n{block}\n{out}");
+    }
+}
+
 /// `kubectl apply -k config`: kustomize refuses any file outside the kustomization's folder
 /// (`config/kubernetes/` once named `../example.toml`, and every apply failed). Each file it
 /// names must lie in or below `config/` and exist; with `kubectl` at hand, it must render,
