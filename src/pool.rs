@@ -246,6 +246,29 @@ impl ConnectionCap {
 /// may meet that close, and is kept to be sent again (see [`Pool::send`]).
 const REPLAY_AFTER: Duration = Duration::from_millis(500);
 
+/// How long an origin is remembered to close connections just after answering on them (a
+/// backend that serves one request per connection without saying so, or one restarting):
+/// while it is, a GET or HEAD sent on any of its pooled connections is kept to be sent
+/// again, however briefly the connection was idle (see [`Pool::send`]). Each close met
+/// renews it.
+const CLOSES_EARLY_FOR: Duration = Duration::from_secs(60);
+
+/// An origin's idle connections, and when a connection of its last closed on a request it
+/// had not answered, though idle for less than [`REPLAY_AFTER`].
+#[derive(Default)]
+struct Origin {
+    idle: Vec<Idle>,
+    closed_early: Option<Instant>,
+}
+
+impl Origin {
+    /// Whether its connections may close on a request however briefly they were idle.
+    fn closes_early(&self, now: Instant) -> bool {
+        self.closed_early
+            .is_some_and(|at| now.duration_since(at) < CLOSES_EARLY_FOR)
+    }
+}
+
 /// What an upstream connection may read (`[server]` `upstream_read_buffer` and
 /// `max_header_fields`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,7 +297,7 @@ impl Idle {
 pub struct Pool<C> {
     connector: C,
     /// Keyed by origins from the config, not by anything a client sends: a fast hasher.
-    idle: Mutex<HashMap<String, Vec<Idle>, foldhash::fast::RandomState>>,
+    idle: Mutex<HashMap<String, Origin, foldhash::fast::RandomState>>,
     idle_timeout: Duration,
     max_idle_per_origin: usize,
     /// Open connections per origin at most (`upstream_max_connections`); `None`: no limit.
@@ -340,7 +363,12 @@ where
     /// So is a GET or HEAD without a body that went out on a connection idle for
     /// [`REPLAY_AFTER`] or more just as the backend closed it on its keep-alive timeout: no
     /// answer at all came back, and sending it again cannot do harm (Go's HTTP client does
-    /// the same). Once: a request whose handling makes the backend close (a crashing
+    /// the same). So is one on a connection of any idleness to an origin seen closing a
+    /// connection on a request soon after an answer (one request per connection without
+    /// `Connection: close`, or a restart): the close then reaches the pool only after the
+    /// next request went up ([`CLOSES_EARLY_FOR`]). The first such close is met with no copy
+    /// in hand (keeping one for every request costs a plain GET 3-5%): that request gets the
+    /// error. Once: a request whose handling makes the backend close (a crashing
     /// handler) is not sent again on every idle connection. Other requests get the error:
     /// the backend may have carried them out. All attempts share the one `timeout`.
     ///
@@ -398,8 +426,8 @@ where
                 && line
                     .as_ref()
                     .is_some_and(|l| l.waiting.load(Ordering::Acquire) > 0);
-            while let Some((mut idle, now)) = match handed.take() {
-                Some(idle) => Some((*idle, Instant::now())),
+            while let Some((mut idle, now, closes_early)) = match handed.take() {
+                Some(idle) => Some((*idle, Instant::now(), false)),
                 None if queue => None,
                 None => self.checkout(origin),
             } {
@@ -407,7 +435,7 @@ where
                 let conn = &mut idle.conn;
                 // The copy costs 3-5% of a request's instructions: only where the race can be.
                 let replay = (!replayed
-                    && now.duration_since(idle.since) >= REPLAY_AFTER
+                    && (closes_early || now.duration_since(idle.since) >= REPLAY_AFTER)
                     && replayable(&req))
                 .then(|| head_only(&req));
                 // A timeout shorter than the one the connection was opened with (another
@@ -452,10 +480,16 @@ where
                         (None, Some(copy)) if unanswered(e.error()) => {
                             let error = e.error();
                             tracing::debug!(origin, %error, "sent again: an idle connection closed");
+                            self.closed_early(origin, now, idle.since);
                             *req = copy;
                             replayed = true;
                         }
-                        (None, _) => return Err(SendError::Http(e.into_error())),
+                        (None, _) => {
+                            if unanswered(e.error()) {
+                                self.closed_early(origin, now, idle.since);
+                            }
+                            return Err(SendError::Http(e.into_error()));
+                        }
                     },
                 }
             }
@@ -560,13 +594,32 @@ where
     /// An idle connection that can take a request now, and the time it was taken. Closed
     /// and expired ones are dropped on the way; busy ones (a response body still streaming)
     /// stay.
-    fn checkout(&self, origin: &str) -> Option<(Idle, Instant)> {
+    /// Also whether the origin closes connections early ([`Origin::closes_early`]).
+    fn checkout(&self, origin: &str) -> Option<(Idle, Instant, bool)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(origin)?;
+        let entry = idle.get_mut(origin)?;
         let now = Instant::now();
+        let list = &mut entry.idle;
         list.retain(|c| c.usable(now, self.idle_timeout));
         let ready = list.iter().position(|c| c.conn.sender.is_ready())?;
-        Some((list.swap_remove(ready), now))
+        let conn = list.swap_remove(ready);
+        Some((conn, now, entry.closes_early(now)))
+    }
+
+    /// Notes that a connection to `origin` idle since `since` closed on a request sent at
+    /// `sent` without answering it. Idle for less than [`REPLAY_AFTER`], that is no
+    /// keep-alive timeout: the origin closes its connections soon after answering, and its
+    /// GETs are kept to be sent again from now on.
+    fn closed_early(&self, origin: &str, sent: Instant, since: Instant) {
+        if sent.duration_since(since) >= REPLAY_AFTER {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = match idle.get_mut(origin) {
+            Some(entry) => entry,
+            None => idle.entry(origin.to_owned()).or_default(),
+        };
+        entry.closed_early = Some(sent);
     }
 
     /// The origin's permits, under `upstream_max_connections`.
@@ -704,7 +757,7 @@ where
     /// ready one and a look for busy ones would be in neither, and nothing would say so.
     fn claim(&self, origin: &str, busy: &mut Vec<Idle>) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(origin)?;
+        let list = &mut idle.get_mut(origin)?.idle;
         let now = Instant::now();
         list.retain(|c| c.usable(now, self.idle_timeout));
         if let Some(ready) = list.iter().position(|c| c.conn.sender.is_ready()) {
@@ -720,9 +773,9 @@ where
     fn drop_expired(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|_, list| {
-            list.retain(|c| c.usable(now, self.idle_timeout));
-            !list.is_empty()
+        idle.retain(|_, origin| {
+            origin.idle.retain(|c| c.usable(now, self.idle_timeout));
+            !origin.idle.is_empty() || origin.closes_early(now)
         });
     }
 
@@ -801,7 +854,7 @@ impl<C: Send + Sync> CloseIdle for Pool<C> {
     fn close_idle(&self, origin: &str) -> bool {
         let closed = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(list) = idle.get_mut(origin) else {
+            let Some(Origin { idle: list, .. }) = idle.get_mut(origin) else {
                 return false;
             };
             let Some(ready) = list.iter().position(|c| c.conn.sender.is_ready()) else {
@@ -833,8 +886,8 @@ impl<C> Pool<C> {
     fn keep(&self, origin: &str, conn: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = match idle.get_mut(origin) {
-            Some(list) => list,
-            None => idle.entry(origin.to_owned()).or_default(),
+            Some(entry) => &mut entry.idle,
+            None => &mut idle.entry(origin.to_owned()).or_default().idle,
         };
         if list.len() < self.max_idle_per_origin {
             list.push(Idle {
