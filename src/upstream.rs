@@ -421,6 +421,37 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Transfer-Encoding`'s place in [`HOP_BY_HOP`], as a bit of [`Scan::present`].
 const TRANSFER_ENCODING_BIT: u16 = 1 << 4;
 
+/// The headers the proxy sets (`X-Forwarded-*`, `prepare`) or judges by name (the method
+/// overrides), whose spellings with `_` for `-` are not passed on: CGI, WSGI, Rack and PHP
+/// name a header by its `HTTP_X_FORWARDED_PROTO` variable, where `X_Forwarded_Proto` and
+/// `X-Forwarded-Proto` are one, so a client's `X_Forwarded_Host` went up as the proxy's
+/// `X-Forwarded-Host` (Puma before 6.4.3 let it clobber the proxy's, CVE-2024-45614), and its
+/// `X_HTTP_Method_Override: DELETE` ran a POST as a DELETE (Rack's `MethodOverride`) past
+/// `require_precondition`. nginx drops every name with `_` by default
+/// (`underscores_in_headers off`), gunicorn 22 too; other names pass here as sent.
+const OWN_NAMES: [&str; 6] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    METHOD_OVERRIDES[0],
+    METHOD_OVERRIDES[1],
+    METHOD_OVERRIDES[2],
+];
+
+/// Whether `name` (lower case, as every `HeaderName` is) is one of [`OWN_NAMES`] with `_` for
+/// some `-`. The length is looked at first: one compare for nearly every name.
+fn spells_own_name_with_underscores(name: &str) -> bool {
+    matches!(name.len(), 13 | 15..=17 | 22)
+        && name.contains('_')
+        && OWN_NAMES.iter().any(|own| {
+            own.len() == name.len()
+                && own
+                    .bytes()
+                    .zip(name.bytes())
+                    .all(|(o, n)| o == n || (o == b'-' && n == b'_'))
+        })
+}
+
 /// Which hop-by-hop headers a head has, found in one pass over it: most heads carry none or
 /// only `Connection: keep-alive`, and each lookup or removal costs a hash.
 #[derive(Clone, Copy, Debug)]
@@ -429,24 +460,30 @@ struct Scan {
     present: u16,
     /// `Connection` names headers beyond the hop-by-hop ones.
     names_more: bool,
+    /// A name of [`OWN_NAMES`] spelled with underscores is there.
+    underscored: bool,
 }
 
 fn scan(headers: &HeaderMap) -> Scan {
     let mut found = Scan {
         present: 0,
         names_more: false,
+        underscored: false,
     };
     for (name, value) in headers.iter() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             found.present |= 1 << i;
             found.names_more |= i == 0 && !names_nothing(value);
+        } else {
+            found.underscored |= spells_own_name_with_underscores(name.as_str());
         }
     }
     found
 }
 
-/// Removes hop-by-hop headers and every header named in `Connection`. True if `Connection`
-/// named any beyond the hop-by-hop ones (which may be any header, `Host` too).
+/// Removes hop-by-hop headers, every header named in `Connection`, and the underscore
+/// spellings of the proxy's own headers ([`OWN_NAMES`]). True if `Connection` named any
+/// beyond the hop-by-hop ones (which may be any header, `Host` too).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let found = scan(headers);
     strip_scanned(headers, found)
@@ -477,6 +514,11 @@ fn strip_response(status: http::StatusCode, headers: &mut HeaderMap) -> Result<(
     } else {
         collapse_repeated_length(headers);
     }
+    // Names with underscores are a request's concern: a response's pass as sent.
+    let found = Scan {
+        underscored: false,
+        ..found
+    };
     strip_scanned(headers, found);
     Ok(())
 }
@@ -485,7 +527,18 @@ fn strip_scanned(headers: &mut HeaderMap, found: Scan) -> bool {
     let Scan {
         present,
         names_more,
+        underscored,
     } = found;
+    if underscored {
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| spells_own_name_with_underscores(n.as_str()))
+            .cloned()
+            .collect();
+        for name in &spoofed {
+            headers.remove(name);
+        }
+    }
     if present == 0 {
         return false;
     }
@@ -858,6 +911,39 @@ mod tests {
         let before = plain.clone();
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain, before);
+    }
+
+    #[test]
+    fn underscore_spellings_of_the_proxys_own_names_are_removed_and_no_others() {
+        for n in [
+            "x_forwarded_for",
+            "x-forwarded_proto",
+            "x_forwarded-host",
+            "x_http_method_override",
+            "x_http_method",
+            "x-method_override",
+        ] {
+            assert!(spells_own_name_with_underscores(n), "{n}");
+        }
+        for n in [
+            "x-forwarded-for",
+            "x-http-method",
+            "accept_encoding",
+            "x_forwarded_fox",
+            "x_forwarded_for_",
+            "x__forwarded_for",
+            "x_custom",
+        ] {
+            assert!(!spells_own_name_with_underscores(n), "{n}");
+        }
+        let mut h = HeaderMap::new();
+        h.append("x_forwarded_proto", "https".parse().unwrap());
+        h.append("x_forwarded_proto", "https".parse().unwrap());
+        h.insert("x_custom", "1".parse().unwrap());
+        h.insert(header::ETAG, "\"a\"".parse().unwrap());
+        assert!(!strip_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(h.contains_key("x_custom"));
     }
 
     #[test]

@@ -204,6 +204,96 @@ async fn a_clients_x_forwarded_host_never_reaches_the_backend_as_the_proxys() {
     );
 }
 
+/// The values a backend that names headers as CGI does (WSGI, Rack, PHP:
+/// `HTTP_X_FORWARDED_PROTO`) reads for `name`: `X_Forwarded_Proto` is `X-Forwarded-Proto`
+/// to it.
+fn as_cgi_reads(headers: &http::HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.as_str().replace('_', "-") == name)
+        .map(|(_, v)| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The headers the proxy sets (`X-Forwarded-*`) or judges by name (method overrides) are
+/// its own: a client's spelling of one with underscores went up beside the proxy's, and a
+/// backend that maps `-` and `_` alike (Puma before 6.4.3, CVE-2024-45614; any Rack, WSGI
+/// or CGI server for a name the proxy does not set: `X_Forwarded_Host` without `Host`, a
+/// `X_HTTP_Method_Override` that Rails runs a POST by) took the client's value for the
+/// proxy's. They are dropped, as nginx drops every name with an underscore by default.
+#[tokio::test]
+async fn underscore_spellings_of_the_proxys_own_headers_never_reach_the_backend() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start(
+        &route("/", "require_precondition = true"),
+        &backend.origin(),
+    )
+    .await;
+    let spoofs = [
+        ("x_forwarded_proto", "https"),
+        ("X-Forwarded_For", "6.6.6.6"),
+        ("x_forwarded_host", "evil.example"),
+        ("x_http_method_override", "DELETE"),
+        ("X_HTTP_Method", "DELETE"),
+        ("x_method_override", "DELETE"),
+    ];
+    let mut headers = spoofs.to_vec();
+    headers.push(("host", "docs.example"));
+    headers.push(("x_custom_field", "kept"));
+    let r = Client::new().get(&proxy.url("/x"), &headers).await;
+    assert_eq!(r.status, 200);
+    let seen = backend.last().headers;
+    assert_eq!(
+        as_cgi_reads(&seen, "x-forwarded-proto"),
+        ["http"],
+        "{seen:?}"
+    );
+    assert_eq!(as_cgi_reads(&seen, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(as_cgi_reads(&seen, "x-forwarded-host"), ["docs.example"]);
+    for name in METHOD_OVERRIDES {
+        assert_eq!(as_cgi_reads(&seen, name), Vec::<String>::new(), "{name}");
+    }
+    assert_eq!(seen["x_custom_field"], "kept", "other names pass as sent");
+
+    // A POST, which a guarded method's override header would have 428 (Rack's
+    // `MethodOverride` runs a POST as the DELETE it names), goes up as a plain POST.
+    let r = Client::new()
+        .send(
+            "POST",
+            &proxy.url("/x"),
+            &[("X_HTTP_Method_Override", "DELETE")],
+            "x",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = backend.last();
+    assert_eq!(seen.method, "POST");
+    for name in METHOD_OVERRIDES {
+        assert_eq!(
+            as_cgi_reads(&seen.headers, name),
+            Vec::<String>::new(),
+            "{name}"
+        );
+    }
+
+    // HTTP/1.0 without `Host`: no `X-Forwarded-Host` at all, however spelled.
+    let head = b"GET /x HTTP/1.0\r\nX_Forwarded_Host: evil.example\r\n\r\n";
+    let answer = common::raw_exchange(proxy.addr, head).await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = backend.last().headers;
+    assert_eq!(
+        as_cgi_reads(&seen, "x-forwarded-host"),
+        Vec::<String>::new(),
+        "the client's X_Forwarded_Host went up as the proxy's"
+    );
+}
+
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 #[tokio::test]
 async fn preserve_host_false_sends_the_upstream_authority() {
     let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
