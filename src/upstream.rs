@@ -438,8 +438,22 @@ const OWN_NAMES: [&str; 6] = [
     METHOD_OVERRIDES[2],
 ];
 
+/// Whether a client's header would pass for one the proxy sets: a name of [`OWN_NAMES`]
+/// spelled with underscores, or `Forwarded` (RFC 7239), which says what `X-Forwarded-*`
+/// say and which Rack 3 (`forwarded_priority`) and Spring's `ForwardedHeaderFilter` read
+/// before them: a client's `host=evil.example;proto=https` stood for the proxy's
+/// `X-Forwarded-Host` and `-Proto`. The length is looked at first: one compare for nearly
+/// every name.
+fn passes_for_the_proxys(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    match n.len() {
+        9 => name == header::FORWARDED,
+        _ => spells_own_name_with_underscores(n),
+    }
+}
+
 /// Whether `name` (lower case, as every `HeaderName` is) is one of [`OWN_NAMES`] with `_` for
-/// some `-`. The length is looked at first: one compare for nearly every name.
+/// some `-`.
 fn spells_own_name_with_underscores(name: &str) -> bool {
     matches!(name.len(), 13 | 15..=17 | 22)
         && name.contains('_')
@@ -460,29 +474,29 @@ struct Scan {
     present: u16,
     /// `Connection` names headers beyond the hop-by-hop ones.
     names_more: bool,
-    /// A name of [`OWN_NAMES`] spelled with underscores is there.
-    underscored: bool,
+    /// A header that would pass for the proxy's own is there ([`passes_for_the_proxys`]).
+    claimed: bool,
 }
 
 fn scan(headers: &HeaderMap) -> Scan {
     let mut found = Scan {
         present: 0,
         names_more: false,
-        underscored: false,
+        claimed: false,
     };
     for (name, value) in headers.iter() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             found.present |= 1 << i;
             found.names_more |= i == 0 && !names_nothing(value);
         } else {
-            found.underscored |= spells_own_name_with_underscores(name.as_str());
+            found.claimed |= passes_for_the_proxys(name);
         }
     }
     found
 }
 
-/// Removes hop-by-hop headers, every header named in `Connection`, and the underscore
-/// spellings of the proxy's own headers ([`OWN_NAMES`]). True if `Connection` named any
+/// Removes hop-by-hop headers, every header named in `Connection`, and those that would
+/// pass for the proxy's own ([`passes_for_the_proxys`]). True if `Connection` named any
 /// beyond the hop-by-hop ones (which may be any header, `Host` too).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let found = scan(headers);
@@ -514,9 +528,9 @@ fn strip_response(status: http::StatusCode, headers: &mut HeaderMap) -> Result<(
     } else {
         collapse_repeated_length(headers);
     }
-    // Names with underscores are a request's concern: a response's pass as sent.
+    // Headers passing for the proxy's are a request's concern: a response's pass as sent.
     let found = Scan {
-        underscored: false,
+        claimed: false,
         ..found
     };
     strip_scanned(headers, found);
@@ -527,12 +541,12 @@ fn strip_scanned(headers: &mut HeaderMap, found: Scan) -> bool {
     let Scan {
         present,
         names_more,
-        underscored,
+        claimed,
     } = found;
-    if underscored {
+    if claimed {
         let spoofed: Vec<HeaderName> = headers
             .keys()
-            .filter(|n| spells_own_name_with_underscores(n.as_str()))
+            .filter(|n| passes_for_the_proxys(n))
             .cloned()
             .collect();
         for name in &spoofed {
@@ -914,7 +928,7 @@ mod tests {
     }
 
     #[test]
-    fn underscore_spellings_of_the_proxys_own_names_are_removed_and_no_others() {
+    fn forwarded_and_underscore_spellings_of_the_proxys_own_names_are_removed_and_no_others() {
         for n in [
             "x_forwarded_for",
             "x-forwarded_proto",
@@ -939,6 +953,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append("x_forwarded_proto", "https".parse().unwrap());
         h.append("x_forwarded_proto", "https".parse().unwrap());
+        h.insert(
+            header::FORWARDED,
+            "for=192.0.2.1;proto=https".parse().unwrap(),
+        );
         h.insert("x_custom", "1".parse().unwrap());
         h.insert(header::ETAG, "\"a\"".parse().unwrap());
         assert!(!strip_hop_by_hop(&mut h));

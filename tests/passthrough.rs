@@ -288,6 +288,32 @@ async fn underscore_spellings_of_the_proxys_own_headers_never_reach_the_backend(
     );
 }
 
+/// `Forwarded` (RFC 7239) says what `X-Forwarded-*` say, and Rack 3 (`forwarded_priority`
+/// `[:forwarded, :x_forwarded]`) and Spring's `ForwardedHeaderFilter` read it first: a
+/// client's `Forwarded: host=evil.example;proto=https` went up unchanged and stood for the
+/// `X-Forwarded-Host` and `-Proto` the proxy set. The proxy sets those, so the client's
+/// `Forwarded` goes, as the `X-Forwarded-Host` of a request without `Host` does.
+#[tokio::test]
+async fn a_clients_forwarded_header_never_reaches_the_backend() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start(&route("/", ""), &backend.origin()).await;
+    let r = Client::new()
+        .get(
+            &proxy.url("/x"),
+            &[
+                ("host", "docs.example"),
+                ("forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+                ("forwarded", "for=7.7.7.7"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = backend.last().headers;
+    assert_eq!(seen.get("forwarded"), None, "{seen:?}");
+    assert_eq!(seen["x-forwarded-host"], "docs.example");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+}
+
 const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method-override",
     "x-http-method",
