@@ -1077,16 +1077,12 @@ async fn an_answer_before_the_upload_ended(early: &'static [u8], status: &str) {
     );
 }
 
-/// A legacy handler that answers a streamed upload early (409 from its head) and then takes
-/// no more of its body while it keeps the connection open (a stuck worker). The connection,
-/// still sending the rest, was held for good: nothing timed it once the answer had come, so
-/// under `upstream_max_connections = 1` every later request got 503 at `connect_timeout`
-/// (and without a cap the connection and its task leaked). The rest of an upload answered
-/// early must go up within `upstream_timeout`, as before the answer; then the connection is
-/// closed and the next request gets its turn.
-#[tokio::test]
-async fn a_backend_that_answers_an_upload_early_and_takes_no_more_of_it_holds_no_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A legacy handler that answers a PUT early (409 from its head) and then takes no more of
+/// its body while it keeps the connection open (a stuck worker); other requests get 200
+/// "ok". Behind a proxy allowed one connection to it, with `upstream_timeout` 300 ms and
+/// `max_tag_body` as given.
+async fn one_connection_to_a_handler_that_answers_puts_early(max_tag_body: &str) -> Proxy {
+    use tokio::io::AsyncWriteExt;
     let origin = raw_backend(|mut s| async move {
         let mut buf = Vec::new();
         let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
@@ -1105,93 +1101,25 @@ async fn a_backend_that_answers_an_upload_early_and_takes_no_more_of_it_holds_no
         }
     })
     .await;
-    let proxy = Proxy::start_with(
-        &route("/", "upstream_timeout = \"300ms\"\nmax_tag_body = \"4B\""),
+    Proxy::start_with(
+        &route(
+            "/",
+            &format!("upstream_timeout = \"300ms\"\nmax_tag_body = \"{max_tag_body}\""),
+        ),
         &origin,
         "upstream_max_connections = 1\nconnect_timeout = \"3s\"",
     )
-    .await;
-    let a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut rd, mut wr) = a.into_split();
-    // A large body, sent as fast as the proxy takes it, until the backend's buffers are full.
-    let uploader = tokio::spawn(async move {
-        wr.write_all(b"PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: 67108864\r\n\r\n")
-            .await
-            .unwrap();
-        let chunk = vec![b'x'; 64 * 1024];
-        while let Ok(Ok(())) =
-            tokio::time::timeout(Duration::from_secs(5), wr.write_all(&chunk)).await
-        {}
-    });
-    let mut got = [0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))
-        .await
-        .expect("answered")
-        .unwrap();
-    assert!(
-        got[..n].starts_with(b"HTTP/1.1 409"),
-        "{:?}",
-        String::from_utf8_lossy(&got[..n])
-    );
-    // Another request waits for the one connection allowed: it comes free once the upload
-    // has not moved for `upstream_timeout`, well before `connect_timeout`.
-    let started = Instant::now();
-    let r = Client::new().get(&proxy.url("/other"), &[]).await;
-    assert_eq!(
-        (r.status, r.text().as_str()),
-        (200, "ok"),
-        "the connection stuck on the upload was freed (after {:?})",
-        started.elapsed()
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-    uploader.abort();
+    .await
 }
 
-/// The same handler, with a body the proxy read whole before sending it (within
-/// `max_tag_body`): hyper goes on writing it after the 409, and the backend takes none of
-/// it. No request waits on the connection any more, so only the connection's own watch can
-/// end it: once its writes have not moved for `upstream_timeout`.
-#[tokio::test]
-async fn a_backend_that_answers_a_whole_body_early_and_takes_no_more_of_it_holds_no_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let origin = raw_backend(|mut s| async move {
-        let mut buf = Vec::new();
-        let Some(end) = read_until(&mut s, &mut buf, head_end).await else {
-            return;
-        };
-        if buf[..end].starts_with(b"PUT ") {
-            let _ = s
-                .write_all(b"HTTP/1.1 409 Conflict\r\nContent-Length: 2\r\n\r\nno")
-                .await;
-            // Reads nothing more, and keeps the connection.
-            tokio::time::sleep(Duration::from_secs(20)).await;
-        } else {
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .await;
-        }
-    })
-    .await;
-    let proxy = Proxy::start_with(
-        &route("/", "upstream_timeout = \"300ms\"\nmax_tag_body = \"8MiB\""),
-        &origin,
-        "upstream_max_connections = 1\nconnect_timeout = \"3s\"",
-    )
-    .await;
-    // More than the kernel's buffers between the proxy and the backend hold, read whole.
-    let len = 8 * 1024 * 1024;
-    let a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut rd, mut wr) = a.into_split();
-    let uploader = tokio::spawn(async move {
-        let head = format!("PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n");
-        wr.write_all(head.as_bytes()).await.unwrap();
-        wr.write_all(&vec![b'x'; len]).await.unwrap();
-        wr
-    });
+/// Reads the 409 the handler gave the PUT on `rd`, then asserts that another request gets
+/// the one connection allowed once the body has not moved for `upstream_timeout`: well
+/// before `connect_timeout`, after which it would have been a 503.
+async fn the_409_comes_and_the_connection_comes_free(
+    proxy: &Proxy,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+) {
+    use tokio::io::AsyncReadExt;
     let mut got = [0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut got))
         .await
@@ -1202,12 +1130,6 @@ async fn a_backend_that_answers_a_whole_body_early_and_takes_no_more_of_it_holds
         "{:?}",
         String::from_utf8_lossy(&got[..n])
     );
-    let _wr = tokio::time::timeout(Duration::from_secs(5), uploader)
-        .await
-        .expect("the proxy read the whole body")
-        .unwrap();
-    // Another request waits for the one connection allowed: it comes free once the body
-    // has not moved for `upstream_timeout`, well before `connect_timeout`.
     let started = Instant::now();
     let r = Client::new().get(&proxy.url("/other"), &[]).await;
     assert_eq!(
@@ -1221,6 +1143,57 @@ async fn a_backend_that_answers_a_whole_body_early_and_takes_no_more_of_it_holds
         "{:?}",
         started.elapsed()
     );
+}
+
+/// The handler above, given a streamed upload. The connection, still sending the rest, was
+/// held for good: nothing timed it once the answer had come, so under
+/// `upstream_max_connections = 1` every later request got 503 at `connect_timeout` (and
+/// without a cap the connection and its task leaked). The rest of an upload answered early
+/// must go up within `upstream_timeout`, as before the answer; then the connection is closed
+/// and the next request gets its turn.
+#[tokio::test]
+async fn a_backend_that_answers_an_upload_early_and_takes_no_more_of_it_holds_no_connection() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = one_connection_to_a_handler_that_answers_puts_early("4B").await;
+    let a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = a.into_split();
+    // A large body, sent as fast as the proxy takes it, until the backend's buffers are full.
+    let uploader = tokio::spawn(async move {
+        wr.write_all(b"PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: 67108864\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        while let Ok(Ok(())) =
+            tokio::time::timeout(Duration::from_secs(5), wr.write_all(&chunk)).await
+        {}
+    });
+    the_409_comes_and_the_connection_comes_free(&proxy, &mut rd).await;
+    uploader.abort();
+}
+
+/// The same handler, with a body the proxy read whole before sending it (within
+/// `max_tag_body`): hyper goes on writing it after the 409, and the backend takes none of
+/// it. No request waits on the connection any more, so only the connection's own watch can
+/// end it: once its writes have not moved for `upstream_timeout`.
+#[tokio::test]
+async fn a_backend_that_answers_a_whole_body_early_and_takes_no_more_of_it_holds_no_connection() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = one_connection_to_a_handler_that_answers_puts_early("8MiB").await;
+    // More than the kernel's buffers between the proxy and the backend hold, read whole.
+    let len = 8 * 1024 * 1024;
+    let a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut rd, mut wr) = a.into_split();
+    let uploader = tokio::spawn(async move {
+        let head = format!("PUT /doc HTTP/1.1\r\nHost: a\r\nContent-Length: {len}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.unwrap();
+        wr.write_all(&vec![b'x'; len]).await.unwrap();
+        wr
+    });
+    let _wr = tokio::time::timeout(Duration::from_secs(5), uploader)
+        .await
+        .expect("the proxy read the whole body")
+        .unwrap();
+    the_409_comes_and_the_connection_comes_free(&proxy, &mut rd).await;
 }
 
 /// The same handler, with a body the proxy read whole and sent with its head: the handler
