@@ -273,10 +273,14 @@ require_precondition = true
     );
     let config = crate::config::Config::parse(&toml, "demo")?;
     let tag = crate::etag::TagKey::new(tag_key.as_bytes()).tag_of(hello.as_bytes());
-    print!(
-        "{}",
-        walkthrough(listen, backend_addr, &toml, &tag.to_string())
-    );
+    // Written, not `print!`ed: stdout piped into a reader that has gone (`--demo | head`)
+    // must not end the demo with a panic.
+    let text = walkthrough(listen, backend_addr, &toml, &tag.to_string());
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::Write::write_all(&mut out, text.as_bytes())
+            .and_then(|()| std::io::Write::flush(&mut out));
+    }
     let store_task = tokio::spawn(serve(backend, store, std::future::pending()));
     crate::server::run(proxy, config, shutdown).await?;
     store_task.abort();

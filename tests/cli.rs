@@ -383,6 +383,41 @@ async fn the_demo_serves_tags_304_412_428_and_409_as_it_says() {
     assert_eq!(r.status, 409);
 }
 
+/// `ifmatch --demo | head -1`: the reader is gone before the walk-through is written. The
+/// demo went down with a panic ("failed printing to stdout: Broken pipe"); it serves on.
+#[tokio::test]
+async fn the_demo_serves_on_when_its_stdout_is_a_closed_pipe() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills both descriptors, which are then owned here.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let port = common::binary::free_port();
+    let mut child = common::binary::Reaped(
+        Command::new(BIN)
+            .args(["--demo", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}/docs/hello");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the demo exited: {status}");
+        }
+        if let Ok(r) = Client::new().try_send("GET", &url, &[], "").await {
+            break r.status;
+        }
+        assert!(Instant::now() < deadline, "the demo never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 200);
+    assert!(child.0.try_wait().unwrap().is_none(), "still running");
+}
+
 #[test]
 fn the_demo_refuses_a_config_flag_beside_it() {
     let out = Command::new(BIN)
