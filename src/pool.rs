@@ -631,11 +631,12 @@ where
             None => lines.entry(origin.to_owned()).or_insert_with(|| {
                 let share = cap.share(origin);
                 let me: Weak<dyn CloseIdle> = self.me.clone();
-                share
-                    .pools
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(me);
+                let mut pools = share.pools.lock().unwrap_or_else(|p| p.into_inner());
+                // Pools that reloads replaced are let go here too, not only when a request
+                // finds every place taken: each reload of a pool setting makes new ones.
+                pools.retain(|p| p.strong_count() > 0);
+                pools.push(me);
+                drop(pools);
                 Arc::new(Line {
                     share,
                     returned: Notify::new(),
@@ -1125,5 +1126,44 @@ fn spoils_connection(rsp: &Response<Incoming>) -> bool {
         }
         StatusCode::SWITCHING_PROTOCOLS => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::client::legacy::connect::HttpConnector;
+
+    /// Each reload that changes a pool setting makes new pools under the same cap: those it
+    /// replaced were kept in the cap's share until a request found every place taken, a
+    /// few hundred bytes each, reload after reload.
+    #[tokio::test]
+    async fn pools_that_are_gone_leave_no_entry_in_their_caps_share() {
+        let cap = ConnectionCap::new(1);
+        let limits = ReadLimits {
+            read_buffer: 16 * 1024,
+            max_header_fields: crate::config::DEFAULT_MAX_HEADER_FIELDS,
+        };
+        let origin = "http://127.0.0.1:9";
+        let pool = |cap: &Arc<ConnectionCap>| {
+            let pool = Pool::new(
+                HttpConnector::new(),
+                Duration::from_secs(60),
+                8,
+                Some(cap.clone()),
+                limits,
+                Duration::from_secs(1),
+            );
+            assert!(pool.line(origin).is_some());
+            pool
+        };
+        let kept = pool(&cap);
+        for _ in 0..100 {
+            drop(pool(&cap));
+        }
+        let share = cap.share(origin);
+        let pools = share.pools.lock().unwrap().len();
+        assert!(pools <= 2, "{pools} pools in the share");
+        drop(kept);
     }
 }
