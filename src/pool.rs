@@ -444,9 +444,7 @@ where
                 // for it. So does an upload, whose deadline moves with its chunks.
                 let own_timer =
                     uploading.is_some() || start != now || !conn.watch.begin(start, timeout);
-                if own_timer {
-                    conn.watch.busy();
-                }
+                let busy = Busy::mark(&conn.watch, own_timer);
                 let mut deadline = own_timer
                     .then(|| Box::new(Deadline::new(start + timeout, timeout, uploading.clone())));
                 // From here the request is the connection's to send.
@@ -460,7 +458,9 @@ where
                         _ => Poll::Pending,
                     },
                 });
-                match sent.await {
+                let sent = sent.await;
+                busy.defuse();
+                match sent {
                     _ if !conn.watch.end() => return Err(SendError::Timeout),
                     None => {
                         let missed = deadline.map_or(SendError::Timeout, |d| d.missed());
@@ -544,14 +544,16 @@ where
                 sent.map_err(SendError::Http)?
             }
             Some(progress) => {
-                conn.watch.busy();
+                let busy = Busy::mark(&conn.watch, true);
                 let mut deadline = Deadline::new(start + timeout, timeout, Some(progress.clone()));
                 let mut exchange = pin!(conn.sender.send_request(*req));
                 let sent = poll_fn(|cx| match exchange.as_mut().poll(cx) {
                     Poll::Ready(sent) => Poll::Ready(Some(sent)),
                     Poll::Pending => deadline.poll(cx).map(|()| None),
                 });
-                match sent.await {
+                let sent = sent.await;
+                busy.defuse();
+                match sent {
                     Some(sent) => {
                         conn.watch.end();
                         sent.map_err(SendError::Http)?
@@ -1037,6 +1039,37 @@ where
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         pool.drop_expired();
+    }
+}
+
+/// A request waiting on its connection with a timer of its own ([`Watch::busy`]): should it
+/// be dropped before its answer (its client reset its stream or left), the watch is given
+/// back, or the stall rule would never judge the connection again. hyper then closes it,
+/// but over TLS its close_notify waits on a backend that may read nothing more: a
+/// connection, and its place under `upstream_max_connections`, held for good.
+struct Busy<'a>(Option<&'a Watch>);
+
+impl<'a> Busy<'a> {
+    /// Marks `watch` busy, if `own_timer`.
+    fn mark(watch: &'a Watch, own_timer: bool) -> Self {
+        if !own_timer {
+            return Self(None);
+        }
+        watch.busy();
+        Self(Some(watch))
+    }
+
+    /// The request is over and ends the watch itself.
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(watch) = self.0 {
+            watch.end();
+        }
     }
 }
 

@@ -1016,3 +1016,87 @@ async fn no_platform_roots_are_warned_of_only_where_an_https_route_needs_them() 
     let bin = Binary::start_with(&config(public), &[], no_roots).await;
     assert!(warned(&bin), "{:#?}", bin.log());
 }
+
+/// An upload to an https backend that takes none of its body, whose HTTP/2 client resets
+/// its stream before any answer: the request is dropped while it has a timer of its own,
+/// and hyper, closing the connection, waits for good on TLS's close_notify, which the
+/// backend never reads. The connection's watch must still end it once its writes have not
+/// moved for `upstream_timeout`: it held the connection, and its place under
+/// `upstream_max_connections`, for good (every later request 503 at `connect_timeout`).
+#[tokio::test]
+async fn an_upload_reset_by_its_client_leaves_no_https_connection_stuck_on_a_backend_that_reads_nothing(
+) {
+    use hyper::body::Frame;
+    /// A body of the chunks sent down a channel.
+    struct Chunks(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+    impl hyper::body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<bytes::Bytes>, std::io::Error>>> {
+            self.0.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c))))
+        }
+    }
+    let pki = Pki::new("stuck", KeyType::EcdsaP256);
+    let origin = raw_https_backend((*pki.server_config()).clone(), move |mut s, _| async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        if got.starts_with(b"GET /upload") {
+            // Reads nothing more, answers nothing, keeps the connection.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        } else {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    let trusted = format!("ca_file = \"{}\"", pki.ca().display());
+    let proxy = Proxy::start_with(
+        &route("/", &format!("{trusted}\nupstream_timeout = \"300ms\"")),
+        &origin,
+        "upstream_max_connections = 1\nconnect_timeout = \"2s\"",
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let body = Chunks(rx);
+    let req = hyper::Request::get(format!("http://{}/upload", proxy.addr))
+        .body(body)
+        .unwrap();
+    let feeder = tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        while tx.send(chunk.clone()).await.is_ok() {}
+    });
+    let exchange = tokio::spawn(sender.send_request(req));
+    // Long enough for the kernel's buffers to the backend to fill and the writes to stall,
+    // short of the request's own timeout.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    exchange.abort(); // the client resets its stream
+    feeder.abort();
+    // A period for the stall to be judged, and some.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let started = std::time::Instant::now();
+    let r = Client::new().get(&proxy.url("/next"), &[]).await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "ok"),
+        "after {:?}",
+        started.elapsed()
+    );
+}
