@@ -197,9 +197,11 @@ impl Upstream {
         let host = HeaderValue::from_str(authority.as_str())
             .expect("an authority is a valid header value");
         // One spelling per origin for the keys, so that two routes naming one backend as
-        // `LOCALHOST` and `localhost:80` share its locks and tags.
+        // `LOCALHOST` and `localhost:80`, or `[::1]` and `[0:0:0:0:0:0:0:1]`, share its
+        // locks, tags and connection cap.
         let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let name = authority.host().to_ascii_lowercase();
+        let written = authority.host();
+        let name = ip_literal(written).unwrap_or_else(|| written.to_ascii_lowercase());
         let key_prefix = match authority.port_u16().filter(|&p| p != default_port) {
             Some(port) => format!("{scheme}://{name}:{port}"),
             None => format!("{scheme}://{name}"),
@@ -1123,7 +1125,12 @@ impl Validator<'_> {
                 self.push(h, "route.host", msg);
                 None
             }
-            Some(h) => Some(Some(host_name(h.get_ref()).to_ascii_lowercase())),
+            Some(h) => {
+                let name = host_name(h.get_ref());
+                Some(Some(
+                    ip_literal(name).unwrap_or_else(|| name.to_ascii_lowercase()),
+                ))
+            }
             None => Some(None),
         };
         let upstream_timeout = self.duration(
@@ -1375,6 +1382,16 @@ pub(crate) fn host_name(host: &str) -> &str {
     name.strip_suffix('.').unwrap_or(name)
 }
 
+/// An IPv6 literal (`[2001:DB8:0::1]`) in its one spelling (RFC 5952: `[2001:db8::1]`),
+/// if `name` is one written otherwise: the address is what a route or a backend is, so
+/// other spellings must not step around a host's route nor split a backend's keys.
+/// `None` for a name, or a literal already so written (as nearly all are).
+pub(crate) fn ip_literal(name: &str) -> Option<String> {
+    let inner = name.strip_prefix('[')?.strip_suffix(']')?;
+    let one = format!("[{}]", inner.parse::<std::net::Ipv6Addr>().ok()?);
+    (one != name).then_some(one)
+}
+
 /// The port of `a` as written, if one is (IPv6 literals' colons are not ports; `host:`,
 /// an empty port, is the scheme's default, RFC 3986 §3.2.3).
 fn written_port(a: &Authority) -> Option<&str> {
@@ -1453,6 +1470,10 @@ upstream = "http://localhost:9001/"
             ("https://a.example:443", "https://a.example"),
             ("https://a.example:80", "https://a.example:80"),
             ("http://[::1]:8080", "http://[::1]:8080"),
+            // One IPv6 address, however written (RFC 5952's form): one backend's locks,
+            // tags and connection cap, as for `LOCALHOST` and `localhost`.
+            ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
+            ("http://[2001:DB8:0::1]", "http://[2001:db8::1]"),
         ] {
             let uri: Uri = written.parse().unwrap();
             let up = Upstream::new(
@@ -2146,5 +2167,44 @@ upstream = "http://localhost:9001/"
         assert_eq!(host_name("example.com.:80"), "example.com");
         assert_eq!(host_name("example.com."), "example.com");
         assert_eq!(host_name("[::1]:80"), "[::1]");
+        assert_eq!(ip_literal("[0:0:0:0:0:0:0:1]").as_deref(), Some("[::1]"));
+        assert_eq!(
+            ip_literal("[2001:DB8:0::1]").as_deref(),
+            Some("[2001:db8::1]")
+        );
+        assert_eq!(ip_literal("[::1]"), None, "already in its one spelling");
+        assert_eq!(ip_literal("a.example"), None);
+    }
+
+    /// A route for an IPv6 literal is found by every spelling of its address, in the
+    /// config and in `Host`: a client must not step around it (its `require_precondition`)
+    /// by writing `[2001:db8:0::1]` for `[2001:db8::1]`.
+    #[test]
+    fn a_route_for_an_ip_literal_takes_every_spelling_of_its_address() {
+        let c = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n\
+             [[route]]\nprefix = \"/\"\nhost = \"[2001:DB8:0::1]\"\nupstream = \"http://b:1\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.routes[1].host.as_deref(), Some("[2001:db8::1]"));
+        let router = crate::router::Router::new(c.routes);
+        for host in [
+            "[2001:db8::1]",
+            "[2001:DB8::1]:80",
+            "[2001:db8:0:0::1]",
+            "[2001:0db8::0001]:8080",
+        ] {
+            let r = router.route(Some(host), "/x").unwrap();
+            assert_eq!(r.upstream.origin, "http://b:1", "{host}");
+        }
+        assert_eq!(
+            router
+                .route(Some("[2001:db8::2]"), "/x")
+                .unwrap()
+                .upstream
+                .origin,
+            "http://a:1"
+        );
     }
 }

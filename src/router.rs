@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{host_name, Route, Validation};
+use crate::config::{host_name, ip_literal, Route, Validation};
 
 #[derive(Debug, Default)]
 pub struct Router {
@@ -29,6 +29,9 @@ impl Router {
     /// The route for `path` (normalised) on `host` (as sent, port allowed).
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
         let host = host.map(host_name);
+        // An IPv6 literal in another spelling than the routes' (rare: one byte looked at).
+        let literal = host.filter(|h| h.starts_with('[')).and_then(ip_literal);
+        let host = literal.as_deref().or(host);
         self.routes.iter().find(|r| {
             path.starts_with(r.prefix.as_str())
                 && r.host

@@ -48,6 +48,9 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(addr: SocketAddr, scheme: &'static str) -> Self {
+        // An IPv4 client of a dual-stack `[::]` listener comes as `::ffff:a.b.c.d`: named
+        // as the IPv4 address it is, in `X-Forwarded-For` and the access log.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is a valid header value");
         Self { addr, scheme, ip }
@@ -884,6 +887,23 @@ mod tests {
         ));
         assert!(!same(&fourth, &fifth).2);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A `[::]` listener takes IPv4 clients too (Linux binds it dual-stack): they are
+    /// named as the IPv4 addresses they are, not `::ffff:10.0.0.7`, which a backend's IPv4
+    /// allow-list or trusted-proxy range does not match.
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
+        let v4: SocketAddr = "[::ffff:10.0.0.7]:5000".parse().unwrap();
+        let peer = Peer::new(v4, "http");
+        assert_eq!(peer.ip, "10.0.0.7");
+        assert_eq!(peer.addr, "10.0.0.7:5000".parse::<SocketAddr>().unwrap());
+        let v6: SocketAddr = "[2001:db8::7]:5000".parse().unwrap();
+        assert_eq!(
+            Peer::new(v6, "http").ip,
+            "2001:db8::7",
+            "no brackets, as nginx writes it"
+        );
     }
 
     #[test]
