@@ -120,8 +120,9 @@ impl Watch {
         self.deadline.load(Ordering::Acquire) == TIMED_OUT
     }
 
-    /// At `now`, either marks the waiting request timed out (`None`) or gives when the
-    /// timer must fire next.
+    /// At `now`, either ends the connection (`None`: the waiting request's deadline passed,
+    /// marked [`TIMED_OUT`]; or, with none waiting, its writes stalled for a period, marked
+    /// [`STALLED`]) or gives when the timer must fire next.
     fn expire(&self, now: Instant) -> Option<Instant> {
         let next = now + self.period;
         loop {
