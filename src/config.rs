@@ -99,6 +99,9 @@ pub struct Server {
     pub tls_validity: Option<crate::tls::Validity>,
     /// Runtime worker threads; `None`: one per CPU the process may use.
     pub workers: Option<usize>,
+    /// Clients whose `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded` are passed on
+    /// (proxies in front, as an ingress); every other client's are replaced or dropped.
+    pub trusted_proxies: crate::trust::TrustedProxies,
 }
 
 /// How the proxy learns a resource's current tag before a conditional write.
@@ -315,6 +318,7 @@ struct ServerToml {
     tag_key_file: Option<Spanned<String>>,
     tls: Option<Spanned<TlsToml>>,
     workers: Option<Spanned<i64>>,
+    trusted_proxies: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -881,7 +885,9 @@ impl Validator<'_> {
                 .map(Some),
         };
         let (tls, tls_validity) = tls?.unzip();
+        let trusted_proxies = self.trusted_proxies(s.trusted_proxies.as_deref());
         Some(Server {
+            trusted_proxies: trusted_proxies?,
             workers: workers?,
             tls,
             tls_validity: tls_validity.flatten(),
@@ -944,6 +950,25 @@ impl Validator<'_> {
             return None;
         }
         Some(Some(TagKey::new(&secret)))
+    }
+
+    /// `server.trusted_proxies`: addresses and ranges, each checked (all are reported).
+    fn trusted_proxies(
+        &mut self,
+        entries: Option<&[Spanned<String>]>,
+    ) -> Option<crate::trust::TrustedProxies> {
+        let mut ranges = Vec::new();
+        let mut ok = true;
+        for entry in entries.unwrap_or_default() {
+            match crate::trust::Cidr::parse(entry.get_ref()) {
+                Ok(r) => ranges.push(r),
+                Err(msg) => {
+                    self.push(entry, "server.trusted_proxies", msg);
+                    ok = false;
+                }
+            }
+        }
+        ok.then(|| crate::trust::TrustedProxies::new(ranges))
     }
 
     fn address(&mut self, v: &Spanned<String>, key: &str) -> Option<SocketAddr> {
@@ -1444,6 +1469,7 @@ upstream = "http://localhost:9001/"
         assert_eq!(c.server.max_header_fields, 100);
         assert_eq!(c.server.http2_max_concurrent_streams, 128);
         assert!(c.server.http2, "HTTP/2 is on unless turned off");
+        assert!(c.server.trusted_proxies.is_empty(), "no client is trusted");
         let docs = &c.routes[0];
         assert_eq!(docs.validation, Validation::Cached);
         assert_eq!(docs.upstream_etag, UpstreamEtag::Replace);
@@ -1524,6 +1550,18 @@ upstream = "http://localhost:9001/"
                 2,
                 "server.listen",
                 "not an address",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"10.1.2.3/16\",\n]\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                5,
+                "server.trusted_proxies",
+                "\"10.1.2.3/16\" has bits set past its /16: the range is \"10.1.0.0/16\"",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\"ingress.local\"]\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+                3,
+                "server.trusted_proxies",
+                "not an IP address or range",
             ),
             (
                 "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"ftp://a:1\"\n",

@@ -48,5 +48,6 @@ pub mod settling;
 pub mod tags;
 pub mod telemetry;
 pub mod tls;
+pub mod trust;
 pub mod upstream;
 pub mod watchdog;

@@ -128,6 +128,7 @@ pub async fn serve(
         };
         let proxy = proxy.clone();
         let listening = proxy.listening();
+        let trusted = listening.trusted_proxies.trusts(addr.ip());
         let builder = match listening.http2 {
             true => builder.clone(),
             // An HTTP/2 preface is then a malformed HTTP/1.1 head: the connection is closed.
@@ -147,7 +148,10 @@ pub async fn serve(
             let counted = proxy.clone();
             let _open = counted.metrics.connection_opened();
             match listening.tls {
-                None => serve_connection(stream, addr, "http", proxy, builder, ends).await,
+                None => {
+                    let peer = Peer::new(addr, "http", trusted);
+                    serve_connection(stream, peer, proxy, builder, ends).await
+                }
                 Some(tls) => {
                     // In the connection's own task: a stalled handshake holds nothing else.
                     // It has the time a head has (a client that sends nothing is one that
@@ -173,7 +177,8 @@ pub async fn serve(
                     };
                     match handshake {
                         Some(Ok(Some(Ok(tls)))) => {
-                            serve_connection(tls, addr, "https", proxy, builder, ends).await
+                            let peer = Peer::new(addr, "https", trusted);
+                            serve_connection(tls, peer, proxy, builder, ends).await
                         }
                         Some(Ok(Some(Err(e)))) => {
                             tracing::debug!(error = %e, client = %addr, "TLS handshake failed")
@@ -417,15 +422,14 @@ impl Wake for EnderWaker {
 /// after [`IDLE_CLOSE_GRACE`], also while the proxy stops.
 async fn serve_connection<IO>(
     io: IO,
-    addr: SocketAddr,
-    scheme: &'static str,
+    peer: Peer,
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
     mut ends: Ends,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = Peer::new(addr, scheme);
+    let addr = peer.addr;
     let verdicts = Verdicts::default();
     let activity = Arc::new(Activity::new(ends.socket));
     let io = Inspected::new(io, verdicts.clone());

@@ -44,16 +44,24 @@ pub struct Peer {
     pub scheme: &'static str,
     /// The client's IP as an `X-Forwarded-For` element, formatted once per connection.
     ip: HeaderValue,
+    /// The client is a proxy of `server.trusted_proxies`: its `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host` and `Forwarded` say what its own client used, and pass on.
+    pub trusted_proxy: bool,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, scheme: &'static str) -> Self {
+    pub fn new(addr: SocketAddr, scheme: &'static str, trusted_proxy: bool) -> Self {
         // An IPv4 client of a dual-stack `[::]` listener comes as `::ffff:a.b.c.d`: named
         // as the IPv4 address it is, in `X-Forwarded-For` and the access log.
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Self { addr, scheme, ip }
+        Self {
+            addr,
+            scheme,
+            ip,
+            trusted_proxy,
+        }
     }
 }
 
@@ -518,8 +526,14 @@ fn scan<const REQUEST: bool>(headers: &HeaderMap) -> Scan {
 /// pass for the proxy's own ([`passes_for_the_proxys`]). True if `Connection` named any
 /// beyond the hop-by-hop ones (which may be any header, `Host` too).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    strip_request(headers, false)
+}
+
+/// [`strip_hop_by_hop`], keeping `Forwarded` when the client is a trusted proxy: its value
+/// is then that proxy's word about its own client, as its `X-Forwarded-*` are.
+fn strip_request(headers: &mut HeaderMap, trusted_proxy: bool) -> bool {
     let found = scan::<true>(headers);
-    strip_scanned(headers, found)
+    strip_scanned(headers, found, trusted_proxy)
 }
 
 /// A response head from an upstream, made fit to send on: hyper read its body by its
@@ -547,11 +561,11 @@ fn strip_response(status: http::StatusCode, headers: &mut HeaderMap) -> Result<(
     } else {
         collapse_repeated_length(headers);
     }
-    strip_scanned(headers, found);
+    strip_scanned(headers, found, false);
     Ok(())
 }
 
-fn strip_scanned(headers: &mut HeaderMap, found: Scan) -> bool {
+fn strip_scanned(headers: &mut HeaderMap, found: Scan, keep_forwarded: bool) -> bool {
     let Scan {
         present,
         names_more,
@@ -560,7 +574,7 @@ fn strip_scanned(headers: &mut HeaderMap, found: Scan) -> bool {
     if claimed {
         let spoofed: Vec<HeaderName> = headers
             .keys()
-            .filter(|n| passes_for_the_proxys(n))
+            .filter(|n| passes_for_the_proxys(n) && !(keep_forwarded && **n == header::FORWARDED))
             .cloned()
             .collect();
         for name in &spoofed {
@@ -630,7 +644,7 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
-    let named_removed = strip_hop_by_hop(h);
+    let named_removed = strip_request(h, peer.trusted_proxy);
     if from_h2 {
         join_cookies(h);
         collapse_repeated_length(h);
@@ -669,11 +683,16 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
         }
     };
     h.insert(xff, forwarded_for);
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(peer.scheme),
-    );
+    // A trusted proxy's own say passes (the scheme and host its client used, where ifmatch
+    // saw plain HTTP from that proxy); what it left out is set, as for any client.
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    if !(peer.trusted_proxy && h.contains_key(&xfp)) {
+        h.insert(xfp, HeaderValue::from_static(peer.scheme));
+    }
     let xfh = HeaderName::from_static("x-forwarded-host");
+    if peer.trusted_proxy && h.contains_key(&xfh) {
+        return;
+    }
     match original_host {
         Some(host) => {
             h.insert(xfh, host);
@@ -729,12 +748,30 @@ fn collapse_repeated_length(h: &mut HeaderMap) {
 }
 
 /// The origin the client addressed, `scheme://authority`, when it named one.
+/// Behind a trusted proxy, that is the one its `X-Forwarded-Proto` and `X-Forwarded-Host`
+/// name (the first of each list, its own client's), where they are an `http` or `https` and
+/// a `host[:port]`: the ingress's `https://` origin, not the plain HTTP one ifmatch saw.
 pub fn client_origin(parts: &Parts, host: Option<&HeaderValue>, peer: &Peer) -> Option<String> {
-    let authority = match parts.uri.authority() {
-        Some(a) => a.as_str(),
-        None => host?.to_str().ok()?,
+    let forwarded = |name: &str| {
+        let v = parts.headers.get(name).filter(|_| peer.trusted_proxy)?;
+        let first = v.to_str().ok()?.split(',').next()?.trim();
+        (!first.is_empty()).then_some(first)
     };
-    Some(format!("{}://{authority}", peer.scheme))
+    let scheme = match forwarded("x-forwarded-proto") {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        Some(p) if p.eq_ignore_ascii_case("http") => "http",
+        _ => peer.scheme,
+    };
+    let authority = match forwarded("x-forwarded-host")
+        .filter(|a| crate::host::invalid(a.as_bytes()).is_none())
+    {
+        Some(a) => a,
+        None => match parts.uri.authority() {
+            Some(a) => a.as_str(),
+            None => host?.to_str().ok()?,
+        },
+    };
+    Some(format!("{scheme}://{authority}"))
 }
 
 /// With `preserve_host = false` the backend knows itself by the upstream's address, and a
@@ -895,12 +932,12 @@ mod tests {
     #[test]
     fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
         let v4: SocketAddr = "[::ffff:10.0.0.7]:5000".parse().unwrap();
-        let peer = Peer::new(v4, "http");
+        let peer = Peer::new(v4, "http", false);
         assert_eq!(peer.ip, "10.0.0.7");
         assert_eq!(peer.addr, "10.0.0.7:5000".parse::<SocketAddr>().unwrap());
         let v6: SocketAddr = "[2001:db8::7]:5000".parse().unwrap();
         assert_eq!(
-            Peer::new(v6, "http").ip,
+            Peer::new(v6, "http", false).ip,
             "2001:db8::7",
             "no brackets, as nginx writes it"
         );

@@ -681,6 +681,31 @@ async fn sighup_keeps_backend_connections_unless_an_upstream_setting_changes() {
     assert_eq!(backend.connections(), 2, "made anew with the new setting");
 }
 
+/// `trusted_proxies` is read when a connection is accepted: a reload that trusts the
+/// ingress applies to its next connection, and one kept alive across it keeps its first say.
+#[tokio::test]
+async fn sighup_applies_trusted_proxies_to_new_connections() {
+    let backend =
+        ScriptedBackend::start(|_| async { common::backend::respond(200, &[], "ok") }).await;
+    let routes = config(&[("/", &backend.origin(), "")]);
+    let bin = Binary::start(&routes, &[]).await;
+    let from_ingress = [("x-forwarded-proto", "https")];
+    let url = bin.url("/x");
+    let proto_seen = |c: Client| {
+        let (url, backend) = (url.clone(), &backend);
+        async move {
+            assert_eq!(c.get(&url, &from_ingress).await.status, 200);
+            backend.last().headers["x-forwarded-proto"].clone()
+        }
+    };
+    let kept = Client::new();
+    assert_eq!(proto_seen(kept.clone()).await, "http", "nobody is trusted");
+    bin.reload(&routes.with_server("trusted_proxies = [\"127.0.0.1\"]"))
+        .await;
+    assert_eq!(proto_seen(Client::new()).await, "https", "a new connection");
+    assert_eq!(proto_seen(kept).await, "http", "the connection from before");
+}
+
 #[tokio::test]
 async fn sighup_applies_a_new_upstream_idle_timeout() {
     let backend =

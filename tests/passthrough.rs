@@ -314,6 +314,116 @@ async fn a_clients_forwarded_header_never_reaches_the_backend() {
     assert_eq!(seen["x-forwarded-proto"], "http");
 }
 
+/// What a TLS-ending ingress in front says of its client: an `https` request for
+/// `public.example`, from 203.0.113.9.
+const FROM_AN_INGRESS: [(&str, &str); 6] = [
+    ("host", "public.example"),
+    ("x-forwarded-proto", "https"),
+    ("x-forwarded-host", "public.example"),
+    ("x-forwarded-for", "203.0.113.9"),
+    (
+        "forwarded",
+        "for=203.0.113.9;proto=https;host=public.example",
+    ),
+    ("x_forwarded_proto", "gopher"),
+];
+
+/// Behind an ingress that ends TLS, ifmatch sees plain HTTP. Replaced, the ingress's
+/// `X-Forwarded-Proto: https` would tell the backend its client came over `http`, and a
+/// framework that sends such clients to `https` (Rails' `force_ssl`, Django's
+/// `SECURE_SSL_REDIRECT`) would redirect every request for ever. From a client of
+/// `trusted_proxies` they pass; what it left out is set; underscore spellings still go.
+#[tokio::test]
+async fn a_trusted_proxys_forwarding_headers_reach_the_backend() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]",
+    )
+    .await;
+    let c = Client::new();
+    assert_eq!(c.get(&proxy.url("/x"), &FROM_AN_INGRESS).await.status, 200);
+    let seen = backend.last().headers;
+    assert_eq!(seen["x-forwarded-proto"], "https", "{seen:?}");
+    assert_eq!(seen["x-forwarded-host"], "public.example");
+    assert_eq!(
+        seen["forwarded"],
+        "for=203.0.113.9;proto=https;host=public.example"
+    );
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen.get("x_forwarded_proto"), None, "{seen:?}");
+
+    // A trusted proxy that says nothing of them: set, as for any client.
+    c.get(&proxy.url("/x"), &[("host", "docs.example")]).await;
+    let seen = backend.last().headers;
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "docs.example");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+}
+
+/// A client outside `trusted_proxies` gets the proxy's own values, as every client does when
+/// none is trusted.
+#[tokio::test]
+async fn forwarding_headers_of_a_client_that_is_not_a_trusted_proxy_are_replaced() {
+    let backend = ScriptedBackend::start(|_| async { respond(200, &[], "") }).await;
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "trusted_proxies = [\"10.0.0.0/8\", \"127.0.0.2\", \"::1\"]",
+    )
+    .await;
+    let r = Client::new().get(&proxy.url("/x"), &FROM_AN_INGRESS).await;
+    assert_eq!(r.status, 200);
+    let seen = backend.last().headers;
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen:?}");
+    assert_eq!(seen["x-forwarded-host"], "public.example");
+    assert_eq!(seen.get("forwarded"), None);
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+}
+
+/// With `preserve_host = false`, a `Location` naming the backend is pointed back at the
+/// origin the client used: behind a trusted ingress, the `https` one it names, not the plain
+/// HTTP one ifmatch saw, which would send the client off TLS.
+#[tokio::test]
+async fn a_location_is_pointed_back_at_the_origin_a_trusted_proxy_names() {
+    let backend = ScriptedBackend::start(|r| async move {
+        let own = format!("http://{}", r.headers["host"].to_str().unwrap());
+        respond(201, &[("location", &format!("{own}/docs/1"))], "")
+    })
+    .await;
+    let routes = route("/", "preserve_host = false");
+    let trusting = Proxy::start_with(
+        &routes,
+        &backend.origin(),
+        "trusted_proxies = [\"127.0.0.0/8\"]",
+    )
+    .await;
+    let c = Client::new();
+    let r = c.put(&trusting.url("/docs/"), &FROM_AN_INGRESS, "x").await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.headers["location"], "https://public.example/docs/1");
+    // Values that are no scheme or no host are not taken: the proxy's own view is.
+    let odd = [
+        ("host", "docs.example"),
+        ("x-forwarded-proto", "wss"),
+        ("x-forwarded-host", "a@b"),
+    ];
+    let r = c.put(&trusting.url("/docs/"), &odd, "x").await;
+    assert_eq!(r.headers["location"], "http://docs.example/docs/1");
+    let listed = [
+        ("host", "docs.example"),
+        ("x-forwarded-proto", "https, http"),
+        ("x-forwarded-host", "public.example:8443, docs.example"),
+    ];
+    let r = c.put(&trusting.url("/docs/"), &listed, "x").await;
+    assert_eq!(r.headers["location"], "https://public.example:8443/docs/1");
+
+    let edge = Proxy::start(&routes, &backend.origin()).await;
+    let r = c.put(&edge.url("/docs/"), &FROM_AN_INGRESS, "x").await;
+    assert_eq!(r.headers["location"], "http://public.example/docs/1");
+}
+
 const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method-override",
     "x-http-method",

@@ -86,6 +86,8 @@ struct Routing {
     certificate: Option<crate::tls::Validity>,
     /// Clients may speak HTTP/2 (`server.http2`).
     http2: bool,
+    /// Whose forwarding headers are passed on (`server.trusted_proxies`).
+    trusted_proxies: crate::trust::TrustedProxies,
     max_header_bytes: u64,
     max_request_body: u64,
     /// Which tag key this is, counted from the first (see `Proxy::key_generation`).
@@ -115,6 +117,7 @@ impl Routing {
             tls: s.tls.as_ref().map(|t| crate::tls::offering(t, s.http2)),
             certificate: s.tls_validity.filter(|_| s.tls.is_some()),
             http2: s.http2,
+            trusted_proxies: s.trusted_proxies.clone(),
             max_header_bytes: s.max_header_bytes,
             max_request_body: s.max_request_body,
             key_generation: 0,
@@ -163,6 +166,7 @@ fn head_size(req: &Parts) -> u64 {
 pub struct Listening {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub http2: bool,
+    pub trusted_proxies: crate::trust::TrustedProxies,
 }
 
 /// What the access log and span report about one request, and its body until forwarded.
@@ -375,6 +379,7 @@ impl Proxy {
         Listening {
             tls: routing.tls.clone(),
             http2: routing.http2,
+            trusted_proxies: routing.trusted_proxies.clone(),
         }
     }
 
