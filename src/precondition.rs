@@ -26,9 +26,11 @@ pub struct Preconditions {
     pub if_none_match: Option<Condition>,
     pub if_unmodified_since: Option<SystemTime>,
     pub if_modified_since: Option<SystemTime>,
-    /// `If-Range` carries an entity-tag (not a date). The proxy cannot let the backend judge
-    /// such a tag, so it drops `Range` and serves the whole representation (§14.2 allows it).
-    pub if_range_tag: bool,
+    /// `If-Range` is there and is not one HTTP-date: an entity-tag, which the proxy cannot
+    /// let the backend judge, or a value that is neither, which matches nothing (§13.1.5)
+    /// but which a backend might ignore and answer with a part. Either way the proxy drops
+    /// `Range` and serves the whole representation (§14.2 allows it).
+    pub if_range_not_a_date: bool,
     /// The request has a field line of one of the five conditional headers, valid or not.
     pub any_present: bool,
 }
@@ -84,9 +86,8 @@ impl Preconditions {
             if_none_match: parse_condition(headers, &IF_NONE_MATCH)?,
             if_unmodified_since: parse_date(headers, &IF_UNMODIFIED_SINCE),
             if_modified_since: parse_date(headers, &IF_MODIFIED_SINCE),
-            if_range_tag: headers
-                .get(IF_RANGE)
-                .is_some_and(|v| matches!(trim_ows(v.as_bytes()), [b'"', ..] | [b'W', b'/', ..])),
+            if_range_not_a_date: headers.contains_key(IF_RANGE)
+                && parse_date(headers, &IF_RANGE).is_none(),
         })
     }
 
@@ -478,12 +479,14 @@ mod tests {
     }
 
     #[test]
-    fn if_range_with_a_tag_is_noticed() {
-        let p = Preconditions::parse(&headers(&[(&IF_RANGE, "\"a\"")])).unwrap();
-        assert!(p.if_range_tag);
+    fn if_range_with_anything_but_a_date_is_noticed() {
+        for value in ["\"a\"", "W/\"a\"", "a", "yesterday", ""] {
+            let p = Preconditions::parse(&headers(&[(&IF_RANGE, value)])).unwrap();
+            assert!(p.if_range_not_a_date, "{value:?}");
+        }
         let p = Preconditions::parse(&headers(&[(&IF_RANGE, "Sun, 06 Nov 1994 08:49:37 GMT")]))
             .unwrap();
-        assert!(!p.if_range_tag);
+        assert!(!p.if_range_not_a_date);
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn preconditions() -> impl Strategy<Value = Preconditions> {
                 if_none_match,
                 if_unmodified_since,
                 if_modified_since,
-                if_range_tag: false,
+                if_range_not_a_date: false,
                 any_present: true,
             },
         )

@@ -281,10 +281,35 @@ async fn if_range_with_a_tag_gets_the_whole_representation() {
     let r = c.get(&proxy.url("/a"), &weak).await;
     assert_eq!((r.status, r.body.as_ref()), (200, DOC.as_bytes()));
     assert!(backend.last().headers.get("range").is_none());
-    // A plain Range (or a date If-Range) is the backend's to judge.
+    // A value that is neither a tag nor a date matches nothing (§13.1.5): the whole 200,
+    // rather than a part the backend would send if it ignored the value.
+    for junk in ["yesterday", "some-tag", ""] {
+        let r = c
+            .get(
+                &proxy.url("/a"),
+                &[("range", "bytes=0-3"), ("if-range", junk)],
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.body.as_ref()),
+            (200, DOC.as_bytes()),
+            "{junk:?}"
+        );
+        assert!(backend.last().headers.get("range").is_none(), "{junk:?}");
+    }
+    // A plain Range, or one with a date If-Range, is the backend's to judge.
     let r = c.get(&proxy.url("/a"), &[("range", "bytes=0-3")]).await;
     assert_eq!(r.status, 206);
     assert!(r.header("etag").is_none(), "only 200s are tagged");
+    let date = [
+        ("range", "bytes=0-3"),
+        ("if-range", "Sun, 06 Nov 1994 08:49:37 GMT"),
+    ];
+    assert_eq!(c.get(&proxy.url("/a"), &date).await.status, 206);
+    assert_eq!(
+        backend.last().headers["if-range"],
+        "Sun, 06 Nov 1994 08:49:37 GMT"
+    );
 }
 
 /// A ranged GET's conditions are judged like a whole one's: the backend's 206 would carry

@@ -711,14 +711,14 @@ fn strip_evaluated(headers: &mut HeaderMap, pre: &Preconditions, read: bool) {
     }
     // The proxy judges a read's tag conditions on a whole 200 only: a 206 would pass them
     // unjudged (a stale If-Match resuming a download, an If-None-Match that matches). So a
-    // read it judges asks for the whole representation, as it does for an `If-Range` tag;
-    // ignoring `Range` is allowed (§14.2). Not for `If-Unmodified-Since` alone: the 206's
-    // `Last-Modified` judges it (`read`), and a resumed download stays a part.
+    // read it judges asks for the whole representation, as it does for an `If-Range` that is
+    // not a date; ignoring `Range` is allowed (§14.2). Not for `If-Unmodified-Since` alone:
+    // the 206's `Last-Modified` judges it (`read`), and a resumed download stays a part.
     let judged_read = read
         && (pre.if_match.is_some()
             || pre.if_none_match.is_some()
             || pre.if_modified_since.is_some());
-    if pre.if_range_tag || judged_read {
+    if pre.if_range_not_a_date || judged_read {
         headers.remove(header::IF_RANGE);
         headers.remove(header::RANGE);
     }
