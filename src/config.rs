@@ -1128,10 +1128,14 @@ impl Validator<'_> {
         // problems come in the same round.
         let host = match &r.host {
             Some(h) if h.get_ref().parse::<Authority>().is_err() || h.get_ref().contains('/') => {
+                let hint = match h.get_ref().parse::<std::net::Ipv6Addr>() {
+                    Ok(a) => format!("; an IPv6 address is written in brackets: \"[{a}]\""),
+                    Err(_) => String::new(),
+                };
                 self.push(
                     h,
                     "route.host",
-                    format!("{:?} is not a host name", h.get_ref()),
+                    format!("{:?} is not a host name{hint}", h.get_ref()),
                 );
                 None
             }
@@ -1407,13 +1411,18 @@ pub(crate) fn host_name(host: &str) -> &str {
     name.strip_suffix('.').unwrap_or(name)
 }
 
-/// An IPv6 literal (`[2001:DB8:0::1]`) in its one spelling (RFC 5952: `[2001:db8::1]`),
-/// if `name` is one written otherwise: the address is what a route or a backend is, so
-/// other spellings must not step around a host's route nor split a backend's keys.
-/// `None` for a name, or a literal already so written (as nearly all are).
+/// An IPv6 literal (`[2001:DB8:0::1]`) in its one spelling (RFC 5952: `[2001:db8::1]`;
+/// an IPv4-mapped one, `[::ffff:10.0.0.1]`, as the IPv4 address it names), if `name` is one
+/// written otherwise: the address is what a route or a backend is, so other spellings must
+/// not step around a host's route nor split a backend's keys. `None` for a name, or a
+/// literal already so written (as nearly all are).
 pub(crate) fn ip_literal(name: &str) -> Option<String> {
     let inner = name.strip_prefix('[')?.strip_suffix(']')?;
-    let one = format!("[{}]", inner.parse::<std::net::Ipv6Addr>().ok()?);
+    let addr = inner.parse::<std::net::Ipv6Addr>().ok()?;
+    let one = match addr.to_ipv4_mapped() {
+        Some(v4) => v4.to_string(),
+        None => format!("[{addr}]"),
+    };
     (one != name).then_some(one)
 }
 
@@ -1500,6 +1509,7 @@ upstream = "http://localhost:9001/"
             // tags and connection cap, as for `LOCALHOST` and `localhost`.
             ("http://[0:0:0:0:0:0:0:1]:8080", "http://[::1]:8080"),
             ("http://[2001:DB8:0::1]", "http://[2001:db8::1]"),
+            ("http://[::ffff:127.0.0.1]:8080", "http://127.0.0.1:8080"),
         ] {
             let uri: Uri = written.parse().unwrap();
             let up = Upstream::new(
@@ -2211,6 +2221,11 @@ upstream = "http://localhost:9001/"
             Some("[2001:db8::1]")
         );
         assert_eq!(ip_literal("[::1]"), None, "already in its one spelling");
+        assert_eq!(
+            ip_literal("[::FFFF:a00:1]").as_deref(),
+            Some("10.0.0.1"),
+            "an IPv4-mapped address is the IPv4 one"
+        );
         assert_eq!(ip_literal("a.example"), None);
     }
 
@@ -2243,6 +2258,43 @@ upstream = "http://localhost:9001/"
                 .upstream
                 .origin,
             "http://a:1"
+        );
+    }
+
+    /// An IPv4 address written as an IPv4-mapped IPv6 literal is that IPv4 address: a route
+    /// for `10.0.0.1` is not stepped around by `Host: [::ffff:10.0.0.1]`.
+    #[test]
+    fn a_route_for_an_ipv4_address_takes_its_ipv4_mapped_spellings() {
+        let c = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n\
+             [[route]]\nprefix = \"/\"\nhost = \"10.0.0.1\"\nupstream = \"http://b:1\"\n\
+             [[route]]\nprefix = \"/\"\nhost = \"[::ffff:10.0.0.2]\"\nupstream = \"http://c:1\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.routes[2].host.as_deref(), Some("10.0.0.2"));
+        let router = crate::router::Router::new(c.routes);
+        let origin = |host| &router.route(Some(host), "/x").unwrap().upstream.origin;
+        for host in ["10.0.0.1", "[::ffff:10.0.0.1]", "[::FFFF:a00:1]:8080"] {
+            assert_eq!(origin(host), "http://b:1", "{host}");
+        }
+        for host in ["10.0.0.2:80", "[::ffff:10.0.0.2]"] {
+            assert_eq!(origin(host), "http://c:1", "{host}");
+        }
+        assert_eq!(origin("[::a00:1]"), "http://a:1", "not a mapped address");
+    }
+
+    #[test]
+    fn an_ipv6_route_host_without_brackets_is_told_to_take_them() {
+        let e = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[route]]\nprefix = \"/\"\nhost = \"::1\"\nupstream = \"http://a:1\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.toml:5: route.host: \"::1\" is not a host name; an IPv6 address is written in brackets: \"[::1]\""),
+            "{e}"
         );
     }
 }
