@@ -128,7 +128,7 @@ pub async fn serve(
         };
         let proxy = proxy.clone();
         let listening = proxy.listening();
-        let trusted = listening.trusted_proxies.trusts(addr.ip());
+        let trusted = listening.trusted_proxies;
         let builder = match listening.http2 {
             true => builder.clone(),
             // An HTTP/2 preface is then a malformed HTTP/1.1 head: the connection is closed.
@@ -149,7 +149,7 @@ pub async fn serve(
             let _open = counted.metrics.connection_opened();
             match listening.tls {
                 None => {
-                    let peer = Peer::new(addr, "http", trusted);
+                    let peer = Peer::new(addr, "http", &trusted);
                     serve_connection(stream, peer, proxy, builder, ends).await
                 }
                 Some(tls) => {
@@ -177,7 +177,7 @@ pub async fn serve(
                     };
                     match handshake {
                         Some(Ok(Some(Ok(tls)))) => {
-                            let peer = Peer::new(addr, "https", trusted);
+                            let peer = Peer::new(addr, "https", &trusted);
                             serve_connection(tls, peer, proxy, builder, ends).await
                         }
                         Some(Ok(Some(Err(e)))) => {

@@ -6,8 +6,10 @@
 //! `https` would then redirect every request, for ever.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use http::HeaderValue;
 
 /// An address range: a network address and how many of its leading bits name the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +47,7 @@ impl Cidr {
                 }
             },
         };
+        let written = bits;
         let (net, bits) = match net {
             IpAddr::V6(v6) if bits >= 96 => match v6.to_ipv4_mapped() {
                 Some(v4) => (IpAddr::V4(v4), bits - 96),
@@ -58,7 +61,7 @@ impl Cidr {
         };
         if range.net != net {
             return Err(format!(
-                "{text:?} has bits set past its /{bits}: the range is \"{range}\""
+                "{text:?} has bits set past its /{written}: the range is \"{range}\""
             ));
         }
         Ok(range)
@@ -108,6 +111,40 @@ impl TrustedProxies {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The client a trusted proxy's `X-Forwarded-For` names (its field lines in order): the
+    /// list is walked from its end (the address the nearest proxy added) past addresses of
+    /// trusted proxies to the first that is not one; the addresses before it are whatever
+    /// that client wrote. `None` at an element that is no address (`unknown`, an obfuscated
+    /// name, RFC 7239 §6.3), where the chain can no longer be followed.
+    pub fn forwarded_client<'a>(
+        &self,
+        lines: impl DoubleEndedIterator<Item = &'a HeaderValue>,
+    ) -> Option<IpAddr> {
+        let mut last = None;
+        for line in lines.rev() {
+            for element in line.as_bytes().rsplit(|&b| b == b',') {
+                let ip = address(element.trim_ascii())?;
+                if !self.trusts(ip) {
+                    return Some(ip);
+                }
+                last = Some(ip);
+            }
+        }
+        last
+    }
+}
+
+/// An `X-Forwarded-For` element: an IP address, with a port or an IPv6 literal's brackets
+/// as some proxies write them (`203.0.113.9:4711`, `[2001:db8::1]:4711`).
+fn address(element: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(element).ok()?;
+    let ip = text
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| text.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
+    Some(ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -170,11 +207,61 @@ mod tests {
                 "has bits set past its /8: the range is \"10.0.0.0/8\"",
             ),
             ("fd00::1/8", "the range is \"fd00::/8\""),
+            (
+                "::ffff:10.0.0.0/96",
+                "past its /96: the range is \"0.0.0.0/0\"",
+            ),
             ("[::1]", "not an IP address"),
         ] {
             let e = Cidr::parse(text).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn the_forwarded_client_is_the_last_address_no_trusted_proxy_has() {
+        let trusted = TrustedProxies::new(vec![
+            Cidr::parse("10.0.0.0/8").unwrap(),
+            Cidr::parse("fd00::/8").unwrap(),
+        ]);
+        let client = |lines: &[&str]| {
+            let values: Vec<HeaderValue> = lines
+                .iter()
+                .map(|l| HeaderValue::from_str(l).unwrap())
+                .collect();
+            trusted.forwarded_client(values.iter())
+        };
+        assert_eq!(client(&["203.0.113.9"]), Some(ip("203.0.113.9")));
+        // The client's own claim comes first, and is passed over.
+        assert_eq!(
+            client(&["6.6.6.6, 203.0.113.9, 10.0.0.3"]),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            client(&["6.6.6.6", "203.0.113.9,10.1.1.1", "10.0.0.3"]),
+            Some(ip("203.0.113.9")),
+            "field lines are one list"
+        );
+        assert_eq!(
+            client(&["[2001:db8::9]:4711, [fd00::3]"]),
+            Some(ip("2001:db8::9"))
+        );
+        assert_eq!(
+            client(&["203.0.113.9:4711, ::ffff:10.0.0.3"]),
+            Some(ip("203.0.113.9"))
+        );
+        assert_eq!(
+            client(&["10.9.9.9, 10.0.0.3"]),
+            Some(ip("10.9.9.9")),
+            "all proxies: the farthest"
+        );
+        assert_eq!(client(&["203.0.113.9, unknown"]), None);
+        assert_eq!(client(&[]), None);
+        assert_eq!(
+            client(&["6.6.6.6, 203.0.113.9, "]),
+            None,
+            "an empty element"
+        );
     }
 
     #[test]

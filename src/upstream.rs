@@ -25,6 +25,7 @@ use crate::etag::{ETag, TagHasher};
 use crate::framing::FramingError;
 use crate::pool::{ConnectionCap, Pool, ReadLimits, SendError};
 use crate::tls::ClientTls;
+use crate::trust::TrustedProxies;
 
 /// A request body to the upstream: the client's own as it streams in (cut off at the size
 /// limit, hashed on the way for `tag_puts`), or bytes in hand: one read whole before its
@@ -44,24 +45,31 @@ pub struct Peer {
     pub scheme: &'static str,
     /// The client's IP as an `X-Forwarded-For` element, formatted once per connection.
     ip: HeaderValue,
-    /// The client is a proxy of `server.trusted_proxies`: its `X-Forwarded-Proto`,
-    /// `X-Forwarded-Host` and `Forwarded` say what its own client used, and pass on.
-    pub trusted_proxy: bool,
+    /// `server.trusted_proxies`, when the client is one of them: its `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host` and `Forwarded` say what its own client used, and pass on, and its
+    /// `X-Forwarded-For` names that client (`TrustedProxies::forwarded_client`).
+    pub trusted: Option<TrustedProxies>,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, scheme: &'static str, trusted_proxy: bool) -> Self {
+    /// `trusted`: `server.trusted_proxies`, as the connection was accepted under.
+    pub fn new(addr: SocketAddr, scheme: &'static str, trusted: &TrustedProxies) -> Self {
         // An IPv4 client of a dual-stack `[::]` listener comes as `::ffff:a.b.c.d`: named
         // as the IPv4 address it is, in `X-Forwarded-For` and the access log.
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is a valid header value");
+        let trusted = trusted.trusts(addr.ip()).then(|| trusted.clone());
         Self {
             addr,
             scheme,
             ip,
-            trusted_proxy,
+            trusted,
         }
+    }
+
+    pub fn trusted_proxy(&self) -> bool {
+        self.trusted.is_some()
     }
 }
 
@@ -644,7 +652,7 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
-    let named_removed = strip_request(h, peer.trusted_proxy);
+    let named_removed = strip_request(h, peer.trusted_proxy());
     if from_h2 {
         join_cookies(h);
         collapse_repeated_length(h);
@@ -686,11 +694,11 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     // A trusted proxy's own say passes (the scheme and host its client used, where ifmatch
     // saw plain HTTP from that proxy); what it left out is set, as for any client.
     let xfp = HeaderName::from_static("x-forwarded-proto");
-    if !(peer.trusted_proxy && h.contains_key(&xfp)) {
+    if !(peer.trusted_proxy() && h.contains_key(&xfp)) {
         h.insert(xfp, HeaderValue::from_static(peer.scheme));
     }
     let xfh = HeaderName::from_static("x-forwarded-host");
-    if peer.trusted_proxy && h.contains_key(&xfh) {
+    if peer.trusted_proxy() && h.contains_key(&xfh) {
         return;
     }
     match original_host {
@@ -749,13 +757,15 @@ fn collapse_repeated_length(h: &mut HeaderMap) {
 
 /// The origin the client addressed, `scheme://authority`, when it named one.
 /// Behind a trusted proxy, that is the one its `X-Forwarded-Proto` and `X-Forwarded-Host`
-/// name (the first of each list, its own client's), where they are an `http` or `https` and
-/// a `host[:port]`: the ingress's `https://` origin, not the plain HTTP one ifmatch saw.
+/// name, where they are an `http` or `https` and a `host[:port]`: the ingress's `https://`
+/// origin, not the plain HTTP one ifmatch saw. Of a list, the last value: the one the
+/// nearest proxy gave (Rack reads it so too); one before it may be what a client wrote.
 pub fn client_origin(parts: &Parts, host: Option<&HeaderValue>, peer: &Peer) -> Option<String> {
     let forwarded = |name: &str| {
-        let v = parts.headers.get(name).filter(|_| peer.trusted_proxy)?;
-        let first = v.to_str().ok()?.split(',').next()?.trim();
-        (!first.is_empty()).then_some(first)
+        let v = parts.headers.get_all(name).iter().next_back();
+        let last = v.filter(|_| peer.trusted_proxy())?.to_str().ok()?;
+        let last = last.rsplit(',').next()?.trim();
+        (!last.is_empty()).then_some(last)
     };
     let scheme = match forwarded("x-forwarded-proto") {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
@@ -932,12 +942,12 @@ mod tests {
     #[test]
     fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
         let v4: SocketAddr = "[::ffff:10.0.0.7]:5000".parse().unwrap();
-        let peer = Peer::new(v4, "http", false);
+        let peer = Peer::new(v4, "http", &TrustedProxies::default());
         assert_eq!(peer.ip, "10.0.0.7");
         assert_eq!(peer.addr, "10.0.0.7:5000".parse::<SocketAddr>().unwrap());
         let v6: SocketAddr = "[2001:db8::7]:5000".parse().unwrap();
         assert_eq!(
-            Peer::new(v6, "http", false).ip,
+            Peer::new(v6, "http", &TrustedProxies::default()).ip,
             "2001:db8::7",
             "no brackets, as nginx writes it"
         );

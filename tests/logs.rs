@@ -126,6 +126,39 @@ async fn json_access_lines_carry_the_fields_and_no_secret() {
 
 /// With no `RUST_LOG` the proxy logs at info, and a text line to a pipe reads as the default
 /// format writes it, without colour: the target, the message, then `name=value` pairs.
+/// Behind a trusted ingress every line's `client` is the ingress: the line also names the
+/// client its `X-Forwarded-For` gives, the last address in it that is no trusted proxy's
+/// (the ones before it are whatever that client wrote). From any other client the header is
+/// the client's own word, and is not read.
+#[tokio::test]
+async fn an_access_line_behind_a_trusted_proxy_names_the_client_it_forwards_for() {
+    let store = Backend::start().await;
+    store.store.put("/docs/a", "doc");
+    let trusting = |ranges: &str| {
+        docs_route(&store.origin()).replace(
+            "[[route]]",
+            &format!("trusted_proxies = [{ranges}]\n[[route]]"),
+        )
+    };
+    let xff = [("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.3")];
+    for (ranges, named) in [
+        ("\"10.0.0.0/8\", \"127.0.0.1\"", Some("203.0.113.9")),
+        ("\"10.0.0.0/8\"", None),
+    ] {
+        let bin = Binary::start(&trusting(ranges), &["--log-format", "json"]).await;
+        let r = Client::new().get(&bin.url("/docs/a"), &xff).await;
+        assert_eq!(r.status, 200);
+        assert!(common::eventually(Duration::from_secs(5), || access_lines(&bin).len() == 1).await);
+        let line = &access_lines(&bin)[0];
+        assert_eq!(line["client"], "127.0.0.1", "{line}");
+        assert_eq!(
+            line.get("forwarded_client").and_then(|c| c.as_str()),
+            named,
+            "{ranges}: {line}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn text_logs_to_a_pipe_are_plain_text_with_the_access_fields() {
     let store = Backend::start().await;

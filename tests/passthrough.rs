@@ -411,10 +411,11 @@ async fn a_location_is_pointed_back_at_the_origin_a_trusted_proxy_names() {
     ];
     let r = c.put(&trusting.url("/docs/"), &odd, "x").await;
     assert_eq!(r.headers["location"], "http://docs.example/docs/1");
+    // Of a list, the nearest proxy's say, the last: one before it may be a client's.
     let listed = [
         ("host", "docs.example"),
-        ("x-forwarded-proto", "https, http"),
-        ("x-forwarded-host", "public.example:8443, docs.example"),
+        ("x-forwarded-proto", "http, https"),
+        ("x-forwarded-host", "evil.example, public.example:8443"),
     ];
     let r = c.put(&trusting.url("/docs/"), &listed, "x").await;
     assert_eq!(r.headers["location"], "https://public.example:8443/docs/1");

@@ -222,6 +222,7 @@ impl Exchange {
 
 /// The request id header edge proxies (Envoy, nginx's `$request_id`, load balancers) set.
 const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 /// The most of a request body the proxy reads and drops to keep a connection open.
 const DISCARD_LIMIT: u64 = 1 << 20;
@@ -457,9 +458,17 @@ impl Proxy {
             version < Version::HTTP_2 && req.headers().contains_key(header::EXPECT);
         // The id an edge proxy or the client gave the request, to find its access line by;
         // looked up only when that line is written.
-        let request_id = tracing::enabled!(target: "ifmatch::access", tracing::Level::INFO)
+        let logged = tracing::enabled!(target: "ifmatch::access", tracing::Level::INFO);
+        let request_id = logged
             .then(|| req.headers().get(X_REQUEST_ID).cloned())
             .flatten();
+        // Behind a trusted proxy, the client it names (its own address is `client`).
+        let forwarded_client = match &peer.trusted {
+            Some(trusted) if logged => {
+                trusted.forwarded_client(req.headers().get_all(X_FORWARDED_FOR).iter())
+            }
+            _ => None,
+        };
         // Counted and logged when the response head is ready, or, if hyper drops this future
         // first (the client closed its connection or reset its stream), when it is dropped.
         let mut pending = Pending {
@@ -470,6 +479,7 @@ impl Proxy {
             // every request, logged or not.
             uri: req.uri().clone(),
             request_id,
+            forwarded_client,
             peer,
             ex: Exchange {
                 expects_continue,
@@ -813,6 +823,8 @@ struct Pending<'a> {
     uri: hyper::Uri,
     /// `X-Request-Id`, as the client (or an edge proxy) sent it; passed upstream unchanged.
     request_id: Option<HeaderValue>,
+    /// The client a trusted proxy's `X-Forwarded-For` names.
+    forwarded_client: Option<std::net::IpAddr>,
     peer: Peer,
     ex: Exchange,
     done: bool,
@@ -883,6 +895,7 @@ fn access_log(req: &Pending<'_>, status: u16, bytes: Option<u64>) {
         method = %req.method,
         path = req.uri.path(),
         client = %req.peer.addr.ip(),
+        forwarded_client = req.forwarded_client.map(tracing::field::display),
         request_id,
         status,
         upstream_status = ex.upstream_status.map(|s| s.as_u16()),
