@@ -427,7 +427,12 @@ where
                     .as_ref()
                     .is_some_and(|l| l.waiting.load(Ordering::Acquire) > 0);
             while let Some((mut idle, now, closes_early)) = match handed.take() {
-                Some(idle) => Some((*idle, Instant::now(), false)),
+                // Most likely the connection the backend closes just after answering, when
+                // it does: it was handed over as its last answer ended.
+                Some(idle) => {
+                    let now = Instant::now();
+                    Some((*idle, now, self.closes_early(origin, now)))
+                }
                 None if queue => None,
                 None => self.checkout(origin),
             } {
@@ -606,6 +611,12 @@ where
         let ready = list.iter().position(|c| c.conn.sender.is_ready())?;
         let conn = list.swap_remove(ready);
         Some((conn, now, entry.closes_early(now)))
+    }
+
+    /// Whether `origin` is known to close connections early ([`Origin::closes_early`]).
+    fn closes_early(&self, origin: &str, now: Instant) -> bool {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.get(origin).is_some_and(|o| o.closes_early(now))
     }
 
     /// Notes that a connection to `origin` idle since `since` closed on a request sent at

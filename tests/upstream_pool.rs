@@ -1125,3 +1125,59 @@ async fn a_new_connections_first_request_times_out_at_its_timeout() {
     times_out(&p, &origin, timeout, Duration::from_millis(1700)).await;
     assert_eq!(timed(&p, &origin, "/slow/100", timeout).await.0, Some(200));
 }
+
+/// A backend that answers each connection's first request after 100 ms and closes the
+/// connection 50 ms later without saying so (one request per connection, unannounced).
+/// Returns its origin and how many requests it answered.
+async fn answers_once_then_closes() -> (String, Arc<AtomicUsize>) {
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    let origin = raw_backend(move |mut s| {
+        let count = count.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let rsp = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(rsp.as_bytes()).await.is_ok() {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    })
+    .await;
+    (origin, answered)
+}
+
+/// Under `upstream_max_connections`, a GET that waited its turn is handed the connection
+/// another request has just finished with: the very connection such a backend closes a
+/// moment later. Once the origin is known to close early, that GET is sent again as one
+/// taken from the idle list is (it got a 502: "connection closed before message completed").
+#[tokio::test]
+async fn a_get_handed_a_connection_under_a_cap_is_sent_again_when_its_origin_closes_early() {
+    let (origin, answered) = answers_once_then_closes().await;
+    let p = limited_pool(1);
+    // The first early close met costs its request, and marks the origin.
+    assert_eq!(fetch(&p, &origin, "/1").await.0, 200);
+    let first = p
+        .send(&upstream(&origin), get(&origin, "/2"), TIMEOUT)
+        .await;
+    assert!(first.is_err(), "{:?}", first.map(|r| r.status()));
+    // `/3` takes the one place; `/4` waits for it and is handed its connection.
+    let a = spawn_fetch(&p, &origin, "/3");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let b = {
+        let (p, origin) = (p.clone(), origin.clone());
+        tokio::spawn(async move {
+            p.send(&upstream(&origin), get(&origin, "/4"), TIMEOUT)
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    assert_eq!(a.await.unwrap().0, 200);
+    let b = b.await.unwrap();
+    assert!(matches!(b, Ok(200)), "the waiting GET: {b:?}");
+    assert_eq!(answered.load(Ordering::SeqCst), 3);
+}
