@@ -149,9 +149,16 @@ impl BodyMemo {
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         // The copy this one replaces goes first, then the oldest others while room is short.
-        if let Some((old_key, old)) = self.map.remove(key) {
-            order.used -= Self::cost(&old_key, old.len());
-        }
+        // Its key is kept for the new copy: the replaced copy's queue entry still holds it,
+        // and a key of this request's own would be a second block of it (a URL may be as
+        // long as a request head), charged once.
+        let key = match self.map.remove(key) {
+            Some((old_key, old)) => {
+                order.used -= Self::cost(&old_key, old.len());
+                old_key
+            }
+            None => key.clone(),
+        };
         while order.used + cost > self.budget {
             let Some((old_key, old_id)) = order.queue.pop_front() else {
                 return;
@@ -173,7 +180,7 @@ impl BodyMemo {
         });
         self.map.insert(key.clone(), memo);
         order.used += cost;
-        order.queue.push_back((key.clone(), id));
+        order.queue.push_back((key, id));
         // Replaced copies leave stale queue entries behind; without a budget squeeze none
         // would ever be popped. Compacting once they outnumber the live ones keeps the
         // queue within twice the copies held, at a constant cost per `put` on average.

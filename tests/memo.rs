@@ -23,6 +23,53 @@ use hyper_util::rt::TokioIo;
 use proptest::prelude::*;
 use tokio::net::TcpListener;
 
+/// Counts the live heap blocks whose size lies in a window a test sets (`Blocks::watch`), so
+/// that a test can count the copies of a URL's key the proxy holds: each key is one block
+/// of its own length (plus the `Arc`'s counts), a size nothing else in this binary has.
+struct Blocks;
+
+static WATCH: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(usize::MAX),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+static WATCHED: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+impl Blocks {
+    fn watch(lo: usize, hi: usize) {
+        WATCH[1].store(hi, Ordering::SeqCst);
+        WATCH[0].store(lo, Ordering::SeqCst);
+    }
+
+    fn live() -> isize {
+        WATCHED.load(Ordering::SeqCst)
+    }
+
+    fn watched(size: usize) -> bool {
+        (WATCH[0].load(Ordering::Relaxed)..=WATCH[1].load(Ordering::Relaxed)).contains(&size)
+    }
+}
+
+// SAFETY: every block comes from and goes back to `System`; the counts change nothing.
+unsafe impl std::alloc::GlobalAlloc for Blocks {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() && Self::watched(layout.size()) {
+            WATCHED.fetch_add(1, Ordering::SeqCst);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if Self::watched(layout.size()) {
+            WATCHED.fetch_sub(1, Ordering::SeqCst);
+        }
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Blocks = Blocks;
+
 /// A body sent as the given chunks (`Transfer-Encoding: chunked`, one chunk each), so that
 /// the proxy reads it in pieces of the test's choosing.
 struct Frames(VecDeque<Bytes>);
@@ -292,6 +339,42 @@ async fn the_budget_bounds_the_copies_and_zero_turns_the_memo_off() {
     let misses = off.state.memo.stats.misses.load(Ordering::Relaxed);
     assert_eq!(misses, 0, "with copies off there is nothing to miss");
     assert_eq!(off.state.memo.bytes(), 0);
+}
+
+/// Clients choose URLs, and a key may be as long as a request head (a 50 KB query): each
+/// copy is charged its key once, so the memo must hold one block of a URL's key however
+/// often its copy is replaced (a body that changes on every read, a `Vary` by a header the
+/// clients send in turns). The copies replaced must not each keep a key of their own: 40
+/// URLs read 3 times each held 80 keys of 50 KB, 4 MB past what was charged.
+#[tokio::test]
+async fn a_copy_replaced_again_and_again_holds_its_long_key_once() {
+    let backend = ChunkedBackend::start().await;
+    backend.take_turns(&[b"one", b"two", b"three"], &[]);
+    let proxy = Proxy::start_with(
+        &route("/", ""),
+        &backend.origin(),
+        "tag_memo_bytes = \"8MiB\"",
+    )
+    .await;
+    let c = Client::new();
+    let query = "q".repeat(50_001);
+    // The key is the origin, the path and the query; its block, `Arc<str>`'s counts besides.
+    Blocks::watch(query.len(), query.len() + 100);
+    let before = Blocks::live();
+    let mut most = 0;
+    for round in 0..3 {
+        for i in 0..40 {
+            let r = c.get(&proxy.url(&format!("/k{i}?{query}")), &[]).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.etag(), proxy.tag_of(&r.body), "round {round}");
+        }
+        assert_eq!(proxy.state.memo.len(), 40, "every copy fits");
+        most = most.max(Blocks::live() - before);
+    }
+    assert!(
+        most <= 40 + 8,
+        "{most} blocks of a key's size held for 40 copies, charged one key each"
+    );
 }
 
 /// A copy's tag was made with the key of its day: after a reload with a new key, the same
