@@ -884,8 +884,10 @@ impl Validator<'_> {
                 .and_then(|n| self.at_most(&s.workers, "server.workers", n, MAX_WORKERS))
                 .map(Some),
         };
-        let (tls, tls_validity) = tls?.unzip();
+        // Judged before any `?` below: every value problem comes in one round, a broken
+        // `[server.tls]` hides none of them.
         let trusted_proxies = self.trusted_proxies(s.trusted_proxies.as_deref());
+        let (tls, tls_validity) = tls?.unzip();
         Some(Server {
             trusted_proxies: trusted_proxies?,
             workers: workers?,
@@ -1877,6 +1879,26 @@ upstream = "http://localhost:9001/"
             );
             Config::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{upstream}: {e}"));
         }
+    }
+
+    /// The README promises every problem of the file's values in one round: a
+    /// `[server.tls]` whose files cannot be read used to hide a bad `trusted_proxies`
+    /// until it was mended.
+    #[test]
+    fn a_broken_tls_table_hides_no_other_value_problem() {
+        let p = problems(
+            "[server]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\"ingress.local\"]\n[server.tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\n",
+        );
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (3, "server.trusted_proxies"),
+                (5, "server.tls.cert"),
+                (6, "server.tls.key")
+            ],
+            "{p:?}"
+        );
     }
 
     /// A table header may carry a comment (`[server]  # the proxy`): the key a schema
