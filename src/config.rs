@@ -563,8 +563,8 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
             .map_or(0, |i| i + 1);
         let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
         // A table's own problem (a missing key, `[route]` for `[[route]]`) points at its
-        // header. It is the last one looked for: blanked, the header would put the table's
-        // keys in the table above, each then reported as unknown there.
+        // header. The header is never blanked alone, which would put the table's keys in the
+        // table above, each then reported as unknown there: the table goes with its keys.
         // A missing top-level table (`[server]`) is the document's problem, the last one
         // looked for too: its span is the whole file, from whatever line 1 holds.
         let top_level = ["missing field `server`", "missing field `route`"];
@@ -587,10 +587,13 @@ fn schema_pass(v: &mut Validator<'_>) -> Option<ConfigToml> {
                 };
                 v.push_at_line(line, &key, message);
             }
-            // A table that should not be there at all (`[[routes]]`): blanked with its keys,
-            // which then belong nowhere, the search goes on. Any other problem of a table
-            // ends it (see above).
-            if !unknown {
+            // A table that should not be there at all (`[[routes]]`), or one with a problem
+            // of its own (a route without `prefix`, `[admin]` without `listen`): blanked with
+            // its keys, the search goes on. serde reports tables in the order of their names,
+            // not of the file, so ending here would hide every problem of a table named later
+            // (`[server]`'s, behind a route's). Only `[server]` ends it: blanked, it would be
+            // reported missing, and it is the last table read.
+            if !unknown && table == "server" {
                 return None;
             }
             let next_header = text[end..]
@@ -1951,6 +1954,30 @@ upstream = "http://localhost:9001/"
                 (3, "server.listne"),
                 (7, "route.validation"),
                 (8, "route.retries")
+            ],
+            "{p:?}"
+        );
+    }
+
+    /// serde reads the tables in the order of their names (`admin`, `route`, `server`):
+    /// a table's own problem, or one that leaves a table without a required key, used to
+    /// end the search, hiding every problem of the tables named after it.
+    #[test]
+    fn a_table_missing_a_key_hides_no_problem_of_another_table() {
+        let p = problems(
+            "[server]\nlisten = \"127.0.0.1:1\"\nbogus = 1\nworkers = \"x\"\n[server.tls]\ncert = \"a\"\nkee = \"b\"\n[admin]\nlisten = 5\n[[route]]\nprefix = \"/\"\nupstream = \"http://a:1\"\nfrob = true\n[[route]]\nupstream = \"http://a:1\"\n",
+        );
+        let got: Vec<(usize, &str)> = p.iter().map(|p| (p.line, p.key.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (3, "server.bogus"),
+                (4, "server.workers"),
+                (5, "server.tls.key"),
+                (7, "server.tls.kee"),
+                (9, "admin.listen"),
+                (13, "route.frob"),
+                (14, "route.prefix"),
             ],
             "{p:?}"
         );
