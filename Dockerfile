@@ -16,6 +16,8 @@ WORKDIR /src
 # Cargo.toml declares, the [[bench]]es among them, before it builds anything: their files
 # must be here too (they are not built).
 COPY Cargo.toml Cargo.lock ./
+# Build flags (`--cfg tokio_unstable`, for src/runtime.rs: without it the tail is longer).
+COPY .cargo ./.cargo
 COPY benches ./benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \

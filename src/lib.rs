@@ -43,6 +43,7 @@ pub mod precondition;
 pub mod proxy;
 pub mod reuse;
 pub mod router;
+pub mod runtime;
 pub mod server;
 pub mod settling;
 pub mod tags;

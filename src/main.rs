@@ -96,7 +96,7 @@ fn main() -> ExitCode {
         None => None,
     };
     let workers = config.as_ref().and_then(|(_, c)| c.server.workers);
-    let runtime = match runtime(workers) {
+    let runtime = match ifmatch::runtime::build(workers) {
         Ok(rt) => rt,
         Err(e) => {
             let e = format!("cannot start the runtime: {e}");
@@ -130,21 +130,6 @@ fn main() -> ExitCode {
 
 /// How long the runtime's threads have to end once the drain is over.
 const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// A work-stealing runtime with `workers` worker threads (default: one per CPU the process
-/// may use). One worker is not a current-thread runtime: tokio's multi-thread scheduler
-/// runs a task woken by the running one next (its LIFO slot), so a request's upstream
-/// connection writes the request as soon as the request has handed it over, and the
-/// request resumes as soon as the answer is in. The current-thread scheduler queues them
-/// behind every other ready task: 0.79× nginx's req/s at 1 KiB against 0.96× (BENCHMARKS,
-/// *One worker*). The worker's thread then does all the work; the main thread waits.
-fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n);
-    }
-    builder.enable_all().build()
-}
 
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
