@@ -27,12 +27,10 @@ pub fn build(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime>
         Some(n) => n == 1,
         None => std::thread::available_parallelism().map_or(true, |n| n.get() == 1),
     };
-    #[cfg(tokio_unstable)]
     if one {
+        #[cfg(tokio_unstable)]
         builder.disable_lifo_slot();
     }
-    #[cfg(not(tokio_unstable))]
-    let _ = one;
     builder.enable_all().build()
 }
 

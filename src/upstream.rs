@@ -440,6 +440,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// `Transfer-Encoding`'s place in [`HOP_BY_HOP`], as a bit of [`Scan::present`].
 const TRANSFER_ENCODING_BIT: u16 = 1 << 4;
 
+/// The forwarding headers the proxy sets (`prepare`), and reads from a trusted proxy.
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// The headers the proxy sets (`X-Forwarded-*`, `prepare`) or judges by name (the method
 /// overrides), whose spellings with `_` for `-` are not passed on: CGI, WSGI, Rack and PHP
 /// name a header by its `HTTP_X_FORWARDED_PROTO` variable, where `X_Forwarded_Proto` and
@@ -672,7 +677,7 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
         }
     }
 
-    let xff = HeaderName::from_static("x-forwarded-for");
+    let xff = X_FORWARDED_FOR;
     // Every field line, in order (§5.3: they are one list): a proxy in front may have added
     // its own line rather than joined the first, and keeping only that first line would
     // let the client's own value pass for the last hop's.
@@ -693,11 +698,11 @@ pub fn prepare(parts: &mut Parts, host: Option<HeaderValue>, route: &Route, peer
     h.insert(xff, forwarded_for);
     // A trusted proxy's own say passes (the scheme and host its client used, where ifmatch
     // saw plain HTTP from that proxy); what it left out is set, as for any client.
-    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let xfp = X_FORWARDED_PROTO;
     if !(peer.trusted_proxy() && h.contains_key(&xfp)) {
         h.insert(xfp, HeaderValue::from_static(peer.scheme));
     }
-    let xfh = HeaderName::from_static("x-forwarded-host");
+    let xfh = X_FORWARDED_HOST;
     if peer.trusted_proxy() && h.contains_key(&xfh) {
         return;
     }
@@ -761,18 +766,18 @@ fn collapse_repeated_length(h: &mut HeaderMap) {
 /// origin, not the plain HTTP one ifmatch saw. Of a list, the last value: the one the
 /// nearest proxy gave (Rack reads it so too); one before it may be what a client wrote.
 pub fn client_origin(parts: &Parts, host: Option<&HeaderValue>, peer: &Peer) -> Option<String> {
-    let forwarded = |name: &str| {
+    let forwarded = |name: &HeaderName| {
         let v = parts.headers.get_all(name).iter().next_back();
         let last = v.filter(|_| peer.trusted_proxy())?.to_str().ok()?;
         let last = last.rsplit(',').next()?.trim();
         (!last.is_empty()).then_some(last)
     };
-    let scheme = match forwarded("x-forwarded-proto") {
+    let scheme = match forwarded(&X_FORWARDED_PROTO) {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
         Some(p) if p.eq_ignore_ascii_case("http") => "http",
         _ => peer.scheme,
     };
-    let authority = match forwarded("x-forwarded-host")
+    let authority = match forwarded(&X_FORWARDED_HOST)
         .filter(|a| crate::host::invalid(a.as_bytes()).is_none())
     {
         Some(a) => a,

@@ -222,7 +222,6 @@ impl Exchange {
 
 /// The request id header edge proxies (Envoy, nginx's `$request_id`, load balancers) set.
 const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
-const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 /// The most of a request body the proxy reads and drops to keep a connection open.
 const DISCARD_LIMIT: u64 = 1 << 20;
@@ -465,7 +464,7 @@ impl Proxy {
         // Behind a trusted proxy, the client it names (its own address is `client`).
         let forwarded_client = match &peer.trusted {
             Some(trusted) if logged => {
-                trusted.forwarded_client(req.headers().get_all(X_FORWARDED_FOR).iter())
+                trusted.forwarded_client(req.headers().get_all(upstream::X_FORWARDED_FOR).iter())
             }
             _ => None,
         };
