@@ -64,8 +64,8 @@ struct Args {
     /// hyper's client, its connections driven by the requests (see the module's doc).
     #[arg(long)]
     inline_conn: bool,
-    /// A multi-thread runtime with one worker, as ifmatch's `workers = 1` (its LIFO slot
-    /// runs a woken connection task next); without it, a current-thread runtime.
+    /// ifmatch's own runtime with one worker (`ifmatch::runtime::build`, as `workers = 1`:
+    /// multi-thread, its LIFO slot off); without it, a current-thread runtime.
     #[arg(long)]
     multi_thread: bool,
     /// `cargo bench` passes this to every bench target.
@@ -355,10 +355,7 @@ fn main() {
     });
     // One thread running requests, like ifmatch's `workers = 1` and nginx's one worker.
     let rt = if args.multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
+        ifmatch::runtime::build(Some(1))
     } else {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
