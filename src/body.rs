@@ -19,6 +19,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::h1::{UpBody, UpError};
 use tokio::time::{Instant, Sleep};
 
 use crate::budget::Share;
@@ -40,7 +42,7 @@ pub struct ProxyBody {
 /// (HTTP/1.1 closes the connection, HTTP/2 resets the stream) instead of hanging it.
 #[derive(Debug)]
 struct Tail {
-    body: Incoming,
+    body: UpBody,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     /// Set for a body sent under a tag judged from an earlier read of it.
@@ -95,14 +97,14 @@ impl ProxyBody {
     }
 
     /// The upstream's body, streamed through untouched; each chunk must come within `idle`.
-    pub fn stream(body: Incoming, idle: Duration) -> Self {
+    pub fn stream(body: UpBody, idle: Duration) -> Self {
         Self::chunks(VecDeque::new(), None, Some(body), idle)
     }
 
     /// The upstream's body, streamed under `tag` (judged from an earlier read of the URL):
     /// hashed with `hasher` on the way, it ends in [`Changed`] before its last chunk unless
     /// it has that tag.
-    pub fn checked(body: Incoming, idle: Duration, hasher: TagHasher, tag: ETag) -> Self {
+    pub fn checked(body: UpBody, idle: Duration, hasher: TagHasher, tag: ETag) -> Self {
         // Kept even when already at its end: the empty body's own tag still decides.
         let tail = Tail {
             body,
@@ -126,7 +128,7 @@ impl ProxyBody {
     pub fn chunks(
         head: VecDeque<Bytes>,
         held: Option<Share>,
-        rest: Option<Incoming>,
+        rest: Option<UpBody>,
         idle: Duration,
     ) -> Self {
         let tail = rest.filter(|b| !b.is_end_stream()).map(|body| Tail {
@@ -646,14 +648,14 @@ pub enum Collected {
         chunks: VecDeque<Bytes>,
         held: Share,
         kept: bool,
-        rest: Incoming,
+        rest: UpBody,
     },
     /// Holding the next chunk would have taken the bytes held by all requests past
     /// `max_buffered_bytes`: as `TooLarge`.
     OverBudget {
         chunks: VecDeque<Bytes>,
         held: Share,
-        rest: Incoming,
+        rest: UpBody,
     },
 }
 
@@ -674,7 +676,7 @@ pub enum Keep {
 pub enum ReadError {
     /// No chunk arrived for this long.
     Stalled(Duration),
-    Failed(hyper::Error),
+    Failed(UpError),
 }
 
 /// Reads `body` while feeding it to `hasher`, up to `limit` bytes; each chunk must arrive
@@ -686,7 +688,7 @@ pub enum ReadError {
 /// room, a body to be sent on stops there (`OverBudget`); one read only for its tag lets
 /// its chunks go and is hashed to the end; one known not to fit keeps none.
 pub async fn read_tagged(
-    mut body: Incoming,
+    mut body: UpBody,
     mut hasher: TagHasher,
     memo: Option<Arc<Memo>>,
     limit: u64,

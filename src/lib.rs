@@ -31,6 +31,7 @@ pub mod etag;
 pub mod fds;
 pub mod file;
 pub mod framing;
+pub mod h1;
 pub mod host;
 pub mod key;
 pub mod lifecycle;

@@ -1,4 +1,6 @@
-//! HTTP/1.1 connections to the upstreams, kept open per origin between requests.
+//! HTTP/1.1 connections to the upstreams, kept open per origin between requests, for every
+//! request but the body-less GETs and HEADs to plain-http upstreams that `h1.rs`'s client
+//! takes (outside `upstream_max_connections`).
 //!
 //! Why not hyper-util's legacy client: profiled, its pool cost about a tenth of the proxy's
 //! user-space instructions per request (a checkout future, a wrapper per connection, a task
@@ -41,6 +43,8 @@ type Connected = Result<Conn, SendError>;
 pub enum SendError {
     Connect(ConnectError),
     Http(hyper::Error),
+    /// Of the client of body-less GETs and HEADs ([`crate::h1`]).
+    Raw(crate::h1::RawError),
     /// No response head within the request's timeout.
     Timeout,
     /// The client paused its upload for the timeout: the connection was waiting for its

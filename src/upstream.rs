@@ -13,7 +13,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::ClientConfig;
@@ -23,6 +22,7 @@ use crate::config::{Config, Route, Server};
 use crate::error::Error;
 use crate::etag::{ETag, TagHasher};
 use crate::framing::FramingError;
+use crate::h1::{RawError, RawPool, UpBody};
 use crate::pool::{ConnectionCap, Pool, ReadLimits, SendError};
 use crate::tls::ClientTls;
 use crate::trust::TrustedProxies;
@@ -90,6 +90,9 @@ pub struct UpstreamClient {
     max_request_body: u64,
     /// `upstream_max_connections`, shared by the pools, for its metrics.
     cap: Option<Arc<ConnectionCap>>,
+    /// The client of body-less GETs and HEADs to plain-http upstreams ([`crate::h1`]);
+    /// none under `upstream_max_connections`, whose turns and counts are the pools'.
+    raw: Option<Arc<RawPool>>,
 }
 
 /// What a pool is made with besides its roots.
@@ -195,6 +198,17 @@ impl UpstreamClient {
             _ => s.upstream_max_connections.map(ConnectionCap::new),
         };
         let previous = previous.filter(|p| p.settings == settings);
+        let raw = match previous {
+            Some(p) => p.raw.clone(),
+            None => s.upstream_max_connections.is_none().then(|| {
+                RawPool::new(
+                    s.upstream_idle_timeout,
+                    s.upstream_max_idle,
+                    read_limits(s),
+                    s.connect_timeout,
+                )
+            }),
+        };
         let mut by_roots = HashMap::new();
         let mut pool_for = |tls: &ClientTls| {
             let kept = || previous.and_then(|p| p.by_roots.get(&tls.roots).cloned());
@@ -217,6 +231,7 @@ impl UpstreamClient {
             cap,
             by_ca_file,
             max_request_body: s.max_request_body,
+            raw,
         }
     }
 
@@ -257,18 +272,25 @@ impl UpstreamClient {
         req: Box<Request<UpstreamBody>>,
         timeout: Duration,
         queued: Option<&crate::pool::Queued>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<UpBody>, Error> {
         let upstream = || route.upstream.origin.clone();
         let pool = route
             .ca_file
             .as_ref()
             .and_then(|p| self.by_ca_file.get(p))
             .unwrap_or(&self.pool);
-        // Not bound to a name first: the future would be kept twice (see `Proxy::handle`).
-        match pool
-            .send_queued(&route.upstream, req, timeout, queued)
-            .await
-        {
+        let sent = match &self.raw {
+            Some(raw) if queued.is_none() && crate::h1::takes(&route.upstream, &req) => {
+                raw.send(&route.upstream, req, timeout).await
+            }
+            // Not bound to a name first: the future would be kept twice (see
+            // `Proxy::handle`).
+            _ => pool
+                .send_queued(&route.upstream, req, timeout, queued)
+                .await
+                .map(|rsp| rsp.map(UpBody::Hyper)),
+        };
+        match sent {
             // No request goes up with `Upgrade` (it is hop-by-hop): a switch is one nobody
             // asked for, and neither an HTTP/1.1 nor an HTTP/2 client could be given it.
             Ok(rsp) if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
@@ -317,6 +339,20 @@ impl UpstreamClient {
                 };
             }
             SendError::Http(h) => (h, false),
+            SendError::Raw(RawError::TooLarge) => {
+                let ReadLimits {
+                    read_buffer,
+                    max_header_fields,
+                } = self.settings.read;
+                return Error::Upstream {
+                    upstream,
+                    reason: format!(
+                        "its response head is over upstream_read_buffer ({read_buffer} bytes) \
+                         or max_header_fields ({max_header_fields})"
+                    ),
+                };
+            }
+            SendError::Raw(r) => (r, false),
             SendError::Timeout => {
                 return Error::UpstreamTimeout {
                     upstream,

@@ -371,12 +371,18 @@ async fn a_get_judged_by_tags_is_judged_by_them_when_its_body_finds_no_room() {
         .header("if-match", tag_of(&next))
         .body(Full::default())
         .unwrap();
-    let rsp = http1().request(req).await.unwrap();
-    assert_eq!(rsp.status(), 200);
-    assert!(
-        rsp.into_body().collect().await.is_err(),
-        "cut before its end"
-    );
+    // The cut comes where the check fails, at the body's end: a body the backend sent at
+    // once may be all in hand before the head was written, and then the head never is.
+    match http1().request(req).await {
+        Ok(rsp) => {
+            assert_eq!(rsp.status(), 200);
+            assert!(
+                rsp.into_body().collect().await.is_err(),
+                "cut before its end"
+            );
+        }
+        Err(e) => assert!(format!("{e:?}").contains("IncompleteMessage"), "{e:?}"),
+    }
     // ... and whole, untagged, for an If-None-Match (a backend whose bytes change on every
     // read still gets its 200s).
     let rsp = get("/docs/fresh-0", "if-none-match", "\"stale\"").await;

@@ -1356,7 +1356,8 @@ async fn an_http2_upload_ended_by_a_late_empty_frame_leaves_its_connection_reusa
     let _ = upload.send_data(bytes::Bytes::new(), true);
     assert_eq!(backend.last().body, "helloworld");
 
-    let r = Client::new().get(&proxy.url("/other"), &[]).await;
+    // Another write (a GET would go up on a connection of its own client's: `h1.rs`).
+    let r = Client::new().put(&proxy.url("/other"), &[], "x").await;
     assert_eq!(r.status, 204);
     assert_eq!(
         backend.connections(),
@@ -1405,17 +1406,18 @@ async fn a_get_that_meets_a_close_just_after_an_answer_is_sent_again() {
             lost.push((n, method, r.status));
         }
     }
-    // The first request that meets such a close is lost (it went up without a copy to send
-    // again: making one for every request costs a plain GET 3-5%); none after it.
-    assert!(lost.len() <= 1, "safe requests lost: {lost:?}");
-    // A PUT on such a connection is not sent again, even though this backend never read it.
+    // None is lost: a body-less GET or HEAD that a reused connection closed on unanswered
+    // is sent again (`h1.rs`), the first one too.
+    assert!(lost.is_empty(), "safe requests lost: {lost:?}");
+    // A PUT on such a connection is not sent again, even though this backend never read it:
+    // the first PUT opens the connection the second goes up on, just before its close.
     let before = requests.load(Ordering::SeqCst);
-    assert_eq!(c.get(&proxy.url("/doc"), &[]).await.status, 200);
+    assert_eq!(c.put(&proxy.url("/doc"), &[], "x").await.status, 200);
     let r = c.put(&proxy.url("/doc"), &[], "x").await;
     r.assert_problem(502);
     assert_eq!(
         requests.load(Ordering::SeqCst),
         before + 1,
-        "the PUT was not sent again"
+        "the second PUT was not sent again"
     );
 }

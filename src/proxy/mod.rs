@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::h1::UpBody;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderMap, HeaderValue, ETAG};
 use http::request::Parts;
@@ -659,7 +660,7 @@ impl Proxy {
         rt: &Routing,
         route: &Route,
         req: Box<Request<upstream::UpstreamBody>>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<UpBody>, Error> {
         self.send_within(rt, route, req, route.upstream_timeout, None)
             .await
     }
@@ -673,7 +674,7 @@ impl Proxy {
         req: Box<Request<upstream::UpstreamBody>>,
         timeout: Duration,
         queued: Option<&crate::pool::Queued>,
-    ) -> Result<Response<Incoming>, Error> {
+    ) -> Result<Response<UpBody>, Error> {
         let start = Instant::now();
         let rsp = rt.upstream.send_within(route, req, timeout, queued).await;
         if matches!(rsp, Ok(_) | Err(Error::UpstreamTimeout { .. })) {
@@ -771,7 +772,7 @@ fn last_modified(headers: &HeaderMap) -> Option<SystemTime> {
 /// [`pass`] for a read's answer that is not tagged (a 206, a 404, a revalidation's
 /// refusal), without a backend `ETag` that no request could use ([`drop_replaced_tag`]), as
 /// a write's answer is (`forward`).
-fn pass_read(mut rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
+fn pass_read(mut rsp: Response<UpBody>, head: bool, route: &Route) -> Response<ProxyBody> {
     drop_replaced_tag(rsp.headers_mut(), route);
     pass(rsp, head, route)
 }
@@ -799,7 +800,7 @@ fn upstream_strong_tag(headers: &HeaderMap) -> Option<ETag> {
     (!tag.is_weak()).then_some(tag)
 }
 
-fn pass(rsp: Response<Incoming>, head: bool, route: &Route) -> Response<ProxyBody> {
+fn pass(rsp: Response<UpBody>, head: bool, route: &Route) -> Response<ProxyBody> {
     let (parts, body) = rsp.into_parts();
     let body = if head {
         ProxyBody::empty()

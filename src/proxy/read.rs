@@ -3,12 +3,12 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::h1::UpBody;
 use http::header::{self, HeaderMap, HeaderValue, ETAG};
 use http::request::Parts;
 use http::response;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 
 use crate::body::{read_tagged, Collected, Keep, ProxyBody, ReadError};
 use crate::config::{Route, UpstreamEtag};
@@ -289,7 +289,7 @@ impl Proxy {
         key: &ResourceKey,
         ticket: Ticket,
         rparts: &mut response::Parts,
-        body: Incoming,
+        body: UpBody,
         tag_only: bool,
         credentials: bool,
     ) -> Result<(Resource, Option<ProxyBody>), Error> {
@@ -513,7 +513,7 @@ fn list_items(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<It
 /// A GET's answer is a whole representation, to tag: a 200 without `Content-Range` (one with
 /// it, from a backend that misanswers a range, holds part of one: its tag would name bytes
 /// that are not the whole).
-fn whole_representation(rsp: &Response<Incoming>) -> bool {
+fn whole_representation(rsp: &Response<UpBody>) -> bool {
     rsp.status() == StatusCode::OK && !rsp.headers().contains_key(header::CONTENT_RANGE)
 }
 

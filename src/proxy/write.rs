@@ -9,11 +9,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::h1::UpBody;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue, ETAG};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::body::{read_request, ProxyBody, Read};
 use crate::budget::Share;
@@ -38,14 +38,14 @@ use super::{
 enum Current {
     Known(Resource),
     /// The revalidation GET got an answer that is neither 2xx nor 404/410: the writer gets it.
-    Answer(Response<Incoming>),
+    Answer(Box<Response<UpBody>>),
 }
 
 /// A write's preconditions, evaluated: they hold (with the state they held against), or the
 /// revalidation got an answer that goes to the writer as it is.
 enum Checked {
     Holds(Resource),
-    Answer(Response<ProxyBody>),
+    Answer(Box<Response<ProxyBody>>),
 }
 
 /// A write's body on its way upstream.
@@ -166,7 +166,7 @@ impl Proxy {
                     // The revalidation's own answer, or a 412 or a failure.
                     Ok(Checked::Answer(rsp)) => {
                         self.metrics.lock_wait(waited);
-                        return Ok(rsp);
+                        return Ok(*rsp);
                     }
                     Err(e) => {
                         self.metrics.lock_wait(waited);
@@ -211,7 +211,7 @@ impl Proxy {
         // conditions ignored (RFC 9110 §13.2.1): no revalidation, no 412.
         if pre.guards_write() && parts.method != Method::OPTIONS {
             if let Checked::Answer(rsp) = self.check(rt, route, key, pre, &parts, ex).await? {
-                return Ok(rsp);
+                return Ok(*rsp);
             }
         }
         self.forward(rt, route, key, pre, parts, outgoing, guard, to, false, ex)
@@ -267,7 +267,7 @@ impl Proxy {
                     Current::Answer(rsp) => {
                         ex.upstream_status = Some(rsp.status());
                         ex.outcome = "revalidation_refused";
-                        return Ok(Checked::Answer(pass_read(rsp, false, route)));
+                        return Ok(Checked::Answer(Box::new(pass_read(*rsp, false, route))));
                     }
                 },
             };
@@ -518,7 +518,7 @@ impl Proxy {
             return Ok(Current::Known(Resource::default()));
         }
         if !status.is_success() {
-            return Ok(Current::Answer(rsp));
+            return Ok(Current::Answer(Box::new(rsp)));
         }
         if status != StatusCode::OK {
             // Another 2xx: the resource exists, and its body is no representation to tag.
@@ -615,7 +615,7 @@ impl Drop for Invalidation {
 }
 
 /// The backend's answer to a write sent under its URL's lock.
-type Answer = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Error>> + Send>>;
+type Answer = Pin<Box<dyn Future<Output = Result<Response<UpBody>, Error>> + Send>>;
 
 /// A write on its way to the backend, with the URL's lock and the invalidation of its tags.
 /// Once sent, the write is the backend's to carry out, whether or not its client stays: a
@@ -638,7 +638,7 @@ struct InFlight {
 
 impl InFlight {
     /// Waits for the backend's answer. From here, dropping `self` lets the lock go at once.
-    async fn answer(&mut self) -> Result<Response<Incoming>, Error> {
+    async fn answer(&mut self) -> Result<Response<UpBody>, Error> {
         let answer = self.answer.as_mut().expect("answered once");
         let rsp = answer.await;
         self.answer = None;

@@ -1,0 +1,1127 @@
+//! An HTTP/1.1 client of the proxy's own for body-less GET and HEAD requests to plain-http
+//! upstreams without `upstream_max_connections`: the request head is written and the
+//! response read on the request's own task, over kept-alive sockets. Every other request
+//! goes through hyper's client ([`crate::pool`]).
+//!
+//! Why: hyper's client runs each connection on a task of its own, and hands requests,
+//! responses and body chunks to it and back through channels. On the 2-core VM of
+//! BENCHMARKS.md's *The fifteenth session*, a bare hyper proxy made 0.77x nginx's req/s at
+//! 1 KiB and the same proxy with a client on the request's task 1.11x; the hops and the
+//! second dispatcher cost 2 µs of user time a request, and the idle gaps they open cost the
+//! kernel's wake-ups more.
+//!
+//! What it must read exactly as hyper does (RFC 9112 §6.3), since a body read one byte
+//! short or long would answer the next request with the rest of this one (another
+//! client's): interim 1xx answers skipped, no body after a HEAD or in a 204 or 304, chunked
+//! when `Transfer-Encoding` ends in it (and the connection then not reused if a
+//! `Content-Length` came too), else to the close; else the `Content-Length` (a list of one
+//! value repeated, as hyper takes it), else to the close. A 101 is an error: nothing asked
+//! for an upgrade. Parsing is httparse's, as hyper's is. A connection is reused only after
+//! an HTTP/1.1 answer without `Connection: close`, read to its end with nothing after it;
+//! an idle one is checked for a close or stray bytes before it is used.
+//!
+//! A request the connection closed on before any answer came is sent once more on another
+//! connection if the first one was a reused one (it is a GET or a HEAD, and its head is at
+//! hand: nothing is copied to keep it), as Go's client does.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::Upstream;
+use crate::pool::{ReadLimits, SendError};
+use crate::upstream::UpstreamBody;
+
+/// The most a chunk-size line may carry in extensions, over a whole body: hyper's limit.
+const CHUNK_EXTENSIONS_LIMIT: usize = 16 * 1024;
+
+/// The most a trailer section may take.
+const TRAILERS_LIMIT: usize = 16 * 1024;
+
+/// What a read asks for at least, and at first: hyper's initial read buffer.
+const READ_START: usize = 8 * 1024;
+
+/// An upstream response's body: hyper's, or read by this client.
+#[derive(Debug)]
+pub enum UpBody {
+    Hyper(Incoming),
+    Raw(RawBody),
+}
+
+/// Why an upstream body failed.
+#[derive(Debug)]
+pub enum UpError {
+    Hyper(hyper::Error),
+    Raw(RawError),
+}
+
+impl fmt::Display for UpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hyper(e) => e.fmt(f),
+            Self::Raw(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for UpError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Hyper(e) => Some(e),
+            Self::Raw(e) => Some(e),
+        }
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = UpError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, UpError>>> {
+        match self.get_mut() {
+            Self::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(UpError::Hyper))),
+            Self::Raw(b) => b.poll(cx).map(|f| f.map(|r| r.map_err(UpError::Raw))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(b) => b.is_end_stream(),
+            Self::Raw(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(b) => b.size_hint(),
+            Self::Raw(b) => b.size_hint(),
+        }
+    }
+}
+
+/// What went wrong on a connection of this client.
+#[derive(Debug)]
+pub enum RawError {
+    /// The connection failed; `answered`: after some of the answer came.
+    Io { error: io::Error, answered: bool },
+    /// The connection closed; `answered`: after some of the answer came.
+    Closed { answered: bool },
+    /// The answer broke HTTP/1.1's rules.
+    Malformed(&'static str),
+    /// The response head was over `upstream_read_buffer` or `max_header_fields`.
+    TooLarge,
+}
+
+impl RawError {
+    /// The connection ended before any byte of an answer: the request may never have
+    /// reached the backend's application.
+    fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            Self::Io {
+                answered: false,
+                ..
+            } | Self::Closed { answered: false }
+        )
+    }
+}
+
+impl fmt::Display for RawError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed { answered: true } => {
+                f.write_str("connection closed before message completed")
+            }
+            Self::Closed { answered: false } => {
+                f.write_str("connection closed before any answer came")
+            }
+            Self::Io { error, .. } => write!(f, "connection error: {error}"),
+            Self::Malformed(what) => write!(f, "invalid response: {what}"),
+            Self::TooLarge => f.write_str("the response head is too large"),
+        }
+    }
+}
+
+impl std::error::Error for RawError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Whether this client takes `req` for `upstream`: a GET or HEAD without a body, in
+/// HTTP/1.1, to a plain-http upstream.
+pub fn takes(upstream: &Upstream, req: &Request<UpstreamBody>) -> bool {
+    (*req.method() == Method::GET || *req.method() == Method::HEAD)
+        && upstream.scheme == http::uri::Scheme::HTTP
+        && req.version() == Version::HTTP_11
+        && req.body().is_end_stream()
+}
+
+/// A kept-alive socket and what was read from it past the last answer (nothing, once the
+/// answer was read to its end and the connection kept).
+#[derive(Debug)]
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    /// Its origin's key, to be handed back under.
+    origin: Arc<str>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// The idle connections of this client, per origin (`Upstream::key_prefix`).
+pub struct RawPool {
+    idle: Mutex<HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>>,
+    idle_timeout: Duration,
+    max_idle: usize,
+    limits: ReadLimits,
+    connect_timeout: Duration,
+    me: Weak<Self>,
+    reaper: std::sync::atomic::AtomicBool,
+}
+
+impl fmt::Debug for RawPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawPool")
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawPool {
+    pub fn new(
+        idle_timeout: Duration,
+        max_idle: usize,
+        limits: ReadLimits,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            idle: Mutex::new(HashMap::default()),
+            idle_timeout,
+            max_idle,
+            limits,
+            connect_timeout,
+            me: me.clone(),
+            reaper: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set; see [`takes`]) to `upstream` and waits up
+    /// to `timeout` for the response head; the body is read as the response is.
+    pub async fn send(
+        &self,
+        upstream: &Upstream,
+        req: Box<Request<UpstreamBody>>,
+        timeout: Duration,
+    ) -> Result<Response<UpBody>, SendError> {
+        let deadline = Instant::now() + timeout;
+        let head = encode(&req);
+        let is_head = *req.method() == Method::HEAD;
+        drop(req);
+        let mut replayed = false;
+        loop {
+            // The timeout runs to the response head from the first attempt, a new
+            // connection's set-up included (as hyper's client path has it).
+            let (mut conn, reused) = match self.checkout(&upstream.key_prefix) {
+                Some(conn) => (conn, true),
+                None => match tokio::time::timeout_at(deadline, self.connect(upstream)).await {
+                    Ok(conn) => (conn?, false),
+                    Err(_) => return Err(SendError::Timeout),
+                },
+            };
+            let exchange = exchange(&mut conn, &head, self.limits, is_head);
+            match tokio::time::timeout_at(deadline, exchange).await {
+                Err(_) => return Err(SendError::Timeout),
+                Ok(Ok((parsed, framing))) => return Ok(self.response(conn, parsed, framing)),
+                Ok(Err(e)) if e.unanswered() && reused && !replayed => {
+                    tracing::debug!(origin = %upstream.origin, error = %e,
+                        "sent again: an idle connection closed");
+                    replayed = true;
+                }
+                Ok(Err(e)) => return Err(SendError::Raw(e)),
+            }
+        }
+    }
+
+    /// The most recently used idle connection to `origin` that is still open and has
+    /// nothing unasked for to read.
+    fn checkout(&self, origin: &str) -> Option<Conn> {
+        loop {
+            let idle = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.get_mut(origin)?.pop()?
+            };
+            if idle.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            let mut conn = idle.conn;
+            match conn.io.try_read_buf(&mut conn.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(conn),
+                // Closed, failed, or bytes no request asked for (which would answer the
+                // next one): not to be used.
+                _ => tracing::debug!(origin, "an idle upstream connection closed"),
+            }
+        }
+    }
+
+    async fn connect(&self, upstream: &Upstream) -> Result<Conn, SendError> {
+        if !self.reaper.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(reap(self.me.clone(), self.idle_timeout / 2));
+        }
+        let host = upstream.authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = upstream.authority.port_u16().unwrap_or(80);
+        let connect = async {
+            let mut last = None;
+            for addr in tokio::net::lookup_host((host, port)).await? {
+                match connect_to(addr).await {
+                    Ok(io) => return Ok(io),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the host has no address")
+            }))
+        };
+        let io = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| SendError::Connect(io::Error::from(io::ErrorKind::TimedOut).into()))?
+            .map_err(|e| SendError::Connect(e.into()))?;
+        Ok(Conn {
+            io,
+            buf: BytesMut::new(),
+            origin: Arc::from(upstream.key_prefix.as_str()),
+        })
+    }
+
+    /// The response to hand on, its body reading the rest from `conn`.
+    fn response(&self, conn: Conn, parsed: Parsed, framing: Framing) -> Response<UpBody> {
+        let Parsed {
+            status,
+            version,
+            headers,
+            keep_alive,
+            reason,
+        } = parsed;
+        let mut body = RawBody {
+            conn: Some(conn),
+            framing,
+            keep_alive,
+            pool: self.me.clone(),
+            next_read: READ_START,
+            read_buffer: self.limits.read_buffer,
+            extensions: 0,
+        };
+        if body.framing.ended() {
+            body.finish();
+        }
+        let mut rsp = Response::new(UpBody::Raw(body));
+        *rsp.status_mut() = status;
+        *rsp.version_mut() = version;
+        *rsp.headers_mut() = headers;
+        if let Some(reason) = reason {
+            rsp.extensions_mut().insert(reason);
+        }
+        rsp
+    }
+
+    /// Keeps `conn` for the next request to its origin, if there is room.
+    fn keep(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = match idle.get_mut(&*conn.origin) {
+            Some(list) => list,
+            None => idle.entry(conn.origin.clone()).or_default(),
+        };
+        if list.len() < self.max_idle {
+            list.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn drop_expired(&self) {
+        let expired: Vec<Idle> = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut expired = Vec::new();
+            for list in idle.values_mut() {
+                let mut i = 0;
+                while i < list.len() {
+                    if list[i].since.elapsed() >= self.idle_timeout {
+                        expired.push(list.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            idle.retain(|_, list| !list.is_empty());
+            expired
+        };
+        // Closed outside the lock.
+        drop(expired);
+    }
+}
+
+/// Every `every`, closes the pool's connections idle past the timeout; ends with the pool.
+async fn reap(pool: Weak<RawPool>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.drop_expired();
+    }
+}
+
+async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
+    let io = TcpStream::connect(addr).await?;
+    io.set_nodelay(true)?;
+    Ok(io)
+}
+
+/// The request head as hyper's client writes it: origin-form, HTTP/1.1, the fields as
+/// they are (no body, so no framing field).
+fn encode(req: &Request<UpstreamBody>) -> Vec<u8> {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut len = req.method().as_str().len() + target.len() + 14;
+    for (name, value) in req.headers() {
+        len += name.as_str().len() + value.len() + 4;
+    }
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A response head, read.
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    keep_alive: bool,
+    reason: Option<hyper::ext::ReasonPhrase>,
+}
+
+/// Writes `head` on `conn` and reads the response head after it, skipping interim answers;
+/// with it, how its body is framed (`keep_alive` then says whether the connection may be
+/// reused after it).
+async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    limits: ReadLimits,
+    is_head: bool,
+) -> Result<(Parsed, Framing), RawError> {
+    conn.io
+        .write_all(head)
+        .await
+        .map_err(|error| RawError::Io {
+            error,
+            answered: false,
+        })?;
+    let mut answered = false;
+    loop {
+        if !conn.buf.is_empty() {
+            answered = true;
+            if let Some(mut parsed) = parse_head(&mut conn.buf, limits)? {
+                match parsed.status.as_u16() {
+                    101 => {
+                        return Err(RawError::Malformed(
+                            "101 Switching Protocols to a request that asked for no upgrade",
+                        ))
+                    }
+                    100..=199 => continue,
+                    _ => {
+                        let (framing, reusable) = framing(&parsed, is_head)?;
+                        parsed.keep_alive &= reusable;
+                        return Ok((parsed, framing));
+                    }
+                }
+            }
+            if conn.buf.len() >= limits.read_buffer {
+                return Err(RawError::TooLarge);
+            }
+        }
+        let want = READ_START.min(limits.read_buffer - conn.buf.len()).max(1);
+        conn.buf.reserve(want);
+        let n = read(&mut conn.io, &mut conn.buf)
+            .await
+            .map_err(|error| RawError::Io { error, answered })?;
+        if n == 0 {
+            return Err(RawError::Closed { answered });
+        }
+    }
+}
+
+async fn read(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read(io, buf, cx)).await
+}
+
+/// One read into `buf`'s spare room. Through tokio's `poll_read`, which takes a short read
+/// for the socket drained: the next read then waits for readiness instead of trying (and
+/// an idle connection's check, `RawPool::checkout`, costs no system call).
+fn poll_read(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Parses a response head at the start of `buf`, taking it out; `None`: not all in yet.
+fn parse_head(buf: &mut BytesMut, limits: ReadLimits) -> Result<Option<Parsed>, RawError> {
+    const STACK: usize = crate::config::DEFAULT_MAX_HEADER_FIELDS;
+    let mut stack = [httparse::EMPTY_HEADER; STACK];
+    let mut heap;
+    let slots: &mut [httparse::Header<'_>] = if limits.max_header_fields <= STACK {
+        &mut stack[..limits.max_header_fields]
+    } else {
+        heap = vec![httparse::EMPTY_HEADER; limits.max_header_fields];
+        &mut heap
+    };
+    // Where each field's name and value lie in the head, to take them out of it as
+    // `Bytes` without a copy once the parser's borrow of `buf` has ended.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); STACK];
+    let mut heap_spans;
+    let spans: &mut [(u32, u32, u32, u32)] = if slots.len() <= STACK {
+        &mut spans[..slots.len()]
+    } else {
+        heap_spans = vec![(0, 0, 0, 0); slots.len()];
+        &mut heap_spans
+    };
+    let mut rsp = httparse::Response::new(slots);
+    let len = match rsp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(RawError::TooLarge),
+        Err(_) => return Err(RawError::Malformed("the response head is not HTTP/1.1")),
+    };
+    let base = buf.as_ptr() as usize;
+    let status = StatusCode::from_u16(rsp.code.unwrap_or(0))
+        .map_err(|_| RawError::Malformed("the status code is out of range"))?;
+    // A reason phrase of the backend's own goes on, as hyper's client passes it.
+    let reason = rsp
+        .reason
+        .filter(|r| Some(*r) != status.canonical_reason())
+        .map(|r| {
+            let at = r.as_ptr() as usize - base;
+            at..at + r.len()
+        });
+    let version = if rsp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let count = rsp.headers.len();
+    for (span, h) in spans.iter_mut().zip(rsp.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (
+            name as u32,
+            (name + h.name.len()) as u32,
+            value as u32,
+            (value + h.value.len()) as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut close = false;
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
+            .map_err(|_| RawError::Malformed("a field name is invalid"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
+            .map_err(|_| RawError::Malformed("a field value is invalid"))?;
+        if name == CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+            }
+        }
+        headers.append(name, value);
+    }
+    // An HTTP/1.0 answer is not reused whatever it says (see `pool::spoils_connection`).
+    let keep_alive = version == Version::HTTP_11 && !close;
+    let reason = reason.and_then(|r| hyper::ext::ReasonPhrase::try_from(head.slice(r)).ok());
+    Ok(Some(Parsed {
+        status,
+        version,
+        headers,
+        keep_alive,
+        reason,
+    }))
+}
+
+/// How a body is delimited (RFC 9112 §6.3, as hyper reads it).
+#[derive(Debug)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+}
+
+impl Framing {
+    fn ended(&self) -> bool {
+        matches!(self, Self::Length(0) | Self::Chunked(Chunked::Done))
+    }
+}
+
+/// The body's framing, and whether its connection may be reused after it.
+fn framing(head: &Parsed, is_head: bool) -> Result<(Framing, bool), RawError> {
+    let headers = &head.headers;
+    match head.status.as_u16() {
+        204 => {
+            // A 204 that declares content may send it: the connection is not reused
+            // (`pool::spoils_connection`).
+            let spoiled = headers.contains_key(TRANSFER_ENCODING)
+                || headers.get_all(CONTENT_LENGTH).iter().any(|v| v != "0");
+            return Ok((Framing::Length(0), !spoiled));
+        }
+        304 => return Ok((Framing::Length(0), !headers.contains_key(TRANSFER_ENCODING))),
+        _ => {}
+    }
+    if is_head {
+        return Ok((Framing::Length(0), true));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if head.version == Version::HTTP_10 {
+            return Err(RawError::Malformed(
+                "an HTTP/1.0 answer has a Transfer-Encoding",
+            ));
+        }
+        if chunked_last(headers) {
+            // Framed twice: the chunks rule, and the connection is not reused
+            // (`pool::framed_twice`).
+            return Ok((
+                Framing::Chunked(Chunked::SizeStart),
+                !headers.contains_key(CONTENT_LENGTH),
+            ));
+        }
+        return Ok((Framing::Close, false));
+    }
+    match content_length(headers) {
+        Some(Ok(len)) => Ok((Framing::Length(len), true)),
+        Some(Err(())) => Err(RawError::Malformed("the Content-Length is invalid")),
+        None => Ok((Framing::Close, false)),
+    }
+}
+
+/// Whether the last transfer coding is chunked.
+fn chunked_last(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Every `Content-Length` value, a list of one number repeated taken as the number (as
+/// hyper takes it); `Err`: values that differ or are not numbers.
+fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
+    let mut found = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Some(Err(()));
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(m) if m != n => return Some(Err(())),
+                _ => found = Some(n),
+            }
+        }
+    }
+    found.map(Ok)
+}
+
+/// Where a chunked body's reader stands.
+#[derive(Debug)]
+enum Chunked {
+    /// At a chunk-size line's start: a hex digit must come.
+    SizeStart,
+    /// In a chunk-size line; the size read so far.
+    Size(u64),
+    /// Blanks after the size.
+    SizeBlanks(u64),
+    /// A chunk extension, to the line's end.
+    Extension(u64),
+    /// The LF after a size line's CR.
+    SizeLf(u64),
+    /// In a chunk's data, so many bytes left.
+    Data(u64),
+    /// The CR after a chunk's data.
+    DataCr,
+    /// The LF after it.
+    DataLf,
+    /// After the last chunk: trailer lines, collected, until an empty line.
+    Trailers(Vec<u8>),
+    Done,
+}
+
+/// A response body read from this client's connection: the connection goes back to its
+/// pool when the body has been read to its end, or is closed if dropped before.
+pub struct RawBody {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Weak<RawPool>,
+    next_read: usize,
+    read_buffer: usize,
+    /// Bytes of chunk extensions read so far.
+    extensions: usize,
+}
+
+impl fmt::Debug for RawBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawBody")
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawBody {
+    fn is_end_stream(&self) -> bool {
+        self.framing.ended() && self.conn.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The body has been read to its end: its connection is kept if it may be and nothing
+    /// came after the body.
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if self.keep_alive && conn.buf.is_empty() {
+            if let Some(pool) = self.pool.upgrade() {
+                pool.keep(conn);
+            }
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, RawError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.framing.step(&mut conn.buf, &mut self.extensions) {
+                Ok(Step::Frame(frame)) => {
+                    if self.framing.ended() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::Ended) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let want = match self.framing {
+                Framing::Length(n) => (n as usize).clamp(1, self.next_read),
+                _ => self.next_read,
+            };
+            conn.buf.reserve(want);
+            let room = conn.buf.capacity() - conn.buf.len();
+            let read = ready!(poll_read(&mut conn.io, &mut conn.buf, cx));
+            match read {
+                Ok(0) if matches!(self.framing, Framing::Close) => {
+                    self.framing = Framing::Length(0);
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(RawError::Closed { answered: true })));
+                }
+                Ok(n) => {
+                    // A read that filled the room asks for more next time, as hyper's
+                    // adaptive buffer does, up to `upstream_read_buffer`.
+                    if n >= room {
+                        self.next_read = (self.next_read * 2).min(self.read_buffer);
+                    }
+                }
+                Err(error) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(RawError::Io {
+                        error,
+                        answered: true,
+                    })));
+                }
+            }
+        }
+    }
+}
+
+/// A body dropped before its end keeps its connection if the rest of it is in hand already
+/// (as hyper's client drains what it has read): a HEAD sent up as a GET, or a body only
+/// judged by its tag, need not cost the connection. Anything past it, or a body still to
+/// come, and the connection is closed.
+impl Drop for RawBody {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if !self.keep_alive {
+            return;
+        }
+        loop {
+            match self.framing.step(&mut conn.buf, &mut self.extensions) {
+                Ok(Step::Frame(_)) if !self.framing.ended() => {}
+                Ok(Step::Frame(_) | Step::Ended) => return self.finish(),
+                Ok(Step::More) | Err(_) => return,
+            }
+        }
+    }
+}
+
+/// What a body's reader made of the bytes in hand.
+enum Step {
+    Frame(Frame<Bytes>),
+    /// The body ended without a frame left to give.
+    Ended,
+    /// More bytes are needed.
+    More,
+}
+
+impl Framing {
+    /// Takes the next frame out of `buf`, as far as its bytes go.
+    fn step(&mut self, buf: &mut BytesMut, extensions: &mut usize) -> Result<Step, RawError> {
+        match self {
+            Self::Length(0) => Ok(Step::Ended),
+            Self::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                Ok(Step::Frame(Frame::data(buf.split_to(n).freeze())))
+            }
+            Self::Close => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                Ok(Step::Frame(Frame::data(buf.split().freeze())))
+            }
+            Self::Chunked(state) => state.step(buf, extensions),
+        }
+    }
+}
+
+impl Chunked {
+    fn step(&mut self, buf: &mut BytesMut, extensions: &mut usize) -> Result<Step, RawError> {
+        const BAD_SIZE: RawError = RawError::Malformed("a chunk-size line is invalid");
+        loop {
+            if let Self::Data(left) = self {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                let data = buf.split_to(n).freeze();
+                if *left == 0 {
+                    *self = Self::DataCr;
+                }
+                return Ok(Step::Frame(Frame::data(data)));
+            }
+            if let Self::Done = self {
+                return Ok(Step::Ended);
+            }
+            let Some(&b) = buf.first() else {
+                return Ok(Step::More);
+            };
+            buf.advance(1);
+            *self = match std::mem::replace(self, Self::Done) {
+                Self::SizeStart => match (b as char).to_digit(16) {
+                    Some(digit) => Self::Size(u64::from(digit)),
+                    None => return Err(BAD_SIZE),
+                },
+                Self::Size(n) => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = (b as char).to_digit(16).expect("a hex digit") as u64;
+                        let n = n
+                            .checked_mul(16)
+                            .and_then(|n| n.checked_add(digit))
+                            .ok_or(RawError::Malformed("a chunk size is too large"))?;
+                        Self::Size(n)
+                    }
+                    b'\t' | b' ' => Self::SizeBlanks(n),
+                    b';' => Self::Extension(n),
+                    b'\r' => Self::SizeLf(n),
+                    _ => return Err(BAD_SIZE),
+                },
+                Self::SizeBlanks(n) => match b {
+                    b'\t' | b' ' => Self::SizeBlanks(n),
+                    b';' => Self::Extension(n),
+                    b'\r' => Self::SizeLf(n),
+                    _ => return Err(BAD_SIZE),
+                },
+                Self::Extension(n) => {
+                    *extensions += 1;
+                    if *extensions > CHUNK_EXTENSIONS_LIMIT {
+                        return Err(RawError::Malformed("the chunk extensions are too long"));
+                    }
+                    match b {
+                        b'\r' => Self::SizeLf(n),
+                        b'\n' => return Err(BAD_SIZE),
+                        _ => Self::Extension(n),
+                    }
+                }
+                Self::SizeLf(n) => match (b, n) {
+                    (b'\n', 0) => Self::Trailers(Vec::new()),
+                    (b'\n', n) => Self::Data(n),
+                    _ => return Err(BAD_SIZE),
+                },
+                Self::DataCr if b == b'\r' => Self::DataLf,
+                Self::DataLf if b == b'\n' => Self::SizeStart,
+                Self::DataCr | Self::DataLf => {
+                    return Err(RawError::Malformed("a chunk does not end in CRLF"))
+                }
+                Self::Trailers(mut t) => {
+                    t.push(b);
+                    if t.len() > TRAILERS_LIMIT {
+                        return Err(RawError::Malformed("the trailers are too large"));
+                    }
+                    if t == b"\r\n" {
+                        return Ok(Step::Ended);
+                    }
+                    if t.ends_with(b"\r\n\r\n") {
+                        return Ok(Step::Frame(Frame::trailers(trailers(&t)?)));
+                    }
+                    Self::Trailers(t)
+                }
+                Self::Data(_) | Self::Done => unreachable!("handled above"),
+            };
+        }
+    }
+}
+
+/// A trailer section (its fields and the empty line after them) as fields.
+fn trailers(section: &[u8]) -> Result<HeaderMap, RawError> {
+    let mut slots = [httparse::EMPTY_HEADER; crate::config::DEFAULT_MAX_HEADER_FIELDS];
+    let fields = match httparse::parse_headers(section, &mut slots) {
+        Ok(httparse::Status::Complete((_, fields))) => fields,
+        _ => return Err(RawError::Malformed("the trailers are invalid")),
+    };
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| RawError::Malformed("a trailer name is invalid"))?;
+        let value = HeaderValue::from_bytes(f.value)
+            .map_err(|_| RawError::Malformed("a trailer value is invalid"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a chunked body decodes to: its data, its trailers, and what is left in the
+    /// buffer after its end.
+    type Decoded = (Vec<u8>, Option<HeaderMap>, Vec<u8>);
+
+    /// Decodes `wire` fed to the reader `split` bytes at a time.
+    fn decode(wire: &[u8], split: usize) -> Result<Decoded, RawError> {
+        let mut framing = Framing::Chunked(Chunked::SizeStart);
+        let mut buf = BytesMut::new();
+        let mut fed = 0;
+        let mut extensions = 0;
+        let (mut data, mut trailers) = (Vec::new(), None);
+        loop {
+            match framing.step(&mut buf, &mut extensions)? {
+                Step::Frame(frame) => match frame.into_data() {
+                    Ok(chunk) => data.extend_from_slice(&chunk),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                },
+                Step::Ended => return Ok((data, trailers, buf.to_vec())),
+                Step::More if fed == wire.len() => return Err(RawError::Closed { answered: true }),
+                Step::More => {
+                    let end = (fed + split).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+            }
+            if framing.ended() && trailers.is_some() {
+                return Ok((data, trailers, buf.to_vec()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_reads_the_same_however_its_bytes_arrive() {
+        let wire = b"5;name=value\r\nhello\r\nA \r\n, world!!!\r\n1e;a=\"b;c\"\r\n0123456789abcdef0123456789abcd\r\n0\r\n\r\nNEXT";
+        for split in [1, 2, 3, 7, 64, wire.len()] {
+            let (data, trailers, rest) = decode(wire, split).unwrap();
+            assert_eq!(
+                data, b"hello, world!!!0123456789abcdef0123456789abcd",
+                "split {split}"
+            );
+            assert!(trailers.is_none());
+            // What follows the body is left for the caller (which then closes the
+            // connection rather than read it as the next answer).
+            let fed_past: &[u8] = b"NEXT";
+            assert!(fed_past.starts_with(&rest), "split {split}: {rest:?}");
+        }
+    }
+
+    #[test]
+    fn a_chunked_bodys_trailers_come_as_a_trailers_frame() {
+        let wire = b"3\r\nabc\r\n0\r\nX-Checksum: 42\r\nX-Other: a b\r\n\r\n";
+        for split in [1, 5, wire.len()] {
+            let (data, trailers, _) = decode(wire, split).unwrap();
+            assert_eq!(data, b"abc");
+            let trailers = trailers.expect("trailers");
+            assert_eq!(trailers["x-checksum"], "42");
+            assert_eq!(trailers["x-other"], "a b");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for wire in [
+            &b"\r\nabc\r\n0\r\n\r\n"[..], // no size at all
+            b"3\nabc\r\n0\r\n\r\n",       // a bare LF ends the size line
+            b"3\r\nabcd\r\n0\r\n\r\n",    // data longer than its size
+            b"3\r\nabc0\r\n\r\n",         // no CRLF after the data
+            b"x\r\n",                     // not hex
+            b"3;ext\nabc\r\n0\r\n\r\n",   // an extension ended by a bare LF
+            b"11111111111111111\r\n",     // a size past 64 bits
+        ] {
+            assert!(
+                matches!(decode(wire, 1), Err(RawError::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        // A body cut off is not taken for a whole one.
+        assert!(matches!(
+            decode(b"5\r\nhel", 2),
+            Err(RawError::Closed { answered: true })
+        ));
+    }
+
+    fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in fields {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn a_content_length_is_one_number_however_often_it_is_repeated() {
+        let cl = |values: &[&'static str]| {
+            let fields: Vec<_> = values.iter().map(|v| ("content-length", *v)).collect();
+            content_length(&headers(&fields))
+        };
+        assert_eq!(cl(&["5"]), Some(Ok(5)));
+        assert_eq!(cl(&["5, 5"]), Some(Ok(5)));
+        assert_eq!(cl(&["5", "5"]), Some(Ok(5)));
+        assert_eq!(cl(&[]), None);
+        for bad in [
+            &["5", "6"][..],
+            &["5, 6"],
+            &["+5"],
+            &["-1"],
+            &["12abc"],
+            &[""],
+            &["1 2"],
+        ] {
+            assert_eq!(cl(bad), Some(Err(())), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_last_chunked_coding_frames_by_chunks() {
+        let te = |v: &'static str| chunked_last(&headers(&[("transfer-encoding", v)]));
+        assert!(te("chunked"));
+        assert!(te("gzip, Chunked"));
+        assert!(!te("chunked, gzip"));
+        assert!(!te("gzip"));
+    }
+
+    #[test]
+    fn a_head_names_its_fields_values_and_reason_as_sent() {
+        let limits = ReadLimits {
+            read_buffer: 16 * 1024,
+            max_header_fields: 3,
+        };
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 Fine\r\nA: 1\r\nB: two\r\n\r\nbody"[..]);
+        let head = parse_head(&mut buf, limits).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(head.headers["a"], "1");
+        assert_eq!(head.headers["b"], "two");
+        assert_eq!(head.reason.unwrap().as_bytes(), b"Fine");
+        assert!(head.keep_alive);
+        assert_eq!(&buf[..], b"body");
+
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nA: 1\r\n"[..]);
+        assert!(parse_head(&mut partial, limits).unwrap().is_none());
+
+        let mut many =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n"[..]);
+        assert!(matches!(
+            parse_head(&mut many, limits),
+            Err(RawError::TooLarge)
+        ));
+
+        let mut closing =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\n\r\n"[..]);
+        assert!(
+            !parse_head(&mut closing, limits)
+                .unwrap()
+                .unwrap()
+                .keep_alive
+        );
+        let mut old = BytesMut::from(&b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"[..]);
+        assert!(!parse_head(&mut old, limits).unwrap().unwrap().keep_alive);
+    }
+}
