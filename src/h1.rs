@@ -537,13 +537,19 @@ fn parse_head(buf: &mut BytesMut, limits: ReadLimits) -> Result<Option<Parsed>, 
     let base = buf.as_ptr() as usize;
     let status = StatusCode::from_u16(rsp.code.unwrap_or(0))
         .map_err(|_| RawError::Malformed("the status code is out of range"))?;
-    // A reason phrase of the backend's own goes on, as hyper's client passes it.
+    // A reason phrase of the backend's own goes on, as hyper's client passes it. An empty
+    // one need not lie in `buf`: httparse gives a static "" for a status line without one
+    // (`HTTP/1.1 200` CRLF) and for one with obs-text, and the offset of that pointer would
+    // overflow, or slice out of bounds below. Any empty range of the head is that reason.
     let reason = rsp
         .reason
         .filter(|r| Some(*r) != status.canonical_reason())
-        .map(|r| {
-            let at = r.as_ptr() as usize - base;
-            at..at + r.len()
+        .map(|r| match r.len() {
+            0 => 0..0,
+            len => {
+                let at = r.as_ptr() as usize - base;
+                at..at + len
+            }
         });
     let version = if rsp.version == Some(0) {
         Version::HTTP_10
@@ -1123,5 +1129,27 @@ mod tests {
         );
         let mut old = BytesMut::from(&b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n"[..]);
         assert!(!parse_head(&mut old, limits).unwrap().unwrap().keep_alive);
+    }
+
+    /// httparse gives a static "" (not a slice of the head) as the reason of a status line
+    /// without one, and of one with obs-text: an empty reason, as hyper's client has it.
+    #[test]
+    fn a_head_without_a_reason_or_with_obs_text_in_it_has_an_empty_one() {
+        let limits = ReadLimits {
+            read_buffer: 16 * 1024,
+            max_header_fields: 3,
+        };
+        for head in [
+            &b"HTTP/1.1 200\r\nA: 1\r\n\r\n"[..],
+            b"HTTP/1.1 200\nA: 1\r\n\r\n",
+            b"HTTP/1.1 200 \r\nA: 1\r\n\r\n",
+            b"HTTP/1.1 200 \xc7a va\r\nA: 1\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(head);
+            let parsed = parse_head(&mut buf, limits).unwrap().unwrap();
+            assert_eq!(parsed.status, StatusCode::OK);
+            assert_eq!(parsed.reason.unwrap().as_bytes(), b"", "{head:?}");
+            assert_eq!(parsed.headers["a"], "1");
+        }
     }
 }

@@ -37,6 +37,8 @@
 //! - `a_backend_closing_an_idle_kept_alive_connection_costs_the_next_get_nothing`.
 //! - `a_body_over_max_tag_body_streams_whole_untagged_and_one_under_it_is_tagged`: 4 MiB
 //!   written in 64 KiB pieces against a 1 MiB `max_tag_body`.
+//! - `a_status_line_without_a_reason_or_with_obs_text_in_it_is_a_200`: `HTTP/1.1 200` with
+//!   no reason, and a reason past ASCII.
 //!
 //! Left to tests/upstream_faults.rs: a body cut short after its head
 //! (`a_body_cut_short_is_a_502_and_never_tagged`, `a_streamed_body_that_fails_aborts_the_response_cleanly`),
@@ -686,4 +688,29 @@ async fn a_body_over_max_tag_body_streams_whole_untagged_and_one_under_it_is_tag
     let r = c.get("/next").await;
     assert_eq!((r.status, r.text().as_str()), (200, "ok"));
     assert_eq!(backend.connections(), 1, "one upstream connection");
+}
+
+/// A status line with no reason phrase (`HTTP/1.1 200` and its CRLF: httparse then gives a
+/// reason of its own, a static empty string), and one whose reason has bytes past ASCII
+/// (obs-text, for which httparse gives the same): hyper's client takes both as an empty
+/// reason, and so the 200 goes on whole, and the connection is reused.
+#[tokio::test]
+async fn a_status_line_without_a_reason_or_with_obs_text_in_it_is_a_200() {
+    let (backend, proxy) = start(|line| {
+        let p = path(line);
+        if p.ends_with("/bare") {
+            let out = b"HTTP/1.1 200\r\nContent-Length: 5\r\n\r\nhello";
+            (out.to_vec(), Then::Keep)
+        } else if p.ends_with("/latin") {
+            let out = "HTTP/1.1 200 \u{c7}a va\r\nContent-Length: 5\r\n\r\nhello";
+            (out.as_bytes().to_vec(), Then::Keep)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let connections = get_both_ways(&backend, &proxy, "/bare", b"hello").await;
+    assert_eq!(connections, 1, "one upstream connection for all three GETs");
+    let connections = get_both_ways(&backend, &proxy, "/latin", b"hello").await;
+    assert_eq!(connections, 1, "one upstream connection for all six GETs");
 }
