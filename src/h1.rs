@@ -908,17 +908,21 @@ impl Chunked {
                     b'\r' => Self::SizeLf(n),
                     _ => return Err(BAD_SIZE),
                 },
-                Self::Extension(n) => {
-                    *extensions += 1;
-                    if *extensions > CHUNK_EXTENSIONS_LIMIT {
-                        return Err(RawError::Malformed("the chunk extensions are too long"));
+                Self::Extension(n) => match b {
+                    b'\r' => Self::SizeLf(n),
+                    b'\n' => return Err(BAD_SIZE),
+                    _ => {
+                        // Counted as hyper counts them: the bytes after the `;`, the line's
+                        // CR not among them, and refused on reaching the limit. Counting
+                        // the CR too refused a body of many chunks each with a short
+                        // extension that hyper reads whole.
+                        *extensions += 1;
+                        if *extensions >= CHUNK_EXTENSIONS_LIMIT {
+                            return Err(RawError::Malformed("the chunk extensions are too long"));
+                        }
+                        Self::Extension(n)
                     }
-                    match b {
-                        b'\r' => Self::SizeLf(n),
-                        b'\n' => return Err(BAD_SIZE),
-                        _ => Self::Extension(n),
-                    }
-                }
+                },
                 Self::SizeLf(n) => match (b, n) {
                     (b'\n', 0) => Self::Trailers(Vec::new()),
                     (b'\n', n) => Self::Data(n),
@@ -1052,6 +1056,30 @@ mod tests {
             decode(b"5\r\nhel", 2),
             Err(RawError::Closed { answered: true })
         ));
+    }
+
+    /// hyper's count of chunk extensions: the bytes after each `;`, refused on reaching
+    /// 16 KiB; neither the `;` nor the line's CR counts.
+    #[test]
+    fn chunk_extensions_are_counted_and_bounded_as_hyper_does() {
+        let chunks = |count: usize, ext: &str| {
+            let mut wire = Vec::new();
+            for _ in 0..count {
+                wire.extend_from_slice(format!("1;{ext}\r\na\r\n").as_bytes());
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            wire
+        };
+        let (data, _, _) = decode(&chunks(16383, "x"), 4096).unwrap();
+        assert_eq!(data.len(), 16383);
+        assert!(matches!(
+            decode(&chunks(16384, "x"), 4096),
+            Err(RawError::Malformed(_))
+        ));
+        let long = "x".repeat(16383);
+        assert!(decode(&chunks(1, &long), 4096).is_ok());
+        let longer = "x".repeat(16384);
+        assert!(decode(&chunks(1, &longer), 4096).is_err());
     }
 
     fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {

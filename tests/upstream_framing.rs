@@ -39,6 +39,8 @@
 //!   written in 64 KiB pieces against a 1 MiB `max_tag_body`.
 //! - `a_status_line_without_a_reason_or_with_obs_text_in_it_is_a_200`: `HTTP/1.1 200` with
 //!   no reason, and a reason past ASCII.
+//! - `many_chunks_with_short_extensions_under_hypers_limit_frame_a_whole_body`: 9000 chunks
+//!   each with `;x`, under hyper's 16 KiB of extension bytes.
 //!
 //! Left to tests/upstream_faults.rs: a body cut short after its head
 //! (`a_body_cut_short_is_a_502_and_never_tagged`, `a_streamed_body_that_fails_aborts_the_response_cleanly`),
@@ -713,4 +715,26 @@ async fn a_status_line_without_a_reason_or_with_obs_text_in_it_is_a_200() {
     assert_eq!(connections, 1, "one upstream connection for all three GETs");
     let connections = get_both_ways(&backend, &proxy, "/latin", b"hello").await;
     assert_eq!(connections, 1, "one upstream connection for all six GETs");
+}
+
+/// hyper bounds a body's chunk extensions at 16 KiB of extension bytes, the `;` and the
+/// line's CR not counted: 9000 one-byte chunks each with `;x` are 9000 bytes, under it, and
+/// the body is whole.
+#[tokio::test]
+async fn many_chunks_with_short_extensions_under_hypers_limit_frame_a_whole_body() {
+    let (backend, proxy) = start(|line| {
+        if path(line).ends_with("/many") {
+            let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for _ in 0..9000 {
+                out.extend_from_slice(b"1;x\r\na\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            (out, Then::Keep)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let connections = get_both_ways(&backend, &proxy, "/many", &[b'a'; 9000]).await;
+    assert_eq!(connections, 1, "one upstream connection for all three GETs");
 }
