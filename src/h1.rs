@@ -666,10 +666,22 @@ fn content_length(headers: &HeaderMap) -> Option<Result<u64, ()>> {
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
             let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
                 return Some(Err(()));
             }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            // Any number of digits, leading zeros and all, as long as the number fits 64
+            // bits (hyper's `from_digits`) and is not one of the two hyper's lengths keep for
+            // themselves (`DecodedLength::checked_new`); a cap on the digits (19) refused
+            // `000…05`.
+            let n = part
+                .iter()
+                .try_fold(0u64, |n, d| {
+                    n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+                })
+                .filter(|&n| n <= u64::MAX - 2);
+            let Some(n) = n else {
+                return Some(Err(()));
+            };
             match found {
                 Some(m) if m != n => return Some(Err(())),
                 _ => found = Some(n),
@@ -1100,6 +1112,8 @@ mod tests {
         assert_eq!(cl(&["5, 5"]), Some(Ok(5)));
         assert_eq!(cl(&["5", "5"]), Some(Ok(5)));
         assert_eq!(cl(&[]), None);
+        assert_eq!(cl(&["000000000000000000005"]), Some(Ok(5)));
+        assert_eq!(cl(&["18446744073709551613"]), Some(Ok(u64::MAX - 2)));
         for bad in [
             &["5", "6"][..],
             &["5, 6"],
@@ -1108,6 +1122,9 @@ mod tests {
             &["12abc"],
             &[""],
             &["1 2"],
+            &["18446744073709551614"],
+            &["18446744073709551616"],
+            &["99999999999999999999999"],
         ] {
             assert_eq!(cl(bad), Some(Err(())), "{bad:?}");
         }

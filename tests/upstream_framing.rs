@@ -41,6 +41,7 @@
 //!   no reason, and a reason past ASCII.
 //! - `many_chunks_with_short_extensions_under_hypers_limit_frame_a_whole_body`: 9000 chunks
 //!   each with `;x`, under hyper's 16 KiB of extension bytes.
+//! - `a_length_with_many_leading_zeros_is_its_number`: 21 digits, the number 5.
 //!
 //! Left to tests/upstream_faults.rs: a body cut short after its head
 //! (`a_body_cut_short_is_a_502_and_never_tagged`, `a_streamed_body_that_fails_aborts_the_response_cleanly`),
@@ -736,5 +737,22 @@ async fn many_chunks_with_short_extensions_under_hypers_limit_frame_a_whole_body
     })
     .await;
     let connections = get_both_ways(&backend, &proxy, "/many", &[b'a'; 9000]).await;
+    assert_eq!(connections, 1, "one upstream connection for all three GETs");
+}
+
+/// `Content-Length` is `1*DIGIT` with no bound on the digits (RFC 9110 §8.6): hyper takes
+/// any that fit 64 bits, leading zeros and all. 21 digits, 5 bytes: a whole 200.
+#[tokio::test]
+async fn a_length_with_many_leading_zeros_is_its_number() {
+    let (backend, proxy) = start(|line| {
+        if path(line).ends_with("/zeros") {
+            let out = b"HTTP/1.1 200 OK\r\nContent-Length: 000000000000000000005\r\n\r\nhello";
+            (out.to_vec(), Then::Keep)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let connections = get_both_ways(&backend, &proxy, "/zeros", b"hello").await;
     assert_eq!(connections, 1, "one upstream connection for all three GETs");
 }
