@@ -1197,4 +1197,163 @@ mod tests {
             assert_eq!(parsed.headers["a"], "1");
         }
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One chunk: its data, the spelling of its size (leading zeros, case of hex) and
+        /// an extension, if any.
+        #[derive(Debug, Clone)]
+        struct Chunk {
+            data: Vec<u8>,
+            zeros: usize,
+            upper: bool,
+            blanks: usize,
+            extension: Option<String>,
+        }
+
+        fn chunk() -> impl Strategy<Value = Chunk> {
+            (
+                proptest::collection::vec(any::<u8>(), 1..300),
+                0..4usize,
+                any::<bool>(),
+                0..3usize,
+                proptest::option::of("[a-z]{1,8}(=([a-z0-9]{0,8}|\"[a-z ;=]{0,8}\"))?"),
+            )
+                .prop_map(|(data, zeros, upper, blanks, extension)| Chunk {
+                    data,
+                    zeros,
+                    upper,
+                    blanks,
+                    extension,
+                })
+        }
+
+        fn size_line(len: usize, c: &Chunk) -> Vec<u8> {
+            let hex = if c.upper {
+                format!("{len:X}")
+            } else {
+                format!("{len:x}")
+            };
+            let mut line = "0".repeat(c.zeros) + &hex + &" ".repeat(c.blanks);
+            if let Some(ext) = &c.extension {
+                line.push(';');
+                line.push_str(ext);
+            }
+            line.push_str("\r\n");
+            line.into_bytes()
+        }
+
+        /// Decodes `wire` fed in pieces of the sizes `splits` gives, over and over.
+        fn decode_in(wire: &[u8], splits: &[usize]) -> Result<Decoded, RawError> {
+            let mut framing = Framing::Chunked(Chunked::SizeStart);
+            let mut buf = BytesMut::new();
+            let (mut fed, mut extensions, mut i) = (0, 0, 0);
+            let (mut data, mut trailers) = (Vec::new(), None);
+            loop {
+                match framing.step(&mut buf, &mut extensions)? {
+                    Step::Frame(frame) => match frame.into_data() {
+                        Ok(chunk) => data.extend_from_slice(&chunk),
+                        Err(frame) => trailers = frame.into_trailers().ok(),
+                    },
+                    Step::Ended => return Ok((data, trailers, buf.to_vec())),
+                    Step::More if fed == wire.len() => {
+                        return Err(RawError::Closed { answered: true })
+                    }
+                    Step::More => {
+                        let end = (fed + splits[i % splits.len()]).min(wire.len());
+                        i += 1;
+                        buf.extend_from_slice(&wire[fed..end]);
+                        fed = end;
+                    }
+                }
+                if framing.ended() && trailers.is_some() {
+                    return Ok((data, trailers, buf.to_vec()));
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any body, chunked any way, with or without trailers, fed in any pieces:
+            /// the same bytes, the same trailers, and nothing after its end taken.
+            #[test]
+            fn any_chunked_body_decodes_to_its_bytes_however_it_arrives(
+                chunks in proptest::collection::vec(chunk(), 0..12),
+                last in chunk(),
+                trailers in proptest::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,16}"), 0..4),
+                splits in proptest::collection::vec(1..64usize, 1..8),
+                tail in proptest::collection::vec(any::<u8>(), 0..16),
+            ) {
+                let mut wire = Vec::new();
+                let mut body = Vec::new();
+                for c in &chunks {
+                    wire.extend_from_slice(&size_line(c.data.len(), c));
+                    wire.extend_from_slice(&c.data);
+                    wire.extend_from_slice(b"\r\n");
+                    body.extend_from_slice(&c.data);
+                }
+                wire.extend_from_slice(&size_line(0, &last));
+                let mut expected = HeaderMap::new();
+                for (name, value) in &trailers {
+                    let value = value.trim_matches(' ');
+                    wire.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+                    expected.append(
+                        HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        HeaderValue::from_str(value).unwrap(),
+                    );
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(&tail);
+                let (data, got, rest) = decode_in(&wire, &splits).unwrap();
+                prop_assert_eq!(data, body);
+                prop_assert_eq!(got.unwrap_or_default(), expected);
+                prop_assert!(tail.starts_with(&rest));
+            }
+
+            /// Random bytes, after a valid start or not, never panic the chunked reader:
+            /// it gives frames, an end, a need for more, or an error.
+            #[test]
+            fn random_bytes_never_panic_the_chunked_reader(
+                start in prop_oneof![Just(&b""[..]), Just(&b"5\r\nhello\r\n"[..]), Just(&b"0\r\n"[..])],
+                noise in proptest::collection::vec(any::<u8>(), 0..512),
+                splits in proptest::collection::vec(1..64usize, 1..8),
+            ) {
+                let mut wire = start.to_vec();
+                wire.extend_from_slice(&noise);
+                let _ = decode_in(&wire, &splits);
+            }
+
+            /// Random bytes, alone or after a valid status line, never panic the head's
+            /// parser, nor the framing read from what it parsed.
+            #[test]
+            fn random_bytes_never_panic_the_head_parser(
+                start in prop_oneof![
+                    Just(&b""[..]),
+                    Just(&b"HTTP/1.1 200"[..]),
+                    Just(&b"HTTP/1.1 200 "[..]),
+                    Just(&b"HTTP/1.1 200 OK\r\n"[..]),
+                    Just(&b"HTTP/1.0 204 \r\nContent-Length: "[..]),
+                    Just(&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: "[..]),
+                ],
+                noise in proptest::collection::vec(any::<u8>(), 0..256),
+                end in any::<bool>(),
+                fields in 1..8usize,
+                is_head in any::<bool>(),
+            ) {
+                let mut wire = start.to_vec();
+                wire.extend_from_slice(&noise);
+                if end {
+                    wire.extend_from_slice(b"\r\n\r\n");
+                }
+                let limits = ReadLimits { read_buffer: 16 * 1024, max_header_fields: fields };
+                let mut buf = BytesMut::from(&wire[..]);
+                if let Ok(Some(parsed)) = parse_head(&mut buf, limits) {
+                    let _ = framing(&parsed, is_head);
+                }
+            }
+        }
+    }
 }
