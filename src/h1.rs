@@ -340,6 +340,7 @@ impl RawPool {
             next_read: READ_START,
             read_buffer: self.limits.read_buffer,
             extensions: 0,
+            trailer_fields: self.limits.max_header_fields,
         };
         if body.framing.ended() {
             body.finish();
@@ -726,6 +727,9 @@ pub struct RawBody {
     read_buffer: usize,
     /// Bytes of chunk extensions read so far.
     extensions: usize,
+    /// The most fields a trailer section may have: `max_header_fields`, as hyper's client
+    /// bounds trailers by its `max_headers`.
+    trailer_fields: usize,
 }
 
 impl fmt::Debug for RawBody {
@@ -764,7 +768,10 @@ impl RawBody {
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match self.framing.step(&mut conn.buf, &mut self.extensions) {
+            match self
+                .framing
+                .step(&mut conn.buf, &mut self.extensions, self.trailer_fields)
+            {
                 Ok(Step::Frame(frame)) => {
                     if self.framing.ended() {
                         self.finish();
@@ -830,7 +837,10 @@ impl Drop for RawBody {
             return;
         }
         loop {
-            match self.framing.step(&mut conn.buf, &mut self.extensions) {
+            match self
+                .framing
+                .step(&mut conn.buf, &mut self.extensions, self.trailer_fields)
+            {
                 Ok(Step::Frame(_)) if !self.framing.ended() => {}
                 Ok(Step::Frame(_) | Step::Ended) => return self.finish(),
                 Ok(Step::More) | Err(_) => return,
@@ -850,7 +860,12 @@ enum Step {
 
 impl Framing {
     /// Takes the next frame out of `buf`, as far as its bytes go.
-    fn step(&mut self, buf: &mut BytesMut, extensions: &mut usize) -> Result<Step, RawError> {
+    fn step(
+        &mut self,
+        buf: &mut BytesMut,
+        extensions: &mut usize,
+        trailer_fields: usize,
+    ) -> Result<Step, RawError> {
         match self {
             Self::Length(0) => Ok(Step::Ended),
             Self::Length(left) => {
@@ -867,13 +882,18 @@ impl Framing {
                 }
                 Ok(Step::Frame(Frame::data(buf.split().freeze())))
             }
-            Self::Chunked(state) => state.step(buf, extensions),
+            Self::Chunked(state) => state.step(buf, extensions, trailer_fields),
         }
     }
 }
 
 impl Chunked {
-    fn step(&mut self, buf: &mut BytesMut, extensions: &mut usize) -> Result<Step, RawError> {
+    fn step(
+        &mut self,
+        buf: &mut BytesMut,
+        extensions: &mut usize,
+        trailer_fields: usize,
+    ) -> Result<Step, RawError> {
         const BAD_SIZE: RawError = RawError::Malformed("a chunk-size line is invalid");
         loop {
             if let Self::Data(left) = self {
@@ -954,7 +974,7 @@ impl Chunked {
                         return Ok(Step::Ended);
                     }
                     if t.ends_with(b"\r\n\r\n") {
-                        return Ok(Step::Frame(Frame::trailers(trailers(&t)?)));
+                        return Ok(Step::Frame(Frame::trailers(trailers(&t, trailer_fields)?)));
                     }
                     Self::Trailers(t)
                 }
@@ -964,9 +984,12 @@ impl Chunked {
     }
 }
 
-/// A trailer section (its fields and the empty line after them) as fields.
-fn trailers(section: &[u8]) -> Result<HeaderMap, RawError> {
-    let mut slots = [httparse::EMPTY_HEADER; crate::config::DEFAULT_MAX_HEADER_FIELDS];
+/// A trailer section (its fields and the empty line after them) as fields, `max` of them
+/// at most. hyper's client allows as many trailer fields as head fields (`max_headers`,
+/// that is `max_header_fields`): a fixed 100 refused more where it was raised, and let
+/// more through where it was lowered.
+fn trailers(section: &[u8], max: usize) -> Result<HeaderMap, RawError> {
+    let mut slots = vec![httparse::EMPTY_HEADER; max];
     let fields = match httparse::parse_headers(section, &mut slots) {
         Ok(httparse::Status::Complete((_, fields))) => fields,
         _ => return Err(RawError::Malformed("the trailers are invalid")),
@@ -998,7 +1021,11 @@ mod tests {
         let mut extensions = 0;
         let (mut data, mut trailers) = (Vec::new(), None);
         loop {
-            match framing.step(&mut buf, &mut extensions)? {
+            match framing.step(
+                &mut buf,
+                &mut extensions,
+                crate::config::DEFAULT_MAX_HEADER_FIELDS,
+            )? {
                 Step::Frame(frame) => match frame.into_data() {
                     Ok(chunk) => data.extend_from_slice(&chunk),
                     Err(frame) => trailers = frame.into_trailers().ok(),
@@ -1092,6 +1119,20 @@ mod tests {
         assert!(decode(&chunks(1, &long), 4096).is_ok());
         let longer = "x".repeat(16384);
         assert!(decode(&chunks(1, &longer), 4096).is_err());
+    }
+
+    #[test]
+    fn a_trailer_section_has_as_many_fields_as_max_header_fields_allows() {
+        let section = |n: usize| {
+            let mut s: Vec<u8> = (0..n)
+                .flat_map(|i| format!("x-t{i}: {i}\r\n").into_bytes())
+                .collect();
+            s.extend_from_slice(b"\r\n");
+            s
+        };
+        assert_eq!(trailers(&section(150), 200).unwrap().len(), 150);
+        assert_eq!(trailers(&section(10), 10).unwrap().len(), 10);
+        assert!(trailers(&section(11), 10).is_err());
     }
 
     fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -1252,7 +1293,11 @@ mod tests {
             let (mut fed, mut extensions, mut i) = (0, 0, 0);
             let (mut data, mut trailers) = (Vec::new(), None);
             loop {
-                match framing.step(&mut buf, &mut extensions)? {
+                match framing.step(
+                    &mut buf,
+                    &mut extensions,
+                    crate::config::DEFAULT_MAX_HEADER_FIELDS,
+                )? {
                     Step::Frame(frame) => match frame.into_data() {
                         Ok(chunk) => data.extend_from_slice(&chunk),
                         Err(frame) => trailers = frame.into_trailers().ok(),

@@ -42,6 +42,8 @@
 //! - `many_chunks_with_short_extensions_under_hypers_limit_frame_a_whole_body`: 9000 chunks
 //!   each with `;x`, under hyper's 16 KiB of extension bytes.
 //! - `a_length_with_many_leading_zeros_is_its_number`: 21 digits, the number 5.
+//! - `trailers_are_bounded_by_max_header_fields_as_heads_are`: 150 trailer fields under a
+//!   `max_header_fields` of 200.
 //!
 //! Left to tests/upstream_faults.rs: a body cut short after its head
 //! (`a_body_cut_short_is_a_502_and_never_tagged`, `a_streamed_body_that_fails_aborts_the_response_cleanly`),
@@ -754,5 +756,29 @@ async fn a_length_with_many_leading_zeros_is_its_number() {
     })
     .await;
     let connections = get_both_ways(&backend, &proxy, "/zeros", b"hello").await;
+    assert_eq!(connections, 1, "one upstream connection for all three GETs");
+}
+
+/// hyper's client takes as many trailer fields as `max_header_fields` allows head fields:
+/// raised to 200, a body ending in 150 trailer fields is whole.
+#[tokio::test]
+async fn trailers_are_bounded_by_max_header_fields_as_heads_are() {
+    let backend = RawBackend::start(|line| {
+        if path(line).ends_with("/trailers") {
+            let mut out =
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                    .to_vec();
+            for i in 0..150 {
+                out.extend_from_slice(format!("x-t{i}: {i}\r\n").as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+            (out, Then::Keep)
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let proxy = Proxy::start_with(&routes(""), &backend.origin, "max_header_fields = 200").await;
+    let connections = get_both_ways(&backend, &proxy, "/trailers", b"hello").await;
     assert_eq!(connections, 1, "one upstream connection for all three GETs");
 }
