@@ -300,12 +300,17 @@ impl RawPool {
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
         let port = upstream.authority.port_u16().unwrap_or(80);
+        // The addresses in turn, each with its share of the connect timeout, as hyper-util's
+        // connector shares it: a first address that drops the SYN leaves time for the next.
         let connect = async {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+            let share = self.connect_timeout / addrs.len().max(1) as u32;
             let mut last = None;
-            for addr in tokio::net::lookup_host((host, port)).await? {
-                match connect_to(addr).await {
-                    Ok(io) => return Ok(io),
-                    Err(e) => last = Some(e),
+            for addr in addrs {
+                match tokio::time::timeout(share, connect_to(addr)).await {
+                    Ok(Ok(io)) => return Ok(io),
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => last = Some(io::ErrorKind::TimedOut.into()),
                 }
             }
             Err(last.unwrap_or_else(|| {
