@@ -292,7 +292,12 @@ impl RawPool {
 
     async fn connect(&self, upstream: &Upstream) -> Result<Conn, SendError> {
         if !self.reaper.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tokio::spawn(reap(self.me.clone(), self.idle_timeout / 2));
+            let every = self.idle_timeout / 2;
+            tokio::spawn(crate::pool::reap_with(
+                self.me.clone(),
+                every,
+                Self::drop_expired,
+            ));
         }
         let host = upstream.authority.host();
         let host = host
@@ -394,18 +399,6 @@ impl RawPool {
         };
         // Closed outside the lock.
         drop(expired);
-    }
-}
-
-/// Every `every`, closes the pool's connections idle past the timeout; ends with the pool.
-async fn reap(pool: Weak<RawPool>, every: Duration) {
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        pool.drop_expired();
     }
 }
 
@@ -1020,10 +1013,14 @@ mod tests {
 
     /// Decodes `wire` fed to the reader `split` bytes at a time.
     fn decode(wire: &[u8], split: usize) -> Result<Decoded, RawError> {
+        decode_in(wire, &[split])
+    }
+
+    /// Decodes `wire` fed in pieces of the sizes `splits` gives, over and over.
+    fn decode_in(wire: &[u8], splits: &[usize]) -> Result<Decoded, RawError> {
         let mut framing = Framing::Chunked(Chunked::SizeStart);
         let mut buf = BytesMut::new();
-        let mut fed = 0;
-        let mut extensions = 0;
+        let (mut fed, mut extensions, mut i) = (0, 0, 0);
         let (mut data, mut trailers) = (Vec::new(), None);
         loop {
             match framing.step(
@@ -1038,7 +1035,8 @@ mod tests {
                 Step::Ended => return Ok((data, trailers, buf.to_vec())),
                 Step::More if fed == wire.len() => return Err(RawError::Closed { answered: true }),
                 Step::More => {
-                    let end = (fed + split).min(wire.len());
+                    let end = (fed + splits[i % splits.len()]).min(wire.len());
+                    i += 1;
                     buf.extend_from_slice(&wire[fed..end]);
                     fed = end;
                 }
@@ -1289,39 +1287,6 @@ mod tests {
             }
             line.push_str("\r\n");
             line.into_bytes()
-        }
-
-        /// Decodes `wire` fed in pieces of the sizes `splits` gives, over and over.
-        fn decode_in(wire: &[u8], splits: &[usize]) -> Result<Decoded, RawError> {
-            let mut framing = Framing::Chunked(Chunked::SizeStart);
-            let mut buf = BytesMut::new();
-            let (mut fed, mut extensions, mut i) = (0, 0, 0);
-            let (mut data, mut trailers) = (Vec::new(), None);
-            loop {
-                match framing.step(
-                    &mut buf,
-                    &mut extensions,
-                    crate::config::DEFAULT_MAX_HEADER_FIELDS,
-                )? {
-                    Step::Frame(frame) => match frame.into_data() {
-                        Ok(chunk) => data.extend_from_slice(&chunk),
-                        Err(frame) => trailers = frame.into_trailers().ok(),
-                    },
-                    Step::Ended => return Ok((data, trailers, buf.to_vec())),
-                    Step::More if fed == wire.len() => {
-                        return Err(RawError::Closed { answered: true })
-                    }
-                    Step::More => {
-                        let end = (fed + splits[i % splits.len()]).min(wire.len());
-                        i += 1;
-                        buf.extend_from_slice(&wire[fed..end]);
-                        fed = end;
-                    }
-                }
-                if framing.ended() && trailers.is_some() {
-                    return Ok((data, trailers, buf.to_vec()));
-                }
-            }
         }
 
         proptest! {

@@ -1047,13 +1047,19 @@ where
     C::Error: Into<ConnectError>,
     C::Future: Send,
 {
+    reap_with(pool, every, Pool::drop_expired).await
+}
+
+/// Every `every`, `drop_expired` on `pool`, until the pool is dropped (this pool's reaper,
+/// and `h1.rs`'s).
+pub(crate) async fn reap_with<P>(pool: Weak<P>, every: Duration, drop_expired: fn(&P)) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
-        pool.drop_expired();
+        drop_expired(&pool);
     }
 }
 

@@ -322,36 +322,28 @@ impl UpstreamClient {
     /// Turns a send error into the proxy's error, keeping the innermost cause as the reason.
     /// `route` is the one the request was sent for (its `ca_file`), `timeout` its timeout.
     fn classify(&self, e: &SendError, upstream: String, route: &Route, timeout: Duration) -> Error {
+        // hyper says "message head is too large" for both limits alike, and so does h1.rs.
+        let too_large = match e {
+            SendError::Http(h) => h.is_parse_too_large(),
+            SendError::Raw(r) => matches!(r, RawError::TooLarge),
+            _ => false,
+        };
+        if too_large {
+            let ReadLimits {
+                read_buffer,
+                max_header_fields,
+            } = self.settings.read;
+            return Error::Upstream {
+                upstream,
+                reason: format!(
+                    "its response head is over upstream_read_buffer ({read_buffer} bytes) or \
+                     max_header_fields ({max_header_fields})"
+                ),
+            };
+        }
         let (top, is_connect): (&(dyn std::error::Error + 'static), bool) = match e {
             SendError::Connect(c) => (&**c, true),
-            // hyper says "message head is too large" for both limits alike.
-            SendError::Http(h) if h.is_parse_too_large() => {
-                let ReadLimits {
-                    read_buffer,
-                    max_header_fields,
-                } = self.settings.read;
-                return Error::Upstream {
-                    upstream,
-                    reason: format!(
-                        "its response head is over upstream_read_buffer ({read_buffer} bytes) \
-                         or max_header_fields ({max_header_fields})"
-                    ),
-                };
-            }
             SendError::Http(h) => (h, false),
-            SendError::Raw(RawError::TooLarge) => {
-                let ReadLimits {
-                    read_buffer,
-                    max_header_fields,
-                } = self.settings.read;
-                return Error::Upstream {
-                    upstream,
-                    reason: format!(
-                        "its response head is over upstream_read_buffer ({read_buffer} bytes) \
-                         or max_header_fields ({max_header_fields})"
-                    ),
-                };
-            }
             SendError::Raw(r) => (r, false),
             SendError::Timeout => {
                 return Error::UpstreamTimeout {
