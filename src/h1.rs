@@ -611,16 +611,11 @@ impl Framing {
 /// The body's framing, and whether its connection may be reused after it.
 fn framing(head: &Parsed, is_head: bool) -> Result<(Framing, bool), RawError> {
     let headers = &head.headers;
-    match head.status.as_u16() {
-        204 => {
-            // A 204 that declares content may send it: the connection is not reused
-            // (`pool::spoils_connection`).
-            let spoiled = headers.contains_key(TRANSFER_ENCODING)
-                || headers.get_all(CONTENT_LENGTH).iter().any(|v| v != "0");
-            return Ok((Framing::Length(0), !spoiled));
-        }
-        304 => return Ok((Framing::Length(0), !headers.contains_key(TRANSFER_ENCODING))),
-        _ => {}
+    if matches!(head.status.as_u16(), 204 | 304) {
+        // No body, whatever it declares; one that declares one may send it, and the
+        // connection is not reused after it (the rule hyper's client path keeps too).
+        let spoiled = crate::pool::spoils_connection(head.status, headers);
+        return Ok((Framing::Length(0), !spoiled));
     }
     if is_head {
         return Ok((Framing::Length(0), true));

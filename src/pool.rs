@@ -584,7 +584,7 @@ where
     /// response begins in doubt: then it is closed. `unread`: the backend may not have read
     /// the request's body ([`unread`]).
     fn checkin_after(&self, rsp: &Response<Incoming>, origin: &str, conn: Conn, unread: bool) {
-        if spoils_connection(rsp) {
+        if spoils_connection(rsp.status(), rsp.headers()) {
             tracing::debug!(origin, status = %rsp.status(), "upstream connection not reused");
             conn.task.abort();
         } else if rsp.version() == Version::HTTP_10 || unread || framed_twice(rsp) {
@@ -1171,11 +1171,10 @@ fn framed_twice(rsp: &Response<Incoming>) -> bool {
 /// send its next request as HTTP/1.0, which cannot frame a body of unknown length (RFC 9112
 /// has no chunked in 1.0), so a chunked PUT would go up as no body at all and store an empty
 /// document.
-fn spoils_connection(rsp: &Response<Incoming>) -> bool {
-    match rsp.status() {
-        StatusCode::NOT_MODIFIED => rsp.headers().contains_key(TRANSFER_ENCODING),
+pub(crate) fn spoils_connection(status: StatusCode, h: &http::HeaderMap) -> bool {
+    match status {
+        StatusCode::NOT_MODIFIED => h.contains_key(TRANSFER_ENCODING),
         StatusCode::NO_CONTENT => {
-            let h = rsp.headers();
             h.contains_key(TRANSFER_ENCODING) || h.get_all(CONTENT_LENGTH).iter().any(|v| v != "0")
         }
         StatusCode::SWITCHING_PROTOCOLS => true,
