@@ -460,26 +460,11 @@ async fn exchange(
     loop {
         if !conn.buf.is_empty() {
             answered = true;
-            if let Some(mut parsed) = parse_head(&mut conn.buf, limits)? {
-                match parsed.status.as_u16() {
-                    101 => {
-                        return Err(RawError::Malformed(
-                            "101 Switching Protocols to a request that asked for no upgrade",
-                        ))
-                    }
-                    100..=199 => continue,
-                    _ => {
-                        let (framing, reusable) = framing(&parsed, is_head)?;
-                        parsed.keep_alive &= reusable;
-                        return Ok((parsed, framing));
-                    }
-                }
-            }
-            if conn.buf.len() >= limits.read_buffer {
-                return Err(RawError::TooLarge);
+            if let Some(answer) = final_head(&mut conn.buf, limits, is_head)? {
+                return Ok(answer);
             }
         }
-        let want = READ_START.min(limits.read_buffer - conn.buf.len()).max(1);
+        let want = head_read(&conn.buf, limits);
         conn.buf.reserve(want);
         let n = read(&mut conn.io, &mut conn.buf)
             .await
@@ -488,6 +473,44 @@ async fn exchange(
             return Err(RawError::Closed { answered });
         }
     }
+}
+
+/// The final answer's head at the start of `buf`, interim 1xx answers before it skipped,
+/// each taken out of `buf` as it is read; with it, how its body is framed (`keep_alive` then
+/// says whether the connection may be reused after it). `None`: not all in yet.
+fn final_head(
+    buf: &mut BytesMut,
+    limits: ReadLimits,
+    is_head: bool,
+) -> Result<Option<(Parsed, Framing)>, RawError> {
+    while !buf.is_empty() {
+        let Some(mut parsed) = parse_head(buf, limits)? else {
+            if buf.len() >= limits.read_buffer {
+                return Err(RawError::TooLarge);
+            }
+            return Ok(None);
+        };
+        match parsed.status.as_u16() {
+            101 => {
+                return Err(RawError::Malformed(
+                    "101 Switching Protocols to a request that asked for no upgrade",
+                ))
+            }
+            100..=199 => continue,
+            _ => {
+                let (framing, reusable) = framing(&parsed, is_head)?;
+                parsed.keep_alive &= reusable;
+                return Ok(Some((parsed, framing)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How much a read of a response head asks for: hyper's first read, and never more than
+/// leaves the head within `upstream_read_buffer` (over it, the head is too large).
+fn head_read(buf: &BytesMut, limits: ReadLimits) -> usize {
+    READ_START.min(limits.read_buffer - buf.len()).max(1)
 }
 
 async fn read(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
@@ -749,7 +772,7 @@ impl RawBody {
     /// came after the body.
     fn finish(&mut self) {
         let Some(conn) = self.conn.take() else { return };
-        if self.keep_alive && conn.buf.is_empty() {
+        if reusable(self.keep_alive, &conn.buf) {
             if let Some(pool) = self.pool.upgrade() {
                 pool.keep(conn);
             }
@@ -789,14 +812,9 @@ impl RawBody {
             let room = conn.buf.capacity() - conn.buf.len();
             let read = ready!(poll_read(&mut conn.io, &mut conn.buf, cx));
             match read {
-                Ok(0) if matches!(self.framing, Framing::Close) => {
-                    self.framing = Framing::Length(0);
-                    self.conn = None;
-                    return Poll::Ready(None);
-                }
                 Ok(0) => {
                     self.conn = None;
-                    return Poll::Ready(Some(Err(RawError::Closed { answered: true })));
+                    return Poll::Ready(self.framing.closed().err().map(Err));
                 }
                 Ok(n) => {
                     // A read that filled the room asks for more next time, as hyper's
@@ -815,6 +833,12 @@ impl RawBody {
             }
         }
     }
+}
+
+/// Whether a connection whose answer was read to its end goes back to the pool: if the
+/// answer allows it and nothing came after it (which would answer the next request).
+fn reusable(keep_alive: bool, leftover: &BytesMut) -> bool {
+    keep_alive && leftover.is_empty()
 }
 
 /// A body dropped before its end keeps its connection if the rest of it is in hand already
@@ -852,6 +876,17 @@ enum Step {
 }
 
 impl Framing {
+    /// The connection closed after the bytes read so far: a body delimited by the close
+    /// ends there; any other is cut off.
+    fn closed(&mut self) -> Result<(), RawError> {
+        if matches!(self, Self::Close) {
+            *self = Self::Length(0);
+            Ok(())
+        } else {
+            Err(RawError::Closed { answered: true })
+        }
+    }
+
     /// Takes the next frame out of `buf`, as far as its bytes go.
     fn step(
         &mut self,
@@ -996,6 +1031,82 @@ fn trailers(section: &[u8], max: usize) -> Result<HeaderMap, RawError> {
         map.append(name, value);
     }
     Ok(map)
+}
+
+/// What [`read_response`] made of a response whose head was read.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The reason phrase, when not the status's own (as hyper's client gives it).
+    pub reason: Option<hyper::ext::ReasonPhrase>,
+    /// The body's bytes, as far as it was read.
+    pub body: Vec<u8>,
+    pub trailers: Option<HeaderMap>,
+    /// How the body ended: `Err` if it was cut off or broke the rules after the head.
+    pub end: Result<(), RawError>,
+    /// Whether the connection would go back to the pool for the next request.
+    pub reused: bool,
+    /// What the buffer held after the body's end.
+    pub leftover: Vec<u8>,
+}
+
+/// Reads `bytes` and then the connection's close as this client reads the answer to a GET
+/// (or a HEAD): the head as [`exchange`] reads it (in reads of the size it asks for, each
+/// filled), the body as [`RawBody`] reads it. For the fuzz target that compares this
+/// client with hyper's (`fuzz/fuzz_targets/h1_response.rs`); `Err`: the head failed.
+#[doc(hidden)]
+pub fn read_response(bytes: &[u8], is_head: bool, limits: ReadLimits) -> Result<Outcome, RawError> {
+    let (mut buf, mut rest, mut answered) = (BytesMut::new(), bytes, false);
+    let (parsed, mut framing) = loop {
+        if !buf.is_empty() {
+            answered = true;
+            if let Some(answer) = final_head(&mut buf, limits, is_head)? {
+                break answer;
+            }
+        }
+        if rest.is_empty() {
+            return Err(RawError::Closed { answered });
+        }
+        let (read, left) = rest.split_at(head_read(&buf, limits).min(rest.len()));
+        buf.extend_from_slice(read);
+        rest = left;
+    };
+    buf.extend_from_slice(rest);
+    let (mut body, mut trailers, mut extensions, mut reused) = (Vec::new(), None, 0, false);
+    let end = loop {
+        if framing.ended() {
+            // `RawPool::response` hands the connection back at once.
+            reused = reusable(parsed.keep_alive, &buf);
+            break Ok(());
+        }
+        match framing.step(&mut buf, &mut extensions, limits.max_header_fields) {
+            Ok(Step::Frame(frame)) => match frame.into_data() {
+                Ok(data) => body.extend_from_slice(&data),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            },
+            Ok(Step::Ended) => {
+                reused = reusable(parsed.keep_alive, &buf);
+                break Ok(());
+            }
+            // All the bytes are in hand: the next read finds the close.
+            Ok(Step::More) => break framing.closed(),
+            Err(e) => break Err(e),
+        }
+    };
+    Ok(Outcome {
+        status: parsed.status,
+        version: parsed.version,
+        headers: parsed.headers,
+        reason: parsed.reason,
+        body,
+        trailers,
+        end,
+        reused,
+        leftover: buf.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -1235,6 +1346,45 @@ mod tests {
             assert_eq!(parsed.reason.unwrap().as_bytes(), b"", "{head:?}");
             assert_eq!(parsed.headers["a"], "1");
         }
+    }
+
+    /// `read_response`, what the fuzz target compares with hyper, gives what the client
+    /// makes of an answer.
+    #[test]
+    fn read_response_reads_an_answer_as_the_client_does() {
+        let limits = ReadLimits {
+            read_buffer: 16 * 1024,
+            max_header_fields: 100,
+        };
+        let read = |wire: &[u8], is_head| read_response(wire, is_head, limits).unwrap();
+        let o = read(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+            false,
+        );
+        assert_eq!(o.status, StatusCode::OK);
+        assert_eq!(o.body, b"abc");
+        assert!(o.end.is_ok() && o.reused && o.leftover.is_empty());
+
+        let o = read(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcd", false);
+        assert_eq!(
+            (&o.body[..], &o.leftover[..], o.reused),
+            (&b"abc"[..], &b"d"[..], false)
+        );
+
+        let o = read(b"HTTP/1.1 200 OK\r\n\r\nto the close", false);
+        assert_eq!(o.body, b"to the close");
+        assert!(o.end.is_ok() && !o.reused);
+
+        let o = read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc", false);
+        assert!(matches!(o.end, Err(RawError::Closed { answered: true })));
+
+        let o = read(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true);
+        assert!(o.body.is_empty() && o.end.is_ok() && o.reused);
+
+        assert!(matches!(
+            read_response(b"HTTP/1.1 200 OK\r\n", false, limits),
+            Err(RawError::Closed { answered: true })
+        ));
     }
 
     mod prop {
