@@ -666,14 +666,17 @@ fn framing(head: &Parsed, is_head: bool) -> Result<(Framing, bool), RawError> {
     }
 }
 
-/// Whether the last transfer coding is chunked.
+/// Whether the last transfer coding is chunked. A last value that is not all visible
+/// ASCII names none, as hyper reads it (`is_chunked_`, through `to_str`): the body then
+/// runs to the close.
 fn chunked_last(headers: &HeaderMap) -> bool {
     headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case("chunked"))
 }
 
 /// Every `Content-Length` value, a list of one number repeated taken as the number (as
@@ -1287,6 +1290,17 @@ mod tests {
         assert!(te("gzip, Chunked"));
         assert!(!te("chunked, gzip"));
         assert!(!te("gzip"));
+    }
+
+    /// hyper reads a `Transfer-Encoding` value that is not all visible ASCII as no chunked
+    /// coding (its `to_str` fails): the body then runs to the close, and the connection is
+    /// not reused. Read as bytes, `gzir:<\x9ap, chunked` was chunked here: another body.
+    #[test]
+    fn a_transfer_encoding_with_obs_text_is_not_chunked_as_hyper_reads_it() {
+        let mut h = HeaderMap::new();
+        let value = HeaderValue::from_bytes(b"gzir:<\x9ap, chunked").unwrap();
+        h.append(TRANSFER_ENCODING, value);
+        assert!(!chunked_last(&h));
     }
 
     #[test]
