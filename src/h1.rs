@@ -1020,7 +1020,19 @@ impl Chunked {
 /// that is `max_header_fields`): a fixed 100 refused more where it was raised, and let
 /// more through where it was lowered.
 fn trailers(section: &[u8], max: usize) -> Result<HeaderMap, RawError> {
-    let mut slots = vec![httparse::EMPTY_HEADER; max];
+    // hyper's client counts the section's CRLF-ended lines, refuses more than `max`, and
+    // gives the parser a slot for each: a bare LF that splits a line into two fields leaves
+    // one without a slot, and the trailers are refused. With `max` slots, such a section
+    // was read whole.
+    let lines = section
+        .windows(2)
+        .filter(|w| w == b"\r\n")
+        .count()
+        .saturating_sub(1);
+    if lines > max {
+        return Err(RawError::Malformed("the trailers have too many fields"));
+    }
+    let mut slots = vec![httparse::EMPTY_HEADER; lines];
     let fields = match httparse::parse_headers(section, &mut slots) {
         Ok(httparse::Status::Complete((_, fields))) => fields,
         _ => return Err(RawError::Malformed("the trailers are invalid")),
@@ -1245,6 +1257,14 @@ mod tests {
         assert_eq!(trailers(&section(150), 200).unwrap().len(), 150);
         assert_eq!(trailers(&section(10), 10).unwrap().len(), 10);
         assert!(trailers(&section(11), 10).is_err());
+    }
+
+    /// A bare LF inside a trailer line makes two fields of one CRLF-ended line: hyper's
+    /// client has a parser slot per line, and refuses the trailers.
+    #[test]
+    fn a_trailer_line_split_by_a_bare_lf_is_refused_as_hyper_refuses_it() {
+        assert!(trailers(b"A: 1\nB: 2\r\n\r\n", 100).is_err());
+        assert!(trailers(b"A: 1\r\nB: 2\r\n\r\n", 100).is_ok());
     }
 
     fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
