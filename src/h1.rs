@@ -998,7 +998,8 @@ impl Chunked {
                 }
                 Self::Trailers(mut t) => {
                     t.push(b);
-                    if t.len() > TRAILERS_LIMIT {
+                    // Refused on reaching the limit, as hyper refuses it.
+                    if t.len() >= TRAILERS_LIMIT {
                         return Err(RawError::Malformed("the trailers are too large"));
                     }
                     if t == b"\r\n" {
@@ -1265,6 +1266,23 @@ mod tests {
     fn a_trailer_line_split_by_a_bare_lf_is_refused_as_hyper_refuses_it() {
         assert!(trailers(b"A: 1\nB: 2\r\n\r\n", 100).is_err());
         assert!(trailers(b"A: 1\r\nB: 2\r\n\r\n", 100).is_ok());
+    }
+
+    /// hyper refuses a trailer section once it holds 16 KiB, its last CRLF included.
+    #[test]
+    fn a_trailer_section_of_16_kib_is_refused_as_hyper_refuses_it() {
+        let section = |len: usize| {
+            let mut wire = b"0\r\nX-Pad: ".to_vec();
+            let pad = len - b"X-Pad: ".len() - 4;
+            wire.extend(std::iter::repeat_n(b'a', pad));
+            wire.extend_from_slice(b"\r\n\r\n");
+            wire
+        };
+        assert!(decode(&section(TRAILERS_LIMIT - 1), 4096).is_ok());
+        assert!(matches!(
+            decode(&section(TRAILERS_LIMIT), 4096),
+            Err(RawError::Malformed(_))
+        ));
     }
 
     fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
