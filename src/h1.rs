@@ -997,6 +997,12 @@ impl Chunked {
                     return Err(RawError::Malformed("a chunk does not end in CRLF"))
                 }
                 Self::Trailers(mut t) => {
+                    // A CR only before an LF, as hyper's client reads trailers: the parser
+                    // stops at the first empty line, and would not see a bare CR after one
+                    // that ended in a bare LF.
+                    if t.last() == Some(&b'\r') && b != b'\n' {
+                        return Err(RawError::Malformed("a trailer line has a bare CR"));
+                    }
                     t.push(b);
                     // Refused on reaching the limit, as hyper refuses it.
                     if t.len() >= TRAILERS_LIMIT {
@@ -1266,6 +1272,17 @@ mod tests {
     fn a_trailer_line_split_by_a_bare_lf_is_refused_as_hyper_refuses_it() {
         assert!(trailers(b"A: 1\nB: 2\r\n\r\n", 100).is_err());
         assert!(trailers(b"A: 1\r\nB: 2\r\n\r\n", 100).is_ok());
+    }
+
+    /// hyper refuses a CR not followed by an LF anywhere in a trailer section, even after
+    /// an empty line ended by a bare LF (where the parser stops reading).
+    #[test]
+    fn a_bare_cr_in_a_trailer_section_is_refused_as_hyper_refuses_it() {
+        assert!(matches!(
+            decode(b"0\r\nA: 1\n\r\nB\rx\r\n\r\n", 3),
+            Err(RawError::Malformed(_))
+        ));
+        assert!(decode(b"0\r\nA: 1\r\nB: 2\r\n\r\n", 3).is_ok());
     }
 
     /// hyper refuses a trailer section once it holds 16 KiB, its last CRLF included.
