@@ -801,9 +801,9 @@ where
 /// a read buffer's worth (`upstream_read_buffer`'s default). A body already in hand (a
 /// fast backend) is otherwise read, compared and held in one go: with one worker, each
 /// 4 MiB GET kept every other request waiting a millisecond or more, and the 4 MiB p99 was
-/// 1.2-1.4x nginx's, which serves its connections in turns. A body up to it never yields
-/// (at 64 KiB, 256 KiB GETs lost 4% of their rate to the extra turns); a 4 MiB one yields
-/// after each 256 KiB chunk but its last.
+/// 1.2-1.5x nginx's, which serves its connections in turns. A body up to it never yields
+/// (at 64 KiB, 256 KiB GETs took extra turns while still arriving, p99 0.95-1.09x nginx's
+/// against 0.73x); a 4 MiB one yields after each 256 KiB chunk but its last.
 pub const FAIR_SHARE: usize = crate::config::DEFAULT_UPSTREAM_READ_BUFFER as usize;
 
 /// Chunks kept as they came, before small ones are copied together.
@@ -979,13 +979,7 @@ mod tests {
             chunks.iter().map(Bytes::len).collect::<Vec<_>>()
         );
         assert!(chunks.iter().all(|c| c.len() <= COPIED));
-        assert_eq!(
-            chunks
-                .iter()
-                .flat_map(|c| c.iter().copied())
-                .collect::<Vec<u8>>(),
-            body
-        );
+        assert_eq!(joined(&chunks), body);
         // A few small chunks are kept as they came: no copy for the common case.
         let (mut chunks, mut tail) = (VecDeque::new(), BytesMut::new());
         for _ in 0..SLICES {
@@ -1085,6 +1079,11 @@ mod tests {
         let (hashed, sent) = Hashed::tee(chunks(vec![Ok("ab"), Ok("cd")]), key().hasher(), 3);
         assert_eq!(hashed.collect().await.unwrap().to_bytes(), "abcd");
         assert!(sent.get().is_none(), "4 bytes past a bound of 3");
+    }
+
+    /// The bytes of `chunks`, in order.
+    fn joined(chunks: &VecDeque<Bytes>) -> Vec<u8> {
+        chunks.iter().flat_map(|c| c.iter().copied()).collect()
     }
 
     /// A body whose chunks are all in hand, each ready at once, as a fast backend's are.
@@ -1188,12 +1187,11 @@ mod tests {
         // The third chunk differs: the first two are the copy's, the rest as read.
         let mut body = in_hand(n, size, b'x');
         body.0[2] = Bytes::from(vec![b'y'; size]);
-        let sent: Vec<u8> = body.0.iter().flat_map(|c| c.iter().copied()).collect();
+        let sent = joined(&body.0);
         let (chunks, got, remembered) = read_whole(body, Some(memo.clone())).await;
         assert!(!remembered && got.strong_eq(&key().tag_of(&sent)));
         let held: Vec<bool> = chunks.iter().map(within_copy).collect();
         assert_eq!(held, [true, true, false, false]);
-        let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-        assert!(bytes == sent, "the bytes held are the body's");
+        assert!(joined(&chunks) == sent, "the bytes held are the body's");
     }
 }
